@@ -1,0 +1,1 @@
+"""mabeam: a multi-agent coordination mesh."""
