@@ -1,1 +1,142 @@
-def main(): print("hi")
+"""The ``mabeam`` command: ``up`` runs a mesh on this machine, ``bench`` measures it.
+
+Every subcommand takes the mesh flags of :mod:`mabeam.config` (and their
+``MABEAM_*`` variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+from mabeam import config as mesh_config
+from mabeam.config import SERVICE_NAMES, SERVICES
+
+
+def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "up",
+        help="run etcd and the four services until interrupted",
+        description="Start an embedded etcd (or use --etcd) and the four services, "
+        "wait until every health check passes, print the endpoints, run until Ctrl-C/SIGTERM.",
+    )
+    mesh_config.add_mesh_arguments(p)
+    p.add_argument(
+        "--etcd-port",
+        type=int,
+        default=None,
+        help="client port of the embedded etcd (env MABEAM_ETCD_PORT, default 2379)",
+    )
+    p.add_argument(
+        "--etcd-peer-port",
+        type=int,
+        default=None,
+        help="peer port of the embedded etcd (env MABEAM_ETCD_PEER_PORT, default 2380)",
+    )
+    p.set_defaults(func=_cmd_up)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from mabeam.mesh import LocalMesh, MeshStartError
+    from mabeam.server import port_is_free
+
+    started = time.monotonic()
+    try:
+        config = mesh_config.load(args)
+        etcd_port = args.etcd_port or int(os.environ.get("MABEAM_ETCD_PORT") or 2379)
+        peer_port = args.etcd_peer_port or int(os.environ.get("MABEAM_ETCD_PEER_PORT") or 2380)
+    except (mesh_config.ConfigError, ValueError) as exc:
+        print(f"mabeam up: {exc}", file=sys.stderr)
+        return 2
+    # Check every port before starting anything: one clear line, no traceback.
+    wanted = [(config.port(s), f"--{s}-port", f"MABEAM_{s.upper()}_PORT") for s in SERVICES]
+    if not config.etcd_endpoints:
+        wanted += [
+            (etcd_port, "--etcd-port", "MABEAM_ETCD_PORT"),
+            (peer_port, "--etcd-peer-port", "MABEAM_ETCD_PEER_PORT"),
+        ]
+    for port, flag, var in wanted:
+        if not port_is_free(config.host, port):
+            print(
+                f"mabeam up: port {port} is already in use: choose another with {flag} (or {var})",
+                file=sys.stderr,
+            )
+            return 2
+    log_dir = config.data_dir.parent / "logs"
+    mesh = LocalMesh(config, etcd_client_port=etcd_port, etcd_peer_port=peer_port, log_dir=log_dir)
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        starting = asyncio.create_task(mesh.start())
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if starting not in done:
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await mesh.stop()
+            return 130
+        try:
+            starting.result()
+        except (MeshStartError, mesh_config.ConfigError, OSError, RuntimeError) as exc:
+            stopper.cancel()
+            print(f"mabeam up: {exc}", file=sys.stderr)
+            return 1
+        elapsed = time.monotonic() - started
+        etcd_kind = "embedded" if mesh.etcd is not None else "external"
+        rows = [("etcd", f"{etcd_kind} etcd", ",".join(mesh.etcd_endpoints))]
+        rows += [(s, SERVICE_NAMES[s], mesh.address(s)) for s in SERVICES]
+        width = max(len(r[1]) for r in rows)
+        print(f"{'PART':<13} {'SERVICE':<{width}} ENDPOINT")
+        for part, name, endpoint in rows:
+            print(f"{part:<13} {name:<{width}} {endpoint}")
+        print(f"mesh healthy in {elapsed:.2f} s (logs: {log_dir}); Ctrl-C to stop", flush=True)
+        await stopper
+        print("mabeam up: stopping", flush=True)
+        await mesh.stop()
+        print("mabeam up: stopped", flush=True)
+        return 0
+
+    return asyncio.run(run())
+
+
+def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("bench", help="run benchmarks against a mesh started for the run; JSON on stdout")
+    p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions: under two minutes")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from mabeam.bench import runner
+
+    return runner.main(args.names, quick=args.quick, list_only=args.list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``mabeam`` command."""
+    parser = argparse.ArgumentParser(prog="mabeam", description="mabeam: a multi-agent coordination mesh")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _up_parser(sub)
+    _bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mabeam`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

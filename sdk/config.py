@@ -1,0 +1,225 @@
+"""Typed configuration for every mabeam process: flags over environment over defaults.
+
+One frozen :class:`MeshConfig` describes where the mesh is (etcd, key prefix,
+ports, TLS); every service, ``mabeam up`` and the SDK read it the same way:
+
+* defaults below,
+* overridden by ``MABEAM_*`` environment variables,
+* overridden by command-line flags (:func:`add_mesh_arguments`).
+
+Tests build configs directly with :func:`dataclasses.replace` overrides.
+
+Environment variables (each has the flag in parentheses):
+
+==============================  ==================================================
+``MABEAM_ETCD``                 etcd endpoints, comma-separated URLs (``--etcd``)
+``MABEAM_PREFIX``               etcd key prefix of this mesh, default ``/mabeam`` (``--prefix``)
+``MABEAM_HOST``                 address the services bind, default 127.0.0.1 (``--host``)
+``MABEAM_ADVERTISE_HOST``       address published in discovery, default = host
+``MABEAM_REGISTRY_PORT``        default 50051 (``--registry-port``)
+``MABEAM_ORCHESTRATOR_PORT``    default 50052 (``--orchestrator-port``)
+``MABEAM_COORDINATION_PORT``    default 50053 (``--coordination-port``)
+``MABEAM_PLANNER_PORT``         default 50054 (``--planner-port``)
+``MABEAM_DATA_DIR``             embedded etcd data, default ``~/.mabeam/etcd`` (``--data-dir``)
+``MABEAM_TLS_CERT/KEY``         server certificate and key: TLS on (``--tls-cert/--tls-key``)
+``MABEAM_TLS_CA``               CA that client certificates must chain to: mutual TLS (``--tls-ca``)
+``MABEAM_ETCD_CA/CERT/KEY``     TLS to etcd (``--etcd-ca/--etcd-cert/--etcd-key``)
+``MABEAM_GRACE``                seconds for in-flight calls on shutdown, default 5 (``--grace``)
+``MABEAM_SERVICE_TTL``          lease TTL of service endpoint keys, default 5 s
+==============================  ==================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from mabeam.etcd import EtcdTLS
+
+SERVICES = ("registry", "orchestrator", "coordination", "planner")
+DEFAULT_PORTS: dict[str, int] = {
+    "registry": 50051,
+    "orchestrator": 50052,
+    "coordination": 50053,
+    "planner": 50054,
+}
+SERVICE_NAMES: dict[str, str] = {
+    "registry": "mabeam.v1.RegistryService",
+    "orchestrator": "mabeam.v1.OrchestratorService",
+    "coordination": "mabeam.v1.CoordinationService",
+    "planner": "mabeam.v1.PlannerService",
+}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the flag and variable."""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server-side TLS. With ``ca_file`` the server requires client certificates (mTLS)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None
+
+    @property
+    def mutual(self) -> bool:
+        return self.ca_file is not None
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Where the mesh is and how its processes listen."""
+
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_tls: EtcdTLS | None = None
+    prefix: str = "/mabeam"
+    host: str = "127.0.0.1"
+    advertise_host: str | None = None
+    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".mabeam" / "etcd")
+    tls: TLSConfig | None = None
+    grace: float = 5.0
+    service_ttl: int = 5
+
+    def port(self, service: str) -> int:
+        """The configured port of ``service`` (0 = any free port)."""
+        return int(self.ports[service])
+
+    def with_port(self, service: str, port: int) -> MeshConfig:
+        """A copy with one service's port changed."""
+        ports = dict(self.ports)
+        ports[service] = port
+        return replace(self, ports=ports)
+
+    @property
+    def published_host(self) -> str:
+        """The host other processes use to reach services started with this config."""
+        if self.advertise_host:
+            return self.advertise_host
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    def key(self, *parts: str) -> bytes:
+        """Key under the prefix: ``key("agents", "a1")`` -> ``b"/mabeam/agents/a1"``."""
+        return "/".join((self.prefix.rstrip("/"), *parts)).encode()
+
+
+def _env_int(env: Mapping[str, str], name: str, flag: str) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number (flag {flag})") from None
+
+
+def _check_port(port: int, flag: str) -> int:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{flag} {port}: a port is 0 to 65535")
+    return port
+
+
+def add_mesh_arguments(parser: argparse.ArgumentParser, *, services: tuple[str, ...] = SERVICES) -> None:
+    """Add the shared flags; every default is None so the environment can fill it."""
+    g = parser.add_argument_group("mesh")
+    g.add_argument("--etcd", help="etcd endpoints, comma-separated URLs (env MABEAM_ETCD)")
+    g.add_argument("--prefix", help="etcd key prefix of this mesh (env MABEAM_PREFIX, default /mabeam)")
+    g.add_argument("--host", help="address to bind (env MABEAM_HOST, default 127.0.0.1)")
+    g.add_argument("--advertise-host", help="address published for discovery (env MABEAM_ADVERTISE_HOST)")
+    for svc in services:
+        g.add_argument(
+            f"--{svc}-port",
+            type=int,
+            help=f"{svc} port (env MABEAM_{svc.upper()}_PORT, default {DEFAULT_PORTS[svc]})",
+        )
+    g.add_argument("--data-dir", help="embedded etcd data directory (env MABEAM_DATA_DIR)")
+    g.add_argument("--tls-cert", help="server certificate, switches TLS on (env MABEAM_TLS_CERT)")
+    g.add_argument("--tls-key", help="server private key (env MABEAM_TLS_KEY)")
+    g.add_argument("--tls-ca", help="CA for client certificates: mutual TLS (env MABEAM_TLS_CA)")
+    g.add_argument("--etcd-ca", help="CA of etcd's certificate (env MABEAM_ETCD_CA)")
+    g.add_argument("--etcd-cert", help="client certificate for etcd (env MABEAM_ETCD_CERT)")
+    g.add_argument("--etcd-key", help="client key for etcd (env MABEAM_ETCD_KEY)")
+    g.add_argument("--grace", type=float, help="shutdown grace in seconds (env MABEAM_GRACE, default 5)")
+
+
+def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> MeshConfig:
+    """Build the config from flags (``args``), then environment, then defaults."""
+    env = os.environ if env is None else env
+
+    def pick(attr: str, var: str) -> str | None:
+        value = getattr(args, attr, None) if args is not None else None
+        if value is not None:
+            return str(value)
+        raw = env.get(var)
+        return raw if raw else None
+
+    etcd_raw = pick("etcd", "MABEAM_ETCD")
+    endpoints = tuple(_normalise_endpoint(e) for e in etcd_raw.split(",") if e.strip()) if etcd_raw else ()
+
+    ports = dict(DEFAULT_PORTS)
+    for svc in SERVICES:
+        flag = f"--{svc}-port"
+        value = getattr(args, f"{svc}_port", None) if args is not None else None
+        if value is None:
+            value = _env_int(env, f"MABEAM_{svc.upper()}_PORT", flag)
+        if value is not None:
+            ports[svc] = _check_port(int(value), flag)
+
+    cert, key, ca = (
+        pick("tls_cert", "MABEAM_TLS_CERT"),
+        pick("tls_key", "MABEAM_TLS_KEY"),
+        pick("tls_ca", "MABEAM_TLS_CA"),
+    )
+    tls: TLSConfig | None = None
+    if cert or key:
+        if not (cert and key):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key (MABEAM_TLS_CERT, MABEAM_TLS_KEY)")
+        for path, flag in ((cert, "--tls-cert"), (key, "--tls-key"), (ca, "--tls-ca")):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{flag} {path}: no such file")
+        tls = TLSConfig(cert_file=cert, key_file=key, ca_file=ca)
+    elif ca:
+        raise ConfigError("--tls-ca (MABEAM_TLS_CA) needs --tls-cert and --tls-key")
+
+    e_ca, e_cert, e_key = (
+        pick("etcd_ca", "MABEAM_ETCD_CA"),
+        pick("etcd_cert", "MABEAM_ETCD_CERT"),
+        pick("etcd_key", "MABEAM_ETCD_KEY"),
+    )
+    etcd_tls = EtcdTLS(ca_file=e_ca, cert_file=e_cert, key_file=e_key) if (e_ca or e_cert or e_key) else None
+
+    grace_raw = pick("grace", "MABEAM_GRACE")
+    try:
+        grace = float(grace_raw) if grace_raw is not None else 5.0
+    except ValueError:
+        raise ConfigError(f"--grace / MABEAM_GRACE {grace_raw!r} is not a number") from None
+    ttl = _env_int(env, "MABEAM_SERVICE_TTL", "MABEAM_SERVICE_TTL") or 5
+
+    prefix = pick("prefix", "MABEAM_PREFIX") or "/mabeam"
+    if not prefix.startswith("/"):
+        raise ConfigError(f"--prefix {prefix!r}: an etcd key prefix starts with '/'")
+    data_dir = pick("data_dir", "MABEAM_DATA_DIR")
+    return MeshConfig(
+        etcd_endpoints=endpoints,
+        etcd_tls=etcd_tls,
+        prefix=prefix.rstrip("/") or "/mabeam",
+        host=pick("host", "MABEAM_HOST") or "127.0.0.1",
+        advertise_host=pick("advertise_host", "MABEAM_ADVERTISE_HOST"),
+        ports=ports,
+        data_dir=Path(data_dir).expanduser() if data_dir else Path.home() / ".mabeam" / "etcd",
+        tls=tls,
+        grace=grace,
+        service_ttl=ttl,
+    )
+
+
+def _normalise_endpoint(raw: str) -> str:
+    raw = raw.strip()
+    if "://" not in raw:
+        raw = "http://" + raw
+    return raw.rstrip("/")

@@ -1,0 +1,237 @@
+"""The one error table of the mesh: exception <-> gRPC status code <-> ErrorInfo reason.
+
+Servers raise these exceptions from any depth; the shared server interceptor
+(:mod:`mabeam.server`) turns them into a gRPC status with rich details
+(``google.rpc.ErrorInfo`` with the reason, ``google.rpc.BadRequest`` naming the
+field). Clients get the same exceptions back from :func:`from_rpc_error`, so a
+caller writes ``except VersionMismatch as e: e.metadata["current_version"]``
+whatever service answered.
+
+Retryable: :class:`Unavailable` (etcd or a replica unreachable; retry with
+back-off, possibly on another replica) and :class:`Aborted` (a lost
+compare-and-set: re-read, then retry). Everything else needs a different request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from mabeam.v1 import common_pb2
+
+ERROR_DOMAIN = "mabeam.dev"
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class MabeamError(Exception):
+    """Base of every error the mesh reports; carries the gRPC code and reason.
+
+    Example::
+
+        try:
+            await client.registry.get_agent("a1")
+        except NotFound as e:
+            print(e.code, e.reason, e.message)
+    """
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    default_reason: ClassVar[int] = common_pb2.ERROR_REASON_UNSPECIFIED
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: int | None = None,
+        field: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason_value = self.default_reason if reason is None else reason
+        self.field = field
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    @property
+    def reason(self) -> str:
+        """The ErrorInfo reason string, e.g. ``"VERSION_MISMATCH"``."""
+        name = common_pb2.ErrorReason.Name(self.reason_value)  # type: ignore[arg-type]
+        return name.removeprefix("ERROR_REASON_")
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    def to_status(self) -> status_pb2.Status:
+        """The ``google.rpc.Status`` sent on the wire, with ErrorInfo (and BadRequest)."""
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata)
+        packed = any_pb2.Any()
+        packed.Pack(info)
+        status.details.append(packed)
+        if self.field is not None:
+            bad = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.message)
+                ]
+            )
+            packed = any_pb2.Any()
+            packed.Pack(bad)
+            status.details.append(packed)
+        return status
+
+
+class InvalidArgument(MabeamError):
+    """A request field is missing or malformed; ``field`` names it."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = common_pb2.ERROR_REASON_INVALID_FIELD
+
+    def __init__(self, field: str, message: str, **kw: object) -> None:
+        super().__init__(f"{field}: {message}", field=field, **kw)  # type: ignore[arg-type]
+
+
+class NotFound(MabeamError):
+    """The named object does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(MabeamError):
+    """The object exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = common_pb2.ERROR_REASON_ALREADY_EXISTS
+
+
+class PermissionDenied(MabeamError):
+    """The caller does not hold the token the operation needs."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = common_pb2.ERROR_REASON_TOKEN_MISMATCH
+
+
+class FailedPrecondition(MabeamError):
+    """The request conflicts with the current state of the system."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = common_pb2.ERROR_REASON_FAILED_PRECONDITION
+
+
+class Aborted(MabeamError):
+    """A compare-and-set lost a race; re-read and retry."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = common_pb2.ERROR_REASON_VERSION_MISMATCH
+    retryable = True
+
+
+class OutOfRange(MabeamError):
+    """A revision or page position is outside what is available."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class DeadlineExceeded(MabeamError):
+    """A deadline passed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = common_pb2.ERROR_REASON_DEADLINE_EXCEEDED
+
+
+class Unavailable(MabeamError):
+    """etcd or a service replica cannot be reached; retry with back-off."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = common_pb2.ERROR_REASON_STORE_UNAVAILABLE
+    retryable = True
+
+
+class Unimplemented(MabeamError):
+    """The operation is defined but not provided by this build."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = common_pb2.ERROR_REASON_NOT_IMPLEMENTED
+
+
+class Internal(MabeamError):
+    """A bug in mabeam."""
+
+    code = grpc.StatusCode.INTERNAL
+    default_reason = common_pb2.ERROR_REASON_INTERNAL
+
+
+class Cancelled(MabeamError):
+    """The call was cancelled."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unknown(MabeamError):
+    """A status that the table does not know (e.g. from a foreign server)."""
+
+    code = grpc.StatusCode.UNKNOWN
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MabeamError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        PermissionDenied,
+        FailedPrecondition,
+        Aborted,
+        OutOfRange,
+        DeadlineExceeded,
+        Unavailable,
+        Unimplemented,
+        Internal,
+        Cancelled,
+        Unknown,
+    )
+}
+
+
+def trailing_metadata(error: MabeamError) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata that carries ``error``'s rich status to the client."""
+    return ((_DETAILS_KEY, error.to_status().SerializeToString()),)
+
+
+def from_rpc_error(err: grpc.RpcError) -> MabeamError:
+    """Turn a grpc error into the table's exception, unpacking ErrorInfo / BadRequest."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    message = (err.details() if hasattr(err, "details") else None) or str(code)
+    reason: int | None = None
+    field: str | None = None
+    metadata: dict[str, str] = {}
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key != _DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                metadata = dict(info.metadata)
+                try:
+                    reason = common_pb2.ErrorReason.Value("ERROR_REASON_" + info.reason)
+                except ValueError:
+                    reason = None
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                if bad.field_violations:
+                    field = bad.field_violations[0].field
+    cls = _BY_CODE.get(code, Unknown)
+    exc = MabeamError.__new__(cls)
+    MabeamError.__init__(exc, message, reason=reason, field=field, metadata=metadata)
+    return exc
+
+
+def status_code_number(code: grpc.StatusCode) -> int:
+    """The numeric google.rpc.Code of a grpc.StatusCode."""
+    return int(code.value[0])

@@ -1,0 +1,232 @@
+"""A whole mesh on this machine: etcd plus the four services as child processes.
+
+One implementation serves ``mabeam up``, the test fixtures and ``mabeam bench``.
+Services run as separate processes (as in production, and so a mesh uses more
+than one core); each is started with :func:`mabeam.process.spawn`, so none
+outlives the process that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mabeam import process
+from mabeam.config import SERVICE_NAMES, SERVICES, MeshConfig
+from mabeam.embedded_etcd import EmbeddedEtcd
+
+
+class MeshStartError(RuntimeError):
+    """A part of the mesh did not come up; the message says which and why."""
+
+
+@dataclass
+class ServiceProcess:
+    """One running service replica."""
+
+    kind: str
+    proc: subprocess.Popen[bytes]
+    address: str
+    log_file: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@dataclass
+class LocalMesh:
+    """etcd (embedded unless ``config.etcd_endpoints`` is set) and service replicas.
+
+    Example::
+
+        mesh = LocalMesh(config.with_port("registry", 0), replicas=2)
+        await mesh.start()
+        print(mesh.addresses("registry"))
+        await mesh.stop()
+    """
+
+    config: MeshConfig
+    services: Sequence[str] = SERVICES
+    replicas: int = 1
+    etcd_client_port: int = 2379
+    etcd_peer_port: int = 2380
+    unsafe_no_fsync: bool = False
+    log_dir: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    etcd: EmbeddedEtcd | None = None
+    processes: list[ServiceProcess] = field(default_factory=list)
+    startup_seconds: float = 0.0
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def etcd_endpoints(self) -> tuple[str, ...]:
+        """The etcd endpoints the services use."""
+        if self.config.etcd_endpoints:
+            return self.config.etcd_endpoints
+        assert self.etcd is not None, "mesh not started"
+        return (self.etcd.endpoint,)
+
+    def addresses(self, kind: str) -> list[str]:
+        """host:port of every live replica of ``kind``."""
+        return [p.address for p in self.processes if p.kind == kind and p.proc.poll() is None]
+
+    def address(self, kind: str) -> str:
+        """host:port of the first replica of ``kind``."""
+        found = self.addresses(kind)
+        if not found:
+            raise MeshStartError(f"no {kind} replica is running")
+        return found[0]
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start etcd and every replica; returns when all health checks pass."""
+        started = time.monotonic()
+        if self.log_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="mabeam-logs-")
+            self.log_dir = Path(self._tmp.name)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if not self.config.etcd_endpoints:
+                self.etcd = EmbeddedEtcd(
+                    self.config.data_dir,
+                    client_port=self.etcd_client_port,
+                    peer_port=self.etcd_peer_port,
+                    unsafe_no_fsync=self.unsafe_no_fsync,
+                )
+                await self.etcd.start()
+            starts = [
+                self.start_replica(kind, timeout=timeout)
+                for kind in self.services
+                for _ in range(self.replicas)
+            ]
+            await asyncio.gather(*starts)
+        except BaseException:
+            await self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - started
+
+    async def start_replica(
+        self, kind: str, port: int | None = None, timeout: float = 30.0
+    ) -> ServiceProcess:
+        """Start one more replica of ``kind`` (port 0 when replicas share a host)."""
+        assert self.log_dir is not None
+        if port is None:
+            port = self.config.port(kind) if self.replicas == 1 else 0
+        n = sum(1 for p in self.processes if p.kind == kind)
+        log_file = self.log_dir / f"{kind}-{n}.log"
+        argv = process.python_module_argv(
+            f"mabeam.services.{kind}",
+            "--etcd",
+            ",".join(self.etcd_endpoints),
+            "--prefix",
+            self.config.prefix,
+            "--host",
+            self.config.host,
+            f"--{kind}-port",
+            str(port),
+            "--grace",
+            str(self.config.grace),
+        )
+        if self.config.tls is not None:
+            argv += ["--tls-cert", self.config.tls.cert_file, "--tls-key", self.config.tls.key_file]
+            if self.config.tls.ca_file:
+                argv += ["--tls-ca", self.config.tls.ca_file]
+        if self.config.etcd_tls is not None:
+            for flag, value in (
+                ("--etcd-ca", self.config.etcd_tls.ca_file),
+                ("--etcd-cert", self.config.etcd_tls.cert_file),
+                ("--etcd-key", self.config.etcd_tls.key_file),
+            ):
+                if value:
+                    argv += [flag, value]
+        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        with open(log_file, "ab") as log:  # noqa: ASYNC230 (a local file, opened once)
+            proc = process.spawn(argv, env=env, stdout=subprocess.PIPE, stderr=log)
+        try:
+            address = await asyncio.wait_for(_read_address(proc, kind, log_file), timeout)
+        except TimeoutError:
+            await process.terminate(proc, 1)
+            raise MeshStartError(f"{kind} did not start within {timeout:.0f} s; log: {log_file}") from None
+        except BaseException:
+            await process.terminate(proc, 1)
+            raise
+        replica = ServiceProcess(kind, proc, address, log_file)
+        self.processes.append(replica)
+        await wait_healthy(address, SERVICE_NAMES[kind], timeout=timeout, tls=self.config.tls is not None)
+        return replica
+
+    async def stop_replica(self, replica: ServiceProcess, grace: float | None = None) -> int | None:
+        """Stop one replica gracefully (SIGTERM, then SIGKILL after the grace)."""
+        code = await process.terminate(replica.proc, (self.config.grace if grace is None else grace) + 2)
+        if replica.proc.stdout is not None:
+            replica.proc.stdout.close()
+        return code
+
+    async def stop(self) -> None:
+        """Stop every replica, then etcd; safe to call twice."""
+        replicas, self.processes = self.processes, []
+        await asyncio.gather(*(self.stop_replica(r) for r in replicas), return_exceptions=True)
+        if self.etcd is not None:
+            await self.etcd.stop()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+            self._tmp = None
+
+    async def __aenter__(self) -> LocalMesh:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def _read_address(proc: subprocess.Popen[bytes], kind: str, log_file: Path) -> str:
+    """The address from the service's 'serving on' line; a clear error if it exits first."""
+    assert proc.stdout is not None
+    marker = f"mabeam {kind} serving on "
+    while True:
+        line = await asyncio.to_thread(proc.stdout.readline)
+        if not line:
+            code = await asyncio.to_thread(proc.wait)
+            tail = _tail(log_file)
+            raise MeshStartError(f"{kind} exited with status {code} before serving:\n{tail}")
+        text = line.decode(errors="replace").strip()
+        if text.startswith(marker):
+            return text[len(marker) :]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+async def wait_healthy(address: str, service: str = "", *, timeout: float = 15.0, tls: bool = False) -> None:
+    """Poll grpc.health.v1 on ``address`` until ``service`` is SERVING."""
+    if tls:
+        return  # the caller checks TLS endpoints with its own credentials
+    deadline = time.monotonic() + timeout
+    async with aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise MeshStartError(f"{service or address} at {address} not healthy within {timeout:.0f} s")
+            await asyncio.sleep(0.05)

@@ -1,0 +1,455 @@
+"""The one server bootstrap of the mesh, used by the four services and by agents.
+
+A :class:`MeshServer` is a ``grpc.aio`` server with, always:
+
+* the error interceptor: exceptions from :mod:`mabeam.errors` become gRPC
+  statuses with rich details; etcd being unreachable becomes ``UNAVAILABLE``;
+  anything else becomes ``INTERNAL`` and is logged — a handler's bug never
+  takes the server down;
+* ``grpc.health.v1.Health`` (overall and per service) and server reflection,
+  so ``grpcurl -plaintext HOST:PORT list`` works with no proto files;
+* optional TLS / mutual TLS from :class:`mabeam.config.TLSConfig`;
+* optional publication of its address in etcd under a lease (service
+  discovery, :mod:`mabeam.discovery`);
+* ownership of background tasks (:meth:`MeshServer.spawn`): they are cancelled
+  and awaited on :meth:`MeshServer.stop`, so nothing outlives the server;
+* graceful stop: health goes NOT_SERVING, the endpoint key is withdrawn,
+  in-flight calls get ``grace`` seconds.
+
+:func:`run_service` wraps it for a service's ``__main__``: flags and
+environment, etcd connection, signal handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+import aetcd.exceptions
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from mabeam import config as mesh_config
+from mabeam import errors, telemetry
+from mabeam.config import MeshConfig, TLSConfig
+
+log = logging.getLogger("mabeam.server")
+
+# grpc enables SO_REUSEPORT by default on Linux, which lets a second server bind
+# a port that is in use without any error; the mesh wants the clear error.
+SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+)
+
+_ETCD_UNREACHABLE = (
+    aetcd.exceptions.ConnectionFailedError,
+    aetcd.exceptions.ConnectionTimeoutError,
+)
+
+
+def to_mabeam_error(exc: BaseException) -> errors.MabeamError:
+    """Map any exception raised by a handler to the error table.
+
+    Retryable results: ``UNAVAILABLE`` (etcd unreachable or a peer down) and
+    ``ABORTED`` (lost compare-and-set). ``INTERNAL`` means a bug and is logged
+    with its traceback.
+    """
+    if isinstance(exc, errors.MabeamError):
+        return exc
+    if isinstance(exc, _ETCD_UNREACHABLE):
+        return errors.Unavailable(f"etcd is unreachable: {exc}")
+    if isinstance(exc, aetcd.exceptions.ClientError):
+        return errors.Unavailable(f"etcd error: {exc}")
+    if isinstance(exc, grpc.RpcError):
+        return errors.from_rpc_error(exc)
+    if isinstance(exc, TimeoutError):
+        return errors.DeadlineExceeded(f"timed out: {exc}")
+    log.exception("internal error", exc_info=exc)
+    return errors.Internal(f"internal error: {type(exc).__name__}: {exc}")
+
+
+async def _abort(context: aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    err = to_mabeam_error(exc)
+    await context.abort(err.code, err.message, trailing_metadata=errors.trailing_metadata(err))
+
+
+async def _iterate(result: Any) -> AsyncIterator[Any]:
+    """A streaming handler's result as an async iterator.
+
+    Handlers are async generators; a plain coroutine (e.g. a placeholder that
+    raises Unimplemented) is awaited so its exception is mapped like any other.
+    """
+    if inspect.isawaitable(result):
+        result = await result
+    if result is None:
+        return _empty()
+    return result  # type: ignore[no-any-return]
+
+
+async def _empty() -> AsyncIterator[Any]:
+    return
+    yield
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """Wrap a method handler so exceptions become statuses (see to_mabeam_error)."""
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Any) -> Any:
+            try:
+                return await inner_uu(request, context)
+            except (aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in await _iterate(inner_us(request, context)):
+                    yield item
+            except (aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: Any) -> Any:
+            try:
+                return await inner_su(requests, context)
+            except (aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, handler.request_deserializer, handler.response_serializer
+        )
+    inner_ss = handler.stream_stream
+    assert inner_ss is not None
+
+    async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            async for item in await _iterate(inner_ss(requests, context)):
+                yield item
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream_stream, handler.request_deserializer, handler.response_serializer
+    )
+
+
+class ErrorInterceptor(aio.ServerInterceptor):
+    """Turns handler exceptions into gRPC statuses from the one error table."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method or ""
+        if method.startswith(("/grpc.health.", "/grpc.reflection.")):
+            return handler
+        return _wrap_handler(handler)
+
+
+def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
+    """TLS credentials for a server; with a CA, clients must present a certificate."""
+    with open(tls.key_file, "rb") as f:
+        key = f.read()
+    with open(tls.cert_file, "rb") as f:
+        cert = f.read()
+    ca = None
+    if tls.ca_file:
+        with open(tls.ca_file, "rb") as f:
+            ca = f.read()
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+class PortInUse(mesh_config.ConfigError):
+    """The port asked for is taken."""
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when nothing listens on host:port (checked before grpc binds, for a clear error)."""
+    if port == 0:
+        return True
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class MeshServer:
+    """A grpc.aio server with health, reflection, error mapping, TLS and owned tasks.
+
+    Example::
+
+        server = MeshServer("registry", config)
+        server.add_service("mabeam.v1.RegistryService",
+                           registry_pb2_grpc.add_RegistryServiceServicer_to_server, servicer)
+        port = await server.start(port=0)
+        ...
+        await server.stop()
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        config: MeshConfig,
+        *,
+        instance_id: str | None = None,
+        interceptors: Sequence[aio.ServerInterceptor] = (),
+    ) -> None:
+        self.kind = kind
+        self.config = config
+        self.instance_id = (
+            instance_id or f"{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self._interceptors = [*telemetry.server_interceptors(), ErrorInterceptor(), *interceptors]
+        self._server = aio.server(interceptors=self._interceptors, options=SERVER_OPTIONS)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._service_names: list[str] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._started = False
+        self._stopped = False
+        self.port = 0
+        self.address = ""
+
+    @property
+    def grpc_server(self) -> aio.Server:
+        """The underlying grpc.aio server."""
+        return self._server
+
+    def add_service(self, full_name: str, add_fn: Callable[[Any, aio.Server], None], servicer: Any) -> None:
+        """Serve ``servicer`` (added with the generated ``add_..._to_server``) as ``full_name``."""
+        add_fn(servicer, self._server)
+        self._service_names.append(full_name)
+
+    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` on stop, once calls have ended (the last added runs first)."""
+        self._on_stop.append(callback)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run a background task owned by this server: cancelled and awaited on stop.
+
+        A task that dies with an exception is logged, not silently lost.
+        """
+        task = asyncio.create_task(coro, name=f"{self.kind}:{name}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task %s failed", t.get_name(), exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    async def start(self, port: int | None = None) -> int:
+        """Bind and start serving; returns the bound port (``port=0`` picks a free one)."""
+        if port is None:
+            port = self.config.port(self.kind) if self.kind in self.config.ports else 0
+        host = self.config.host
+        if not port_is_free(host, port):
+            raise PortInUse(
+                f"port {port} is already in use: choose another with --{self.kind}-port "
+                f"or MABEAM_{self.kind.upper()}_PORT"
+            )
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
+        bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            if self.config.tls is not None:
+                bound = self._server.add_secure_port(bind, server_credentials(self.config.tls))
+            else:
+                bound = self._server.add_insecure_port(bind)
+        except RuntimeError as exc:
+            raise PortInUse(
+                f"cannot listen on {bind} ({exc}): choose another port with --{self.kind}-port"
+            ) from None
+        await self._server.start()
+        self._started = True
+        self.port = bound
+        self.address = f"{self.config.published_host}:{bound}"
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for name in self._service_names:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s serving on %s", self.kind, self.address)
+        return bound
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report the server as (not) serving on every health check name."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self._service_names):
+            await self._health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop gracefully; safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace if grace is None else grace
+        if self._started:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for callback in reversed(self._on_stop):
+            try:
+                await callback()
+            except Exception:
+                log.exception("stop callback failed")
+
+    async def wait_for_termination(self) -> None:
+        """Wait until the server stops."""
+        await self._server.wait_for_termination()
+
+
+BuildFn = Callable[[MeshServer, Any], Awaitable[None]]
+
+
+def _configure_logging() -> None:
+    level = os.environ.get("MABEAM_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":%(message)r}',
+        stream=sys.stderr,
+    )
+
+
+async def serve_until_signalled(
+    servers: Sequence[MeshServer], stop_event: asyncio.Event | None = None
+) -> None:
+    """Wait for SIGINT/SIGTERM (or ``stop_event``), then stop ``servers`` gracefully."""
+    event = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, event.set)
+    try:
+        await event.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
+
+
+async def start_service(
+    kind: str, build: BuildFn, config: MeshConfig, *, port: int | None = None
+) -> MeshServer:
+    """Connect to etcd, build the service ``kind`` and start it; the caller stops it.
+
+    Used by the service entry points, by ``mabeam up`` (in-process) and by tests.
+    """
+    from mabeam import discovery, etcd
+
+    if not config.etcd_endpoints:
+        raise mesh_config.ConfigError(f"{kind}: no etcd endpoints: pass --etcd URL or set MABEAM_ETCD")
+    client = await etcd.connect(config.etcd_endpoints, tls=config.etcd_tls)
+    server = MeshServer(kind, config)
+
+    async def close_client() -> None:
+        with contextlib.suppress(Exception):
+            await client.close()
+
+    server.on_stop(close_client)
+    try:
+        await build(server, client)
+        await server.start(port)
+        await discovery.publish(server, client)
+    except BaseException:
+        await server.stop(0)
+        raise
+    return server
+
+
+def run_service(kind: str, build: BuildFn, argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m mabeam.services.<kind>``: serve until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(prog=f"mabeam-{kind}", description=f"the mabeam {kind} service")
+    mesh_config.add_mesh_arguments(parser, services=(kind,))
+    parser.add_argument("--port", type=int, help=f"alias of --{kind}-port")
+    args = parser.parse_args(argv)
+    if args.port is not None:
+        setattr(args, f"{kind}_port", args.port)
+    _configure_logging()
+    try:
+        config = mesh_config.load(args)
+    except mesh_config.ConfigError as exc:
+        print(f"mabeam {kind}: {exc}", file=sys.stderr)
+        return 2
+    telemetry.configure(service_name=f"mabeam-{kind}")
+
+    async def main() -> int:
+        try:
+            server = await start_service(kind, build, config)
+        except mesh_config.ConfigError as exc:
+            print(f"mabeam {kind}: {exc}", file=sys.stderr)
+            return 2
+        # One parseable line: tests and `mabeam up` read the bound address from it.
+        print(f"mabeam {kind} serving on {server.address}", flush=True)
+        await serve_until_signalled([server])
+        return 0
+
+    return asyncio.run(main())
+
+
+def unimplemented(base: type[Any], service: str, where: str) -> type[Any]:
+    """A subclass of a generated servicer whose every RPC answers UNIMPLEMENTED.
+
+    The message names the RPC and ``where`` the capability comes from, so a
+    caller knows it is not there yet — never a fake success. Services subclass
+    the result and override what they implement.
+    """
+
+    def make(name: str) -> Callable[..., Awaitable[Any]]:
+        async def method(self: Any, request: Any, context: Any) -> Any:
+            raise errors.Unimplemented(f"{service}/{name} is not implemented yet ({where})")
+
+        method.__name__ = name
+        return method
+
+    methods = {
+        name: make(name) for name, value in vars(base).items() if callable(value) and name[:1].isupper()
+    }
+    return type(f"Unimplemented{base.__name__}", (base,), methods)

