@@ -56,6 +56,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
+        # Like etcd (and grpc), allow a port in TIME_WAIT; a listener still clashes.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -94,7 +96,8 @@ class EmbeddedEtcd:
         self.data_dir = Path(data_dir)
         self.name = name
         self.host = host
-        self._auto_ports = client_port == 0 or peer_port == 0
+        self._auto_client = client_port == 0
+        self._auto_peer = peer_port == 0
         self.client_port = client_port or free_port(host)
         self.peer_port = peer_port or free_port(host)
         self.unsafe_no_fsync = unsafe_no_fsync
@@ -141,13 +144,21 @@ class EmbeddedEtcd:
     async def start(self, timeout: float = 10.0, *, wait_healthy: bool = True) -> None:
         """Start etcd; returns once it answers its health endpoint."""
         for attempt in range(3):
-            taken = [p for p in (self.client_port, self.peer_port) if not _port_free(self.host, p)]
-            if taken:
-                if self._auto_ports and attempt < 2:
-                    self.client_port, self.peer_port = free_port(self.host), free_port(self.host)
-                    continue
-                raise EtcdStartError(f"etcd cannot start: port {taken[0]} on {self.host} is already in use")
-            break
+            # Only ports this object picked may be picked again; a given port is the caller's.
+            fixed = [
+                p
+                for p, auto in ((self.client_port, self._auto_client), (self.peer_port, self._auto_peer))
+                if not auto and not _port_free(self.host, p)
+            ]
+            if fixed:
+                raise EtcdStartError(f"etcd cannot start: port {fixed[0]} on {self.host} is already in use")
+            retry = False
+            if self._auto_client and not _port_free(self.host, self.client_port):
+                self.client_port, retry = free_port(self.host), True
+            if self._auto_peer and not _port_free(self.host, self.peer_port):
+                self.peer_port, retry = free_port(self.host), True
+            if not retry or attempt == 2:
+                break
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:  # noqa: ASYNC230 (a local file, opened once)
             self._proc = process.spawn(self._argv(), stdout=log, stderr=log)
@@ -195,7 +206,7 @@ class EmbeddedEtcd:
     async def restart(self, timeout: float = 10.0) -> None:
         """Stop and start again on the same ports and data (for etcd-restart tests)."""
         await self.stop()
-        self._auto_ports = False
+        self._auto_client = self._auto_peer = False
         self.initial_cluster_state = "existing" if self.initial_cluster else self.initial_cluster_state
         await self.start(timeout)
 

@@ -207,6 +207,8 @@ def port_is_free(host: str, port: int) -> bool:
     if port == 0:
         return True
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # grpc binds with SO_REUSEADDR: a port in TIME_WAIT is free, a listener is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
