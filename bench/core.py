@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from grpc import aio
+
 from mabeam import process
 from mabeam.bench.ping_server import PING_METHOD
 from mabeam.config import SERVICES, MeshConfig

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc import aio
+
 from mabeam import errors, telemetry
 from mabeam.v1 import (
     coordination_pb2_grpc,

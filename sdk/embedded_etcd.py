@@ -275,6 +275,7 @@ class EtcdCluster:
     async def leader_index(self) -> int:
         """Index in :attr:`members` of the current leader."""
         import aetcd.rpc
+
         from mabeam.etcd import connect
 
         for i, member in enumerate(self.members):

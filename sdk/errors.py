@@ -20,6 +20,7 @@ from typing import ClassVar
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+
 from mabeam.v1 import common_pb2
 
 ERROR_DOMAIN = "mabeam.dev"

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from mabeam import process
 from mabeam.config import SERVICE_NAMES, SERVICES, MeshConfig
 from mabeam.embedded_etcd import EmbeddedEtcd

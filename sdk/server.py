@@ -40,6 +40,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from mabeam import config as mesh_config
 from mabeam import errors, telemetry
 from mabeam.config import MeshConfig, TLSConfig

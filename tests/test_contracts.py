@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mabeam.v1  # noqa: F401  (registers the descriptors)
 import pytest
 from google.protobuf import descriptor_pool
+
+import mabeam.v1  # noqa: F401  (registers the descriptors)
 from mabeam.v1 import (
     agent_pb2,
     coordination_pb2,

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from mabeam.embedded_etcd import free_port
 from mabeam.process import pid_alive
 

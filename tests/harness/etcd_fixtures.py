@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+
 from mabeam.embedded_etcd import EmbeddedEtcd
 from mabeam.etcd import EtcdClient, connect
 

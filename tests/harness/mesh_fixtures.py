@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 import pytest
+
 from mabeam.config import SERVICES, MeshConfig
 from mabeam.embedded_etcd import free_port as _free_port
 from mabeam.mesh import LocalMesh
