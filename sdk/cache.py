@@ -47,6 +47,11 @@ class PrefixCache(Generic[T]):
         """Call ``listener`` on every change (synchronously, from the watch task)."""
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: Listener[T]) -> None:
+        """Stop calling ``listener``."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
     def get(self, key: bytes) -> T | None:
         """The cached value of ``key``."""
         return self._items.get(key)

@@ -376,7 +376,7 @@ class HeartbeatRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
-    """The agent; must be the same on every message of one stream."""
+    """The agent this beat is for."""
     token: _builtins.str
     """The agent's token."""
     @_builtins.property
@@ -404,8 +404,11 @@ class HeartbeatResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    AGENT_ID_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent whose beat this answers."""
     lease_id: _builtins.int
     """The lease that was refreshed."""
     @_builtins.property
@@ -415,12 +418,13 @@ class HeartbeatResponse(_message.Message):
     def __init__(
         self,
         *,
+        agent_id: _builtins.str = ...,
         lease_id: _builtins.int = ...,
         ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "lease_id", b"lease_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -845,6 +849,7 @@ class SupervisedAgent(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     LAST_EXIT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    START_TIMEOUT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent's id."""
     state: Global___SupervisionState.ValueType
@@ -871,6 +876,10 @@ class SupervisedAgent(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the current process was started."""
 
+    @_builtins.property
+    def start_timeout(self) -> _duration_pb2.Duration:
+        """How long each start may take until the agent registers."""
+
     def __init__(
         self,
         *,
@@ -884,10 +893,11 @@ class SupervisedAgent(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         last_exit: _builtins.str = ...,
         reason: _builtins.str = ...,
+        start_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch", "restart_policy", b"restart_policy", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "last_exit", b"last_exit", "launch", b"launch", "pid", b"pid", "reason", b"reason", "restart_count", b"restart_count", "restart_policy", b"restart_policy", "started_at", b"started_at", "state", b"state", "supervisor_id", b"supervisor_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "last_exit", b"last_exit", "launch", b"launch", "pid", b"pid", "reason", b"reason", "restart_count", b"restart_count", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout", "started_at", b"started_at", "state", b"state", "supervisor_id", b"supervisor_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

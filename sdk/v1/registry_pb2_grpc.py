@@ -112,10 +112,12 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request_iterator, context):
-        """Heartbeat keeps an agent's lease alive and reports its load. The client
-        sends a message at least every TTL/3; the server answers each one. Any
-        registry replica can serve it. A wrong token ends the stream with
-        PERMISSION_DENIED; a lapsed lease ends it with NOT_FOUND.
+        """Heartbeat keeps agents' leases alive and reports their load. The client
+        sends a message per agent at least every TTL/3; the server answers each
+        one. One stream may carry the beats of many agents (an AgentHost sends all
+        of its agents' beats over one stream). Any registry replica can serve it.
+        A wrong token ends the stream with PERMISSION_DENIED; a lapsed lease ends
+        it with NOT_FOUND (register again, with the token, to come back).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,10 +43,12 @@ class RegistryServiceStub:
     ALREADY_EXISTS when the id is live and the token is absent or wrong.
     """
     Heartbeat: _grpc.StreamStreamMultiCallable[_registry_pb2.HeartbeatRequest, _registry_pb2.HeartbeatResponse]
-    """Heartbeat keeps an agent's lease alive and reports its load. The client
-    sends a message at least every TTL/3; the server answers each one. Any
-    registry replica can serve it. A wrong token ends the stream with
-    PERMISSION_DENIED; a lapsed lease ends it with NOT_FOUND.
+    """Heartbeat keeps agents' leases alive and reports their load. The client
+    sends a message per agent at least every TTL/3; the server answers each
+    one. One stream may carry the beats of many agents (an AgentHost sends all
+    of its agents' beats over one stream). Any registry replica can serve it.
+    A wrong token ends the stream with PERMISSION_DENIED; a lapsed lease ends
+    it with NOT_FOUND (register again, with the token, to come back).
     """
     DeregisterAgent: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeregisterAgentRequest, _registry_pb2.DeregisterAgentResponse]
     """DeregisterAgent removes an agent at once (its lease is revoked)."""
@@ -93,10 +95,12 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     ALREADY_EXISTS when the id is live and the token is absent or wrong.
     """
     Heartbeat: _aio.StreamStreamMultiCallable[_registry_pb2.HeartbeatRequest, _registry_pb2.HeartbeatResponse]  # type: ignore[assignment]
-    """Heartbeat keeps an agent's lease alive and reports its load. The client
-    sends a message at least every TTL/3; the server answers each one. Any
-    registry replica can serve it. A wrong token ends the stream with
-    PERMISSION_DENIED; a lapsed lease ends it with NOT_FOUND.
+    """Heartbeat keeps agents' leases alive and reports their load. The client
+    sends a message per agent at least every TTL/3; the server answers each
+    one. One stream may carry the beats of many agents (an AgentHost sends all
+    of its agents' beats over one stream). Any registry replica can serve it.
+    A wrong token ends the stream with PERMISSION_DENIED; a lapsed lease ends
+    it with NOT_FOUND (register again, with the token, to come back).
     """
     DeregisterAgent: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeregisterAgentRequest, _registry_pb2.DeregisterAgentResponse]  # type: ignore[assignment]
     """DeregisterAgent removes an agent at once (its lease is revoked)."""
@@ -152,10 +156,12 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_registry_pb2.HeartbeatRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.HeartbeatResponse], _abc.AsyncIterator[_registry_pb2.HeartbeatResponse]]:
-        """Heartbeat keeps an agent's lease alive and reports its load. The client
-        sends a message at least every TTL/3; the server answers each one. Any
-        registry replica can serve it. A wrong token ends the stream with
-        PERMISSION_DENIED; a lapsed lease ends it with NOT_FOUND.
+        """Heartbeat keeps agents' leases alive and reports their load. The client
+        sends a message per agent at least every TTL/3; the server answers each
+        one. One stream may carry the beats of many agents (an AgentHost sends all
+        of its agents' beats over one stream). Any registry replica can serve it.
+        A wrong token ends the stream with PERMISSION_DENIED; a lapsed lease ends
+        it with NOT_FOUND (register again, with the token, to come back).
         """
 
     @_abc_1.abstractmethod

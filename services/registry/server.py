@@ -1,32 +1,393 @@
-"""The registry service's gRPC edge: proto in, proto out, validation.
+"""The registry's gRPC edge: registration with leases, heartbeats, lookups, watches.
 
-Domain logic lives beside it (pure, no grpc); the etcd keyspace it owns lives
-in `store.py`.
+Lookups (GetAgent, ListAgents, WatchAgents snapshots) are answered from
+watch-fed caches of ``P/agents/`` and ``P/agent-load/`` (no etcd read per
+call); writes go to etcd in transactions (:mod:`.store`). Supervision lives in
+:mod:`.supervisor`.
 """
 
 from __future__ import annotations
 
-from mabeam.etcd import EtcdClient
-from mabeam.server import MeshServer, unimplemented
-from mabeam.v1 import registry_pb2_grpc
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from mabeam import errors, validate
+from mabeam.cache import PrefixCache
+from mabeam.etcd import UNREACHABLE, EtcdClient, ResumingWatch, WatchCompacted
+from mabeam.server import MeshServer
+from mabeam.services.registry import supervisor as supervision
+from mabeam.services.registry.store import RegistryStore, decode_agent, decode_load, new_token
+from mabeam.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 SERVICE_NAME = "mabeam.v1.RegistryService"
+DEFAULT_TTL = 5.0
+MIN_TTL, MAX_TTL = 1.0, 300.0
 
-_Base = unimplemented(registry_pb2_grpc.RegistryServiceServicer, SERVICE_NAME, "issue #3")
+
+def _now() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
 
 
-class RegistryServicer(_Base):  # type: ignore[misc, valid-type]
+def _matches(agent: registry_pb2.Agent, capability: str, labels: Any) -> bool:
+    if capability and capability not in agent.capabilities:
+        return False
+    return all(agent.labels.get(k) == v for k, v in labels.items())
+
+
+class AgentDirectory:
+    """The watch-fed view of registered agents and their loads."""
+
+    def __init__(self, etcd: EtcdClient, store: RegistryStore) -> None:
+        self.agents: PrefixCache[registry_pb2.Agent] = PrefixCache(etcd, store.keys.agents, decode_agent)
+        self.loads: PrefixCache[common_pb2.AgentLoad] = PrefixCache(etcd, store.keys.loads, decode_load)
+        self._store = store
+
+    async def start(self) -> None:
+        await self.agents.start()
+        await self.loads.start()
+
+    async def stop(self) -> None:
+        await self.agents.stop()
+        await self.loads.stop()
+
+    def view(self, agent: registry_pb2.Agent) -> registry_pb2.Agent:
+        """The agent as callers see it: with its latest load and a status."""
+        out = registry_pb2.Agent()
+        out.CopyFrom(agent)
+        load = self.loads.get(self._store.keys.load(agent.agent_id))
+        if load is not None:
+            out.load.CopyFrom(load)
+            out.last_heartbeat_at.CopyFrom(load.reported_at)
+        out.status = self.status(out)
+        return out
+
+    def status(self, agent: registry_pb2.Agent) -> int:
+        """SERVING while beats are recent; UNKNOWN when none came for two TTLs."""
+        if agent.status == registry_pb2.AGENT_STATUS_NOT_SERVING:
+            return registry_pb2.AGENT_STATUS_NOT_SERVING
+        ttl = agent.lease_ttl.seconds + agent.lease_ttl.nanos / 1e9 or DEFAULT_TTL
+        last = agent.last_heartbeat_at.seconds + agent.last_heartbeat_at.nanos / 1e9
+        if last and time.time() - last > 2 * ttl:
+            return registry_pb2.AGENT_STATUS_UNKNOWN
+        return registry_pb2.AGENT_STATUS_SERVING
+
+    def get(self, agent_id: str) -> registry_pb2.Agent | None:
+        agent = self.agents.get(self._store.keys.agent(agent_id))
+        return self.view(agent) if agent is not None else None
+
+    def all(self) -> list[registry_pb2.Agent]:
+        return [self.view(a) for _, a in sorted(self.agents.items())]
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     """mabeam.v1.RegistryService."""
 
     def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
         self._server = server
         self._etcd = etcd
+        self.store = RegistryStore(etcd, server.config)
+        self.directory = AgentDirectory(etcd, self.store)
+        self.supervisor = supervision.Supervisor(server, etcd, self.store, self.directory)
+
+    # -- registration -------------------------------------------------------
+
+    async def RegisterAgent(
+        self, request: registry_pb2.RegisterAgentRequest, context: Any
+    ) -> registry_pb2.RegisterAgentResponse:
+        agent_id = validate.identifier(request.agent_id, "agent_id")
+        endpoint = validate.endpoint(request.endpoint, "endpoint")
+        capabilities = validate.strings(request.capabilities, "capabilities")
+        for k in request.labels:
+            validate.strings([k], "labels")
+        ttl = validate.seconds(
+            request.lease_ttl, "lease_ttl", default=DEFAULT_TTL, minimum=MIN_TTL, maximum=MAX_TTL
+        )
+        for name, value in request.resources.custom.items():
+            validate.finite(value, f"resources.custom[{name}]", minimum=0)
+        validate.finite(request.resources.cpu, "resources.cpu", minimum=0)
+
+        existing, create_revision = await self.store.get_agent(agent_id)
+        generation = 1
+        if existing is not None:
+            if not await self.store.token_matches(agent_id, request.token):
+                raise errors.AlreadyExists(
+                    f"agent {agent_id!r} is registered and live; present its token to take it over",
+                    reason=common_pb2.ERROR_REASON_AGENT_ALREADY_REGISTERED,
+                )
+            generation = existing.generation + 1
+        token = request.token or new_token()
+        lease = await self._etcd.lease(max(1, round(ttl)))
+        agent = registry_pb2.Agent(
+            agent_id=agent_id,
+            endpoint=endpoint,
+            capabilities=capabilities,
+            labels=dict(request.labels),
+            resources=request.resources,
+            status=registry_pb2.AGENT_STATUS_SERVING,
+            lease_id=lease.id,
+            lease_ttl=duration_pb2.Duration(seconds=max(1, round(ttl))),
+            registered_at=_now(),
+            generation=generation,
+            supervised=await self.supervisor.is_supervised(agent_id),
+        )
+        try:
+            ok, _ = await self.store.register(agent, token, lease.id, create_revision)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._etcd.revoke_lease(lease.id)
+            raise
+        if not ok:
+            with contextlib.suppress(Exception):
+                await self._etcd.revoke_lease(lease.id)
+            raise errors.AlreadyExists(
+                f"agent {agent_id!r} was registered concurrently; retry with its token",
+                reason=common_pb2.ERROR_REASON_AGENT_ALREADY_REGISTERED,
+            )
+        if existing is not None and existing.lease_id and existing.lease_id != lease.id:
+            # The old registration's keys moved to the new lease; drop the old one.
+            with contextlib.suppress(Exception):
+                await self._etcd.revoke_lease(existing.lease_id)
+        return registry_pb2.RegisterAgentResponse(agent=self.directory.view(agent), token=token)
+
+    async def Heartbeat(
+        self, request_iterator: AsyncIterator[registry_pb2.HeartbeatRequest], context: Any
+    ) -> AsyncIterator[registry_pb2.HeartbeatResponse]:
+        verified: dict[str, tuple[str, int, float]] = {}  # agent_id -> (token, lease, ttl)
+        last_put: dict[str, float] = {}
+        async for beat in request_iterator:
+            agent_id = validate.identifier(beat.agent_id, "agent_id")
+            known = verified.get(agent_id)
+            if known is None or known[0] != beat.token:
+                agent, _ = await self.store.get_agent(agent_id)
+                if agent is None:
+                    raise errors.NotFound(
+                        f"agent {agent_id!r} is not registered (its lease lapsed?): register again",
+                        reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND,
+                        metadata={"agent_id": agent_id},
+                    )
+                if not await self.store.token_matches(agent_id, beat.token):
+                    raise errors.PermissionDenied(
+                        f"wrong or missing token for agent {agent_id!r}", metadata={"agent_id": agent_id}
+                    )
+                ttl = agent.lease_ttl.seconds or DEFAULT_TTL
+                known = (beat.token, agent.lease_id, float(ttl))
+                verified[agent_id] = known
+            _, lease_id, ttl = known
+            remaining = await self._etcd.keepalive_once(lease_id)
+            if remaining <= 0:
+                verified.pop(agent_id, None)
+                raise errors.NotFound(
+                    f"lease of agent {agent_id!r} lapsed: register again with its token",
+                    reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND,
+                    metadata={"agent_id": agent_id},
+                )
+            # The load key is rewritten at most every TTL/2 unless the load moved:
+            # a beat must not cost an etcd write (and a watch event) every time.
+            load = common_pb2.AgentLoad()
+            load.CopyFrom(beat.load)
+            load.reported_at.GetCurrentTime()
+            stored = self.directory.loads.get(self.store.keys.load(agent_id))
+            now = time.monotonic()
+            changed = stored is None or (
+                abs(stored.load - load.load) > 0.05
+                or stored.queue_length != load.queue_length
+                or abs(int(stored.memory_bytes) - int(load.memory_bytes)) > 1 << 20
+            )
+            if changed or now - last_put.get(agent_id, 0.0) > ttl / 2:
+                await self.store.put_load(agent_id, load, lease_id)
+                last_put[agent_id] = now
+            yield registry_pb2.HeartbeatResponse(
+                agent_id=agent_id, lease_id=lease_id, ttl=duration_pb2.Duration(seconds=remaining)
+            )
+
+    async def DeregisterAgent(
+        self, request: registry_pb2.DeregisterAgentRequest, context: Any
+    ) -> registry_pb2.DeregisterAgentResponse:
+        agent_id = validate.identifier(request.agent_id, "agent_id")
+        agent, _ = await self.store.get_agent(agent_id)
+        if agent is None:
+            raise errors.NotFound(
+                f"agent {agent_id!r} is not registered", reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND
+            )
+        if not await self.store.token_matches(agent_id, request.token):
+            raise errors.PermissionDenied(f"wrong or missing token for agent {agent_id!r}")
+        await self._etcd.revoke_lease(agent.lease_id)
+        return registry_pb2.DeregisterAgentResponse()
+
+    # -- lookups ------------------------------------------------------------
+
+    async def GetAgent(
+        self, request: registry_pb2.GetAgentRequest, context: Any
+    ) -> registry_pb2.GetAgentResponse:
+        agent_id = validate.identifier(request.agent_id, "agent_id")
+        agent = self.directory.get(agent_id)
+        if agent is None:
+            # Not in the cache yet (registered through another replica a moment
+            # ago?): one strong read settles it.
+            stored, _ = await self.store.get_agent(agent_id)
+            if stored is None:
+                raise errors.NotFound(
+                    f"agent {agent_id!r} is not registered", reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND
+                )
+            agent = self.directory.view(stored)
+        return registry_pb2.GetAgentResponse(agent=agent)
+
+    async def ListAgents(
+        self, request: registry_pb2.ListAgentsRequest, context: Any
+    ) -> registry_pb2.ListAgentsResponse:
+        size = validate.page_size(request.page_size)
+        filters = [request.capability, sorted(request.labels.items()), request.status]
+        matching = [
+            a
+            for a in self.directory.all()
+            if _matches(a, request.capability, request.labels)
+            and (request.status == registry_pb2.AGENT_STATUS_UNSPECIFIED or a.status == request.status)
+        ]
+        chunk, token = validate.page(matching, lambda a: a.agent_id, size, request.page_token, filters)
+        return registry_pb2.ListAgentsResponse(agents=chunk, next_page_token=token)
+
+    async def WatchAgents(
+        self, request: registry_pb2.WatchAgentsRequest, context: Any
+    ) -> AsyncIterator[registry_pb2.WatchAgentsResponse]:
+        if request.after_revision < 0:
+            raise errors.InvalidArgument("after_revision", "must not be negative")
+        queue: asyncio.Queue[registry_pb2.WatchAgentsResponse] = asyncio.Queue()
+        cache = self.directory.agents
+
+        def wanted(agent: registry_pb2.Agent | None) -> bool:
+            return agent is not None and _matches(agent, request.capability, request.labels)
+
+        def on_change(
+            kind: str, key: bytes, old: registry_pb2.Agent | None, new: registry_pb2.Agent | None, rev: int
+        ) -> None:
+            if kind == "PUT" and wanted(new):
+                assert new is not None
+                etype = (
+                    registry_pb2.AGENT_EVENT_TYPE_UPDATED
+                    if old is not None
+                    else registry_pb2.AGENT_EVENT_TYPE_ADDED
+                )
+                queue.put_nowait(
+                    registry_pb2.WatchAgentsResponse(type=etype, agent=self.directory.view(new), revision=rev)
+                )
+            elif kind == "DELETE" and wanted(old):
+                assert old is not None
+                queue.put_nowait(
+                    registry_pb2.WatchAgentsResponse(
+                        type=registry_pb2.AGENT_EVENT_TYPE_REMOVED, agent=old, revision=rev
+                    )
+                )
+
+        if request.after_revision:
+            async for event in self._resume(request, wanted):
+                yield event
+            return
+        cache.add_listener(on_change)
+        try:
+            revision = cache.revision
+            for _, agent in sorted(cache.items()):
+                if wanted(agent):
+                    yield registry_pb2.WatchAgentsResponse(
+                        type=registry_pb2.AGENT_EVENT_TYPE_EXISTING,
+                        agent=self.directory.view(agent),
+                        revision=revision,
+                    )
+            yield registry_pb2.WatchAgentsResponse(
+                type=registry_pb2.AGENT_EVENT_TYPE_SNAPSHOT_DONE, revision=revision
+            )
+            while True:
+                yield await queue.get()
+        finally:
+            cache.remove_listener(on_change)
+
+    async def _resume(
+        self, request: registry_pb2.WatchAgentsRequest, wanted: Any
+    ) -> AsyncIterator[registry_pb2.WatchAgentsResponse]:
+        """Changes after a revision, straight from etcd's history."""
+        known: dict[bytes, registry_pb2.Agent] = {}
+        try:
+            async for event in ResumingWatch(
+                self._etcd, self.store.keys.agents, start_revision=request.after_revision + 1
+            ):
+                if event.kind == "PUT":
+                    agent = decode_agent(event.key, event.value)
+                    if not wanted(agent):
+                        continue
+                    assert agent is not None
+                    etype = (
+                        registry_pb2.AGENT_EVENT_TYPE_ADDED
+                        if event.version == 1
+                        else registry_pb2.AGENT_EVENT_TYPE_UPDATED
+                    )
+                    known[event.key] = agent
+                    yield registry_pb2.WatchAgentsResponse(
+                        type=etype, agent=self.directory.view(agent), revision=event.mod_revision
+                    )
+                else:
+                    old = known.pop(event.key, None) or registry_pb2.Agent(
+                        agent_id=event.key[len(self.store.keys.agents) :].decode()
+                    )
+                    if request.capability or request.labels:
+                        if not wanted(old if old.capabilities else None):
+                            continue
+                    yield registry_pb2.WatchAgentsResponse(
+                        type=registry_pb2.AGENT_EVENT_TYPE_REMOVED, agent=old, revision=event.mod_revision
+                    )
+        except WatchCompacted as exc:
+            raise errors.OutOfRange(
+                f"after_revision {request.after_revision} was compacted (oldest {exc.compact_revision}); "
+                "watch again with after_revision 0"
+            ) from None
+
+    # -- supervision --------------------------------------------------------
+
+    async def StartAgent(
+        self, request: registry_pb2.StartAgentRequest, context: Any
+    ) -> registry_pb2.StartAgentResponse:
+        return registry_pb2.StartAgentResponse(agent=await self.supervisor.start_agent(request))
+
+    async def StopAgent(
+        self, request: registry_pb2.StopAgentRequest, context: Any
+    ) -> registry_pb2.StopAgentResponse:
+        return registry_pb2.StopAgentResponse(agent=await self.supervisor.stop_agent(request))
+
+    async def RestartAgent(
+        self, request: registry_pb2.RestartAgentRequest, context: Any
+    ) -> registry_pb2.RestartAgentResponse:
+        return registry_pb2.RestartAgentResponse(agent=await self.supervisor.restart_agent(request))
+
+    async def ListSupervisedAgents(
+        self, request: registry_pb2.ListSupervisedAgentsRequest, context: Any
+    ) -> registry_pb2.ListSupervisedAgentsResponse:
+        size = validate.page_size(request.page_size)
+        items = [
+            a
+            for a in self.supervisor.all()
+            if request.state == registry_pb2.SUPERVISION_STATE_UNSPECIFIED or a.state == request.state
+        ]
+        chunk, token = validate.page(items, lambda a: a.agent_id, size, request.page_token, [request.state])
+        return registry_pb2.ListSupervisedAgentsResponse(agents=chunk, next_page_token=token)
+
+    async def MigrateAgent(
+        self, request: registry_pb2.MigrateAgentRequest, context: Any
+    ) -> registry_pb2.MigrateAgentResponse:
+        return await self.supervisor.migrate_agent(request)
 
 
 async def build(server: MeshServer, etcd: EtcdClient) -> None:
-    """Add the registry servicer to `server` (called by mabeam.server.start_service)."""
-    server.add_service(
-        SERVICE_NAME,
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server,
-        RegistryServicer(server, etcd),
-    )
+    """Add the registry servicer to ``server`` (called by mabeam.server.start_service)."""
+    servicer = RegistryServicer(server, etcd)
+    await servicer.directory.start()
+    server.on_stop(servicer.directory.stop)
+    await servicer.supervisor.start()
+    server.add_service(SERVICE_NAME, registry_pb2_grpc.add_RegistryServiceServicer_to_server, servicer)
+
+
+__all__ = ["SERVICE_NAME", "UNREACHABLE", "RegistryServicer", "build"]

@@ -1,0 +1,440 @@
+"""Write agents in a few lines: subclass :class:`Agent`, serve it, see it in the mesh.
+
+Example::
+
+    from mabeam.agent import Agent
+    from mabeam.v1 import agent_pb2
+
+    class Bidder(Agent):
+        capabilities = ("bid",)
+
+        async def coordinate(self, request):
+            if request.HasField("bid_request"):
+                return agent_pb2.CoordinationResponse(bid=agent_pb2.Bid(amount=10.0))
+            return await super().coordinate(request)
+
+        async def execute_step(self, request):
+            return {"echo": request.input}
+
+    asyncio.run(Bidder("bidder-1").serve(registry="127.0.0.1:50051"))
+
+``serve()`` starts the agent's gRPC server (health and reflection included),
+registers it, keeps its lease alive in the background and registers it again
+by itself after a registry replica or etcd restart. An :class:`AgentHost`
+serves many agents on one endpoint and one heartbeat stream, routing each call
+by its ``agent_id``: a thousand light agents need one port.
+
+Where the mesh is comes from the arguments or the environment:
+``MABEAM_REGISTRY`` (host:port, comma-separated), ``MABEAM_ETCD`` (discovery),
+``MABEAM_PREFIX``, ``MABEAM_AGENT_ID`` (the id a supervisor gives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from google.protobuf import duration_pb2, json_format, struct_pb2
+
+from mabeam import errors
+from mabeam.client import ClientTLS, MeshClient
+from mabeam.config import MeshConfig, TLSConfig
+from mabeam.server import MeshServer, serve_until_signalled
+from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, registry_pb2
+
+log = logging.getLogger("mabeam.agent")
+
+AGENT_SERVICE = "mabeam.v1.AgentService"
+
+
+def to_value(data: Any) -> struct_pb2.Value:
+    """A JSON-able Python value as a ``google.protobuf.Value``."""
+    if isinstance(data, struct_pb2.Value):
+        return data
+    value = struct_pb2.Value()
+    json_format.ParseDict(data, value)
+    return value
+
+
+def from_value(value: struct_pb2.Value) -> Any:
+    """A ``google.protobuf.Value`` as plain Python (dict, list, str, float, bool, None)."""
+    return json_format.MessageToDict(value)
+
+
+class Agent:
+    """Base class of Python agents.
+
+    Override :meth:`coordinate` (protocol messages: bids, votes, demands, ...),
+    :meth:`execute_step` (planner steps) and, for migration,
+    :meth:`export_state` / :meth:`import_state`. Class attributes
+    ``capabilities`` and ``labels`` declare what the agent offers; the
+    constructor may override them per instance.
+    """
+
+    capabilities: ClassVar[Sequence[str]] = ()
+    labels: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(
+        self,
+        agent_id: str | None = None,
+        *,
+        capabilities: Sequence[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        resources: common_pb2.Resources | None = None,
+    ) -> None:
+        agent_id = agent_id or os.environ.get("MABEAM_AGENT_ID")
+        if not agent_id:
+            raise ValueError("an agent needs an id (argument, or MABEAM_AGENT_ID)")
+        self.agent_id = agent_id
+        self.agent_capabilities: tuple[str, ...] = tuple(
+            capabilities if capabilities is not None else type(self).capabilities
+        )
+        self.agent_labels: dict[str, str] = dict(labels if labels is not None else type(self).labels)
+        self.resources = resources or common_pb2.Resources()
+        self.in_flight = 0
+        self.token = ""
+        self.host: AgentHost | None = None
+
+    async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        """Answer one protocol message. The default declines every request."""
+        return agent_pb2.CoordinationResponse(
+            agent_id=self.agent_id, decline=agent_pb2.Decline(reason=f"{type(self).__name__} does not coordinate")
+        )
+
+    async def execute_step(self, request: agent_pb2.ExecuteStepRequest) -> Any:
+        """Run one goal step and return its output (anything JSON-able)."""
+        raise errors.Unimplemented(f"agent {self.agent_id!r} does not execute steps")
+
+    async def export_state(self) -> bytes:
+        """The agent's state, for migration (default: no state)."""
+        return b""
+
+    async def import_state(self, state: bytes) -> None:
+        """Replace the agent's state with an exported one (default: nothing to do)."""
+
+    def load(self) -> common_pb2.AgentLoad:
+        """What the next heartbeat reports; by default the calls in flight."""
+        return common_pb2.AgentLoad(load=min(1.0, self.in_flight / 16.0), queue_length=self.in_flight)
+
+    async def serve(
+        self,
+        registry: str | Sequence[str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        etcd: Sequence[str] | None = None,
+        lease_ttl: float = 5.0,
+    ) -> None:
+        """Serve this agent until SIGINT/SIGTERM (an AgentHost of one)."""
+        await AgentHost([self], registry=registry, host=host, port=port, etcd=etcd, lease_ttl=lease_ttl).serve()
+
+
+class _IdempotencyCache:
+    """Outputs of recent steps by idempotency key, so a repeated step is not run again."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._done: collections.OrderedDict[str, agent_pb2.ExecuteStepResponse] = collections.OrderedDict()
+        self._running: dict[str, asyncio.Future[agent_pb2.ExecuteStepResponse]] = {}
+
+    async def run(self, key: str, step: Any) -> agent_pb2.ExecuteStepResponse:
+        if not key:
+            return await step()  # type: ignore[no-any-return]
+        if key in self._done:
+            return self._done[key]
+        running = self._running.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[agent_pb2.ExecuteStepResponse] = asyncio.get_running_loop().create_future()
+        self._running[key] = future
+        try:
+            result = await step()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: a failure is not cached, the next attempt runs again
+            raise
+        finally:
+            self._running.pop(key, None)
+        future.set_result(result)
+        self._done[key] = result
+        while len(self._done) > self._size:
+            self._done.popitem(last=False)
+        return result  # type: ignore[no-any-return]
+
+
+def _deadline_seconds(request: Any, default: float = 30.0) -> float:
+    if request.HasField("deadline"):
+        remaining = request.deadline.seconds + request.deadline.nanos / 1e9 - time.time()
+        return max(remaining, 0.001)
+    return default
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """mabeam.v1.AgentService for every agent of a host, routed by agent_id."""
+
+    def __init__(self, host: AgentHost) -> None:
+        self._host = host
+        self._steps = _IdempotencyCache()
+
+    def _agent(self, agent_id: str) -> Agent:
+        agent = self._host.agents.get(agent_id)
+        if agent is None:
+            raise errors.NotFound(
+                f"agent {agent_id!r} is not hosted here", reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND
+            )
+        return agent
+
+    async def _coordinate(self, agent: Agent, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        agent.in_flight += 1
+        try:
+            reply = await asyncio.wait_for(agent.coordinate(request), _deadline_seconds(request))
+        finally:
+            agent.in_flight -= 1
+        if not reply.agent_id:
+            reply.agent_id = agent.agent_id
+        return reply
+
+    async def Coordinate(self, request: agent_pb2.CoordinationRequest, context: Any) -> agent_pb2.CoordinationResponse:
+        return await self._coordinate(self._agent(request.agent_id), request)
+
+    async def CoordinateBatch(
+        self, request: agent_pb2.CoordinateBatchRequest, context: Any
+    ) -> agent_pb2.CoordinateBatchResponse:
+        async def one(req: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinateBatchEntry:
+            try:
+                reply = await self._coordinate(self._agent(req.agent_id), req)
+                return agent_pb2.CoordinateBatchEntry(agent_id=req.agent_id, response=reply)
+            except Exception as exc:
+                from mabeam.server import to_mabeam_error
+
+                err = to_mabeam_error(exc)
+                return agent_pb2.CoordinateBatchEntry(
+                    agent_id=req.agent_id,
+                    error=agent_pb2.AgentError(code=errors.status_code_number(err.code), message=err.message),
+                )
+
+        entries = await asyncio.gather(*(one(r) for r in request.requests))
+        return agent_pb2.CoordinateBatchResponse(entries=entries)
+
+    async def ExecuteStep(self, request: agent_pb2.ExecuteStepRequest, context: Any) -> agent_pb2.ExecuteStepResponse:
+        agent = self._agent(request.agent_id)
+
+        async def step() -> agent_pb2.ExecuteStepResponse:
+            agent.in_flight += 1
+            try:
+                output = await asyncio.wait_for(agent.execute_step(request), _deadline_seconds(request))
+            finally:
+                agent.in_flight -= 1
+            return agent_pb2.ExecuteStepResponse(output=to_value(output))
+
+        return await self._steps.run(f"{request.agent_id}/{request.idempotency_key}" if request.idempotency_key else "", step)
+
+    async def ExportState(self, request: agent_pb2.ExportStateRequest, context: Any) -> agent_pb2.ExportStateResponse:
+        agent = self._agent(request.agent_id)
+        return agent_pb2.ExportStateResponse(state=await agent.export_state(), content_type="application/octet-stream")
+
+    async def ImportState(self, request: agent_pb2.ImportStateRequest, context: Any) -> agent_pb2.ImportStateResponse:
+        await self._agent(request.agent_id).import_state(request.state)
+        return agent_pb2.ImportStateResponse()
+
+
+class AgentHost:
+    """Serves many agents on one endpoint; registers them and keeps their leases.
+
+    Example::
+
+        host = AgentHost([Bidder(f"b{i}") for i in range(1000)], registry="127.0.0.1:50051")
+        await host.start()
+        ...
+        await host.stop()
+    """
+
+    def __init__(
+        self,
+        agents: Iterable[Agent] = (),
+        *,
+        registry: str | Sequence[str] | None = None,
+        etcd: Sequence[str] | None = None,
+        prefix: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        lease_ttl: float = 5.0,
+        tls: TLSConfig | None = None,
+        client_tls: ClientTLS | None = None,
+        advertise_host: str | None = None,
+    ) -> None:
+        self.agents: dict[str, Agent] = {}
+        for agent in agents:
+            self.add(agent)
+        env_registry = os.environ.get("MABEAM_REGISTRY", "")
+        if registry is None and env_registry:
+            registry = [r for r in env_registry.split(",") if r]
+        env_etcd = os.environ.get("MABEAM_ETCD", "")
+        if etcd is None and env_etcd:
+            etcd = [e for e in env_etcd.split(",") if e]
+        if not registry and not etcd:
+            raise ValueError("where is the mesh? give registry= or etcd= (or MABEAM_REGISTRY / MABEAM_ETCD)")
+        self._registry = registry
+        self._etcd = etcd
+        self._prefix = prefix or os.environ.get("MABEAM_PREFIX", "/mabeam")
+        self._lease_ttl = lease_ttl
+        self._client_tls = client_tls
+        config = MeshConfig(host=host, ports={"agent": port}, tls=tls, grace=1.0, advertise_host=advertise_host)
+        self._server = MeshServer("agent", config)
+        self._server.add_service(AGENT_SERVICE, agent_pb2_grpc.add_AgentServiceServicer_to_server, AgentServicer(self))
+        self._client: MeshClient | None = None
+        self._beats: asyncio.Task[None] | None = None
+        self._registered = asyncio.Event()
+        self._stopped = False
+
+    def add(self, agent: Agent) -> None:
+        """Host ``agent`` (before start, or live: it is registered at the next beat)."""
+        if agent.agent_id in self.agents:
+            raise ValueError(f"agent {agent.agent_id!r} is already hosted here")
+        agent.host = self
+        self.agents[agent.agent_id] = agent
+
+    @property
+    def address(self) -> str:
+        """host:port of this host's AgentService."""
+        return self._server.address
+
+    @property
+    def client(self) -> MeshClient:
+        """The host's mesh client (after start)."""
+        assert self._client is not None, "start the host first"
+        return self._client
+
+    async def start(self) -> None:
+        """Serve, register every agent, and keep their leases in the background."""
+        await self._server.start()
+        self._client = await MeshClient.connect(
+            registry=self._registry, etcd=self._etcd, prefix=self._prefix, tls=self._client_tls
+        )
+        sem = asyncio.Semaphore(64)
+
+        async def register(agent: Agent) -> None:
+            async with sem:
+                await self._register(agent)
+
+        await asyncio.gather(*(register(a) for a in self.agents.values()))
+        self._beats = asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeats")
+
+    async def _register(self, agent: Agent) -> registry_pb2.Agent:
+        assert self._client is not None
+        ttl = duration_pb2.Duration()
+        ttl.FromNanoseconds(int(self._lease_ttl * 1e9))
+        request = registry_pb2.RegisterAgentRequest(
+            agent_id=agent.agent_id,
+            endpoint=self.address,
+            capabilities=agent.agent_capabilities,
+            labels=agent.agent_labels,
+            resources=agent.resources,
+            lease_ttl=ttl,
+            token=agent.token,
+        )
+        try:
+            reply = await self._client.registry.RegisterAgent(request)
+        except errors.AlreadyExists:
+            if not agent.token:
+                raise
+            # Our token no longer matches (someone took the id over): give up the id.
+            raise
+        agent.token = reply.token
+        return reply.agent
+
+    async def _beats_stream(self) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+        interval = max(self._lease_ttl / 3.0, 0.1)
+        while True:
+            started = time.monotonic()
+            for agent in list(self.agents.values()):
+                if agent.token:
+                    yield registry_pb2.HeartbeatRequest(agent_id=agent.agent_id, token=agent.token, load=agent.load())
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _heartbeat_loop(self) -> None:
+        """One stream for every agent; on any break, reconnect (another replica) and re-register."""
+        assert self._client is not None
+        delay = 0.1
+        while not self._stopped:
+            try:
+                async for _reply in self._client.registry.Heartbeat(self._beats_stream()):
+                    delay = 0.1
+            except asyncio.CancelledError:
+                raise
+            except errors.NotFound as exc:
+                log.info("heartbeat: %s; registering again", exc.message)
+                await self._reregister(exc.metadata.get("agent_id"))
+            except errors.PermissionDenied as exc:
+                log.warning("heartbeat refused (%s); registering again", exc.message)
+                await self._reregister(exc.metadata.get("agent_id"), forget_token=True)
+            except Exception as exc:
+                log.info("heartbeat stream broke (%s); reconnecting in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _reregister(self, agent_id: str | None, forget_token: bool = False) -> None:
+        targets = [self.agents[agent_id]] if agent_id in self.agents else list(self.agents.values())
+        for agent in targets:
+            if forget_token:
+                agent.token = ""
+            for attempt in range(20):
+                try:
+                    await self._register(agent)
+                    break
+                except errors.MabeamError as exc:
+                    if not exc.retryable and not isinstance(exc, errors.AlreadyExists):
+                        log.warning("re-registering %s failed: %s", agent.agent_id, exc)
+                        break
+                    await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+
+    async def stop(self, deregister: bool = True) -> None:
+        """Deregister every agent (unless told not to), stop beating and serving; safe twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._beats is not None:
+            self._beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beats
+        if deregister and self._client is not None:
+            client = self._client
+
+            async def deregister_one(agent: Agent) -> None:
+                if agent.token:
+                    with contextlib.suppress(errors.MabeamError):
+                        await client.registry.DeregisterAgent(
+                            registry_pb2.DeregisterAgentRequest(agent_id=agent.agent_id, token=agent.token),
+                            timeout=2.0,
+                        )
+
+            await asyncio.gather(*(deregister_one(a) for a in self.agents.values()))
+        if self._client is not None:
+            await self._client.close()
+        await self._server.stop(1.0)
+
+    async def serve(self) -> None:
+        """Start, then run until SIGINT/SIGTERM, then stop."""
+        await self.start()
+        log.info("agents %s serving on %s", ", ".join(self.agents), self.address)
+        print(f"mabeam agents serving on {self.address}: {', '.join(self.agents)}", flush=True)
+        try:
+            await serve_until_signalled([])
+        finally:
+            await self.stop()
+
+    async def __aenter__(self) -> AgentHost:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+__all__ = ["Agent", "AgentHost", "AgentServicer", "from_value", "to_value"]

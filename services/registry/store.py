@@ -1,0 +1,168 @@
+"""The registry's etcd keyspace (under the mesh prefix P).
+
+==============================  =======================================  =========
+key                             value                                    lease
+==============================  =======================================  =========
+P/agents/<id>                   ``mabeam.v1.Agent`` (no load, no status)  the agent's
+P/agent-tokens/<id>             sha256 of the agent's token (hex)        the agent's
+P/agent-load/<id>               ``mabeam.v1.AgentLoad`` + probe status   the agent's
+P/supervised/<id>               ``mabeam.v1.SupervisedAgent``            none
+P/supervisor-owner/<id>         id of the registry replica supervising   the replica's
+==============================  =======================================  =========
+
+Everything an agent registers is bound to its lease, so one lapse removes it
+whole. Writes that must not interleave (registration, take-over by token) are
+single transactions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from mabeam.config import MeshConfig
+from mabeam.etcd import EtcdClient
+from mabeam.v1 import common_pb2, registry_pb2
+
+
+def token_hash(token: str) -> bytes:
+    """What is stored for a token (the token itself never is)."""
+    return hashlib.sha256(token.encode()).hexdigest().encode()
+
+
+def new_token() -> str:
+    """A fresh secret token."""
+    return secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builders for one mesh prefix."""
+
+    config: MeshConfig
+
+    @property
+    def agents(self) -> bytes:
+        return self.config.key("agents") + b"/"
+
+    @property
+    def loads(self) -> bytes:
+        return self.config.key("agent-load") + b"/"
+
+    @property
+    def supervised(self) -> bytes:
+        return self.config.key("supervised") + b"/"
+
+    @property
+    def owners(self) -> bytes:
+        return self.config.key("supervisor-owner") + b"/"
+
+    def agent(self, agent_id: str) -> bytes:
+        return self.agents + agent_id.encode()
+
+    def token(self, agent_id: str) -> bytes:
+        return self.config.key("agent-tokens", agent_id)
+
+    def load(self, agent_id: str) -> bytes:
+        return self.loads + agent_id.encode()
+
+    def supervised_agent(self, agent_id: str) -> bytes:
+        return self.supervised + agent_id.encode()
+
+    def owner(self, agent_id: str) -> bytes:
+        return self.owners + agent_id.encode()
+
+    @property
+    def supervisor_election(self) -> bytes:
+        return self.config.key("registry-prober")
+
+
+def decode_agent(key: bytes, value: bytes) -> registry_pb2.Agent | None:
+    """Parse a stored agent (None for anything unreadable: it is ignored, not fatal)."""
+    try:
+        return registry_pb2.Agent.FromString(value)
+    except Exception:
+        return None
+
+
+def decode_load(key: bytes, value: bytes) -> common_pb2.AgentLoad | None:
+    try:
+        return common_pb2.AgentLoad.FromString(value)
+    except Exception:
+        return None
+
+
+def decode_supervised(key: bytes, value: bytes) -> registry_pb2.SupervisedAgent | None:
+    try:
+        return registry_pb2.SupervisedAgent.FromString(value)
+    except Exception:
+        return None
+
+
+class RegistryStore:
+    """Transactions on the registry's keys."""
+
+    def __init__(self, client: EtcdClient, config: MeshConfig) -> None:
+        self.client = client
+        self.keys = Keys(config)
+
+    async def register(
+        self, agent: registry_pb2.Agent, token: str, lease_id: int, expect_create_revision: int
+    ) -> tuple[bool, int]:
+        """Put the agent, its token and an empty load on ``lease_id``.
+
+        Applies only if the agent key's create revision is still
+        ``expect_create_revision`` (0 = absent), so two registrations of one id
+        cannot both win. Returns (applied, revision).
+        """
+        c = self.client
+        key = self.keys.agent(agent.agent_id)
+        load = common_pb2.AgentLoad(reported_at=agent.registered_at)
+        ok, responses = await c.transaction(
+            compare=[c.transactions.create(key) == expect_create_revision],
+            success=[
+                c.transactions.put(key, agent.SerializeToString(), lease=lease_id),
+                c.transactions.put(self.keys.token(agent.agent_id), token_hash(token), lease=lease_id),
+                c.transactions.put(self.keys.load(agent.agent_id), load.SerializeToString(), lease=lease_id),
+            ],
+            failure=[],
+        )
+        revision = responses[0].response_put.header.revision if ok and responses else 0
+        return bool(ok), int(revision)
+
+    async def token_matches(self, agent_id: str, token: str) -> bool:
+        """True when ``token`` is the live registration's token."""
+        if not token:
+            return False
+        got = await self.client.get(self.keys.token(agent_id))
+        return got is not None and secrets.compare_digest(bytes(got.value), token_hash(token))
+
+    async def get_agent(self, agent_id: str) -> tuple[registry_pb2.Agent | None, int]:
+        """The stored agent (strong read) and its key's create revision."""
+        got = await self.client.get(self.keys.agent(agent_id))
+        if got is None:
+            return None, 0
+        return registry_pb2.Agent.FromString(got.value), int(got.create_revision)
+
+    async def put_load(self, agent_id: str, load: common_pb2.AgentLoad, lease_id: int) -> bool:
+        """Store the latest load, only while the agent is registered on that lease."""
+        c = self.client
+        key = self.keys.agent(agent_id)
+        ok, _ = await c.transaction(
+            compare=[c.transactions.create(key) > 0],
+            success=[c.transactions.put(self.keys.load(agent_id), load.SerializeToString(), lease=lease_id)],
+            failure=[],
+        )
+        return bool(ok)
+
+    async def put_agent(self, agent: registry_pb2.Agent, lease_id: int, create_revision: int) -> bool:
+        """Replace the agent record in place (same registration)."""
+        c = self.client
+        key = self.keys.agent(agent.agent_id)
+        ok, _ = await c.transaction(
+            compare=[c.transactions.create(key) == create_revision],
+            success=[c.transactions.put(key, agent.SerializeToString(), lease=lease_id)],
+            failure=[],
+        )
+        return bool(ok)

@@ -1,0 +1,193 @@
+"""The registry through gRPC on a real etcd: registration, leases, lookups, watches, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from google.protobuf import duration_pb2
+
+from harness.wait import eventually
+from mabeam import errors
+from mabeam.agent import Agent, AgentHost
+from mabeam.client import MeshClient
+from mabeam.server import MeshServer
+from mabeam.v1 import registry_pb2
+
+StartService = Callable[..., Awaitable[MeshServer]]
+
+
+@pytest.fixture
+async def registry(service: StartService) -> MeshServer:
+    return await service("registry")
+
+
+@pytest.fixture
+async def client(registry: MeshServer) -> AsyncIterator[MeshClient]:
+    mesh = await MeshClient.connect(registry=registry.address)
+    yield mesh
+    await mesh.close()
+
+
+def register_request(agent_id: str = "a1", **kw: object) -> registry_pb2.RegisterAgentRequest:
+    fields: dict[str, object] = {"endpoint": "127.0.0.1:1", "capabilities": ["bid"], **kw}
+    return registry_pb2.RegisterAgentRequest(agent_id=agent_id, **fields)  # type: ignore[arg-type]
+
+
+async def test_register_get_list_deregister(client: MeshClient) -> None:
+    reply = await client.registry.RegisterAgent(register_request("a1", labels={"zone": "x"}))
+    assert reply.token and reply.agent.lease_id and reply.agent.generation == 1
+    got = (await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="a1"))).agent
+    assert got.endpoint == "127.0.0.1:1" and list(got.capabilities) == ["bid"]
+    assert got.status == registry_pb2.AGENT_STATUS_SERVING
+    listed = await eventually(
+        lambda: client.registry.ListAgents(registry_pb2.ListAgentsRequest(capability="bid")),
+        what="agent listed",
+    )
+    assert [a.agent_id for a in listed.agents] == ["a1"]
+    none = await client.registry.ListAgents(registry_pb2.ListAgentsRequest(capability="vote"))
+    assert not none.agents
+    await client.registry.DeregisterAgent(registry_pb2.DeregisterAgentRequest(agent_id="a1", token=reply.token))
+    with pytest.raises(errors.NotFound):
+        await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="a1"))
+
+
+async def test_live_id_needs_its_token(client: MeshClient) -> None:
+    first = await client.registry.RegisterAgent(register_request("dup"))
+    with pytest.raises(errors.AlreadyExists, match="dup"):
+        await client.registry.RegisterAgent(register_request("dup"))
+    with pytest.raises(errors.AlreadyExists):
+        await client.registry.RegisterAgent(register_request("dup", token="wrong"))
+    again = await client.registry.RegisterAgent(register_request("dup", token=first.token))
+    assert again.agent.generation == 2 and again.token == first.token
+
+
+async def test_wrong_token_changes_nothing(client: MeshClient) -> None:
+    reply = await client.registry.RegisterAgent(register_request("t1"))
+    with pytest.raises(errors.PermissionDenied):
+        await client.registry.DeregisterAgent(registry_pb2.DeregisterAgentRequest(agent_id="t1", token="nope"))
+
+    async def beats() -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+        yield registry_pb2.HeartbeatRequest(agent_id="t1", token="nope")
+
+    with pytest.raises(errors.PermissionDenied):
+        async for _ in client.registry.Heartbeat(beats()):
+            pass
+    got = await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="t1"))
+    assert got.agent.lease_id == reply.agent.lease_id
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (registry_pb2.RegisterAgentRequest(endpoint="127.0.0.1:1"), "agent_id"),
+        (registry_pb2.RegisterAgentRequest(agent_id="bad id!", endpoint="127.0.0.1:1"), "agent_id"),
+        (registry_pb2.RegisterAgentRequest(agent_id="x"), "endpoint"),
+        (registry_pb2.RegisterAgentRequest(agent_id="x", endpoint="nohost"), "endpoint"),
+        (registry_pb2.RegisterAgentRequest(agent_id="x", endpoint="h:1", lease_ttl=duration_pb2.Duration(seconds=100000)), "lease_ttl"),
+        (registry_pb2.RegisterAgentRequest(agent_id="x", endpoint="h:1", capabilities=[""]), "capabilities[0]"),
+    ],
+)
+async def test_bad_registrations_name_the_field_and_leave_nothing(
+    client: MeshClient, request_: registry_pb2.RegisterAgentRequest, field: str
+) -> None:
+    with pytest.raises(errors.InvalidArgument) as info:
+        await client.registry.RegisterAgent(request_)
+    assert info.value.field == field and field.split("[")[0] in info.value.message
+    listed = await client.registry.ListAgents(registry_pb2.ListAgentsRequest())
+    assert not listed.agents
+
+
+async def test_unknown_agent_and_bad_paging(client: MeshClient) -> None:
+    with pytest.raises(errors.NotFound, match="ghost"):
+        await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="ghost"))
+    with pytest.raises(errors.InvalidArgument) as info:
+        await client.registry.ListAgents(registry_pb2.ListAgentsRequest(page_size=-1))
+    assert info.value.field == "page_size"
+    with pytest.raises(errors.InvalidArgument) as info:
+        await client.registry.ListAgents(registry_pb2.ListAgentsRequest(page_token="garbage"))
+    assert info.value.field == "page_token"
+    with pytest.raises(errors.NotFound):
+        await client.registry.DeregisterAgent(registry_pb2.DeregisterAgentRequest(agent_id="ghost", token="x"))
+
+
+async def test_paging_walks_every_agent_once(client: MeshClient) -> None:
+    for i in range(25):
+        await client.registry.RegisterAgent(register_request(f"p{i:02d}"))
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await client.registry.ListAgents(registry_pb2.ListAgentsRequest(page_size=7, page_token=token))
+        seen += [a.agent_id for a in page.agents]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == sorted(f"p{i:02d}" for i in range(25))
+
+
+async def test_lapsed_lease_removes_the_agent_and_tells_watchers(client: MeshClient) -> None:
+    events: list[registry_pb2.WatchAgentsResponse] = []
+
+    async def watch() -> None:
+        async for event in client.registry.WatchAgents(registry_pb2.WatchAgentsRequest(capability="bid")):
+            events.append(event)
+
+    watcher = asyncio.create_task(watch())
+    await eventually(lambda: any(e.type == registry_pb2.AGENT_EVENT_TYPE_SNAPSHOT_DONE for e in events))
+    reply = await client.registry.RegisterAgent(
+        register_request("short", lease_ttl=duration_pb2.Duration(seconds=1))
+    )
+    await eventually(lambda: any(e.type == registry_pb2.AGENT_EVENT_TYPE_ADDED for e in events))
+    started = time.monotonic()
+    await eventually(
+        lambda: any(e.type == registry_pb2.AGENT_EVENT_TYPE_REMOVED and e.agent.agent_id == "short" for e in events),
+        timeout=4,
+    )
+    assert time.monotonic() - started < 1 + 1.5
+    listed = await client.registry.ListAgents(registry_pb2.ListAgentsRequest())
+    assert "short" not in [a.agent_id for a in listed.agents]
+    # Resuming after the ADDED event replays the removal.
+    added = next(e for e in events if e.type == registry_pb2.AGENT_EVENT_TYPE_ADDED)
+    resumed: list[registry_pb2.WatchAgentsResponse] = []
+
+    async def resume() -> None:
+        async for event in client.registry.WatchAgents(registry_pb2.WatchAgentsRequest(after_revision=added.revision)):
+            resumed.append(event)
+
+    task = asyncio.create_task(resume())
+    await eventually(lambda: any(e.type == registry_pb2.AGENT_EVENT_TYPE_REMOVED for e in resumed))
+    task.cancel()
+    watcher.cancel()
+    del reply
+
+
+class Echo(Agent):
+    capabilities = ("echo",)
+
+    async def execute_step(self, request):  # type: ignore[no-untyped-def]
+        return {"agent": self.agent_id}
+
+
+async def test_agent_host_registers_heartbeats_and_deregisters(registry: MeshServer, client: MeshClient) -> None:
+    host = AgentHost([Echo(f"e{i}") for i in range(5)], registry=registry.address, lease_ttl=1.0)
+    await host.start()
+    listed = await eventually(
+        lambda: client.registry.ListAgents(registry_pb2.ListAgentsRequest(capability="echo")),
+        what="hosted agents listed",
+    )
+    assert sorted(a.agent_id for a in listed.agents) == [f"e{i}" for i in range(5)]
+    assert {a.endpoint for a in listed.agents} == {host.address}
+    await asyncio.sleep(3)  # three TTLs: the heartbeats keep every lease
+    listed = await client.registry.ListAgents(registry_pb2.ListAgentsRequest(capability="echo"))
+    assert len(listed.agents) == 5
+    got = await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="e0"))
+    assert got.agent.last_heartbeat_at.seconds > 0
+    await host.stop()
+    await eventually(lambda: _empty(client), what="deregistered at once")
+
+
+async def _empty(client: MeshClient) -> bool:
+    listed = await client.registry.ListAgents(registry_pb2.ListAgentsRequest(capability="echo"))
+    return not listed.agents
