@@ -49,7 +49,9 @@ async def test_register_get_list_deregister(client: MeshClient) -> None:
     assert [a.agent_id for a in listed.agents] == ["a1"]
     none = await client.registry.ListAgents(registry_pb2.ListAgentsRequest(capability="vote"))
     assert not none.agents
-    await client.registry.DeregisterAgent(registry_pb2.DeregisterAgentRequest(agent_id="a1", token=reply.token))
+    await client.registry.DeregisterAgent(
+        registry_pb2.DeregisterAgentRequest(agent_id="a1", token=reply.token)
+    )
     with pytest.raises(errors.NotFound):
         await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="a1"))
 
@@ -67,7 +69,9 @@ async def test_live_id_needs_its_token(client: MeshClient) -> None:
 async def test_wrong_token_changes_nothing(client: MeshClient) -> None:
     reply = await client.registry.RegisterAgent(register_request("t1"))
     with pytest.raises(errors.PermissionDenied):
-        await client.registry.DeregisterAgent(registry_pb2.DeregisterAgentRequest(agent_id="t1", token="nope"))
+        await client.registry.DeregisterAgent(
+            registry_pb2.DeregisterAgentRequest(agent_id="t1", token="nope")
+        )
 
     async def beats() -> AsyncIterator[registry_pb2.HeartbeatRequest]:
         yield registry_pb2.HeartbeatRequest(agent_id="t1", token="nope")
@@ -86,8 +90,16 @@ async def test_wrong_token_changes_nothing(client: MeshClient) -> None:
         (registry_pb2.RegisterAgentRequest(agent_id="bad id!", endpoint="127.0.0.1:1"), "agent_id"),
         (registry_pb2.RegisterAgentRequest(agent_id="x"), "endpoint"),
         (registry_pb2.RegisterAgentRequest(agent_id="x", endpoint="nohost"), "endpoint"),
-        (registry_pb2.RegisterAgentRequest(agent_id="x", endpoint="h:1", lease_ttl=duration_pb2.Duration(seconds=100000)), "lease_ttl"),
-        (registry_pb2.RegisterAgentRequest(agent_id="x", endpoint="h:1", capabilities=[""]), "capabilities[0]"),
+        (
+            registry_pb2.RegisterAgentRequest(
+                agent_id="x", endpoint="h:1", lease_ttl=duration_pb2.Duration(seconds=100000)
+            ),
+            "lease_ttl",
+        ),
+        (
+            registry_pb2.RegisterAgentRequest(agent_id="x", endpoint="h:1", capabilities=[""]),
+            "capabilities[0]",
+        ),
     ],
 )
 async def test_bad_registrations_name_the_field_and_leave_nothing(
@@ -110,7 +122,9 @@ async def test_unknown_agent_and_bad_paging(client: MeshClient) -> None:
         await client.registry.ListAgents(registry_pb2.ListAgentsRequest(page_token="garbage"))
     assert info.value.field == "page_token"
     with pytest.raises(errors.NotFound):
-        await client.registry.DeregisterAgent(registry_pb2.DeregisterAgentRequest(agent_id="ghost", token="x"))
+        await client.registry.DeregisterAgent(
+            registry_pb2.DeregisterAgentRequest(agent_id="ghost", token="x")
+        )
 
 
 async def test_paging_walks_every_agent_once(client: MeshClient) -> None:
@@ -142,7 +156,9 @@ async def test_lapsed_lease_removes_the_agent_and_tells_watchers(client: MeshCli
     await eventually(lambda: any(e.type == registry_pb2.AGENT_EVENT_TYPE_ADDED for e in events))
     started = time.monotonic()
     await eventually(
-        lambda: any(e.type == registry_pb2.AGENT_EVENT_TYPE_REMOVED and e.agent.agent_id == "short" for e in events),
+        lambda: any(
+            e.type == registry_pb2.AGENT_EVENT_TYPE_REMOVED and e.agent.agent_id == "short" for e in events
+        ),
         timeout=4,
     )
     assert time.monotonic() - started < 1 + 1.5
@@ -153,7 +169,9 @@ async def test_lapsed_lease_removes_the_agent_and_tells_watchers(client: MeshCli
     resumed: list[registry_pb2.WatchAgentsResponse] = []
 
     async def resume() -> None:
-        async for event in client.registry.WatchAgents(registry_pb2.WatchAgentsRequest(after_revision=added.revision)):
+        async for event in client.registry.WatchAgents(
+            registry_pb2.WatchAgentsRequest(after_revision=added.revision)
+        ):
             resumed.append(event)
 
     task = asyncio.create_task(resume())
@@ -170,7 +188,9 @@ class Echo(Agent):
         return {"agent": self.agent_id}
 
 
-async def test_agent_host_registers_heartbeats_and_deregisters(registry: MeshServer, client: MeshClient) -> None:
+async def test_agent_host_registers_heartbeats_and_deregisters(
+    registry: MeshServer, client: MeshClient
+) -> None:
     host = AgentHost([Echo(f"e{i}") for i in range(5)], registry=registry.address, lease_ttl=1.0)
     await host.start()
     listed = await eventually(
