@@ -32,8 +32,10 @@ Where the mesh is comes from the arguments or the environment:
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
+import json
 import logging
 import os
 import time
@@ -43,7 +45,7 @@ from typing import Any, ClassVar
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from mabeam import errors
-from mabeam.client import ClientTLS, MeshClient
+from mabeam.client import ChannelPool, ClientTLS, MeshClient
 from mabeam.config import MeshConfig, TLSConfig
 from mabeam.server import MeshServer, serve_until_signalled
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, registry_pb2
@@ -175,12 +177,32 @@ def _deadline_seconds(request: Any, default: float = 30.0) -> float:
     return default
 
 
+MIGRATION_CONTENT_TYPE = "application/vnd.mabeam.migration+json"
+
+
+class _Migration:
+    """An agent of this host being moved away: its calls are held, then forwarded."""
+
+    def __init__(self) -> None:
+        self.released = asyncio.Event()
+        self.forward_to: str | None = None
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    """mabeam.v1.AgentService for every agent of a host, routed by agent_id."""
+    """mabeam.v1.AgentService for every agent of a host, routed by agent_id.
+
+    Migration (see :func:`mabeam.services.registry.supervisor.migrate`): on
+    ExportState the agent's new calls are held and its calls in flight
+    drained, so the exported state is final. The state travels in an envelope
+    with the registration token, so the new instance takes the heartbeats
+    over on ImportState. Once the registration names the new endpoint, held
+    and later calls are forwarded there; callers see one agent throughout.
+    """
 
     def __init__(self, host: AgentHost) -> None:
         self._host = host
         self._steps = _IdempotencyCache()
+        self.migrations: dict[str, _Migration] = {}
 
     def _agent(self, agent_id: str) -> Agent:
         agent = self._host.agents.get(agent_id)
@@ -190,25 +212,40 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             )
         return agent
 
-    async def _coordinate(self, agent: Agent, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
-        agent.in_flight += 1
+    async def _route(self, agent_id: str) -> Agent | str:
+        """The local agent to call, or the endpoint it moved to."""
+        migration = self.migrations.get(agent_id)
+        if migration is not None:
+            await migration.released.wait()
+            if migration.forward_to is not None:
+                return migration.forward_to
+        return self._agent(agent_id)
+
+    def _forward_stub(self, address: str) -> agent_pb2_grpc.AgentServiceStub:
+        return agent_pb2_grpc.AgentServiceStub(self._host.channels.get(address))
+
+    async def _coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        target = await self._route(request.agent_id)
+        if isinstance(target, str):
+            return await self._forward_stub(target).Coordinate(request, timeout=_deadline_seconds(request))  # type: ignore[no-any-return]
+        target.in_flight += 1
         try:
-            reply = await asyncio.wait_for(agent.coordinate(request), _deadline_seconds(request))
+            reply = await asyncio.wait_for(target.coordinate(request), _deadline_seconds(request))
         finally:
-            agent.in_flight -= 1
+            target.in_flight -= 1
         if not reply.agent_id:
-            reply.agent_id = agent.agent_id
+            reply.agent_id = target.agent_id
         return reply
 
     async def Coordinate(self, request: agent_pb2.CoordinationRequest, context: Any) -> agent_pb2.CoordinationResponse:
-        return await self._coordinate(self._agent(request.agent_id), request)
+        return await self._coordinate(request)
 
     async def CoordinateBatch(
         self, request: agent_pb2.CoordinateBatchRequest, context: Any
     ) -> agent_pb2.CoordinateBatchResponse:
         async def one(req: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinateBatchEntry:
             try:
-                reply = await self._coordinate(self._agent(req.agent_id), req)
+                reply = await self._coordinate(req)
                 return agent_pb2.CoordinateBatchEntry(agent_id=req.agent_id, response=reply)
             except Exception as exc:
                 from mabeam.server import to_mabeam_error
@@ -223,7 +260,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return agent_pb2.CoordinateBatchResponse(entries=entries)
 
     async def ExecuteStep(self, request: agent_pb2.ExecuteStepRequest, context: Any) -> agent_pb2.ExecuteStepResponse:
-        agent = self._agent(request.agent_id)
+        target = await self._route(request.agent_id)
+        if isinstance(target, str):
+            return await self._forward_stub(target).ExecuteStep(request, timeout=_deadline_seconds(request))  # type: ignore[no-any-return]
+        agent = target
 
         async def step() -> agent_pb2.ExecuteStepResponse:
             agent.in_flight += 1
@@ -233,15 +273,51 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 agent.in_flight -= 1
             return agent_pb2.ExecuteStepResponse(output=to_value(output))
 
-        return await self._steps.run(f"{request.agent_id}/{request.idempotency_key}" if request.idempotency_key else "", step)
+        key = f"{request.agent_id}/{request.idempotency_key}" if request.idempotency_key else ""
+        return await self._steps.run(key, step)
 
     async def ExportState(self, request: agent_pb2.ExportStateRequest, context: Any) -> agent_pb2.ExportStateResponse:
         agent = self._agent(request.agent_id)
-        return agent_pb2.ExportStateResponse(state=await agent.export_state(), content_type="application/octet-stream")
+        if request.agent_id in self.migrations:
+            raise errors.FailedPrecondition(f"agent {request.agent_id!r} is already being migrated")
+        migration = _Migration()
+        self.migrations[agent.agent_id] = migration
+        try:
+            while agent.in_flight:  # noqa: ASYNC110 (a short drain; the state must include every accepted call)
+                await asyncio.sleep(0.002)
+            state = await agent.export_state()
+        except BaseException:
+            self._release(agent.agent_id, None)
+            raise
+        self._host.watch_migration(agent, migration)
+        envelope = json.dumps({"token": agent.token, "state": base64.b64encode(state).decode()}).encode()
+        return agent_pb2.ExportStateResponse(state=envelope, content_type=MIGRATION_CONTENT_TYPE)
 
     async def ImportState(self, request: agent_pb2.ImportStateRequest, context: Any) -> agent_pb2.ImportStateResponse:
-        await self._agent(request.agent_id).import_state(request.state)
+        agent = self._agent(request.agent_id)
+        state = request.state
+        token = ""
+        if request.content_type == MIGRATION_CONTENT_TYPE:
+            try:
+                doc = json.loads(state)
+                token, state = str(doc["token"]), base64.b64decode(doc["state"])
+            except (ValueError, KeyError, TypeError):
+                raise errors.InvalidArgument("state", "is not a migration envelope") from None
+        await agent.import_state(state)
+        if request.agent_id in self.migrations:
+            self._release(request.agent_id, None)  # the move was rolled back: serve here again
+        elif token:
+            agent.token = token  # this instance now keeps the registration's lease
         return agent_pb2.ImportStateResponse()
+
+    def _release(self, agent_id: str, forward_to: str | None) -> None:
+        migration = self.migrations.get(agent_id)
+        if migration is None:
+            return
+        migration.forward_to = forward_to
+        migration.released.set()
+        if forward_to is None:
+            self.migrations.pop(agent_id, None)
 
 
 class AgentHost:
@@ -287,18 +363,47 @@ class AgentHost:
         self._client_tls = client_tls
         config = MeshConfig(host=host, ports={"agent": port}, tls=tls, grace=1.0, advertise_host=advertise_host)
         self._server = MeshServer("agent", config)
-        self._server.add_service(AGENT_SERVICE, agent_pb2_grpc.add_AgentServiceServicer_to_server, AgentServicer(self))
+        self.servicer = AgentServicer(self)
+        self._server.add_service(AGENT_SERVICE, agent_pb2_grpc.add_AgentServiceServicer_to_server, self.servicer)
+        self.channels = ChannelPool(client_tls)
+        self._standby: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._client: MeshClient | None = None
         self._beats: asyncio.Task[None] | None = None
         self._registered = asyncio.Event()
         self._stopped = False
 
-    def add(self, agent: Agent) -> None:
-        """Host ``agent`` (before start, or live: it is registered at the next beat)."""
+    def add(self, agent: Agent, *, register: bool = True) -> None:
+        """Host ``agent``. With ``register=False`` it is served but not registered:
+        a migration target, which takes the registration over on ImportState."""
         if agent.agent_id in self.agents:
             raise ValueError(f"agent {agent.agent_id!r} is already hosted here")
         agent.host = self
         self.agents[agent.agent_id] = agent
+        if not register:
+            self._standby.add(agent.agent_id)
+
+    def watch_migration(self, agent: Agent, migration: _Migration, timeout: float = 60.0) -> None:
+        """After ExportState: forward once the registration names another endpoint."""
+
+        async def watch() -> None:
+            deadline = time.monotonic() + timeout
+            while not migration.released.is_set() and time.monotonic() < deadline:
+                try:
+                    reply = await self.client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent.agent_id))
+                    if reply.agent.endpoint != self.address:
+                        # The new instance holds the registration now: stop beating for it.
+                        self.agents.pop(agent.agent_id, None)
+                        self.servicer._release(agent.agent_id, reply.agent.endpoint)
+                        return
+                except errors.MabeamError:
+                    pass
+                await asyncio.sleep(0.02)
+            self.servicer._release(agent.agent_id, None)
+
+        task = asyncio.create_task(watch(), name=f"migration:{agent.agent_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @property
     def address(self) -> str:
@@ -323,7 +428,7 @@ class AgentHost:
             async with sem:
                 await self._register(agent)
 
-        await asyncio.gather(*(register(a) for a in self.agents.values()))
+        await asyncio.gather(*(register(a) for a in self.agents.values() if a.agent_id not in self._standby))
         self._beats = asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeats")
 
     async def _register(self, agent: Agent) -> registry_pb2.Agent:
@@ -399,10 +504,9 @@ class AgentHost:
         if self._stopped:
             return
         self._stopped = True
-        if self._beats is not None:
-            self._beats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._beats
+        for task in [*self._tasks, *([self._beats] if self._beats else [])]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *([self._beats] if self._beats else []), return_exceptions=True)
         if deregister and self._client is not None:
             client = self._client
 
@@ -418,6 +522,7 @@ class AgentHost:
         if self._client is not None:
             await self._client.close()
         await self._server.stop(1.0)
+        await self.channels.close()
 
     async def serve(self) -> None:
         """Start, then run until SIGINT/SIGTERM, then stop."""

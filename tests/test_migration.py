@@ -1,0 +1,128 @@
+"""MigrateAgent under continuous load: the final count equals the increments acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from grpc import aio
+
+from harness.wait import eventually
+from mabeam import errors
+from mabeam.agent import Agent, AgentHost
+from mabeam.client import MeshClient
+from mabeam.server import MeshServer
+from mabeam.v1 import agent_pb2, agent_pb2_grpc, registry_pb2
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Counter(Agent):
+    capabilities = ("count",)
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(agent_id)
+        self.counter = 0
+
+    async def execute_step(self, request: agent_pb2.ExecuteStepRequest) -> Any:
+        value = self.counter
+        await asyncio.sleep(0.001)  # a window in which a lost update would show
+        self.counter = value + 1
+        return {"count": self.counter}
+
+    async def export_state(self) -> bytes:
+        return json.dumps({"counter": self.counter}).encode()
+
+    async def import_state(self, state: bytes) -> None:
+        self.counter = json.loads(state)["counter"]
+
+
+async def test_migration_under_load_loses_no_increment(service: Callable[..., Awaitable[MeshServer]]) -> None:
+    registry = await service("registry")
+    client = await MeshClient.connect(registry=registry.address)
+    old_agent, new_agent = Counter("ctr"), Counter("ctr")
+    old_host = AgentHost([old_agent], registry=registry.address, lease_ttl=1.0)
+    new_host = AgentHost([], registry=registry.address, lease_ttl=1.0)
+    new_host.add(new_agent, register=False)
+    await old_host.start()
+    await new_host.start()
+    acked = 0
+    stop = asyncio.Event()
+
+    async def increment(lane: int) -> None:
+        nonlocal acked
+        # Callers keep using the endpoint they looked up before the move.
+        async with aio.insecure_channel(old_host.address) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            n = 0
+            while not stop.is_set():
+                n += 1
+                await stub.ExecuteStep(
+                    agent_pb2.ExecuteStepRequest(agent_id="ctr", step_id=f"{lane}-{n}", capability="count"), timeout=10
+                )
+                acked += 1
+
+    # Counter.execute_step is not safe under concurrency by design, so one lane.
+    lanes = [asyncio.create_task(increment(0))]
+    try:
+        await eventually(lambda: acked > 20, what="increments flowing")
+        reply = await client.registry.MigrateAgent(
+            registry_pb2.MigrateAgentRequest(agent_id="ctr", token=old_agent.token, target_endpoint=new_host.address)
+        )
+        assert reply.agent.endpoint == new_host.address and reply.agent.generation == 2
+        await eventually(lambda: new_agent.counter > old_agent.counter + 10, what="calls reach the new instance")
+        stop.set()
+        await asyncio.gather(*lanes)
+        assert new_agent.counter == acked
+        # The new instance keeps the lease: still registered after several TTLs.
+        await asyncio.sleep(3)
+        got = await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="ctr"))
+        assert got.agent.endpoint == new_host.address
+    finally:
+        stop.set()
+        for lane in lanes:
+            lane.cancel()
+        await old_host.stop()
+        await new_host.stop()
+        await client.close()
+
+
+async def test_migrate_needs_the_token_and_a_target(service: Callable[..., Awaitable[MeshServer]]) -> None:
+    registry = await service("registry")
+    client = await MeshClient.connect(registry=registry.address)
+    host = AgentHost([Counter("m1")], registry=registry.address)
+    await host.start()
+    try:
+        with pytest.raises(errors.PermissionDenied):
+            await client.registry.MigrateAgent(
+                registry_pb2.MigrateAgentRequest(agent_id="m1", token="wrong", target_endpoint="127.0.0.1:9")
+            )
+        with pytest.raises(errors.InvalidArgument) as info:
+            await client.registry.MigrateAgent(
+                registry_pb2.MigrateAgentRequest(agent_id="m1", token=host.agents["m1"].token)
+            )
+        assert info.value.field == "target_endpoint"
+        with pytest.raises(errors.NotFound):
+            await client.registry.MigrateAgent(
+                registry_pb2.MigrateAgentRequest(agent_id="ghost", token="x", target_endpoint="127.0.0.1:9")
+            )
+        # A target that is not there: the move is rolled back and the agent keeps serving.
+        with pytest.raises(errors.FailedPrecondition, match="importing"):
+            await client.registry.MigrateAgent(
+                registry_pb2.MigrateAgentRequest(
+                    agent_id="m1", token=host.agents["m1"].token, target_endpoint="127.0.0.1:9"
+                )
+            )
+        got = await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="m1"))
+        assert got.agent.endpoint == host.address and got.agent.generation == 1
+        async with aio.insecure_channel(host.address) as channel:
+            reply = await agent_pb2_grpc.AgentServiceStub(channel).ExecuteStep(
+                agent_pb2.ExecuteStepRequest(agent_id="m1", capability="count"), timeout=5
+            )
+        assert reply.output.struct_value["count"] == 1
+    finally:
+        await host.stop()
+        await client.close()
