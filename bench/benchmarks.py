@@ -1,6 +1,152 @@
 """The benchmarks of DESIGN.md, each beside its raw baseline (see bench/README.md).
 
-Each later issue adds its benchmarks here with :func:`mabeam.bench.core.benchmark`.
+Each issue adds its benchmarks here with :func:`mabeam.bench.core.benchmark`.
 """
 
 from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mabeam import process
+from mabeam.bench.core import BenchContext, Result, benchmark, interleaved
+from mabeam.client import MeshClient
+from mabeam.v1 import registry_pb2
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+WORKER = str(EXAMPLES / "worker.py")
+
+
+async def _registry_client(ctx: BenchContext) -> MeshClient:
+    mesh = await ctx.mesh()
+    return await MeshClient.connect(registry=mesh.address("registry"))
+
+
+async def _wait_for(predicate, timeout: float = 30.0, interval: float = 0.005) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(interval)
+
+
+@benchmark("lookup", "ListAgents by capability (10 matches among 1,000 agents) vs a raw gRPC ping")
+async def lookup(ctx: BenchContext) -> Result:
+    await ctx.agent_host(1000, prefix="lk", capability="lookup-hit", every=100)
+    client = await _registry_client(ctx)
+    try:
+        request = registry_pb2.ListAgentsRequest(capability="lookup-hit")
+
+        async def ready() -> bool:
+            return len((await client.registry.ListAgents(request)).agents) == 10
+
+        await _wait_for(ready)
+        await asyncio.sleep(1.0)  # let the registrations' burst settle
+        ping = await ctx.ping_fn()
+        samples, pings = await interleaved(lambda: client.registry.ListAgents(request), ping, ctx.n(2000, 400))
+    finally:
+        await client.close()
+    return Result(samples, "raw gRPC ping (interleaved)", statistics.median(pings), goal="ratio <= 1.3")
+
+
+def _spawn_worker(agent_id: str, registry: str, ttl: float) -> subprocess.Popen[bytes]:
+    return process.spawn(
+        [sys.executable, WORKER, "--id", agent_id, "--registry", registry, "--lease-ttl", str(ttl)],
+        env={**os.environ, "MABEAM_LOG_LEVEL": "WARNING"},
+        stdout=subprocess.DEVNULL,
+    )
+
+
+async def _listed(client: MeshClient, agent_id: str) -> bool:
+    page = await client.registry.ListAgents(
+        registry_pb2.ListAgentsRequest(capability="compute", page_size=1000)
+    )
+    return any(a.agent_id == agent_id for a in page.agents)
+
+
+@benchmark("agent_removal", "agent SIGKILLed -> gone from ListAgents, vs its lease TTL (as granted by etcd)")
+async def agent_removal(ctx: BenchContext) -> Result:
+    mesh = await ctx.mesh()
+    client = await _registry_client(ctx)
+    ttl = 1.0
+    samples: list[float] = []
+    try:
+        for i in range(ctx.n(10, 3)):
+            agent_id = f"removal-{i}"
+            proc = _spawn_worker(agent_id, mesh.address("registry"), ttl)
+
+            async def present(agent_id: str = agent_id) -> bool:
+                return await _listed(client, agent_id)
+
+            async def absent(agent_id: str = agent_id) -> bool:
+                return not await _listed(client, agent_id)
+
+            await _wait_for(present)
+            granted = (await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent_id))).agent
+            ttl = float(granted.lease_ttl.seconds)  # etcd grants at least its minimum TTL
+            await asyncio.sleep(ttl)  # a few heartbeats in
+            killed = time.perf_counter()
+            proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(proc.wait)
+            await _wait_for(absent)
+            samples.append(time.perf_counter() - killed)
+    finally:
+        await client.close()
+    return Result(
+        samples, "lease TTL", ttl, goal="median_s <= TTL + 1 s", extra={"ttl_s": ttl, "requested_ttl_s": 1.0}
+    )
+
+
+@benchmark("supervised_restart", "supervised agent SIGKILLed -> registered again, vs starting it by hand")
+async def supervised_restart(ctx: BenchContext) -> Result:
+    mesh = await ctx.mesh()
+    client = await _registry_client(ctx)
+    S = registry_pb2
+    rounds = ctx.n(10, 3)
+    by_hand: list[float] = []
+    samples: list[float] = []
+    try:
+        for i in range(rounds):
+            agent_id = f"hand-{i}"
+            started = time.perf_counter()
+            proc = _spawn_worker(agent_id, mesh.address("registry"), 2.0)
+
+            async def present(agent_id: str = agent_id) -> bool:
+                return await _listed(client, agent_id)
+
+            await _wait_for(present)
+            by_hand.append(time.perf_counter() - started)
+            await process.terminate(proc, 2)
+        launch = S.LaunchSpec(command=S.Command(argv=[sys.executable, WORKER, "--lease-ttl", "2"]))
+        policy = S.RestartPolicy(max_restarts=rounds + 5)
+        policy.period.FromSeconds(3600)
+        record = (
+            await client.registry.StartAgent(
+                S.StartAgentRequest(agent_id="sup", launch=launch, restart_policy=policy)
+            )
+        ).agent
+        for _ in range(rounds):
+            old_pid = record.pid
+            killed = time.perf_counter()
+            os.kill(old_pid, signal.SIGKILL)
+
+            async def back(old_pid: int = old_pid) -> bool:
+                page = await client.registry.ListSupervisedAgents(S.ListSupervisedAgentsRequest())
+                rec = next(a for a in page.agents if a.agent_id == "sup")
+                return rec.state == S.SUPERVISION_STATE_RUNNING and rec.pid not in (0, old_pid)
+
+            await _wait_for(back)
+            samples.append(time.perf_counter() - killed)
+            page = await client.registry.ListSupervisedAgents(S.ListSupervisedAgentsRequest())
+            record = next(a for a in page.agents if a.agent_id == "sup")
+        await client.registry.StopAgent(S.StopAgentRequest(agent_id="sup"))
+    finally:
+        await client.close()
+    baseline = sorted(by_hand)[len(by_hand) // 2]
+    return Result(samples, "starting the same agent by hand", baseline, goal="ratio <= 1.2")

@@ -53,6 +53,26 @@ async def timed(fn: Callable[[], Awaitable[Any]], n: int, warmup: int = 5) -> li
     return samples
 
 
+async def interleaved(
+    ours: Callable[[], Awaitable[Any]], baseline: Callable[[], Awaitable[Any]], n: int, warmup: int = 50
+) -> tuple[list[float], list[float]]:
+    """Time ``ours`` and ``baseline`` alternately, call by call: both see the same noise."""
+    for _ in range(warmup):
+        await ours()
+        await baseline()
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await ours()
+        t1 = time.perf_counter()
+        await baseline()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return a, b
+
+
 @dataclass
 class Result:
     """One benchmark's measurement beside its baseline."""
@@ -111,6 +131,7 @@ class BenchContext:
         self._ping_address: str | None = None
         self._channels: dict[str, aio.Channel] = {}
         self._baselines: dict[str, list[float]] = {}
+        self._hosts: list[subprocess.Popen[bytes]] = []
 
     def n(self, full: int, quick: int) -> int:
         """Iterations for this run's mode."""
@@ -180,6 +201,33 @@ class BenchContext:
 
         return ping
 
+    async def agent_host(self, count: int, *, prefix: str, capability: str, every: int = 1) -> str:
+        """Start an AgentHost process with ``count`` agents; returns its address once all registered."""
+        mesh = await self.mesh()
+        proc = process.spawn(
+            process.python_module_argv(
+                "mabeam.bench.agent_host",
+                "--registry",
+                mesh.address("registry"),
+                "--count",
+                str(count),
+                "--prefix",
+                prefix,
+                "--capability",
+                capability,
+                "--every",
+                str(every),
+            ),
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        line = (await asyncio.to_thread(proc.stdout.readline)).decode().strip()
+        if not line.startswith("agents ready on "):
+            await process.terminate(proc, 2)
+            raise RuntimeError(f"agent host did not start: {line!r}")
+        self._hosts.append(proc)
+        return line.removeprefix("agents ready on ")
+
     async def baseline(self, name: str) -> float:
         """The median of a raw baseline (measured once per run)."""
         if name not in self._baselines:
@@ -196,6 +244,10 @@ class BenchContext:
             await channel.close()
         if self._etcd is not None:
             await self._etcd.close()
+        for host in self._hosts:
+            await process.terminate(host, 5)
+            if host.stdout is not None:
+                host.stdout.close()
         if self._ping_proc is not None:
             await process.terminate(self._ping_proc, 2)
             if self._ping_proc.stdout is not None:

@@ -77,12 +77,13 @@ class PrefixCache(Generic[T]):
                 fresh[kv.key] = value
         old, self._items = self._items, fresh
         self.revision = revision
-        if self.ready.is_set():
-            for key in old.keys() - fresh.keys():
-                self._emit("DELETE", key, old[key], None, revision)
-            for key, value in fresh.items():
-                if old.get(key) is not value:
-                    self._emit("PUT", key, old.get(key), value, revision)
+        # Listeners see the initial listing as PUTs too, so indexes built
+        # from them start complete.
+        for key in old.keys() - fresh.keys():
+            self._emit("DELETE", key, old[key], None, revision)
+        for key, value in fresh.items():
+            if old.get(key) is not value:
+                self._emit("PUT", key, old.get(key), value, revision)
         self.ready.set()
 
     async def _follow(self) -> None:

@@ -63,6 +63,26 @@ async def terminate(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int | 
     return await asyncio.to_thread(proc.wait)
 
 
+async def wait_exit(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for ``proc`` to exit without a thread per process (pidfd on Linux); its status."""
+    if proc.poll() is not None:
+        return int(proc.returncode)
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3: a thread waits instead
+        return int(await asyncio.to_thread(proc.wait))
+    exited = loop.create_future()
+    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    try:
+        if proc.poll() is None:
+            await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return int(proc.wait())
+
+
 def python_module_argv(module: str, *args: str) -> list[str]:
     """argv running ``python -m module args`` with this interpreter."""
     return [sys.executable, "-m", module, *args]

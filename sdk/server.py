@@ -170,18 +170,25 @@ def _wrap_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 class ErrorInterceptor(aio.ServerInterceptor):
     """Turns handler exceptions into gRPC statuses from the one error table."""
 
+    def __init__(self) -> None:
+        # Handlers are fixed per method: wrap each once, not on every call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         method = handler_call_details.method or ""
-        if method.startswith(("/grpc.health.", "/grpc.reflection.")):
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
+        if handler is None or method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return handler
-        return _wrap_handler(handler)
+        wrapped = _wrap_handler(handler)
+        self._wrapped[method] = wrapped
+        return wrapped
 
 
 def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:

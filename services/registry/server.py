@@ -48,6 +48,32 @@ class AgentDirectory:
         self.agents: PrefixCache[registry_pb2.Agent] = PrefixCache(etcd, store.keys.agents, decode_agent)
         self.loads: PrefixCache[common_pb2.AgentLoad] = PrefixCache(etcd, store.keys.loads, decode_load)
         self._store = store
+        # capability ("" = every agent) -> agent_id -> agent, kept by the cache
+        # listener, and the sorted lists derived from it (dropped on change).
+        self._index: dict[str, dict[str, registry_pb2.Agent]] = {"": {}}
+        self._sorted: dict[str, list[registry_pb2.Agent]] = {}
+        self.agents.add_listener(self._reindex)
+
+    def _reindex(
+        self, kind: str, key: bytes, old: registry_pb2.Agent | None, new: registry_pb2.Agent | None, rev: int
+    ) -> None:
+        for agent in (old,):
+            if agent is not None:
+                for cap in ("", *agent.capabilities):
+                    self._index.get(cap, {}).pop(agent.agent_id, None)
+                    self._sorted.pop(cap, None)
+        if new is not None:
+            for cap in ("", *new.capabilities):
+                self._index.setdefault(cap, {})[new.agent_id] = new
+                self._sorted.pop(cap, None)
+
+    def with_capability(self, capability: str) -> list[registry_pb2.Agent]:
+        """Registered agents offering ``capability`` ("" = all), by id, as stored."""
+        found = self._sorted.get(capability)
+        if found is None:
+            found = [a for _, a in sorted(self._index.get(capability, {}).items())]
+            self._sorted[capability] = found
+        return found
 
     async def start(self) -> None:
         await self.agents.start()
@@ -81,9 +107,6 @@ class AgentDirectory:
     def get(self, agent_id: str) -> registry_pb2.Agent | None:
         agent = self.agents.get(self._store.keys.agent(agent_id))
         return self.view(agent) if agent is not None else None
-
-    def all(self) -> list[registry_pb2.Agent]:
-        return [self.view(a) for _, a in sorted(self.agents.items())]
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
@@ -132,7 +155,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             resources=request.resources,
             status=registry_pb2.AGENT_STATUS_SERVING,
             lease_id=lease.id,
-            lease_ttl=duration_pb2.Duration(seconds=max(1, round(ttl))),
+            # etcd may grant more than asked (its minimum TTL is 1.5 election timeouts).
+            lease_ttl=duration_pb2.Duration(seconds=max(int(lease.ttl), 1)),
             registered_at=_now(),
             generation=generation,
             supervised=await self.supervisor.is_supervised(agent_id),
@@ -244,14 +268,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.ListAgentsResponse:
         size = validate.page_size(request.page_size)
         filters = [request.capability, sorted(request.labels.items()), request.status]
-        matching = [
-            a
-            for a in self.directory.all()
-            if _matches(a, request.capability, request.labels)
-            and (request.status == registry_pb2.AGENT_STATUS_UNSPECIFIED or a.status == request.status)
-        ]
+        # Filter the cached records first and build views only for the page:
+        # a lookup must not cost a copy of the whole directory.
+        matching = self.directory.with_capability(request.capability)
+        if request.labels:
+            matching = [a for a in matching if _matches(a, "", request.labels)]
+        if request.status != registry_pb2.AGENT_STATUS_UNSPECIFIED:
+            matching = [a for a in matching if self.directory.status(self.directory.view(a)) == request.status]
         chunk, token = validate.page(matching, lambda a: a.agent_id, size, request.page_token, filters)
-        return registry_pb2.ListAgentsResponse(agents=chunk, next_page_token=token)
+        return registry_pb2.ListAgentsResponse(agents=[self.directory.view(a) for a in chunk], next_page_token=token)
 
     async def WatchAgents(
         self, request: registry_pb2.WatchAgentsRequest, context: Any

@@ -273,10 +273,12 @@ class Supervisor:
                     outcome = await self._await_exit_or_restart(agent_id, proc)
                 if outcome == "restart-requested":
                     await process.terminate(proc, 5.0)
+                    await self._drop_registration(agent_id)
                     continue
                 if outcome == "timeout":
                     proc.kill()
-                await asyncio.to_thread(proc.wait)
+                await process.wait_exit(proc)
+                await self._drop_registration(agent_id)
                 code = proc.returncode
                 exit_code, sig = (None, -code) if code is not None and code < 0 else (code, None)
                 if outcome == "timeout":
@@ -312,6 +314,17 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._after_stop(agent_id))
 
+    async def _drop_registration(self, agent_id: str) -> None:
+        """The process is dead: remove its registration now instead of after its TTL.
+
+        The supervisor owns the agent, so it may; and the restarted process can
+        then register under the same id at once.
+        """
+        with contextlib.suppress(Exception):
+            agent, _ = await self._store.get_agent(agent_id)
+            if agent is not None:
+                await self._etcd.revoke_lease(agent.lease_id)
+
     async def _after_stop(self, agent_id: str) -> None:
         def stopped(r: registry_pb2.SupervisedAgent) -> None:
             r.pid = 0
@@ -331,27 +344,33 @@ class Supervisor:
         self, agent_id: str, proc: subprocess.Popen[bytes], started: timestamp_pb2.Timestamp, timeout: float
     ) -> str:
         deadline = time.monotonic() + timeout
-        since = started.seconds + started.nanos / 1e9 - 1.0
+        # Only a registration made after this start counts (not the last process's).
+        since = started.seconds + started.nanos / 1e9
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 return "exited"
-            agent = self._directory.get(agent_id)
+            agent = self._directory.agents.get(self._store.keys.agent(agent_id))
             if agent is not None and agent.registered_at.seconds + agent.registered_at.nanos / 1e9 >= since:
                 return "registered"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
         return "timeout"
 
     async def _await_exit_or_restart(self, agent_id: str, proc: subprocess.Popen[bytes]) -> str:
-        while proc.poll() is None:
-            record = self._record(agent_id)
-            if (
-                record is not None
-                and record.state == S.SUPERVISION_STATE_RESTARTING
-                and record.reason == RESTART_REQUESTED
-            ):
-                return "restart-requested"
-            await asyncio.sleep(0.05)
-        return "exited"
+        exit_waiter = asyncio.ensure_future(process.wait_exit(proc))
+        try:
+            while not exit_waiter.done():
+                record = self._record(agent_id)
+                if (
+                    record is not None
+                    and record.state == S.SUPERVISION_STATE_RESTARTING
+                    and record.reason == RESTART_REQUESTED
+                ):
+                    return "restart-requested"
+                # Wake on the exit at once; look at the desired state now and then.
+                await asyncio.wait({exit_waiter}, timeout=0.1)
+            return "exited"
+        finally:
+            exit_waiter.cancel()
 
     # -- RPCs ---------------------------------------------------------------
 
