@@ -49,7 +49,9 @@ async def lookup(ctx: BenchContext) -> Result:
         await _wait_for(ready)
         await asyncio.sleep(1.0)  # let the registrations' burst settle
         ping = await ctx.ping_fn()
-        samples, pings = await interleaved(lambda: client.registry.ListAgents(request), ping, ctx.n(2000, 400))
+        samples, pings = await interleaved(
+            lambda: client.registry.ListAgents(request), ping, ctx.n(2000, 400)
+        )
     finally:
         await client.close()
     return Result(samples, "raw gRPC ping (interleaved)", statistics.median(pings), goal="ratio <= 1.3")

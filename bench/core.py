@@ -194,7 +194,7 @@ class BenchContext:
 
     async def ping_fn(self) -> Callable[[], Awaitable[bytes]]:
         """A raw unary ping over a reused channel."""
-        call = self.channel(await self.ping_address()).unary_unary(PING_METHOD)
+        call = self.channel(await self.ping_address()).unary_unary(PING_METHOD, None, None)
 
         async def ping() -> bytes:
             return await call(b"x")  # type: ignore[no-any-return]
@@ -241,7 +241,7 @@ class BenchContext:
     async def close(self) -> None:
         """Stop everything this run started."""
         for channel in self._channels.values():
-            await channel.close()
+            await channel.close(None)
         if self._etcd is not None:
             await self._etcd.close()
         for host in self._hosts:

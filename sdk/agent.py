@@ -106,7 +106,8 @@ class Agent:
     async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
         """Answer one protocol message. The default declines every request."""
         return agent_pb2.CoordinationResponse(
-            agent_id=self.agent_id, decline=agent_pb2.Decline(reason=f"{type(self).__name__} does not coordinate")
+            agent_id=self.agent_id,
+            decline=agent_pb2.Decline(reason=f"{type(self).__name__} does not coordinate"),
         )
 
     async def execute_step(self, request: agent_pb2.ExecuteStepRequest) -> Any:
@@ -134,7 +135,9 @@ class Agent:
         lease_ttl: float = 5.0,
     ) -> None:
         """Serve this agent until SIGINT/SIGTERM (an AgentHost of one)."""
-        await AgentHost([self], registry=registry, host=host, port=port, etcd=etcd, lease_ttl=lease_ttl).serve()
+        await AgentHost(
+            [self], registry=registry, host=host, port=port, etcd=etcd, lease_ttl=lease_ttl
+        ).serve()
 
 
 class _IdempotencyCache:
@@ -237,7 +240,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             reply.agent_id = target.agent_id
         return reply
 
-    async def Coordinate(self, request: agent_pb2.CoordinationRequest, context: Any) -> agent_pb2.CoordinationResponse:
+    async def Coordinate(
+        self, request: agent_pb2.CoordinationRequest, context: Any
+    ) -> agent_pb2.CoordinationResponse:
         return await self._coordinate(request)
 
     async def CoordinateBatch(
@@ -259,7 +264,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         entries = await asyncio.gather(*(one(r) for r in request.requests))
         return agent_pb2.CoordinateBatchResponse(entries=entries)
 
-    async def ExecuteStep(self, request: agent_pb2.ExecuteStepRequest, context: Any) -> agent_pb2.ExecuteStepResponse:
+    async def ExecuteStep(
+        self, request: agent_pb2.ExecuteStepRequest, context: Any
+    ) -> agent_pb2.ExecuteStepResponse:
         target = await self._route(request.agent_id)
         if isinstance(target, str):
             return await self._forward_stub(target).ExecuteStep(request, timeout=_deadline_seconds(request))  # type: ignore[no-any-return]
@@ -276,7 +283,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         key = f"{request.agent_id}/{request.idempotency_key}" if request.idempotency_key else ""
         return await self._steps.run(key, step)
 
-    async def ExportState(self, request: agent_pb2.ExportStateRequest, context: Any) -> agent_pb2.ExportStateResponse:
+    async def ExportState(
+        self, request: agent_pb2.ExportStateRequest, context: Any
+    ) -> agent_pb2.ExportStateResponse:
         agent = self._agent(request.agent_id)
         if request.agent_id in self.migrations:
             raise errors.FailedPrecondition(f"agent {request.agent_id!r} is already being migrated")
@@ -293,7 +302,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         envelope = json.dumps({"token": agent.token, "state": base64.b64encode(state).decode()}).encode()
         return agent_pb2.ExportStateResponse(state=envelope, content_type=MIGRATION_CONTENT_TYPE)
 
-    async def ImportState(self, request: agent_pb2.ImportStateRequest, context: Any) -> agent_pb2.ImportStateResponse:
+    async def ImportState(
+        self, request: agent_pb2.ImportStateRequest, context: Any
+    ) -> agent_pb2.ImportStateResponse:
         agent = self._agent(request.agent_id)
         state = request.state
         token = ""
@@ -361,10 +372,14 @@ class AgentHost:
         self._prefix = prefix or os.environ.get("MABEAM_PREFIX", "/mabeam")
         self._lease_ttl = lease_ttl
         self._client_tls = client_tls
-        config = MeshConfig(host=host, ports={"agent": port}, tls=tls, grace=1.0, advertise_host=advertise_host)
+        config = MeshConfig(
+            host=host, ports={"agent": port}, tls=tls, grace=1.0, advertise_host=advertise_host
+        )
         self._server = MeshServer("agent", config)
         self.servicer = AgentServicer(self)
-        self._server.add_service(AGENT_SERVICE, agent_pb2_grpc.add_AgentServiceServicer_to_server, self.servicer)
+        self._server.add_service(
+            AGENT_SERVICE, agent_pb2_grpc.add_AgentServiceServicer_to_server, self.servicer
+        )
         self.channels = ChannelPool(client_tls)
         self._standby: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -390,7 +405,9 @@ class AgentHost:
             deadline = time.monotonic() + timeout
             while not migration.released.is_set() and time.monotonic() < deadline:
                 try:
-                    reply = await self.client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent.agent_id))
+                    reply = await self.client.registry.GetAgent(
+                        registry_pb2.GetAgentRequest(agent_id=agent.agent_id)
+                    )
                     if reply.agent.endpoint != self.address:
                         # The new instance holds the registration now: stop beating for it.
                         self.agents.pop(agent.agent_id, None)
@@ -460,7 +477,9 @@ class AgentHost:
             started = time.monotonic()
             for agent in list(self.agents.values()):
                 if agent.token:
-                    yield registry_pb2.HeartbeatRequest(agent_id=agent.agent_id, token=agent.token, load=agent.load())
+                    yield registry_pb2.HeartbeatRequest(
+                        agent_id=agent.agent_id, token=agent.token, load=agent.load()
+                    )
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     async def _heartbeat_loop(self) -> None:

@@ -98,12 +98,12 @@ class ChannelPool:
         """Close and forget the channel to ``address`` (its endpoint went away)."""
         channel = self._channels.pop(address, None)
         if channel is not None:
-            await channel.close()
+            await channel.close(None)
 
     async def close(self) -> None:
         """Close every channel; safe to call twice."""
         channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await asyncio.gather(*(c.close(None) for c in channels), return_exceptions=True)
 
 
 class Balancer:

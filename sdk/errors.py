@@ -15,7 +15,7 @@ compare-and-set: re-read, then retry). Everything else needs a different request
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -208,7 +208,7 @@ def from_rpc_error(err: grpc.RpcError) -> MabeamError:
     reason: int | None = None
     field: str | None = None
     metadata: dict[str, str] = {}
-    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    trailers: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
     for key, value in trailers or ():
         if key != _DETAILS_KEY or not isinstance(value, bytes):
             continue

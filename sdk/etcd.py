@@ -100,7 +100,7 @@ class EtcdClient(aetcd.Client):
         """Open the channel (idempotent; concurrent callers wait for the first)."""
         if self._connected.is_set():
             return
-        if self._is_connecting:
+        if self._is_connecting:  # type: ignore[has-type]
             await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
             return
         self._is_connecting = True

@@ -72,8 +72,13 @@ async def wait_exit(proc: subprocess.Popen[bytes]) -> int:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):  # not Linux >= 5.3: a thread waits instead
         return int(await asyncio.to_thread(proc.wait))
-    exited = loop.create_future()
-    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, on_exit)
     try:
         if proc.poll() is None:
             await exited

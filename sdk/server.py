@@ -252,7 +252,7 @@ class MeshServer:
         )
         self._interceptors = [*telemetry.server_interceptors(), ErrorInterceptor(), *interceptors]
         self._server = aio.server(interceptors=self._interceptors, options=SERVER_OPTIONS)
-        self._health = health.aio.HealthServicer()
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._service_names: list[str] = []
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -61,7 +61,8 @@ async def test_migration_under_load_loses_no_increment(service: Callable[..., Aw
             while not stop.is_set():
                 n += 1
                 await stub.ExecuteStep(
-                    agent_pb2.ExecuteStepRequest(agent_id="ctr", step_id=f"{lane}-{n}", capability="count"), timeout=10
+                    agent_pb2.ExecuteStepRequest(agent_id="ctr", step_id=f"{lane}-{n}", capability="count"),
+                    timeout=10,
                 )
                 acked += 1
 
@@ -70,10 +71,14 @@ async def test_migration_under_load_loses_no_increment(service: Callable[..., Aw
     try:
         await eventually(lambda: acked > 20, what="increments flowing")
         reply = await client.registry.MigrateAgent(
-            registry_pb2.MigrateAgentRequest(agent_id="ctr", token=old_agent.token, target_endpoint=new_host.address)
+            registry_pb2.MigrateAgentRequest(
+                agent_id="ctr", token=old_agent.token, target_endpoint=new_host.address
+            )
         )
         assert reply.agent.endpoint == new_host.address and reply.agent.generation == 2
-        await eventually(lambda: new_agent.counter > old_agent.counter + 10, what="calls reach the new instance")
+        await eventually(
+            lambda: new_agent.counter > old_agent.counter + 10, what="calls reach the new instance"
+        )
         stop.set()
         await asyncio.gather(*lanes)
         assert new_agent.counter == acked

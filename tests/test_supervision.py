@@ -37,12 +37,12 @@ async def client(registry: MeshServer) -> AsyncIterator[MeshClient]:
     await mesh.close()
 
 
-def worker_spec(**policy: object) -> tuple[S.LaunchSpec, S.RestartPolicy]:
+def worker_spec(**policy: object) -> tuple[registry_pb2.LaunchSpec, registry_pb2.RestartPolicy]:
     launch = S.LaunchSpec(command=S.Command(argv=[sys.executable, WORKER]))
     return launch, S.RestartPolicy(**policy)  # type: ignore[arg-type]
 
 
-async def supervised(client: MeshClient, agent_id: str) -> S.SupervisedAgent:
+async def supervised(client: MeshClient, agent_id: str) -> registry_pb2.SupervisedAgent:
     page = await client.registry.ListSupervisedAgents(S.ListSupervisedAgentsRequest())
     return next(a for a in page.agents if a.agent_id == agent_id)
 
@@ -138,7 +138,7 @@ async def test_transient_agent_exiting_normally_is_not_restarted(client: MeshCli
     ],
 )
 async def test_bad_start_requests_name_the_field(
-    client: MeshClient, request_: S.StartAgentRequest, field: str
+    client: MeshClient, request_: registry_pb2.StartAgentRequest, field: str
 ) -> None:
     with pytest.raises(errors.InvalidArgument) as info:
         await client.registry.StartAgent(request_)

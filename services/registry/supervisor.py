@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -253,7 +254,7 @@ class Supervisor:
                     proc = process.spawn(argv, env=env, cwd=cwd)
                 except OSError as exc:
                     await self._write_retrying(
-                        agent_id, lambda r, e=exc: self._failed(r, f"cannot start: {e}")
+                        agent_id, functools.partial(self._failed, reason=f"cannot start: {exc}")
                     )
                     return
                 self._procs[agent_id] = proc
@@ -288,9 +289,8 @@ class Supervisor:
                 if outcome == "timeout":
                     how = "did not register within the start timeout"
                 if decision.give_up:
-                    await self._write_retrying(
-                        agent_id, lambda r, d=decision, h=how: self._failed(r, d.reason, h)
-                    )
+                    failed = functools.partial(self._failed, reason=decision.reason, how=how)
+                    await self._write_retrying(agent_id, failed)
                     return
                 if not decision.restart:
 

@@ -5,21 +5,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
-
-T = TypeVar("T")
+from collections.abc import Callable
+from typing import Any
 
 
 async def eventually(
-    probe: Callable[[], T | Awaitable[T]], *, timeout: float = 5.0, interval: float = 0.05, what: str = ""
-) -> T:
+    probe: Callable[[], Any], *, timeout: float = 5.0, interval: float = 0.05, what: str = ""
+) -> Any:
     """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    last: T | None = None
+    last: Any = None
     while True:
         result = probe()
-        last = await result if inspect.isawaitable(result) else result  # type: ignore[assignment]
+        last = await result if inspect.isawaitable(result) else result
         if last:
             return last
         if time.monotonic() > deadline:
