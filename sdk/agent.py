@@ -422,6 +422,10 @@ class AgentHost:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def set_serving(self, serving: bool) -> None:
+        """Report this host's agents as (not) serving on grpc.health.v1; the registry's probe picks it up."""
+        await self._server.set_serving(serving)
+
     @property
     def address(self) -> str:
         """host:port of this host's AgentService."""

@@ -211,3 +211,26 @@ async def test_agent_host_registers_heartbeats_and_deregisters(
 async def _empty(client: MeshClient) -> bool:
     listed = await client.registry.ListAgents(registry_pb2.ListAgentsRequest(capability="echo"))
     return not listed.agents
+
+
+async def test_health_probe_reports_not_serving(registry: MeshServer, client: MeshClient) -> None:
+    host = AgentHost([Echo("h1"), Echo("h2")], registry=registry.address)
+    await host.start()
+    try:
+        serving = registry_pb2.ListAgentsRequest(capability="echo", status=registry_pb2.AGENT_STATUS_SERVING)
+        await eventually(lambda: _count_of(client, serving, 2), what="both serving")
+        await host.set_serving(False)
+        not_serving = registry_pb2.ListAgentsRequest(
+            capability="echo", status=registry_pb2.AGENT_STATUS_NOT_SERVING
+        )
+        await eventually(lambda: _count_of(client, not_serving, 2), timeout=8, what="probe sees NOT_SERVING")
+        got = await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="h1"))
+        assert got.agent.status == registry_pb2.AGENT_STATUS_NOT_SERVING
+        await host.set_serving(True)
+        await eventually(lambda: _count_of(client, serving, 2), timeout=8, what="serving again")
+    finally:
+        await host.stop()
+
+
+async def _count_of(client: MeshClient, request: registry_pb2.ListAgentsRequest, n: int) -> bool:
+    return len((await client.registry.ListAgents(request)).agents) == n

@@ -167,3 +167,30 @@ async def _has_safe(client: MeshClient, agent_id: str) -> bool:
         return await _has(client, agent_id)
     except errors.MabeamError:
         return False
+
+
+async def test_registration_through_one_replica_is_listed_by_the_other(
+    service: Callable[..., Awaitable[MeshServer]],
+) -> None:
+    a, b = await service("registry"), await service("registry")
+    via_a = await MeshClient.connect(registry=a.address)
+    via_b = await MeshClient.connect(registry=b.address)
+    delays = []
+    try:
+        for i in range(20):
+            request = S.ListAgentsRequest(capability=f"vis{i}")
+            started = time.perf_counter()
+            await via_a.registry.RegisterAgent(
+                S.RegisterAgentRequest(agent_id=f"vis{i}", endpoint="127.0.0.1:1", capabilities=[f"vis{i}"])
+            )
+            while not (await via_b.registry.ListAgents(request)).agents:
+                await asyncio.sleep(0.001)
+            delays.append(time.perf_counter() - started)
+    finally:
+        await via_a.close()
+        await via_b.close()
+    delays.sort()
+    print(
+        f"registration visible on the other replica: median {delays[10] * 1000:.1f} ms, max {delays[-1] * 1000:.1f} ms"
+    )
+    assert delays[-1] < 1.0

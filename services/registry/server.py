@@ -20,6 +20,7 @@ from mabeam import errors, validate
 from mabeam.cache import PrefixCache
 from mabeam.etcd import UNREACHABLE, EtcdClient, ResumingWatch, WatchCompacted
 from mabeam.server import MeshServer
+from mabeam.services.registry import prober
 from mabeam.services.registry import supervisor as supervision
 from mabeam.services.registry.store import RegistryStore, decode_agent, decode_load, new_token
 from mabeam.v1 import common_pb2, registry_pb2, registry_pb2_grpc
@@ -95,9 +96,9 @@ class AgentDirectory:
         return out
 
     def status(self, agent: registry_pb2.Agent) -> int:
-        """SERVING while beats are recent; UNKNOWN when none came for two TTLs."""
-        if agent.status == registry_pb2.AGENT_STATUS_NOT_SERVING:
-            return registry_pb2.AGENT_STATUS_NOT_SERVING
+        """The probe's verdict; else SERVING while beats are recent, UNKNOWN after two TTLs without."""
+        if agent.status in (registry_pb2.AGENT_STATUS_NOT_SERVING, registry_pb2.AGENT_STATUS_UNKNOWN):
+            return agent.status
         ttl = agent.lease_ttl.seconds + agent.lease_ttl.nanos / 1e9 or DEFAULT_TTL
         last = agent.last_heartbeat_at.seconds + agent.last_heartbeat_at.nanos / 1e9
         if last and time.time() - last > 2 * ttl:
@@ -416,6 +417,7 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     await servicer.directory.start()
     server.on_stop(servicer.directory.stop)
     await servicer.supervisor.start()
+    server.spawn(prober.Prober(server, etcd, servicer.store, servicer.directory).run(), "prober")
     server.add_service(SERVICE_NAME, registry_pb2_grpc.add_RegistryServiceServicer_to_server, servicer)
 
 

@@ -8,6 +8,7 @@ P/agent-tokens/<id>             sha256 of the agent's token (hex)        the age
 P/agent-load/<id>               ``mabeam.v1.AgentLoad`` + probe status   the agent's
 P/supervised/<id>               ``mabeam.v1.SupervisedAgent``            none
 P/supervisor-owner/<id>         id of the registry replica supervising   the replica's
+P/registry-prober/<lease>       candidates for the health prober         each candidate's
 ==============================  =======================================  =========
 
 Everything an agent registers is bound to its lease, so one lapse removes it
@@ -74,7 +75,7 @@ class Keys:
         return self.owners + agent_id.encode()
 
     @property
-    def supervisor_election(self) -> bytes:
+    def prober_election(self) -> bytes:
         return self.config.key("registry-prober")
 
 
