@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc import aio
 
 from mabeam import errors, telemetry
@@ -153,10 +154,13 @@ class ServiceClient:
     ones return an async iterator of responses.
     """
 
-    def __init__(self, balancer: Balancer, stub_factory: Callable[[aio.Channel], Any]) -> None:
+    def __init__(self, balancer: Balancer, stub_factory: Callable[[aio.Channel], Any], service: str) -> None:
         self._balancer = balancer
         self._stub_factory = stub_factory
         self._stubs: dict[str, Any] = {}
+        descriptor = descriptor_pool.Default().FindServiceByName(service)
+        self._streams_out = {m.name: m.server_streaming for m in descriptor.methods}
+        self._calls: dict[str, Callable[..., Any]] = {}
 
     def _stub(self, address: str) -> Any:
         stub = self._stubs.get(address)
@@ -166,12 +170,14 @@ class ServiceClient:
         return stub
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        if not name[:1].isupper():
+        calls = self.__dict__.get("_calls")
+        if calls is None or name not in self.__dict__.get("_streams_out", {}):
             raise AttributeError(name)
-        probe = getattr(self._stub(self._balancer.pick()), name)
-        if isinstance(probe, aio.UnaryStreamMultiCallable | aio.StreamStreamMultiCallable):
-            return self._streaming(name)
-        return self._unary(name)
+        call = calls.get(name)
+        if call is None:
+            call = self._streaming(name) if self._streams_out[name] else self._unary(name)
+            calls[name] = call
+        return call
 
     def _unary(self, name: str) -> Callable[..., Any]:
         async def call(request: Any, **kwargs: Any) -> Any:
@@ -231,7 +237,8 @@ class MeshClient:
         self._closers = list(closers)
         self._closed = False
         for service, balancer in balancers.items():
-            setattr(self, service, cast(Any, ServiceClient(balancer, self._STUBS[service])))
+            client = ServiceClient(balancer, self._STUBS[service], f"mabeam.v1.{service.capitalize()}Service")
+            setattr(self, service, cast(Any, client))
 
     @classmethod
     async def connect(
