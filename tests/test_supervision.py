@@ -152,3 +152,15 @@ async def test_stop_of_an_unknown_agent_is_not_found(client: MeshClient) -> None
         await client.registry.StopAgent(S.StopAgentRequest(agent_id="nobody"))
     with pytest.raises(errors.NotFound):
         await client.registry.RestartAgent(S.RestartAgentRequest(agent_id="nobody"))
+
+
+async def test_python_entry_point_launch(client: MeshClient) -> None:
+    launch = S.LaunchSpec(
+        python_entry_point="harness.sample_agents:make_sample",
+        env={"PYTHONPATH": str(ROOT / "tests")},
+    )
+    started = (await client.registry.StartAgent(S.StartAgentRequest(agent_id="py1", launch=launch))).agent
+    assert started.state == S.SUPERVISION_STATE_RUNNING
+    agent = (await client.registry.GetAgent(S.GetAgentRequest(agent_id="py1"))).agent
+    assert list(agent.capabilities) == ["sample"] and agent.supervised
+    await client.registry.StopAgent(S.StopAgentRequest(agent_id="py1"))
