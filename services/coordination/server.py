@@ -1,32 +1,462 @@
-"""The coordination service's gRPC edge: proto in, proto out, validation.
+"""The coordination service's gRPC edge: sessions of auctions, markets, votes and plugins.
 
-Domain logic lives beside it (pure, no grpc); the etcd keyspace it owns lives
-in `store.py`.
+Validation happens before any message is sent (a bad parameter is
+INVALID_ARGUMENT naming it); participants are resolved through the registry
+(explicit ids, or a capability selector); the run itself is
+:mod:`.runs` on :mod:`.engine`; sessions live in etcd (:mod:`.store`).
 """
 
 from __future__ import annotations
 
-from mabeam.etcd import EtcdClient
-from mabeam.server import MeshServer, unimplemented
-from mabeam.v1 import coordination_pb2_grpc
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from mabeam import errors, validate
+from mabeam.cache import PrefixCache
+from mabeam.client import ChannelPool, MeshClient
+from mabeam.etcd import EtcdClient, ResumingWatch, snapshot
+from mabeam.server import MeshServer
+from mabeam.services.coordination import runs
+from mabeam.services.coordination.engine import FanOut, Participant, Session, struct
+from mabeam.services.coordination.protocols.errors import ProtocolParamError
+from mabeam.services.coordination.store import END_MARKER, SessionStore, decode_protocol
+from mabeam.v1 import (
+    agent_pb2,
+    common_pb2,
+    coordination_pb2,
+    coordination_pb2_grpc,
+    protocol_plugin_pb2,
+    protocol_plugin_pb2_grpc,
+    registry_pb2,
+)
+from mabeam.v1 import coordination_pb2 as C
 
 SERVICE_NAME = "mabeam.v1.CoordinationService"
+PROTOCOL_NAME_RE = re.compile(r"^[a-z0-9_]{1,64}$")
+ONE_SHOT = {"first_price", "vickrey", "contract_net", "call_market", "consensus"}
 
-_Base = unimplemented(coordination_pb2_grpc.CoordinationServiceServicer, SERVICE_NAME, "issue #4")
+AUCTIONS = {
+    C.AUCTION_TYPE_FIRST_PRICE: "first_price",
+    C.AUCTION_TYPE_SECOND_PRICE: "vickrey",
+    C.AUCTION_TYPE_ENGLISH: "english",
+    C.AUCTION_TYPE_DUTCH: "dutch",
+}
+MARKETS = {C.MARKET_TYPE_TATONNEMENT: "tatonnement", C.MARKET_TYPE_CALL: "call_market"}
+TIES = {
+    C.TIE_RULE_UNSPECIFIED: "no_decision",
+    C.TIE_RULE_NO_DECISION: "no_decision",
+    C.TIE_RULE_FIRST_OPTION: "first_option",
+}
 
 
-class CoordinationServicer(_Base):  # type: ignore[misc, valid-type]
+def _param_error(exc: ProtocolParamError) -> errors.InvalidArgument:
+    return errors.InvalidArgument(exc.field, exc.message)
+
+
+class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
     """mabeam.v1.CoordinationService."""
 
     def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
         self._server = server
         self._etcd = etcd
+        self.store = SessionStore(etcd, server.config)
+        self.pool = ChannelPool()
+        self.fanout = FanOut(self.pool)
+        self.plugins: PrefixCache[coordination_pb2.ProtocolInfo] = PrefixCache(
+            etcd, self.store.protocols, decode_protocol
+        )
+        self._mesh: MeshClient | None = None
+
+    async def start(self) -> None:
+        await self.plugins.start()
+        config = self._server.config
+        self._mesh = await MeshClient.connect(etcd=list(config.etcd_endpoints), prefix=config.prefix)
+
+    async def stop(self) -> None:
+        await self.plugins.stop()
+        if self._mesh is not None:
+            await self._mesh.close()
+        await self.pool.close()
+
+    # -- participants ------------------------------------------------------------
+
+    async def _participants(
+        self, selector: common_pb2.AgentSelector
+    ) -> tuple[list[Participant], list[C.Exclusion]]:
+        assert self._mesh is not None
+        registry = self._mesh.registry
+        missing: list[C.Exclusion] = []
+        if selector.agent_ids:
+            wanted = list(dict.fromkeys(selector.agent_ids))
+            for agent_id in wanted:
+                validate.identifier(agent_id, "settings.participants.agent_ids")
+            found: dict[str, registry_pb2.Agent] = {}
+            if len(wanted) <= 16:
+                replies = await asyncio.gather(
+                    *(registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=a)) for a in wanted),
+                    return_exceptions=True,
+                )
+                for agent_id, reply in zip(wanted, replies, strict=True):
+                    if isinstance(reply, registry_pb2.GetAgentResponse):
+                        found[agent_id] = reply.agent
+                    elif not isinstance(reply, errors.NotFound):
+                        raise (
+                            reply
+                            if isinstance(reply, BaseException)
+                            else errors.Internal("bad registry reply")
+                        )
+            else:
+                for agent in await self._list(registry_pb2.ListAgentsRequest()):
+                    if agent.agent_id in wanted:
+                        found[agent.agent_id] = agent
+            agents = [found[a] for a in wanted if a in found]
+            missing = [
+                C.Exclusion(
+                    agent_id=a, reason=C.EXCLUSION_REASON_NOT_REGISTERED, detail="not registered", round=0
+                )
+                for a in wanted
+                if a not in found
+            ]
+        else:
+            agents = await self._list(
+                registry_pb2.ListAgentsRequest(capability=selector.capability, labels=dict(selector.labels))
+            )
+        if selector.max_agents:
+            agents = agents[: selector.max_agents]
+        return [Participant(a.agent_id, a.endpoint) for a in agents], missing
+
+    async def _list(self, request: registry_pb2.ListAgentsRequest) -> list[registry_pb2.Agent]:
+        assert self._mesh is not None
+        request.page_size = 1000
+        agents: list[registry_pb2.Agent] = []
+        while True:
+            page = await self._mesh.registry.ListAgents(request)
+            agents.extend(page.agents)
+            if not page.next_page_token:
+                return agents
+            request.page_token = page.next_page_token
+
+    # -- running -------------------------------------------------------------------
+
+    async def _run(self, settings: C.SessionSettings, protocol: str, params: dict[str, Any]) -> C.Session:
+        selector = settings.participants
+        if not selector.agent_ids and not selector.capability and not selector.labels:
+            raise errors.InvalidArgument("settings.participants", "give agent ids or a capability")
+        deadline = validate.seconds(
+            settings.deadline, "settings.deadline", default=10.0, minimum=0.01, maximum=600
+        )
+        round_timeout = validate.seconds(
+            settings.round_timeout, "settings.round_timeout", default=2.0, minimum=0.001, maximum=600
+        )
+        if settings.session_id:
+            validate.identifier(settings.session_id, "settings.session_id")
+        builtin = runs.BUILTINS.get(protocol)
+        plugin = self.plugins.get(self.store.protocols + protocol.encode()) if builtin is None else None
+        if builtin is None and plugin is None:
+            raise errors.NotFound(
+                f"protocol {protocol!r} is neither built in nor registered (see ListProtocols)",
+                reason=common_pb2.ERROR_REASON_PROTOCOL_NOT_FOUND,
+            )
+        if builtin is not None:
+            try:
+                builtin.validate(params)
+            except ProtocolParamError as exc:
+                raise _param_error(exc) from None
+        participants, missing = await self._participants(selector)
+        if not participants and not missing:
+            raise errors.FailedPrecondition(
+                f"no live agent matches the participants (capability {selector.capability!r})",
+                reason=common_pb2.ERROR_REASON_NO_CAPABLE_AGENT,
+            )
+        session = Session(
+            self.store,
+            self.fanout,
+            protocol,
+            params,
+            participants,
+            session_id=settings.session_id,
+            deadline_s=deadline,
+            round_timeout_s=round_timeout,
+            coordinator_id=self._server.instance_id,
+            stream_rounds=protocol not in ONE_SHOT,
+            notify=settings.notify_outcome,
+        )
+        session.proto.participants.extend(e.agent_id for e in missing)
+        for exclusion in missing:
+            session.exclude(exclusion)
+        if settings.session_id or protocol not in ONE_SHOT:
+            # Claimed up front: an explicit id must be unique, and watchers of an
+            # iterative session need it to exist while it runs.
+            if not await self.store.create(session.proto):
+                raise errors.AlreadyExists(f"session {session.session_id!r} exists already")
+        if not participants:
+            return await session.finish(C.Outcome(decided=False, reason="no participant is registered"))
+        try:
+            if builtin is not None:
+                outcome = await asyncio.wait_for(
+                    builtin.driver(session, params), timeout=max(session.remaining(), 0.01) + 1
+                )
+            else:
+                assert plugin is not None
+                outcome = await asyncio.wait_for(
+                    self._run_plugin(session, plugin, params), timeout=max(session.remaining(), 0.01) + 1
+                )
+        except ProtocolParamError as exc:
+            await session.finish(C.Outcome(decided=False, reason=str(exc)), C.SESSION_STATE_FAILED)
+            raise _param_error(exc) from None
+        except TimeoutError:
+            return await session.finish(C.Outcome(decided=False, reason="session deadline reached"))
+        except errors.MabeamError as exc:
+            return await session.finish(C.Outcome(decided=False, reason=exc.message), C.SESSION_STATE_FAILED)
+        return await session.finish(outcome)
+
+    async def _run_plugin(
+        self, session: Session, plugin: C.ProtocolInfo, params: dict[str, Any]
+    ) -> C.Outcome:
+        stub = protocol_plugin_pb2_grpc.ProtocolPluginServiceStub(self.pool.get(plugin.endpoint))
+        replies: list[protocol_plugin_pb2.PluginReply] = []
+        state = None
+        round_number = 0
+        while True:
+            request = protocol_plugin_pb2.AdvanceRequest(
+                session_id=session.session_id,
+                parameters=struct(params),
+                participants=[a for a in session.proto.participants if a not in session.excluded_ids],
+                round=round_number,
+                replies=replies,
+            )
+            if state is not None:
+                request.state.CopyFrom(state)
+            try:
+                step = await stub.Advance(request, timeout=max(session.remaining(), 0.01))
+            except grpc.RpcError as exc:
+                raise errors.FailedPrecondition(
+                    f"protocol plugin at {plugin.endpoint} failed: {exc.details()}"
+                ) from None
+            if step.WhichOneof("next") == "outcome":
+                return step.outcome
+            if step.WhichOneof("next") != "round":
+                raise errors.FailedPrecondition(
+                    f"protocol plugin at {plugin.endpoint} answered neither a round nor an outcome"
+                )
+            if session.remaining() <= 0:
+                return C.Outcome(
+                    decided=False, reason=f"session deadline reached after {round_number} rounds"
+                )
+            state = step.round.state
+            known = set(session.proto.participants)
+            requests = []
+            for req in step.round.requests:
+                if req.agent_id in known and req.agent_id not in session.excluded_ids:
+                    copy = agent_pb2.CoordinationRequest()
+                    copy.CopyFrom(req)
+                    requests.append((req.agent_id, copy))
+            announced = (
+                json_format.MessageToDict(step.round.announced) if step.round.HasField("announced") else None
+            )
+            got = await session.round(requests, announced=announced)
+            round_number = session.proto.round_count
+            replies = []
+            for r in got:
+                reply = protocol_plugin_pb2.PluginReply(agent_id=r.agent_id)
+                if r.response is not None and r.exclusion is None:
+                    reply.response.CopyFrom(r.response)
+                if r.exclusion is not None:
+                    reply.exclusion.CopyFrom(r.exclusion)
+                replies.append(reply)
+
+    # -- RPCs ------------------------------------------------------------------------
+
+    async def RunAuction(self, request: C.RunAuctionRequest, context: Any) -> C.RunAuctionResponse:
+        protocol = AUCTIONS.get(request.type)
+        if protocol is None:
+            raise errors.InvalidArgument("type", "choose FIRST_PRICE, SECOND_PRICE, ENGLISH or DUTCH")
+        params: dict[str, Any] = {"item": request.item, "reserve_price": request.reserve_price}
+        if request.HasField("item_attributes"):
+            params["item_attributes"] = json_format.MessageToDict(request.item_attributes)
+        if protocol == "english":
+            params.update(
+                start_price=request.start_price,
+                increment=request.increment or 1.0,
+                max_rounds=request.max_rounds or 100,
+            )
+        if protocol == "dutch":
+            if not request.start_price:
+                raise errors.InvalidArgument("start_price", "is required for a Dutch auction (> floor_price)")
+            params.update(
+                start_price=request.start_price,
+                decrement=request.decrement or 1.0,
+                floor_price=request.floor_price,
+                max_rounds=request.max_rounds or 100,
+            )
+        if not request.item:
+            raise errors.InvalidArgument("item", "is required")
+        return C.RunAuctionResponse(session=await self._run(request.settings, protocol, params))
+
+    async def RunMarket(self, request: C.RunMarketRequest, context: Any) -> C.RunMarketResponse:
+        protocol = MARKETS.get(request.type)
+        if protocol is None:
+            raise errors.InvalidArgument("type", "choose TATONNEMENT or CALL")
+        params: dict[str, Any] = {"goods": list(request.goods)}
+        if protocol == "tatonnement":
+            params.update(
+                initial_prices=dict(request.initial_prices),
+                step=request.step or 0.1,
+                tolerance=request.tolerance or 0.01,
+                max_rounds=request.max_rounds or 100,
+                min_price=request.min_price or 1e-4,
+            )
+        return C.RunMarketResponse(session=await self._run(request.settings, protocol, params))
+
+    async def RunConsensus(self, request: C.RunConsensusRequest, context: Any) -> C.RunConsensusResponse:
+        rule = runs.RULE_NAMES.get(request.rule)
+        if rule is None:
+            raise errors.InvalidArgument("rule", "choose MAJORITY, SUPERMAJORITY, UNANIMITY or PLURALITY")
+        if not request.question:
+            raise errors.InvalidArgument("question", "is required")
+        params: dict[str, Any] = {
+            "question": request.question,
+            "options": list(request.options) or ["yes", "no"],
+            "rule": rule,
+            "threshold": request.threshold if request.rule == C.CONSENSUS_RULE_SUPERMAJORITY else 2 / 3,
+            "quorum": request.quorum,
+            "weights": dict(request.weights),
+            "tie_rule": TIES.get(request.tie_rule, "no_decision"),
+        }
+        return C.RunConsensusResponse(session=await self._run(request.settings, "consensus", params))
+
+    async def Run(self, request: C.RunRequest, context: Any) -> C.RunResponse:
+        if not request.protocol:
+            raise errors.InvalidArgument("protocol", "is required")
+        params = json_format.MessageToDict(request.parameters) if request.HasField("parameters") else {}
+        return C.RunResponse(session=await self._run(request.settings, request.protocol, params))
+
+    async def RegisterProtocol(
+        self, request: C.RegisterProtocolRequest, context: Any
+    ) -> C.RegisterProtocolResponse:
+        if not PROTOCOL_NAME_RE.match(request.name):
+            raise errors.InvalidArgument("name", "must be 1-64 characters of [a-z0-9_]")
+        if request.name in runs.BUILTINS:
+            raise errors.AlreadyExists(f"{request.name!r} is a built-in protocol")
+        endpoint = validate.endpoint(request.endpoint, "endpoint")
+        stub = protocol_plugin_pb2_grpc.ProtocolPluginServiceStub(self.pool.get(endpoint))
+        try:
+            described = await stub.Describe(protocol_plugin_pb2.DescribeRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            raise errors.FailedPrecondition(
+                f"no ProtocolPluginService answers at {endpoint}: {exc.details()}"
+            ) from None
+        info = C.ProtocolInfo(
+            name=request.name,
+            description=request.description or described.description,
+            builtin=False,
+            endpoint=endpoint,
+            parameters=described.parameters,
+            iterative=described.iterative,
+        )
+        if not await self.store.put_protocol(info, request.replace):
+            raise errors.AlreadyExists(
+                f"protocol {request.name!r} is registered already (set replace to change it)"
+            )
+        return C.RegisterProtocolResponse(protocol=info)
+
+    async def ListProtocols(self, request: C.ListProtocolsRequest, context: Any) -> C.ListProtocolsResponse:
+        size = validate.page_size(request.page_size)
+        infos = [runs.protocol_info(b) for b in runs.BUILTINS.values()]
+        infos += [info for _, info in self.plugins.items()]
+        infos.sort(key=lambda i: i.name)
+        chunk, token = validate.page(infos, lambda i: i.name, size, request.page_token, [])
+        return C.ListProtocolsResponse(protocols=chunk, next_page_token=token)
+
+    async def UnregisterProtocol(
+        self, request: C.UnregisterProtocolRequest, context: Any
+    ) -> C.UnregisterProtocolResponse:
+        if request.name in runs.BUILTINS:
+            raise errors.FailedPrecondition(f"{request.name!r} is built in and cannot be unregistered")
+        if not await self.store.delete_protocol(request.name):
+            raise errors.NotFound(
+                f"protocol {request.name!r} is not registered",
+                reason=common_pb2.ERROR_REASON_PROTOCOL_NOT_FOUND,
+            )
+        return C.UnregisterProtocolResponse()
+
+    async def GetSession(self, request: C.GetSessionRequest, context: Any) -> C.GetSessionResponse:
+        validate.identifier(request.session_id, "session_id")
+        session = await self.store.get(request.session_id, full=request.view != C.SESSION_VIEW_BASIC)
+        if session is None:
+            raise errors.NotFound(
+                f"session {request.session_id!r} does not exist",
+                reason=common_pb2.ERROR_REASON_SESSION_NOT_FOUND,
+            )
+        return C.GetSessionResponse(session=session)
+
+    async def ListSessions(self, request: C.ListSessionsRequest, context: Any) -> C.ListSessionsResponse:
+        size = validate.page_size(request.page_size)
+        after = request.started_after.ToNanoseconds() if request.HasField("started_after") else None
+        before = request.started_before.ToNanoseconds() if request.HasField("started_before") else None
+        sessions = [
+            s
+            for s in await self.store.list_summaries()
+            if (not request.protocol or s.protocol == request.protocol)
+            and (after is None or s.started_at.ToNanoseconds() >= after)
+            and (before is None or s.started_at.ToNanoseconds() < before)
+        ]
+        # Newest first; the page key sorts the same way as a string.
+        sessions.sort(key=lambda s: (-s.started_at.ToNanoseconds(), s.session_id))
+
+        def key(s: C.Session) -> str:
+            return f"{(1 << 63) - s.started_at.ToNanoseconds():020d}/{s.session_id}"
+
+        filters = [request.protocol, after, before, request.view]
+        chunk, token = validate.page(sessions, key, size, request.page_token, filters)
+        if request.view == C.SESSION_VIEW_FULL:
+            for s in chunk:
+                s.rounds.extend(await self.store.get_rounds(s.session_id))
+        return C.ListSessionsResponse(sessions=chunk, next_page_token=token)
+
+    async def WatchSession(
+        self, request: C.WatchSessionRequest, context: Any
+    ) -> AsyncIterator[C.WatchSessionResponse]:
+        validate.identifier(request.session_id, "session_id")
+        prefix = self.store.rounds_prefix(request.session_id)
+        kvs, revision = await snapshot(self._etcd, prefix)
+        summary = await self.store.get(request.session_id, full=False)
+        if summary is None:
+            raise errors.NotFound(
+                f"session {request.session_id!r} does not exist",
+                reason=common_pb2.ERROR_REASON_SESSION_NOT_FOUND,
+            )
+        finished = False
+        for kv in kvs:
+            if kv.key.endswith(END_MARKER):
+                finished = True
+            else:
+                yield C.WatchSessionResponse(
+                    type=C.SESSION_EVENT_TYPE_ROUND, round=C.Round.FromString(kv.value)
+                )
+        if not finished:
+            async for event in ResumingWatch(self._etcd, prefix, start_revision=revision + 1):
+                if event.kind != "PUT":
+                    continue
+                if event.key.endswith(END_MARKER):
+                    break
+                yield C.WatchSessionResponse(
+                    type=C.SESSION_EVENT_TYPE_ROUND, round=C.Round.FromString(event.value)
+                )
+        final = await self.store.get(request.session_id, full=False)
+        yield C.WatchSessionResponse(type=C.SESSION_EVENT_TYPE_FINISHED, session=final)
 
 
 async def build(server: MeshServer, etcd: EtcdClient) -> None:
-    """Add the coordination servicer to `server` (called by mabeam.server.start_service)."""
+    """Add the coordination servicer to ``server`` (called by mabeam.server.start_service)."""
+    servicer = CoordinationServicer(server, etcd)
+    await servicer.start()
+    server.on_stop(servicer.stop)
     server.add_service(
-        SERVICE_NAME,
-        coordination_pb2_grpc.add_CoordinationServiceServicer_to_server,
-        CoordinationServicer(server, etcd),
+        SERVICE_NAME, coordination_pb2_grpc.add_CoordinationServiceServicer_to_server, servicer
     )

@@ -1,0 +1,306 @@
+"""The coordination engine: fan-out to agents with deadlines, batching, exclusions, transcripts.
+
+:class:`FanOut` sends one round's protocol messages concurrently over reused
+channels. Participants that share an endpoint (an AgentHost) get one
+``CoordinateBatch`` call carrying all their requests; an endpoint that answers
+UNIMPLEMENTED gets one ``Coordinate`` per agent from then on. Each agent
+keeps its own deadline and its own exclusion: a slow, dead or nonsensical
+agent is left out of the round and named with the reason, and never stalls it.
+
+:class:`Session` records every round (each request, each response or
+exclusion, latencies) and writes the session to etcd (:mod:`.store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from mabeam.client import ChannelPool
+from mabeam.services.coordination.store import SessionStore
+from mabeam.v1 import agent_pb2, agent_pb2_grpc, coordination_pb2
+from mabeam.v1 import coordination_pb2 as C
+
+BATCH_GRACE_S = 0.5
+
+
+@dataclass(frozen=True)
+class Participant:
+    """An agent taking part, and where it is served."""
+
+    agent_id: str
+    endpoint: str
+
+
+@dataclass
+class Reply:
+    """One agent's answer in a round, or why there is none."""
+
+    agent_id: str
+    request: agent_pb2.CoordinationRequest
+    response: agent_pb2.CoordinationResponse | None
+    exclusion: coordination_pb2.Exclusion | None
+    latency_s: float
+    order: int
+
+
+# What answer each request expects.
+EXPECTED_ANSWER = {
+    "bid_request": "bid",
+    "price_quote": "price_answer",
+    "demand_request": "demand",
+    "order_request": "orders",
+    "vote_request": "vote",
+    "task_announcement": "proposal",
+    "award": "ack",
+    "reject": "ack",
+    "custom": "custom",
+}
+
+_CODE_REASONS = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: C.EXCLUSION_REASON_TIMEOUT,
+    grpc.StatusCode.UNAVAILABLE: C.EXCLUSION_REASON_UNAVAILABLE,
+    grpc.StatusCode.NOT_FOUND: C.EXCLUSION_REASON_NOT_REGISTERED,
+}
+
+
+def _exclusion(agent_id: str, reason: int, detail: str, round_number: int) -> coordination_pb2.Exclusion:
+    return C.Exclusion(agent_id=agent_id, reason=reason, detail=detail[:500], round=round_number)  # type: ignore[arg-type]
+
+
+class FanOut:
+    """Sends a round's requests, batched per endpoint, each agent with its own deadline."""
+
+    def __init__(self, pool: ChannelPool) -> None:
+        self._pool = pool
+        self._no_batch: set[str] = set()
+
+    async def send(
+        self,
+        round_number: int,
+        requests: Sequence[tuple[Participant, agent_pb2.CoordinationRequest]],
+        timeout: float,
+        check: Callable[[agent_pb2.CoordinationRequest, agent_pb2.CoordinationResponse], str | None]
+        | None = None,
+    ) -> list[Reply]:
+        """Every participant's reply (or exclusion), in arrival order."""
+        arrival = itertools.count()
+        by_endpoint: dict[str, list[tuple[Participant, agent_pb2.CoordinationRequest]]] = defaultdict(list)
+        for participant, request in requests:
+            by_endpoint[participant.endpoint].append((participant, request))
+        replies: list[Reply] = []
+
+        def judge(
+            request: agent_pb2.CoordinationRequest, response: agent_pb2.CoordinationResponse, latency: float
+        ) -> Reply:
+            agent_id = request.agent_id
+            answer = response.WhichOneof("answer")
+            if answer == "decline":
+                why = _exclusion(agent_id, C.EXCLUSION_REASON_DECLINED, response.decline.reason, round_number)
+                return Reply(agent_id, request, response, why, latency, next(arrival))
+            expected = EXPECTED_ANSWER.get(request.WhichOneof("message") or "", "")
+            problem = None
+            if response.agent_id and response.agent_id != agent_id:
+                problem = f"answered as {response.agent_id!r}"
+            elif answer != expected:
+                problem = f"answered {answer or 'nothing'} to a {request.WhichOneof('message')} (expected {expected})"
+            elif check is not None:
+                problem = check(request, response)
+            if problem:
+                why = _exclusion(agent_id, C.EXCLUSION_REASON_MALFORMED, problem, round_number)
+                return Reply(agent_id, request, response, why, latency, next(arrival))
+            return Reply(agent_id, request, response, None, latency, next(arrival))
+
+        def failed(
+            request: agent_pb2.CoordinationRequest, code: grpc.StatusCode, detail: str, latency: float
+        ) -> Reply:
+            reason = _CODE_REASONS.get(code, C.EXCLUSION_REASON_ERROR)
+            why = _exclusion(request.agent_id, reason, f"{code.name}: {detail}", round_number)
+            return Reply(request.agent_id, request, None, why, latency, next(arrival))
+
+        async def one(endpoint: str, request: agent_pb2.CoordinationRequest) -> None:
+            stub = agent_pb2_grpc.AgentServiceStub(self._pool.get(endpoint))
+            started = time.perf_counter()
+            try:
+                response = await stub.Coordinate(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                replies.append(
+                    failed(request, exc.code(), exc.details() or "", time.perf_counter() - started)
+                )
+                return
+            replies.append(judge(request, response, time.perf_counter() - started))
+
+        async def batch(
+            endpoint: str, group: list[tuple[Participant, agent_pb2.CoordinationRequest]]
+        ) -> None:
+            stub = agent_pb2_grpc.AgentServiceStub(self._pool.get(endpoint))
+            started = time.perf_counter()
+            message = agent_pb2.CoordinateBatchRequest(requests=[r for _, r in group])
+            try:
+                answer = await stub.CoordinateBatch(message, timeout=timeout + BATCH_GRACE_S)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self._no_batch.add(endpoint)
+                    await asyncio.gather(*(one(endpoint, r) for _, r in group))
+                    return
+                latency = time.perf_counter() - started
+                for _, request in group:
+                    replies.append(failed(request, exc.code(), exc.details() or "", latency))
+                return
+            latency = time.perf_counter() - started
+            entries = {e.agent_id: e for e in answer.entries}
+            for _, request in group:
+                entry = entries.get(request.agent_id)
+                if entry is None:
+                    replies.append(
+                        failed(request, grpc.StatusCode.INTERNAL, "missing from the batch answer", latency)
+                    )
+                elif entry.WhichOneof("result") == "error":
+                    code = next(
+                        (c for c in grpc.StatusCode if c.value[0] == entry.error.code),
+                        grpc.StatusCode.UNKNOWN,
+                    )
+                    replies.append(failed(request, code, entry.error.message, latency))
+                else:
+                    replies.append(judge(request, entry.response, latency))
+
+        tasks = []
+        for endpoint, group in by_endpoint.items():
+            if len(group) > 1 and endpoint not in self._no_batch:
+                tasks.append(batch(endpoint, group))
+            else:
+                tasks.extend(one(endpoint, r) for _, r in group)
+        await asyncio.gather(*tasks)
+        replies.sort(key=lambda r: r.order)
+        return replies
+
+
+def now_ts() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def struct(data: dict[str, object]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    json_format.ParseDict(data, out)
+    return out
+
+
+class Session:
+    """One running session: its rounds, exclusions and the write to etcd."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        fanout: FanOut,
+        protocol: str,
+        parameters: dict[str, object],
+        participants: Sequence[Participant],
+        *,
+        session_id: str,
+        deadline_s: float,
+        round_timeout_s: float,
+        coordinator_id: str,
+        stream_rounds: bool,
+        notify: bool = False,
+    ) -> None:
+        self.store = store
+        self.fanout = fanout
+        self.participants = list(participants)
+        self.endpoint_of = {p.agent_id: p.endpoint for p in participants}
+        self.deadline = time.monotonic() + deadline_s
+        self.round_timeout_s = round_timeout_s
+        self.stream_rounds = stream_rounds
+        self.notify = notify
+        self.proto = C.Session(
+            session_id=session_id or uuid.uuid4().hex[:16],
+            protocol=protocol,
+            state=C.SESSION_STATE_RUNNING,
+            parameters=struct(parameters),
+            participants=[p.agent_id for p in participants],
+            started_at=now_ts(),
+            coordinator_id=coordinator_id,
+        )
+        self._excluded: set[str] = set()
+        self._unsaved_rounds: list[coordination_pb2.Round] = []
+
+    @property
+    def session_id(self) -> str:
+        return self.proto.session_id
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @property
+    def excluded_ids(self) -> set[str]:
+        """Agents left out so far (they are not asked again)."""
+        return self._excluded
+
+    def exclude(self, exclusion: coordination_pb2.Exclusion) -> None:
+        """Name an agent as left out (its first exclusion is the one kept)."""
+        if exclusion.agent_id not in self._excluded:
+            self._excluded.add(exclusion.agent_id)
+            self.proto.excluded.append(exclusion)
+
+    async def round(
+        self,
+        requests: Sequence[tuple[str, agent_pb2.CoordinationRequest]],
+        announced: dict[str, object] | None = None,
+        check: Callable[[agent_pb2.CoordinationRequest, agent_pb2.CoordinationResponse], str | None]
+        | None = None,
+    ) -> list[Reply]:
+        """Run one round: send, collect, record. Replies with an exclusion are named in the session."""
+        number = self.proto.round_count + 1
+        self.proto.round_count = number
+        timeout = max(min(self.round_timeout_s, self.remaining()), 0.001)
+        deadline = timestamp_pb2.Timestamp()
+        deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
+        prepared = []
+        for agent_id, request in requests:
+            request.agent_id = agent_id
+            request.session_id = self.session_id
+            request.protocol = self.proto.protocol
+            request.round = number
+            request.deadline.CopyFrom(deadline)
+            prepared.append((Participant(agent_id, self.endpoint_of[agent_id]), request))
+        record = C.Round(number=number, started_at=now_ts())
+        if announced:
+            record.state.CopyFrom(struct(announced))
+        replies = await self.fanout.send(number, prepared, timeout, check)
+        for reply in replies:
+            entry = record.entries.add(agent_id=reply.agent_id, request=reply.request)
+            if reply.response is not None:
+                entry.response.CopyFrom(reply.response)
+            if reply.exclusion is not None:
+                entry.exclusion.CopyFrom(reply.exclusion)
+                if reply.exclusion.reason != C.EXCLUSION_REASON_DECLINED:
+                    self.exclude(reply.exclusion)
+            entry.latency.FromNanoseconds(int(reply.latency_s * 1e9))
+        record.finished_at.CopyFrom(now_ts())
+        if self.stream_rounds:
+            await self.store.put_round(self.session_id, record)
+        else:
+            self._unsaved_rounds.append(record)
+        self.proto.rounds.append(record)
+        return replies
+
+    async def finish(
+        self, outcome: coordination_pb2.Outcome, state: int | None = None
+    ) -> coordination_pb2.Session:
+        """Record the outcome and write the session (summary and unsaved rounds) in one transaction."""
+        self.proto.outcome.CopyFrom(outcome)
+        if state is None:
+            state = C.SESSION_STATE_DECIDED if outcome.decided else C.SESSION_STATE_NO_DECISION
+        self.proto.state = state  # type: ignore[assignment]
+        self.proto.finished_at.CopyFrom(now_ts())
+        await self.store.finish(self.proto, self._unsaved_rounds)
+        return self.proto

@@ -1,0 +1,487 @@
+"""Coordination end to end: real registry, real agents, every built-in protocol, plugins, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from google.protobuf import duration_pb2, json_format, struct_pb2
+from grpc import aio
+
+from mabeam import errors
+from mabeam.agent import Agent, AgentHost
+from mabeam.client import MeshClient
+from mabeam.server import MeshServer
+from mabeam.v1 import (
+    agent_pb2,
+    common_pb2,
+    coordination_pb2,
+    protocol_plugin_pb2,
+    protocol_plugin_pb2_grpc,
+    registry_pb2,
+)
+
+C = coordination_pb2
+pytestmark = pytest.mark.timeout(60)
+
+
+class Trader(Agent):
+    """Bids, stays in and accepts up to its value; votes for its option; reports Cobb-Douglas demand."""
+
+    capabilities = ("trade",)
+
+    def __init__(
+        self, agent_id: str, value: float, vote: str = "yes", side: int = agent_pb2.ORDER_SIDE_BUY
+    ) -> None:
+        super().__init__(agent_id)
+        self.value, self.vote, self.side = value, vote, side
+        self.awards: list[float] = []
+        self.rejects = 0
+
+    async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        kind = request.WhichOneof("message")
+        reply = agent_pb2.CoordinationResponse()
+        if kind == "bid_request":
+            reply.bid.amount = self.value
+        elif kind == "price_quote":
+            reply.price_answer.accept = request.price_quote.price <= self.value
+        elif kind == "vote_request":
+            reply.vote.option = self.vote
+        elif kind == "task_announcement":
+            reply.proposal.cost = self.value
+        elif kind == "order_request":
+            reply.orders.orders.add(side=self.side, price=self.value, quantity=1.0)  # type: ignore[arg-type]
+        elif kind == "demand_request":
+            prices = dict(request.demand_request.prices)
+            wealth = sum(prices.values())
+            for good, price in prices.items():
+                reply.demand.net_demand[good] = 0.5 * wealth / price - 1.0
+        elif kind == "award":
+            self.awards.append(request.award.price)
+            reply.ack.SetInParent()
+        elif kind == "reject":
+            self.rejects += 1
+            reply.ack.SetInParent()
+        elif kind == "custom":
+            reply.custom.update({"number": self.value})
+        return reply
+
+
+class Slow(Trader):
+    async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        await asyncio.sleep(5)
+        return await super().coordinate(request)
+
+
+class Malformed(Trader):
+    async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        if request.HasField("bid_request"):
+            return agent_pb2.CoordinationResponse(bid=agent_pb2.Bid(amount=math.nan))
+        return agent_pb2.CoordinationResponse(vote=agent_pb2.Vote(option="banana"))
+
+
+@pytest.fixture
+async def mesh(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[tuple[MeshClient, MeshServer]]:
+    registry = await service("registry")
+    coordination = await service("coordination")
+    client = await MeshClient.connect(registry=registry.address, coordination=coordination.address)
+    yield client, registry
+    await client.close()
+
+
+@pytest.fixture
+async def traders(mesh: tuple[MeshClient, MeshServer]) -> AsyncIterator[dict[str, Trader]]:
+    _, registry = mesh
+    agents = {
+        "t10": Trader("t10", 10, "yes"),
+        "t20": Trader("t20", 20, "no"),
+        "t30": Trader("t30", 30, "yes"),
+    }
+    host = AgentHost(list(agents.values()), registry=registry.address)
+    await host.start()
+    yield agents
+    await host.stop()
+
+
+def settings(
+    *ids: str, capability: str = "", timeout: float = 1.0, notify: bool = False
+) -> C.SessionSettings:
+    s = C.SessionSettings(participants=common_pb2.AgentSelector(agent_ids=list(ids), capability=capability))
+    s.round_timeout.FromNanoseconds(int(timeout * 1e9))
+    s.notify_outcome = notify
+    return s
+
+
+async def test_vickrey_with_slow_malformed_and_dead_agents(
+    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+) -> None:
+    client, registry = mesh
+    bad = AgentHost([Slow("slow", 99), Malformed("nan", 99)], registry=registry.address)
+    await bad.start()
+    await client.registry.RegisterAgent(
+        registry_pb2.RegisterAgentRequest(agent_id="dead", endpoint="127.0.0.1:9", capabilities=["trade"])
+    )
+    try:
+        reply = await client.coordination.RunAuction(
+            C.RunAuctionRequest(
+                settings=settings(
+                    "t10", "t20", "t30", "slow", "nan", "dead", "ghost", timeout=0.5, notify=True
+                ),
+                type=C.AUCTION_TYPE_SECOND_PRICE,
+                item="slot",
+            )
+        )
+    finally:
+        await bad.stop()
+    session = reply.session
+    assert session.state == C.SESSION_STATE_DECIDED
+    assert list(session.outcome.winners) == ["t30"] and session.outcome.price == 20
+    reasons = {e.agent_id: e.reason for e in session.excluded}
+    assert reasons == {
+        "slow": C.EXCLUSION_REASON_TIMEOUT,
+        "nan": C.EXCLUSION_REASON_MALFORMED,
+        "dead": C.EXCLUSION_REASON_UNAVAILABLE,
+        "ghost": C.EXCLUSION_REASON_NOT_REGISTERED,
+    }
+    assert traders["t30"].awards == [20] and traders["t10"].rejects == 1
+    stored = (
+        await client.coordination.GetSession(C.GetSessionRequest(session_id=session.session_id))
+    ).session
+    assert stored.outcome == session.outcome and len(stored.rounds) == 2
+    bids = {e.agent_id: e.response.bid.amount for e in stored.rounds[0].entries if e.response.HasField("bid")}
+    assert bids["t10"] == 10 and bids["t30"] == 30
+
+
+async def test_first_price_by_capability(
+    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+) -> None:
+    client, _ = mesh
+    reply = await client.coordination.RunAuction(
+        C.RunAuctionRequest(
+            settings=settings(capability="trade"), type=C.AUCTION_TYPE_FIRST_PRICE, item="x", reserve_price=5
+        )
+    )
+    assert list(reply.session.outcome.winners) == ["t30"] and reply.session.outcome.price == 30
+    assert sorted(reply.session.participants) == ["t10", "t20", "t30"]
+
+
+async def test_reserve_not_met_is_no_decision(
+    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+) -> None:
+    client, _ = mesh
+    reply = await client.coordination.RunAuction(
+        C.RunAuctionRequest(
+            settings=settings(capability="trade"),
+            type=C.AUCTION_TYPE_SECOND_PRICE,
+            item="x",
+            reserve_price=50,
+        )
+    )
+    assert reply.session.state == C.SESSION_STATE_NO_DECISION and "reserve" in reply.session.outcome.reason
+
+
+async def test_english_auction_streams_its_rounds(
+    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+) -> None:
+    client, _ = mesh
+    request = C.RunAuctionRequest(
+        settings=settings("t10", "t20", "t30"),
+        type=C.AUCTION_TYPE_ENGLISH,
+        item="x",
+        start_price=0,
+        increment=5,
+    )
+    request.settings.session_id = "english-1"
+    run = asyncio.create_task(client.coordination.RunAuction(request))
+    events: list[C.WatchSessionResponse] = []
+    for _ in range(100):
+        try:
+            async for event in client.coordination.WatchSession(
+                C.WatchSessionRequest(session_id="english-1")
+            ):
+                events.append(event)
+            break
+        except errors.NotFound:
+            await asyncio.sleep(0.01)
+    session = (await run).session
+    # 0, 5, 10, 15, 20 (t10 out), 25 (t20 out at 25 > 20): t30 alone at 25.
+    assert list(session.outcome.winners) == ["t30"] and session.outcome.price == 25
+    prices = [e.round.state["price"] for e in events if e.type == C.SESSION_EVENT_TYPE_ROUND]
+    assert prices == [0, 5, 10, 15, 20, 25]
+    assert events[-1].type == C.SESSION_EVENT_TYPE_FINISHED and events[-1].session.outcome.price == 25
+
+
+async def test_dutch_auction(mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]) -> None:
+    client, _ = mesh
+    reply = await client.coordination.RunAuction(
+        C.RunAuctionRequest(
+            settings=settings("t10", "t20", "t30"),
+            type=C.AUCTION_TYPE_DUTCH,
+            item="x",
+            start_price=50,
+            decrement=10,
+        )
+    )
+    assert list(reply.session.outcome.winners) == ["t30"] and reply.session.outcome.price == 30
+    assert reply.session.round_count == 3
+
+
+async def test_consensus_majority_supermajority_and_malformed_vote(
+    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+) -> None:
+    client, registry = mesh
+    reply = await client.coordination.RunConsensus(
+        C.RunConsensusRequest(
+            settings=settings("t10", "t20", "t30"), question="go?", rule=C.CONSENSUS_RULE_MAJORITY
+        )
+    )
+    assert reply.session.outcome.decision == "yes" and reply.session.outcome.tallies["yes"] == 2
+    reply = await client.coordination.RunConsensus(
+        C.RunConsensusRequest(
+            settings=settings("t10", "t20", "t30"),
+            question="go?",
+            rule=C.CONSENSUS_RULE_SUPERMAJORITY,
+            threshold=0.9,
+        )
+    )
+    assert reply.session.state == C.SESSION_STATE_NO_DECISION and "threshold" in reply.session.outcome.reason
+    weighted = await client.coordination.RunConsensus(
+        C.RunConsensusRequest(
+            settings=settings("t10", "t20", "t30"),
+            question="go?",
+            rule=C.CONSENSUS_RULE_MAJORITY,
+            weights={"t20": 5},
+        )
+    )
+    assert weighted.session.outcome.decision == "no"
+    bad = AgentHost([Malformed("voter", 0)], registry=registry.address)
+    await bad.start()
+    try:
+        reply = await client.coordination.RunConsensus(
+            C.RunConsensusRequest(
+                settings=settings("t10", "voter"), question="go?", rule=C.CONSENSUS_RULE_UNANIMITY
+            )
+        )
+    finally:
+        await bad.stop()
+    assert reply.session.outcome.decision == "yes"
+    assert [(e.agent_id, e.reason) for e in reply.session.excluded] == [
+        ("voter", C.EXCLUSION_REASON_MALFORMED)
+    ]
+
+
+async def test_tatonnement_converges_to_the_symmetric_equilibrium(
+    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+) -> None:
+    client, _ = mesh
+    reply = await client.coordination.RunMarket(
+        C.RunMarketRequest(
+            settings=settings("t10", "t20", "t30"),
+            type=C.MARKET_TYPE_TATONNEMENT,
+            goods=["x", "y"],
+            initial_prices={"x": 1.0, "y": 2.0},
+            step=0.5,
+            tolerance=0.01,
+            max_rounds=200,
+        )
+    )
+    outcome = reply.session.outcome
+    assert reply.session.state == C.SESSION_STATE_DECIDED, outcome.reason
+    # Equal Cobb-Douglas shares and endowments: equilibrium at p_x = p_y.
+    assert outcome.prices["x"] == pytest.approx(outcome.prices["y"], rel=0.02)
+    capped = await client.coordination.RunMarket(
+        C.RunMarketRequest(
+            settings=settings("t10", "t20"),
+            type=C.MARKET_TYPE_TATONNEMENT,
+            goods=["x", "y"],
+            initial_prices={"x": 1.0, "y": 5.0},
+            max_rounds=2,
+        )
+    )
+    assert (
+        capped.session.state == C.SESSION_STATE_NO_DECISION
+        and "did not converge" in capped.session.outcome.reason
+    )
+
+
+async def test_call_market_and_contract_net(mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = mesh
+    agents = [
+        Trader("b1", 12, side=agent_pb2.ORDER_SIDE_BUY),
+        Trader("b2", 8, side=agent_pb2.ORDER_SIDE_BUY),
+        Trader("s1", 6, side=agent_pb2.ORDER_SIDE_SELL),
+        Trader("s2", 11, side=agent_pb2.ORDER_SIDE_SELL),
+    ]
+    host = AgentHost(agents, registry=registry.address)
+    await host.start()
+    try:
+        market = await client.coordination.RunMarket(
+            C.RunMarketRequest(
+                settings=settings("b1", "b2", "s1", "s2"), type=C.MARKET_TYPE_CALL, goods=["w"]
+            )
+        )
+        price = market.session.outcome.price
+        trades = json_format.MessageToDict(market.session.outcome.details)["trades"]
+        assert {t["agent_id"] for t in trades} == {"b1", "s1"} and 6 <= price <= 12
+        cnet = await client.coordination.Run(
+            C.RunRequest(
+                settings=settings("b1", "b2", "s1", "s2"),
+                protocol="contract_net",
+                parameters=_struct({"task": "build"}),
+            )
+        )
+        assert list(cnet.session.outcome.winners) == ["s1"] and cnet.session.outcome.price == 6
+        assert agents[2].awards == [6] and agents[0].rejects == 1
+    finally:
+        await host.stop()
+
+
+def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(data)
+    return s
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (
+            C.RunAuctionRequest(
+                settings=settings("t10"), type=C.AUCTION_TYPE_SECOND_PRICE, item="x", reserve_price=-1
+            ),
+            "reserve_price",
+        ),
+        (
+            C.RunAuctionRequest(settings=settings(), type=C.AUCTION_TYPE_SECOND_PRICE, item="x"),
+            "settings.participants",
+        ),
+        (C.RunAuctionRequest(settings=settings("t10"), item="x"), "type"),
+        (
+            C.RunAuctionRequest(
+                settings=settings("t10"), type=C.AUCTION_TYPE_ENGLISH, item="x", increment=-1
+            ),
+            "increment",
+        ),
+        (
+            C.RunConsensusRequest(
+                settings=settings("t10"), question="q", rule=C.CONSENSUS_RULE_SUPERMAJORITY, threshold=1.5
+            ),
+            "threshold",
+        ),
+        (
+            C.RunConsensusRequest(
+                settings=settings("t10"), question="q", rule=C.CONSENSUS_RULE_MAJORITY, quorum=2
+            ),
+            "quorum",
+        ),
+        (C.RunMarketRequest(settings=settings("t10"), type=C.MARKET_TYPE_TATONNEMENT), "goods"),
+    ],
+)
+async def test_bad_parameters_name_the_field(
+    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader], request_: Any, field: str
+) -> None:
+    client, _ = mesh
+    method = {
+        C.RunAuctionRequest: client.coordination.RunAuction,
+        C.RunConsensusRequest: client.coordination.RunConsensus,
+        C.RunMarketRequest: client.coordination.RunMarket,
+    }[type(request_)]
+    with pytest.raises(errors.InvalidArgument) as info:
+        await method(request_)
+    assert info.value.field == field
+    listed = await client.coordination.ListSessions(C.ListSessionsRequest())
+    assert not listed.sessions  # nothing half-written
+
+
+async def test_unknown_protocol_and_session(
+    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+) -> None:
+    client, _ = mesh
+    with pytest.raises(errors.NotFound, match="nope"):
+        await client.coordination.Run(C.RunRequest(settings=settings("t10"), protocol="nope"))
+    with pytest.raises(errors.NotFound):
+        await client.coordination.GetSession(C.GetSessionRequest(session_id="missing"))
+    names = {p.name for p in (await client.coordination.ListProtocols(C.ListProtocolsRequest())).protocols}
+    assert {
+        "first_price",
+        "vickrey",
+        "english",
+        "dutch",
+        "contract_net",
+        "tatonnement",
+        "call_market",
+        "consensus",
+    } <= names
+
+
+class HighestNumber(protocol_plugin_pb2_grpc.ProtocolPluginServiceServicer):
+    """A protocol served by the test: ask every agent for a number; the highest wins."""
+
+    async def Describe(self, request: Any, context: Any) -> protocol_plugin_pb2.DescribeResponse:
+        return protocol_plugin_pb2.DescribeResponse(description="highest number wins")
+
+    async def Advance(
+        self, request: protocol_plugin_pb2.AdvanceRequest, context: Any
+    ) -> protocol_plugin_pb2.AdvanceResponse:
+        if request.round == 0:
+            out = protocol_plugin_pb2.AdvanceResponse()
+            for agent_id in request.participants:
+                out.round.requests.add(agent_id=agent_id).custom.update({"ask": "number"})
+            return out
+        numbers = {r.agent_id: r.response.custom["number"] for r in request.replies if r.HasField("response")}
+        winner = max(numbers, key=lambda a: numbers[a])
+        return protocol_plugin_pb2.AdvanceResponse(
+            outcome=C.Outcome(decided=True, winners=[winner], price=numbers[winner])
+        )
+
+
+async def test_registered_protocol_runs_among_real_agents(
+    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+) -> None:
+    client, _ = mesh
+    server = aio.server()
+    protocol_plugin_pb2_grpc.add_ProtocolPluginServiceServicer_to_server(HighestNumber(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        await client.coordination.RegisterProtocol(
+            C.RegisterProtocolRequest(name="highest", endpoint=f"127.0.0.1:{port}")
+        )
+        with pytest.raises(errors.AlreadyExists):
+            await client.coordination.RegisterProtocol(
+                C.RegisterProtocolRequest(name="highest", endpoint=f"127.0.0.1:{port}")
+            )
+        listed = {
+            p.name: p for p in (await client.coordination.ListProtocols(C.ListProtocolsRequest())).protocols
+        }
+        assert not listed["highest"].builtin and listed["highest"].description == "highest number wins"
+        reply = await client.coordination.Run(
+            C.RunRequest(settings=settings(capability="trade"), protocol="highest")
+        )
+        assert list(reply.session.outcome.winners) == ["t30"] and reply.session.outcome.price == 30
+        await client.coordination.UnregisterProtocol(C.UnregisterProtocolRequest(name="highest"))
+        with pytest.raises(errors.NotFound):
+            await client.coordination.Run(C.RunRequest(settings=settings("t10"), protocol="highest"))
+    finally:
+        await server.stop(0)
+
+
+async def test_session_never_outlives_its_deadline(mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = mesh
+    host = AgentHost([Slow("s1", 1), Slow("s2", 2)], registry=registry.address)
+    await host.start()
+    try:
+        request = C.RunAuctionRequest(
+            settings=settings("s1", "s2", timeout=10), type=C.AUCTION_TYPE_FIRST_PRICE, item="x"
+        )
+        request.settings.deadline.CopyFrom(duration_pb2.Duration(nanos=500_000_000))
+        started = asyncio.get_running_loop().time()
+        reply = await client.coordination.RunAuction(request)
+        assert asyncio.get_running_loop().time() - started < 3
+        assert reply.session.state == C.SESSION_STATE_NO_DECISION
+        assert {e.reason for e in reply.session.excluded} == {C.EXCLUSION_REASON_TIMEOUT}
+    finally:
+        await host.stop()
