@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from mabeam import process
-from mabeam.bench.core import BenchContext, Result, benchmark, interleaved
+from mabeam.bench.core import BenchContext, Result, benchmark, interleaved, timed
 from mabeam.client import MeshClient
 from mabeam.v1 import registry_pb2
 
@@ -152,3 +152,48 @@ async def supervised_restart(ctx: BenchContext) -> Result:
         await client.close()
     baseline = sorted(by_hand)[len(by_hand) // 2]
     return Result(samples, "starting the same agent by hand", baseline, goal="ratio <= 1.2")
+
+
+def _auction(n: int) -> None:
+    @benchmark(
+        f"auction_{n}",
+        f"sealed-bid round among {n} agents on one AgentHost, through the coordination service, outcome in etcd",
+    )
+    async def run(ctx: BenchContext) -> Result:
+        from mabeam.v1 import common_pb2, coordination_pb2
+
+        mesh = await ctx.mesh()
+        capability = f"auction{n}"
+        await ctx.agent_host(n, prefix=f"au{n}-", capability=capability)
+        client = await MeshClient.connect(
+            registry=mesh.address("registry"), coordination=mesh.address("coordination")
+        )
+        request = coordination_pb2.RunAuctionRequest(
+            settings=coordination_pb2.SessionSettings(
+                participants=common_pb2.AgentSelector(capability=capability)
+            ),
+            type=coordination_pb2.AUCTION_TYPE_SECOND_PRICE,
+            item="bench",
+        )
+        request.settings.round_timeout.FromSeconds(10)
+        request.settings.deadline.FromSeconds(30)
+
+        async def auction() -> None:
+            reply = await client.coordination.RunAuction(request)
+            if len(reply.session.participants) != n or reply.session.excluded:
+                raise RuntimeError(f"auction_{n}: {len(reply.session.excluded)} agents excluded")
+
+        try:
+            rounds = max(10, ctx.n(3000, 600) // n)
+            samples = await timed(auction, min(rounds, 200), warmup=3)
+        finally:
+            await client.close()
+        baseline = sum(
+            [await ctx.baseline("ping"), await ctx.baseline(f"fanout_{n}"), await ctx.baseline("etcd_put")]
+        )
+        goal = "ratio <= 1.3; with batching <= 0.2" if n == 1000 else "ratio <= 1.3"
+        return Result(samples, f"raw ping + raw fan-out of {n} pings + one etcd put", baseline, goal=goal)
+
+
+for _n in (10, 100, 1000):
+    _auction(_n)

@@ -20,9 +20,10 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from mabeam.client import ChannelPool
 from mabeam.services.coordination.store import SessionStore
@@ -189,9 +190,10 @@ def now_ts() -> timestamp_pb2.Timestamp:
     return ts
 
 
-def struct(data: dict[str, object]) -> struct_pb2.Struct:
+def struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    """A JSON-like dict as a Struct (Struct.update: much faster than json_format on big payloads)."""
     out = struct_pb2.Struct()
-    json_format.ParseDict(data, out)
+    out.update(data)
     return out
 
 

@@ -53,6 +53,7 @@ class AgentDirectory:
         # listener, and the sorted lists derived from it (dropped on change).
         self._index: dict[str, dict[str, registry_pb2.Agent]] = {"": {}}
         self._sorted: dict[str, list[registry_pb2.Agent]] = {}
+        self._views: dict[str, tuple[Any, Any, registry_pb2.Agent]] = {}
         self.agents.add_listener(self._reindex)
 
     def _reindex(
@@ -85,14 +86,25 @@ class AgentDirectory:
         await self.loads.stop()
 
     def view(self, agent: registry_pb2.Agent) -> registry_pb2.Agent:
-        """The agent as callers see it: with its latest load and a status."""
-        out = registry_pb2.Agent()
-        out.CopyFrom(agent)
+        """The agent as callers see it: with its latest load and a status.
+
+        Views are cached per (record, load) pair, both immutable cache entries;
+        only the time-dependent status is set again.
+        """
         load = self.loads.get(self._store.keys.load(agent.agent_id))
-        if load is not None:
-            out.load.CopyFrom(load)
-            out.last_heartbeat_at.CopyFrom(load.reported_at)
-        out.status = self.status(out)
+        cached = self._views.get(agent.agent_id)
+        if cached is not None and cached[0] is agent and cached[1] is load:
+            out = cached[2]
+        else:
+            out = registry_pb2.Agent()
+            out.CopyFrom(agent)
+            if load is not None:
+                out.load.CopyFrom(load)
+                out.last_heartbeat_at.CopyFrom(load.reported_at)
+            if len(self._views) > 4 * len(self.agents) + 1024:
+                self._views.clear()
+            self._views[agent.agent_id] = (agent, load, out)
+        out.status = self.status(out)  # type: ignore[assignment]
         return out
 
     def status(self, agent: registry_pb2.Agent) -> int:

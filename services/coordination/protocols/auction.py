@@ -47,9 +47,11 @@ class AuctionOutcome:
     def decided(self) -> bool:
         return self.winner is not None
 
-    def details(self) -> dict[str, Any]:
+    def details(self, top: int = 10) -> dict[str, Any]:
+        """The first ``top`` of the ranking and the rejected bids (the transcript has every bid)."""
         return {
-            "ranking": [{"agent_id": b.agent_id, "amount": b.amount} for b in self.ranking],
+            "ranking": [{"agent_id": b.agent_id, "amount": b.amount} for b in self.ranking[:top]],
+            "valid_bids": len(self.ranking),
             "rejected": dict(self.rejected),
         }
 
