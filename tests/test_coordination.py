@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,13 +22,13 @@ from mabeam.server import MeshServer
 from mabeam.v1 import (
     agent_pb2,
     common_pb2,
-    coordination_pb2,
     protocol_plugin_pb2,
     protocol_plugin_pb2_grpc,
     registry_pb2,
 )
+from mabeam.v1 import coordination_pb2 as C
 
-C = coordination_pb2
+BIDDER = str(Path(__file__).resolve().parent.parent / "examples" / "bidder.py")
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -485,3 +489,77 @@ async def test_session_never_outlives_its_deadline(mesh: tuple[MeshClient, MeshS
         assert {e.reason for e in reply.session.excluded} == {C.EXCLUSION_REASON_TIMEOUT}
     finally:
         await host.stop()
+
+
+class Quick(Agent):
+    capabilities = ("crowd",)
+
+    async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        return agent_pb2.CoordinationResponse(bid=agent_pb2.Bid(amount=float(self.agent_id[1:])))
+
+
+async def test_a_thousand_agents_on_one_host(mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = mesh
+    host = AgentHost([Quick(f"q{i:04d}") for i in range(1000)], registry=registry.address, lease_ttl=30)
+    await host.start()
+    try:
+        request = C.RunAuctionRequest(
+            settings=settings(capability="crowd", timeout=10), type=C.AUCTION_TYPE_SECOND_PRICE, item="x"
+        )
+        reply = await client.coordination.RunAuction(request)
+    finally:
+        await host.stop()
+    session = reply.session
+    assert len(session.participants) == 1000 and not session.excluded
+    assert list(session.outcome.winners) == ["q0999"] and session.outcome.price == 998
+
+
+async def test_agent_killed_mid_session_is_left_out(
+    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+) -> None:
+    client, registry = mesh
+    proc = subprocess.Popen(
+        [sys.executable, BIDDER, "--id", "doomed", "--value", "1000", "--registry", registry.address],
+        stdout=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            try:
+                await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="doomed"))
+                break
+            except errors.NotFound:
+                await asyncio.sleep(0.05)
+        request = C.RunAuctionRequest(
+            settings=settings("t10", "t20", "t30", "doomed", timeout=0.5),
+            type=C.AUCTION_TYPE_ENGLISH,
+            item="x",
+            start_price=0,
+            increment=1,
+        )
+        request.settings.session_id = "doomed-run"
+        run = asyncio.create_task(client.coordination.RunAuction(request))
+        async for number in _rounds(client, "doomed-run"):
+            if number >= 3:
+                proc.send_signal(signal.SIGKILL)
+                break
+        session = (await run).session
+    finally:
+        proc.kill()
+        proc.wait()
+    # Without "doomed" (value 1000), t30 wins once t20 drops out.
+    assert list(session.outcome.winners) == ["t30"]
+    doomed = next(e for e in session.excluded if e.agent_id == "doomed")
+    assert doomed.reason in (C.EXCLUSION_REASON_UNAVAILABLE, C.EXCLUSION_REASON_TIMEOUT) and doomed.round >= 3
+
+
+async def _rounds(client: MeshClient, session_id: str) -> AsyncIterator[int]:
+    """Round numbers of a session as they finish (waits for the session to exist)."""
+    for _ in range(200):
+        try:
+            async for event in client.coordination.WatchSession(C.WatchSessionRequest(session_id=session_id)):
+                if event.type == C.SESSION_EVENT_TYPE_ROUND:
+                    yield event.round.number
+            return
+        except errors.NotFound:
+            await asyncio.sleep(0.01)

@@ -87,3 +87,51 @@ async def test_readme_supervision_recipes(service: Callable[..., Awaitable[MeshS
             assert b"worker-2" in out
         if "StopAgent" in recipe:
             assert b"SUPERVISION_STATE_STOPPED" in out
+
+
+async def test_readme_coordination_recipes(service: Callable[..., Awaitable[MeshServer]]) -> None:
+    import shutil
+
+    registry = await service("registry")
+    coordination = await service("coordination")
+    grpcurl = shutil.which("grpcurl")
+    assert grpcurl is not None
+    bidders = [c for c in readme_lines("python3 examples/bidder.py")]
+    procs = [
+        subprocess.Popen(
+            shlex.split(c.replace("127.0.0.1:50051", registry.address)),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        for c in bidders
+    ]
+    client = await MeshClient.connect(registry=registry.address)
+    try:
+
+        async def bidders_registered() -> bool:
+            page = await client.registry.ListAgents(registry_pb2.ListAgentsRequest(capability="bid"))
+            return len(page.agents) == len(bidders)
+
+        await eventually(bidders_registered, timeout=20, what="bidders registered")
+        recipes = [line for line in readme_lines("grpcurl ") if "CoordinationService/" in line]
+        assert len(recipes) >= 3
+        for recipe in recipes:
+            command = recipe.replace("127.0.0.1:50053", coordination.address)
+            proc = await asyncio.create_subprocess_shell(
+                command,
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "PATH": os.path.dirname(grpcurl) + os.pathsep + os.environ["PATH"]},
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0, f"{command}: {out.decode()}{err.decode()}"
+            if "RunAuction" in recipe or "RunConsensus" in recipe:
+                assert b"SESSION_STATE_DECIDED" in out, out.decode()
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=10)
+        await client.close()

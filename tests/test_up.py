@@ -140,11 +140,14 @@ def test_up_serves_every_service_with_reflection_and_health(up: Up) -> None:
 
 def test_readme_grpcurl_commands_work_as_written(up: Up) -> None:
     readme = (ROOT / "README.md").read_text()
-    # The operator recipes for a running `mabeam up` (supervision recipes: tests/test_readme.py).
+    # The recipes that need only a running `mabeam up`; those that need agents
+    # (supervision, coordination) run in tests/test_readme.py.
     commands = [
         line.strip()
         for line in readme.splitlines()
-        if line.strip().startswith("grpcurl ") and "RegistryService/" not in line
+        if line.strip().startswith("grpcurl ")
+        and "RegistryService/" not in line
+        and "CoordinationService/" not in line
     ]
     assert len(commands) >= 3
     for command in commands:
