@@ -563,3 +563,38 @@ async def _rounds(client: MeshClient, session_id: str) -> AsyncIterator[int]:
             return
         except errors.NotFound:
             await asyncio.sleep(0.01)
+
+
+async def test_list_sessions_filters_and_pages(
+    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+) -> None:
+    client, _ = mesh
+    for i in range(5):
+        await client.coordination.RunAuction(
+            C.RunAuctionRequest(
+                settings=settings("t10", "t20"), type=C.AUCTION_TYPE_FIRST_PRICE, item=f"i{i}"
+            )
+        )
+    await client.coordination.RunConsensus(
+        C.RunConsensusRequest(settings=settings("t10", "t30"), question="q", rule=C.CONSENSUS_RULE_MAJORITY)
+    )
+    everything = (await client.coordination.ListSessions(C.ListSessionsRequest())).sessions
+    assert everything[0].protocol == "consensus"  # newest first
+    assert all(not s.rounds for s in everything)  # BASIC view
+    seen, token = [], ""
+    while True:
+        page = await client.coordination.ListSessions(
+            C.ListSessionsRequest(protocol="first_price", page_size=2, page_token=token)
+        )
+        seen += [s.session_id for s in page.sessions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == len(set(seen)) == 5
+    later = await client.coordination.ListSessions(
+        C.ListSessionsRequest(started_after=everything[0].started_at)
+    )
+    assert [s.session_id for s in later.sessions] == [everything[0].session_id]
+    with pytest.raises(errors.InvalidArgument) as info:
+        await client.coordination.ListSessions(C.ListSessionsRequest(page_size=-3))
+    assert info.value.field == "page_size"
