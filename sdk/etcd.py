@@ -336,14 +336,17 @@ class ResumingWatch:
         self._closed = True
 
 
-async def snapshot(client: EtcdClient, prefix: bytes) -> tuple[list[Any], int]:
+async def snapshot(client: EtcdClient, prefix: bytes, *, serializable: bool = False) -> tuple[list[Any], int]:
     """Every key-value under ``prefix`` and the store revision they were read at.
 
     Watch from ``revision + 1`` to see every later change exactly once.
+    ``serializable`` reads from the member's local state (may be stale).
     """
     await client.connect()
     assert client.kvstub is not None
-    request = aetcd.rpc.RangeRequest(key=prefix, range_end=aetcd_utils.prefix_range_end(prefix))
+    request = aetcd.rpc.RangeRequest(
+        key=prefix, range_end=aetcd_utils.prefix_range_end(prefix), serializable=serializable
+    )
     try:
         reply = await client.kvstub.Range(request, timeout=client._timeout, metadata=client.metadata)
     except aio.AioRpcError as exc:

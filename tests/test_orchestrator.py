@@ -1,0 +1,420 @@
+"""Orchestrator end to end: variables, compare-and-set, LWW, leases, watches, bindings, leadership."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from harness.wait import eventually
+from mabeam import errors
+from mabeam.agent import Agent, AgentHost
+from mabeam.client import MeshClient
+from mabeam.config import MeshConfig
+from mabeam.etcd import EtcdClient, snapshot
+from mabeam.mesh import LocalMesh
+from mabeam.server import MeshServer
+from mabeam.v1 import agent_pb2, common_pb2, registry_pb2
+from mabeam.v1 import orchestrator_pb2 as O
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = str(ROOT / "examples" / "worker.py")
+pytestmark = pytest.mark.timeout(90)
+
+
+def num(x: float) -> common_pb2.Value:
+    return common_pb2.Value(number_value=x)
+
+
+@pytest.fixture
+async def mesh(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[tuple[MeshClient, MeshServer]]:
+    registry = await service("registry")
+    coordination = await service("coordination")
+    orchestrator = await service("orchestrator")
+    client = await MeshClient.connect(
+        registry=registry.address, coordination=coordination.address, orchestrator=orchestrator.address
+    )
+    yield client, registry
+    await client.close()
+
+
+async def test_set_get_list_delete(mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, _ = mesh
+    o = client.orchestrator
+    first = (await o.SetVariable(O.SetVariableRequest(name="cfg/temp", value=num(0.7), writer="me"))).variable
+    assert first.version == 1 and first.value.number_value == 0.7 and first.writer == "me"
+    second = (await o.SetVariable(O.SetVariableRequest(name="cfg/temp", value=num(0.8)))).variable
+    assert second.version == 2 and second.mod_revision > first.mod_revision
+    relaxed = await o.GetVariable(O.GetVariableRequest(name="cfg/temp", consistency=O.CONSISTENCY_RELAXED))
+    assert relaxed.possibly_stale and relaxed.variable.value.number_value == 0.8
+    strong = await o.GetVariable(O.GetVariableRequest(name="cfg/temp"))
+    assert not strong.possibly_stale and strong.variable.version == 2
+    for i in range(5):
+        await o.SetVariable(
+            O.SetVariableRequest(name=f"cfg/v{i}", value=common_pb2.Value(string_value=str(i)))
+        )
+    await o.SetVariable(O.SetVariableRequest(name="other", value=common_pb2.Value(bool_value=True)))
+    names, token = [], ""
+    while True:
+        page = await o.ListVariables(O.ListVariablesRequest(prefix="cfg/", page_size=2, page_token=token))
+        names += [v.name for v in page.variables]
+        token = page.next_page_token
+        if not token:
+            break
+    assert names == ["cfg/temp", "cfg/v0", "cfg/v1", "cfg/v2", "cfg/v3", "cfg/v4"]
+    await o.DeleteVariable(O.DeleteVariableRequest(name="cfg/temp"))
+    with pytest.raises(errors.NotFound) as info:
+        await o.GetVariable(O.GetVariableRequest(name="cfg/temp"))
+    assert info.value.reason == "VARIABLE_NOT_FOUND"
+    with pytest.raises(errors.NotFound):
+        await o.DeleteVariable(O.DeleteVariableRequest(name="cfg/temp"))
+
+
+async def test_compare_and_set(mesh: tuple[MeshClient, MeshServer]) -> None:
+    o = mesh[0].orchestrator
+    created = (await o.SetVariable(O.SetVariableRequest(name="n", value=num(1), expected_version=0))).variable
+    with pytest.raises(errors.Aborted) as info:
+        await o.SetVariable(O.SetVariableRequest(name="n", value=num(2), expected_version=0))
+    assert info.value.metadata["current_version"] == "1" and info.value.reason == "VERSION_MISMATCH"
+    await o.SetVariable(O.SetVariableRequest(name="n", value=num(2), expected_version=created.version))
+    with pytest.raises(errors.Aborted, match="version 2"):
+        await o.SetVariable(O.SetVariableRequest(name="n", value=num(3), expected_version=1))
+    with pytest.raises(errors.FailedPrecondition) as mismatch:
+        await o.SetVariable(
+            O.SetVariableRequest(name="n", value=common_pb2.Value(string_value="x"), expected_version=2)
+        )
+    assert mismatch.value.reason == "TYPE_MISMATCH"
+    assert (await o.GetVariable(O.GetVariableRequest(name="n"))).variable.value.number_value == 2
+
+
+async def test_last_write_wins(mesh: tuple[MeshClient, MeshServer]) -> None:
+    o = mesh[0].orchestrator
+
+    def at(seconds: int) -> timestamp_pb2.Timestamp:
+        return timestamp_pb2.Timestamp(seconds=seconds)
+
+    lww = O.WRITE_MODE_LAST_WRITE_WINS
+    assert (
+        await o.SetVariable(O.SetVariableRequest(name="l", value=num(1), mode=lww, timestamp=at(100)))
+    ).applied
+    late = await o.SetVariable(O.SetVariableRequest(name="l", value=num(0), mode=lww, timestamp=at(50)))
+    assert not late.applied and "discarded" in late.reason and late.variable.value.number_value == 1
+    assert (
+        await o.SetVariable(O.SetVariableRequest(name="l", value=num(2), mode=lww, timestamp=at(200)))
+    ).applied
+    with pytest.raises(errors.InvalidArgument) as info:
+        await o.SetVariable(O.SetVariableRequest(name="l", value=num(3), mode=lww))
+    assert info.value.field == "timestamp"
+
+
+async def test_ephemeral_variable_vanishes_with_its_owner(mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, _ = mesh
+    reg = await client.registry.RegisterAgent(
+        registry_pb2.RegisterAgentRequest(agent_id="owner", endpoint="127.0.0.1:1")
+    )
+    await client.orchestrator.SetVariable(
+        O.SetVariableRequest(name="eph", value=num(1), lease_id=reg.agent.lease_id)
+    )
+    got = (await client.orchestrator.GetVariable(O.GetVariableRequest(name="eph"))).variable
+    assert got.lease_id == reg.agent.lease_id
+    await client.registry.DeregisterAgent(
+        registry_pb2.DeregisterAgentRequest(agent_id="owner", token=reg.token)
+    )
+    with pytest.raises(errors.NotFound):
+        await client.orchestrator.GetVariable(O.GetVariableRequest(name="eph"))
+    with pytest.raises(errors.FailedPrecondition, match="lease_id"):
+        await client.orchestrator.SetVariable(
+            O.SetVariableRequest(name="eph", value=num(1), lease_id=reg.agent.lease_id)
+        )
+
+
+async def test_watch_and_resume(mesh: tuple[MeshClient, MeshServer]) -> None:
+    o = mesh[0].orchestrator
+    events: list[O.WatchVariablesResponse] = []
+
+    async def watch() -> None:
+        async for e in o.WatchVariables(O.WatchVariablesRequest(prefix="w/")):
+            events.append(e)
+
+    task = asyncio.create_task(watch())
+    await asyncio.sleep(0.2)
+    first = (await o.SetVariable(O.SetVariableRequest(name="w/a", value=num(1)))).variable
+    await o.SetVariable(O.SetVariableRequest(name="w/a", value=num(2)))
+    await o.SetVariable(O.SetVariableRequest(name="x/ignored", value=num(2)))
+    await o.DeleteVariable(O.DeleteVariableRequest(name="w/a"))
+    await eventually(lambda: len(events) == 3, what="three events")
+    task.cancel()
+    assert [e.type for e in events] == [
+        O.VARIABLE_EVENT_TYPE_PUT,
+        O.VARIABLE_EVENT_TYPE_PUT,
+        O.VARIABLE_EVENT_TYPE_DELETE,
+    ]
+    resumed: list[O.WatchVariablesResponse] = []
+
+    async def resume() -> None:
+        async for e in o.WatchVariables(
+            O.WatchVariablesRequest(prefix="w/", after_revision=first.mod_revision)
+        ):
+            resumed.append(e)
+
+    task = asyncio.create_task(resume())
+    await eventually(lambda: len(resumed) == 2, what="replayed after the revision")
+    task.cancel()
+    assert resumed[0].variable.value.number_value == 2 and resumed[1].type == O.VARIABLE_EVENT_TYPE_DELETE
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (O.SetVariableRequest(value=num(1)), "name"),
+        (O.SetVariableRequest(name="/abs", value=num(1)), "name"),
+        (O.SetVariableRequest(name="x"), "value"),
+        (O.SetVariableRequest(name="x", value=num(float("nan"))), "value"),
+        (O.SetVariableRequest(name="x", value=num(1), expected_version=-1), "expected_version"),
+    ],
+)
+async def test_bad_writes_name_the_field(
+    mesh: tuple[MeshClient, MeshServer], request_: O.SetVariableRequest, field: str
+) -> None:
+    o = mesh[0].orchestrator
+    with pytest.raises(errors.InvalidArgument) as info:
+        await o.SetVariable(request_)
+    assert info.value.field == field
+    assert not (await o.ListVariables(O.ListVariablesRequest())).variables
+
+
+INCREMENTER = """
+import asyncio, sys
+from mabeam import errors
+from mabeam.client import MeshClient
+from mabeam.v1 import common_pb2, orchestrator_pb2 as O
+async def main(address, n):
+    acked = 0
+    async with await MeshClient.connect(orchestrator=address) as mesh:
+        o = mesh.orchestrator
+        while acked < n:
+            current = (await o.GetVariable(O.GetVariableRequest(name="counter"))).variable
+            try:
+                await o.SetVariable(O.SetVariableRequest(name="counter", expected_version=current.version,
+                    value=common_pb2.Value(int_value=current.value.int_value + 1)))
+                acked += 1
+            except errors.Aborted:
+                pass
+    print(acked)
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+async def test_concurrent_cas_increments_lose_nothing(service: Callable[..., Awaitable[MeshServer]]) -> None:
+    orchestrator = await service("orchestrator")
+    client = await MeshClient.connect(orchestrator=orchestrator.address)
+    await client.orchestrator.SetVariable(
+        O.SetVariableRequest(name="counter", value=common_pb2.Value(int_value=0))
+    )
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", INCREMENTER, orchestrator.address, "30", stdout=asyncio.subprocess.PIPE
+        )
+        for _ in range(4)
+    ]
+    outs = await asyncio.gather(*(p.communicate() for p in procs))
+    acked = sum(int(out.strip()) for out, _ in outs)
+    final = (await client.orchestrator.GetVariable(O.GetVariableRequest(name="counter"))).variable
+    await client.close()
+    assert acked == 120 and final.value.int_value == acked and final.version == acked + 1
+
+
+class Voter(Agent):
+    capabilities = ("decide",)
+
+    def __init__(self, agent_id: str, option: str, bid: float = 0) -> None:
+        super().__init__(agent_id)
+        self.option, self.bid = option, bid
+
+    async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        if request.HasField("vote_request"):
+            return agent_pb2.CoordinationResponse(vote=agent_pb2.Vote(option=self.option))
+        if request.HasField("bid_request"):
+            return agent_pb2.CoordinationResponse(bid=agent_pb2.Bid(amount=self.bid))
+        if request.HasField("demand_request"):
+            reply = agent_pb2.CoordinationResponse()
+            p = dict(request.demand_request.prices)
+            reply.demand.net_demand["power"] = (
+                10.0 / p["power"] - 2.0
+            )  # equilibrium price 5 with two agents... per agent 10/p - 2
+            return reply
+        return agent_pb2.CoordinationResponse(ack=agent_pb2.Acknowledgement())
+
+
+def params(data: dict[str, object]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(data)
+    return s
+
+
+@pytest.fixture
+async def voters(mesh: tuple[MeshClient, MeshServer]) -> AsyncIterator[None]:
+    host = AgentHost(
+        [Voter("v1", "21", 5), Voter("v2", "21", 9), Voter("v3", "18", 7)], registry=mesh[1].address
+    )
+    await host.start()
+    yield
+    await host.stop()
+
+
+async def test_parameter_decided_by_vote_and_by_market(
+    mesh: tuple[MeshClient, MeshServer], voters: None
+) -> None:
+    o = mesh[0].orchestrator
+    selector = common_pb2.AgentSelector(capability="decide")
+    binding = O.OrchestrationBinding(
+        variable="room/temperature",
+        protocol="consensus",
+        participants=selector,
+        parameters=params({"question": "temperature?", "options": ["18", "21", "24"]}),
+        constraints=O.Constraints(min=16, max=26),
+    )
+    await o.BindVariable(O.BindVariableRequest(binding=binding))
+    result = (await o.CoordinateVariable(O.CoordinateVariableRequest(variable="room/temperature"))).result
+    assert result.applied and result.decided_value.number_value == 21 and result.session_id
+    var = (await o.GetVariable(O.GetVariableRequest(name="room/temperature"))).variable
+    assert var.value.number_value == 21 and var.decided_by_session == result.session_id
+    market = O.OrchestrationBinding(
+        variable="price/power",
+        protocol="tatonnement",
+        participants=selector,
+        parameters=params(
+            {"goods": ["power"], "initial_prices": {"power": 1.0}, "step": 0.5, "tolerance": 0.001}
+        ),
+    )
+    await o.BindVariable(O.BindVariableRequest(binding=market))
+    system = (await o.CoordinateSystem(O.CoordinateSystemRequest())).results
+    by_name = {r.variable: r for r in system}
+    assert by_name["price/power"].applied
+    # Three agents with demand 10/p - 2 each: excess demand 30/p - 6 = 0 at p = 5.
+    assert by_name["price/power"].decided_value.number_value == pytest.approx(5, rel=0.01)
+
+
+async def test_constraint_violation_is_not_written(mesh: tuple[MeshClient, MeshServer], voters: None) -> None:
+    o = mesh[0].orchestrator
+    await o.SetVariable(O.SetVariableRequest(name="t", value=num(20)))
+    binding = O.OrchestrationBinding(
+        variable="t",
+        protocol="consensus",
+        participants=common_pb2.AgentSelector(capability="decide"),
+        parameters=params({"question": "t?", "options": ["18", "21", "24"]}),
+        constraints=O.Constraints(max=19),
+    )
+    await o.BindVariable(O.BindVariableRequest(binding=binding))
+    result = (await o.CoordinateVariable(O.CoordinateVariableRequest(variable="t"))).result
+    assert not result.applied and "constraint violated" in result.reason and "maximum 19" in result.reason
+    assert (await o.GetVariable(O.GetVariableRequest(name="t"))).variable.value.number_value == 20
+
+
+async def test_binding_to_an_unknown_protocol_fails(mesh: tuple[MeshClient, MeshServer]) -> None:
+    o = mesh[0].orchestrator
+    binding = O.OrchestrationBinding(
+        variable="z", protocol="nope", participants=common_pb2.AgentSelector(capability="x")
+    )
+    with pytest.raises(errors.FailedPrecondition, match="nope"):
+        await o.BindVariable(O.BindVariableRequest(binding=binding))
+    with pytest.raises(errors.InvalidArgument) as info:
+        await o.BindVariable(
+            O.BindVariableRequest(binding=O.OrchestrationBinding(variable="z", protocol="consensus"))
+        )
+    assert info.value.field == "binding.participants"
+    assert not (await o.ListBindings(O.ListBindingsRequest())).bindings
+
+
+async def test_resource_allocation_by_auction_resizes_a_worker_pool(
+    mesh: tuple[MeshClient, MeshServer], voters: None
+) -> None:
+    client, _ = mesh
+    o = client.orchestrator
+    pool = O.WorkerPool(
+        launch=registry_pb2.LaunchSpec(command=registry_pb2.Command(argv=[sys.executable, WORKER])),
+        agent_id_prefix="pool",
+    )
+    binding = O.OrchestrationBinding(
+        variable="gpu/slot",
+        protocol="vickrey",
+        participants=common_pb2.AgentSelector(capability="decide"),
+        parameters=params({"item": "gpu"}),
+        kind=O.BINDING_KIND_RESOURCE_ALLOCATION,
+        worker_pool=pool,
+    )
+    await o.BindVariable(O.BindVariableRequest(binding=binding))
+    result = (await o.CoordinateVariable(O.CoordinateVariableRequest(variable="gpu/slot"))).result
+    assert result.applied, result.reason
+    decided = result.decided_value.struct_value
+    assert list(decided["winners"]) == ["v2"] and decided["price"] == 7 and decided["size"] == 1
+    supervised = await client.registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest())
+    assert [a.agent_id for a in supervised.agents if a.state == registry_pb2.SUPERVISION_STATE_RUNNING] == [
+        "pool-1"
+    ]
+    # A vote on the pool size grows it to two workers.
+    sizers = [Voter("s1", "2"), Voter("s2", "2"), Voter("s3", "1")]
+    for v in sizers:
+        v.agent_capabilities = ("size",)
+    host = AgentHost(sizers, registry=mesh[1].address)
+    await host.start()
+    try:
+        size = O.OrchestrationBinding(
+            variable="gpu/pool",
+            protocol="consensus",
+            participants=common_pb2.AgentSelector(capability="size"),
+            parameters=params({"question": "workers?", "options": ["1", "2", "3"]}),
+            kind=O.BINDING_KIND_RESOURCE_ALLOCATION,
+            worker_pool=pool,
+            constraints=O.Constraints(max=3),
+        )
+        await o.BindVariable(O.BindVariableRequest(binding=size))
+        result = (await o.CoordinateVariable(O.CoordinateVariableRequest(variable="gpu/pool"))).result
+        assert result.applied and result.decided_value.struct_value["size"] == 2, result.reason
+        supervised = await client.registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest())
+        running = [a.agent_id for a in supervised.agents if a.state == registry_pb2.SUPERVISION_STATE_RUNNING]
+        assert running == ["pool-1", "pool-2"]
+    finally:
+        await host.stop()
+        for a in ("pool-1", "pool-2"):
+            with contextlib.suppress(errors.MabeamError):
+                await client.registry.StopAgent(registry_pb2.StopAgentRequest(agent_id=a))
+
+
+async def test_adaptation_leader_fails_over(
+    local_mesh: Callable[..., Awaitable[LocalMesh]], etcd_client: EtcdClient, mesh_config: MeshConfig
+) -> None:
+    mesh = await local_mesh(
+        services=("registry", "coordination", "orchestrator"),
+        replicas=2,
+        extra_env={"MABEAM_SERVICE_TTL": "2"},
+    )
+    prefix = (mesh_config.prefix + "/orchestrator-leader/").encode()
+
+    async def leader() -> str | None:
+        kvs, _ = await snapshot(etcd_client, prefix)
+        return bytes(min(kvs, key=lambda kv: kv.create_revision).value).decode() if kvs else None
+
+    first = await eventually(leader, what="a leader")
+    replicas = [p for p in mesh.processes if p.kind == "orchestrator"]
+    assert sum(f"-{p.pid}-" in first for p in replicas) == 1
+    victim = next(p for p in replicas if f"-{p.pid}-" in first)
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    killed = time.monotonic()
+
+    async def new_leader() -> bool:
+        now = await leader()
+        return now is not None and now != first
+
+    await eventually(new_leader, timeout=10, interval=0.05, what="another replica leads")
+    assert time.monotonic() - killed <= 2 + 1.5
+    survivor = next(p for p in replicas if p is not victim)
+    assert f"-{survivor.pid}-" in (await leader() or "")
