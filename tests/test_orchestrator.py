@@ -9,9 +9,10 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from harness.wait import eventually
 from mabeam import errors
@@ -253,7 +254,7 @@ class Voter(Agent):
         return agent_pb2.CoordinationResponse(ack=agent_pb2.Acknowledgement())
 
 
-def params(data: dict[str, object]) -> struct_pb2.Struct:
+def params(data: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(data)
     return s
@@ -418,3 +419,40 @@ async def test_adaptation_leader_fails_over(
     assert time.monotonic() - killed <= 2 + 1.5
     survivor = next(p for p in replicas if p is not victim)
     assert f"-{survivor.pid}-" in (await leader() or "")
+
+
+async def test_adaptation_rule_recoordinates_when_the_metric_crosses(
+    mesh: tuple[MeshClient, MeshServer], voters: None
+) -> None:
+    o = mesh[0].orchestrator
+    binding = O.OrchestrationBinding(
+        variable="adaptive",
+        protocol="consensus",
+        participants=common_pb2.AgentSelector(capability="decide"),
+        parameters=params({"question": "t?", "options": ["18", "21"]}),
+        adaptation=O.AdaptationRule(
+            metric="var:load",
+            comparison=O.COMPARISON_ABOVE,
+            threshold=0.5,
+            cooldown=duration_pb2.Duration(seconds=60),
+        ),
+    )
+    await o.BindVariable(O.BindVariableRequest(binding=binding))
+    await o.SetVariable(O.SetVariableRequest(name="load", value=num(0.2)))
+    await asyncio.sleep(1.5)  # below the threshold: nothing happens
+    with pytest.raises(errors.NotFound):
+        await o.GetVariable(O.GetVariableRequest(name="adaptive"))
+    await o.SetVariable(O.SetVariableRequest(name="load", value=num(0.9)))
+
+    async def decided() -> bool:
+        try:
+            return (
+                await o.GetVariable(O.GetVariableRequest(name="adaptive"))
+            ).variable.value.number_value == 21
+        except errors.NotFound:
+            return False
+
+    await eventually(decided, timeout=5, what="the leader re-coordinated the binding")
+    first = (await o.GetVariable(O.GetVariableRequest(name="adaptive"))).variable
+    await asyncio.sleep(1.5)  # the cool-down holds further adaptations back
+    assert (await o.GetVariable(O.GetVariableRequest(name="adaptive"))).variable.version == first.version
