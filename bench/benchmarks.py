@@ -197,3 +197,69 @@ def _auction(n: int) -> None:
 
 for _n in (10, 100, 1000):
     _auction(_n)
+
+
+async def _orchestrator_client(ctx: BenchContext) -> MeshClient:
+    mesh = await ctx.mesh()
+    return await MeshClient.connect(orchestrator=mesh.address("orchestrator"))
+
+
+@benchmark("var_read", "strong GetVariable vs a raw ping + a raw etcd get (interleaved)")
+async def var_read(ctx: BenchContext) -> Result:
+    from mabeam.v1 import common_pb2, orchestrator_pb2
+
+    client = await _orchestrator_client(ctx)
+    etcd = await ctx.etcd()
+    ping = await ctx.ping_fn()
+    try:
+        await client.orchestrator.SetVariable(
+            orchestrator_pb2.SetVariableRequest(name="bench/read", value=common_pb2.Value(number_value=1))
+        )
+        await etcd.put(b"/bench/raw/read", b"v")
+        request = orchestrator_pb2.GetVariableRequest(name="bench/read")
+        ours, pings, gets = await interleaved(
+            lambda: client.orchestrator.GetVariable(request),
+            ping,
+            lambda: etcd.get(b"/bench/raw/read"),
+            n=ctx.n(2000, 400),
+        )
+    finally:
+        await client.close()
+    baseline = statistics.median(pings) + statistics.median(gets)
+    return Result(ours, "raw ping + raw etcd get (interleaved)", baseline, goal="ratio <= 1.3")
+
+
+@benchmark("var_cas", "compare-and-set SetVariable vs a raw ping + a raw etcd txn (interleaved)")
+async def var_cas(ctx: BenchContext) -> Result:
+    from mabeam.v1 import common_pb2, orchestrator_pb2
+
+    client = await _orchestrator_client(ctx)
+    etcd = await ctx.etcd()
+    ping = await ctx.ping_fn()
+    version = 0
+
+    async def cas() -> None:
+        nonlocal version
+        reply = await client.orchestrator.SetVariable(
+            orchestrator_pb2.SetVariableRequest(
+                name="bench/cas", value=common_pb2.Value(int_value=version), expected_version=version
+            )
+        )
+        version = reply.variable.version
+
+    key = b"/bench/raw/cas"
+    await etcd.put(key, b"0")
+
+    async def txn() -> None:
+        await etcd.transaction(
+            compare=[etcd.transactions.version(key) > 0],
+            success=[etcd.transactions.put(key, b"1")],
+            failure=[],
+        )
+
+    try:
+        ours, pings, txns = await interleaved(cas, ping, txn, n=ctx.n(2000, 400))
+    finally:
+        await client.close()
+    baseline = statistics.median(pings) + statistics.median(txns)
+    return Result(ours, "raw ping + raw etcd txn (interleaved)", baseline, goal="ratio <= 1.3")

@@ -53,24 +53,18 @@ async def timed(fn: Callable[[], Awaitable[Any]], n: int, warmup: int = 5) -> li
     return samples
 
 
-async def interleaved(
-    ours: Callable[[], Awaitable[Any]], baseline: Callable[[], Awaitable[Any]], n: int, warmup: int = 50
-) -> tuple[list[float], list[float]]:
-    """Time ``ours`` and ``baseline`` alternately, call by call: both see the same noise."""
+async def interleaved(*fns: Callable[[], Awaitable[Any]], n: int, warmup: int = 50) -> list[list[float]]:
+    """Time ``fns`` alternately, call by call, so all see the same noise; samples per function."""
     for _ in range(warmup):
-        await ours()
-        await baseline()
-    a: list[float] = []
-    b: list[float] = []
+        for fn in fns:
+            await fn()
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(n):
-        t0 = time.perf_counter()
-        await ours()
-        t1 = time.perf_counter()
-        await baseline()
-        t2 = time.perf_counter()
-        a.append(t1 - t0)
-        b.append(t2 - t1)
-    return a, b
+        for fn, out in zip(fns, samples, strict=True):
+            t0 = time.perf_counter()
+            await fn()
+            out.append(time.perf_counter() - t0)
+    return samples
 
 
 @dataclass

@@ -101,13 +101,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             expected = request.expected_version
             if expected < 0:
                 raise errors.InvalidArgument("expected_version", "must not be negative")
+            # One transaction: the version and the stored type both checked.
+            compare = [c.transactions.version(key) == expected]
             if expected > 0:
-                current = await self.store.get(name)
-                if current is None or current.version != expected:
-                    raise _version_mismatch(name, expected, current)
-                self._check_type(name, current, request.value)
-            ok, now = await self._put(name, var, [c.transactions.version(key) == expected], request.lease_id)
+                compare.append(c.transactions.value(self.store.type_key(name)) == V.kind_of(request.value).encode())
+            ok, now = await self._put(name, var, compare, request.lease_id)
             if not ok:
+                if now is not None and now.version == expected:
+                    self._check_type(name, now, request.value)
                 raise _version_mismatch(name, expected, now)
             return O.SetVariableResponse(variable=now, applied=True)
         if request.require_same_type:
@@ -201,8 +202,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         compare = [c.transactions.create(key) > 0]
         if request.HasField("expected_version"):
             compare = [c.transactions.version(key) == request.expected_version, *compare]
-        ok, _ = await c.transaction(compare=compare, success=[c.transactions.delete(key)], failure=[])
-        if not ok:
+        if not await self.store.delete_if(name, compare):
             current = await self.store.get(name)
             if current is None:
                 raise _not_found(name)

@@ -6,6 +6,7 @@ key                       value                                           lease
 P/vars/<name>             ``mabeam.v1.Variable`` (value, timestamps,      the variable's
                           writer, deciding session; version and           (ephemeral ones)
                           revision come from etcd itself)
+P/var-types/<name>        the value's type name (for compare-and-set)     the variable's
 P/bindings/<name>         ``mabeam.v1.OrchestrationBinding``              none
 P/orchestrator-leader/    election of the replica running adaptation      each candidate's
 ========================  ==============================================  =================
@@ -40,6 +41,7 @@ class VariableStore:
         self.client = client
         self.vars = config.key("vars") + b"/"
         self.bindings = config.key("bindings") + b"/"
+        self.types = config.key("var-types") + b"/"
         self.leader = config.key("orchestrator-leader")
 
     def key(self, name: str) -> bytes:
@@ -52,19 +54,25 @@ class VariableStore:
         got = await self.client.get(self.key(name), serializable=relaxed)
         return variable_from_kv(got) if got is not None else None
 
+    def type_key(self, name: str) -> bytes:
+        """Beside each variable, its value's type, so compare-and-set checks it in the same transaction."""
+        return self.types + name.encode()
+
     async def put_if(
         self, name: str, var: orchestrator_pb2.Variable, compare: list[Any], lease: int = 0
     ) -> tuple[bool, orchestrator_pb2.Variable | None]:
-        """Put ``var`` if every compare holds; returns (applied, the variable as stored now)."""
+        """Put ``var`` (and its type) if every compare holds; returns (applied, the variable as stored now)."""
         c = self.client
         key = self.key(name)
         stored = orchestrator_pb2.Variable()
         stored.CopyFrom(var)
         stored.version = stored.mod_revision = stored.lease_id = 0
+        kind = (var.value.WhichOneof("kind") or "").encode()
         ok, responses = await c.transaction(
             compare=compare,
             success=[
                 c.transactions.put(key, stored.SerializeToString(), lease=lease or None),
+                c.transactions.put(self.type_key(name), kind, lease=lease or None),
                 c.transactions.get(key),
             ],
             failure=[c.transactions.get(key)],
@@ -72,3 +80,13 @@ class VariableStore:
         ranged = responses[-1] if responses else []
         current = variable_from_kv(ranged[0][1]) if ranged else None
         return bool(ok), current
+
+    async def delete_if(self, name: str, compare: list[Any]) -> bool:
+        """Delete the variable and its type if every compare holds."""
+        c = self.client
+        ok, _ = await c.transaction(
+            compare=compare,
+            success=[c.transactions.delete(self.key(name)), c.transactions.delete(self.type_key(name))],
+            failure=[],
+        )
+        return bool(ok)
