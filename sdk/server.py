@@ -73,7 +73,9 @@ def to_mabeam_error(exc: BaseException) -> errors.MabeamError:
     if isinstance(exc, _ETCD_UNREACHABLE):
         return errors.Unavailable(f"etcd is unreachable: {exc}")
     if isinstance(exc, aetcd.exceptions.ClientError):
-        return errors.Unavailable(f"etcd error: {exc}")
+        # etcd refused a request we built: a bug on our side, not an outage.
+        log.exception("etcd refused a request", exc_info=exc)
+        return errors.Internal(f"etcd refused the request: {exc}")
     if isinstance(exc, grpc.RpcError):
         return errors.from_rpc_error(exc)
     if isinstance(exc, TimeoutError):

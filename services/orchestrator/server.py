@@ -104,7 +104,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             # One transaction: the version and the stored type both checked.
             compare = [c.transactions.version(key) == expected]
             if expected > 0:
-                compare.append(c.transactions.value(self.store.type_key(name)) == V.kind_of(request.value).encode())
+                compare.append(
+                    c.transactions.value(self.store.type_key(name)) == V.kind_of(request.value).encode()
+                )
             ok, now = await self._put(name, var, compare, request.lease_id)
             if not ok:
                 if now is not None and now.version == expected:

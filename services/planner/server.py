@@ -1,32 +1,277 @@
-"""The planner service's gRPC edge: proto in, proto out, validation.
+"""The planner's gRPC edge: submit, follow, inspect and cancel goals.
 
-Domain logic lives beside it (pure, no grpc); the etcd keyspace it owns lives
-in `store.py`.
+Validation (:mod:`.dag`) happens before anything is stored. A submitted goal
+is run by whichever replica takes its owner key (:mod:`.runner`); every
+replica looks for goals that are pending or running without an owner (their
+replica died) and resumes them.
 """
 
 from __future__ import annotations
 
-from mabeam.etcd import EtcdClient
-from mabeam.server import MeshServer, unimplemented
-from mabeam.v1 import planner_pb2_grpc
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from mabeam import errors, validate
+from mabeam.cache import PrefixCache
+from mabeam.client import ChannelPool, MeshClient
+from mabeam.etcd import EtcdClient, LeaseKeeper, ResumingWatch, snapshot, try_acquire
+from mabeam.server import MeshServer
+from mabeam.services.planner import dag
+from mabeam.services.planner.runner import GoalRunner, now_ts
+from mabeam.services.planner.store import GoalStore
+from mabeam.v1 import common_pb2, planner_pb2_grpc, registry_pb2
+from mabeam.v1 import planner_pb2 as P
 
 SERVICE_NAME = "mabeam.v1.PlannerService"
+log = logging.getLogger("mabeam.planner")
+ACTIVE = (P.GOAL_STATE_PENDING, P.GOAL_STATE_RUNNING)
+FINISHED = (P.GOAL_STATE_SUCCEEDED, P.GOAL_STATE_FAILED, P.GOAL_STATE_CANCELLED)
 
-_Base = unimplemented(planner_pb2_grpc.PlannerServiceServicer, SERVICE_NAME, "issue #6")
+
+def _not_found(goal_id: str) -> errors.NotFound:
+    return errors.NotFound(f"goal {goal_id!r} does not exist", reason=common_pb2.ERROR_REASON_GOAL_NOT_FOUND)
 
 
-class PlannerServicer(_Base):  # type: ignore[misc, valid-type]
+class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     """mabeam.v1.PlannerService."""
 
     def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
         self._server = server
         self._etcd = etcd
+        self.store = GoalStore(etcd, server.config)
+        self.pool = ChannelPool()
+        self.goals: PrefixCache[P.Goal] = PrefixCache(
+            etcd, self.store.goals, lambda k, v: P.Goal.FromString(v)
+        )
+        self.owners: PrefixCache[bytes] = PrefixCache(etcd, self.store.owners, lambda k, v: bytes(v))
+        self.cancels: PrefixCache[bytes] = PrefixCache(etcd, self.store.cancels, lambda k, v: bytes(v))
+        self.runners: dict[str, tuple[GoalRunner | None, asyncio.Task[None]]] = {}
+        self._keeper: LeaseKeeper | None = None
+        self._mesh: MeshClient | None = None
+        self._wake = asyncio.Event()
+
+    @property
+    def mesh(self) -> MeshClient:
+        assert self._mesh is not None
+        return self._mesh
+
+    async def start(self) -> None:
+        config = self._server.config
+        self._mesh = await MeshClient.connect(etcd=list(config.etcd_endpoints), prefix=config.prefix)
+        for cache in (self.goals, self.owners, self.cancels):
+            cache.add_listener(lambda *a: self._wake.set())
+            await cache.start()
+        self.cancels.add_listener(self._on_cancel)
+        self._keeper = LeaseKeeper(self._etcd, config.service_ttl)
+        await self._keeper.start()
+        self._server.spawn(self._adopt_loop(), "goal-adoption")
+
+    async def stop(self) -> None:
+        runners, self.runners = self.runners, {}
+        for _, task in runners.values():
+            task.cancel()
+        await asyncio.gather(*(t for _, t in runners.values()), return_exceptions=True)
+        if self._keeper is not None:
+            await self._keeper.revoke()
+        for cache in (self.goals, self.owners, self.cancels):
+            await cache.stop()
+        if self._mesh is not None:
+            await self._mesh.close()
+        await self.pool.close()
+
+    def cancel_reason(self, goal_id: str) -> str:
+        reason = self.cancels.get(self.store.cancel_key(goal_id))
+        return f"cancelled: {reason.decode() or 'on request'}" if reason is not None else "cancelled"
+
+    def _on_cancel(self, kind: str, key: bytes, old: Any, new: Any, rev: int) -> None:
+        goal_id = key[len(self.store.cancels) :].decode()
+        entry = self.runners.get(goal_id)
+        if kind == "PUT" and entry is not None and entry[0] is not None:
+            entry[0].cancelled.set()
+
+    # -- adoption: run goals nobody runs ------------------------------------------------
+
+    async def _adopt_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.5)
+            self._wake.clear()
+            try:
+                await self._adopt()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("goal adoption pass failed: %s", exc)
+
+    async def _adopt(self) -> None:
+        assert self._keeper is not None
+        if self._keeper.lost.is_set():
+            # Our goals' owner keys lapsed with the lease: stop their runners first.
+            for _, task in self.runners.values():
+                task.cancel()
+            self.runners.clear()
+            self._keeper = LeaseKeeper(self._etcd, self._server.config.service_ttl)
+            await self._keeper.start()
+        for _, goal in list(self.goals.items()):
+            if goal.state not in ACTIVE or goal.goal_id in self.runners:
+                continue
+            if self.owners.get(self.store.owner_key(goal.goal_id)) is not None:
+                continue
+            if await try_acquire(
+                self._etcd,
+                self.store.owner_key(goal.goal_id),
+                self._server.instance_id,
+                self._keeper.lease_id,
+            ):
+                self._start_runner(goal.goal_id)
+
+    def _start_runner(self, goal_id: str) -> None:
+        if goal_id in self.runners:
+            return  # submit and the adoption pass may both win the (idempotent) owner key
+
+        async def run() -> None:
+            goal = await self.store.get(goal_id, with_steps=False)
+            if goal is None or goal.state in FINISHED:
+                return
+            runner = GoalRunner(self, goal, self._server.instance_id)
+            self.runners[goal_id] = (runner, task)
+            if self.cancels.get(self.store.cancel_key(goal_id)) is not None:
+                runner.cancelled.set()
+            await runner.run()
+
+        task = asyncio.create_task(run(), name=f"goal:{goal_id}")
+        self.runners[goal_id] = (None, task)
+        task.add_done_callback(lambda _: self.runners.pop(goal_id, None))
+
+    # -- RPCs ----------------------------------------------------------------------------
+
+    async def _validate(self, spec: P.GoalSpec) -> None:
+        steps = [dag.StepSpec(s.step_id, s.capability, tuple(s.depends_on)) for s in spec.steps]
+        for i, s in enumerate(spec.steps):
+            if s.timeout.seconds < 0 or s.timeout.nanos < 0:
+                raise errors.InvalidArgument(f"goal.steps[{i}].timeout", "must not be negative")
+        if spec.max_parallelism > 1024:
+            raise errors.InvalidArgument("goal.max_parallelism", "at most 1024")
+        validate.seconds(spec.deadline, "goal.deadline", default=600, minimum=0.001, maximum=7 * 86400)
+        try:
+            dag.validate(steps)
+            live: set[str] = set()
+            for capability in {s.capability for s in steps}:
+                listed = await self.mesh.registry.ListAgents(
+                    registry_pb2.ListAgentsRequest(capability=capability, page_size=1)
+                )
+                if listed.agents:
+                    live.add(capability)
+            dag.validate(steps, live)
+        except dag.GoalInvalid as exc:
+            if exc.code == "NO_CAPABILITY":
+                raise errors.FailedPrecondition(
+                    exc.message, reason=common_pb2.ERROR_REASON_NO_CAPABLE_AGENT
+                ) from None
+            raise errors.InvalidArgument(
+                "goal.steps", exc.message, reason=common_pb2.ERROR_REASON_INVALID_PLAN
+            ) from None
+
+    async def submit(self, spec: P.GoalSpec, goal_id: str) -> P.Goal:
+        if goal_id:
+            validate.identifier(goal_id, "goal_id")
+            existing = await self.store.get(goal_id)
+            if existing is not None:
+                return existing  # idempotent submission
+        await self._validate(spec)
+        goal = P.Goal(
+            goal_id=goal_id or uuid.uuid4().hex[:16],
+            spec=spec,
+            state=P.GOAL_STATE_PENDING,
+            created_at=now_ts(),
+        )
+        steps = [P.StepStatus(step_id=s.step_id, state=P.STEP_STATE_PENDING) for s in spec.steps]
+        if not await self.store.create(goal):
+            existing = await self.store.get(goal.goal_id)
+            if existing is not None:
+                return existing
+        goal.steps.extend(steps)
+        assert self._keeper is not None
+        if await try_acquire(
+            self._etcd, self.store.owner_key(goal.goal_id), self._server.instance_id, self._keeper.lease_id
+        ):
+            self._start_runner(goal.goal_id)
+        return goal
+
+    async def SubmitGoal(self, request: P.SubmitGoalRequest, context: Any) -> P.SubmitGoalResponse:
+        return P.SubmitGoalResponse(goal=await self.submit(request.goal, request.goal_id))
+
+    async def ExecuteGoal(
+        self, request: P.ExecuteGoalRequest, context: Any
+    ) -> AsyncIterator[P.ExecuteGoalResponse]:
+        target = request.WhichOneof("target")
+        if target is None:
+            raise errors.InvalidArgument("target", "give goal_id or goal")
+        if target == "goal":
+            goal_id = (await self.submit(request.goal, "")).goal_id
+        else:
+            goal_id = validate.identifier(request.goal_id, "goal_id")
+            if await self.store.get(goal_id, with_steps=False) is None:
+                raise _not_found(goal_id)
+        prefix = self.store.events_prefix(goal_id)
+        kvs, revision = await snapshot(self._etcd, prefix)
+        for kv in kvs:
+            event = P.ExecuteGoalResponse.FromString(kv.value)
+            yield event
+            if event.type == P.GOAL_EVENT_TYPE_GOAL_FINISHED:
+                return
+        async for change in ResumingWatch(self._etcd, prefix, start_revision=revision + 1):
+            if change.kind != "PUT":
+                continue
+            event = P.ExecuteGoalResponse.FromString(change.value)
+            yield event
+            if event.type == P.GOAL_EVENT_TYPE_GOAL_FINISHED:
+                return
+
+    async def GetGoal(self, request: P.GetGoalRequest, context: Any) -> P.GetGoalResponse:
+        goal_id = validate.identifier(request.goal_id, "goal_id")
+        goal = await self.store.get(goal_id)
+        if goal is None:
+            raise _not_found(goal_id)
+        return P.GetGoalResponse(goal=goal)
+
+    async def ListGoals(self, request: P.ListGoalsRequest, context: Any) -> P.ListGoalsResponse:
+        size = validate.page_size(request.page_size)
+        goals = [g for g in await self.store.list_goals() if not request.state or g.state == request.state]
+        goals.sort(key=lambda g: (-g.created_at.ToNanoseconds(), g.goal_id))
+
+        def key(g: P.Goal) -> str:
+            return f"{(1 << 63) - g.created_at.ToNanoseconds():020d}/{g.goal_id}"
+
+        chunk, token = validate.page(goals, key, size, request.page_token, [request.state])
+        full = [await self.store.get(g.goal_id) or g for g in chunk]
+        return P.ListGoalsResponse(goals=full, next_page_token=token)
+
+    async def CancelGoal(self, request: P.CancelGoalRequest, context: Any) -> P.CancelGoalResponse:
+        goal_id = validate.identifier(request.goal_id, "goal_id")
+        goal = await self.store.get(goal_id, with_steps=False)
+        if goal is None:
+            raise _not_found(goal_id)
+        if goal.state in FINISHED:
+            return P.CancelGoalResponse(goal=await self.store.get(goal_id))
+        await self._etcd.put(self.store.cancel_key(goal_id), (request.reason or "on request").encode())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while loop.time() < deadline:
+            goal = await self.store.get(goal_id, with_steps=False)
+            if goal is not None and goal.state in FINISHED:
+                break
+            await asyncio.sleep(0.05)
+        return P.CancelGoalResponse(goal=await self.store.get(goal_id))
 
 
 async def build(server: MeshServer, etcd: EtcdClient) -> None:
-    """Add the planner servicer to `server` (called by mabeam.server.start_service)."""
-    server.add_service(
-        SERVICE_NAME,
-        planner_pb2_grpc.add_PlannerServiceServicer_to_server,
-        PlannerServicer(server, etcd),
-    )
+    """Add the planner servicer to ``server`` (called by mabeam.server.start_service)."""
+    servicer = PlannerServicer(server, etcd)
+    await servicer.start()
+    server.on_stop(servicer.stop)
+    server.add_service(SERVICE_NAME, planner_pb2_grpc.add_PlannerServiceServicer_to_server, servicer)

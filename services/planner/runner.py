@@ -1,0 +1,411 @@
+"""Running one goal: assignment, execution with retries, progress events, durability.
+
+A :class:`GoalRunner` runs on the replica that owns the goal (a key bound to
+that replica's lease). Steps start as soon as their dependencies succeeded,
+at most ``max_parallelism`` at once; each is assigned (first fit, least
+loaded, or by a Contract Net auction through the coordination service) and
+executed with ``AgentService.ExecuteStep``; a failure is retried on another
+capable agent up to ``max_attempts``. Every state change is written to etcd
+in a transaction that checks ownership, with a progress event. A runner that
+starts on a goal another replica left behind keeps the steps that succeeded
+and runs the rest; the idempotency key ``<goal>/<step>`` lets agents drop a
+step that was in flight when the owner died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from mabeam import errors
+from mabeam.services.planner import dag
+from mabeam.services.planner.store import GoalStore
+from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordination_pb2, registry_pb2
+from mabeam.v1 import planner_pb2 as P
+
+if TYPE_CHECKING:
+    from mabeam.services.planner.server import PlannerServicer
+
+log = logging.getLogger("mabeam.planner.runner")
+
+DEFAULT_DEADLINE_S = 600.0
+DEFAULT_STEP_TIMEOUT_S = 30.0
+DEFAULT_PARALLELISM = 16
+DEFAULT_ATTEMPTS = 3
+CANDIDATES_TTL_S = 1.0
+
+
+def now_ts() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def seconds(d: Any, default: float) -> float:
+    value = float(d.seconds + d.nanos / 1e9)
+    return value if value > 0 else default
+
+
+class OwnershipLost(Exception):
+    """This replica no longer owns the goal: stop at once, another replica runs it."""
+
+
+@dataclass
+class Assignment:
+    agent_id: str
+    endpoint: str
+    price: float = 0.0
+    session_id: str = ""
+
+
+class GoalRunner:
+    """Runs one goal to its end while this replica owns it."""
+
+    def __init__(self, planner: PlannerServicer, goal: P.Goal, owner: str) -> None:
+        self.planner = planner
+        self.store: GoalStore = planner.store
+        self.goal = goal
+        self.goal_id = goal.goal_id
+        self.owner = owner
+        self.spec = goal.spec
+        self.specs = {s.step_id: s for s in self.spec.steps}
+        self.plan = dag.validate(
+            [dag.StepSpec(s.step_id, s.capability, tuple(s.depends_on)) for s in self.spec.steps]
+        )
+        self.statuses: dict[str, P.StepStatus] = {}
+        self.outputs: dict[str, struct_pb2.Value] = {}
+        self.seq = 0
+        self.cancelled = asyncio.Event()
+        self._candidates: dict[str, tuple[float, list[registry_pb2.Agent]]] = {}
+
+    # -- writes -----------------------------------------------------------------------
+
+    def _event(self, etype: int, **fields: Any) -> tuple[bytes, bytes]:
+        self.seq += 1
+        done = sum(1 for s in self.statuses.values() if s.state == P.STEP_STATE_SUCCEEDED)
+        event = P.ExecuteGoalResponse(
+            sequence=self.seq,
+            type=etype,  # type: ignore[arg-type]
+            goal_id=self.goal_id,
+            goal_state=self.goal.state,
+            time=now_ts(),
+            steps_done=done,
+            steps_total=len(self.specs),
+            **fields,
+        )
+        return self.store.event_key(self.goal_id, self.seq), event.SerializeToString()
+
+    def _step_put(self, step_id: str) -> tuple[bytes, bytes]:
+        return self.store.step_key(self.goal_id, step_id), self.statuses[step_id].SerializeToString()
+
+    def _goal_put(self) -> tuple[bytes, bytes]:
+        summary = P.Goal()
+        summary.CopyFrom(self.goal)
+        del summary.steps[:]
+        return self.store.goal_key(self.goal_id), summary.SerializeToString()
+
+    async def _write(self, puts: Sequence[tuple[bytes, bytes]]) -> None:
+        if not await self.store.write(self.owner, self.goal_id, puts):
+            raise OwnershipLost(self.goal_id)
+
+    # -- the run ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run (or resume) the goal; returns when it finished, or when ownership was lost."""
+        try:
+            await self._run()
+        except OwnershipLost:
+            log.warning("goal %s: ownership lost; another replica continues it", self.goal_id)
+        finally:
+            with contextlib.suppress(Exception):
+                c = self.store.client
+                await c.transaction(
+                    compare=[c.transactions.value(self.store.owner_key(self.goal_id)) == self.owner.encode()],
+                    success=[c.transactions.delete(self.store.owner_key(self.goal_id))],
+                    failure=[],
+                )
+
+    async def _run(self) -> None:
+        for status in await self.store.step_statuses(self.goal_id):
+            self.statuses[status.step_id] = status
+        resumed = self.goal.state == P.GOAL_STATE_RUNNING
+        for step_id in self.specs:
+            status = self.statuses.setdefault(step_id, P.StepStatus(step_id=step_id))
+            if status.state == P.STEP_STATE_SUCCEEDED:
+                self.outputs[step_id] = status.output
+            elif status.state not in (P.STEP_STATE_FAILED, P.STEP_STATE_CANCELLED, P.STEP_STATE_SKIPPED):
+                status.state = P.STEP_STATE_PENDING
+        self.seq = await self.store.last_seq(self.goal_id)
+        self.goal.state = P.GOAL_STATE_RUNNING
+        self.goal.owner = self.owner
+        if not self.goal.HasField("started_at"):
+            self.goal.started_at.CopyFrom(now_ts())
+        if resumed:
+            self.goal.resumed_count += 1
+        await self._write([self._goal_put(), self._event(P.GOAL_EVENT_TYPE_GOAL_STARTED)])
+        deadline_at = self.goal.started_at.ToNanoseconds() / 1e9 + seconds(
+            self.spec.deadline, DEFAULT_DEADLINE_S
+        )
+        parallelism = min(self.spec.max_parallelism or DEFAULT_PARALLELISM, 1024)
+        done = {s for s, st in self.statuses.items() if st.state == P.STEP_STATE_SUCCEEDED}
+        running: dict[asyncio.Task[bool], str] = {}
+        failed: str | None = None
+        cancel_wait = asyncio.ensure_future(self.cancelled.wait())
+        try:
+            while True:
+                if self.cancelled.is_set():
+                    await self._stop(
+                        running, P.GOAL_STATE_CANCELLED, self.planner.cancel_reason(self.goal_id)
+                    )
+                    return
+                if failed is None:
+                    started = done | set(running.values())
+                    for step_id in self.plan.ready(done, started):
+                        if len(running) >= parallelism:
+                            break
+                        running[asyncio.create_task(self._run_step(step_id))] = step_id
+                if not running:
+                    break
+                remaining = deadline_at - time.time()
+                if remaining <= 0:
+                    await self._stop(running, P.GOAL_STATE_FAILED, "the goal's deadline passed")
+                    return
+                finished, _ = await asyncio.wait(
+                    [*running, cancel_wait], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in finished:
+                    if task is cancel_wait:
+                        continue
+                    step_id = running.pop(task)  # type: ignore[arg-type]
+                    if task.result():
+                        done.add(step_id)
+                    elif failed is None:
+                        failed = step_id
+                if failed is not None and not running:
+                    break
+        finally:
+            cancel_wait.cancel()
+        if failed is not None:
+            reason = f"step {failed!r} failed: {self.statuses[failed].error}"
+            await self._skip_after_failure()
+            await self._finish(P.GOAL_STATE_FAILED, reason)
+        else:
+            await self._finish(P.GOAL_STATE_SUCCEEDED, "")
+
+    async def _skip_after_failure(self) -> None:
+        puts = []
+        for step_id, status in self.statuses.items():
+            if status.state in (P.STEP_STATE_PENDING, P.STEP_STATE_ASSIGNED, P.STEP_STATE_RETRYING):
+                status.state = P.STEP_STATE_SKIPPED
+                status.error = "a step it depends on (or the goal) failed"
+                puts.append(self._step_put(step_id))
+                puts.append(
+                    self._event(P.GOAL_EVENT_TYPE_STEP_CANCELLED, step_id=step_id, error=status.error)
+                )
+        for i in range(0, len(puts), 100):
+            await self._write(puts[i : i + 100])
+
+    async def _stop(self, running: dict[asyncio.Task[bool], str], state: int, reason: str) -> None:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        puts = []
+        for step_id, status in self.statuses.items():
+            if status.state not in (P.STEP_STATE_SUCCEEDED, P.STEP_STATE_FAILED):
+                status.state = (
+                    P.STEP_STATE_CANCELLED if state == P.GOAL_STATE_CANCELLED else P.STEP_STATE_SKIPPED
+                )
+                status.error = reason
+                puts.append(self._step_put(step_id))
+                puts.append(self._event(P.GOAL_EVENT_TYPE_STEP_CANCELLED, step_id=step_id, error=reason))
+        for i in range(0, len(puts), 100):
+            await self._write(puts[i : i + 100])
+        await self._finish(state, reason)
+
+    async def _finish(self, state: int, reason: str) -> None:
+        self.goal.state = state  # type: ignore[assignment]
+        self.goal.error = reason
+        self.goal.owner = ""
+        self.goal.finished_at.CopyFrom(now_ts())
+        await self._write([self._goal_put(), self._event(P.GOAL_EVENT_TYPE_GOAL_FINISHED, error=reason)])
+
+    # -- one step ---------------------------------------------------------------------
+
+    async def _run_step(self, step_id: str) -> bool:
+        """Run a step to success or to its last failure; True when it succeeded."""
+        spec = self.specs[step_id]
+        status = self.statuses[step_id]
+        max_attempts = spec.max_attempts or self.spec.max_attempts or DEFAULT_ATTEMPTS
+        timeout = seconds(spec.timeout, DEFAULT_STEP_TIMEOUT_S)
+        excluded = {a.agent_id for a in status.attempts if a.error}
+        while True:
+            attempt = len(status.attempts) + 1
+            try:
+                assignment = await self._assign(spec, excluded)
+            except errors.MabeamError as exc:
+                assignment, why = None, exc.message
+            else:
+                why = f"no live agent offers capability {spec.capability!r}"
+            if assignment is None:
+                status.state, status.error = P.STEP_STATE_FAILED, why
+                await self._write(
+                    [
+                        self._step_put(step_id),
+                        self._event(P.GOAL_EVENT_TYPE_STEP_FAILED, step_id=step_id, error=why),
+                    ]
+                )
+                return False
+            record = status.attempts.add(
+                attempt=attempt,
+                agent_id=assignment.agent_id,
+                started_at=now_ts(),
+                price=assignment.price,
+                session_id=assignment.session_id,
+            )
+            status.state, status.agent_id, status.error = P.STEP_STATE_RUNNING, assignment.agent_id, ""
+            started = asyncio.ensure_future(
+                self._write(
+                    [
+                        self._step_put(step_id),
+                        self._event(
+                            P.GOAL_EVENT_TYPE_STEP_ASSIGNED,
+                            step_id=step_id,
+                            agent_id=assignment.agent_id,
+                            attempt=attempt,
+                        ),
+                        self._event(
+                            P.GOAL_EVENT_TYPE_STEP_STARTED,
+                            step_id=step_id,
+                            agent_id=assignment.agent_id,
+                            attempt=attempt,
+                        ),
+                    ]
+                )
+            )
+            request = agent_pb2.ExecuteStepRequest(
+                agent_id=assignment.agent_id,
+                goal_id=self.goal_id,
+                step_id=step_id,
+                capability=spec.capability,
+                input=spec.input,
+                attempt=attempt,
+                idempotency_key=f"{self.goal_id}/{step_id}",
+                dependency_outputs={d: self.outputs[d] for d in spec.depends_on},
+            )
+            request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
+            stub = agent_pb2_grpc.AgentServiceStub(self.planner.pool.get(assignment.endpoint))
+            try:
+                reply = await stub.ExecuteStep(request, timeout=timeout)
+                error = ""
+            except grpc.RpcError as exc:
+                error = f"{exc.code().name}: {exc.details()}"
+            try:
+                await started  # the STARTED record lands before the outcome
+            except BaseException:
+                raise
+            record.finished_at.CopyFrom(now_ts())
+            if not error:
+                status.state = P.STEP_STATE_SUCCEEDED
+                status.output.CopyFrom(reply.output)
+                self.outputs[step_id] = reply.output
+                await self._write(
+                    [
+                        self._step_put(step_id),
+                        self._event(
+                            P.GOAL_EVENT_TYPE_STEP_SUCCEEDED,
+                            step_id=step_id,
+                            agent_id=assignment.agent_id,
+                            attempt=attempt,
+                            output=reply.output,
+                        ),
+                    ]
+                )
+                return True
+            record.error = error
+            excluded.add(assignment.agent_id)
+            if attempt >= max_attempts:
+                status.state, status.error = P.STEP_STATE_FAILED, error
+                await self._write(
+                    [
+                        self._step_put(step_id),
+                        self._event(
+                            P.GOAL_EVENT_TYPE_STEP_FAILED,
+                            step_id=step_id,
+                            agent_id=assignment.agent_id,
+                            attempt=attempt,
+                            error=error,
+                        ),
+                    ]
+                )
+                return False
+            status.state, status.error = P.STEP_STATE_RETRYING, error
+            await self._write(
+                [
+                    self._step_put(step_id),
+                    self._event(
+                        P.GOAL_EVENT_TYPE_STEP_RETRYING,
+                        step_id=step_id,
+                        agent_id=assignment.agent_id,
+                        attempt=attempt,
+                        error=error,
+                    ),
+                ]
+            )
+
+    async def _candidates_for(self, capability: str) -> list[registry_pb2.Agent]:
+        cached = self._candidates.get(capability)
+        if cached is not None and time.monotonic() - cached[0] < CANDIDATES_TTL_S:
+            return cached[1]
+        listed = await self.planner.mesh.registry.ListAgents(
+            registry_pb2.ListAgentsRequest(capability=capability, page_size=1000)
+        )
+        agents = [a for a in listed.agents if a.status != registry_pb2.AGENT_STATUS_NOT_SERVING]
+        self._candidates[capability] = (time.monotonic(), agents)
+        return agents
+
+    async def _assign(self, spec: P.StepSpec, excluded: set[str]) -> Assignment | None:
+        agents = await self._candidates_for(spec.capability)
+        fresh = [a for a in agents if a.agent_id not in excluded]
+        if not fresh and agents:
+            self._candidates.pop(spec.capability, None)  # maybe new agents came: look again
+            agents = await self._candidates_for(spec.capability)
+            fresh = [a for a in agents if a.agent_id not in excluded] or agents  # nobody else: the same again
+        if not fresh:
+            return None
+        strategy = spec.strategy or self.spec.strategy or P.ASSIGNMENT_STRATEGY_LEAST_LOADED
+        if strategy == P.ASSIGNMENT_STRATEGY_AUCTION:
+            return await self._auction(spec, fresh)
+        if strategy == P.ASSIGNMENT_STRATEGY_FIRST_FIT:
+            chosen = min(fresh, key=lambda a: a.agent_id)
+        else:
+            chosen = min(fresh, key=lambda a: (a.load.load, a.load.queue_length, a.agent_id))
+        return Assignment(chosen.agent_id, chosen.endpoint)
+
+    async def _auction(self, spec: P.StepSpec, agents: list[registry_pb2.Agent]) -> Assignment | None:
+        """Contract Net through the coordination service: the lowest cost wins."""
+        task_input = struct_pb2.Struct()
+        task_input.update({"goal_id": self.goal_id, "step_id": spec.step_id})
+        params = struct_pb2.Struct()
+        params.update({"task": spec.capability})
+        params["task_input"] = task_input
+        run = coordination_pb2.RunRequest(
+            settings=coordination_pb2.SessionSettings(
+                participants=common_pb2.AgentSelector(agent_ids=[a.agent_id for a in agents])
+            ),
+            protocol="contract_net",
+            parameters=params,
+        )
+        session = (await self.planner.mesh.coordination.Run(run)).session
+        if not session.outcome.winners:
+            return None
+        winner = session.outcome.winners[0]
+        endpoint = next(a.endpoint for a in agents if a.agent_id == winner)
+        return Assignment(winner, endpoint, session.outcome.price, session.session_id)
