@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
     _bench_parser(sub)
+    from mabeam.goal_cli import add_goal_parser
+
+    add_goal_parser(sub)
     return parser
 
 
