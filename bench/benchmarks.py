@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from mabeam import process
 from mabeam.bench.core import BenchContext, Result, benchmark, interleaved, timed
@@ -263,3 +264,109 @@ async def var_cas(ctx: BenchContext) -> Result:
         await client.close()
     baseline = statistics.median(pings) + statistics.median(txns)
     return Result(ours, "raw ping + raw etcd txn (interleaved)", baseline, goal="ratio <= 1.3")
+
+
+def _chain(n: int, capability: str) -> Any:
+    from mabeam.v1 import planner_pb2
+
+    steps = [planner_pb2.StepSpec(step_id="s0", capability=capability)]
+    steps += [
+        planner_pb2.StepSpec(step_id=f"s{i}", capability=capability, depends_on=[f"s{i - 1}"])
+        for i in range(1, n)
+    ]
+    return planner_pb2.GoalSpec(steps=steps, max_parallelism=1)
+
+
+@benchmark(
+    "planner_step",
+    "per-step cost of a 1,000-step goal (a chain) vs a direct ExecuteStep + one etcd put per step",
+)
+async def planner_step(ctx: BenchContext) -> Result:
+    from google.protobuf import timestamp_pb2
+
+    from mabeam.v1 import agent_pb2, agent_pb2_grpc, planner_pb2
+
+    mesh = await ctx.mesh()
+    address = await ctx.agent_host(4, prefix="pl-", capability="plan-step")
+    client = await MeshClient.connect(planner=mesh.address("planner"))
+    n = ctx.n(1000, 1000)
+    try:
+        events = [
+            e
+            async for e in client.planner.ExecuteGoal(
+                planner_pb2.ExecuteGoalRequest(goal=_chain(n, "plan-step"))
+            )
+        ]
+    finally:
+        await client.close()
+    if events[-1].goal_state != planner_pb2.GOAL_STATE_SUCCEEDED:
+        raise RuntimeError(f"planner_step: the goal ended {events[-1].goal_state}: {events[-1].error}")
+    finished = [e.time for e in events if e.type == planner_pb2.GOAL_EVENT_TYPE_STEP_SUCCEEDED]
+
+    def t(ts: timestamp_pb2.Timestamp) -> float:
+        return ts.ToNanoseconds() / 1e9
+
+    samples = [t(b) - t(a) for a, b in zip(finished, finished[1:], strict=False)]
+    # The baseline does by hand what the planner does per step: run it, record it.
+    stub = agent_pb2_grpc.AgentServiceStub(ctx.channel(address))
+    etcd = await ctx.etcd()
+
+    async def direct() -> None:
+        await stub.ExecuteStep(
+            agent_pb2.ExecuteStepRequest(agent_id="pl-00000", step_id="x", capability="plan-step")
+        )
+        await etcd.put(b"/bench/raw/step", b"done")
+
+    baseline = statistics.median(await timed(direct, ctx.n(1000, 300)))
+    return Result(
+        samples, "direct ExecuteStep + one etcd put", baseline, goal="ratio <= 1.5", extra={"steps": n}
+    )
+
+
+@benchmark(
+    "goal_resume", "planner replica SIGKILLed mid-goal -> the goal running again on another, vs the lease TTL"
+)
+async def goal_resume(ctx: BenchContext) -> Result:
+    from mabeam.v1 import planner_pb2
+
+    mesh = await ctx.mesh()
+    await ctx.agent_host(2, prefix="gr-", capability="resume-step")
+    await mesh.start_replica("planner", port=0)
+    ttl = 2.0
+    samples: list[float] = []
+    for round_number in range(ctx.n(5, 3)):
+        planners = [p for p in mesh.processes if p.kind == "planner" and p.proc.poll() is None]
+        client = await MeshClient.connect(planner=[p.address for p in planners])
+        try:
+            goal_id = f"resume-{round_number}"
+            spec = _chain(400, "resume-step")
+            await client.planner.SubmitGoal(planner_pb2.SubmitGoalRequest(goal=spec, goal_id=goal_id))
+
+            async def owned(goal_id: str = goal_id) -> bool:
+                goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id))).goal
+                return (
+                    bool(goal.owner)
+                    and sum(s.state == planner_pb2.STEP_STATE_SUCCEEDED for s in goal.steps) > 5
+                )
+
+            await _wait_for(owned, interval=0.02)
+            goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id))).goal
+            owner = next(p for p in planners if f"-{p.pid}-" in goal.owner)
+            killed = time.perf_counter()
+            owner.proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(owner.proc.wait)
+            survivor = await MeshClient.connect(planner=[p.address for p in planners if p is not owner])
+
+            async def resumed(goal_id: str = goal_id, dead: str = goal.owner) -> bool:
+                g = (await survivor.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id))).goal
+                return g.resumed_count >= 1 and g.owner not in ("", dead)
+
+            await _wait_for(resumed, interval=0.01)
+            samples.append(time.perf_counter() - killed)
+            await survivor.planner.CancelGoal(planner_pb2.CancelGoalRequest(goal_id=goal_id))
+            await survivor.close()
+            mesh.processes.remove(owner)
+            await mesh.start_replica("planner", port=0)
+        finally:
+            await client.close()
+    return Result(samples, "lease TTL", ttl, goal="median_s <= TTL + 1 s", extra={"ttl_s": ttl})

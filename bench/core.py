@@ -145,6 +145,8 @@ class BenchContext:
                 ports={s: 0 for s in SERVICES},
                 grace=0.5,
             )
+            # Service leases of 2 s (goal_resume measures a planner replica's
+            # lease lapsing); agents' leases are their own.
             self._mesh = LocalMesh(
                 config,
                 etcd_client_port=free_port(),
@@ -153,6 +155,7 @@ class BenchContext:
                 # shared disk's fsync noise would drown the ratios.
                 unsafe_no_fsync=True,
                 log_dir=self.tmp / "logs",
+                extra_env={"MABEAM_SERVICE_TTL": "2"},
             )
             await self._mesh.start()
         return self._mesh

@@ -15,6 +15,7 @@ step that was in flight when the owner died.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -41,6 +42,8 @@ DEFAULT_STEP_TIMEOUT_S = 30.0
 DEFAULT_PARALLELISM = 16
 DEFAULT_ATTEMPTS = 3
 CANDIDATES_TTL_S = 1.0
+START_WRITE_DELAY_S = 0.05
+MAX_TXN_OPS = 120  # etcd refuses a transaction of more than 128 operations
 
 
 def now_ts() -> timestamp_pb2.Timestamp:
@@ -52,6 +55,43 @@ def now_ts() -> timestamp_pb2.Timestamp:
 def seconds(d: Any, default: float) -> float:
     value = float(d.seconds + d.nanos / 1e9)
     return value if value > 0 else default
+
+
+@dataclass
+class _Event:
+    """A progress event waiting for its sequence number."""
+
+    etype: int
+    fields: dict[str, Any]
+
+
+Put = tuple[bytes, bytes] | _Event
+
+
+class _DelayedWrite:
+    """A step's start record, written after a short delay unless its outcome comes first."""
+
+    def __init__(self, runner: GoalRunner, puts: list[Put]) -> None:
+        self._runner = runner
+        self._puts = puts
+        self._state = "waiting"
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        await asyncio.sleep(START_WRITE_DELAY_S)
+        if self._state == "waiting":
+            self._state = "writing"
+            await self._runner._write(self._puts)
+
+    async def settle(self) -> list[Put]:
+        """The puts still to write with the outcome (the start events, not the step key,
+        which the outcome rewrites), or nothing once the start record was written."""
+        if self._state == "waiting":
+            self._state = "folded"
+            self._task.cancel()
+            return self._puts[1:]
+        await self._task
+        return []
 
 
 class OwnershipLost(Exception):
@@ -83,25 +123,17 @@ class GoalRunner:
         self.statuses: dict[str, P.StepStatus] = {}
         self.outputs: dict[str, struct_pb2.Value] = {}
         self.seq = 0
+        self.done_count = 0
         self.cancelled = asyncio.Event()
         self._candidates: dict[str, tuple[float, list[registry_pb2.Agent]]] = {}
+        self._queue: collections.deque[tuple[list[Put], asyncio.Future[None]]] = collections.deque()
+        self._flusher: asyncio.Future[None] | None = None
 
     # -- writes -----------------------------------------------------------------------
 
-    def _event(self, etype: int, **fields: Any) -> tuple[bytes, bytes]:
-        self.seq += 1
-        done = sum(1 for s in self.statuses.values() if s.state == P.STEP_STATE_SUCCEEDED)
-        event = P.ExecuteGoalResponse(
-            sequence=self.seq,
-            type=etype,  # type: ignore[arg-type]
-            goal_id=self.goal_id,
-            goal_state=self.goal.state,
-            time=now_ts(),
-            steps_done=done,
-            steps_total=len(self.specs),
-            **fields,
-        )
-        return self.store.event_key(self.goal_id, self.seq), event.SerializeToString()
+    def _event(self, etype: int, **fields: Any) -> _Event:
+        """A progress event; it gets its sequence number when it is written."""
+        return _Event(etype, fields)
 
     def _step_put(self, step_id: str) -> tuple[bytes, bytes]:
         return self.store.step_key(self.goal_id, step_id), self.statuses[step_id].SerializeToString()
@@ -112,9 +144,58 @@ class GoalRunner:
         del summary.steps[:]
         return self.store.goal_key(self.goal_id), summary.SerializeToString()
 
-    async def _write(self, puts: Sequence[tuple[bytes, bytes]]) -> None:
-        if not await self.store.write(self.owner, self.goal_id, puts):
-            raise OwnershipLost(self.goal_id)
+    async def _write(self, puts: Sequence[Put]) -> None:
+        """Write ``puts`` (with the writes queued meanwhile: group commit), checking ownership.
+
+        Writes are applied in the order they were asked for, and events are
+        numbered in that order, so a follower sees them in sequence.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((list(puts), done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch: list[tuple[list[Put], asyncio.Future[None]]] = []
+            ops = 0
+            while self._queue and (not batch or ops + len(self._queue[0][0]) <= MAX_TXN_OPS):
+                item = self._queue.popleft()
+                batch.append(item)
+                ops += len(item[0])
+            merged: dict[bytes, bytes] = {}
+            for puts, _ in batch:
+                for put in puts:
+                    if isinstance(put, _Event):
+                        self.seq += 1
+                        event = P.ExecuteGoalResponse(
+                            sequence=self.seq,
+                            type=put.etype,
+                            goal_id=self.goal_id,  # type: ignore[arg-type]
+                            goal_state=self.goal.state,
+                            time=now_ts(),
+                            steps_done=self.done_count,
+                            steps_total=len(self.specs),
+                            **put.fields,
+                        )
+                        merged[self.store.event_key(self.goal_id, self.seq)] = event.SerializeToString()
+                    else:
+                        merged.pop(put[0], None)  # the later value of a key wins, in its place
+                        merged[put[0]] = put[1]
+            try:
+                ok = await self.store.write(self.owner, self.goal_id, list(merged.items()))
+            except BaseException as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                raise
+            for _, fut in batch:
+                if not fut.done():
+                    if ok:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(OwnershipLost(self.goal_id))
 
     # -- the run ----------------------------------------------------------------------
 
@@ -125,6 +206,8 @@ class GoalRunner:
         except OwnershipLost:
             log.warning("goal %s: ownership lost; another replica continues it", self.goal_id)
         finally:
+            if self._flusher is not None and not self._flusher.done():
+                self._flusher.cancel()
             with contextlib.suppress(Exception):
                 c = self.store.client
                 await c.transaction(
@@ -144,6 +227,7 @@ class GoalRunner:
             elif status.state not in (P.STEP_STATE_FAILED, P.STEP_STATE_CANCELLED, P.STEP_STATE_SKIPPED):
                 status.state = P.STEP_STATE_PENDING
         self.seq = await self.store.last_seq(self.goal_id)
+        self.done_count = len(self.outputs)
         self.goal.state = P.GOAL_STATE_RUNNING
         self.goal.owner = self.owner
         if not self.goal.HasField("started_at"):
@@ -157,6 +241,10 @@ class GoalRunner:
         parallelism = min(self.spec.max_parallelism or DEFAULT_PARALLELISM, 1024)
         done = {s for s, st in self.statuses.items() if st.state == P.STEP_STATE_SUCCEEDED}
         running: dict[asyncio.Task[bool], str] = {}
+        waiting = {
+            s: sum(1 for d in self.specs[s].depends_on if d not in done) for s in self.plan.order if s not in done
+        }
+        ready = collections.deque(s for s in self.plan.order if s in waiting and waiting[s] == 0)
         failed: str | None = None
         cancel_wait = asyncio.ensure_future(self.cancelled.wait())
         try:
@@ -167,10 +255,8 @@ class GoalRunner:
                     )
                     return
                 if failed is None:
-                    started = done | set(running.values())
-                    for step_id in self.plan.ready(done, started):
-                        if len(running) >= parallelism:
-                            break
+                    while ready and len(running) < parallelism:
+                        step_id = ready.popleft()
                         running[asyncio.create_task(self._run_step(step_id))] = step_id
                 if not running:
                     break
@@ -187,6 +273,11 @@ class GoalRunner:
                     step_id = running.pop(task)  # type: ignore[arg-type]
                     if task.result():
                         done.add(step_id)
+                        # Readiness by counting: O(edges) for the whole goal, not a scan per step.
+                        for dependent in self.plan.dependents.get(step_id, ()):
+                            waiting[dependent] -= 1
+                            if waiting[dependent] == 0:
+                                ready.append(dependent)
                     elif failed is None:
                         failed = step_id
                 if failed is not None and not running:
@@ -201,7 +292,7 @@ class GoalRunner:
             await self._finish(P.GOAL_STATE_SUCCEEDED, "")
 
     async def _skip_after_failure(self) -> None:
-        puts = []
+        puts: list[Put] = []
         for step_id, status in self.statuses.items():
             if status.state in (P.STEP_STATE_PENDING, P.STEP_STATE_ASSIGNED, P.STEP_STATE_RETRYING):
                 status.state = P.STEP_STATE_SKIPPED
@@ -217,7 +308,7 @@ class GoalRunner:
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
-        puts = []
+        puts: list[Put] = []
         for step_id, status in self.statuses.items():
             if status.state not in (P.STEP_STATE_SUCCEEDED, P.STEP_STATE_FAILED):
                 status.state = (
@@ -271,25 +362,24 @@ class GoalRunner:
                 session_id=assignment.session_id,
             )
             status.state, status.agent_id, status.error = P.STEP_STATE_RUNNING, assignment.agent_id, ""
-            started = asyncio.ensure_future(
-                self._write(
-                    [
-                        self._step_put(step_id),
-                        self._event(
-                            P.GOAL_EVENT_TYPE_STEP_ASSIGNED,
-                            step_id=step_id,
-                            agent_id=assignment.agent_id,
-                            attempt=attempt,
-                        ),
-                        self._event(
-                            P.GOAL_EVENT_TYPE_STEP_STARTED,
-                            step_id=step_id,
-                            agent_id=assignment.agent_id,
-                            attempt=attempt,
-                        ),
-                    ]
-                )
-            )
+            start_puts: list[Put] = [
+                self._step_put(step_id),
+                self._event(
+                    P.GOAL_EVENT_TYPE_STEP_ASSIGNED,
+                    step_id=step_id,
+                    agent_id=assignment.agent_id,
+                    attempt=attempt,
+                ),
+                self._event(
+                    P.GOAL_EVENT_TYPE_STEP_STARTED,
+                    step_id=step_id,
+                    agent_id=assignment.agent_id,
+                    attempt=attempt,
+                ),
+            ]
+            # A step that finishes within START_WRITE_DELAY_S has its start recorded
+            # with its outcome, in one transaction; a longer one shows as running.
+            started = _DelayedWrite(self, start_puts)
             request = agent_pb2.ExecuteStepRequest(
                 agent_id=assignment.agent_id,
                 goal_id=self.goal_id,
@@ -307,17 +397,16 @@ class GoalRunner:
                 error = ""
             except grpc.RpcError as exc:
                 error = f"{exc.code().name}: {exc.details()}"
-            try:
-                await started  # the STARTED record lands before the outcome
-            except BaseException:
-                raise
+            pending_start = await started.settle()
             record.finished_at.CopyFrom(now_ts())
             if not error:
                 status.state = P.STEP_STATE_SUCCEEDED
                 status.output.CopyFrom(reply.output)
                 self.outputs[step_id] = reply.output
+                self.done_count += 1
                 await self._write(
                     [
+                        *pending_start,
                         self._step_put(step_id),
                         self._event(
                             P.GOAL_EVENT_TYPE_STEP_SUCCEEDED,
@@ -335,6 +424,7 @@ class GoalRunner:
                 status.state, status.error = P.STEP_STATE_FAILED, error
                 await self._write(
                     [
+                        *pending_start,
                         self._step_put(step_id),
                         self._event(
                             P.GOAL_EVENT_TYPE_STEP_FAILED,
@@ -349,6 +439,7 @@ class GoalRunner:
             status.state, status.error = P.STEP_STATE_RETRYING, error
             await self._write(
                 [
+                    *pending_start,
                     self._step_put(step_id),
                     self._event(
                         P.GOAL_EVENT_TYPE_STEP_RETRYING,
