@@ -165,7 +165,9 @@ class EmbeddedEtcd:
         self.initial_cluster_state = initial_cluster_state
         self.cluster_token = cluster_token
         # Beside the data directory, not in it: etcd owns its data directory's contents.
-        self.log_file = Path(log_file) if log_file else self.data_dir.parent / f"{self.data_dir.name}.etcd.log"
+        self.log_file = (
+            Path(log_file) if log_file else self.data_dir.parent / f"{self.data_dir.name}.etcd.log"
+        )
         self.extra_args = list(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0

@@ -444,24 +444,3 @@ def run_service(kind: str, build: BuildFn, argv: Sequence[str] | None = None) ->
         return 0
 
     return asyncio.run(main())
-
-
-def unimplemented(base: type[Any], service: str, where: str) -> type[Any]:
-    """A subclass of a generated servicer whose every RPC answers UNIMPLEMENTED.
-
-    The message names the RPC and ``where`` the capability comes from, so a
-    caller knows it is not there yet — never a fake success. Services subclass
-    the result and override what they implement.
-    """
-
-    def make(name: str) -> Callable[..., Awaitable[Any]]:
-        async def method(self: Any, request: Any, context: Any) -> Any:
-            raise errors.Unimplemented(f"{service}/{name} is not implemented yet ({where})")
-
-        method.__name__ = name
-        return method
-
-    methods = {
-        name: make(name) for name, value in vars(base).items() if callable(value) and name[:1].isupper()
-    }
-    return type(f"Unimplemented{base.__name__}", (base,), methods)
