@@ -6,6 +6,7 @@ Each issue adds its benchmarks here with :func:`mabeam.bench.core.benchmark`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import statistics
@@ -306,7 +307,7 @@ async def planner_step(ctx: BenchContext) -> Result:
     def t(ts: timestamp_pb2.Timestamp) -> float:
         return ts.ToNanoseconds() / 1e9
 
-    samples = [t(b) - t(a) for a, b in zip(finished, finished[1:], strict=False)]
+    samples = [t(b) - t(a) for a, b in itertools.pairwise(finished)]
     # The baseline does by hand what the planner does per step: run it, record it.
     stub = agent_pb2_grpc.AgentServiceStub(ctx.channel(address))
     etcd = await ctx.etcd()
@@ -342,7 +343,7 @@ async def goal_resume(ctx: BenchContext) -> Result:
             spec = _chain(400, "resume-step")
             await client.planner.SubmitGoal(planner_pb2.SubmitGoalRequest(goal=spec, goal_id=goal_id))
 
-            async def owned(goal_id: str = goal_id) -> bool:
+            async def owned(goal_id: str = goal_id, client: MeshClient = client) -> bool:
                 goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id))).goal
                 return (
                     bool(goal.owner)
@@ -357,7 +358,9 @@ async def goal_resume(ctx: BenchContext) -> Result:
             await asyncio.to_thread(owner.proc.wait)
             survivor = await MeshClient.connect(planner=[p.address for p in planners if p is not owner])
 
-            async def resumed(goal_id: str = goal_id, dead: str = goal.owner) -> bool:
+            async def resumed(
+                goal_id: str = goal_id, dead: str = goal.owner, survivor: MeshClient = survivor
+            ) -> bool:
                 g = (await survivor.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id))).goal
                 return g.resumed_count >= 1 and g.owner not in ("", dead)
 

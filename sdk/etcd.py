@@ -1,27 +1,47 @@
 """The etcd client of the mesh, and the three primitives aetcd lacks.
 
 * :func:`connect` / :class:`EtcdClient`: aetcd's client over several endpoints
-  (``pick_first`` over the address list, so a dead member is skipped) and TLS.
-* :class:`LeaseKeeper`: a lease kept alive by a background task; says when it
-  is lost instead of silently re-granting (the owner decides what to redo).
+  (``pick_first`` over the address list, so a dead member is skipped and the
+  next call goes to a live one) and TLS.
+* :class:`LeaseKeeper`: a lease kept alive by a background task; it says when
+  the lease is lost instead of silently granting another (the owner decides
+  what to redo).
 * :class:`ResumingWatch`: a prefix watch that survives connection loss and
-  etcd restarts, resuming from the last revision seen + 1 (no event missed or
-  repeated); a compacted revision raises :class:`WatchCompacted`.
-* :class:`Election` and :func:`try_acquire`: leadership by lease + lowest
-  create revision, and exclusive ownership of a key bound to a lease.
+  etcd restarts, resuming from the last revision seen + 1, so no event is
+  missed or repeated; a compacted revision raises :class:`WatchCompacted`.
+  :func:`snapshot` and :func:`snapshot_and_watch` are the list-then-watch
+  pattern of every watch-fed cache.
+* :class:`Election`, :func:`try_acquire` and :func:`release`: leadership by
+  lease + lowest create revision, and exclusive ownership of a key bound to a
+  lease.
 
-aetcd raises ``aetcd.exceptions.ConnectionFailedError`` (UNAVAILABLE) or
-``ConnectionTimeoutError`` (DEADLINE_EXCEEDED) when etcd cannot be reached;
-:data:`UNREACHABLE` lists them.
+How failures surface (aetcd maps grpc status codes to its exceptions):
+
+* ``ConnectionFailedError`` (UNAVAILABLE): etcd refused or dropped the
+  connection, or the member has no leader / lost it / timed out a proposal
+  (``etcdserver: no leader``, ``leader changed``, ``request timed out``).
+  Retry, possibly on another member.
+* ``ConnectionTimeoutError`` (DEADLINE_EXCEEDED): the call's own ``timeout``
+  passed, typically a frozen or partitioned member.
+* ``WatchTimeoutError``: aetcd's own watch (``client.watch``) was not created
+  within ``timeout``.
+
+:data:`UNREACHABLE` lists these three: each means "etcd could not be reached
+or could not commit", never "the request was wrong". Without a ``timeout`` a
+call to a frozen etcd (SIGSTOP, or a dead host that sends no RST) waits until
+the channel's keepalive declares the connection dead, about 8 s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,26 +49,84 @@ from urllib.parse import urlsplit
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
+import aetcd.transactions
 import aetcd.watcher
 import grpc
 from aetcd import utils as aetcd_utils
 from grpc import aio
+
+__all__ = [
+    "UNREACHABLE",
+    "ClientClosedError",
+    "Election",
+    "ElectionLost",
+    "EtcdClient",
+    "EtcdTLS",
+    "LeaseKeeper",
+    "ResumingWatch",
+    "WatchCompacted",
+    "WatchEvent",
+    "connect",
+    "grpc_target",
+    "release",
+    "snapshot",
+    "snapshot_and_watch",
+    "try_acquire",
+]
 
 log = logging.getLogger("mabeam.etcd")
 
 UNREACHABLE: tuple[type[Exception], ...] = (
     aetcd.exceptions.ConnectionFailedError,
     aetcd.exceptions.ConnectionTimeoutError,
+    aetcd.exceptions.WatchTimeoutError,
 )
+
+# Keepalive pings find a dead connection (frozen member, vanished host) while
+# calls are pending. etcd's server refuses pings closer than 5 s
+# (--grpc-keepalive-min-time) and pings on an idle connection
+# (PermitWithoutStream=false) with GOAWAY "too_many_pings", so 5 s, calls only.
+_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.lb_policy_name", "pick_first"),
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
+
+# Ask etcd to end a watch stream when its member loses the leader (clientv3's
+# WithRequireLeader): otherwise a watch on a partitioned member goes silent.
+_REQUIRE_LEADER = ("hasleader", "true")
+
+
+class ClientClosedError(aetcd.exceptions.ClientError):
+    """The :class:`EtcdClient` was closed; a closed client never reconnects."""
 
 
 @dataclass(frozen=True)
 class EtcdTLS:
-    """TLS to etcd: the CA of its certificate, and a client certificate for mTLS."""
+    """TLS to etcd: the CA that signed etcd's certificate, and a client certificate for mTLS.
+
+    ``ca_file`` None trusts the system roots; ``cert_file`` and ``key_file``
+    (PEM) are given together or not at all.
+    """
 
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """grpc channel credentials made from the files (read now, once)."""
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("etcd TLS: cert_file and key_file go together")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_file),
+            private_key=_read(self.key_file),
+            certificate_chain=_read(self.cert_file),
+        )
 
 
 def _read(path: str | None) -> bytes | None:
@@ -58,46 +136,128 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
-def grpc_target(endpoints: Sequence[str]) -> tuple[str, bool]:
-    """A grpc target for etcd endpoint URLs, and whether they use https.
-
-    ``["http://127.0.0.1:2379", "http://127.0.0.1:2479"]`` ->
-    ``("ipv4:127.0.0.1:2379,127.0.0.1:2479", False)``.
-    """
+def _split(endpoints: Sequence[str]) -> tuple[list[tuple[str, int]], bool]:
     if not endpoints:
         raise ValueError("no etcd endpoints")
-    hosts: list[str] = []
-    secure = False
+    hosts: list[tuple[str, int]] = []
+    schemes: set[str] = set()
     for raw in endpoints:
         url = urlsplit(raw if "://" in raw else f"http://{raw}")
-        secure = secure or url.scheme == "https"
-        if url.hostname is None or url.port is None:
-            raise ValueError(f"etcd endpoint {raw!r} needs a host and a port")
-        hosts.append(f"[{url.hostname}]:{url.port}" if ":" in url.hostname else f"{url.hostname}:{url.port}")
+        if url.scheme not in ("http", "https"):
+            raise ValueError(f"etcd endpoint {raw!r}: the scheme is http or https")
+        try:
+            port = url.port
+        except ValueError:
+            port = None
+        if not url.hostname or port is None:
+            raise ValueError(f"etcd endpoint {raw!r} needs a host and a port, e.g. http://127.0.0.1:2379")
+        schemes.add(url.scheme)
+        hosts.append((url.hostname, port))
+    if len(schemes) > 1:
+        raise ValueError(f"etcd endpoints mix http and https: {list(endpoints)}")
+    return hosts, schemes == {"https"}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _address_list(hosts: Sequence[tuple[str, int]]) -> str:
+    if all(ipaddress.ip_address(h).version == 4 for h, _ in hosts):
+        return "ipv4:" + ",".join(f"{h}:{p}" for h, p in hosts)
+    if all(ipaddress.ip_address(h).version == 6 for h, _ in hosts):
+        return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in hosts)
+    raise ValueError("grpc cannot mix IPv4 and IPv6 addresses in one target")
+
+
+def grpc_target(endpoints: Sequence[str]) -> tuple[str, bool]:
+    """The grpc target for etcd endpoint URLs, and whether they use https.
+
+    One endpoint is ``host:port`` (grpc's DNS resolver, every address of the
+    name); several IP endpoints are one address list for ``pick_first``::
+
+        grpc_target(["http://127.0.0.1:2379", "http://127.0.0.1:2479"])
+        == ("ipv4:127.0.0.1:2379,127.0.0.1:2479", False)
+
+    Several endpoints given by name have no grpc target (grpc has no list of
+    names): :func:`connect` resolves them first. ValueError here.
+    """
+    hosts, secure = _split(endpoints)
     if len(hosts) == 1:
-        return hosts[0], secure
-    if all(h[0].isdigit() for h in hosts):
-        return "ipv4:" + ",".join(hosts), secure
-    if all(h.startswith("[") for h in hosts):
-        return "ipv6:" + ",".join(hosts), secure
-    # Names: let the DNS resolver of the first one stand; grpc has no mixed list.
-    return hosts[0], secure
+        host, port = hosts[0]
+        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), secure
+    if not all(_is_ip(h) for h, _ in hosts):
+        raise ValueError("several etcd endpoints by name: resolve them to addresses first (connect does)")
+    return _address_list(hosts), secure
+
+
+async def _resolve(hosts: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    loop = asyncio.get_running_loop()
+    out: list[tuple[str, int]] = []
+    for host, port in hosts:
+        if _is_ip(host):
+            out.append((host, port))
+            continue
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for *_, sockaddr in infos:
+            address = (str(sockaddr[0]), port)
+            if address not in out:
+                out.append(address)
+    v4 = [a for a in out if ipaddress.ip_address(a[0]).version == 4]
+    # grpc takes one family per list; IPv4 is what compose networks and loopback use.
+    return v4 or out
 
 
 class EtcdClient(aetcd.Client):
     """aetcd's client over one or several endpoints, with optional TLS.
 
-    Create it with :func:`connect`. All of aetcd's API is available: ``get``,
-    ``put``, ``transaction``, ``lease``, ``watch`` ...
+    Create it with :func:`connect`. All of aetcd's API is there (``get``,
+    ``put``, ``transaction``, ``lease``, ``watch`` ...), plus :attr:`watchstub`
+    for :class:`ResumingWatch` and :meth:`keepalive_once` for
+    :class:`LeaseKeeper`. Calls go to the first endpoint that answers and move
+    to the next when it dies; a call in flight on the dead one fails with
+    ``ConnectionFailedError`` and may be retried at once.
+
+    Several endpoints given by host name are resolved once, at connect time;
+    with TLS their certificates must then carry the first endpoint's name.
     """
 
-    def __init__(self, endpoints: Sequence[str], tls: EtcdTLS | None = None, timeout: float | None = None):
+    watchstub: Any
+
+    def __init__(
+        self, endpoints: Sequence[str], tls: EtcdTLS | None = None, timeout: float | None = None
+    ) -> None:
+        _split(endpoints)  # a malformed endpoint is an error now, not at the first call
         super().__init__(timeout=timeout)  # type: ignore[arg-type]
         self.endpoints = tuple(endpoints)
         self._tls = tls
+        self._closed = False
+
+    def _init_channel_attrs(self) -> None:
+        super()._init_channel_attrs()
+        self.watchstub = None
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def timeout(self) -> float | None:
+        """The per-call timeout in seconds given to :func:`connect` (None: no deadline)."""
+        return self._timeout
 
     async def connect(self) -> None:
-        """Open the channel (idempotent; concurrent callers wait for the first)."""
+        """Open the channel; idempotent, and concurrent callers wait for the first.
+
+        No network traffic happens here: grpc connects on the first call.
+        """
+        if self._closed:
+            raise ClientClosedError("etcd client is closed")
         if self._connected.is_set():
             return
         if self._is_connecting:  # type: ignore[has-type]
@@ -105,23 +265,17 @@ class EtcdClient(aetcd.Client):
             return
         self._is_connecting = True
         try:
-            target, secure = grpc_target(self.endpoints)
-            options = [
-                ("grpc.lb_policy_name", "pick_first"),
-                ("grpc.keepalive_time_ms", 5_000),
-                ("grpc.keepalive_timeout_ms", 3_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1_000),
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ]
+            hosts, secure = _split(self.endpoints)
+            options = list(_CHANNEL_OPTIONS)
+            if len(hosts) == 1:
+                target, _ = grpc_target(self.endpoints)
+            else:
+                named = [h for h, _ in hosts if not _is_ip(h)]
+                target = _address_list(await _resolve(hosts))
+                if named and (secure or self._tls is not None):
+                    options.append(("grpc.ssl_target_name_override", named[0]))
             if secure or self._tls is not None:
-                tls = self._tls or EtcdTLS()
-                creds = grpc.ssl_channel_credentials(
-                    root_certificates=_read(tls.ca_file),
-                    private_key=_read(tls.key_file),
-                    certificate_chain=_read(tls.cert_file),
-                )
+                creds = (self._tls or EtcdTLS()).credentials()
                 self.channel = aio.secure_channel(target, creds, options=options)
             else:
                 self.channel = aio.insecure_channel(target, options=options)
@@ -129,15 +283,31 @@ class EtcdClient(aetcd.Client):
             self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
             self.leasestub = aetcd.rpc.LeaseStub(self.channel)
             self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+            self.watchstub = aetcd.rpc.WatchStub(self.channel)
+            # aetcd's own watch API multiplexes all its watches on one stream.
             self._watcher = aetcd.watcher.Watcher(
-                aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+                self.watchstub, timeout=self._timeout, metadata=self.metadata
             )
             self._connected.set()
         finally:
             self._is_connecting = False
 
+    async def close(self) -> None:
+        """Close the channel (calls in flight fail with CANCELLED); safe to call twice.
+
+        Final: aetcd would reopen a closed client on its next call, which would
+        leak a channel nobody closes, so this one raises ClientClosedError instead.
+        """
+        self._closed = True
+        await super().close()
+
     async def keepalive_once(self, lease_id: int) -> int:
-        """Refresh a lease once; returns its TTL after the refresh (0 = the lease is gone)."""
+        """Refresh a lease once; its TTL after the refresh, 0 when etcd no longer knows it.
+
+        One short LeaseKeepAlive stream per refresh: nothing to resume after a
+        reconnect, and a dead connection fails this call instead of a stream
+        that looks open.
+        """
         await self.connect()
         assert self.leasestub is not None
         call = self.leasestub.LeaseKeepAlive(
@@ -150,13 +320,29 @@ class EtcdClient(aetcd.Client):
                 return int(reply.TTL)
         except aio.AioRpcError as exc:
             aetcd.exceptions._handle_exception(exc)
-        return 0
+        finally:
+            call.cancel()
+        # The stream ended without an answer: that says nothing about the lease.
+        raise aetcd.exceptions.ConnectionFailedError("etcd ended the lease keep-alive without an answer")
 
 
 async def connect(
     endpoints: Sequence[str], *, tls: EtcdTLS | None = None, timeout: float | None = None
 ) -> EtcdClient:
-    """A connected :class:`EtcdClient` for ``endpoints`` (URLs such as ``http://127.0.0.1:2379``)."""
+    """A connected :class:`EtcdClient` for ``endpoints``.
+
+    ``endpoints`` are URLs (``http://127.0.0.1:2379``, ``https://etcd-0:2379``);
+    https, or ``tls`` given, means TLS. ``timeout`` is the deadline of every
+    unary call in seconds (None: none; see the module doc for what a frozen
+    etcd then does). Connecting does not touch the network, so it succeeds
+    even when etcd is down; the first call says whether it is up.
+
+    Example::
+
+        client = await connect(["http://127.0.0.1:2379", "http://127.0.0.1:2479"], timeout=5)
+        await client.put(b"/k", b"v")
+        await client.close()
+    """
     client = EtcdClient(endpoints, tls=tls, timeout=timeout)
     await client.connect()
     return client
@@ -165,89 +351,150 @@ async def connect(
 class LeaseKeeper:
     """A lease kept alive in the background until stopped, revoked or lost.
 
-    Refreshes every ``ttl / 3`` seconds. When a refresh says the lease is gone,
-    or etcd stays unreachable until the lease must have expired, :attr:`lost` is
-    set; the keeper does not grant a new lease by itself.
+    Refreshes every third of the TTL etcd granted (etcd 3.5 grants at least
+    2 s whatever is asked). The lease is *lost* when a refresh says etcd no
+    longer knows it (it expired or someone revoked it), or when no refresh
+    succeeded for a whole TTL, counted from the send time of the last
+    successful one: from then on etcd may have expired it, so the owner must
+    stop acting on it. :attr:`lost` is set and ``on_lost`` called; the keeper
+    grants no new lease by itself, because what hung on the old one (keys,
+    leadership) is the owner's to redo. A lease declared lost while etcd was
+    unreachable is revoked as soon as etcd answers again (within one TTL), so
+    its keys go at once instead of lingering until it expires.
+
+    ``on_lost`` runs in the keeper's task; it must not block (set an event or
+    start a task).
 
     Example::
 
-        keeper = LeaseKeeper(client, ttl=5)
-        await keeper.start()
-        await client.put(b"/k", b"v", lease=keeper.lease_id)
-        ...
-        await keeper.revoke()   # or: await keeper.wait_lost()
+        async with LeaseKeeper(client, ttl=5) as keeper:
+            await client.put(b"/k", b"v", lease=keeper.lease_id)
+            await keeper.wait_lost()          # returns if the lease is lost
     """
 
-    def __init__(self, client: EtcdClient, ttl: int) -> None:
+    def __init__(self, client: EtcdClient, ttl: int, *, on_lost: Callable[[], object] | None = None) -> None:
         if ttl < 1:
             raise ValueError(f"ttl {ttl}: a lease lives at least 1 s")
         self._client = client
         self.ttl = ttl
+        self.granted_ttl = ttl
         self.lease_id = 0
         self.lost = asyncio.Event()
+        self.on_lost = on_lost
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
-        """Grant the lease and start refreshing it; returns the lease id."""
+        """Grant the lease and start refreshing it; returns the lease id.
+
+        Raises what the grant raises (etcd unreachable: one of
+        :data:`UNREACHABLE`); a keeper is started once.
+        """
+        if self.lease_id:
+            raise RuntimeError("a LeaseKeeper is started once; make a new one for a new lease")
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
         lease = await self._client.lease(self.ttl)
         self.lease_id = int(lease.id)
-        self._task = asyncio.create_task(self._keep(), name=f"lease-keeper-{self.lease_id:x}")
+        self.granted_ttl = int(lease.ttl) or self.ttl
+        self._task = asyncio.create_task(self._keep(sent), name=f"lease-keeper-{self.lease_id:x}")
         return self.lease_id
 
-    async def _keep(self) -> None:
+    async def _keep(self, sent: float) -> None:
         loop = asyncio.get_running_loop()
-        expires = loop.time() + self.ttl
-        interval = max(self.ttl / 3.0, 0.2)
+        expires = sent + self.granted_ttl
+        interval = max(self.granted_ttl / 3.0, 0.2)
+        delay = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.0, min(delay, expires - loop.time())))
+            sent = loop.time()
+            if sent >= expires:
+                await self._declare_lost("no refresh reached etcd for a whole TTL", unreachable=True)
+                return
             try:
-                ttl = await asyncio.wait_for(self._client.keepalive_once(self.lease_id), timeout=interval)
-            except asyncio.CancelledError:
-                raise
+                # A refresh that would come back after the expiry is worthless.
+                ttl = await asyncio.wait_for(
+                    self._client.keepalive_once(self.lease_id), timeout=min(interval, expires - sent)
+                )
             except Exception as exc:
-                if loop.time() >= expires:
-                    log.warning("lease %x lost: etcd unreachable past its TTL (%s)", self.lease_id, exc)
-                    self.lost.set()
-                    return
+                log.debug("lease %x: refresh failed (%s)", self.lease_id, exc)
+                delay = min(interval, 0.25)  # try again soon, the TTL is running
                 continue
             if ttl <= 0:
-                log.warning("lease %x lost: etcd no longer knows it", self.lease_id)
-                self.lost.set()
+                await self._declare_lost("etcd no longer knows it (expired or revoked)", unreachable=False)
                 return
-            expires = loop.time() + ttl
+            expires, delay = sent + ttl, interval
+
+    async def _declare_lost(self, why: str, *, unreachable: bool) -> None:
+        log.warning("lease %x lost: %s", self.lease_id, why)
+        self.lost.set()
+        if self.on_lost is not None:
+            try:
+                self.on_lost()
+            except Exception:
+                log.exception("on_lost callback of lease %x failed", self.lease_id)
+        if unreachable:
+            await self._revoke_when_back()
+
+    async def _revoke_when_back(self) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.granted_ttl
+        while loop.time() < until:
+            try:
+                await asyncio.wait_for(self._client.revoke_lease(self.lease_id), timeout=1.0)
+                return
+            except Exception as exc:
+                if not isinstance(exc, (*UNREACHABLE, TimeoutError)):
+                    return  # lease not found: already gone
+            await asyncio.sleep(0.25)
 
     async def wait_lost(self) -> None:
-        """Return when the lease is lost."""
+        """Return when the lease is lost (or revoked through :meth:`revoke`)."""
         await self.lost.wait()
 
     async def revoke(self) -> None:
-        """Stop refreshing and revoke the lease (its keys vanish at once)."""
+        """Stop refreshing and revoke the lease, so its keys vanish at once; safe to call twice.
+
+        Sets :attr:`lost` (the lease is gone) without calling ``on_lost`` (the
+        owner knows). An unreachable etcd is not an error here: the lease then
+        expires by itself.
+        """
         await self.stop()
         if self.lease_id and not self.lost.is_set():
-            with contextlib.suppress(*UNREACHABLE, aetcd.exceptions.ClientError):
-                await self._client.revoke_lease(self.lease_id)
+            with contextlib.suppress(aetcd.exceptions.ClientError, TimeoutError):
+                await asyncio.wait_for(self._client.revoke_lease(self.lease_id), timeout=5.0)
         self.lost.set()
 
     async def stop(self) -> None:
-        """Stop refreshing (the lease then lapses after its TTL); safe to call twice."""
+        """Stop refreshing, leaving the lease to lapse after its TTL; safe to call twice."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def __aenter__(self) -> LeaseKeeper:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.revoke()
+
 
 class WatchCompacted(Exception):
-    """The revision to resume from was compacted: re-list, then watch again."""
+    """The revision to resume from was compacted away: list again, then watch from the new revision."""
 
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"watch revision compacted (first available revision {compact_revision})")
         self.compact_revision = compact_revision
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WatchEvent:
-    """One change under a watched prefix."""
+    """One change under a watched prefix.
+
+    A DELETE carries the key and the revision of the deletion; its value,
+    create revision, version and lease are empty / 0.
+    """
 
     kind: str  # "PUT" or "DELETE"
     key: bytes
@@ -258,89 +505,171 @@ class WatchEvent:
     lease: int
 
 
+_DELETE = aetcd.rpc.Event.EventType.Value("DELETE")
+
+
+class _StreamBroken(Exception):
+    pass
+
+
 class ResumingWatch:
-    """Events under a prefix, resumed after connection loss without gaps or repeats.
+    """Events under a prefix, in revision order, each exactly once, across reconnects.
+
+    Each watch has its own etcd watch stream. When the stream breaks (etcd
+    restarted, the connection or the member's leader lost), it is opened
+    again with backoff (50 ms doubling to 1 s) from the revision after the
+    last event delivered. ``start_revision`` None starts at the revision
+    current when the stream is first created. When the revision to resume
+    from was compacted, iteration raises :class:`WatchCompacted`: list again
+    and start a new watch. ``single_key`` watches exactly ``prefix`` instead
+    of every key under it.
+
+    Iterating it is the only activity: no task runs in the background.
+    Iteration ends after :meth:`close`, and raises
+    :class:`ClientClosedError` once the client is closed.
 
     Example::
 
-        kvs, revision = await snapshot(client, b"/mabeam/agents/")
-        async for event in ResumingWatch(client, b"/mabeam/agents/", start_revision=revision + 1):
-            ...
+        kvs, revision, watch = await snapshot_and_watch(client, b"/mabeam/agents/")
+        async with watch:
+            async for event in watch:
+                ...
     """
 
-    def __init__(self, client: EtcdClient, prefix: bytes, start_revision: int | None = None) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        prefix: bytes,
+        start_revision: int | None = None,
+        *,
+        single_key: bool = False,
+    ) -> None:
         self._client = client
-        self._prefix = prefix
+        self.prefix = prefix
+        self._range_end = b"" if single_key else aetcd_utils.prefix_range_end(prefix)
         self.next_revision = start_revision
+        self.reconnects = 0
+        self._pending: deque[WatchEvent] = deque()
+        self._call: Any = None
         self._closed = False
+        self._compacted: WatchCompacted | None = None
 
-    async def _stream(self) -> AsyncIterator[WatchEvent]:
+    def __aiter__(self) -> ResumingWatch:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
         delay = 0.05
-        while not self._closed:
-            queue: asyncio.Queue[Any] = asyncio.Queue()
-            watch_id: int | None = None
+        while True:
+            if self._pending:
+                event = self._pending.popleft()
+                # A revision's events arrive in one response; resuming happens
+                # only once all of them were delivered, so rev + 1 is exact.
+                self.next_revision = event.mod_revision + 1
+                return event
+            if self._closed:
+                raise StopAsyncIteration
+            if self._compacted is not None:
+                raise self._compacted
             try:
-                await self._client.connect()
-                watcher = self._client._watcher
-                assert watcher is not None
-                callback = await watcher.add_callback(
-                    self._prefix,
-                    queue.put,
-                    range_end=aetcd_utils.prefix_range_end(self._prefix),
-                    start_revision=self.next_revision,
-                )
-                watch_id = callback.watch_id
+                if self._call is None:
+                    await self._open()
+                await self._receive()
                 delay = 0.05
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, aetcd.exceptions.RevisionCompactedError):
-                        raise WatchCompacted(item.compacted_revision)
-                    if isinstance(item, BaseException):
-                        raise item
-                    kv = item.kv
-                    self.next_revision = int(kv.mod_revision) + 1
-                    yield WatchEvent(
-                        kind=str(item.kind),
-                        key=kv.key,
-                        value=kv.value,
-                        mod_revision=int(kv.mod_revision),
-                        create_revision=int(kv.create_revision),
-                        version=int(kv.version),
-                        lease=int(kv.lease),
-                    )
-            except WatchCompacted:
+            except asyncio.CancelledError:
+                self._drop_stream()
                 raise
-            except aetcd.exceptions.RevisionCompactedError as exc:
-                raise WatchCompacted(exc.compacted_revision) from None
-            except (asyncio.CancelledError, GeneratorExit):
+            except WatchCompacted as exc:
+                self._drop_stream()
+                self._compacted = exc
+            except ClientClosedError:
+                self._drop_stream()
                 raise
-            except Exception as exc:
+            except (aio.AioRpcError, aetcd.exceptions.ClientError, _StreamBroken, OSError) as exc:
+                self._drop_stream()
+                if self._client.closed:
+                    raise ClientClosedError("etcd client is closed") from None
+                self.reconnects += 1
                 log.info(
                     "watch on %r broke (%s); resuming at revision %s",
-                    self._prefix,
-                    exc,
+                    self.prefix,
+                    _brief(exc),
                     self.next_revision,
                 )
-                await asyncio.sleep(delay + random.random() * delay)
+                await asyncio.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 1.0)
-            finally:
-                if watch_id is not None and self._client._watcher is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self._client._watcher.cancel(watch_id), 1.0)
 
-    def __aiter__(self) -> AsyncIterator[WatchEvent]:
-        return self._stream()
+    async def _open(self) -> None:
+        await self._client.connect()
+        metadata = (*(self._client.metadata or ()), _REQUIRE_LEADER)
+        call = self._client.watchstub.Watch(metadata=metadata)
+        self._call = call
+        request = aetcd.rpc.WatchCreateRequest(
+            key=self.prefix, range_end=self._range_end, start_revision=self.next_revision or 0
+        )
+        await call.write(aetcd.rpc.WatchRequest(create_request=request))
+
+    async def _receive(self) -> None:
+        """Read one response; queue its events or raise why the stream ended."""
+        reply = await self._call.read()
+        if reply is aio.EOF:  # type: ignore[attr-defined]
+            raise _StreamBroken("etcd closed the watch stream")
+        if reply.compact_revision:
+            raise WatchCompacted(int(reply.compact_revision))
+        if reply.canceled:
+            raise _StreamBroken(f"etcd cancelled the watch: {reply.cancel_reason or 'no reason given'}")
+        if reply.created and self.next_revision is None:
+            # etcd starts a watch without a revision at header.revision + 1.
+            self.next_revision = int(reply.header.revision) + 1
+        for ev in reply.events:
+            kv = ev.kv
+            self._pending.append(
+                WatchEvent(
+                    kind="DELETE" if ev.type == _DELETE else "PUT",
+                    key=kv.key,
+                    value=kv.value,
+                    mod_revision=int(kv.mod_revision),
+                    create_revision=int(kv.create_revision),
+                    version=int(kv.version),
+                    lease=int(kv.lease),
+                )
+            )
+
+    def _drop_stream(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
 
     def close(self) -> None:
-        """Stop after the current event (cancel the consuming task to stop at once)."""
+        """Stop the watch: events already received are still delivered, then iteration ends.
+
+        To stop a consumer blocked waiting for the next event, cancel its task.
+        """
         self._closed = True
+        self._drop_stream()
+
+    async def aclose(self) -> None:
+        """Async form of :meth:`close`, for ``contextlib.aclosing``."""
+        self.close()
+
+    async def __aenter__(self) -> ResumingWatch:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _brief(exc: BaseException) -> str:
+    if isinstance(exc, aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__
 
 
 async def snapshot(client: EtcdClient, prefix: bytes, *, serializable: bool = False) -> tuple[list[Any], int]:
-    """Every key-value under ``prefix`` and the store revision they were read at.
+    """Every key-value under ``prefix`` (etcd ``KeyValue`` messages) and the revision they were read at.
 
-    Watch from ``revision + 1`` to see every later change exactly once.
-    ``serializable`` reads from the member's local state (may be stale).
+    Watching from ``revision + 1`` then sees every later change exactly once.
+    ``serializable`` reads the member's local state: cheaper and available
+    without a quorum, possibly stale.
     """
     await client.connect()
     assert client.kvstub is not None
@@ -348,113 +677,243 @@ async def snapshot(client: EtcdClient, prefix: bytes, *, serializable: bool = Fa
         key=prefix, range_end=aetcd_utils.prefix_range_end(prefix), serializable=serializable
     )
     try:
-        reply = await client.kvstub.Range(request, timeout=client._timeout, metadata=client.metadata)
+        reply = await client.kvstub.Range(request, timeout=client.timeout, metadata=client.metadata)
     except aio.AioRpcError as exc:
         aetcd.exceptions._handle_exception(exc)
         raise
     return list(reply.kvs), int(reply.header.revision)
 
 
+async def snapshot_and_watch(
+    client: EtcdClient, prefix: bytes, *, serializable: bool = False
+) -> tuple[list[Any], int, ResumingWatch]:
+    """List ``prefix``, and a watch of it starting right after the listing's revision.
+
+    The pattern of every watch-fed cache: apply ``kvs``, then every event of
+    ``watch``, and the cache equals etcd at each event's revision.
+    """
+    kvs, revision = await snapshot(client, prefix, serializable=serializable)
+    return kvs, revision, ResumingWatch(client, prefix, start_revision=revision + 1)
+
+
+class _LeaseCompare(aetcd.transactions.BaseCompare):
+    # aetcd lacks the LEASE compare target (etcd >= 3.3).
+    def build_compare(self, compare: Any) -> None:
+        compare.target = aetcd.rpc.Compare.LEASE
+        compare.lease = int(self.value)
+
+
 async def try_acquire(client: EtcdClient, key: bytes, owner: str, lease_id: int) -> bool:
-    """Create ``key`` -> ``owner`` bound to ``lease_id`` if nobody holds it; True when we do."""
-    ok, _ = await client.transaction(
-        compare=[client.transactions.create(key) == 0],
-        success=[client.transactions.put(key, owner.encode(), lease=lease_id)],
-        failure=[],
+    """Take ``key`` for ``owner`` if nobody holds it; True when ``owner`` holds it now.
+
+    The key is created with ``owner`` as value, bound to ``lease_id``, so it
+    is released when the holder's lease goes. Asking again with the same
+    owner and lease is True (idempotent). One transaction.
+
+    Example::
+
+        if await try_acquire(client, b"/mabeam/owners/agent-7", replica_id, keeper.lease_id):
+            ...  # supervise agent-7
+    """
+    t = client.transactions
+    ok, replies = await client.transaction(
+        compare=[t.create(key) == 0],
+        success=[t.put(key, owner.encode(), lease=lease_id)],
+        failure=[t.get(key)],
     )
     if ok:
         return True
-    current = await client.get(key)
-    return current is not None and current.value == owner.encode() and int(current.lease) == lease_id
+    current = replies[0] if replies else []
+    if not current:
+        return False  # deleted between the compare and the read: someone else's turn anyway
+    _, kv = current[0]
+    return bool(kv.value == owner.encode() and int(kv.lease) == lease_id)
 
 
-async def release(client: EtcdClient, key: bytes, owner: str) -> bool:
-    """Delete ``key`` if ``owner`` holds it; True when deleted."""
-    ok, _ = await client.transaction(
-        compare=[client.transactions.value(key) == owner.encode()],
-        success=[client.transactions.delete(key)],
-        failure=[],
-    )
+async def release(client: EtcdClient, key: bytes, owner: str, lease_id: int | None = None) -> bool:
+    """Delete ``key`` if ``owner`` holds it (and, given ``lease_id``, on that lease); True when deleted."""
+    t = client.transactions
+    compare: list[Any] = [t.value(key) == owner.encode()]
+    if lease_id is not None:
+        compare.append(_LeaseCompare(key) == lease_id)
+    ok, _ = await client.transaction(compare=compare, success=[t.delete(key)], failure=[])
     return bool(ok)
 
 
-class Election:
-    """Leader election by lease + create revision (etcd's election recipe).
+class ElectionLost(RuntimeError):
+    """The candidacy ended before or while leading: the lease or the candidate key is gone."""
 
-    Each candidate puts ``<name>/<lease id hex>`` bound to its own lease; the key
-    with the lowest create revision leads. Others wait for the deletion of the
-    key just before theirs. Writes on behalf of the leader should use
-    :meth:`guard` in their transaction, so a deposed leader's writes fail.
+
+class Election:
+    """Leader election by lease + create revision (etcd's concurrency/election recipe).
+
+    Each candidate puts ``<name>/<lease id hex>`` -> ``candidate_id`` bound to
+    its own lease; the key with the lowest create revision leads; the others
+    each wait for the deletion of the key just before theirs, so a departure
+    wakes one candidate, not all. Leadership ends with :meth:`resign`, or is
+    lost when the lease is lost or the key deleted: then :attr:`is_leader`
+    turns False and :attr:`lost` is set. Writes made on behalf of the leader
+    carry :meth:`leader_txn_guard` in their transaction, so a deposed leader
+    that does not know it yet cannot write.
+
+    After a resignation or a loss, :meth:`campaign` may be called again: it
+    stands with a new lease.
 
     Example::
 
         election = Election(client, b"/mabeam/orchestrator/leader", "replica-1", ttl=5)
-        await election.campaign()          # returns once leading
-        ok, _ = await client.transaction(compare=[election.guard()], success=[...], failure=[])
+        await election.campaign()                     # returns once leading
+        ok, _ = await client.transaction(
+            compare=[election.leader_txn_guard()], success=[client.transactions.put(k, v)], failure=[]
+        )
         await election.resign()
     """
 
     def __init__(self, client: EtcdClient, name: bytes, candidate_id: str, ttl: int) -> None:
         self._client = client
-        self._name = name.rstrip(b"/") + b"/"
+        self.name = name.rstrip(b"/") + b"/"
         self.candidate_id = candidate_id
-        self._keeper = LeaseKeeper(client, ttl)
+        self.ttl = ttl
         self.key = b""
         self.create_revision = 0
         self.is_leader = False
         self.lost = asyncio.Event()
+        self._keeper: LeaseKeeper | None = None
+        self._monitor: asyncio.Task[None] | None = None
+
+    @property
+    def lease_id(self) -> int:
+        """The candidacy's lease (0 when not standing)."""
+        return self._keeper.lease_id if self._keeper is not None else 0
 
     async def campaign(self) -> None:
-        """Stand for election and return once this candidate leads."""
-        if not self.key:
-            lease_id = await self._keeper.start()
-            self.key = self._name + f"{lease_id:x}".encode()
-            await self._client.put(self.key, self.candidate_id.encode(), lease=lease_id)
-            got = await self._client.get(self.key)
-            assert got is not None
-            self.create_revision = int(got.create_revision)
-        while True:
-            if self._keeper.lost.is_set():
-                self.lost.set()
-                raise RuntimeError("election lease lost while campaigning")
-            kvs, revision = await snapshot(self._client, self._name)
-            earlier = [kv for kv in kvs if 0 < kv.create_revision < self.create_revision]
-            if not any(kv.key == self.key for kv in kvs):
-                self.lost.set()
-                raise RuntimeError("election key vanished while campaigning")
-            if not earlier:
-                self.is_leader = True
-                asyncio.get_running_loop().create_task(self._watch_lease())
-                return
-            predecessor = max(earlier, key=lambda kv: kv.create_revision).key
-            await self._wait_deleted(predecessor, revision + 1)
+        """Stand for election and return once this candidate leads.
 
-    async def _wait_deleted(self, key: bytes, start_revision: int) -> None:
-        async for event in ResumingWatch(self._client, key, start_revision=start_revision):
-            if event.key == key and event.kind == "DELETE":
-                return
-            if self._keeper.lost.is_set():
+        Raises :class:`ElectionLost` if the lease or the candidate key goes
+        while waiting. Cancelling it withdraws the candidacy.
+        """
+        if self.is_leader:
+            return
+        try:
+            if self._keeper is None:
+                await self._stand()
+            keeper = self._keeper
+            assert keeper is not None
+            while True:
+                if keeper.lost.is_set():
+                    raise ElectionLost(f"election {self.name!r}: lease lost while campaigning")
+                kvs, revision = await snapshot(self._client, self.name)
+                if not any(kv.key == self.key for kv in kvs):
+                    raise ElectionLost(f"election {self.name!r}: candidate key {self.key!r} vanished")
+                earlier = [kv for kv in kvs if kv.create_revision < self.create_revision]
+                if not earlier:
+                    break
+                predecessor = max(earlier, key=lambda kv: kv.create_revision).key
+                await self._first_of(self._deleted(predecessor, revision + 1), keeper.lost.wait())
+        except ElectionLost:
+            await self.resign()
+            raise
+        except BaseException:
+            # Cancelled or etcd unreachable: do not leave a candidacy nobody follows.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(self.resign())
+            raise
+        self.is_leader = True
+        self.lost.clear()
+        self._monitor = asyncio.create_task(
+            self._watch_leadership(revision + 1), name=f"election-{self.candidate_id}"
+        )
+
+    async def _stand(self) -> None:
+        self.lost.clear()
+        keeper = LeaseKeeper(self._client, self.ttl)
+        self._keeper = keeper
+        lease_id = await keeper.start()
+        self.key = self.name + f"{lease_id:x}".encode()
+        t = self._client.transactions
+        ok, replies = await self._client.transaction(
+            compare=[t.create(self.key) == 0],
+            success=[t.put(self.key, self.candidate_id.encode(), lease=lease_id)],
+            failure=[t.get(self.key)],
+        )
+        if ok:
+            self.create_revision = int(replies[0].response_put.header.revision)
+        else:  # a key on our own fresh lease: only a retried request can have made it
+            self.create_revision = int(replies[0][0][1].create_revision)
+
+    async def _deleted(self, key: bytes, start_revision: int) -> None:
+        async for event in ResumingWatch(self._client, key, start_revision, single_key=True):
+            if event.kind == "DELETE":
                 return
 
-    async def _watch_lease(self) -> None:
-        await self._keeper.wait_lost()
+    @staticmethod
+    async def _first_of(*waits: Any) -> None:
+        tasks = [asyncio.ensure_future(w) for w in waits]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _watch_leadership(self, start_revision: int) -> None:
+        keeper = self._keeper
+        assert keeper is not None
+        try:
+            await self._first_of(self._deleted(self.key, start_revision), keeper.lost.wait())
+        except (WatchCompacted, ClientClosedError):
+            pass  # cannot follow the key any more: count leadership as lost, the safe side
+        log.warning("election %r: %s lost leadership", self.name, self.candidate_id)
         self.is_leader = False
         self.lost.set()
+        self._monitor = None
+        self._keeper = None
+        await keeper.revoke()
 
-    def guard(self) -> Any:
-        """The transaction compare that holds only while this candidate leads."""
+    def leader_txn_guard(self) -> Any:
+        """The transaction compare that holds only while this candidate still leads.
+
+        ``create_revision(own key) == the revision it was created at``: it
+        fails once the key is gone (lease lost, resigned), even if the same
+        lease id were somehow reused.
+        """
+        if not self.key:
+            raise RuntimeError("not a candidate: campaign() first")
         return self._client.transactions.create(self.key) == self.create_revision
 
+    def guard(self) -> Any:
+        """Same as :meth:`leader_txn_guard`."""
+        return self.leader_txn_guard()
+
     async def leader(self) -> str | None:
-        """The candidate id of the current leader (None when nobody stands)."""
-        kvs, _ = await snapshot(self._client, self._name)
+        """The candidate id of the current leader, read from etcd (None when nobody stands)."""
+        kvs, _ = await snapshot(self._client, self.name)
         if not kvs:
             return None
-        first = min(kvs, key=lambda kv: kv.create_revision)
-        return bytes(first.value).decode()
+        return bytes(min(kvs, key=lambda kv: kv.create_revision).value).decode()
 
     async def resign(self) -> None:
-        """Give up leadership (or candidacy) at once; safe to call twice."""
+        """Give up leadership or candidacy at once (the key is deleted); safe to call twice.
+
+        Sets :attr:`lost`. Does not fail when etcd is unreachable: the lease
+        then expires within its TTL and the next candidate takes over.
+        """
         self.is_leader = False
-        await self._keeper.revoke()
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None and monitor is not asyncio.current_task():
+            monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await monitor
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            await keeper.revoke()
         self.lost.set()
+
+    async def __aenter__(self) -> Election:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.resign()

@@ -242,7 +242,9 @@ class GoalRunner:
         done = {s for s, st in self.statuses.items() if st.state == P.STEP_STATE_SUCCEEDED}
         running: dict[asyncio.Task[bool], str] = {}
         waiting = {
-            s: sum(1 for d in self.specs[s].depends_on if d not in done) for s in self.plan.order if s not in done
+            s: sum(1 for d in self.specs[s].depends_on if d not in done)
+            for s in self.plan.order
+            if s not in done
         }
         ready = collections.deque(s for s in self.plan.order if s in waiting and waiting[s] == 0)
         failed: str | None = None

@@ -1,4 +1,9 @@
-"""The session's etcd: one real etcd per test session, each test isolated by a key prefix."""
+"""The session's etcd: one real etcd per test session, each test isolated by a key prefix.
+
+A pytest plugin (``pytest_plugins = ["harness.etcd_fixtures"]``). Tests that
+stop, restart, freeze or kill etcd take :func:`private_etcd` (or make their
+own :class:`EmbeddedEtcd`), never the shared one.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +18,29 @@ from mabeam.etcd import EtcdClient, connect
 
 @pytest.fixture(scope="session")
 async def etcd() -> AsyncIterator[EmbeddedEtcd]:
+    """One etcd for the whole session; fsync off, since its data dies with the session anyway."""
     server = EmbeddedEtcd(unsafe_no_fsync=True)
     await server.start()
-    yield server
-    await server.stop()
-    server.cleanup()
+    try:
+        yield server
+    finally:
+        await server.stop()
+        server.cleanup()
 
 
 @pytest.fixture(scope="session")
 async def etcd_client(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdClient]:
-    client = await connect([etcd.endpoint])
-    yield client
-    await client.close()
+    """A client of the session's etcd, shared by every test (close nothing on it)."""
+    client = await connect([etcd.endpoint], timeout=10)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 @pytest.fixture
 def key_prefix() -> bytes:
+    """A key prefix of the test's own, ``/t/<uuid>/``: tests share etcd, never keys."""
     return f"/t/{uuid.uuid4().hex}/".encode()
 
 
@@ -37,6 +49,8 @@ async def private_etcd() -> AsyncIterator[EmbeddedEtcd]:
     """An etcd of the test's own, for tests that stop, restart or freeze it."""
     server = EmbeddedEtcd(unsafe_no_fsync=True)
     await server.start()
-    yield server
-    await server.stop()
-    server.cleanup()
+    try:
+        yield server
+    finally:
+        await server.stop()
+        server.cleanup()
