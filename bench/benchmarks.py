@@ -52,7 +52,7 @@ async def lookup(ctx: BenchContext) -> Result:
         await asyncio.sleep(1.0)  # let the registrations' burst settle
         ping = await ctx.ping_fn()
         samples, pings = await interleaved(
-            lambda: client.registry.ListAgents(request), ping, ctx.n(2000, 400)
+            lambda: client.registry.ListAgents(request), ping, n=ctx.n(2000, 400)
         )
     finally:
         await client.close()
