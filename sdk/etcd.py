@@ -41,7 +41,7 @@ import logging
 import random
 import socket
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -917,3 +917,45 @@ class Election:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.resign()
+
+
+async def while_leading(
+    client: EtcdClient,
+    name: bytes,
+    candidate_id: str,
+    ttl: int,
+    work: Callable[[], Awaitable[object]],
+    interval: float,
+    what: str = "",
+) -> None:
+    """Forever: win the election ``name``, then run ``work`` every ``interval`` s while leading.
+
+    When the lead is lost (the lease lapsed, etcd was unreachable too long)
+    the loop stops working at once and campaigns again; a failing ``work`` is
+    logged and retried on the next tick. Cancelling it resigns. This is how a
+    service runs the loops only one replica may run (the registry's health
+    prober, the orchestrator's adaptation loop).
+    """
+    while True:
+        election = Election(client, name, candidate_id, ttl)
+        try:
+            await election.campaign()
+            log.info("%s: %s leads", what or name.decode(), candidate_id)
+            while not election.lost.is_set():
+                try:
+                    await work()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("%s: %s", what or name.decode(), exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(election.lost.wait(), interval)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(election.resign())
+            raise
+        except Exception as exc:
+            log.info("%s: %s; campaigning again", what or name.decode(), exc)
+            with contextlib.suppress(Exception):
+                await election.resign()
+            await asyncio.sleep(interval)

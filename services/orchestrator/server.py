@@ -11,7 +11,6 @@ re-coordinates bindings whose metric crosses its threshold.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import statistics
 import time
@@ -23,7 +22,7 @@ from google.protobuf import timestamp_pb2
 from mabeam import errors, validate
 from mabeam.cache import PrefixCache
 from mabeam.client import MeshClient
-from mabeam.etcd import Election, EtcdClient, ResumingWatch, WatchCompacted, snapshot
+from mabeam.etcd import EtcdClient, ResumingWatch, WatchCompacted, snapshot, while_leading
 from mabeam.server import MeshServer
 from mabeam.services.orchestrator import variables as V
 from mabeam.services.orchestrator.store import VariableStore, variable_from_kv
@@ -424,26 +423,15 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def run_adaptation(self) -> None:
         """While leading (etcd election), re-coordinate bindings whose metric crosses its threshold."""
-        while True:
-            election = Election(
-                self._etcd, self.store.leader, self._server.instance_id, self._server.config.service_ttl
-            )
-            try:
-                await election.campaign()
-                log.info("orchestrator %s leads the adaptation loop", self._server.instance_id)
-                while not election.lost.is_set():
-                    await self.adapt_once()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(election.lost.wait(), ADAPT_INTERVAL)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(election.resign())
-                raise
-            except Exception as exc:
-                log.info("adaptation loop: %s; campaigning again", exc)
-                with contextlib.suppress(Exception):
-                    await election.resign()
-                await asyncio.sleep(ADAPT_INTERVAL)
+        await while_leading(
+            self._etcd,
+            self.store.leader,
+            self._server.instance_id,
+            self._server.config.service_ttl,
+            self.adapt_once,
+            ADAPT_INTERVAL,
+            what="orchestrator adaptation loop",
+        )
 
     async def adapt_once(self) -> None:
         """One pass of the adaptation loop."""

@@ -12,7 +12,6 @@ on the agent's record.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mabeam.client import ChannelPool
-from mabeam.etcd import Election, EtcdClient
+from mabeam.etcd import EtcdClient, while_leading
 from mabeam.server import MeshServer
 from mabeam.services.registry.store import RegistryStore
 from mabeam.v1 import registry_pb2
@@ -61,30 +60,17 @@ class Prober:
         self._pool = ChannelPool()
 
     async def run(self) -> None:
-        """Campaign, probe while leading, campaign again after losing the lead."""
+        """Probe while this replica leads the prober election; campaign again after losing it."""
         try:
-            while True:
-                election = Election(
-                    self._etcd,
-                    self._store.keys.prober_election,
-                    self._server.instance_id,
-                    self._server.config.service_ttl,
-                )
-                try:
-                    await election.campaign()
-                    while not election.lost.is_set():
-                        await self.probe_once()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(election.lost.wait(), PROBE_INTERVAL)
-                except asyncio.CancelledError:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(election.resign())
-                    raise
-                except Exception as exc:
-                    log.info("prober: %s; campaigning again", exc)
-                    with contextlib.suppress(Exception):
-                        await election.resign()
-                    await asyncio.sleep(PROBE_INTERVAL)
+            await while_leading(
+                self._etcd,
+                self._store.keys.prober_election,
+                self._server.instance_id,
+                self._server.config.service_ttl,
+                self.probe_once,
+                PROBE_INTERVAL,
+                what="registry health prober",
+            )
         finally:
             await self._pool.close()
 
