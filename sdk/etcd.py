@@ -83,13 +83,16 @@ UNREACHABLE: tuple[type[Exception], ...] = (
 )
 
 # Keepalive pings find a dead connection (frozen member, vanished host) while
-# calls are pending. etcd's server refuses pings closer than 5 s
+# calls are pending, in 5 + 3 s. etcd's server refuses pings closer than 5 s
 # (--grpc-keepalive-min-time) and pings on an idle connection
-# (PermitWithoutStream=false) with GOAWAY "too_many_pings", so 5 s, calls only.
+# (PermitWithoutStream=false) with GOAWAY "too_many_pings", so 5 s, calls only;
+# and without max_pings_without_data=0 grpc stops pinging after two pings.
 _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.lb_policy_name", "pick_first"),
     ("grpc.keepalive_time_ms", 5_000),
     ("grpc.keepalive_timeout_ms", 3_000),
+    # grpc >= 1.6x times a ping out after this, not keepalive_timeout_ms (60 s by default).
+    ("grpc.http2.ping_timeout_ms", 3_000),
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),

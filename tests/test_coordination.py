@@ -514,10 +514,18 @@ async def test_a_thousand_agents_on_one_host(mesh: tuple[MeshClient, MeshServer]
     assert list(session.outcome.winners) == ["q0999"] and session.outcome.price == 998
 
 
-async def test_agent_killed_mid_session_is_left_out(
-    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
-) -> None:
+class Paced(Trader):
+    """A trader that takes its time: rounds last long enough for the test to act mid-session."""
+
+    async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        await asyncio.sleep(0.05)
+        return await super().coordinate(request)
+
+
+async def test_agent_killed_mid_session_is_left_out(mesh: tuple[MeshClient, MeshServer]) -> None:
     client, registry = mesh
+    rival = AgentHost([Paced("rival", 500)], registry=registry.address)
+    await rival.start()
     proc = subprocess.Popen(
         [sys.executable, BIDDER, "--id", "doomed", "--value", "1000", "--registry", registry.address],
         stdout=subprocess.DEVNULL,
@@ -531,13 +539,15 @@ async def test_agent_killed_mid_session_is_left_out(
             except errors.NotFound:
                 await asyncio.sleep(0.05)
         request = C.RunAuctionRequest(
-            settings=settings("t10", "t20", "t30", "doomed", timeout=0.5),
+            settings=settings("rival", "doomed", timeout=0.5),
             type=C.AUCTION_TYPE_ENGLISH,
             item="x",
             start_price=0,
             increment=1,
+            max_rounds=400,
         )
         request.settings.session_id = "doomed-run"
+        request.settings.deadline.FromSeconds(60)
         run = asyncio.create_task(client.coordination.RunAuction(request))
         async for number in _rounds(client, "doomed-run"):
             if number >= 3:
@@ -547,8 +557,9 @@ async def test_agent_killed_mid_session_is_left_out(
     finally:
         proc.kill()
         proc.wait()
-    # Without "doomed" (value 1000), t30 wins once t20 drops out.
-    assert list(session.outcome.winners) == ["t30"]
+        await rival.stop()
+    # Both would stay in up to 500; once "doomed" is gone, the rival is alone and wins.
+    assert list(session.outcome.winners) == ["rival"] and session.outcome.price < 500
     doomed = next(e for e in session.excluded if e.agent_id == "doomed")
     assert doomed.reason in (C.EXCLUSION_REASON_UNAVAILABLE, C.EXCLUSION_REASON_TIMEOUT) and doomed.round >= 3
 
