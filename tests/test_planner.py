@@ -239,14 +239,26 @@ async def test_wide_fan_out_and_long_chain(mesh: tuple[MeshClient, MeshServer]) 
     client, registry = mesh
     host = await host_of(registry, *(Adder(f"w{i}") for i in range(4)))
     try:
-        fan = [step("root", data=1)] + [step(f"f{i}", data=1, deps=("root",)) for i in range(300)]
-        chain = [step("c0", data=1)] + [step(f"c{i}", data=1, deps=(f"c{i - 1}",)) for i in range(1, 200)]
+        fan = [step("root", data=1)] + [step(f"f{i}", data=1, deps=("root",)) for i in range(499)]
+        chain = [step("c0", data=1)] + [step(f"c{i}", data=1, deps=(f"c{i - 1}",)) for i in range(1, 500)]
         goal, _ = await run_goal(client, P.GoalSpec(steps=fan + chain, max_parallelism=64))
     finally:
         await host.stop()
     assert goal.state == P.GOAL_STATE_SUCCEEDED
     outputs = {s.step_id: from_value(s.output)["sum"] for s in goal.steps}
-    assert outputs["f299"] == 2 and outputs["c199"] == 200
+    assert len(outputs) == 1000 and outputs["f498"] == 2 and outputs["c499"] == 500
+
+
+async def test_step_deadline(mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = mesh
+    host = await host_of(registry, Adder("slow", delay=3))
+    try:
+        spec = P.GoalSpec(steps=[step("a", timeout=duration_pb2.Duration(nanos=300_000_000), max_attempts=1)])
+        goal, _ = await run_goal(client, spec)
+    finally:
+        await host.stop()
+    assert goal.state == P.GOAL_STATE_FAILED
+    assert "DEADLINE_EXCEEDED" in goal.steps[0].error
 
 
 async def test_unknown_goal(mesh: tuple[MeshClient, MeshServer]) -> None:
