@@ -101,7 +101,10 @@ class Agent:
         self.agent_labels: dict[str, str] = dict(labels if labels is not None else type(self).labels)
         self.resources = resources or common_pb2.Resources()
         self.in_flight = 0
-        self.token = ""
+        # A supervised process registers with the token its supervisor chose.
+        self.token = (
+            os.environ.get("MABEAM_AGENT_TOKEN", "") if os.environ.get("MABEAM_AGENT_ID") == agent_id else ""
+        )
         self.host: AgentHost | None = None
 
     async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
@@ -458,8 +461,13 @@ class AgentHost:
         advertise_host: str | None = None,
     ) -> None:
         self.agents: dict[str, Agent] = {}
+        self._standby: set[str] = set()
+        # A migration target started by the supervisor (MABEAM_STANDBY=1) serves
+        # its agents without registering them: each takes its registration over
+        # when its state is imported.
+        standby = os.environ.get("MABEAM_STANDBY") == "1"
         for agent in agents:
-            self.add(agent)
+            self.add(agent, register=not standby)
         env_registry = os.environ.get("MABEAM_REGISTRY", "")
         if registry is None and env_registry:
             registry = [r for r in env_registry.split(",") if r]
@@ -482,7 +490,6 @@ class AgentHost:
             AGENT_SERVICE, agent_pb2_grpc.add_AgentServiceServicer_to_server, self.servicer
         )
         self.channels = ChannelPool(client_tls)
-        self._standby: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: MeshClient | None = None
         self._beats: asyncio.Task[None] | None = None
@@ -642,7 +649,9 @@ class AgentHost:
                             timeout=2.0,
                         )
 
-            await asyncio.gather(*(deregister_one(a) for a in self.agents.values()))
+            # An agent being moved away keeps its registration: the new instance owns it.
+            staying = [a for a in self.agents.values() if a.agent_id not in self.servicer.migrations]
+            await asyncio.gather(*(deregister_one(a) for a in staying))
         if self._client is not None:
             await self._client.close()
         await self._server.stop(1.0)

@@ -135,6 +135,13 @@ class EndpointResolver:
         """Load the current endpoints and follow changes."""
         await self._cache.start()
 
+    def address_of(self, instance_id: str) -> str | None:
+        """The address of one replica, by its instance id (None when it is not live)."""
+        for _, doc in self._cache.items():
+            if doc.get("instance_id") == instance_id:
+                return str(doc["address"])
+        return None
+
     def addresses(self) -> list[str]:
         """The live replicas' addresses, in instance order."""
         return [doc["address"] for _, doc in sorted(self._cache.items())]

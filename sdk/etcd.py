@@ -96,13 +96,20 @@ _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.max_reconnect_backoff_ms", 500),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 )
 
 # Ask etcd to end a watch stream when its member loses the leader (clientv3's
 # WithRequireLeader): otherwise a watch on a partitioned member goes silent.
 _REQUIRE_LEADER = ("hasleader", "true")
+
+
+def _cancelled_by_caller() -> bool:
+    """True when the running task is being cancelled, as opposed to grpc raising
+    CancelledError for a call that was cancelled locally (its channel closed)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 class ClientClosedError(aetcd.exceptions.ClientError):
@@ -418,6 +425,11 @@ class LeaseKeeper:
                 ttl = await asyncio.wait_for(
                     self._client.keepalive_once(self.lease_id), timeout=min(interval, expires - sent)
                 )
+            except asyncio.CancelledError:
+                if _cancelled_by_caller():
+                    raise
+                delay = min(interval, 0.25)  # the client's channel closed under the call
+                continue
             except Exception as exc:
                 log.debug("lease %x: refresh failed (%s)", self.lease_id, exc)
                 delay = min(interval, 0.25)  # try again soon, the TTL is running
@@ -439,11 +451,19 @@ class LeaseKeeper:
             await self._revoke_when_back()
 
     async def _revoke_when_back(self) -> None:
+        # etcd renews every lease when it restarts or changes leader, so the
+        # abandoned lease may outlive the outage by a whole TTL: worth chasing
+        # for a while, bounded so a keeper of a dead etcd ends.
         loop = asyncio.get_running_loop()
-        until = loop.time() + self.granted_ttl
+        until = loop.time() + max(10.0, 3.0 * self.granted_ttl)
         while loop.time() < until:
             try:
                 await asyncio.wait_for(self._client.revoke_lease(self.lease_id), timeout=1.0)
+                return
+            except asyncio.CancelledError:
+                if _cancelled_by_caller():
+                    raise
+            except ClientClosedError:
                 return
             except Exception as exc:
                 if not isinstance(exc, (*UNREACHABLE, TimeoutError)):
@@ -580,7 +600,10 @@ class ResumingWatch:
                 delay = 0.05
             except asyncio.CancelledError:
                 self._drop_stream()
-                raise
+                if _cancelled_by_caller() or not (self._closed or self._client.closed):
+                    raise
+                if not self._closed:  # the client was closed under us
+                    raise ClientClosedError("etcd client is closed") from None
             except WatchCompacted as exc:
                 self._drop_stream()
                 self._compacted = exc
@@ -645,7 +668,7 @@ class ResumingWatch:
     def close(self) -> None:
         """Stop the watch: events already received are still delivered, then iteration ends.
 
-        To stop a consumer blocked waiting for the next event, cancel its task.
+        A consumer blocked waiting for the next event wakes up and ends too.
         """
         self._closed = True
         self._drop_stream()

@@ -1,7 +1,9 @@
 """``python -m mabeam.run_agent package.module:callable [ARG ...]``: serve agents from an entry point.
 
 The callable gets the arguments as strings and returns an :class:`~mabeam.agent.Agent`,
-a list of agents, or an :class:`~mabeam.agent.AgentHost`. The mesh's address
+a list of agents, or an :class:`~mabeam.agent.AgentHost`. With ``MABEAM_STANDBY=1``
+(set by the supervisor for a migration target) the agents are served but not
+registered until their state is imported. The mesh's address
 comes from ``MABEAM_REGISTRY`` / ``MABEAM_ETCD``; a supervisor sets them, and
 ``MABEAM_AGENT_ID``.
 """
@@ -25,12 +27,15 @@ async def _main(target: str, args: list[str]) -> None:
     made: Any = factory(*args)
     if inspect.isawaitable(made):
         made = await made
-    if isinstance(made, AgentHost):
-        host = made
-    elif isinstance(made, Agent):
-        host = AgentHost([made])
-    else:
-        host = AgentHost(list(made))
+    agents: list[Agent] = (
+        [] if isinstance(made, AgentHost) else [made] if isinstance(made, Agent) else list(made)
+    )
+    host = made if isinstance(made, AgentHost) else AgentHost([])
+    # A migration target (MABEAM_STANDBY=1) serves its agents without registering
+    # them: each takes its registration over when its state is imported.
+    standby = os.environ.get("MABEAM_STANDBY") == "1"
+    for agent in agents:
+        host.add(agent, register=not standby)
     await host.serve()
 
 

@@ -1,135 +1,277 @@
-"""The etcd primitives the SDK adds to aetcd, against a real etcd (restarts included)."""
+"""The etcd client and the primitives the SDK adds to aetcd, against a real etcd (restarts included)."""
 
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
 import time
 
+import aetcd.exceptions
 import pytest
 
 from mabeam.cache import PrefixCache
-from mabeam.embedded_etcd import EmbeddedEtcd, EtcdCluster, EtcdStartError
-from mabeam.etcd import Election, EtcdClient, LeaseKeeper, ResumingWatch, connect, snapshot, try_acquire
-from mabeam.process import pid_alive
+from mabeam.embedded_etcd import EmbeddedEtcd, free_port
+from mabeam.etcd import (
+    UNREACHABLE,
+    ClientClosedError,
+    Election,
+    ElectionLost,
+    EtcdClient,
+    LeaseKeeper,
+    ResumingWatch,
+    WatchCompacted,
+    WatchEvent,
+    connect,
+    grpc_target,
+    release,
+    snapshot,
+    snapshot_and_watch,
+    try_acquire,
+)
+
+pytestmark = pytest.mark.timeout(60)
 
 
-async def test_embedded_etcd_starts_and_stops_without_leftovers() -> None:
-    server = EmbeddedEtcd(unsafe_no_fsync=True)
-    started = time.monotonic()
-    await server.start()
-    assert time.monotonic() - started < 5
-    pid = server.pid
-    assert pid is not None
-    client = await connect([server.endpoint])
-    await client.put(b"k", b"v")
-    assert (await client.get(b"k")).value == b"v"  # type: ignore[union-attr]
-    await client.close()
-    await server.stop()
-    await server.stop()  # idempotent
-    assert not pid_alive(pid)
-    server.cleanup()
+def _our_tasks(*prefixes: str) -> list[str]:
+    return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(prefixes) and not t.done()]
 
 
-async def test_given_port_in_use_is_a_clear_error(etcd: EmbeddedEtcd) -> None:
-    clash = EmbeddedEtcd(client_port=etcd.client_port, peer_port=0)
-    with pytest.raises(EtcdStartError, match=str(etcd.client_port)):
-        await clash.start()
-    clash.cleanup()
+async def _put_retrying(client: EtcdClient, key: bytes, value: bytes, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await client.put(key, value)
+            return
+        except UNREACHABLE:
+            assert time.monotonic() < deadline, "etcd did not come back"
+            await asyncio.sleep(0.1)
 
 
-def test_etcd_dies_with_a_killed_parent() -> None:
-    code = (
-        "import asyncio,sys\n"
-        "from mabeam.embedded_etcd import EmbeddedEtcd\n"
-        "async def main():\n"
-        "    e = EmbeddedEtcd(unsafe_no_fsync=True)\n"
-        "    await e.start()\n"
-        "    print(e.pid, flush=True)\n"
-        "    await asyncio.sleep(60)\n"
-        "asyncio.run(main())\n"
+async def _get_retrying(client: EtcdClient, key: bytes) -> object:
+    while True:
+        try:
+            return await client.get(key)
+        except UNREACHABLE:
+            await asyncio.sleep(0.05)
+
+
+# -- the client -------------------------------------------------------------------------
+
+
+def test_grpc_target_for_one_and_several_endpoints() -> None:
+    assert grpc_target(["http://127.0.0.1:2379"]) == ("127.0.0.1:2379", False)
+    assert grpc_target(["https://etcd-0:2379"]) == ("etcd-0:2379", True)
+    assert grpc_target(["127.0.0.1:2379", "http://127.0.0.1:2479"]) == (
+        "ipv4:127.0.0.1:2379,127.0.0.1:2479",
+        False,
     )
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert parent.stdout is not None
-    etcd_pid = int(parent.stdout.readline())
-    assert pid_alive(etcd_pid)
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
-    deadline = time.monotonic() + 5
-    while pid_alive(etcd_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(etcd_pid)
+    assert grpc_target(["http://[::1]:2379", "http://[::1]:2479"]) == ("ipv6:[::1]:2379,[::1]:2479", False)
+    for bad in ([], ["http://127.0.0.1"], ["unix:///tmp/etcd.sock"], ["http://a:1", "https://b:2"]):
+        with pytest.raises(ValueError):
+            grpc_target(bad)
+
+
+async def test_endpoints_by_name_are_resolved(etcd: EmbeddedEtcd, key_prefix: bytes) -> None:
+    dead = free_port()
+    client = await connect([f"http://localhost:{dead}", f"http://localhost:{etcd.client_port}"], timeout=5)
+    try:
+        await client.put(key_prefix + b"k", b"v")  # the dead first endpoint is skipped
+        got = await client.get(key_prefix + b"k")
+        assert got is not None and got.value == b"v"
+    finally:
+        await client.close()
+
+
+async def test_unreachable_etcd_is_a_connection_failure_and_closed_is_final() -> None:
+    client = await connect([f"http://127.0.0.1:{free_port()}"])
+    with pytest.raises(aetcd.exceptions.ConnectionFailedError):
+        await client.get(b"k")
+    await client.close()
+    await client.close()  # safe twice
+    assert client.closed
+    with pytest.raises(ClientClosedError):
+        await client.get(b"k")
+
+
+# -- LeaseKeeper ----------------------------------------------------------------------
 
 
 async def test_lease_keeper_keeps_a_short_lease_alive(etcd_client: EtcdClient, key_prefix: bytes) -> None:
     keeper = LeaseKeeper(etcd_client, ttl=1)
     await keeper.start()
+    assert keeper.granted_ttl == 2  # etcd 3.5 grants at least 2 s with its default timings
     await etcd_client.put(key_prefix + b"owned", b"x", lease=keeper.lease_id)
-    await asyncio.sleep(3.5)
+    await asyncio.sleep(3 * keeper.granted_ttl + 0.5)
     assert await etcd_client.get(key_prefix + b"owned") is not None
     assert not keeper.lost.is_set()
     await keeper.revoke()
+    assert keeper.lost.is_set()
     assert await etcd_client.get(key_prefix + b"owned") is None
     await keeper.stop()
+    await keeper.revoke()  # safe twice
+    assert not _our_tasks(f"lease-keeper-{keeper.lease_id:x}")
 
 
-async def test_lease_keeper_reports_a_revoked_lease(etcd_client: EtcdClient) -> None:
-    keeper = LeaseKeeper(etcd_client, ttl=1)
-    await keeper.start()
-    await etcd_client.revoke_lease(keeper.lease_id)  # someone else revokes it
-    await asyncio.wait_for(keeper.wait_lost(), 3)
-    await keeper.stop()
+async def test_lease_keeper_reports_a_lease_revoked_elsewhere(etcd_client: EtcdClient) -> None:
+    calls: list[int] = []
+    keeper = LeaseKeeper(etcd_client, ttl=1, on_lost=lambda: calls.append(1))
+    async with keeper:
+        await etcd_client.revoke_lease(keeper.lease_id)  # someone else revokes it
+        await asyncio.wait_for(keeper.wait_lost(), 3)
+        await asyncio.sleep(0.1)
+        assert calls == [1]
+    assert not _our_tasks(f"lease-keeper-{keeper.lease_id:x}")
+
+
+async def test_a_lease_keeper_is_started_once(etcd_client: EtcdClient) -> None:
+    with pytest.raises(ValueError):
+        LeaseKeeper(etcd_client, ttl=0)
+    async with LeaseKeeper(etcd_client, ttl=5) as keeper:
+        with pytest.raises(RuntimeError):
+            await keeper.start()
 
 
 @pytest.mark.slow
 async def test_lease_lost_when_etcd_is_down_longer_than_the_ttl(private_etcd: EmbeddedEtcd) -> None:
+    client = await connect([private_etcd.endpoint], timeout=2)
+    lost_at: list[float] = []
+    keeper = LeaseKeeper(client, ttl=3, on_lost=lambda: lost_at.append(time.monotonic()))
+    try:
+        await keeper.start()
+        await client.put(b"/owned", b"x", lease=keeper.lease_id)
+        await private_etcd.stop()
+        stopped = time.monotonic()
+        await asyncio.sleep(keeper.granted_ttl + 0.5)
+        # Declared lost by the TTL, while etcd is still down: the owner stops acting in time.
+        assert keeper.lost.is_set() and len(lost_at) == 1
+        assert lost_at[0] - stopped <= keeper.granted_ttl
+        await private_etcd.restart()
+        # etcd renews every lease on restart (a whole TTL more); the keeper
+        # revokes the abandoned one once etcd answers, so its keys go sooner.
+        back = time.monotonic()
+        while await _get_retrying(client, b"/owned") is not None:
+            assert time.monotonic() - back < keeper.granted_ttl - 1
+            await asyncio.sleep(0.05)
+    finally:
+        await keeper.stop()
+        await client.close()
+
+
+# -- ResumingWatch --------------------------------------------------------------------
+
+
+async def test_snapshot_and_watch_sees_puts_and_deletes_after_the_listing(
+    etcd_client: EtcdClient, key_prefix: bytes
+) -> None:
+    await etcd_client.put(key_prefix + b"a", b"1")
+    await etcd_client.put(key_prefix + b"b", b"2")
+    await etcd_client.put(key_prefix[:-1] + b"x", b"outside")  # shares the text, not the prefix
+    kvs, revision, watch = await snapshot_and_watch(etcd_client, key_prefix)
+    assert [(kv.key, kv.value) for kv in kvs] == [(key_prefix + b"a", b"1"), (key_prefix + b"b", b"2")]
+    assert watch.next_revision == revision + 1
+    lease = await etcd_client.lease(5)
+    await etcd_client.put(key_prefix + b"a", b"3", lease=lease.id)
+    await etcd_client.delete(key_prefix + b"b")
+    async with watch:
+        first = await asyncio.wait_for(anext(watch), 5)
+        second = await asyncio.wait_for(anext(watch), 5)
+    assert first == WatchEvent(
+        kind="PUT",
+        key=key_prefix + b"a",
+        value=b"3",
+        mod_revision=revision + 1,
+        create_revision=kvs[0].create_revision,
+        version=2,
+        lease=lease.id,
+    )
+    assert (second.kind, second.key, second.mod_revision) == ("DELETE", key_prefix + b"b", revision + 2)
+    with pytest.raises(StopAsyncIteration):
+        await anext(watch)  # closed
+    await lease.revoke()
+
+
+async def test_a_single_key_watch_ignores_longer_keys(etcd_client: EtcdClient, key_prefix: bytes) -> None:
+    _, revision = await snapshot(etcd_client, key_prefix)
+    await etcd_client.put(key_prefix + b"ab", b"longer")
+    await etcd_client.put(key_prefix + b"a", b"exact")
+    async with ResumingWatch(etcd_client, key_prefix + b"a", revision + 1, single_key=True) as watch:
+        event = await asyncio.wait_for(anext(watch), 5)
+    assert (event.key, event.value) == (key_prefix + b"a", b"exact")
+
+
+async def test_a_compacted_revision_raises_watch_compacted(private_etcd: EmbeddedEtcd) -> None:
     client = await connect([private_etcd.endpoint])
-    keeper = LeaseKeeper(client, ttl=1)
-    await keeper.start()
-    await private_etcd.stop()
-    await asyncio.sleep(2.5)
-    await private_etcd.restart()
-    await asyncio.wait_for(keeper.wait_lost(), 5)
-    await keeper.stop()
+    try:
+        first = await client.put(b"/w/k", b"0")
+        for i in range(1, 5):
+            last = await client.put(b"/w/k", str(i).encode())
+        await client.compact(last.header.revision)
+        watch = ResumingWatch(client, b"/w/", start_revision=first.header.revision)
+        with pytest.raises(WatchCompacted) as caught:
+            await asyncio.wait_for(anext(watch), 5)
+        assert caught.value.compact_revision == last.header.revision  # the oldest revision left
+        watch.close()
+    finally:
+        await client.close()
+
+
+async def test_closing_the_client_ends_its_watches(private_etcd: EmbeddedEtcd) -> None:
+    client = await connect([private_etcd.endpoint])
+    watch = ResumingWatch(client, b"/w/")
+    waiting = asyncio.create_task(anext(watch))
+    await asyncio.sleep(0.2)
     await client.close()
+    with pytest.raises(ClientClosedError):
+        await asyncio.wait_for(waiting, 5)
+
+
+async def test_close_wakes_a_consumer_waiting_for_events(etcd_client: EtcdClient, key_prefix: bytes) -> None:
+    watch = ResumingWatch(etcd_client, key_prefix)
+    events: list[WatchEvent] = []
+
+    async def consume() -> None:
+        async for event in watch:
+            events.append(event)
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.2)
+    watch.close()
+    await asyncio.wait_for(task, 2)  # ends, neither cancelled nor failed
+    assert events == []
 
 
 @pytest.mark.slow
-async def test_resuming_watch_sees_every_put_across_an_etcd_restart(private_etcd: EmbeddedEtcd) -> None:
+async def test_resuming_watch_sees_every_put_across_an_etcd_restart_once_in_order(
+    private_etcd: EmbeddedEtcd,
+) -> None:
     client = await connect([private_etcd.endpoint])
-    writer = await connect([private_etcd.endpoint])
-    prefix = b"/w/"
-    _, revision = await snapshot(client, prefix)
-    seen: list[bytes] = []
-    done = asyncio.Event()
+    writer = await connect([private_etcd.endpoint], timeout=2)
     n = 40
+    seen: list[bytes] = []
+    watch = ResumingWatch(client, b"/w/")  # no start revision: from now on, resumed exactly
 
     async def consume() -> None:
-        async for event in ResumingWatch(client, prefix, start_revision=revision + 1):
+        async for event in watch:
             seen.append(event.value)
             if len(seen) == n:
-                done.set()
                 return
 
     task = asyncio.create_task(consume())
-    for i in range(n // 2):
-        await writer.put(prefix + b"k", str(i).encode())
-    await private_etcd.stop()
-    await private_etcd.restart()
-    for i in range(n // 2, n):
-        for _ in range(50):
-            try:
-                await writer.put(prefix + b"k", str(i).encode())
-                break
-            except Exception:
-                await asyncio.sleep(0.1)
-    await asyncio.wait_for(done.wait(), 15)
-    task.cancel()
-    assert seen == [str(i).encode() for i in range(n)]
-    await client.close()
-    await writer.close()
+    try:
+        await asyncio.sleep(0.2)  # the watch is created
+        for i in range(n // 2):
+            await writer.put(b"/w/k", str(i).encode())
+        await private_etcd.stop()
+        await asyncio.sleep(0.5)
+        await private_etcd.restart()
+        for i in range(n // 2, n):
+            await _put_retrying(writer, b"/w/" + str(i % 3).encode(), str(i).encode())
+        await asyncio.wait_for(task, 15)
+        assert seen == [str(i).encode() for i in range(n)]
+        assert watch.reconnects >= 1
+    finally:
+        task.cancel()
+        await client.close()
+        await writer.close()
 
 
 async def test_prefix_cache_follows_puts_and_lease_expiry(etcd_client: EtcdClient, key_prefix: bytes) -> None:
@@ -141,63 +283,112 @@ async def test_prefix_cache_follows_puts_and_lease_expiry(etcd_client: EtcdClien
     reply = await etcd_client.put(key_prefix + b"b", b"2", lease=lease.id)
     await cache.wait_revision(reply.header.revision)
     assert cache.get(key_prefix + b"b") == b"2"
-    deadline = time.monotonic() + 4
+    deadline = time.monotonic() + 5
     while cache.get(key_prefix + b"b") is not None and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert cache.get(key_prefix + b"b") is None
     await cache.stop()
 
 
-async def test_try_acquire_is_exclusive(etcd_client: EtcdClient, key_prefix: bytes) -> None:
+# -- ownership ------------------------------------------------------------------------
+
+
+async def test_try_acquire_is_exclusive_and_follows_the_lease(
+    etcd_client: EtcdClient, key_prefix: bytes
+) -> None:
+    key = key_prefix + b"owner"
     a, b = await etcd_client.lease(5), await etcd_client.lease(5)
-    results = await asyncio.gather(
-        *(
-            try_acquire(etcd_client, key_prefix + b"owner", name, lease.id)
-            for name, lease in [("a", a), ("b", b)] * 5
-        )
-    )
-    # One holder: its five calls succeed (re-acquiring is idempotent), the other's five fail.
-    assert sum(results) == 5
-    assert len({name for (name, _), ok in zip([("a", a), ("b", b)] * 5, results, strict=True) if ok}) == 1
-    await a.revoke()
-    await b.revoke()
+    contenders = [("a", a.id), ("b", b.id)] * 5
+    results = await asyncio.gather(*(try_acquire(etcd_client, key, who, lease) for who, lease in contenders))
+    winners = {who for (who, _), ok in zip(contenders, results, strict=True) if ok}
+    assert len(winners) == 1 and sum(results) == 5  # re-acquiring by the holder is idempotent
+    holder, other = (a, b) if winners == {"a"} else (b, a)
+    holder_name, other_name = ("a", "b") if holder is a else ("b", "a")
+    assert not await try_acquire(etcd_client, key, holder_name, other.id)  # same name, other lease: no
+    assert not await release(etcd_client, key, other_name)  # only the holder releases
+    assert not await release(etcd_client, key, holder_name, lease_id=other.id)
+    await holder.revoke()  # the holder goes: the key goes with its lease
+    assert await try_acquire(etcd_client, key, other_name, other.id)
+    assert await release(etcd_client, key, other_name, lease_id=other.id)
+    assert await etcd_client.get(key) is None
+    await other.revoke()
 
 
-async def test_election_one_leader_and_takeover(etcd_client: EtcdClient, key_prefix: bytes) -> None:
-    first = Election(etcd_client, key_prefix + b"leader", "one", ttl=2)
-    second = Election(etcd_client, key_prefix + b"leader", "two", ttl=2)
+# -- Election -------------------------------------------------------------------------
+
+
+async def test_one_leader_and_takeover_when_its_lease_is_lost(
+    etcd_client: EtcdClient, key_prefix: bytes
+) -> None:
+    name = key_prefix + b"leader"
+    first = Election(etcd_client, name, "one", ttl=2)
+    second = Election(etcd_client, name, "two", ttl=2)
     await first.campaign()
     assert first.is_leader and await first.leader() == "one"
     waiting = asyncio.create_task(second.campaign())
     await asyncio.sleep(0.3)
-    assert not waiting.done()
+    assert not waiting.done() and not second.is_leader
+    t = etcd_client.transactions
     ok, _ = await etcd_client.transaction(
-        compare=[first.guard()], success=[etcd_client.transactions.put(key_prefix + b"x", b"1")], failure=[]
+        compare=[first.leader_txn_guard()], success=[t.put(key_prefix + b"x", b"1")], failure=[]
     )
     assert ok
-    await first.resign()
+    await etcd_client.revoke_lease(first.lease_id)  # the leader's lease is lost
     await asyncio.wait_for(waiting, 5)
     assert second.is_leader and await second.leader() == "two"
+    await asyncio.wait_for(first.lost.wait(), 5)
+    assert not first.is_leader
     # The deposed leader's guarded write fails.
     ok, _ = await etcd_client.transaction(
-        compare=[first.guard()], success=[etcd_client.transactions.put(key_prefix + b"x", b"2")], failure=[]
+        compare=[first.leader_txn_guard()], success=[t.put(key_prefix + b"x", b"2")], failure=[]
     )
     assert not ok
+    got = await etcd_client.get(key_prefix + b"x")
+    assert got is not None and got.value == b"1"
     await second.resign()
+    await first.resign()
+    assert await second.leader() is None
+    assert not _our_tasks("election-one", "election-two", "lease-keeper-")
 
 
-@pytest.mark.slow
-async def test_three_member_cluster_survives_a_member_loss() -> None:
-    async with EtcdCluster(3, unsafe_no_fsync=True) as cluster:
-        client = await connect(cluster.endpoints)
-        await client.put(b"/c", b"1")
-        leader = await cluster.leader_index()
-        cluster.members[leader].kill()
-        for _ in range(100):
-            try:
-                await client.put(b"/c", b"2")
-                break
-            except Exception:
-                await asyncio.sleep(0.1)
-        assert (await client.get(b"/c")).value == b"2"  # type: ignore[union-attr]
-        await client.close()
+async def test_resign_hands_over_in_order_and_cancel_withdraws(
+    etcd_client: EtcdClient, key_prefix: bytes
+) -> None:
+    name = key_prefix + b"leader"
+    a, b, c = (Election(etcd_client, name, who, ttl=5) for who in ("a", "b", "c"))
+    await a.campaign()
+    b_waits = asyncio.create_task(b.campaign())
+    await asyncio.sleep(0.2)
+    c_waits = asyncio.create_task(c.campaign())
+    await asyncio.sleep(0.2)
+    c_waits.cancel()  # c gives up: its key goes, b is still next
+    with pytest.raises(asyncio.CancelledError):
+        await c_waits
+    kvs, _ = await snapshot(etcd_client, name + b"/")
+    assert sorted(kv.value for kv in kvs) == [b"a", b"b"]
+    await a.resign()
+    await asyncio.wait_for(b_waits, 5)
+    assert b.is_leader and not a.is_leader and a.lost.is_set()
+    await b.resign()
+    await b.resign()  # safe twice
+    # A resigned candidate may stand again, with a new lease.
+    await a.campaign()
+    assert a.is_leader and await a.leader() == "a"
+    await a.resign()
+
+
+async def test_campaign_fails_when_the_lease_goes_while_waiting(
+    etcd_client: EtcdClient, key_prefix: bytes
+) -> None:
+    name = key_prefix + b"leader"
+    leader = Election(etcd_client, name, "leader", ttl=5)
+    await leader.campaign()
+    hopeful = Election(etcd_client, name, "hopeful", ttl=2)
+    waiting = asyncio.create_task(hopeful.campaign())
+    await asyncio.sleep(0.3)
+    await etcd_client.revoke_lease(hopeful.lease_id)
+    with pytest.raises(ElectionLost):
+        await asyncio.wait_for(waiting, 5)
+    assert not hopeful.is_leader and hopeful.lost.is_set()
+    assert leader.is_leader
+    await leader.resign()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,9 +16,11 @@ from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
+from mabeam.process import pid_alive
 from mabeam.server import MeshServer
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, registry_pb2
 
+WORKER = str(Path(__file__).resolve().parent.parent / "examples" / "worker.py")
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -131,3 +135,75 @@ async def test_migrate_needs_the_token_and_a_target(service: Callable[..., Await
     finally:
         await host.stop()
         await client.close()
+
+
+async def test_supervised_agent_migrates_to_a_new_process(
+    service: Callable[..., Awaitable[MeshServer]],
+) -> None:
+    registry = await service("registry")
+    client = await MeshClient.connect(registry=registry.address)
+    launch = registry_pb2.LaunchSpec(command=registry_pb2.Command(argv=[sys.executable, WORKER]))
+    reply = await client.registry.StartAgent(registry_pb2.StartAgentRequest(agent_id="mover", launch=launch))
+    old_pid, token = reply.agent.pid, reply.token
+    old_endpoint = (
+        await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="mover"))
+    ).agent.endpoint
+    acked = 0
+    stop = asyncio.Event()
+
+    async def increment() -> None:
+        nonlocal acked
+        async with aio.insecure_channel(old_endpoint) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            while not stop.is_set():
+                await stub.ExecuteStep(
+                    agent_pb2.ExecuteStepRequest(agent_id="mover", capability="count"), timeout=10
+                )
+                acked += 1
+
+    lane = asyncio.create_task(increment())
+    try:
+        await eventually(lambda: acked > 10, what="increments flowing")
+        with pytest.raises(errors.PermissionDenied):
+            await client.registry.MigrateAgent(
+                registry_pb2.MigrateAgentRequest(agent_id="mover", token="x", launch=launch)
+            )
+        moved = await client.registry.MigrateAgent(
+            registry_pb2.MigrateAgentRequest(agent_id="mover", token=token, launch=launch)
+        )
+        assert moved.agent.endpoint != old_endpoint and moved.agent.generation == 2
+        await asyncio.sleep(0.3)  # increments keep flowing through the old endpoint, forwarded
+        stop.set()
+        await lane
+        # The old process was stopped; the supervisor watches the new one.
+        await eventually(lambda: not pid_alive(old_pid), timeout=10, what="old process stopped")
+        record = next(
+            a
+            for a in (
+                await client.registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest())
+            ).agents
+            if a.agent_id == "mover"
+        )
+        assert record.pid not in (0, old_pid) and record.state == registry_pb2.SUPERVISION_STATE_RUNNING
+        async with aio.insecure_channel(moved.agent.endpoint) as channel:
+            final = await agent_pb2_grpc.AgentServiceStub(channel).ExecuteStep(
+                agent_pb2.ExecuteStepRequest(agent_id="mover", capability="count", input=_zero()), timeout=10
+            )
+        # "count" adds its input (0 here) and returns the counter: every acknowledged increment is in it.
+        assert final.output.struct_value["count"] == acked
+        await asyncio.sleep(2.5)  # the new process keeps the lease
+        got = await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="mover"))
+        assert got.agent.endpoint == moved.agent.endpoint
+    finally:
+        stop.set()
+        lane.cancel()
+        await client.registry.StopAgent(registry_pb2.StopAgentRequest(agent_id="mover"))
+        await client.close()
+
+
+def _zero() -> Any:
+    from google.protobuf import struct_pb2
+
+    value = struct_pb2.Value()
+    value.number_value = 0
+    return value

@@ -952,6 +952,12 @@ class StartAgentResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The agent's registration token, chosen by the supervisor and given to every
+    process it starts for the agent (MABEAM_AGENT_TOKEN). Keep it private: it is
+    needed to migrate or deregister the agent, and is never returned again.
+    """
     @_builtins.property
     def agent(self) -> Global___SupervisedAgent:
         """The supervised agent."""
@@ -960,10 +966,11 @@ class StartAgentResponse(_message.Message):
         self,
         *,
         agent: Global___SupervisedAgent | None = ...,
+        token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

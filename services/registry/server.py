@@ -393,7 +393,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def StartAgent(
         self, request: registry_pb2.StartAgentRequest, context: Any
     ) -> registry_pb2.StartAgentResponse:
-        return registry_pb2.StartAgentResponse(agent=await self.supervisor.start_agent(request))
+        agent, token = await self.supervisor.start_agent(request)
+        return registry_pb2.StartAgentResponse(agent=agent, token=token)
 
     async def StopAgent(
         self, request: registry_pb2.StopAgentRequest, context: Any

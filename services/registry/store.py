@@ -8,6 +8,8 @@ P/agent-tokens/<id>             sha256 of the agent's token (hex)        the age
 P/agent-load/<id>               ``mabeam.v1.AgentLoad`` + probe status   the agent's
 P/supervised/<id>               ``mabeam.v1.SupervisedAgent``            none
 P/supervisor-owner/<id>         id of the registry replica supervising   the replica's
+P/supervised-tokens/<id>        the token a supervised agent registers    none
+                                with (chosen by the supervisor)
 P/registry-prober/<lease>       candidates for the health prober         each candidate's
 ==============================  =======================================  =========
 
@@ -70,6 +72,10 @@ class Keys:
 
     def supervised_agent(self, agent_id: str) -> bytes:
         return self.supervised + agent_id.encode()
+
+    def secret(self, agent_id: str) -> bytes:
+        """The token a supervised agent's processes register with (the supervisor chose it)."""
+        return self.config.key("supervised-tokens", agent_id)
 
     def owner(self, agent_id: str) -> bytes:
         return self.owners + agent_id.encode()

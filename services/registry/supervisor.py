@@ -35,11 +35,12 @@ from grpc import aio
 
 from mabeam import errors, process, validate
 from mabeam.cache import PrefixCache
+from mabeam.discovery import EndpointResolver
 from mabeam.etcd import EtcdClient, LeaseKeeper, release, try_acquire
 from mabeam.server import MeshServer
 from mabeam.services.registry.restart_policy import RestartPolicy, RestartTracker, Strategy
-from mabeam.services.registry.store import RegistryStore, decode_supervised
-from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, registry_pb2
+from mabeam.services.registry.store import RegistryStore, decode_supervised, new_token
+from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, registry_pb2, registry_pb2_grpc
 
 if TYPE_CHECKING:
     from mabeam.services.registry.server import AgentDirectory
@@ -103,6 +104,11 @@ class Supervisor:
         self._children: dict[str, asyncio.Task[None]] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._wake = asyncio.Event()
+        self._migrations: dict[
+            str, tuple[registry_pb2.MigrateAgentRequest, asyncio.Future[registry_pb2.MigrateAgentResponse]]
+        ] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._peers: EndpointResolver | None = None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -113,6 +119,8 @@ class Supervisor:
         self.owners.add_listener(lambda *a: self._wake.set())
         self._keeper = LeaseKeeper(self._etcd, self._server.config.service_ttl)
         await self._keeper.start()
+        self._peers = EndpointResolver(self._etcd, self._server.config.prefix, "registry")
+        await self._peers.start()
         self._server.spawn(self._reconcile_loop(), "supervisor")
         self._server.on_stop(self.stop)
 
@@ -122,8 +130,12 @@ class Supervisor:
         for task in children.values():
             task.cancel()
         await asyncio.gather(*children.values(), return_exceptions=True)
+        for task in list(self._retiring):
+            task.cancel()
         if self._keeper is not None:
             await self._keeper.revoke()
+        if self._peers is not None:
+            await self._peers.stop()
         await self.records.stop()
         await self.owners.stop()
 
@@ -218,7 +230,13 @@ class Supervisor:
             await asyncio.sleep(0.02)
         return False
 
-    def _argv_env(self, record: registry_pb2.SupervisedAgent) -> tuple[list[str], dict[str, str], str | None]:
+    async def _secret(self, agent_id: str) -> str:
+        got = await self._etcd.get(self._store.keys.secret(agent_id))
+        return bytes(got.value).decode() if got is not None else ""
+
+    def _argv_env(
+        self, record: registry_pb2.SupervisedAgent, token: str = ""
+    ) -> tuple[list[str], dict[str, str], str | None]:
         launch = record.launch
         if launch.WhichOneof("target") == "python_entry_point":
             argv = process.python_module_argv("mabeam.run_agent", launch.python_entry_point)
@@ -229,6 +247,7 @@ class Supervisor:
             **os.environ,
             **dict(launch.env),
             "MABEAM_AGENT_ID": record.agent_id,
+            "MABEAM_AGENT_TOKEN": token,
             "MABEAM_REGISTRY": self._server.address,
             "MABEAM_ETCD": ",".join(config.etcd_endpoints),
             "MABEAM_PREFIX": config.prefix,
@@ -248,7 +267,7 @@ class Supervisor:
                 record = self._record(agent_id)
                 if record is None or record.state not in ACTIVE:
                     return
-                argv, env, cwd = self._argv_env(record)
+                argv, env, cwd = self._argv_env(record, await self._secret(agent_id))
                 started = _now()
                 try:
                     proc = process.spawn(argv, env=env, cwd=cwd)
@@ -272,6 +291,9 @@ class Supervisor:
                 if outcome == "registered":
                     await self._write_retrying(agent_id, _running)
                     outcome = await self._await_exit_or_restart(agent_id, proc)
+                    while outcome == "migrate":
+                        proc = await self._migrate_process(agent_id, proc)
+                        outcome = await self._await_exit_or_restart(agent_id, proc)
                 if outcome == "restart-requested":
                     await process.terminate(proc, 5.0)
                     await self._drop_registration(agent_id)
@@ -366,15 +388,65 @@ class Supervisor:
                     and record.reason == RESTART_REQUESTED
                 ):
                     return "restart-requested"
+                if agent_id in self._migrations:
+                    return "migrate"
                 # Wake on the exit at once; look at the desired state now and then.
                 await asyncio.wait({exit_waiter}, timeout=0.1)
             return "exited"
         finally:
             exit_waiter.cancel()
 
+    async def _migrate_process(self, agent_id: str, old: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        """Move a supervised agent to a new process: start it (standby), migrate, stop the old one.
+
+        Returns the process supervised from now on (the old one if the move failed).
+        """
+        request, done = self._migrations.pop(agent_id)
+        record = self._record(agent_id)
+        assert record is not None
+        moved = registry_pb2.SupervisedAgent()
+        moved.CopyFrom(record)
+        moved.launch.CopyFrom(request.launch)
+        argv, env, cwd = self._argv_env(moved, await self._secret(agent_id))
+        env["MABEAM_STANDBY"] = "1"
+        new = process.spawn(argv, env=env, cwd=cwd, stdout=subprocess.PIPE)
+        try:
+            address = await asyncio.wait_for(_serving_address(new), record_start_timeout(record))
+            target = registry_pb2.MigrateAgentRequest(
+                agent_id=agent_id, token=request.token, target_endpoint=address
+            )
+            response = await migrate(self._etcd, self._store, self._directory, target)
+        except BaseException as exc:
+            await process.terminate(new, 2.0)
+            if not done.done():
+                done.set_exception(
+                    exc if isinstance(exc, Exception) else errors.Internal("migration interrupted")
+                )
+            if isinstance(exc, Exception):
+                return old
+            raise
+        self._procs[agent_id] = new
+        pid, started = new.pid, _now()
+
+        def switched(r: registry_pb2.SupervisedAgent) -> None:
+            r.launch.CopyFrom(request.launch)
+            r.pid = pid
+            r.started_at.CopyFrom(started)
+
+        await self._write_retrying(agent_id, switched)
+        done.set_result(response)
+        # The old instance forwards what it held once it sees the switch (it polls
+        # its registration every 20 ms); then it is stopped, with its own grace.
+        retire = asyncio.create_task(_retire(old), name=f"retire:{agent_id}")
+        self._retiring.add(retire)
+        retire.add_done_callback(self._retiring.discard)
+        return new
+
     # -- RPCs ---------------------------------------------------------------
 
-    async def start_agent(self, request: registry_pb2.StartAgentRequest) -> registry_pb2.SupervisedAgent:
+    async def start_agent(
+        self, request: registry_pb2.StartAgentRequest
+    ) -> tuple[registry_pb2.SupervisedAgent, str]:
         agent_id = validate.identifier(request.agent_id, "agent_id")
         target = request.launch.WhichOneof("target")
         if target is None:
@@ -414,15 +486,24 @@ class Supervisor:
         compare = (
             c.transactions.mod(key) == expected if existing is not None else c.transactions.create(key) == 0
         )
+        # The supervisor chooses the agent's token and gives it to every process it
+        # starts for the agent, so whoever started it can migrate or deregister it.
+        token = new_token()
         ok, _ = await c.transaction(
-            compare=[compare], success=[c.transactions.put(key, record.SerializeToString())], failure=[]
+            compare=[compare],
+            success=[
+                c.transactions.put(key, record.SerializeToString()),
+                c.transactions.put(self._store.keys.secret(agent_id), token.encode()),
+            ],
+            failure=[],
         )
         if not ok:
             raise errors.Aborted(f"agent {agent_id!r} was started concurrently")
         self._wake.set()
-        return await self._wait(
+        started = await self._wait(
             agent_id, lambda r: r.state == S.SUPERVISION_STATE_RUNNING or r.state not in ACTIVE, timeout + 5
         )
+        return started, token
 
     async def stop_agent(self, request: registry_pb2.StopAgentRequest) -> registry_pb2.SupervisedAgent:
         agent_id = validate.identifier(request.agent_id, "agent_id")
@@ -505,10 +586,60 @@ class Supervisor:
     async def migrate_agent(
         self, request: registry_pb2.MigrateAgentRequest
     ) -> registry_pb2.MigrateAgentResponse:
-        return await migrate(self._etcd, self._store, self._directory, request)
+        if request.WhichOneof("target") != "launch":
+            return await migrate(self._etcd, self._store, self._directory, request)
+        agent_id = validate.identifier(request.agent_id, "agent_id")
+        if request.launch.WhichOneof("target") is None:
+            raise errors.InvalidArgument("launch", "give a command or a python_entry_point")
+        record = self._record(agent_id)
+        if record is None or record.state not in ACTIVE:
+            raise errors.FailedPrecondition(
+                f"agent {agent_id!r} is not a running supervised agent: migrate it with target_endpoint"
+            )
+        if not await self._store.token_matches(agent_id, request.token):
+            raise errors.PermissionDenied(f"wrong or missing token for agent {agent_id!r}")
+        owner = self.owners.get(self._store.keys.owner(agent_id))
+        if owner is not None and owner != self.replica_id:
+            # The replica that runs the agent's process moves it: hand the call over.
+            address = self._peers.address_of(owner) if self._peers is not None else None
+            if address is None:
+                raise errors.Unavailable(f"the registry replica supervising {agent_id!r} is not reachable")
+            async with aio.insecure_channel(address) as channel:
+                try:
+                    return await registry_pb2_grpc.RegistryServiceStub(channel).MigrateAgent(
+                        request, timeout=60
+                    )
+                except grpc.RpcError as exc:
+                    raise errors.from_rpc_error(exc) from None
+        if agent_id in self._migrations or agent_id not in self._children:
+            raise errors.FailedPrecondition(f"agent {agent_id!r} is already moving, or not running here yet")
+        done: asyncio.Future[registry_pb2.MigrateAgentResponse] = asyncio.get_running_loop().create_future()
+        self._migrations[agent_id] = (request, done)
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), 60)
+        except TimeoutError:
+            raise errors.DeadlineExceeded(f"migrating {agent_id!r} took longer than 60 s") from None
 
 
 RESTART_REQUESTED = "restart requested"
+RETIRE_AFTER_S = 1.0
+
+
+async def _serving_address(proc: subprocess.Popen[bytes]) -> str:
+    """The address from an agent process's 'mabeam agents serving on HOST:PORT: ids' line."""
+    assert proc.stdout is not None
+    while True:
+        line = await asyncio.to_thread(proc.stdout.readline)
+        if not line:
+            raise errors.FailedPrecondition(f"the new instance exited (status {proc.poll()}) before serving")
+        text = line.decode(errors="replace").strip()
+        if text.startswith("mabeam agents serving on "):
+            return text.removeprefix("mabeam agents serving on ").split(": ", 1)[0]
+
+
+async def _retire(proc: subprocess.Popen[bytes]) -> None:
+    await asyncio.sleep(RETIRE_AFTER_S)
+    await process.terminate(proc, 5.0)
 
 
 def _running(r: registry_pb2.SupervisedAgent) -> None:
