@@ -127,6 +127,10 @@ class EmbeddedEtcd:
     kernel when that thread exits (``PR_SET_PDEATHSIG``): start it from the
     event loop's thread, never from a short-lived worker thread.
 
+    ``cert_file`` and ``key_file`` (PEM) serve clients over TLS; with
+    ``trusted_ca_file`` too, clients must present a certificate signed by it.
+    Peers always talk plain http on loopback.
+
     Example::
 
         async with EmbeddedEtcd(unsafe_no_fsync=True) as etcd:
@@ -147,7 +151,14 @@ class EmbeddedEtcd:
         cluster_token: str = "mabeam",
         log_file: Path | None = None,
         extra_args: Sequence[str] = (),
+        cert_file: Path | str | None = None,
+        key_file: Path | str | None = None,
+        trusted_ca_file: Path | str | None = None,
     ) -> None:
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if trusted_ca_file is not None and cert_file is None:
+            raise ValueError("client certificates (trusted_ca_file) need TLS (cert_file, key_file)")
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="mabeam-etcd-")
@@ -169,6 +180,12 @@ class EmbeddedEtcd:
             Path(log_file) if log_file else self.data_dir.parent / f"{self.data_dir.name}.etcd.log"
         )
         self.extra_args = list(extra_args)
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.trusted_ca_file = trusted_ca_file
+        # With TLS (and maybe client certificates) /health needs credentials on
+        # the client URL; a plain-http metrics URL on loopback answers it freely.
+        self._health_port = free_port(host) if cert_file is not None else 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -180,8 +197,16 @@ class EmbeddedEtcd:
 
     @property
     def endpoint(self) -> str:
-        """The client URL, e.g. ``http://127.0.0.1:2379``."""
-        return f"http://{self.host}:{self.client_port}"
+        """The client URL, e.g. ``http://127.0.0.1:2379`` (``https://`` with TLS)."""
+        scheme = "https" if self.cert_file is not None else "http"
+        return f"{scheme}://{self.host}:{self.client_port}"
+
+    @property
+    def health_url(self) -> str:
+        """Where etcd answers ``/health`` without credentials."""
+        if self._health_port:
+            return f"http://{self.host}:{self._health_port}/health"
+        return f"{self.endpoint}/health"
 
     @property
     def peer_url(self) -> str:
@@ -209,6 +234,11 @@ class EmbeddedEtcd:
         ]  # fmt: skip
         if self.unsafe_no_fsync:
             argv.append("--unsafe-no-fsync")
+        if self.cert_file is not None:
+            argv += ["--cert-file", str(self.cert_file), "--key-file", str(self.key_file)]
+            argv += ["--listen-metrics-urls", f"http://{self.host}:{self._health_port}"]
+        if self.trusted_ca_file is not None:
+            argv += ["--client-cert-auth", "--trusted-ca-file", str(self.trusted_ca_file)]
         return argv + self.extra_args
 
     async def start(self, timeout: float = 10.0, *, wait_healthy: bool = True) -> None:
@@ -244,6 +274,8 @@ class EmbeddedEtcd:
             self.client_port = self._other_free_port(self.peer_port)
         if self._auto_peer and not _port_free(self.host, self.peer_port):
             self.peer_port = self._other_free_port(self.client_port)
+        if self._health_port and not _port_free(self.host, self._health_port):
+            self._health_port = self._other_free_port(self.client_port)
 
     def _repick(self, taken: int) -> bool:
         """Replace ``taken`` if this object picked it; False when it was the caller's."""
@@ -252,6 +284,9 @@ class EmbeddedEtcd:
             return True
         if taken == self.peer_port and self._auto_peer:
             self.peer_port = self._other_free_port(self.client_port)
+            return True
+        if taken == self._health_port:
+            self._health_port = self._other_free_port(self.client_port)
             return True
         return False
 
@@ -291,7 +326,7 @@ class EmbeddedEtcd:
         end of the log of this start.
         """
         deadline = time.monotonic() + timeout
-        url = f"{self.endpoint}/health"
+        url = self.health_url
         while True:
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = None

@@ -232,8 +232,10 @@ class EtcdClient(aetcd.Client):
     to the next when it dies; a call in flight on the dead one fails with
     ``ConnectionFailedError`` and may be retried at once.
 
-    Several endpoints given by host name are resolved once, at connect time;
-    with TLS their certificates must then carry the first endpoint's name.
+    Several endpoints given by host name are resolved once, at connect time.
+    With TLS and several endpoints, every member's certificate must carry the
+    name (or IP address) of the first named endpoint, else of the first one:
+    grpc checks one name for a whole address list.
     """
 
     watchstub: Any
@@ -280,10 +282,12 @@ class EtcdClient(aetcd.Client):
             if len(hosts) == 1:
                 target, _ = grpc_target(self.endpoints)
             else:
-                named = [h for h, _ in hosts if not _is_ip(h)]
                 target = _address_list(await _resolve(hosts))
-                if named and (secure or self._tls is not None):
-                    options.append(("grpc.ssl_target_name_override", named[0]))
+                if secure or self._tls is not None:
+                    # An address list has no host name to check certificates
+                    # against: check the first endpoint's (name or IP SAN).
+                    named = [h for h, _ in hosts if not _is_ip(h)]
+                    options.append(("grpc.ssl_target_name_override", named[0] if named else hosts[0][0]))
             if secure or self._tls is not None:
                 creds = (self._tls or EtcdTLS()).credentials()
                 self.channel = aio.secure_channel(target, creds, options=options)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import time
+from pathlib import Path
+from typing import Any
 
 import aetcd.exceptions
 import pytest
@@ -16,6 +20,7 @@ from mabeam.etcd import (
     Election,
     ElectionLost,
     EtcdClient,
+    EtcdTLS,
     LeaseKeeper,
     ResumingWatch,
     WatchCompacted,
@@ -92,6 +97,83 @@ async def test_unreachable_etcd_is_a_connection_failure_and_closed_is_final() ->
         await client.get(b"k")
 
 
+def _make_certs(directory: Path) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 / localhost and a client certificate, as PEM files."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    files: dict[str, str] = {}
+
+    def issue(name: str, issuer_key: Any, issuer: Any, *, ca: bool, usage: Any = None) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer or subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if usage is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False).add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        cert = builder.sign(issuer_key or key, hashes.SHA256())
+        (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (directory / f"{name}-key.pem").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        files[name], files[f"{name}-key"] = str(directory / f"{name}.pem"), str(directory / f"{name}-key.pem")
+        return key, cert.subject
+
+    ca_key, ca_name = issue("ca", None, None, ca=True)
+    issue("server", ca_key, ca_name, ca=False, usage=ExtendedKeyUsageOID.SERVER_AUTH)
+    issue("client", ca_key, ca_name, ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    return files
+
+
+async def test_tls_and_client_certificates(tmp_path: Path) -> None:
+    pem = _make_certs(tmp_path)
+    server = EmbeddedEtcd(
+        unsafe_no_fsync=True,
+        cert_file=pem["server"],
+        key_file=pem["server-key"],
+        trusted_ca_file=pem["ca"],
+    )
+    async with server:
+        assert server.endpoint.startswith("https://")
+        mtls = EtcdTLS(ca_file=pem["ca"], cert_file=pem["client"], key_file=pem["client-key"])
+        # Several endpoints (the first one dead): TLS still checks the certificate.
+        dead = f"https://127.0.0.1:{free_port()}"
+        for endpoints in ([server.endpoint], [dead, server.endpoint]):
+            client = await connect(endpoints, tls=mtls, timeout=5)
+            await client.put(b"/tls", b"yes")
+            got = await client.get(b"/tls")
+            assert got is not None and got.value == b"yes"
+            await client.close()
+        # Without a client certificate, or trusting another CA, etcd cannot be used.
+        for tls in (EtcdTLS(ca_file=pem["ca"]), EtcdTLS(ca_file=pem["client"])):
+            client = await connect([server.endpoint], tls=tls, timeout=5)
+            with pytest.raises(UNREACHABLE):
+                await client.get(b"/tls")
+            await client.close()
+    with pytest.raises(ValueError):
+        EtcdTLS(cert_file=pem["client"]).credentials()
+
+
 # -- LeaseKeeper ----------------------------------------------------------------------
 
 
@@ -116,7 +198,11 @@ async def test_lease_keeper_reports_a_lease_revoked_elsewhere(etcd_client: EtcdC
     keeper = LeaseKeeper(etcd_client, ttl=1, on_lost=lambda: calls.append(1))
     async with keeper:
         await etcd_client.revoke_lease(keeper.lease_id)  # someone else revokes it
+        assert await etcd_client.keepalive_once(keeper.lease_id) == 0  # etcd says "unknown lease"
+        revoked = time.monotonic()
         await asyncio.wait_for(keeper.wait_lost(), 3)
+        # Told by etcd at the next refresh, not guessed at the end of the TTL.
+        assert time.monotonic() - revoked < keeper.granted_ttl / 2
         await asyncio.sleep(0.1)
         assert calls == [1]
     assert not _our_tasks(f"lease-keeper-{keeper.lease_id:x}")

@@ -175,7 +175,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             supervised=await self.supervisor.is_supervised(agent_id),
         )
         try:
-            ok, _ = await self.store.register(agent, token, lease.id, create_revision)
+            ok, revision = await self.store.register(agent, token, lease.id, create_revision)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self._etcd.revoke_lease(lease.id)
@@ -187,6 +187,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 f"agent {agent_id!r} was registered concurrently; retry with its token",
                 reason=common_pb2.ERROR_REASON_AGENT_ALREADY_REGISTERED,
             )
+        # Read-your-writes on this replica: lookups that follow see the registration.
+        with contextlib.suppress(TimeoutError):
+            await self.directory.agents.wait_revision(revision, timeout=2.0)
         if existing is not None and existing.lease_id and existing.lease_id != lease.id:
             # The old registration's keys moved to the new lease; drop the old one.
             with contextlib.suppress(Exception):
