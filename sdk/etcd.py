@@ -372,9 +372,12 @@ class LeaseKeeper:
     successful one: from then on etcd may have expired it, so the owner must
     stop acting on it. :attr:`lost` is set and ``on_lost`` called; the keeper
     grants no new lease by itself, because what hung on the old one (keys,
-    leadership) is the owner's to redo. A lease declared lost while etcd was
-    unreachable is revoked as soon as etcd answers again (within one TTL), so
-    its keys go at once instead of lingering until it expires.
+    leadership) is the owner's to redo.
+
+    etcd renews every lease when it restarts or elects a leader, so a lease
+    declared lost while etcd was unreachable may live on for a TTL once etcd
+    is back: until :meth:`stop` or :meth:`revoke`, the keeper keeps trying to
+    revoke it, so its keys go as soon as etcd answers.
 
     ``on_lost`` runs in the keeper's task; it must not block (set an event or
     start a task).
@@ -395,6 +398,7 @@ class LeaseKeeper:
         self.lease_id = 0
         self.lost = asyncio.Event()
         self.on_lost = on_lost
+        self._gone = False  # etcd no longer knows the lease: nothing left to revoke
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
@@ -439,6 +443,7 @@ class LeaseKeeper:
                 delay = min(interval, 0.25)  # try again soon, the TTL is running
                 continue
             if ttl <= 0:
+                self._gone = True
                 await self._declare_lost("etcd no longer knows it (expired or revoked)", unreachable=False)
                 return
             expires, delay = sent + ttl, interval
@@ -463,6 +468,7 @@ class LeaseKeeper:
         while loop.time() < until:
             try:
                 await asyncio.wait_for(self._client.revoke_lease(self.lease_id), timeout=1.0)
+                self._gone = True
                 return
             except asyncio.CancelledError:
                 if _cancelled_by_caller():
@@ -471,7 +477,8 @@ class LeaseKeeper:
                 return
             except Exception as exc:
                 if not isinstance(exc, (*UNREACHABLE, TimeoutError)):
-                    return  # lease not found: already gone
+                    self._gone = True  # lease not found
+                    return
             await asyncio.sleep(0.25)
 
     async def wait_lost(self) -> None:
@@ -483,16 +490,17 @@ class LeaseKeeper:
 
         Sets :attr:`lost` (the lease is gone) without calling ``on_lost`` (the
         owner knows). An unreachable etcd is not an error here: the lease then
-        expires by itself.
+        expires by itself, at most a TTL after etcd is back.
         """
         await self.stop()
-        if self.lease_id and not self.lost.is_set():
+        if self.lease_id and not self._gone:
             with contextlib.suppress(aetcd.exceptions.ClientError, TimeoutError):
                 await asyncio.wait_for(self._client.revoke_lease(self.lease_id), timeout=5.0)
+                self._gone = True
         self.lost.set()
 
     async def stop(self) -> None:
-        """Stop refreshing, leaving the lease to lapse after its TTL; safe to call twice."""
+        """Stop refreshing (and chasing a lost lease), leaving it to lapse after its TTL; safe twice."""
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
@@ -614,7 +622,13 @@ class ResumingWatch:
             except ClientClosedError:
                 self._drop_stream()
                 raise
-            except (aio.AioRpcError, aetcd.exceptions.ClientError, _StreamBroken, OSError) as exc:
+            except (
+                aio.AioRpcError,
+                aetcd.exceptions.ClientError,
+                _StreamBroken,
+                OSError,
+                asyncio.InvalidStateError,  # grpc: writing to a call that already ended
+            ) as exc:
                 self._drop_stream()
                 if self._client.closed:
                     raise ClientClosedError("etcd client is closed") from None
@@ -825,7 +839,8 @@ class Election:
         if self.is_leader:
             return
         try:
-            if self._keeper is None:
+            if self._keeper is None or self._keeper.lost.is_set():
+                await self._withdraw()
                 await self._stand()
             keeper = self._keeper
             assert keeper is not None
@@ -839,7 +854,8 @@ class Election:
                 if not earlier:
                     break
                 predecessor = max(earlier, key=lambda kv: kv.create_revision).key
-                await self._first_of(self._deleted(predecessor, revision + 1), keeper.lost.wait())
+                with contextlib.suppress(WatchCompacted):  # then look again
+                    await self._first_of(self._deleted(predecessor, revision + 1), keeper.lost.wait())
         except ElectionLost:
             await self.resign()
             raise
@@ -898,10 +914,12 @@ class Election:
             pass  # cannot follow the key any more: count leadership as lost, the safe side
         log.warning("election %r: %s lost leadership", self.name, self.candidate_id)
         self.is_leader = False
-        self.lost.set()
         self._monitor = None
-        self._keeper = None
-        await keeper.revoke()
+        self.lost.set()
+        if not keeper.lost.is_set():
+            # The key went but the lease lives: the candidacy is over, free the lease.
+            # (A lost lease is left to its keeper, which revokes it once etcd answers.)
+            await keeper.revoke()
 
     def leader_txn_guard(self) -> Any:
         """The transaction compare that holds only while this candidate still leads.
@@ -937,10 +955,13 @@ class Election:
             monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await monitor
+        await self._withdraw()
+        self.lost.set()
+
+    async def _withdraw(self) -> None:
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             await keeper.revoke()
-        self.lost.set()
 
     async def __aenter__(self) -> Election:
         return self

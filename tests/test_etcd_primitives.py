@@ -478,3 +478,32 @@ async def test_campaign_fails_when_the_lease_goes_while_waiting(
     assert not hopeful.is_leader and hopeful.lost.is_set()
     assert leader.is_leader
     await leader.resign()
+
+
+@pytest.mark.slow
+async def test_leadership_is_lost_when_etcd_is_down_longer_than_the_ttl(private_etcd: EmbeddedEtcd) -> None:
+    client = await connect([private_etcd.endpoint], timeout=2)
+    election = Election(client, b"/leader", "solo", ttl=2)
+    try:
+        await election.campaign()
+        first_key = election.key
+        await private_etcd.stop()
+        stopped = time.monotonic()
+        await asyncio.wait_for(election.lost.wait(), 5)
+        assert not election.is_leader
+        assert time.monotonic() - stopped <= 2.5  # by the TTL, while etcd is still down
+        await private_etcd.restart()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await election.campaign()  # stands again, on a new lease
+                break
+            except UNREACHABLE:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        assert election.is_leader and election.key != first_key
+        assert await election.leader() == "solo"
+    finally:
+        await election.resign()
+        await client.close()
+    assert not _our_tasks("election-solo", "lease-keeper-")
