@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -19,13 +20,21 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
+# Looked up now, in the parent: loading a library in a child between fork and
+# exec can deadlock when other threads (grpc's) held the loader's lock.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
-def die_with_parent() -> None:
-    """preexec_fn: SIGKILL this child when the parent thread exits (Linux only)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """preexec_fn: SIGKILL this child when its parent dies (Linux only).
+
+    If the parent died between fork and prctl the signal would never come, so
+    the child checks that its parent is still the one that forked it.
+    """
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if parent_pid is not None and os.getppid() != parent_pid:
+            os._exit(1)
 
 
 def spawn(
@@ -45,7 +54,7 @@ def spawn(
         stdin=subprocess.DEVNULL,
         stdout=stdout,
         stderr=stderr,
-        preexec_fn=die_with_parent,
+        preexec_fn=functools.partial(die_with_parent, os.getpid()),
         start_new_session=new_session,
     )
 

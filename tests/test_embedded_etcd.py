@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -116,12 +117,13 @@ async def test_a_picked_port_taken_before_start_is_replaced() -> None:
             server.cleanup()
 
 
-async def test_etcd_dies_with_a_parent_killed_by_sigkill() -> None:
+async def test_etcd_dies_with_a_parent_killed_by_sigkill(tmp_path: Path) -> None:
+    # The killed parent cannot remove a temporary directory: give it one pytest removes.
     code = (
         "import asyncio, os\n"
         "from mabeam.embedded_etcd import EmbeddedEtcd\n"
         "async def main():\n"
-        "    e = EmbeddedEtcd(unsafe_no_fsync=True)\n"
+        f"    e = EmbeddedEtcd({str(tmp_path / 'data')!r}, unsafe_no_fsync=True)\n"
         "    await e.start()\n"
         "    print(e.pid, os.getpgid(e.pid), os.getpgid(0), flush=True)\n"
         "    await asyncio.sleep(60)\n"
