@@ -83,10 +83,15 @@ def main() -> None:
     parser.add_argument("--vote", default=None, help="option to vote for (env MABEAM_VOTE)")
     parser.add_argument("--registry", default=None, help="registry host:port (env MABEAM_REGISTRY)")
     parser.add_argument("--port", type=int, default=0, help="port to serve on (default: any)")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("MABEAM_AGENT_HOST", "127.0.0.1"),
+        help="address to bind (env MABEAM_AGENT_HOST)",
+    )
     parser.add_argument("--lease-ttl", type=float, default=5.0, help="registration lease TTL in seconds")
     args = parser.parse_args()
     agent = Bidder(args.id, args.value, args.vote)
-    asyncio.run(agent.serve(registry=args.registry, port=args.port, lease_ttl=args.lease_ttl))
+    asyncio.run(agent.serve(registry=args.registry, host=args.host, port=args.port, lease_ttl=args.lease_ttl))
 
 
 if __name__ == "__main__":

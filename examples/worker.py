@@ -79,9 +79,18 @@ def main() -> None:
     )
     parser.add_argument("--registry", default=None, help="registry host:port (env MABEAM_REGISTRY)")
     parser.add_argument("--port", type=int, default=0, help="port to serve on (default: any)")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("MABEAM_AGENT_HOST", "127.0.0.1"),
+        help="address to bind (env MABEAM_AGENT_HOST)",
+    )
     parser.add_argument("--lease-ttl", type=float, default=5.0, help="registration lease TTL in seconds")
     args = parser.parse_args()
-    asyncio.run(Worker(args.id).serve(registry=args.registry, port=args.port, lease_ttl=args.lease_ttl))
+    asyncio.run(
+        Worker(args.id).serve(
+            registry=args.registry, host=args.host, port=args.port, lease_ttl=args.lease_ttl
+        )
+    )
 
 
 if __name__ == "__main__":

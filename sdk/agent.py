@@ -54,6 +54,7 @@ log = logging.getLogger("mabeam.agent")
 T = TypeVar("T")
 
 AGENT_SERVICE = "mabeam.v1.AgentService"
+REGISTER_PATIENCE_S = 30.0
 
 
 def to_value(data: Any) -> struct_pb2.Value:
@@ -138,7 +139,11 @@ class Agent:
         etcd: Sequence[str] | None = None,
         lease_ttl: float = 5.0,
     ) -> None:
-        """Serve this agent until SIGINT/SIGTERM (an AgentHost of one)."""
+        """Serve this agent until SIGINT/SIGTERM (an AgentHost of one).
+
+        ``MABEAM_ADVERTISE_HOST`` names the address others reach it at when it
+        binds ``0.0.0.0`` (in a container: its service name).
+        """
         await AgentHost(
             [self], registry=registry, host=host, port=port, etcd=etcd, lease_ttl=lease_ttl
         ).serve()
@@ -481,6 +486,8 @@ class AgentHost:
         self._prefix = prefix or os.environ.get("MABEAM_PREFIX", "/mabeam")
         self._lease_ttl = lease_ttl
         self._client_tls = client_tls
+        # In a container the agent binds 0.0.0.0 and is reached by its service name.
+        advertise_host = advertise_host or os.environ.get("MABEAM_ADVERTISE_HOST") or None
         config = MeshConfig(
             host=host, ports={"agent": port}, tls=tls, grace=1.0, advertise_host=advertise_host
         )
@@ -573,13 +580,19 @@ class AgentHost:
             lease_ttl=ttl,
             token=agent.token,
         )
-        try:
-            reply = await self._client.registry.RegisterAgent(request)
-        except errors.AlreadyExists:
-            if not agent.token:
-                raise
-            # Our token no longer matches (someone took the id over): give up the id.
-            raise
+        # A registry that is not up yet (containers starting together) is waited
+        # for, with back-off, for up to REGISTER_PATIENCE_S.
+        deadline = time.monotonic() + REGISTER_PATIENCE_S
+        delay = 0.1
+        while True:
+            try:
+                reply = await self._client.registry.RegisterAgent(request)
+                break
+            except errors.Unavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
         agent.token = reply.token
         return reply.agent
 

