@@ -129,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     _up_parser(sub)
     _bench_parser(sub)
     from mabeam.goal_cli import add_goal_parser
+    from mabeam.ops_cli import add_ops_parsers
 
     add_goal_parser(sub)
+    add_ops_parsers(sub)
     return parser
 
 

@@ -1,0 +1,299 @@
+"""Operator commands: ``mabeam status``, ``agents``, ``vars``, ``sessions``, ``auction``.
+
+Tables for people, ``--json`` for scripts. Where the services are comes from
+``--registry`` / ``--orchestrator`` / ``--coordination`` / ``--planner`` (or
+``MABEAM_<SERVICE>``; defaults are ``mabeam up``'s ports), or from ``--etcd``
+for discovery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from google.protobuf import json_format
+
+from mabeam import errors
+from mabeam.client import MeshClient
+from mabeam.config import DEFAULT_PORTS, SERVICE_NAMES
+from mabeam.health_check import check
+from mabeam.v1 import common_pb2, coordination_pb2, orchestrator_pb2, planner_pb2, registry_pb2
+
+AUCTIONS = {
+    "vickrey": coordination_pb2.AUCTION_TYPE_SECOND_PRICE,
+    "first_price": coordination_pb2.AUCTION_TYPE_FIRST_PRICE,
+    "english": coordination_pb2.AUCTION_TYPE_ENGLISH,
+    "dutch": coordination_pb2.AUCTION_TYPE_DUTCH,
+}
+
+
+def _address(args: argparse.Namespace, service: str) -> str:
+    given = getattr(args, service, None) or os.environ.get(f"MABEAM_{service.upper()}")
+    return given or f"127.0.0.1:{DEFAULT_PORTS[service]}"
+
+
+async def _connect(args: argparse.Namespace) -> MeshClient:
+    if args.etcd:
+        return await MeshClient.connect(etcd=args.etcd.split(","), prefix=args.prefix)
+    return await MeshClient.connect(**{s: _address(args, s) for s in DEFAULT_PORTS})
+
+
+def _print(args: argparse.Namespace, doc: Any, table: Callable[[], None]) -> None:
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        table()
+
+
+def _dict(message: Any) -> dict[str, Any]:
+    return dict(json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+
+async def _count(list_call: Any, request: Any, field: str) -> int:
+    total, token = 0, ""
+    while True:
+        request.page_token = token
+        request.page_size = 1000
+        page = await list_call(request)
+        total += len(getattr(page, field))
+        token = page.next_page_token
+        if not token:
+            return total
+
+
+async def _status(args: argparse.Namespace) -> int:
+    health = {}
+    for service, name in SERVICE_NAMES.items():
+        address = _address(args, service)
+        health[service] = {"address": address, "serving": await check(address, name)}
+    counts: dict[str, int | None] = {}
+    async with await _connect(args) as mesh:
+        calls = {
+            "agents": (mesh.registry.ListAgents, registry_pb2.ListAgentsRequest(), "agents", "registry"),
+            "variables": (
+                mesh.orchestrator.ListVariables,
+                orchestrator_pb2.ListVariablesRequest(),
+                "variables",
+                "orchestrator",
+            ),
+            "sessions": (
+                mesh.coordination.ListSessions,
+                coordination_pb2.ListSessionsRequest(),
+                "sessions",
+                "coordination",
+            ),
+            "goals": (mesh.planner.ListGoals, planner_pb2.ListGoalsRequest(), "goals", "planner"),
+        }
+        for what, (call, request, field, service) in calls.items():
+            counts[what] = await _count(call, request, field) if health[service]["serving"] else None
+    doc = {"services": health, "counts": counts}
+
+    def table() -> None:
+        print(f"{'SERVICE':<14} {'ADDRESS':<22} STATE")
+        for service, h in health.items():
+            print(f"{service:<14} {h['address']:<22} {'SERVING' if h['serving'] else 'DOWN'}")
+        print(" ".join(f"{k}={'?' if v is None else v}" for k, v in counts.items()))
+
+    _print(args, doc, table)
+    return 0 if all(h["serving"] for h in health.values()) else 1
+
+
+async def _agents(args: argparse.Namespace) -> int:
+    async with await _connect(args) as mesh:
+        page = await mesh.registry.ListAgents(
+            registry_pb2.ListAgentsRequest(capability=args.capability, page_size=1000)
+        )
+    agents = list(page.agents)
+
+    def table() -> None:
+        print(f"{'AGENT':<24} {'STATUS':<12} {'ENDPOINT':<22} {'LOAD':>5} CAPABILITIES")
+        for a in agents:
+            status = registry_pb2.AgentStatus.Name(a.status).removeprefix("AGENT_STATUS_")
+            print(
+                f"{a.agent_id:<24} {status:<12} {a.endpoint:<22} {a.load.load:>5.2f} {','.join(a.capabilities)}"
+            )
+
+    _print(args, [_dict(a) for a in agents], table)
+    return 0
+
+
+def _value(text: str, as_string: bool) -> common_pb2.Value:
+    value = common_pb2.Value()
+    if as_string:
+        value.string_value = text
+        return value
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = text
+    if isinstance(data, bool):
+        value.bool_value = data
+    elif isinstance(data, int):
+        value.int_value = data
+    elif isinstance(data, float):
+        value.number_value = data
+    elif isinstance(data, str):
+        value.string_value = data
+    elif isinstance(data, dict):
+        value.struct_value.update(data)
+    else:
+        value.list_value.extend(data)
+    return value
+
+
+def _plain(variable: orchestrator_pb2.Variable) -> Any:
+    kind = variable.value.WhichOneof("kind")
+    if kind in ("struct_value", "list_value"):
+        return json_format.MessageToDict(getattr(variable.value, kind))
+    return getattr(variable.value, kind) if kind else None
+
+
+async def _vars(args: argparse.Namespace) -> int:
+    async with await _connect(args) as mesh:
+        o = mesh.orchestrator
+        if args.vars_command == "get":
+            var = (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name=args.name))).variable
+            _print(
+                args,
+                _dict(var),
+                lambda: print(f"{var.name} = {json.dumps(_plain(var))} (version {var.version})"),
+            )
+        elif args.vars_command == "set":
+            request = orchestrator_pb2.SetVariableRequest(
+                name=args.name, value=_value(args.value, args.string)
+            )
+            if args.expected_version is not None:
+                request.expected_version = args.expected_version
+            var = (await o.SetVariable(request)).variable
+            _print(
+                args,
+                _dict(var),
+                lambda: print(f"{var.name} = {json.dumps(_plain(var))} (version {var.version})"),
+            )
+        else:
+            count = 0
+            async for event in o.WatchVariables(orchestrator_pb2.WatchVariablesRequest(prefix=args.prefix)):
+                if args.json:
+                    print(json.dumps(_dict(event), sort_keys=True), flush=True)
+                elif event.type == orchestrator_pb2.VARIABLE_EVENT_TYPE_PUT:
+                    print(f"{event.variable.name} = {json.dumps(_plain(event.variable))}", flush=True)
+                else:
+                    print(f"{event.variable.name} deleted", flush=True)
+                count += 1
+                if args.count and count >= args.count:
+                    break
+    return 0
+
+
+async def _sessions(args: argparse.Namespace) -> int:
+    async with await _connect(args) as mesh:
+        page = await mesh.coordination.ListSessions(
+            coordination_pb2.ListSessionsRequest(protocol=args.protocol, page_size=args.limit)
+        )
+    sessions = list(page.sessions)
+
+    def table() -> None:
+        print(f"{'SESSION':<18} {'PROTOCOL':<14} {'STATE':<12} {'WINNERS':<20} PRICE")
+        for s in sessions:
+            state = coordination_pb2.SessionState.Name(s.state).removeprefix("SESSION_STATE_")
+            print(
+                f"{s.session_id:<18} {s.protocol:<14} {state:<12} {','.join(s.outcome.winners):<20} {s.outcome.price:g}"
+            )
+
+    _print(args, [_dict(s) for s in sessions], table)
+    return 0
+
+
+async def _auction(args: argparse.Namespace) -> int:
+    selector = common_pb2.AgentSelector(capability=args.capability, agent_ids=args.agent or [])
+    request = coordination_pb2.RunAuctionRequest(
+        settings=coordination_pb2.SessionSettings(participants=selector),
+        type=AUCTIONS[args.type],
+        item=args.item,
+        reserve_price=args.reserve,
+        start_price=args.start_price,
+        increment=args.increment,
+        decrement=args.decrement,
+    )
+    async with await _connect(args) as mesh:
+        session = (await mesh.coordination.RunAuction(request)).session
+
+    def table() -> None:
+        state = coordination_pb2.SessionState.Name(session.state).removeprefix("SESSION_STATE_")
+        winner = ",".join(session.outcome.winners) or "-"
+        print(f"session {session.session_id}: {state}; winner {winner} at {session.outcome.price:g}")
+        if session.outcome.reason:
+            print(f"reason: {session.outcome.reason}")
+        for e in session.excluded:
+            print(f"left out: {e.agent_id} ({coordination_pb2.ExclusionReason.Name(e.reason)}: {e.detail})")
+
+    _print(args, _dict(session), table)
+    return 0 if session.outcome.decided else 1
+
+
+def add_ops_parsers(sub: Any) -> None:
+    """The operator subcommands of ``mabeam``."""
+
+    def common(p: argparse.ArgumentParser) -> None:
+        for service in DEFAULT_PORTS:
+            p.add_argument(f"--{service}", help=f"{service} host:port (env MABEAM_{service.upper()})")
+        p.add_argument(
+            "--etcd", default=os.environ.get("MABEAM_ETCD", ""), help="find the services through etcd"
+        )
+        p.add_argument("--prefix", default=os.environ.get("MABEAM_PREFIX", "/mabeam"))
+        p.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
+
+    p = sub.add_parser("status", help="each service's health and the mesh's counts")
+    common(p)
+    p.set_defaults(func=lambda a: _run(_status, a))
+    p = sub.add_parser("agents", help="list the registered agents")
+    common(p)
+    p.add_argument("--capability", default="", help="only agents offering it")
+    p.set_defaults(func=lambda a: _run(_agents, a))
+    p = sub.add_parser("vars", help="read, write and watch shared variables")
+    common(p)
+    vsub = p.add_subparsers(dest="vars_command", required=True)
+    g = vsub.add_parser("get", help="read a variable (strong)")
+    g.add_argument("name")
+    s = vsub.add_parser("set", help="write a variable (a JSON value, or a string)")
+    s.add_argument("name")
+    s.add_argument("value")
+    s.add_argument("--string", action="store_true", help="store VALUE as a string, not as JSON")
+    s.add_argument("--expected-version", type=int, default=None, help="compare-and-set on this version")
+    w = vsub.add_parser("watch", help="print changes as they happen")
+    w.add_argument("prefix", nargs="?", default="")
+    w.add_argument("--count", type=int, default=0, help="stop after this many changes")
+    for child in (g, s, w):  # --json also after the subcommand's own arguments
+        child.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON for scripts")
+    p.set_defaults(func=lambda a: _run(_vars, a))
+    p = sub.add_parser("sessions", help="list coordination sessions, newest first")
+    common(p)
+    p.add_argument("--protocol", default="")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=lambda a: _run(_sessions, a))
+    p = sub.add_parser("auction", help="run an auction among agents")
+    common(p)
+    p.add_argument("item")
+    p.add_argument("--capability", default="", help="bidders: every agent offering it")
+    p.add_argument("--agent", action="append", help="a bidder by id (repeat)")
+    p.add_argument("--type", choices=sorted(AUCTIONS), default="vickrey")
+    p.add_argument("--reserve", type=float, default=0.0)
+    p.add_argument("--start-price", type=float, default=0.0)
+    p.add_argument("--increment", type=float, default=0.0)
+    p.add_argument("--decrement", type=float, default=0.0)
+    p.set_defaults(func=lambda a: _run(_auction, a))
+
+
+def _run(command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]], args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(command(args))
+    except errors.MabeamError as exc:
+        print(f"mabeam: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
