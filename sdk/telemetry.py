@@ -23,6 +23,12 @@ def enable() -> None:
     _enabled = True
 
 
+def disable() -> None:
+    """Stop adding tracing interceptors to servers and clients created from now on."""
+    global _enabled
+    _enabled = False
+
+
 def enabled() -> bool:
     """True when servers and clients created now get tracing interceptors."""
     return _enabled

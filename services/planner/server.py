@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,6 +31,7 @@ SERVICE_NAME = "mabeam.v1.PlannerService"
 log = logging.getLogger("mabeam.planner")
 ACTIVE = (P.GOAL_STATE_PENDING, P.GOAL_STATE_RUNNING)
 FINISHED = (P.GOAL_STATE_SUCCEEDED, P.GOAL_STATE_FAILED, P.GOAL_STATE_CANCELLED)
+ADOPT_AFTER_S = 2.0
 
 
 def _not_found(goal_id: str) -> errors.NotFound:
@@ -116,9 +118,12 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             self.runners.clear()
             self._keeper = LeaseKeeper(self._etcd, self._server.config.service_ttl)
             await self._keeper.start()
+        now = time.time()
         for _, goal in list(self.goals.items()):
             if goal.state not in ACTIVE or goal.goal_id in self.runners:
                 continue
+            if goal.state == P.GOAL_STATE_PENDING and now - goal.created_at.ToNanoseconds() / 1e9 < ADOPT_AFTER_S:
+                continue  # the replica that took the submission starts it (and keeps its trace)
             if self.owners.get(self.store.owner_key(goal.goal_id)) is not None:
                 continue
             if await try_acquire(
