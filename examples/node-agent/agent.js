@@ -1,0 +1,127 @@
+// A mabeam agent in JavaScript, built only on proto/ and @grpc/grpc-js.
+//
+//   node examples/node-agent/agent.js --id node-1 --registry 127.0.0.1:50051 --value 99
+//
+// It serves mabeam.v1.AgentService (bids its value in sealed-bid auctions,
+// proposes its value as its cost in Contract Net, executes `compute` steps by
+// summing numbers), registers with the registry, and keeps its lease alive
+// over a Heartbeat stream. Ctrl-C (SIGINT/SIGTERM) deregisters it.
+"use strict";
+
+const path = require("path");
+const grpc = require("@grpc/grpc-js");
+const protoLoader = require("@grpc/proto-loader");
+
+const PROTO_ROOT = path.resolve(__dirname, "..", "..", "proto");
+
+function argValue(name, fallback) {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : fallback;
+}
+
+const agentId = argValue("id", process.env.MABEAM_AGENT_ID || "node-agent");
+const registryAddress = argValue("registry", process.env.MABEAM_REGISTRY || "127.0.0.1:50051");
+const value = Number(argValue("value", "50"));
+const capabilities = (argValue("capabilities", "bid,compute") || "").split(",").filter(Boolean);
+const leaseTtl = Number(argValue("lease-ttl", "5"));
+
+const definition = protoLoader.loadSync(
+  ["mabeam/v1/agent.proto", "mabeam/v1/registry.proto"],
+  { includeDirs: [PROTO_ROOT], keepCase: true, longs: String, enums: String, defaults: true, oneofs: true },
+);
+const mabeam = grpc.loadPackageDefinition(definition).mabeam.v1;
+
+// google.protobuf.Value / Struct come from protobufjs's own descriptors, whose
+// field names are camelCase (numberValue, listValue, ...) whatever keepCase says.
+function numbers(value) {
+  if (value === null || value === undefined) return [];
+  if (value.kind === "numberValue") return [value.numberValue];
+  if (value.kind === "listValue") return value.listValue.values.flatMap(numbers);
+  if (value.kind === "structValue") return numbers(value.structValue.fields.values);
+  return [];
+}
+
+const service = {
+  Coordinate(call, callback) {
+    const request = call.request;
+    if (request.agent_id !== agentId) {
+      return callback({ code: grpc.status.NOT_FOUND, details: `agent ${request.agent_id} is not hosted here` });
+    }
+    switch (request.message) {
+      case "bid_request":
+        return callback(null, { agent_id: agentId, bid: { amount: value } });
+      case "price_quote":
+        return callback(null, { agent_id: agentId, price_answer: { accept: request.price_quote.price <= value } });
+      case "task_announcement":
+        return callback(null, { agent_id: agentId, proposal: { cost: value } });
+      case "award":
+      case "reject":
+        return callback(null, { agent_id: agentId, ack: {} });
+      default:
+        return callback(null, { agent_id: agentId, decline: { reason: `node agent does not answer ${request.message}` } });
+    }
+  },
+  CoordinateBatch(call, callback) {
+    callback({ code: grpc.status.UNIMPLEMENTED, details: "one agent here: use Coordinate" });
+  },
+  ExecuteStep(call, callback) {
+    const request = call.request;
+    let total = numbers(request.input).reduce((a, b) => a + b, 0);
+    for (const output of Object.values(request.dependency_outputs || {})) {
+      const fields = output.structValue && output.structValue.fields;
+      if (fields && fields.sum) total += fields.sum.numberValue;
+    }
+    callback(null, {
+      output: {
+        structValue: {
+          fields: { sum: { numberValue: total }, agent: { stringValue: agentId }, language: { stringValue: "javascript" } },
+        },
+      },
+    });
+  },
+  ExportState(call, callback) {
+    callback(null, { state: Buffer.from(JSON.stringify({ value })), content_type: "application/json" });
+  },
+  ImportState(call, callback) {
+    callback(null, {});
+  },
+};
+
+const server = new grpc.Server();
+server.addService(mabeam.AgentService.service, service);
+server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (err, port) => {
+  if (err) throw err;
+  const endpoint = `127.0.0.1:${port}`;
+  const registry = new mabeam.RegistryService(registryAddress, grpc.credentials.createInsecure());
+  const ttlSeconds = Math.max(1, Math.round(leaseTtl));
+  registry.RegisterAgent(
+    { agent_id: agentId, endpoint, capabilities, labels: { language: "javascript" }, lease_ttl: { seconds: ttlSeconds } },
+    (error, reply) => {
+      if (error) {
+        console.error(`registration failed: ${error.details}`);
+        process.exit(1);
+      }
+      const token = reply.token;
+      const beats = registry.Heartbeat();
+      beats.on("error", (e) => {
+        console.error(`heartbeat stream ended: ${e.details}`);
+        process.exit(1);
+      });
+      beats.on("data", () => {});
+      const beat = () => beats.write({ agent_id: agentId, token, load: { load: 0 } });
+      beat();
+      const timer = setInterval(beat, (reply.agent.lease_ttl.seconds * 1000) / 3);
+      console.log(`mabeam agents serving on ${endpoint}: ${agentId}`);
+      const stop = () => {
+        clearInterval(timer);
+        beats.end();
+        registry.DeregisterAgent({ agent_id: agentId, token }, () => {
+          server.forceShutdown();
+          process.exit(0);
+        });
+      };
+      process.on("SIGINT", stop);
+      process.on("SIGTERM", stop);
+    },
+  );
+});

@@ -1,0 +1,135 @@
+"""An agent in JavaScript, built on proto/ and @grpc/grpc-js, beside Python agents."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.wait import eventually
+from mabeam import errors
+from mabeam.agent import Agent, AgentHost, from_value
+from mabeam.client import MeshClient
+from mabeam.server import MeshServer
+from mabeam.v1 import agent_pb2, common_pb2, registry_pb2
+from mabeam.v1 import coordination_pb2 as C
+from mabeam.v1 import planner_pb2 as P
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(60)
+
+
+class PyBidder(Agent):
+    capabilities = ("bid", "compute")
+
+    def __init__(self, agent_id: str, value: float) -> None:
+        super().__init__(agent_id)
+        self.value = value
+
+    async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        return agent_pb2.CoordinationResponse(bid=agent_pb2.Bid(amount=self.value))
+
+    async def execute_step(self, request: agent_pb2.ExecuteStepRequest) -> Any:
+        return {"sum": 0, "language": "python"}
+
+
+@pytest.fixture
+async def mesh(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[MeshClient]:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not installed (the cross-language agent needs it)")
+    if not (ROOT / "node_modules" / "@grpc" / "grpc-js").exists():
+        pytest.fail("@grpc/grpc-js is not installed: run `npm ci` (.ci/run does)")
+    registry = await service("registry")
+    coordination = await service("coordination")
+    planner = await service("planner")
+    js = await asyncio.create_subprocess_exec(
+        node,
+        "examples/node-agent/agent.js",
+        "--id",
+        "a-node",
+        "--value",
+        "99",
+        "--registry",
+        registry.address,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    host = AgentHost([PyBidder("py-1", 40), PyBidder("py-2", 70)], registry=registry.address)
+    await host.start()
+    client = await MeshClient.connect(
+        registry=registry.address, coordination=coordination.address, planner=planner.address
+    )
+    try:
+        assert js.stdout is not None
+        line = await asyncio.wait_for(js.stdout.readline(), 20)
+        assert b"serving on" in line, line
+
+        async def registered() -> bool:
+            try:
+                agent = (
+                    await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="a-node"))
+                ).agent
+            except errors.NotFound:
+                return False
+            return agent.labels["language"] == "javascript"
+
+        await eventually(registered, what="the JavaScript agent registered")
+        yield client
+    finally:
+        js.terminate()
+        await js.wait()
+        await host.stop()
+        await client.close()
+
+
+async def test_javascript_agent_wins_an_auction_against_python_agents(mesh: MeshClient) -> None:
+    reply = await mesh.coordination.RunAuction(
+        C.RunAuctionRequest(
+            settings=C.SessionSettings(participants=common_pb2.AgentSelector(capability="bid")),
+            type=C.AUCTION_TYPE_SECOND_PRICE,
+            item="slot",
+        )
+    )
+    session = reply.session
+    assert sorted(session.participants) == ["a-node", "py-1", "py-2"] and not session.excluded
+    assert list(session.outcome.winners) == ["a-node"] and session.outcome.price == 70
+
+
+async def test_javascript_agent_runs_a_goal_step(mesh: MeshClient) -> None:
+    spec = P.GoalSpec(
+        steps=[P.StepSpec(step_id="js", capability="compute", input=_numbers([1, 2, 3]))],
+        strategy=P.ASSIGNMENT_STRATEGY_FIRST_FIT,  # "a-node" sorts first
+    )
+    events = [e async for e in mesh.planner.ExecuteGoal(P.ExecuteGoalRequest(goal=spec))]
+    assert events[-1].goal_state == P.GOAL_STATE_SUCCEEDED
+    goal = (await mesh.planner.GetGoal(P.GetGoalRequest(goal_id=events[-1].goal_id))).goal
+    output = from_value(goal.steps[0].output)
+    assert goal.steps[0].agent_id == "a-node" and output == {
+        "sum": 6,
+        "agent": "a-node",
+        "language": "javascript",
+    }
+
+
+def test_the_readme_command_is_the_one_tested() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "node examples/node-agent/agent.js --id node-1 --value 99 --registry 127.0.0.1:50051" in readme
+
+
+async def test_the_heartbeats_keep_its_lease(mesh: MeshClient) -> None:
+    await asyncio.sleep(6)  # longer than its 5 s lease
+    agent = (await mesh.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="a-node"))).agent
+    assert agent.status == registry_pb2.AGENT_STATUS_SERVING
+
+
+def _numbers(values: list[float]) -> Any:
+    from google.protobuf import struct_pb2
+
+    v = struct_pb2.Value()
+    v.list_value.extend(values)
+    return v
