@@ -128,11 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
     _bench_parser(sub)
+    from mabeam.backup import add_backup_parsers
     from mabeam.goal_cli import add_goal_parser
     from mabeam.ops_cli import add_ops_parsers
 
     add_goal_parser(sub)
     add_ops_parsers(sub)
+    add_backup_parsers(sub)
     return parser
 
 

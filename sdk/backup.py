@@ -1,0 +1,141 @@
+"""``mabeam backup FILE`` / ``mabeam restore FILE``: the mesh's durable state as one JSON file.
+
+Format (``docs/backup.md``)::
+
+    {"format": "mabeam-backup", "version": 1, "prefix": "/mabeam",
+     "created_at": "2026-11-24T16:00:00Z", "revision": 1234,
+     "counts": {"vars": 3, "bindings": 1, ...},
+     "keys": [{"key": "vars/room/temp", "value": "<base64>"}, ...]}
+
+Every key under the mesh prefix that is not bound to a lease is kept: variables
+and their bindings, supervised agents' specs and tokens, registered protocols,
+sessions with their transcripts, goals with their steps and events. What lives
+on a lease (registrations, endpoints, ephemeral variables, ownerships) belongs
+to live processes and comes back with them, so it is left out. Keys are stored
+relative to the prefix; ``restore`` writes them under its own prefix, into a
+mesh that holds nothing there yet (``--force`` to overwrite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from mabeam.etcd import EtcdClient, connect, snapshot
+
+FORMAT = "mabeam-backup"
+VERSION = 1
+TXN_OPS = 100
+
+
+class BackupError(ValueError):
+    """The backup file or the target is not what restore needs; the message says why."""
+
+
+async def dump(client: EtcdClient, prefix: str) -> dict[str, Any]:
+    """The durable state under ``prefix`` as a backup document."""
+    root = prefix.rstrip("/") + "/"
+    kvs, revision = await snapshot(client, root.encode())
+    keys = []
+    counts: collections.Counter[str] = collections.Counter()
+    for kv in kvs:
+        if int(kv.lease):
+            continue
+        relative = bytes(kv.key)[len(root) :].decode()
+        counts[relative.split("/", 1)[0]] += 1
+        keys.append({"key": relative, "value": base64.b64encode(bytes(kv.value)).decode()})
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "prefix": prefix,
+        "created_at": datetime.datetime.now(datetime.UTC)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z"),
+        "revision": revision,
+        "counts": dict(sorted(counts.items())),
+        "keys": keys,
+    }
+
+
+def check(doc: Any) -> list[tuple[str, bytes]]:
+    """The (relative key, value) pairs of a backup document; BackupError when it is not one."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise BackupError('not a mabeam backup (no "format": "mabeam-backup")')
+    if doc.get("version") != VERSION:
+        raise BackupError(f"backup version {doc.get('version')!r}; this mabeam reads version {VERSION}")
+    pairs = []
+    for i, entry in enumerate(doc.get("keys", [])):
+        try:
+            key, value = str(entry["key"]), base64.b64decode(entry["value"], validate=True)
+        except (KeyError, TypeError, ValueError):
+            raise BackupError(f'keys[{i}] is not {{"key": ..., "value": <base64>}}') from None
+        if not key or key.startswith("/"):
+            raise BackupError(f"keys[{i}]: {key!r} is not a key relative to the prefix")
+        pairs.append((key, value))
+    return pairs
+
+
+async def load(client: EtcdClient, prefix: str, pairs: list[tuple[str, bytes]], force: bool = False) -> int:
+    """Write ``pairs`` under ``prefix``; refuses a prefix that holds data unless ``force``."""
+    root = prefix.rstrip("/") + "/"
+    existing, _ = await snapshot(client, root.encode())
+    if existing and not force:
+        raise BackupError(
+            f"{prefix} already holds {len(existing)} keys: restore into an empty mesh (or --force)"
+        )
+    for i in range(0, len(pairs), TXN_OPS):
+        ops = [client.transactions.put((root + k).encode(), v) for k, v in pairs[i : i + TXN_OPS]]
+        await client.transaction(compare=[], success=ops, failure=[])
+    return len(pairs)
+
+
+def add_backup_parsers(sub: Any) -> None:
+    """``mabeam backup`` and ``mabeam restore``."""
+    for name, help_text in (
+        ("backup", "write the mesh's durable state to FILE"),
+        ("restore", "load FILE into an empty mesh"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("file", type=Path)
+        p.add_argument(
+            "--etcd",
+            default=os.environ.get("MABEAM_ETCD", "http://127.0.0.1:2379"),
+            help="etcd endpoints (env MABEAM_ETCD)",
+        )
+        p.add_argument(
+            "--prefix", default=os.environ.get("MABEAM_PREFIX", "/mabeam"), help="the mesh's key prefix"
+        )
+        if name == "restore":
+            p.add_argument("--force", action="store_true", help="write even if the prefix holds data")
+        p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        client = await connect(args.etcd.split(","), timeout=10)
+        try:
+            if args.command == "backup":
+                doc = await dump(client, args.prefix)
+                args.file.write_text(json.dumps(doc, indent=1))
+                print(f"backup of {args.prefix}: {len(doc['keys'])} keys {doc['counts']} -> {args.file}")
+            else:
+                pairs = check(json.loads(args.file.read_text()))
+                written = await load(client, args.prefix, pairs, args.force)
+                print(f"restored {written} keys into {args.prefix}")
+        finally:
+            await client.close()
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except (BackupError, OSError, ValueError) as exc:
+        print(f"mabeam {args.command}: {exc}", file=sys.stderr)
+        return 2
