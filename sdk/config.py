@@ -36,6 +36,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from mabeam.etcd import EtcdTLS
 
@@ -85,6 +86,18 @@ class MeshConfig:
     tls: TLSConfig | None = None
     grace: float = 5.0
     service_ttl: int = 5
+
+    def client_tls(self) -> Any:
+        """TLS for the calls a service makes (to other services and agents) when TLS is on.
+
+        The CA that verifies clients (mutual TLS) is trusted for servers too, and
+        the service presents its own certificate: one CA per mesh.
+        """
+        if self.tls is None:
+            return None
+        from mabeam.client import ClientTLS
+
+        return ClientTLS(ca_file=self.tls.ca_file, cert_file=self.tls.cert_file, key_file=self.tls.key_file)
 
     def port(self, service: str) -> int:
         """The configured port of ``service`` (0 = any free port)."""

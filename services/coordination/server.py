@@ -65,7 +65,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         self._server = server
         self._etcd = etcd
         self.store = SessionStore(etcd, server.config)
-        self.pool = ChannelPool()
+        self.pool = ChannelPool(server.config.client_tls())
         self.fanout = FanOut(self.pool)
         self.plugins: PrefixCache[coordination_pb2.ProtocolInfo] = PrefixCache(
             etcd, self.store.protocols, decode_protocol
@@ -75,7 +75,9 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
     async def start(self) -> None:
         await self.plugins.start()
         config = self._server.config
-        self._mesh = await MeshClient.connect(etcd=list(config.etcd_endpoints), prefix=config.prefix)
+        self._mesh = await MeshClient.connect(
+            etcd=list(config.etcd_endpoints), prefix=config.prefix, tls=config.client_tls()
+        )
 
     async def stop(self) -> None:
         await self.plugins.stop()

@@ -70,7 +70,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def start(self) -> None:
         await self.bindings.start()
         config = self._server.config
-        self._mesh = await MeshClient.connect(etcd=list(config.etcd_endpoints), prefix=config.prefix)
+        self._mesh = await MeshClient.connect(
+            etcd=list(config.etcd_endpoints), prefix=config.prefix, tls=config.client_tls()
+        )
 
     async def stop(self) -> None:
         await self.bindings.stop()

@@ -45,7 +45,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         self._server = server
         self._etcd = etcd
         self.store = GoalStore(etcd, server.config)
-        self.pool = ChannelPool()
+        self.pool = ChannelPool(server.config.client_tls())
         self.goals: PrefixCache[P.Goal] = PrefixCache(
             etcd, self.store.goals, lambda k, v: P.Goal.FromString(v)
         )
@@ -63,7 +63,9 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
 
     async def start(self) -> None:
         config = self._server.config
-        self._mesh = await MeshClient.connect(etcd=list(config.etcd_endpoints), prefix=config.prefix)
+        self._mesh = await MeshClient.connect(
+            etcd=list(config.etcd_endpoints), prefix=config.prefix, tls=config.client_tls()
+        )
         for cache in (self.goals, self.owners, self.cancels):
             cache.add_listener(lambda *a: self._wake.set())
             await cache.start()
@@ -122,7 +124,10 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         for _, goal in list(self.goals.items()):
             if goal.state not in ACTIVE or goal.goal_id in self.runners:
                 continue
-            if goal.state == P.GOAL_STATE_PENDING and now - goal.created_at.ToNanoseconds() / 1e9 < ADOPT_AFTER_S:
+            if (
+                goal.state == P.GOAL_STATE_PENDING
+                and now - goal.created_at.ToNanoseconds() / 1e9 < ADOPT_AFTER_S
+            ):
                 continue  # the replica that took the submission starts it (and keeps its trace)
             if self.owners.get(self.store.owner_key(goal.goal_id)) is not None:
                 continue

@@ -57,7 +57,7 @@ class Prober:
         self._etcd = etcd
         self._store = store
         self._directory = directory
-        self._pool = ChannelPool()
+        self._pool = ChannelPool(server.config.client_tls())
 
     async def run(self) -> None:
         """Probe while this replica leads the prober election; campaign again after losing it."""

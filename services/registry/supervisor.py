@@ -35,6 +35,7 @@ from grpc import aio
 
 from mabeam import errors, process, validate
 from mabeam.cache import PrefixCache
+from mabeam.client import ChannelPool
 from mabeam.discovery import EndpointResolver
 from mabeam.etcd import EtcdClient, LeaseKeeper, release, try_acquire
 from mabeam.server import MeshServer
@@ -109,6 +110,7 @@ class Supervisor:
         ] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._peers: EndpointResolver | None = None
+        self.pool = ChannelPool(server.config.client_tls())
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -136,6 +138,7 @@ class Supervisor:
             await self._keeper.revoke()
         if self._peers is not None:
             await self._peers.stop()
+        await self.pool.close()
         await self.records.stop()
         await self.owners.stop()
 
@@ -415,7 +418,7 @@ class Supervisor:
             target = registry_pb2.MigrateAgentRequest(
                 agent_id=agent_id, token=request.token, target_endpoint=address
             )
-            response = await migrate(self._etcd, self._store, self._directory, target)
+            response = await migrate(self._etcd, self._store, self._directory, target, self.pool)
         except BaseException as exc:
             await process.terminate(new, 2.0)
             if not done.done():
@@ -587,7 +590,7 @@ class Supervisor:
         self, request: registry_pb2.MigrateAgentRequest
     ) -> registry_pb2.MigrateAgentResponse:
         if request.WhichOneof("target") != "launch":
-            return await migrate(self._etcd, self._store, self._directory, request)
+            return await migrate(self._etcd, self._store, self._directory, request, self.pool)
         agent_id = validate.identifier(request.agent_id, "agent_id")
         if request.launch.WhichOneof("target") is None:
             raise errors.InvalidArgument("launch", "give a command or a python_entry_point")
@@ -655,6 +658,7 @@ async def migrate(
     store: RegistryStore,
     directory: AgentDirectory,
     request: registry_pb2.MigrateAgentRequest,
+    pool: ChannelPool,
 ) -> registry_pb2.MigrateAgentResponse:
     """Move a live agent to an instance already serving at ``target_endpoint``.
 
@@ -682,34 +686,34 @@ async def migrate(
     if target == agent.endpoint:
         raise errors.InvalidArgument("target_endpoint", "is the agent's current endpoint")
     started = time.monotonic()
-    async with aio.insecure_channel(agent.endpoint) as old_ch, aio.insecure_channel(target) as new_ch:
-        old = agent_pb2_grpc.AgentServiceStub(old_ch)
-        new = agent_pb2_grpc.AgentServiceStub(new_ch)
-        try:
-            exported = await old.ExportState(agent_pb2.ExportStateRequest(agent_id=agent_id), timeout=30)
-        except grpc.RpcError as exc:
-            raise errors.FailedPrecondition(
-                f"exporting the state of {agent_id!r} failed: {exc.details()}"
-            ) from None
-        try:
-            await new.ImportState(
+    # The pool's channels are reused, and carry TLS when it is on.
+    old = agent_pb2_grpc.AgentServiceStub(pool.get(agent.endpoint))
+    new = agent_pb2_grpc.AgentServiceStub(pool.get(target))
+    try:
+        exported = await old.ExportState(agent_pb2.ExportStateRequest(agent_id=agent_id), timeout=30)
+    except grpc.RpcError as exc:
+        raise errors.FailedPrecondition(
+            f"exporting the state of {agent_id!r} failed: {exc.details()}"
+        ) from None
+    try:
+        await new.ImportState(
+            agent_pb2.ImportStateRequest(
+                agent_id=agent_id, state=exported.state, content_type=exported.content_type
+            ),
+            timeout=30,
+        )
+    except grpc.RpcError as exc:
+        # Give the old instance its state back so it resumes serving.
+        with contextlib.suppress(grpc.RpcError):
+            await old.ImportState(
                 agent_pb2.ImportStateRequest(
                     agent_id=agent_id, state=exported.state, content_type=exported.content_type
                 ),
                 timeout=30,
             )
-        except grpc.RpcError as exc:
-            # Give the old instance its state back so it resumes serving.
-            with contextlib.suppress(grpc.RpcError):
-                await old.ImportState(
-                    agent_pb2.ImportStateRequest(
-                        agent_id=agent_id, state=exported.state, content_type=exported.content_type
-                    ),
-                    timeout=30,
-                )
-            raise errors.FailedPrecondition(
-                f"importing the state into {target} failed: {exc.details()}"
-            ) from None
+        raise errors.FailedPrecondition(
+            f"importing the state into {target} failed: {exc.details()}"
+        ) from None
     moved = registry_pb2.Agent()
     moved.CopyFrom(agent)
     moved.endpoint = target
