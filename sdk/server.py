@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
@@ -107,18 +108,31 @@ async def _empty() -> AsyncIterator[Any]:
     yield
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _record(method: str, code: str, started: float) -> None:
+    meters = telemetry.instruments()
+    attributes = {"rpc.method": method, "rpc.grpc.status_code": code}
+    meters.rpc_duration.record(time.perf_counter() - started, attributes)
+    meters.rpc_calls.add(1, attributes)
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, method: str = "") -> grpc.RpcMethodHandler:
     """Wrap a method handler so exceptions become statuses (see to_mabeam_error)."""
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            code = "OK"
             try:
                 return await inner_uu(request, context)
             except (aio.AbortError, asyncio.CancelledError):
+                code = "ABORTED_BY_HANDLER"
                 raise
             except Exception as exc:
+                code = to_mabeam_error(exc).code.name
                 await _abort(context, exc)
+            finally:
+                _record(method, code, started)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, handler.request_deserializer, handler.response_serializer
@@ -188,7 +202,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return handler
-        wrapped = _wrap_handler(handler)
+        wrapped = _wrap_handler(handler, method)
         self._wrapped[method] = wrapped
         return wrapped
 
@@ -364,11 +378,15 @@ BuildFn = Callable[[MeshServer, Any], Awaitable[None]]
 
 def _configure_logging() -> None:
     level = os.environ.get("MABEAM_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":%(message)r}',
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(telemetry.TraceIdFilter())  # type: ignore[arg-type]
+    handler.setFormatter(
+        logging.Formatter(
+            '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
+            '"trace_id":"%(trace_id)s","message":%(message)r}'
+        )
     )
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
 
 
 async def serve_until_signalled(
@@ -431,6 +449,7 @@ def run_service(kind: str, build: BuildFn, argv: Sequence[str] | None = None) ->
         print(f"mabeam {kind}: {exc}", file=sys.stderr)
         return 2
     telemetry.configure(service_name=f"mabeam-{kind}")
+    telemetry.configure_metrics(service_name=f"mabeam-{kind}")
 
     async def main() -> int:
         try:

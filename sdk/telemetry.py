@@ -74,3 +74,85 @@ def client_interceptors() -> list[Any]:
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
     return list(aio_client_interceptors(filter_=_health_filter()))
+
+
+# -- metrics -------------------------------------------------------------------------
+#
+# Instruments come from the OpenTelemetry API: they cost next to nothing until a
+# meter provider is installed — by configure() when MABEAM_METRICS_PORT asks for
+# a Prometheus endpoint, or by an embedding program (tests install an in-memory
+# reader).
+
+
+def meter() -> Any:
+    """The mesh's meter."""
+    from opentelemetry import metrics
+
+    return metrics.get_meter("mabeam")
+
+
+class _Instruments:
+    """The mesh's instruments, created once per process."""
+
+    def __init__(self) -> None:
+        m = meter()
+        self.rpc_duration = m.create_histogram(
+            "mabeam.rpc.server.duration", unit="s", description="time to answer an RPC"
+        )
+        self.rpc_calls = m.create_counter(
+            "mabeam.rpc.server.calls", description="RPCs answered, by method and status"
+        )
+        self.sessions = m.create_counter(
+            "mabeam.coordination.sessions",
+            description="coordination sessions finished, by protocol and state",
+        )
+        self.goals = m.create_counter("mabeam.planner.goals", description="goals finished, by state")
+
+
+_instruments: _Instruments | None = None
+
+
+def instruments() -> _Instruments:
+    """The shared instruments (created on first use)."""
+    global _instruments
+    if _instruments is None:
+        _instruments = _Instruments()
+    return _instruments
+
+
+def observe(name: str, description: str, read: Any) -> None:
+    """An observable gauge: ``read()`` gives the current value when metrics are collected."""
+    from opentelemetry.metrics import Observation
+
+    meter().create_observable_gauge(
+        name, callbacks=[lambda options: [Observation(read())]], description=description
+    )
+
+
+def configure_metrics(service_name: str) -> None:
+    """Serve Prometheus metrics on MABEAM_METRICS_PORT (off when unset)."""
+    port = os.environ.get("MABEAM_METRICS_PORT", "").strip()
+    if not port:
+        return
+    from opentelemetry import metrics
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.resources import Resource
+    from prometheus_client import start_http_server
+
+    start_http_server(int(port), addr=os.environ.get("MABEAM_METRICS_HOST", "127.0.0.1"))
+    provider = MeterProvider(
+        metric_readers=[PrometheusMetricReader()], resource=Resource.create({"service.name": service_name})
+    )
+    metrics.set_meter_provider(provider)
+
+
+class TraceIdFilter:
+    """A logging filter that puts the current trace id on every record (``%(trace_id)s``)."""
+
+    def filter(self, record: Any) -> bool:
+        from opentelemetry import trace
+
+        context = trace.get_current_span().get_span_context()
+        record.trace_id = f"{context.trace_id:032x}" if context.is_valid else ""
+        return True

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from mabeam import telemetry
 from mabeam.client import ChannelPool
 from mabeam.services.coordination.store import SessionStore
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, coordination_pb2
@@ -305,4 +306,7 @@ class Session:
         self.proto.state = state  # type: ignore[assignment]
         self.proto.finished_at.CopyFrom(now_ts())
         await self.store.finish(self.proto, self._unsaved_rounds)
+        telemetry.instruments().sessions.add(
+            1, {"protocol": self.proto.protocol, "state": C.SessionState.Name(self.proto.state)}
+        )
         return self.proto

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from mabeam import errors
+from mabeam import errors, telemetry
 from mabeam.services.planner import dag
 from mabeam.services.planner.store import GoalStore
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordination_pb2, registry_pb2
@@ -329,6 +329,7 @@ class GoalRunner:
         self.goal.owner = ""
         self.goal.finished_at.CopyFrom(now_ts())
         await self._write([self._goal_put(), self._event(P.GOAL_EVENT_TYPE_GOAL_FINISHED, error=reason)])
+        telemetry.instruments().goals.add(1, {"state": P.GoalState.Name(self.goal.state)})
 
     # -- one step ---------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mabeam import errors, validate
+from mabeam import errors, telemetry, validate
 from mabeam.cache import PrefixCache
 from mabeam.client import ChannelPool, MeshClient
 from mabeam.etcd import EtcdClient, LeaseKeeper, ResumingWatch, snapshot, try_acquire
@@ -284,4 +284,7 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     servicer = PlannerServicer(server, etcd)
     await servicer.start()
     server.on_stop(servicer.stop)
+    telemetry.observe(
+        "mabeam.planner.running_goals", "goals this replica runs", lambda: len(servicer.runners)
+    )
     server.add_service(SERVICE_NAME, planner_pb2_grpc.add_PlannerServiceServicer_to_server, servicer)

@@ -16,7 +16,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from mabeam import errors, validate
+from mabeam import errors, telemetry, validate
 from mabeam.cache import PrefixCache
 from mabeam.etcd import UNREACHABLE, EtcdClient, ResumingWatch, WatchCompacted
 from mabeam.server import MeshServer
@@ -434,6 +434,16 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     server.on_stop(servicer.directory.stop)
     await servicer.supervisor.start()
     server.spawn(prober.Prober(server, etcd, servicer.store, servicer.directory).run(), "prober")
+    directory = servicer.directory
+    telemetry.observe("mabeam.registry.agents", "registered agents", lambda: len(directory.agents))
+    telemetry.observe(
+        "mabeam.registry.leases",
+        "live agent leases",
+        lambda: len({a.lease_id for _, a in directory.agents.items()}),
+    )
+    telemetry.observe(
+        "mabeam.registry.supervised", "supervised agents", lambda: len(servicer.supervisor.records)
+    )
     server.add_service(SERVICE_NAME, registry_pb2_grpc.add_RegistryServiceServicer_to_server, servicer)
 
 
