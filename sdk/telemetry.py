@@ -1,10 +1,10 @@
 """OpenTelemetry wiring shared by every server and client of the mesh.
 
-Tracing is off by default (it costs every call). It is switched on by the
-standard variables: ``OTEL_TRACES_EXPORTER`` set to anything but ``none``
-(``console`` works out of the box), or a tracer provider installed by the
-embedding program (tests install one with an in-memory exporter) followed by
-:func:`enable`. Health checks are never traced.
+Tracing is off by default (it costs every call). The standard variables
+switch it on: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (OTLP over gRPC) or
+``OTEL_TRACES_EXPORTER=console``; an embedding program may instead install
+its own tracer provider (tests install one with an in-memory exporter) and
+call :func:`enable`. Health checks are never traced.
 """
 
 from __future__ import annotations
@@ -35,19 +35,33 @@ def enabled() -> bool:
 
 
 def configure(service_name: str) -> None:
-    """Install a tracer provider from the ``OTEL_*`` environment, if it asks for one."""
-    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
-    if exporter in ("", "none"):
+    """Install a tracer provider from the standard ``OTEL_*`` environment, when it asks for one.
+
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``)
+    sends spans over OTLP/gRPC; ``OTEL_TRACES_EXPORTER=console`` prints them;
+    ``OTEL_TRACES_EXPORTER=none`` (or nothing set) leaves tracing off.
+    """
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    otlp = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if exporter == "none" or (not exporter and not otlp):
         return
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
     name = os.environ.get("OTEL_SERVICE_NAME", service_name)
     provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    span_exporter: SpanExporter
     if exporter == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        span_exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        span_exporter = OTLPSpanExporter()  # endpoint, headers, TLS: from the OTEL_* variables
+    provider.add_span_processor(BatchSpanProcessor(span_exporter))
     trace.set_tracer_provider(provider)
     enable()
 

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from grpc import aio
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -94,3 +95,62 @@ async def test_one_trace_crosses_the_services(
         "SERVER:/mabeam.v1.AgentService/Coordinate",
     }
     assert not any("grpc.health" in n for n in names)
+
+
+async def test_otlp_endpoint_from_the_standard_variables(etcd: Any) -> None:
+    import asyncio
+    import os
+    import sys
+
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    from harness.wait import eventually
+    from mabeam.v1 import registry_pb2
+
+    received: list[str] = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        async def Export(self, request: Any, context: Any) -> Any:
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    received.extend(span.name for span in scope.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    collector = aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), collector)
+    port = collector.add_insecure_port("127.0.0.1:0")
+    await collector.start()
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mabeam.services.registry",
+        "--etcd",
+        etcd.endpoint,
+        "--port",
+        "0",
+        "--prefix",
+        "/otlp",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        address = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().split()[-1]
+        client = await MeshClient.connect(registry=address)
+        await client.registry.ListAgents(registry_pb2.ListAgentsRequest())
+        await client.close()
+        await eventually(
+            lambda: "/mabeam.v1.RegistryService/ListAgents" in received, timeout=10, what="span exported"
+        )
+        assert not any("grpc.health" in name for name in received)
+    finally:
+        proc.terminate()
+        await proc.wait()
+        await collector.stop(0)
