@@ -126,3 +126,22 @@ async def test_restore_refuses_what_is_not_a_backup(tmp_path: Path, etcd: Embedd
     bad.write_text(json.dumps({"format": "something-else"}))
     code, _, err = await mabeam("restore", str(bad), "--etcd", etcd.endpoint, "--prefix", "/nothing-here")
     assert code == 2 and "not a mabeam backup" in err and "Traceback" not in err
+
+
+async def test_readme_backup_commands(etcd: EmbeddedEtcd, tmp_path: Path) -> None:
+    import shlex
+
+    lines = [
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith(("mabeam backup", "mabeam restore"))
+    ]
+    assert [line.split()[1] for line in lines] == ["backup", "restore"]
+    async with EmbeddedEtcd(unsafe_no_fsync=True) as fresh:
+        for line in lines:
+            line = line.replace("http://127.0.0.1:2379", etcd.endpoint).replace(
+                "http://127.0.0.1:2479", fresh.endpoint
+            )
+            args = [str(tmp_path / a) if a.endswith(".json") else a for a in shlex.split(line)[1:]]
+            code, out, err = await mabeam(*args)
+            assert code == 0, f"{line}: {out}{err}"
