@@ -36,6 +36,24 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=None,
         help="peer port of the embedded etcd (env MABEAM_ETCD_PEER_PORT, default 2380)",
     )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the production topology on this machine: --etcd-members 3 --replicas 2",
+    )
+    p.add_argument(
+        "--etcd-members",
+        type=int,
+        default=None,
+        help="members of the embedded etcd cluster (default 1; 3 with --cluster); "
+        "member i listens on the etcd ports + 10*i",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="replicas of each service (default 1; 2 with --cluster); replica i listens on its port + 100*i",
+    )
     p.set_defaults(func=_cmd_up)
 
 
@@ -51,25 +69,38 @@ def _cmd_up(args: argparse.Namespace) -> int:
         config = mesh_config.load(args)
         etcd_port = args.etcd_port or int(os.environ.get("MABEAM_ETCD_PORT") or 2379)
         peer_port = args.etcd_peer_port or int(os.environ.get("MABEAM_ETCD_PEER_PORT") or 2380)
+        members = args.etcd_members or (3 if args.cluster else 1)
+        replicas = args.replicas or (2 if args.cluster else 1)
+        if members < 1 or replicas < 1:
+            raise ValueError(f"--etcd-members {members}, --replicas {replicas}: each is at least 1")
+        if members > 1 and config.etcd_endpoints:
+            raise ValueError("--etcd-members starts an embedded cluster: not with --etcd (an external one)")
     except (mesh_config.ConfigError, ValueError) as exc:
         print(f"mabeam up: {exc}", file=sys.stderr)
         return 2
+    log_dir = config.data_dir.parent / "logs"
+    mesh = LocalMesh(
+        config,
+        replicas=replicas,
+        etcd_members=members,
+        etcd_client_port=etcd_port,
+        etcd_peer_port=peer_port,
+        log_dir=log_dir,
+    )
     # Check every port before starting anything: one clear line, no traceback.
-    wanted = [(config.port(s), f"--{s}-port", f"MABEAM_{s.upper()}_PORT") for s in SERVICES]
+    wanted = [
+        (port, f"--{s}-port", f"MABEAM_{s.upper()}_PORT") for s in SERVICES for port in mesh.service_ports(s)
+    ]
     if not config.etcd_endpoints:
-        wanted += [
-            (etcd_port, "--etcd-port", "MABEAM_ETCD_PORT"),
-            (peer_port, "--etcd-peer-port", "MABEAM_ETCD_PEER_PORT"),
-        ]
+        wanted += [(port, "--etcd-port", "MABEAM_ETCD_PORT") for port in mesh.etcd_ports(etcd_port)]
+        wanted += [(port, "--etcd-peer-port", "MABEAM_ETCD_PEER_PORT") for port in mesh.etcd_ports(peer_port)]
     for port, flag, var in wanted:
-        if not port_is_free(config.host, port):
+        if port and not port_is_free(config.host, port):
             print(
                 f"mabeam up: port {port} is already in use: choose another with {flag} (or {var})",
                 file=sys.stderr,
             )
             return 2
-    log_dir = config.data_dir.parent / "logs"
-    mesh = LocalMesh(config, etcd_client_port=etcd_port, etcd_peer_port=peer_port, log_dir=log_dir)
 
     async def run() -> int:
         stop = asyncio.Event()
@@ -91,13 +122,20 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print(f"mabeam up: {exc}", file=sys.stderr)
             return 1
         elapsed = time.monotonic() - started
-        etcd_kind = "embedded" if mesh.etcd is not None else "external"
-        rows = [("etcd", f"{etcd_kind} etcd", ",".join(mesh.etcd_endpoints))]
-        rows += [(s, SERVICE_NAMES[s], mesh.address(s)) for s in SERVICES]
+        if mesh.etcd_cluster is not None:
+            rows = [(f"etcd-{i}", "embedded etcd member", e) for i, e in enumerate(mesh.etcd_endpoints)]
+        else:
+            etcd_kind = "embedded" if mesh.etcd is not None else "external"
+            rows = [("etcd", f"{etcd_kind} etcd", ",".join(mesh.etcd_endpoints))]
+        for s in SERVICES:
+            addresses = mesh.addresses(s)
+            names = [s] if len(addresses) == 1 else [f"{s}-{i}" for i in range(len(addresses))]
+            rows += [(name, SERVICE_NAMES[s], a) for name, a in zip(names, addresses, strict=True)]
         width = max(len(r[1]) for r in rows)
-        print(f"{'PART':<13} {'SERVICE':<{width}} ENDPOINT")
+        part_width = max(13, *(len(r[0]) for r in rows))
+        print(f"{'PART':<{part_width}} {'SERVICE':<{width}} ENDPOINT")
         for part, name, endpoint in rows:
-            print(f"{part:<13} {name:<{width}} {endpoint}")
+            print(f"{part:<{part_width}} {name:<{width}} {endpoint}")
         print(f"mesh healthy in {elapsed:.2f} s (logs: {log_dir}); Ctrl-C to stop", flush=True)
         await stopper
         print("mabeam up: stopping", flush=True)

@@ -412,9 +412,21 @@ class EtcdCluster:
             cluster.members[await cluster.leader_index()].kill()
     """
 
-    def __init__(self, size: int = 3, base_dir: Path | None = None, unsafe_no_fsync: bool = False) -> None:
+    def __init__(
+        self,
+        size: int = 3,
+        base_dir: Path | None = None,
+        unsafe_no_fsync: bool = False,
+        *,
+        client_ports: Sequence[int] = (),
+        peer_ports: Sequence[int] = (),
+    ) -> None:
         if size < 1:
             raise ValueError(f"size {size}: a cluster has at least one member")
+        if (client_ports or peer_ports) and not (len(client_ports) == len(peer_ports) == size):
+            raise ValueError(f"fixed ports: give {size} client ports and {size} peer ports")
+        # Given ports are the caller's (``mabeam up --cluster``): never replaced.
+        self._fixed_ports = (list(client_ports), list(peer_ports)) if client_ports else None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if base_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="mabeam-etcd-cluster-")
@@ -427,12 +439,15 @@ class EtcdCluster:
         self._make_members()
 
     def _make_members(self) -> None:
-        ports: list[int] = []
-        while len(ports) < 2 * self.size:
-            port = free_port()
-            if port not in ports:
-                ports.append(port)
-        clients, peers = ports[: self.size], ports[self.size :]
+        if self._fixed_ports is not None:
+            clients, peers = self._fixed_ports
+        else:
+            ports: list[int] = []
+            while len(ports) < 2 * self.size:
+                port = free_port()
+                if port not in ports:
+                    ports.append(port)
+            clients, peers = ports[: self.size], ports[self.size :]
         initial = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, peer in enumerate(peers))
         run_dir = self.base_dir / f"run{self._attempt}"
         self.members = [
@@ -470,7 +485,7 @@ class EtcdCluster:
             except EtcdStartError:
                 clash = any(m._port_taken_in_log() is not None for m in self.members)
                 await self._stop_members()
-                if not clash or attempt == _START_ATTEMPTS:
+                if not clash or self._fixed_ports is not None or attempt == _START_ATTEMPTS:
                     raise
                 self._attempt += 1
                 self._make_members()

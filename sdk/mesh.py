@@ -24,7 +24,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mabeam import process
 from mabeam.config import SERVICE_NAMES, SERVICES, MeshConfig
-from mabeam.embedded_etcd import EmbeddedEtcd
+from mabeam.embedded_etcd import EmbeddedEtcd, EtcdCluster
+
+# Replica n of a service on a fixed port listens on that port + n * REPLICA_PORT_STEP
+# (registry 50051, 50151, ...); etcd member n on its ports + n * ETCD_PORT_STEP.
+REPLICA_PORT_STEP = 100
+ETCD_PORT_STEP = 10
 
 
 class MeshStartError(RuntimeError):
@@ -49,23 +54,30 @@ class ServiceProcess:
 class LocalMesh:
     """etcd (embedded unless ``config.etcd_endpoints`` is set) and service replicas.
 
+    With ``etcd_members`` > 1 the embedded etcd is a cluster of that many
+    members on loopback (:attr:`etcd_cluster`); every service is given all
+    their endpoints. Replicas of a service on a fixed port take that port plus
+    ``n * REPLICA_PORT_STEP`` for replica n; on port 0 each takes a free one.
+
     Example::
 
-        mesh = LocalMesh(config.with_port("registry", 0), replicas=2)
+        mesh = LocalMesh(config.with_port("registry", 0), replicas=2, etcd_members=3)
         await mesh.start()
-        print(mesh.addresses("registry"))
+        print(mesh.addresses("registry"), mesh.etcd_endpoints)
         await mesh.stop()
     """
 
     config: MeshConfig
     services: Sequence[str] = SERVICES
     replicas: int = 1
+    etcd_members: int = 1
     etcd_client_port: int = 2379
     etcd_peer_port: int = 2380
     unsafe_no_fsync: bool = False
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     etcd: EmbeddedEtcd | None = None
+    etcd_cluster: EtcdCluster | None = None
     processes: list[ServiceProcess] = field(default_factory=list)
     startup_seconds: float = 0.0
     _tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -75,8 +87,23 @@ class LocalMesh:
         """The etcd endpoints the services use."""
         if self.config.etcd_endpoints:
             return self.config.etcd_endpoints
+        if self.etcd_cluster is not None:
+            return tuple(self.etcd_cluster.endpoints)
         assert self.etcd is not None, "mesh not started"
         return (self.etcd.endpoint,)
+
+    def etcd_ports(self, first: int) -> list[int]:
+        """The ports of the etcd members when the first one listens on ``first``."""
+        return [first + i * ETCD_PORT_STEP for i in range(self.etcd_members)]
+
+    def service_ports(self, kind: str) -> list[int]:
+        """The ports the replicas of ``kind`` will take (0: any free port)."""
+        base = self.config.port(kind)
+        return [base + n * REPLICA_PORT_STEP if base else 0 for n in range(self.replicas)]
+
+    def replicas_of(self, kind: str) -> list[ServiceProcess]:
+        """The running replicas of ``kind``."""
+        return [p for p in self.processes if p.kind == kind and p.proc.poll() is None]
 
     def addresses(self, kind: str) -> list[str]:
         """host:port of every live replica of ``kind``."""
@@ -97,7 +124,18 @@ class LocalMesh:
             self.log_dir = Path(self._tmp.name)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            if not self.config.etcd_endpoints:
+            if not self.config.etcd_endpoints and self.etcd_members > 1:
+                fixed = self.etcd_client_port != 0
+                self.etcd_cluster = EtcdCluster(
+                    self.etcd_members,
+                    # Not the single member's directory: a cluster's data is its own.
+                    base_dir=self.config.data_dir.with_name(self.config.data_dir.name + "-cluster"),
+                    unsafe_no_fsync=self.unsafe_no_fsync,
+                    client_ports=self.etcd_ports(self.etcd_client_port) if fixed else (),
+                    peer_ports=self.etcd_ports(self.etcd_peer_port) if fixed else (),
+                )
+                await self.etcd_cluster.start()
+            elif not self.config.etcd_endpoints:
                 self.etcd = EmbeddedEtcd(
                     self.config.data_dir,
                     client_port=self.etcd_client_port,
@@ -121,9 +159,10 @@ class LocalMesh:
     ) -> ServiceProcess:
         """Start one more replica of ``kind`` (port 0 when replicas share a host)."""
         assert self.log_dir is not None
-        if port is None:
-            port = self.config.port(kind) if self.replicas == 1 else 0
         n = sum(1 for p in self.processes if p.kind == kind)
+        if port is None:
+            base = self.config.port(kind)
+            port = base + n * REPLICA_PORT_STEP if base else 0
         log_file = self.log_dir / f"{kind}-{n}.log"
         argv = process.python_module_argv(
             f"mabeam.services.{kind}",
@@ -179,6 +218,8 @@ class LocalMesh:
         await asyncio.gather(*(self.stop_replica(r) for r in replicas), return_exceptions=True)
         if self.etcd is not None:
             await self.etcd.stop()
+        if self.etcd_cluster is not None:
+            await self.etcd_cluster.stop()
         if self._tmp is not None:
             with contextlib.suppress(OSError):
                 self._tmp.cleanup()

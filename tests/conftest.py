@@ -1,1 +1,1 @@
-pytest_plugins = ["harness.etcd_fixtures", "harness.mesh_fixtures"]
+pytest_plugins = ["harness.etcd_fixtures", "harness.mesh_fixtures", "harness.cluster_fixtures"]
