@@ -225,6 +225,15 @@ class BenchContext:
         self._hosts.append(proc)
         return line.removeprefix("agents ready on ")
 
+    async def fanout_fn(self, width: int) -> Callable[[], Awaitable[None]]:
+        """One raw fan-out: ``width`` concurrent pings over one reused channel."""
+        ping = await self.ping_fn()
+
+        async def fan() -> None:
+            await asyncio.gather(*(ping() for _ in range(width)))
+
+        return fan
+
     async def baseline(self, name: str) -> float:
         """The median of a raw baseline (measured once per run)."""
         if name not in self._baselines:
@@ -260,13 +269,8 @@ async def _ping(ctx: BenchContext) -> list[float]:
 
 def _fanout(width: int) -> Callable[[BenchContext], Awaitable[list[float]]]:
     async def measure(ctx: BenchContext) -> list[float]:
-        ping = await ctx.ping_fn()
-
-        async def fan() -> None:
-            await asyncio.gather(*(ping() for _ in range(width)))
-
         rounds = max(5, ctx.n(20000, 3000) // width)
-        return await timed(fan, min(rounds, 200), warmup=2)
+        return await timed(await ctx.fanout_fn(width), min(rounds, 200), warmup=2)
 
     return measure
 

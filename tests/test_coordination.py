@@ -172,6 +172,33 @@ async def test_first_price_by_capability(
     assert sorted(reply.session.participants) == ["t10", "t20", "t30"]
 
 
+async def test_the_answer_carries_the_transcript_unless_the_basic_view_is_asked(
+    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+) -> None:
+    client, _ = mesh
+
+    async def auction(view: int) -> C.Session:
+        s = settings(capability="trade")
+        s.view = view  # type: ignore[assignment]
+        request = C.RunAuctionRequest(settings=s, type=C.AUCTION_TYPE_SECOND_PRICE, item="x")
+        return (await client.coordination.RunAuction(request)).session
+
+    full = await auction(C.SESSION_VIEW_UNSPECIFIED)
+    basic = await auction(C.SESSION_VIEW_BASIC)
+    assert len(full.rounds) == 1 and not basic.rounds
+    assert basic.outcome == full.outcome and list(basic.outcome.winners) == ["t30"]
+    entries = {e.agent_id: e for e in full.rounds[0].entries}
+    # Every agent's own request (the engine fills in agent, session and round) and its bid.
+    assert {
+        a: (e.request.agent_id, e.request.session_id, e.response.bid.amount) for a, e in entries.items()
+    } == {a: (a, full.session_id, t.value) for a, t in traders.items()}
+    # The transcript is stored all the same.
+    stored = (await client.coordination.GetSession(C.GetSessionRequest(session_id=basic.session_id))).session
+    assert sorted(e.agent_id for e in stored.rounds[0].entries) == sorted(traders)
+    with pytest.raises(errors.InvalidArgument, match="settings.view"):
+        await auction(77)
+
+
 async def test_reserve_not_met_is_no_decision(
     mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
 ) -> None:

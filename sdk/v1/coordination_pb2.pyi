@@ -287,12 +287,19 @@ class SessionSettings(_message.Message):
     ROUND_TIMEOUT_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     NOTIFY_OUTCOME_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Optional client-chosen session id (1-128 characters of [A-Za-z0-9._:-]);
     a new id is generated when empty. An existing id is ALREADY_EXISTS.
     """
     notify_outcome: _builtins.bool
     """Send winners an AwardNotice and the others a RejectNotice (default false)."""
+    view: Global___SessionView.ValueType
+    """How much of the finished session the answer carries. UNSPECIFIED and
+    FULL: every round with its transcript. BASIC: everything but the rounds,
+    for callers of large sessions that want the outcome; the transcript is
+    stored all the same (GetSession with SESSION_VIEW_FULL reads it).
+    """
     @_builtins.property
     def participants(self) -> _common_pb2.AgentSelector:
         """Who takes part. Required: an empty selector is INVALID_ARGUMENT."""
@@ -315,10 +322,11 @@ class SessionSettings(_message.Message):
         round_timeout: _duration_pb2.Duration | None = ...,
         session_id: _builtins.str = ...,
         notify_outcome: _builtins.bool = ...,
+        view: Global___SessionView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "participants", b"participants", "round_timeout", b"round_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "notify_outcome", b"notify_outcome", "participants", b"participants", "round_timeout", b"round_timeout", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "notify_outcome", b"notify_outcome", "participants", b"participants", "round_timeout", b"round_timeout", "session_id", b"session_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

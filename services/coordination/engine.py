@@ -20,7 +20,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -34,15 +34,14 @@ from mabeam.v1 import coordination_pb2 as C
 BATCH_GRACE_S = 0.5
 
 
-@dataclass(frozen=True)
-class Participant:
-    """An agent taking part, and where it is served."""
+class Participant(NamedTuple):
+    """An agent taking part, and where it is served (a tuple: built once per agent per round)."""
 
     agent_id: str
     endpoint: str
 
 
-@dataclass
+@dataclass(slots=True)
 class Reply:
     """One agent's answer in a round, or why there is none."""
 
@@ -234,6 +233,9 @@ class Session:
             coordinator_id=coordinator_id,
         )
         self._excluded: set[str] = set()
+        # Kept beside the proto, not in it, until the end: the summary written
+        # to etcd has no rounds, and a transcript of 1,000 entries is costly to copy.
+        self.rounds: list[coordination_pb2.Round] = []
         self._unsaved_rounds: list[coordination_pb2.Round] = []
 
     @property
@@ -261,45 +263,64 @@ class Session:
         check: Callable[[agent_pb2.CoordinationRequest, agent_pb2.CoordinationResponse], str | None]
         | None = None,
     ) -> list[Reply]:
-        """Run one round: send, collect, record. Replies with an exclusion are named in the session."""
+        """Run one round: send, collect, record. Replies with an exclusion are named in the session.
+
+        Each request is copied into the round's transcript and sent from
+        there, so one request object may serve every agent (a sealed-bid
+        round asks them all the same); the engine sets the agent, session,
+        round and deadline of each copy.
+        """
         number = self.proto.round_count + 1
         self.proto.round_count = number
         timeout = max(min(self.round_timeout_s, self.remaining()), 0.001)
-        deadline = timestamp_pb2.Timestamp()
-        deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
-        prepared = []
-        for agent_id, request in requests:
-            request.agent_id = agent_id
-            request.session_id = self.session_id
-            request.protocol = self.proto.protocol
-            request.round = number
-            request.deadline.CopyFrom(deadline)
-            prepared.append((Participant(agent_id, self.endpoint_of[agent_id]), request))
+        at = int((time.time() + timeout) * 1e9)
+        # What every request of the round shares, merged in by one call per request.
+        common = agent_pb2.CoordinationRequest(
+            session_id=self.session_id, protocol=self.proto.protocol, round=number
+        )
+        common.deadline.seconds, common.deadline.nanos = divmod(at, 1_000_000_000)
         record = C.Round(number=number, started_at=now_ts())
         if announced:
             record.state.CopyFrom(struct(announced))
+        entries = record.entries
+        entry_of: dict[str, coordination_pb2.TranscriptEntry] = {}
+        endpoint_of = self.endpoint_of
+        prepared = []
+        for agent_id, request in requests:
+            entry = entries.add(agent_id=agent_id, request=request)
+            entry_of[agent_id] = entry
+            sent = entry.request
+            sent.MergeFrom(common)
+            sent.agent_id = agent_id
+            prepared.append((Participant(agent_id, endpoint_of[agent_id]), sent))
         replies = await self.fanout.send(number, prepared, timeout, check)
+        declined = C.EXCLUSION_REASON_DECLINED
         for reply in replies:
-            entry = record.entries.add(agent_id=reply.agent_id, request=reply.request)
+            entry = entry_of[reply.agent_id]
             if reply.response is not None:
                 entry.response.CopyFrom(reply.response)
             if reply.exclusion is not None:
                 entry.exclusion.CopyFrom(reply.exclusion)
-                if reply.exclusion.reason != C.EXCLUSION_REASON_DECLINED:
+                if reply.exclusion.reason != declined:
                     self.exclude(reply.exclusion)
-            entry.latency.FromNanoseconds(int(reply.latency_s * 1e9))
+            # Set directly: Duration.FromNanoseconds is pure Python, per entry.
+            latency = entry.latency
+            latency.seconds, latency.nanos = divmod(int(reply.latency_s * 1e9), 1_000_000_000)
         record.finished_at.CopyFrom(now_ts())
         if self.stream_rounds:
             await self.store.put_round(self.session_id, record)
         else:
             self._unsaved_rounds.append(record)
-        self.proto.rounds.append(record)
+        self.rounds.append(record)
         return replies
 
     async def finish(
         self, outcome: coordination_pb2.Outcome, state: int | None = None
     ) -> coordination_pb2.Session:
-        """Record the outcome and write the session (summary and unsaved rounds) in one transaction."""
+        """Record the outcome and write the session (summary and unsaved rounds) in one transaction.
+
+        Returns the session without its rounds (:attr:`rounds`; see :meth:`answer`).
+        """
         self.proto.outcome.CopyFrom(outcome)
         if state is None:
             state = C.SESSION_STATE_DECIDED if outcome.decided else C.SESSION_STATE_NO_DECISION
@@ -310,3 +331,12 @@ class Session:
             1, {"protocol": self.proto.protocol, "state": C.SessionState.Name(self.proto.state)}
         )
         return self.proto
+
+    def answer(self, out: coordination_pb2.Session, view: int) -> None:
+        """Fill ``out`` with the finished session: with its rounds unless ``view`` is BASIC.
+
+        One copy of the transcript at most (it can be thousands of entries).
+        """
+        out.CopyFrom(self.proto)
+        if view != C.SESSION_VIEW_BASIC:
+            out.rounds.extend(self.rounds)

@@ -107,14 +107,13 @@ def _validate_sealed(p: dict[str, Any]) -> None:
 async def _sealed(session: Session, p: dict[str, Any], second_price: bool) -> coordination_pb2.Outcome:
     item, reserve = _str(p, "item"), _number(p, "reserve_price", 0.0)
     attributes = p.get("item_attributes") or {}
-    requests = []
-    for agent_id in _active(session):
-        request = agent_pb2.CoordinationRequest()
-        request.bid_request.item = item
-        request.bid_request.reserve_price = reserve
-        if attributes:
-            request.bid_request.attributes.CopyFrom(struct(attributes))
-        requests.append((agent_id, request))
+    template = agent_pb2.CoordinationRequest()
+    template.bid_request.item = item
+    template.bid_request.reserve_price = reserve
+    if attributes:
+        template.bid_request.attributes.CopyFrom(struct(attributes))
+    # One request for all: the engine copies it into each agent's transcript entry.
+    requests = [(agent_id, template) for agent_id in _active(session)]
     replies = await session.round(requests, check=_ok(_bid_problem))
     bids = [
         auction.Bid(r.agent_id, r.response.bid.amount, r.order)

@@ -145,7 +145,16 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
 
     # -- running -------------------------------------------------------------------
 
-    async def _run(self, settings: C.SessionSettings, protocol: str, params: dict[str, Any]) -> C.Session:
+    async def _run(
+        self, settings: C.SessionSettings, protocol: str, params: dict[str, Any], out: C.Session
+    ) -> None:
+        """Run a session and fill ``out`` (a response's session) as ``settings.view`` asks."""
+        if settings.view not in C.SessionView.values():
+            raise errors.InvalidArgument("settings.view", f"unknown view {settings.view}")
+        session = await self._session(settings, protocol, params)
+        session.answer(out, settings.view)
+
+    async def _session(self, settings: C.SessionSettings, protocol: str, params: dict[str, Any]) -> Session:
         selector = settings.participants
         if not selector.agent_ids and not selector.capability and not selector.labels:
             raise errors.InvalidArgument("settings.participants", "give agent ids or a capability")
@@ -197,7 +206,8 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             if not await self.store.create(session.proto):
                 raise errors.AlreadyExists(f"session {session.session_id!r} exists already")
         if not participants:
-            return await session.finish(C.Outcome(decided=False, reason="no participant is registered"))
+            await session.finish(C.Outcome(decided=False, reason="no participant is registered"))
+            return session
         try:
             if builtin is not None:
                 outcome = await asyncio.wait_for(
@@ -212,10 +222,13 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             await session.finish(C.Outcome(decided=False, reason=str(exc)), C.SESSION_STATE_FAILED)
             raise _param_error(exc) from None
         except TimeoutError:
-            return await session.finish(C.Outcome(decided=False, reason="session deadline reached"))
+            await session.finish(C.Outcome(decided=False, reason="session deadline reached"))
+            return session
         except errors.MabeamError as exc:
-            return await session.finish(C.Outcome(decided=False, reason=exc.message), C.SESSION_STATE_FAILED)
-        return await session.finish(outcome)
+            await session.finish(C.Outcome(decided=False, reason=exc.message), C.SESSION_STATE_FAILED)
+            return session
+        await session.finish(outcome)
+        return session
 
     async def _run_plugin(
         self, session: Session, plugin: C.ProtocolInfo, params: dict[str, Any]
@@ -298,7 +311,9 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             )
         if not request.item:
             raise errors.InvalidArgument("item", "is required")
-        return C.RunAuctionResponse(session=await self._run(request.settings, protocol, params))
+        reply = C.RunAuctionResponse()
+        await self._run(request.settings, protocol, params, reply.session)
+        return reply
 
     async def RunMarket(self, request: C.RunMarketRequest, context: Any) -> C.RunMarketResponse:
         protocol = MARKETS.get(request.type)
@@ -313,7 +328,9 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
                 max_rounds=request.max_rounds or 100,
                 min_price=request.min_price or 1e-4,
             )
-        return C.RunMarketResponse(session=await self._run(request.settings, protocol, params))
+        reply = C.RunMarketResponse()
+        await self._run(request.settings, protocol, params, reply.session)
+        return reply
 
     async def RunConsensus(self, request: C.RunConsensusRequest, context: Any) -> C.RunConsensusResponse:
         rule = runs.RULE_NAMES.get(request.rule)
@@ -330,13 +347,17 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             "weights": dict(request.weights),
             "tie_rule": TIES.get(request.tie_rule, "no_decision"),
         }
-        return C.RunConsensusResponse(session=await self._run(request.settings, "consensus", params))
+        reply = C.RunConsensusResponse()
+        await self._run(request.settings, "consensus", params, reply.session)
+        return reply
 
     async def Run(self, request: C.RunRequest, context: Any) -> C.RunResponse:
         if not request.protocol:
             raise errors.InvalidArgument("protocol", "is required")
         params = json_format.MessageToDict(request.parameters) if request.HasField("parameters") else {}
-        return C.RunResponse(session=await self._run(request.settings, request.protocol, params))
+        reply = C.RunResponse()
+        await self._run(request.settings, request.protocol, params, reply.session)
+        return reply
 
     async def RegisterProtocol(
         self, request: C.RegisterProtocolRequest, context: Any

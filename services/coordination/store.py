@@ -103,6 +103,9 @@ class SessionStore:
 
 
 def _summary(session: coordination_pb2.Session) -> coordination_pb2.Session:
+    """The session without its rounds (they have keys of their own)."""
+    if not session.rounds:
+        return session  # the engine keeps rounds beside the proto until the end: no copy
     summary = coordination_pb2.Session()
     summary.CopyFrom(session)
     del summary.rounds[:]

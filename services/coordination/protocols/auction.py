@@ -19,14 +19,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from mabeam.services.coordination.protocols.errors import ProtocolParamError
 
 
-@dataclass(frozen=True)
-class Bid:
-    """One sealed bid. ``order`` is the arrival order (lower = earlier)."""
+class Bid(NamedTuple):
+    """One sealed bid. ``order`` is the arrival order (lower = earlier).
+
+    A tuple, not a frozen dataclass: a round of 1,000 bids builds 1,000 of them.
+    """
 
     agent_id: str
     amount: float
