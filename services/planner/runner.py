@@ -340,14 +340,28 @@ class GoalRunner:
         max_attempts = spec.max_attempts or self.spec.max_attempts or DEFAULT_ATTEMPTS
         timeout = seconds(spec.timeout, DEFAULT_STEP_TIMEOUT_S)
         excluded = {a.agent_id for a in status.attempts if a.error}
+        # An attempt that never ended was in flight when the goal's previous owner
+        # died: it goes back to the same agent, which answers the same idempotency
+        # key with the run it already has instead of running the step again.
+        in_flight: P.StepAttempt | None = None
+        last = status.attempts[-1] if status.attempts else None
+        if last is not None and not last.error and not last.HasField("finished_at"):
+            in_flight = P.StepAttempt()
+            in_flight.CopyFrom(last)
+        continued: P.StepAttempt | None = None
         while True:
-            attempt = len(status.attempts) + 1
             try:
-                assignment = await self._assign(spec, excluded)
+                assignment = await self._assign(spec, excluded, in_flight)
             except errors.MabeamError as exc:
                 assignment, why = None, exc.message
             else:
                 why = f"no live agent offers capability {spec.capability!r}"
+            if in_flight is not None:
+                if assignment is not None and assignment.agent_id == in_flight.agent_id:
+                    del status.attempts[-1]  # the same attempt, continued
+                    continued = in_flight
+                in_flight = None
+            attempt = len(status.attempts) + 1
             if assignment is None:
                 status.state, status.error = P.STEP_STATE_FAILED, why
                 await self._write(
@@ -360,10 +374,11 @@ class GoalRunner:
             record = status.attempts.add(
                 attempt=attempt,
                 agent_id=assignment.agent_id,
-                started_at=now_ts(),
+                started_at=continued.started_at if continued is not None else now_ts(),
                 price=assignment.price,
                 session_id=assignment.session_id,
             )
+            continued = None
             status.state, status.agent_id, status.error = P.STEP_STATE_RUNNING, assignment.agent_id, ""
             start_puts: list[Put] = [
                 self._step_put(step_id),
@@ -465,7 +480,9 @@ class GoalRunner:
         self._candidates[capability] = (time.monotonic(), agents)
         return agents
 
-    async def _assign(self, spec: P.StepSpec, excluded: set[str]) -> Assignment | None:
+    async def _assign(
+        self, spec: P.StepSpec, excluded: set[str], in_flight: P.StepAttempt | None = None
+    ) -> Assignment | None:
         agents = await self._candidates_for(spec.capability)
         fresh = [a for a in agents if a.agent_id not in excluded]
         if not fresh and agents:
@@ -474,6 +491,10 @@ class GoalRunner:
             fresh = [a for a in agents if a.agent_id not in excluded] or agents  # nobody else: the same again
         if not fresh:
             return None
+        if in_flight is not None:
+            same = next((a for a in fresh if a.agent_id == in_flight.agent_id), None)
+            if same is not None:
+                return Assignment(same.agent_id, same.endpoint, in_flight.price, in_flight.session_id)
         strategy = spec.strategy or self.spec.strategy or P.ASSIGNMENT_STRATEGY_LEAST_LOADED
         if strategy == P.ASSIGNMENT_STRATEGY_AUCTION:
             return await self._auction(spec, fresh)
