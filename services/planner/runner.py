@@ -47,9 +47,9 @@ MAX_TXN_OPS = 120  # etcd refuses a transaction of more than 128 operations
 
 
 def now_ts() -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
-    return ts
+    # Not Timestamp.GetCurrentTime: it goes through datetime, in Python, several times a step.
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
 
 
 def seconds(d: Any, default: float) -> float:
@@ -74,24 +74,25 @@ class _DelayedWrite:
     def __init__(self, runner: GoalRunner, puts: list[Put]) -> None:
         self._runner = runner
         self._puts = puts
-        self._state = "waiting"
-        self._task = asyncio.ensure_future(self._run())
+        self._task: asyncio.Future[None] | None = None
+        # A timer, not a sleeping task: most steps end first and cancel it.
+        self._timer = asyncio.get_running_loop().call_later(START_WRITE_DELAY_S, self._start)
 
-    async def _run(self) -> None:
-        await asyncio.sleep(START_WRITE_DELAY_S)
-        if self._state == "waiting":
-            self._state = "writing"
-            await self._runner._write(self._puts)
+    def _start(self) -> None:
+        self._task = asyncio.ensure_future(self._runner._write(self._puts))
 
     async def settle(self) -> list[Put]:
         """The puts still to write with the outcome (the start events, not the step key,
         which the outcome rewrites), or nothing once the start record was written."""
-        if self._state == "waiting":
-            self._state = "folded"
-            self._task.cancel()
+        if self._task is None:
+            self._timer.cancel()
             return self._puts[1:]
         await self._task
         return []
+
+    def cancel(self) -> None:
+        """The step was cancelled before its outcome: no start record is written for it."""
+        self._timer.cancel()
 
 
 class OwnershipLost(Exception):
@@ -128,6 +129,7 @@ class GoalRunner:
         self._candidates: dict[str, tuple[float, list[registry_pb2.Agent]]] = {}
         self._queue: collections.deque[tuple[list[Put], asyncio.Future[None]]] = collections.deque()
         self._flusher: asyncio.Future[None] | None = None
+        self._stubs: dict[str, tuple[Any, agent_pb2_grpc.AgentServiceStub]] = {}
 
     # -- writes -----------------------------------------------------------------------
 
@@ -408,13 +410,18 @@ class GoalRunner:
                 idempotency_key=f"{self.goal_id}/{step_id}",
                 dependency_outputs={d: self.outputs[d] for d in spec.depends_on},
             )
-            request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
-            stub = agent_pb2_grpc.AgentServiceStub(self.planner.pool.get(assignment.endpoint))
+            request.deadline.seconds, request.deadline.nanos = divmod(
+                int((time.time() + timeout) * 1e9), 1_000_000_000
+            )
+            stub = self._agent_stub(assignment.endpoint)
             try:
                 reply = await stub.ExecuteStep(request, timeout=timeout)
                 error = ""
             except grpc.RpcError as exc:
                 error = f"{exc.code().name}: {exc.details()}"
+            except BaseException:
+                started.cancel()
+                raise
             pending_start = await started.settle()
             record.finished_at.CopyFrom(now_ts())
             if not error:
@@ -468,6 +475,15 @@ class GoalRunner:
                     ),
                 ]
             )
+
+    def _agent_stub(self, endpoint: str) -> agent_pb2_grpc.AgentServiceStub:
+        """The stub for ``endpoint``, made once per channel (a stub builds a callable per RPC)."""
+        channel = self.planner.pool.get(endpoint)
+        cached = self._stubs.get(endpoint)
+        if cached is None or cached[0] is not channel:
+            cached = (channel, agent_pb2_grpc.AgentServiceStub(channel))
+            self._stubs[endpoint] = cached
+        return cached[1]
 
     async def _candidates_for(self, capability: str) -> list[registry_pb2.Agent]:
         cached = self._candidates.get(capability)
