@@ -44,6 +44,7 @@ class ServiceProcess:
     proc: subprocess.Popen[bytes]
     address: str
     log_file: Path
+    index: int = 0  # replica n of its kind (on the kind's port + n * REPLICA_PORT_STEP)
 
     @property
     def pid(self) -> int:
@@ -81,6 +82,9 @@ class LocalMesh:
     processes: list[ServiceProcess] = field(default_factory=list)
     startup_seconds: float = 0.0
     _tmp: tempfile.TemporaryDirectory[str] | None = None
+    # Replicas started so far per kind, counted before the first await: replicas
+    # started together (gather) must not all take index 0 (same port, same log).
+    _started: dict[str, int] = field(default_factory=dict)
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -149,6 +153,9 @@ class LocalMesh:
                 for _ in range(self.replicas)
             ]
             await asyncio.gather(*starts)
+            # Started together, they were recorded as they came up: list them in replica order.
+            order = {kind: i for i, kind in enumerate(self.services)}
+            self.processes.sort(key=lambda p: (order.get(p.kind, len(order)), p.index))
         except BaseException:
             await self.stop()
             raise
@@ -159,7 +166,8 @@ class LocalMesh:
     ) -> ServiceProcess:
         """Start one more replica of ``kind`` (port 0 when replicas share a host)."""
         assert self.log_dir is not None
-        n = sum(1 for p in self.processes if p.kind == kind)
+        n = self._started.get(kind, 0)
+        self._started[kind] = n + 1
         if port is None:
             base = self.config.port(kind)
             port = base + n * REPLICA_PORT_STEP if base else 0
@@ -200,7 +208,7 @@ class LocalMesh:
         except BaseException:
             await process.terminate(proc, 1)
             raise
-        replica = ServiceProcess(kind, proc, address, log_file)
+        replica = ServiceProcess(kind, proc, address, log_file, n)
         self.processes.append(replica)
         await wait_healthy(address, SERVICE_NAMES[kind], timeout=timeout, tls=self.config.tls is not None)
         return replica
@@ -215,6 +223,7 @@ class LocalMesh:
     async def stop(self) -> None:
         """Stop every replica, then etcd; safe to call twice."""
         replicas, self.processes = self.processes, []
+        self._started = {}
         await asyncio.gather(*(self.stop_replica(r) for r in replicas), return_exceptions=True)
         if self.etcd is not None:
             await self.etcd.stop()

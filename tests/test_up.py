@@ -203,3 +203,94 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     assert err.strip().count("\n") == 0, err
     assert str(port) in err and "--coordination-port" in err
     assert "Traceback" not in err
+
+
+def _free_with_offsets(offsets: tuple[int, ...]) -> int:
+    """A free port p such that p + each offset is free too (and below 65536)."""
+    for _ in range(200):
+        base = free_port()
+        if base + max(offsets) > 65535:
+            continue
+        ok = True
+        for offset in offsets:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", base + offset))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    pytest.fail(f"no free port p with p + {offsets} free")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_up_cluster_runs_three_etcd_members_and_two_replicas_of_each_service(tmp_path: Path) -> None:
+    etcd_port, peer_port = _free_with_offsets((0, 10, 20)), _free_with_offsets((0, 10, 20))
+    ports = {name: _free_with_offsets((0, 100)) for name in DEFAULT_PORTS}
+    # The README's command as written, on free ports.
+    readme = [
+        line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("mabeam up --")
+    ]
+    assert readme == ["mabeam up --cluster"]
+    argv = [sys.executable, "-m", "mabeam.cli", *readme[0].split()[1:], "--data-dir", str(tmp_path / "etcd")]
+    argv += ["--etcd-port", str(etcd_port), "--etcd-peer-port", str(peer_port)]
+    for name, port in ports.items():
+        argv += [f"--{name}-port", str(port)]
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        output: list[str] = []
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if line.startswith("mesh healthy in"):
+                break
+        if not output or not output[-1].startswith("mesh healthy in"):
+            proc.kill()
+            pytest.fail(
+                "mabeam up --cluster did not become healthy:\n"
+                + "".join(output)
+                + (proc.stderr.read() if proc.stderr else "")
+            )
+        rows = [line.split() for line in output[:-1]]
+        etcd_rows = [r for r in rows if r[0].startswith("etcd-")]
+        assert [r[-1] for r in etcd_rows] == [f"http://127.0.0.1:{etcd_port + 10 * i}" for i in range(3)]
+        for kind, name in SERVICES.items():
+            printed = [r[-1] for r in rows if r[0].startswith(f"{kind}-") and r[1] == name]
+            assert printed == [f"127.0.0.1:{ports[kind] + 100 * i}" for i in range(2)], "".join(output)
+            for address in printed:
+                health = run_grpcurl(
+                    "-plaintext", "-d", f'{{"service": "{name}"}}', address, "grpc.health.v1.Health/Check"
+                )
+                assert '"SERVING"' in health, f"{address}: {health}"
+        children = descendants(proc.pid)
+        assert len(children) >= 3 + 4 * 2, f"expected 3 etcd members and 8 replicas, saw {children}"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(pid_alive(p) for p in children):
+            time.sleep(0.1)
+        assert not [p for p in children if pid_alive(p)], "children left running after SIGTERM"
+        # Nothing listens any more (SO_REUSEADDR: connections in TIME_WAIT do not count).
+        for port in [etcd_port + 10 * i for i in range(3)] + [
+            p + 100 * i for p in ports.values() for i in range(2)
+        ]:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
