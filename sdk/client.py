@@ -3,9 +3,14 @@
 :class:`MeshClient` holds one client per service. Each client reaches its
 service through a :class:`Balancer`: explicit addresses, or the live endpoints
 that the replicas publish in etcd (:mod:`mabeam.discovery`), balanced round
-robin over reused channels. A call that fails with ``UNAVAILABLE`` (the replica
-is gone) is tried once more on the next endpoint; every gRPC error reaches the
-caller as an exception from :mod:`mabeam.errors`, code and message kept.
+robin over reused channels. A call that fails with ``UNAVAILABLE`` because the
+replica is gone is tried once more on the next endpoint when that is safe: a
+read (``Get*``, ``List*``) always, any other call only when it never reached a
+server (no connection could be made). A write cut off mid-call may have been
+applied; sending it again could apply it twice (a second increment, a second
+auction), so the caller gets ``Unavailable`` and decides (re-read, then retry).
+Every gRPC error reaches the caller as an exception from :mod:`mabeam.errors`,
+code and message kept.
 
 Example::
 
@@ -147,6 +152,27 @@ class Balancer:
         return self._pool.get(address)
 
 
+# What grpc says when a call could not be sent at all (the endpoint refuses
+# connections): the server never saw it, so another replica may take it.
+_NOT_SENT = ("failed to connect", "connection refused")
+_READS = ("Get", "List")
+
+
+def retry_is_safe(method: str, exc: grpc.RpcError) -> bool:
+    """Whether a call of ``method`` that failed with ``exc`` may be sent to another replica.
+
+    Only ``UNAVAILABLE`` qualifies: for a read (``Get*``, ``List*``) always; for
+    any other call only when it never reached a server. A call cut off mid-way
+    ("Socket closed") may have been applied and is not sent again.
+    """
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    if method.startswith(_READS):
+        return True
+    details = (exc.details() or "").lower()
+    return any(marker in details for marker in _NOT_SENT)
+
+
 class ServiceClient:
     """A stub proxy: ``await client.Method(request)`` with balancing and typed errors.
 
@@ -185,7 +211,7 @@ class ServiceClient:
             try:
                 return await getattr(self._stub(address), name)(request, **kwargs)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or len(self._balancer.addresses()) < 2:
+                if len(self._balancer.addresses()) < 2 or not retry_is_safe(name, exc):
                     raise errors.from_rpc_error(exc) from None
             retry_at = self._balancer.pick(skip=address)
             try:

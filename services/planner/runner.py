@@ -43,6 +43,8 @@ DEFAULT_PARALLELISM = 16
 DEFAULT_ATTEMPTS = 3
 CANDIDATES_TTL_S = 1.0
 START_WRITE_DELAY_S = 0.05
+# Auctions held for a step's assignment while coordination answers UNAVAILABLE.
+AUCTION_TRIES = 5
 MAX_TXN_OPS = 120  # etcd refuses a transaction of more than 128 operations
 
 
@@ -534,7 +536,18 @@ class GoalRunner:
             protocol="contract_net",
             parameters=params,
         )
-        session = (await self.planner.mesh.coordination.Run(run)).session
+        # A coordination replica that dies mid-auction answers UNAVAILABLE (the
+        # client does not resend a call that may have run): hold another auction.
+        delay = 0.1
+        for _ in range(AUCTION_TRIES - 1):
+            try:
+                session = (await self.planner.mesh.coordination.Run(run)).session
+                break
+            except errors.Unavailable:
+                await asyncio.sleep(delay)
+                delay *= 2
+        else:
+            session = (await self.planner.mesh.coordination.Run(run)).session
         if not session.outcome.winners:
             return None
         winner = session.outcome.winners[0]
