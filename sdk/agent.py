@@ -37,10 +37,11 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
@@ -163,23 +164,31 @@ class _IdempotencyCache:
         if key in self._done:
             return self._done[key]
         running = self._running.get(key)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[agent_pb2.ExecuteStepResponse] = asyncio.get_running_loop().create_future()
-        self._running[key] = future
+        if running is None:
+            # The step runs in a task of its own, not in its caller's: when the
+            # caller goes away (the planner replica died, its call was cancelled)
+            # the step runs on to its own deadline, and the retry with the same
+            # key gets its result instead of running it a second time.
+            running = asyncio.ensure_future(self._execute(key, step))
+            running.add_done_callback(_retrieve)
+            self._running[key] = running
+        return await asyncio.shield(running)
+
+    async def _execute(self, key: str, step: Any) -> agent_pb2.ExecuteStepResponse:
         try:
-            result = await step()
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: a failure is not cached, the next attempt runs again
-            raise
+            result = await step()  # a failure is not cached: the next attempt runs again
         finally:
             self._running.pop(key, None)
-        future.set_result(result)
         self._done[key] = result
         while len(self._done) > self._size:
             self._done.popitem(last=False)
         return result  # type: ignore[no-any-return]
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a step's failure as seen: its caller may be gone, and the next attempt runs it again."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _deadline_seconds(request: Any, default: float = 30.0) -> float:
@@ -189,24 +198,28 @@ def _deadline_seconds(request: Any, default: float = 30.0) -> float:
     return default
 
 
-def run_eagerly(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+class _Finished(NamedTuple):
+    """What a coroutine run eagerly ended with, without ever suspending."""
+
+    value: Any
+    error: BaseException | None
+
+
+def run_eagerly(coro: Coroutine[Any, Any, T]) -> _Finished | asyncio.Future[T]:
     """Run ``coro`` now until it first suspends; a task takes over only if it does.
 
     Most protocol handlers answer without waiting for anything: run that way,
-    a batch of 1,000 agents costs no task per agent (Python 3.12's eager task
-    factory does the same).
+    a batch of 1,000 agents costs no task, no future and no callback per
+    agent (Python 3.12's eager task factory does much the same). Returns the
+    result (or the exception) when the coroutine finished at once, else a
+    future of it.
     """
-    loop = asyncio.get_running_loop()
     try:
         yielded = coro.send(None)
     except StopIteration as stop:
-        done: asyncio.Future[T] = loop.create_future()
-        done.set_result(stop.value)
-        return done
+        return _Finished(stop.value, None)
     except Exception as exc:
-        failed: asyncio.Future[T] = loop.create_future()
-        failed.set_exception(exc)
-        return failed
+        return _Finished(None, exc)
     return asyncio.ensure_future(_resume(coro, yielded))
 
 
@@ -321,16 +334,27 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 error=agent_pb2.AgentError(code=errors.status_code_number(err.code), message=err.message),
             )
 
-        # One task per local agent and one wait per distinct deadline, instead of
-        # a wait_for (and its extra task) per agent: a batch of 1,000 is one round.
+        # Handlers run eagerly; only those that suspend get a task, and there is
+        # one wait per distinct deadline instead of a wait_for (and its extra
+        # task) per agent: a batch of 1,000 is one round.
         entries: list[agent_pb2.CoordinateBatchEntry | None] = [None] * len(request.requests)
         tasks: dict[asyncio.Future[agent_pb2.CoordinationResponse], int] = {}
         remote: list[tuple[int, agent_pb2.CoordinationRequest]] = []
+        agents, migrations = self._host.agents, self.migrations
         for i, req in enumerate(request.requests):
-            if req.agent_id in self.migrations or req.agent_id not in self._host.agents:
+            agent_id = req.agent_id
+            agent = agents.get(agent_id)
+            if agent is None or agent_id in migrations:
                 remote.append((i, req))
+                continue
+            started = run_eagerly(self._answer(agent, req))
+            if isinstance(started, _Finished):
+                if started.error is None:
+                    entries[i] = agent_pb2.CoordinateBatchEntry(agent_id=agent_id, response=started.value)
+                else:
+                    entries[i] = failed(agent_id, started.error)
             else:
-                tasks[run_eagerly(self._answer(self._host.agents[req.agent_id], req))] = i
+                tasks[started] = i
         if tasks:
             # Group by the absolute deadline: a round's requests share one.
             by_deadline: dict[tuple[int, int], list[asyncio.Future[agent_pb2.CoordinationResponse]]] = {}
@@ -440,6 +464,80 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             self.migrations.pop(agent_id, None)
 
 
+class HeartbeatStats:
+    """Heartbeat round trips of an :class:`AgentHost` (``host.heartbeat_stats``).
+
+    A beat is timed from the moment the heartbeat stream takes it to the
+    registry's ``HeartbeatResponse`` for that agent: the time a lease refresh
+    takes as the agent sees it. ``sent``, ``acked`` and ``max_s`` cover every
+    beat since the host started (or :meth:`reset`); ``latencies`` keeps the
+    last ``keep`` round trips (seconds), for percentiles. ``stream_breaks``
+    counts heartbeat streams that ended in an error (each one reconnects);
+    ``unanswered`` the beats such a break left without an answer.
+
+    Example::
+
+        stats = host.heartbeat_stats
+        print(stats.acked, stats.percentile(99), stats.max_s)
+    """
+
+    def __init__(self, keep: int = 100_000) -> None:
+        self.latencies: collections.deque[float] = collections.deque(maxlen=keep)
+        self.sent = 0
+        self.acked = 0
+        self.max_s = 0.0
+        self.stream_breaks = 0
+        self.unanswered = 0
+        self._pending: dict[str, collections.deque[float]] = {}
+
+    def reset(self) -> None:
+        """Forget the figures so far (beats in flight are still timed)."""
+        self.latencies.clear()
+        self.sent = self.acked = self.stream_breaks = self.unanswered = 0
+        self.max_s = 0.0
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th percentile (0-100, nearest rank) of the kept round trips; 0.0 with none."""
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        rank = max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))
+        return ordered[rank]
+
+    def summary(self) -> dict[str, float]:
+        """The figures as plain numbers (latencies in seconds), e.g. for a JSON report."""
+        return {
+            "sent": self.sent,
+            "acked": self.acked,
+            "p50_s": self.percentile(50),
+            "p99_s": self.percentile(99),
+            "max_s": self.max_s,
+            "stream_breaks": self.stream_breaks,
+            "unanswered": self.unanswered,
+        }
+
+    def beat_sent(self, agent_id: str) -> None:
+        self.sent += 1
+        # Per agent, oldest first: an answer is matched with the agent's oldest beat in flight.
+        self._pending.setdefault(agent_id, collections.deque(maxlen=64)).append(time.monotonic())
+
+    def beat_acked(self, agent_id: str) -> None:
+        pending = self._pending.get(agent_id)
+        if not pending:
+            return
+        latency = time.monotonic() - pending.popleft()
+        if not pending:
+            del self._pending[agent_id]
+        self.acked += 1
+        self.latencies.append(latency)
+        self.max_s = max(self.max_s, latency)
+
+    def stream_broke(self) -> None:
+        self.stream_breaks += 1
+        self.unanswered += sum(len(p) for p in self._pending.values())
+        self._pending.clear()
+
+
 class AgentHost:
     """Serves many agents on one endpoint; registers them and keeps their leases.
 
@@ -502,6 +600,7 @@ class AgentHost:
         self._beats: asyncio.Task[None] | None = None
         self._registered = asyncio.Event()
         self._stopped = False
+        self.heartbeat_stats = HeartbeatStats()
 
     def add(self, agent: Agent, *, register: bool = True) -> None:
         """Host ``agent``. With ``register=False`` it is served but not registered:
@@ -584,15 +683,24 @@ class AgentHost:
         # for, with back-off, for up to REGISTER_PATIENCE_S.
         deadline = time.monotonic() + REGISTER_PATIENCE_S
         delay = 0.1
+        cut_off = False
         while True:
             try:
                 reply = await self._client.registry.RegisterAgent(request)
                 break
             except errors.Unavailable:
+                # Maybe registered: a registry replica that dies mid-call may
+                # have committed the registration before answering.
+                cut_off = True
                 if time.monotonic() + delay > deadline:
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            except errors.AlreadyExists:
+                # After a cut-off call, most likely our own registration, whose
+                # token never reached us: it lapses within its TTL, then we register.
+                if not cut_off or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
         agent.token = reply.token
         return reply.agent
 
@@ -602,28 +710,35 @@ class AgentHost:
             started = time.monotonic()
             for agent in list(self.agents.values()):
                 if agent.token:
-                    yield registry_pb2.HeartbeatRequest(
+                    beat = registry_pb2.HeartbeatRequest(
                         agent_id=agent.agent_id, token=agent.token, load=agent.load()
                     )
+                    self.heartbeat_stats.beat_sent(agent.agent_id)
+                    yield beat
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     async def _heartbeat_loop(self) -> None:
         """One stream for every agent; on any break, reconnect (another replica) and re-register."""
         assert self._client is not None
         delay = 0.1
+        stats = self.heartbeat_stats
         while not self._stopped:
             try:
-                async for _reply in self._client.registry.Heartbeat(self._beats_stream()):
+                async for reply in self._client.registry.Heartbeat(self._beats_stream()):
+                    stats.beat_acked(reply.agent_id)
                     delay = 0.1
             except asyncio.CancelledError:
                 raise
             except errors.NotFound as exc:
+                stats.stream_broke()
                 log.info("heartbeat: %s; registering again", exc.message)
                 await self._reregister(exc.metadata.get("agent_id"))
             except errors.PermissionDenied as exc:
+                stats.stream_broke()
                 log.warning("heartbeat refused (%s); registering again", exc.message)
                 await self._reregister(exc.metadata.get("agent_id"), forget_token=True)
             except Exception as exc:
+                stats.stream_broke()
                 log.info("heartbeat stream broke (%s); reconnecting in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -688,4 +803,4 @@ class AgentHost:
         await self.stop()
 
 
-__all__ = ["Agent", "AgentHost", "AgentServicer", "from_value", "to_value"]
+__all__ = ["Agent", "AgentHost", "AgentServicer", "HeartbeatStats", "from_value", "to_value"]
