@@ -62,6 +62,7 @@ __all__ = [
     "ElectionLost",
     "EtcdClient",
     "EtcdTLS",
+    "KeepAliveStream",
     "LeaseKeeper",
     "ResumingWatch",
     "WatchCompacted",
@@ -360,6 +361,136 @@ async def connect(
     client = EtcdClient(endpoints, tls=tls, timeout=timeout)
     await client.connect()
     return client
+
+
+class KeepAliveStream:
+    """Refreshes of many leases over a few long-lived LeaseKeepAlive streams.
+
+    :meth:`EtcdClient.keepalive_once` opens a stream per refresh, right for a
+    lease refreshed every few seconds; a registry refreshing a thousand
+    agents' leases hundreds of times a second would spend most of its time
+    opening and closing streams. Here refreshes share ``streams`` streams
+    (a lease always uses the same one): etcd answers the requests of a stream
+    in order, each with the lease's ID and its TTL after the refresh (0 when
+    etcd no longer knows the lease).
+
+    A refresh not answered within ``timeout`` (default: the client's, else
+    5 s) raises ``ConnectionTimeoutError`` and drops its stream, since a
+    stream that stops answering is as good as dead; a stream that fails fails
+    every refresh waiting on it (``ConnectionFailedError`` or what etcd said).
+    Either way the next refresh opens a new stream, on a live member. So, as
+    with ``keepalive_once``, a dead connection fails the call instead of
+    leaving a stream that looks open.
+
+    Example::
+
+        refresher = KeepAliveStream(client)
+        ttl = await refresher.refresh(lease_id)   # 0: the lease is gone
+        await refresher.close()
+    """
+
+    def __init__(self, client: EtcdClient, *, streams: int = 4, timeout: float | None = None) -> None:
+        if streams < 1:
+            raise ValueError("streams must be >= 1")
+        self._client = client
+        self._timeout = timeout or client.timeout or 5.0
+        self._streams: list[_KeepAliveCall | None] = [None] * streams
+        self._closed = False
+
+    async def refresh(self, lease_id: int) -> int:
+        """Refresh ``lease_id`` once; its TTL after the refresh, 0 when etcd no longer knows it."""
+        if self._closed:
+            raise ClientClosedError("keep-alive stream is closed")
+        slot = lease_id % len(self._streams)
+        stream = self._streams[slot]
+        if stream is None or stream.closed:
+            await self._client.connect()
+            stream = self._streams[slot]  # another refresh may have opened it meanwhile
+            if stream is None or stream.closed:
+                assert self._client.leasestub is not None
+                stream = _KeepAliveCall(self._client.leasestub, self._client.metadata)
+                self._streams[slot] = stream
+        answer = stream.send(lease_id)
+        try:
+            return await asyncio.wait_for(answer, self._timeout)
+        except TimeoutError:
+            error = aetcd.exceptions.ConnectionTimeoutError(
+                f"etcd did not answer a lease keep-alive within {self._timeout:g} s"
+            )
+            stream.fail(error)
+            raise error from None
+
+    async def close(self) -> None:
+        """Close every stream (refreshes in flight fail); safe to call twice."""
+        self._closed = True
+        streams, self._streams = self._streams, [None] * len(self._streams)
+        for stream in streams:
+            if stream is not None:
+                stream.fail(ClientClosedError("keep-alive stream is closed"))
+        await asyncio.gather(*(s.reader for s in streams if s is not None), return_exceptions=True)
+
+
+class _KeepAliveCall:
+    """One LeaseKeepAlive stream of a :class:`KeepAliveStream`, its requests paired with answers."""
+
+    def __init__(self, stub: Any, metadata: Any) -> None:
+        self.closed = False
+        self._queue: asyncio.Queue[int | None] = asyncio.Queue()
+        # Per lease, the refreshes sent and not yet answered, oldest first:
+        # etcd answers a stream's requests in order.
+        self._waiting: dict[int, deque[asyncio.Future[int]]] = {}
+        self._call = stub.LeaseKeepAlive(self._requests(), metadata=metadata)
+        self.reader = asyncio.create_task(self._read(), name="etcd-lease-keepalive")
+
+    async def _requests(self) -> Any:
+        while True:
+            lease_id = await self._queue.get()
+            if lease_id is None:
+                return
+            yield aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id)
+
+    def send(self, lease_id: int) -> asyncio.Future[int]:
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(lease_id, deque()).append(answer)
+        self._queue.put_nowait(lease_id)
+        return answer
+
+    async def _read(self) -> None:
+        error: Exception = aetcd.exceptions.ConnectionFailedError("etcd ended the lease keep-alive stream")
+        try:
+            async for reply in self._call:
+                waiting = self._waiting.get(reply.ID)
+                if not waiting:
+                    continue
+                answer = waiting.popleft()  # this reply's request (its caller may have given up)
+                if not waiting:
+                    del self._waiting[reply.ID]
+                if not answer.done():
+                    answer.set_result(int(reply.TTL))
+        except aio.AioRpcError as exc:
+            try:
+                aetcd.exceptions._handle_exception(exc)
+            except Exception as mapped:
+                error = mapped
+        except asyncio.CancelledError:
+            error = aetcd.exceptions.ConnectionFailedError("lease keep-alive stream cancelled")
+        except Exception as exc:
+            error = exc
+        self.fail(error)
+
+    def fail(self, error: Exception) -> None:
+        """End the stream; every refresh waiting on it raises ``error``."""
+        if self.closed:
+            return
+        self.closed = True
+        self._call.cancel()
+        self._queue.put_nowait(None)
+        waiting, self._waiting = self._waiting, {}
+        for answers in waiting.values():
+            for answer in answers:
+                if not answer.done():
+                    answer.set_exception(error)
+                    answer.exception()  # retrieved: nobody may be waiting any more
 
 
 class LeaseKeeper:
@@ -695,6 +826,13 @@ class ResumingWatch:
         """Async form of :meth:`close`, for ``contextlib.aclosing``."""
         self.close()
 
+    def __del__(self) -> None:
+        # A consumer that leaves ``async for`` early (break, return) and forgets
+        # close() would leave its etcd watch stream open for good: the call lives
+        # on in grpc, and so does the watcher in etcd. Dropped with the last reference.
+        with contextlib.suppress(Exception):
+            self._drop_stream()
+
     async def __aenter__(self) -> ResumingWatch:
         return self
 
@@ -888,9 +1026,10 @@ class Election:
             self.create_revision = int(replies[0][0][1].create_revision)
 
     async def _deleted(self, key: bytes, start_revision: int) -> None:
-        async for event in ResumingWatch(self._client, key, start_revision, single_key=True):
-            if event.kind == "DELETE":
-                return
+        async with ResumingWatch(self._client, key, start_revision, single_key=True) as watch:
+            async for event in watch:
+                if event.kind == "DELETE":
+                    return
 
     @staticmethod
     async def _first_of(*waits: Any) -> None:

@@ -234,13 +234,15 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             yield event
             if event.type == P.GOAL_EVENT_TYPE_GOAL_FINISHED:
                 return
-        async for change in ResumingWatch(self._etcd, prefix, start_revision=revision + 1):
-            if change.kind != "PUT":
-                continue
-            event = P.ExecuteGoalResponse.FromString(change.value)
-            yield event
-            if event.type == P.GOAL_EVENT_TYPE_GOAL_FINISHED:
-                return
+        # Closed on the way out: a watch left behind keeps its etcd stream open (one per call).
+        async with ResumingWatch(self._etcd, prefix, start_revision=revision + 1) as watch:
+            async for change in watch:
+                if change.kind != "PUT":
+                    continue
+                event = P.ExecuteGoalResponse.FromString(change.value)
+                yield event
+                if event.type == P.GOAL_EVENT_TYPE_GOAL_FINISHED:
+                    return
 
     async def GetGoal(self, request: P.GetGoalRequest, context: Any) -> P.GetGoalResponse:
         goal_id = validate.identifier(request.goal_id, "goal_id")
