@@ -165,11 +165,17 @@ class _IdempotencyCache:
             return self._done[key]
         running = self._running.get(key)
         if running is None:
-            # The step runs in a task of its own, not in its caller's: when the
-            # caller goes away (the planner replica died, its call was cancelled)
-            # the step runs on to its own deadline, and the retry with the same
-            # key gets its result instead of running it a second time.
-            running = asyncio.ensure_future(self._execute(key, step))
+            # The step runs eagerly and, once it waits for anything, in a task of
+            # its own, not in its caller's: when the caller goes away (the planner
+            # replica died, its call was cancelled) the step runs on to its own
+            # deadline, and the retry with the same key gets its result instead
+            # of running it a second time. A step that never waits needs no task.
+            started = run_eagerly(self._execute(key, step))
+            if isinstance(started, _Finished):
+                if started.error is not None:
+                    raise started.error
+                return started.value  # type: ignore[no-any-return]
+            running = started
             running.add_done_callback(_retrieve)
             self._running[key] = running
         return await asyncio.shield(running)

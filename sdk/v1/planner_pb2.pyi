@@ -149,9 +149,13 @@ class _GoalEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GoalEve
     GOAL_EVENT_TYPE_GOAL_STARTED: _GoalEventType.ValueType  # 1
     """The goal started (or a replica resumed it)."""
     GOAL_EVENT_TYPE_STEP_ASSIGNED: _GoalEventType.ValueType  # 2
-    """A step was given to an agent."""
+    """A step was given to an agent. Not sent for an attempt that ended within
+    50 ms: its outcome event (which names the agent and attempt) stands alone.
+    """
     GOAL_EVENT_TYPE_STEP_STARTED: _GoalEventType.ValueType  # 3
-    """The agent started the step."""
+    """The agent started the step. Not sent for an attempt that ended within
+    50 ms, as STEP_ASSIGNED.
+    """
     GOAL_EVENT_TYPE_STEP_SUCCEEDED: _GoalEventType.ValueType  # 4
     """The step succeeded; `output` is set."""
     GOAL_EVENT_TYPE_STEP_FAILED: _GoalEventType.ValueType  # 5
@@ -171,9 +175,13 @@ GOAL_EVENT_TYPE_UNSPECIFIED: GoalEventType.ValueType  # 0
 GOAL_EVENT_TYPE_GOAL_STARTED: GoalEventType.ValueType  # 1
 """The goal started (or a replica resumed it)."""
 GOAL_EVENT_TYPE_STEP_ASSIGNED: GoalEventType.ValueType  # 2
-"""A step was given to an agent."""
+"""A step was given to an agent. Not sent for an attempt that ended within
+50 ms: its outcome event (which names the agent and attempt) stands alone.
+"""
 GOAL_EVENT_TYPE_STEP_STARTED: GoalEventType.ValueType  # 3
-"""The agent started the step."""
+"""The agent started the step. Not sent for an attempt that ended within
+50 ms, as STEP_ASSIGNED.
+"""
 GOAL_EVENT_TYPE_STEP_SUCCEEDED: GoalEventType.ValueType  # 4
 """The step succeeded; `output` is set."""
 GOAL_EVENT_TYPE_STEP_FAILED: GoalEventType.ValueType  # 5

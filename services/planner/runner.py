@@ -83,14 +83,18 @@ class _DelayedWrite:
     def _start(self) -> None:
         self._task = asyncio.ensure_future(self._runner._write(self._puts))
 
-    async def settle(self) -> list[Put]:
-        """The puts still to write with the outcome (the start events, not the step key,
-        which the outcome rewrites), or nothing once the start record was written."""
+    async def settle(self) -> None:
+        """Before the outcome is written: the start record was written, or never will be.
+
+        A step that ended before the timer has no start record at all: its
+        outcome (status and event) says which agent ran which attempt, and an
+        ASSIGNED and a STARTED event at the same instant would tell a follower
+        nothing more (they were two thirds of a fast goal's events).
+        """
         if self._task is None:
             self._timer.cancel()
-            return self._puts[1:]
+            return
         await self._task
-        return []
 
     def cancel(self) -> None:
         """The step was cancelled before its outcome: no start record is written for it."""
@@ -424,7 +428,7 @@ class GoalRunner:
             except BaseException:
                 started.cancel()
                 raise
-            pending_start = await started.settle()
+            await started.settle()
             record.finished_at.CopyFrom(now_ts())
             if not error:
                 status.state = P.STEP_STATE_SUCCEEDED
@@ -433,7 +437,6 @@ class GoalRunner:
                 self.done_count += 1
                 await self._write(
                     [
-                        *pending_start,
                         self._step_put(step_id),
                         self._event(
                             P.GOAL_EVENT_TYPE_STEP_SUCCEEDED,
@@ -451,7 +454,6 @@ class GoalRunner:
                 status.state, status.error = P.STEP_STATE_FAILED, error
                 await self._write(
                     [
-                        *pending_start,
                         self._step_put(step_id),
                         self._event(
                             P.GOAL_EVENT_TYPE_STEP_FAILED,
@@ -466,7 +468,6 @@ class GoalRunner:
             status.state, status.error = P.STEP_STATE_RETRYING, error
             await self._write(
                 [
-                    *pending_start,
                     self._step_put(step_id),
                     self._event(
                         P.GOAL_EVENT_TYPE_STEP_RETRYING,
