@@ -633,10 +633,15 @@ class LeaseKeeper:
     async def stop(self) -> None:
         """Stop refreshing (and chasing a lost lease), leaving it to lapse after its TTL; safe twice."""
         task, self._task = self._task, None
-        if task is not None and not task.done():
+        if task is None or task.done():
+            return
+        # Cancelled until it ends: on Python 3.11 a cancellation that arrives as a refresh
+        # completes is lost (asyncio.wait_for returns the result) and the keeper would refresh on.
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=0.1)
+        if not task.cancelled():
+            await task  # it ended by itself meanwhile: its outcome, as before
 
     async def __aenter__(self) -> LeaseKeeper:
         await self.start()

@@ -18,7 +18,7 @@ from google.protobuf import duration_pb2
 
 from mabeam.errors import InvalidArgument
 
-ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")  # \Z: "$" would let a trailing newline in
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 

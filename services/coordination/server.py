@@ -37,7 +37,7 @@ from mabeam.v1 import (
 from mabeam.v1 import coordination_pb2 as C
 
 SERVICE_NAME = "mabeam.v1.CoordinationService"
-PROTOCOL_NAME_RE = re.compile(r"^[a-z0-9_]{1,64}$")
+PROTOCOL_NAME_RE = re.compile(r"^[a-z0-9_]{1,64}\Z")
 ONE_SHOT = {"first_price", "vickrey", "contract_net", "call_market", "consensus"}
 
 AUCTIONS = {

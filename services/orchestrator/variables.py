@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from mabeam.errors import InvalidArgument
 from mabeam.v1 import common_pb2, coordination_pb2, orchestrator_pb2
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._:-][A-Za-z0-9._:/-]{0,255}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9._:-][A-Za-z0-9._:/-]{0,255}\Z")
 MAX_BYTES = 1 << 20
 
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-STEP_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+STEP_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 
 
 class GoalInvalid(ValueError):

@@ -50,7 +50,7 @@ log = logging.getLogger("mabeam.registry.supervisor")
 
 S = registry_pb2
 ACTIVE = (S.SUPERVISION_STATE_STARTING, S.SUPERVISION_STATE_RUNNING, S.SUPERVISION_STATE_RESTARTING)
-ENTRY_POINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+ENTRY_POINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 STRATEGIES = {
     S.RESTART_STRATEGY_UNSPECIFIED: Strategy.PERMANENT,
     S.RESTART_STRATEGY_PERMANENT: Strategy.PERMANENT,
@@ -78,6 +78,28 @@ def policy_of(p: registry_pb2.RestartPolicy, present: bool = True) -> RestartPol
     except ValueError as exc:
         field, _, message = str(exc).partition(": ")
         raise errors.InvalidArgument(f"restart_policy.{field}", message) from None
+
+
+def check_launch(launch: registry_pb2.LaunchSpec) -> None:
+    """A launch spec the OS can start a process from, else INVALID_ARGUMENT naming the field."""
+    target = launch.WhichOneof("target")
+    if target is None:
+        raise errors.InvalidArgument("launch", "give a command or a python_entry_point")
+    if target == "command" and not launch.command.argv:
+        raise errors.InvalidArgument("launch.command.argv", "must not be empty")
+    if target == "python_entry_point" and not ENTRY_POINT_RE.match(launch.python_entry_point):
+        raise errors.InvalidArgument("launch.python_entry_point", "must look like 'package.module:callable'")
+    # What exec refuses (a NUL byte, a malformed variable name) is refused here, not by the supervisor.
+    for i, arg in enumerate(launch.command.argv):
+        if "\x00" in arg:
+            raise errors.InvalidArgument(f"launch.command.argv[{i}]", "must not contain a NUL character")
+    for name, value in launch.env.items():
+        if not name or "=" in name or "\x00" in name:
+            raise errors.InvalidArgument("launch.env", f"{name[:140]!r} is not an environment variable name")
+        if "\x00" in value:
+            raise errors.InvalidArgument(f"launch.env[{name}]", "must not contain a NUL character")
+    if "\x00" in launch.working_dir:
+        raise errors.InvalidArgument("launch.working_dir", "must not contain a NUL character")
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -274,7 +296,8 @@ class Supervisor:
                 started = _now()
                 try:
                     proc = process.spawn(argv, env=env, cwd=cwd)
-                except OSError as exc:
+                # ValueError: exec refuses the spec (e.g. a NUL byte in a record older than check_launch).
+                except (OSError, ValueError) as exc:
                     await self._write_retrying(
                         agent_id, functools.partial(self._failed, reason=f"cannot start: {exc}")
                     )
@@ -412,7 +435,13 @@ class Supervisor:
         moved.launch.CopyFrom(request.launch)
         argv, env, cwd = self._argv_env(moved, await self._secret(agent_id))
         env["MABEAM_STANDBY"] = "1"
-        new = process.spawn(argv, env=env, cwd=cwd, stdout=subprocess.PIPE)
+        try:
+            new = process.spawn(argv, env=env, cwd=cwd, stdout=subprocess.PIPE)
+        except (OSError, ValueError) as exc:  # the old process keeps serving
+            done.set_exception(
+                errors.FailedPrecondition(f"cannot start the new instance of {agent_id!r}: {exc}")
+            )
+            return old
         try:
             address = await asyncio.wait_for(_serving_address(new), record_start_timeout(record))
             target = registry_pb2.MigrateAgentRequest(
@@ -451,15 +480,7 @@ class Supervisor:
         self, request: registry_pb2.StartAgentRequest
     ) -> tuple[registry_pb2.SupervisedAgent, str]:
         agent_id = validate.identifier(request.agent_id, "agent_id")
-        target = request.launch.WhichOneof("target")
-        if target is None:
-            raise errors.InvalidArgument("launch", "give a command or a python_entry_point")
-        if target == "command" and not request.launch.command.argv:
-            raise errors.InvalidArgument("launch.command.argv", "must not be empty")
-        if target == "python_entry_point" and not ENTRY_POINT_RE.match(request.launch.python_entry_point):
-            raise errors.InvalidArgument(
-                "launch.python_entry_point", "must look like 'package.module:callable'"
-            )
+        check_launch(request.launch)
         policy_of(request.restart_policy, request.HasField("restart_policy"))
         timeout = validate.seconds(
             request.start_timeout, "start_timeout", default=10.0, minimum=0.1, maximum=600
@@ -592,8 +613,7 @@ class Supervisor:
         if request.WhichOneof("target") != "launch":
             return await migrate(self._etcd, self._store, self._directory, request, self.pool)
         agent_id = validate.identifier(request.agent_id, "agent_id")
-        if request.launch.WhichOneof("target") is None:
-            raise errors.InvalidArgument("launch", "give a command or a python_entry_point")
+        check_launch(request.launch)
         record = self._record(agent_id)
         if record is None or record.state not in ACTIVE:
             raise errors.FailedPrecondition(
