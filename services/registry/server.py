@@ -18,7 +18,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from mabeam import errors, telemetry, validate
 from mabeam.cache import PrefixCache
-from mabeam.etcd import UNREACHABLE, EtcdClient, ResumingWatch, WatchCompacted
+from mabeam.etcd import UNREACHABLE, EtcdClient, KeepAliveStream, ResumingWatch, WatchCompacted
 from mabeam.server import MeshServer
 from mabeam.services.registry import prober
 from mabeam.services.registry import supervisor as supervision
@@ -28,6 +28,11 @@ from mabeam.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 SERVICE_NAME = "mabeam.v1.RegistryService"
 DEFAULT_TTL = 5.0
 MIN_TTL, MAX_TTL = 1.0, 300.0
+# Beats of one Heartbeat stream handled at once (each is an etcd lease refresh).
+HEARTBEAT_CONCURRENCY = 64
+# After a bad beat, the beats the client is still sending are read (not handled) until it
+# pauses this long, at most HEARTBEAT_DRAIN_S, before the error ends the stream (see Heartbeat).
+HEARTBEAT_DRAIN_QUIET_S, HEARTBEAT_DRAIN_S = 0.25, 1.0
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -131,6 +136,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self.store = RegistryStore(etcd, server.config)
         self.directory = AgentDirectory(etcd, self.store)
         self.supervisor = supervision.Supervisor(server, etcd, self.store, self.directory)
+        # Heartbeats refresh agents' leases over shared streams, not a stream per beat.
+        self.keepalives = KeepAliveStream(etcd)
 
     # -- registration -------------------------------------------------------
 
@@ -199,53 +206,128 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def Heartbeat(
         self, request_iterator: AsyncIterator[registry_pb2.HeartbeatRequest], context: Any
     ) -> AsyncIterator[registry_pb2.HeartbeatResponse]:
+        """Refresh leases as beats come; answer each beat once its lease is refreshed.
+
+        The beats of one stream (an AgentHost's, one per agent every TTL/3) are
+        handled concurrently, up to HEARTBEAT_CONCURRENCY at once, and answered
+        in the order they finish: handled one after another, a host of 1,000
+        agents would queue 1,000 etcd round trips, and under load the last beat
+        of a burst would be answered after the lease it refreshes had lapsed.
+        The first error (unknown agent, wrong token, etcd unreachable) ends the
+        stream, as before.
+        """
         verified: dict[str, tuple[str, int, float]] = {}  # agent_id -> (token, lease, ttl)
         last_put: dict[str, float] = {}
-        async for beat in request_iterator:
-            agent_id = validate.identifier(beat.agent_id, "agent_id")
-            known = verified.get(agent_id)
-            if known is None or known[0] != beat.token:
-                agent, _ = await self.store.get_agent(agent_id)
-                if agent is None:
-                    raise errors.NotFound(
-                        f"agent {agent_id!r} is not registered (its lease lapsed?): register again",
-                        reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND,
-                        metadata={"agent_id": agent_id},
-                    )
-                if not await self.store.token_matches(agent_id, beat.token):
-                    raise errors.PermissionDenied(
-                        f"wrong or missing token for agent {agent_id!r}", metadata={"agent_id": agent_id}
-                    )
-                ttl = agent.lease_ttl.seconds or DEFAULT_TTL
-                known = (beat.token, agent.lease_id, float(ttl))
-                verified[agent_id] = known
-            _, lease_id, ttl = known
-            remaining = await self._etcd.keepalive_once(lease_id)
-            if remaining <= 0:
-                verified.pop(agent_id, None)
+        answers: asyncio.Queue[registry_pb2.HeartbeatResponse | Exception | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(HEARTBEAT_CONCURRENCY)
+        running: set[asyncio.Task[None]] = set()
+        failed = False  # a beat failed: the stream ends once the client pauses
+        beat_read = asyncio.Event()
+
+        async def answer(beat: registry_pb2.HeartbeatRequest) -> None:
+            try:
+                answers.put_nowait(await self._beat(beat, verified, last_put))
+            except Exception as exc:
+                answers.put_nowait(exc)
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for beat in request_iterator:
+                    beat_read.set()
+                    if failed:
+                        continue
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(beat))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                await asyncio.gather(*running)
+                answers.put_nowait(None)  # the client is done: end after the last answer
+            except Exception as exc:
+                answers.put_nowait(exc)
+            finally:
+                beat_read.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await answers.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    # Read what the client is still sending before the status goes out: a
+                    # grpc.aio client whose write fails after the status replaces it with
+                    # "INTERNAL: Internal error from Core" (grpc/grpc#36066), and an AgentHost
+                    # would never learn which agent to register again.
+                    failed = True
+                    deadline = time.monotonic() + HEARTBEAT_DRAIN_S
+                    while not reader.done() and time.monotonic() < deadline:
+                        beat_read.clear()
+                        try:
+                            await asyncio.wait_for(beat_read.wait(), HEARTBEAT_DRAIN_QUIET_S)
+                        except TimeoutError:
+                            break  # the client paused
+                    raise item
+                yield item
+        finally:
+            for task in (reader, *running):
+                task.cancel()
+            await asyncio.gather(reader, *running, return_exceptions=True)
+
+    async def _beat(
+        self,
+        beat: registry_pb2.HeartbeatRequest,
+        verified: dict[str, tuple[str, int, float]],
+        last_put: dict[str, float],
+    ) -> registry_pb2.HeartbeatResponse:
+        """One beat of a Heartbeat stream: check the token (once per stream), refresh the lease."""
+        agent_id = validate.identifier(beat.agent_id, "agent_id")
+        # A NaN or negative load would be stored and then mislead least-loaded assignment.
+        validate.finite(beat.load.load, "load.load", minimum=0)
+        known = verified.get(agent_id)
+        if known is None or known[0] != beat.token:
+            agent, _ = await self.store.get_agent(agent_id)
+            if agent is None:
                 raise errors.NotFound(
-                    f"lease of agent {agent_id!r} lapsed: register again with its token",
+                    f"agent {agent_id!r} is not registered (its lease lapsed?): register again",
                     reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND,
                     metadata={"agent_id": agent_id},
                 )
-            # The load key is rewritten at most every TTL/2 unless the load moved:
-            # a beat must not cost an etcd write (and a watch event) every time.
-            load = common_pb2.AgentLoad()
-            load.CopyFrom(beat.load)
-            load.reported_at.GetCurrentTime()
-            stored = self.directory.loads.get(self.store.keys.load(agent_id))
-            now = time.monotonic()
-            changed = stored is None or (
-                abs(stored.load - load.load) > 0.05
-                or stored.queue_length != load.queue_length
-                or abs(int(stored.memory_bytes) - int(load.memory_bytes)) > 1 << 20
+            if not await self.store.token_matches(agent_id, beat.token):
+                raise errors.PermissionDenied(
+                    f"wrong or missing token for agent {agent_id!r}", metadata={"agent_id": agent_id}
+                )
+            ttl = agent.lease_ttl.seconds or DEFAULT_TTL
+            known = (beat.token, agent.lease_id, float(ttl))
+            verified[agent_id] = known
+        _, lease_id, ttl = known
+        remaining = await self.keepalives.refresh(lease_id)
+        if remaining <= 0:
+            verified.pop(agent_id, None)
+            raise errors.NotFound(
+                f"lease of agent {agent_id!r} lapsed: register again with its token",
+                reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND,
+                metadata={"agent_id": agent_id},
             )
-            if changed or now - last_put.get(agent_id, 0.0) > ttl / 2:
-                await self.store.put_load(agent_id, load, lease_id)
-                last_put[agent_id] = now
-            yield registry_pb2.HeartbeatResponse(
-                agent_id=agent_id, lease_id=lease_id, ttl=duration_pb2.Duration(seconds=remaining)
-            )
+        # The load key is rewritten at most every TTL/2 unless the load moved:
+        # a beat must not cost an etcd write (and a watch event) every time.
+        load = common_pb2.AgentLoad()
+        load.CopyFrom(beat.load)
+        load.reported_at.GetCurrentTime()
+        stored = self.directory.loads.get(self.store.keys.load(agent_id))
+        now = time.monotonic()
+        changed = stored is None or (
+            abs(stored.load - load.load) > 0.05
+            or stored.queue_length != load.queue_length
+            or abs(int(stored.memory_bytes) - int(load.memory_bytes)) > 1 << 20
+        )
+        if changed or now - last_put.get(agent_id, 0.0) > ttl / 2:
+            last_put[agent_id] = now
+            await self.store.put_load(agent_id, load, lease_id)
+        return registry_pb2.HeartbeatResponse(
+            agent_id=agent_id, lease_id=lease_id, ttl=duration_pb2.Duration(seconds=remaining)
+        )
 
     async def DeregisterAgent(
         self, request: registry_pb2.DeregisterAgentRequest, context: Any
@@ -432,6 +514,7 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     servicer = RegistryServicer(server, etcd)
     await servicer.directory.start()
     server.on_stop(servicer.directory.stop)
+    server.on_stop(servicer.keepalives.close)
     await servicer.supervisor.start()
     server.spawn(prober.Prober(server, etcd, servicer.store, servicer.directory).run(), "prober")
     directory = servicer.directory
