@@ -195,7 +195,7 @@ async def test_the_answer_carries_the_transcript_unless_the_basic_view_is_asked(
     # The transcript is stored all the same.
     stored = (await client.coordination.GetSession(C.GetSessionRequest(session_id=basic.session_id))).session
     assert sorted(e.agent_id for e in stored.rounds[0].entries) == sorted(traders)
-    with pytest.raises(errors.InvalidArgument, match="settings.view"):
+    with pytest.raises(errors.InvalidArgument, match=r"settings\.view"):
         await auction(77)
 
 
