@@ -908,6 +908,12 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
 # -- regressions: what the fuzzing found ----------------------------------------------------
 
 
+async def register_at_a_dead_endpoint(stub: registry_pb2_grpc.RegistryServiceStub, agent_id: str) -> str:
+    """Register ``agent_id`` at a port nothing listens on; its token."""
+    request = registry_pb2.RegisterAgentRequest(agent_id=agent_id, endpoint=f"127.0.0.1:{free_port()}")
+    return (await stub.RegisterAgent(request, timeout=10)).token
+
+
 async def test_heartbeat_refuses_a_nan_or_negative_load(
     service: Callable[..., Awaitable[MeshServer]],
 ) -> None:
@@ -918,12 +924,7 @@ async def test_heartbeat_refuses_a_nan_or_negative_load(
     H = registry_pb2.HeartbeatRequest
     async with aio.insecure_channel(registry.address) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
-        token = (
-            await stub.RegisterAgent(
-                registry_pb2.RegisterAgentRequest(agent_id="loaded", endpoint=f"127.0.0.1:{free_port()}"),
-                timeout=10,
-            )
-        ).token
+        token = await register_at_a_dead_endpoint(stub, "loaded")
         sync_channel = grpc.insecure_channel(registry.address)
         try:
             sync_stub = registry_pb2_grpc.RegistryServiceStub(sync_channel)
@@ -1102,12 +1103,7 @@ async def test_a_refused_beat_reaches_a_client_that_is_still_sending(
     H = registry_pb2.HeartbeatRequest
     async with aio.insecure_channel(registry.address) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
-        token = (
-            await stub.RegisterAgent(
-                registry_pb2.RegisterAgentRequest(agent_id="busy", endpoint=f"127.0.0.1:{free_port()}"),
-                timeout=10,
-            )
-        ).token
+        token = await register_at_a_dead_endpoint(stub, "busy")
         burst = [H(agent_id="gone", token="t")] + [H(agent_id="busy", token=token)] * 300
         for _ in range(5):
             outcome = await read_stream(stub.Heartbeat(iter(burst)), Expect.of(NF))

@@ -86,11 +86,10 @@ def start_up(tmp_path: Path, extra: list[str] | None = None) -> tuple[subprocess
     return proc, ports
 
 
-@pytest.fixture
-def up(tmp_path: Path) -> Iterator[Up]:
-    proc, ports = start_up(tmp_path)
+def read_until_healthy(proc: subprocess.Popen[str], timeout: float, what: str = "mabeam up") -> list[str]:
+    """The lines ``mabeam up`` printed, up to its "mesh healthy" line; kill it and fail if none comes."""
     output: list[str] = []
-    deadline = time.monotonic() + 45
+    deadline = time.monotonic() + timeout
     assert proc.stdout is not None
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -98,14 +97,17 @@ def up(tmp_path: Path) -> Iterator[Up]:
             break
         output.append(line)
         if line.startswith("mesh healthy in"):
-            break
-    if not output or not output[-1].startswith("mesh healthy in"):
-        proc.kill()
-        pytest.fail(
-            "mabeam up did not become healthy:\n"
-            + "".join(output)
-            + (proc.stderr.read() if proc.stderr else "")
-        )
+            return output
+    proc.kill()
+    pytest.fail(
+        f"{what} did not become healthy:\n" + "".join(output) + (proc.stderr.read() if proc.stderr else "")
+    )
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    proc, ports = start_up(tmp_path)
+    output = read_until_healthy(proc, 45)
     try:
         yield Up(proc, ports, output)
     finally:
@@ -247,23 +249,7 @@ def test_up_cluster_runs_three_etcd_members_and_two_replicas_of_each_service(tmp
         cwd=tmp_path,
     )
     try:
-        output: list[str] = []
-        deadline = time.monotonic() + 120
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if line.startswith("mesh healthy in"):
-                break
-        if not output or not output[-1].startswith("mesh healthy in"):
-            proc.kill()
-            pytest.fail(
-                "mabeam up --cluster did not become healthy:\n"
-                + "".join(output)
-                + (proc.stderr.read() if proc.stderr else "")
-            )
+        output = read_until_healthy(proc, 120, "mabeam up --cluster")
         rows = [line.split() for line in output[:-1]]
         etcd_rows = [r for r in rows if r[0].startswith("etcd-")]
         assert [r[-1] for r in etcd_rows] == [f"http://127.0.0.1:{etcd_port + 10 * i}" for i in range(3)]
