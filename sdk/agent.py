@@ -755,11 +755,36 @@ class AgentHost:
                 stats.stream_broke()
                 log.warning("heartbeat refused (%s); registering again", exc.message)
                 await self._reregister(exc.metadata.get("agent_id"), forget_token=True)
+            except errors.Internal as exc:
+                # grpc.aio reports INTERNAL in place of the registry's status when the
+                # stream ends while beats are still being written (grpc/grpc#36066):
+                # the status named an agent to register again, but which is lost.
+                stats.stream_broke()
+                log.info("heartbeat stream broke (%s); registering any agent no longer listed", exc)
+                await self._register_missing()
             except Exception as exc:
                 stats.stream_broke()
                 log.info("heartbeat stream broke (%s); reconnecting in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _register_missing(self) -> None:
+        """Register again every agent of this host that the registry no longer lists."""
+        assert self._client is not None
+        listed: set[str] = set()
+        request = registry_pb2.ListAgentsRequest(page_size=1000)
+        try:
+            while True:
+                page = await self._client.registry.ListAgents(request)
+                listed.update(a.agent_id for a in page.agents)
+                if not page.next_page_token:
+                    break
+                request.page_token = page.next_page_token
+        except errors.MabeamError as exc:
+            log.info("cannot list the registered agents (%s); the next stream break tries again", exc)
+            return
+        for agent_id in [a for a in self.agents if a not in listed and a not in self._standby]:
+            await self._reregister(agent_id)
 
     async def _reregister(self, agent_id: str | None, forget_token: bool = False) -> None:
         targets = [self.agents[agent_id]] if agent_id in self.agents else list(self.agents.values())
