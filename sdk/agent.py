@@ -46,7 +46,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from mabeam import errors
-from mabeam.client import ChannelPool, ClientTLS, MeshClient
+from mabeam.client import ChannelPool, ClientTLS, MeshClient, list_all
 from mabeam.config import MeshConfig, TLSConfig
 from mabeam.server import MeshServer, serve_until_signalled
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, registry_pb2
@@ -470,6 +470,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             self.migrations.pop(agent_id, None)
 
 
+def percentile(values: Iterable[float], q: float) -> float:
+    """The ``q``-th percentile (0-100, nearest rank) of ``values``; 0.0 when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))]
+
+
 # Beats an AgentHost sends together before it paces the rest of the interval's beats.
 HEARTBEAT_CHUNK = 50
 
@@ -508,11 +516,7 @@ class HeartbeatStats:
 
     def percentile(self, q: float) -> float:
         """The ``q``-th percentile (0-100, nearest rank) of the kept round trips; 0.0 with none."""
-        if not self.latencies:
-            return 0.0
-        ordered = sorted(self.latencies)
-        rank = max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))
-        return ordered[rank]
+        return percentile(self.latencies, q)
 
     def summary(self) -> dict[str, float]:
         """The figures as plain numbers (latencies in seconds), e.g. for a JSON report."""
@@ -771,18 +775,14 @@ class AgentHost:
     async def _register_missing(self) -> None:
         """Register again every agent of this host that the registry no longer lists."""
         assert self._client is not None
-        listed: set[str] = set()
-        request = registry_pb2.ListAgentsRequest(page_size=1000)
         try:
-            while True:
-                page = await self._client.registry.ListAgents(request)
-                listed.update(a.agent_id for a in page.agents)
-                if not page.next_page_token:
-                    break
-                request.page_token = page.next_page_token
+            agents = await list_all(
+                self._client.registry.ListAgents, registry_pb2.ListAgentsRequest(), "agents"
+            )
         except errors.MabeamError as exc:
             log.info("cannot list the registered agents (%s); the next stream break tries again", exc)
             return
+        listed = {a.agent_id for a in agents}
         for agent_id in [a for a in self.agents if a not in listed and a not in self._standby]:
             await self._reregister(agent_id)
 
@@ -846,4 +846,4 @@ class AgentHost:
         await self.stop()
 
 
-__all__ = ["Agent", "AgentHost", "AgentServicer", "HeartbeatStats", "from_value", "to_value"]
+__all__ = ["Agent", "AgentHost", "AgentServicer", "HeartbeatStats", "from_value", "percentile", "to_value"]

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -43,6 +43,8 @@ from mabeam.v1 import (
 
 if TYPE_CHECKING:
     from mabeam.discovery import EndpointResolver
+
+S = TypeVar("S")
 
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -77,11 +79,27 @@ class ClientTLS:
 
 
 class ChannelPool:
-    """One reused channel per address (fresh channels cost 2.2x a call)."""
+    """One reused channel per address (fresh channels cost 2.2x a call), and its stubs."""
 
     def __init__(self, tls: ClientTLS | None = None) -> None:
         self._tls = tls
         self._channels: dict[str, aio.Channel] = {}
+        self._stubs: dict[tuple[str, Callable[[aio.Channel], Any]], Any] = {}
+
+    def stub(self, address: str, stub_class: Callable[[aio.Channel], S]) -> S:
+        """The ``stub_class`` stub over the channel to ``address``, made once per channel.
+
+        A stub builds a callable per RPC of its service: calls on a hot path
+        (a step, a round, a probe) reuse it. Example::
+
+            stub = pool.stub("127.0.0.1:7001", agent_pb2_grpc.AgentServiceStub)
+        """
+        key = (address, stub_class)
+        stub = self._stubs.get(key)
+        if stub is None:
+            stub = stub_class(self.get(address))
+            self._stubs[key] = stub
+        return stub  # type: ignore[no-any-return]
 
     def get(self, address: str) -> aio.Channel:
         """The channel to ``address``, created on first use."""
@@ -103,12 +121,15 @@ class ChannelPool:
     async def discard(self, address: str) -> None:
         """Close and forget the channel to ``address`` (its endpoint went away)."""
         channel = self._channels.pop(address, None)
+        for key in [k for k in self._stubs if k[0] == address]:
+            del self._stubs[key]
         if channel is not None:
             await channel.close(None)
 
     async def close(self) -> None:
         """Close every channel; safe to call twice."""
         channels, self._channels = list(self._channels.values()), {}
+        self._stubs = {}
         await asyncio.gather(*(c.close(None) for c in channels), return_exceptions=True)
 
 
@@ -151,6 +172,10 @@ class Balancer:
         """The reused channel to ``address``."""
         return self._pool.get(address)
 
+    def stub(self, address: str, stub_class: Callable[[aio.Channel], S]) -> S:
+        """The reused ``stub_class`` stub to ``address``."""
+        return self._pool.stub(address, stub_class)
+
 
 # What grpc says when a call could not be sent at all (the endpoint refuses
 # connections): the server never saw it, so another replica may take it.
@@ -183,17 +208,12 @@ class ServiceClient:
     def __init__(self, balancer: Balancer, stub_factory: Callable[[aio.Channel], Any], service: str) -> None:
         self._balancer = balancer
         self._stub_factory = stub_factory
-        self._stubs: dict[str, Any] = {}
         descriptor = descriptor_pool.Default().FindServiceByName(service)
         self._streams_out = {m.name: m.server_streaming for m in descriptor.methods}
         self._calls: dict[str, Callable[..., Any]] = {}
 
     def _stub(self, address: str) -> Any:
-        stub = self._stubs.get(address)
-        if stub is None:
-            stub = self._stub_factory(self._balancer.channel(address))
-            self._stubs[address] = stub
-        return stub
+        return self._balancer.stub(address, self._stub_factory)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         calls = self.__dict__.get("_calls")
@@ -234,6 +254,24 @@ class ServiceClient:
                 stream.cancel()
 
         return call
+
+
+async def list_all(call: Callable[[Any], Awaitable[Any]], request: Any, field: str) -> list[Any]:
+    """Every item of a paged ``List*`` call, page after page (1,000 a page).
+
+    Example::
+
+        agents = await list_all(mesh.registry.ListAgents, ListAgentsRequest(capability="bid"), "agents")
+    """
+    request.page_size = 1000
+    request.page_token = ""
+    items: list[Any] = []
+    while True:
+        page = await call(request)
+        items.extend(getattr(page, field))
+        if not page.next_page_token:
+            return items
+        request.page_token = page.next_page_token
 
 
 class MeshClient:

@@ -100,10 +100,14 @@ class LocalMesh:
         """The ports of the etcd members when the first one listens on ``first``."""
         return [first + i * ETCD_PORT_STEP for i in range(self.etcd_members)]
 
+    def replica_port(self, kind: str, n: int) -> int:
+        """The port replica ``n`` of ``kind`` takes (0: any free port)."""
+        base = self.config.port(kind)
+        return base + n * REPLICA_PORT_STEP if base else 0
+
     def service_ports(self, kind: str) -> list[int]:
         """The ports the replicas of ``kind`` will take (0: any free port)."""
-        base = self.config.port(kind)
-        return [base + n * REPLICA_PORT_STEP if base else 0 for n in range(self.replicas)]
+        return [self.replica_port(kind, n) for n in range(self.replicas)]
 
     def replicas_of(self, kind: str) -> list[ServiceProcess]:
         """The running replicas of ``kind``."""
@@ -111,7 +115,7 @@ class LocalMesh:
 
     def addresses(self, kind: str) -> list[str]:
         """host:port of every live replica of ``kind``."""
-        return [p.address for p in self.processes if p.kind == kind and p.proc.poll() is None]
+        return [p.address for p in self.replicas_of(kind)]
 
     def address(self, kind: str) -> str:
         """host:port of the first replica of ``kind``."""
@@ -169,8 +173,7 @@ class LocalMesh:
         n = self._started.get(kind, 0)
         self._started[kind] = n + 1
         if port is None:
-            base = self.config.port(kind)
-            port = base + n * REPLICA_PORT_STEP if base else 0
+            port = self.replica_port(kind, n)
         log_file = self.log_dir / f"{kind}-{n}.log"
         argv = process.python_module_argv(
             f"mabeam.services.{kind}",

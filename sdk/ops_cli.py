@@ -19,7 +19,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from mabeam import errors
-from mabeam.client import MeshClient
+from mabeam.client import MeshClient, list_all
 from mabeam.config import DEFAULT_PORTS, SERVICE_NAMES
 from mabeam.health_check import check
 from mabeam.v1 import common_pb2, coordination_pb2, orchestrator_pb2, planner_pb2, registry_pb2
@@ -55,15 +55,7 @@ def _dict(message: Any) -> dict[str, Any]:
 
 
 async def _count(list_call: Any, request: Any, field: str) -> int:
-    total, token = 0, ""
-    while True:
-        request.page_token = token
-        request.page_size = 1000
-        page = await list_call(request)
-        total += len(getattr(page, field))
-        token = page.next_page_token
-        if not token:
-            return total
+    return len(await list_all(list_call, request, field))
 
 
 async def _status(args: argparse.Namespace) -> int:

@@ -27,13 +27,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import grpc
 import pytest
-from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness.wait import eventually
-from mabeam import discovery, errors
+from mabeam import discovery, errors, health_check
 from mabeam import etcd as mabeam_etcd
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
@@ -352,17 +349,6 @@ async def _set_exactly_once(client: MeshClient, name: str, number: int) -> orche
                 return current
 
 
-async def _healthy(address: str, service: str) -> bool:
-    async with aio.insecure_channel(address) as channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=3
-            )
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
 async def _answers(kind: str, address: str) -> bool:
     """One real call (an etcd read behind it) to this replica alone."""
     client = await MeshClient.connect(**{kind: address})
@@ -549,7 +535,7 @@ async def test_a_full_etcd_restart_loses_no_watch_event_and_everything_comes_bac
         for kind in SERVICES:
             for address in mesh.addresses(kind):
                 await eventually(
-                    lambda a=address, k=kind: _healthy(a, SERVICE_NAMES[k]),  # type: ignore[misc]
+                    lambda a=address, k=kind: health_check.check(a, SERVICE_NAMES[k], timeout=3),  # type: ignore[misc]
                     timeout=30,
                     what=f"{kind} at {address} healthy",
                 )

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import subprocess
 import sys
@@ -49,7 +48,8 @@ from typing import Any
 import pytest
 
 from mabeam import errors, process
-from mabeam.client import MeshClient
+from mabeam.agent import percentile
+from mabeam.client import MeshClient, list_all
 from mabeam.embedded_etcd import EmbeddedEtcd
 from mabeam.mesh import LocalMesh
 from mabeam.v1 import common_pb2, coordination_pb2, planner_pb2, registry_pb2
@@ -106,14 +106,6 @@ async def etcd_watchers(etcd: EmbeddedEtcd) -> int:
         raise AssertionError("etcd reports no etcd_debugging_mvcc_watcher_total")
 
     return await asyncio.to_thread(read)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (0.0 for no values)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 @dataclass
@@ -186,14 +178,8 @@ async def stop_host(host: Host) -> None:
 
 
 async def list_agents(client: MeshClient) -> dict[str, registry_pb2.Agent]:
-    found: dict[str, registry_pb2.Agent] = {}
-    request = registry_pb2.ListAgentsRequest(capability="load", page_size=1000)
-    while True:
-        page = await client.registry.ListAgents(request)
-        found.update((a.agent_id, a) for a in page.agents)
-        if not page.next_page_token:
-            return found
-        request.page_token = page.next_page_token
+    request = registry_pb2.ListAgentsRequest(capability="load")
+    return {a.agent_id: a for a in await list_all(client.registry.ListAgents, request, "agents")}
 
 
 @dataclass

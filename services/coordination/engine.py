@@ -128,7 +128,7 @@ class FanOut:
             return Reply(request.agent_id, request, None, why, latency, next(arrival))
 
         async def one(endpoint: str, request: agent_pb2.CoordinationRequest) -> None:
-            stub = agent_pb2_grpc.AgentServiceStub(self._pool.get(endpoint))
+            stub = self._pool.stub(endpoint, agent_pb2_grpc.AgentServiceStub)
             started = time.perf_counter()
             try:
                 response = await stub.Coordinate(request, timeout=timeout)
@@ -142,7 +142,7 @@ class FanOut:
         async def batch(
             endpoint: str, group: list[tuple[Participant, agent_pb2.CoordinationRequest]]
         ) -> None:
-            stub = agent_pb2_grpc.AgentServiceStub(self._pool.get(endpoint))
+            stub = self._pool.stub(endpoint, agent_pb2_grpc.AgentServiceStub)
             started = time.perf_counter()
             message = agent_pb2.CoordinateBatchRequest(requests=[r for _, r in group])
             try:

@@ -18,7 +18,7 @@ from google.protobuf import json_format
 
 from mabeam import errors, validate
 from mabeam.cache import PrefixCache
-from mabeam.client import ChannelPool, MeshClient
+from mabeam.client import ChannelPool, MeshClient, list_all
 from mabeam.etcd import EtcdClient, ResumingWatch, snapshot
 from mabeam.server import MeshServer
 from mabeam.services.coordination import runs
@@ -134,14 +134,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
 
     async def _list(self, request: registry_pb2.ListAgentsRequest) -> list[registry_pb2.Agent]:
         assert self._mesh is not None
-        request.page_size = 1000
-        agents: list[registry_pb2.Agent] = []
-        while True:
-            page = await self._mesh.registry.ListAgents(request)
-            agents.extend(page.agents)
-            if not page.next_page_token:
-                return agents
-            request.page_token = page.next_page_token
+        return await list_all(self._mesh.registry.ListAgents, request, "agents")
 
     # -- running -------------------------------------------------------------------
 

@@ -135,7 +135,6 @@ class GoalRunner:
         self._candidates: dict[str, tuple[float, list[registry_pb2.Agent]]] = {}
         self._queue: collections.deque[tuple[list[Put], asyncio.Future[None]]] = collections.deque()
         self._flusher: asyncio.Future[None] | None = None
-        self._stubs: dict[str, tuple[Any, agent_pb2_grpc.AgentServiceStub]] = {}
 
     # -- writes -----------------------------------------------------------------------
 
@@ -419,7 +418,7 @@ class GoalRunner:
             request.deadline.seconds, request.deadline.nanos = divmod(
                 int((time.time() + timeout) * 1e9), 1_000_000_000
             )
-            stub = self._agent_stub(assignment.endpoint)
+            stub = self.planner.pool.stub(assignment.endpoint, agent_pb2_grpc.AgentServiceStub)
             try:
                 reply = await stub.ExecuteStep(request, timeout=timeout)
                 error = ""
@@ -479,15 +478,6 @@ class GoalRunner:
                 ]
             )
 
-    def _agent_stub(self, endpoint: str) -> agent_pb2_grpc.AgentServiceStub:
-        """The stub for ``endpoint``, made once per channel (a stub builds a callable per RPC)."""
-        channel = self.planner.pool.get(endpoint)
-        cached = self._stubs.get(endpoint)
-        if cached is None or cached[0] is not channel:
-            cached = (channel, agent_pb2_grpc.AgentServiceStub(channel))
-            self._stubs[endpoint] = cached
-        return cached[1]
-
     async def _candidates_for(self, capability: str) -> list[registry_pb2.Agent]:
         cached = self._candidates.get(capability)
         if cached is not None and time.monotonic() - cached[0] < CANDIDATES_TTL_S:
@@ -539,16 +529,14 @@ class GoalRunner:
         )
         # A coordination replica that dies mid-auction answers UNAVAILABLE (the
         # client does not resend a call that may have run): hold another auction.
-        delay = 0.1
-        for _ in range(AUCTION_TRIES - 1):
+        for attempt in range(AUCTION_TRIES):
             try:
                 session = (await self.planner.mesh.coordination.Run(run)).session
                 break
             except errors.Unavailable:
-                await asyncio.sleep(delay)
-                delay *= 2
-        else:
-            session = (await self.planner.mesh.coordination.Run(run)).session
+                if attempt == AUCTION_TRIES - 1:
+                    raise
+                await asyncio.sleep(0.1 * 2**attempt)
         if not session.outcome.winners:
             return None
         winner = session.outcome.winners[0]

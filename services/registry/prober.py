@@ -35,7 +35,7 @@ PROBE_TIMEOUT = 1.0
 
 async def probe(pool: ChannelPool, endpoint: str) -> int:
     """The AgentStatus an endpoint's health check gives."""
-    stub = health_pb2_grpc.HealthStub(pool.get(endpoint))
+    stub = pool.stub(endpoint, health_pb2_grpc.HealthStub)
     try:
         reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT)
     except grpc.RpcError as exc:
