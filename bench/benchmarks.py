@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mabeam import process
 from mabeam.bench.core import BenchContext, Result, benchmark, interleaved, timed
 from mabeam.client import MeshClient
+from mabeam.runtime import process
 from mabeam.v1 import registry_pb2
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -22,11 +22,11 @@ from typing import Any
 
 from grpc import aio
 
-from mabeam import process
 from mabeam.bench.ping_server import PING_METHOD
 from mabeam.config import SERVICES, MeshConfig
-from mabeam.etcd import EtcdClient, connect
-from mabeam.mesh import LocalMesh
+from mabeam.runtime import process
+from mabeam.runtime.etcd import EtcdClient, connect
+from mabeam.runtime.mesh import LocalMesh
 
 
 def summarize(samples: list[float]) -> dict[str, float | int]:
@@ -138,7 +138,7 @@ class BenchContext:
     async def mesh(self) -> LocalMesh:
         """The mesh of this run: embedded etcd and one replica of each service."""
         if self._mesh is None:
-            from mabeam.embedded_etcd import free_port
+            from mabeam.runtime.embedded_etcd import free_port
 
             config = MeshConfig(
                 data_dir=self.tmp / "etcd",

@@ -46,9 +46,10 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from mabeam import errors
-from mabeam.client import ChannelPool, ClientTLS, MeshClient, list_all
-from mabeam.config import MeshConfig, TLSConfig
-from mabeam.server import MeshServer, serve_until_signalled
+from mabeam.client import ChannelPool, MeshClient, list_all
+from mabeam.config import MeshConfig
+from mabeam.server import MeshServer, serve_until_signalled, to_mabeam_error
+from mabeam.tls import TLS
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, registry_pb2
 
 log = logging.getLogger("mabeam.agent")
@@ -331,8 +332,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def CoordinateBatch(
         self, request: agent_pb2.CoordinateBatchRequest, context: Any
     ) -> agent_pb2.CoordinateBatchResponse:
-        from mabeam.server import to_mabeam_error
-
         def failed(agent_id: str, exc: BaseException) -> agent_pb2.CoordinateBatchEntry:
             err = to_mabeam_error(exc)
             return agent_pb2.CoordinateBatchEntry(
@@ -573,8 +572,8 @@ class AgentHost:
         host: str = "127.0.0.1",
         port: int = 0,
         lease_ttl: float = 5.0,
-        tls: TLSConfig | None = None,
-        client_tls: ClientTLS | None = None,
+        tls: TLS | None = None,
+        client_tls: TLS | None = None,
         advertise_host: str | None = None,
     ) -> None:
         self.agents: dict[str, Agent] = {}

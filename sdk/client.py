@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
@@ -34,6 +33,7 @@ from google.protobuf import descriptor_pool
 from grpc import aio
 
 from mabeam import errors, telemetry
+from mabeam.tls import TLS
 from mabeam.v1 import (
     coordination_pb2_grpc,
     orchestrator_pb2_grpc,
@@ -55,33 +55,10 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class ClientTLS:
-    """TLS for clients: the CA to trust, and a certificate for mutual TLS."""
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    server_name: str | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        def read(path: str | None) -> bytes | None:
-            if path is None:
-                return None
-            with open(path, "rb") as f:
-                return f.read()
-
-        return grpc.ssl_channel_credentials(
-            root_certificates=read(self.ca_file),
-            private_key=read(self.key_file),
-            certificate_chain=read(self.cert_file),
-        )
-
-
 class ChannelPool:
     """One reused channel per address (fresh channels cost 2.2x a call), and its stubs."""
 
-    def __init__(self, tls: ClientTLS | None = None) -> None:
+    def __init__(self, tls: TLS | None = None) -> None:
         self._tls = tls
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[tuple[str, Callable[[aio.Channel], Any]], Any] = {}
@@ -111,7 +88,7 @@ class ChannelPool:
                 if self._tls.server_name:
                     options.append(("grpc.ssl_target_name_override", self._tls.server_name))
                 channel = aio.secure_channel(
-                    address, self._tls.credentials(), options=options, interceptors=interceptors
+                    address, self._tls.channel_credentials(), options=options, interceptors=interceptors
                 )
             else:
                 channel = aio.insecure_channel(address, options=options, interceptors=interceptors)
@@ -314,15 +291,16 @@ class MeshClient:
         planner: str | Sequence[str] | None = None,
         etcd: Sequence[str] | None = None,
         prefix: str = "/mabeam",
-        tls: ClientTLS | None = None,
+        tls: TLS | None = None,
+        etcd_tls: TLS | None = None,
     ) -> MeshClient:
         """Connect by explicit ``host:port`` addresses, by etcd discovery, or both.
 
         A service given neither an address nor etcd is not available on the
-        client (AttributeError on use).
+        client (AttributeError on use). ``tls`` is for the services,
+        ``etcd_tls`` for etcd (discovery).
         """
         from mabeam import discovery
-        from mabeam import etcd as etcd_mod
 
         explicit = {
             "registry": registry,
@@ -332,21 +310,21 @@ class MeshClient:
         }
         pool = ChannelPool(tls)
         closers: list[Any] = []
-        etcd_client = None
-        if etcd:
-            etcd_client = await etcd_mod.connect(list(etcd))
         balancers: dict[str, Balancer] = {}
         for service, given in explicit.items():
             addresses = [given] if isinstance(given, str) else list(given or ())
             resolver = None
-            if etcd_client is not None:
-                resolver = discovery.EndpointResolver(etcd_client, prefix, service)
-                await resolver.start()
+            if etcd:
+                resolver = discovery.EndpointResolver(etcd, prefix, service, tls=etcd_tls)
+                try:
+                    await resolver.start()
+                except BaseException:
+                    for closer in closers:
+                        await closer.stop()
+                    raise
                 closers.append(resolver)
             if addresses or resolver is not None:
                 balancers[service] = Balancer(service, pool, addresses, resolver)
-        if etcd_client is not None:
-            closers.append(etcd_client)
         return cls(pool, balancers, closers)
 
     async def close(self) -> None:

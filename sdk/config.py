@@ -36,9 +36,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from mabeam.etcd import EtcdTLS
+from mabeam.tls import TLS
 
 SERVICES = ("registry", "orchestrator", "coordination", "planner")
 DEFAULT_PORTS: dict[str, int] = {
@@ -60,44 +59,28 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class TLSConfig:
-    """Server-side TLS. With ``ca_file`` the server requires client certificates (mTLS)."""
-
-    cert_file: str
-    key_file: str
-    ca_file: str | None = None
-
-    @property
-    def mutual(self) -> bool:
-        return self.ca_file is not None
-
-
-@dataclass(frozen=True)
 class MeshConfig:
     """Where the mesh is and how its processes listen."""
 
     etcd_endpoints: tuple[str, ...] = ()
-    etcd_tls: EtcdTLS | None = None
+    etcd_tls: TLS | None = None
     prefix: str = "/mabeam"
     host: str = "127.0.0.1"
     advertise_host: str | None = None
     ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     data_dir: Path = field(default_factory=lambda: Path.home() / ".mabeam" / "etcd")
-    tls: TLSConfig | None = None
+    tls: TLS | None = None
     grace: float = 5.0
     service_ttl: int = 5
 
-    def client_tls(self) -> Any:
+    def client_tls(self) -> TLS | None:
         """TLS for the calls a service makes (to other services and agents) when TLS is on.
 
-        The CA that verifies clients (mutual TLS) is trusted for servers too, and
-        the service presents its own certificate: one CA per mesh.
+        The same settings serve both ways: the CA that verifies clients (mutual
+        TLS) is trusted for servers too, and the service presents its own
+        certificate: one CA per mesh.
         """
-        if self.tls is None:
-            return None
-        from mabeam.client import ClientTLS
-
-        return ClientTLS(ca_file=self.tls.ca_file, cert_file=self.tls.cert_file, key_file=self.tls.key_file)
+        return self.tls
 
     def port(self, service: str) -> int:
         """The configured port of ``service`` (0 = any free port)."""
@@ -188,14 +171,14 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
         pick("tls_key", "MABEAM_TLS_KEY"),
         pick("tls_ca", "MABEAM_TLS_CA"),
     )
-    tls: TLSConfig | None = None
+    tls: TLS | None = None
     if cert or key:
         if not (cert and key):
             raise ConfigError("TLS needs both --tls-cert and --tls-key (MABEAM_TLS_CERT, MABEAM_TLS_KEY)")
         for path, flag in ((cert, "--tls-cert"), (key, "--tls-key"), (ca, "--tls-ca")):
             if path and not Path(path).is_file():
                 raise ConfigError(f"{flag} {path}: no such file")
-        tls = TLSConfig(cert_file=cert, key_file=key, ca_file=ca)
+        tls = TLS(cert_file=cert, key_file=key, ca_file=ca)
     elif ca:
         raise ConfigError("--tls-ca (MABEAM_TLS_CA) needs --tls-cert and --tls-key")
 
@@ -204,7 +187,7 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
         pick("etcd_cert", "MABEAM_ETCD_CERT"),
         pick("etcd_key", "MABEAM_ETCD_KEY"),
     )
-    etcd_tls = EtcdTLS(ca_file=e_ca, cert_file=e_cert, key_file=e_key) if (e_ca or e_cert or e_key) else None
+    etcd_tls = TLS(ca_file=e_ca, cert_file=e_cert, key_file=e_key) if (e_ca or e_cert or e_key) else None
 
     grace_raw = pick("grace", "MABEAM_GRACE")
     try:

@@ -1,12 +1,16 @@
-"""Service discovery through etcd: replicas publish their address under a lease.
+"""Client-side discovery: the live endpoints of a service, read from etcd.
 
-Python gRPC has no pluggable name resolver, so discovery is client-side: each
-replica puts ``<prefix>/services/<kind>/<instance_id>`` -> JSON
-``{"address": ..., "instance_id": ..., "pid": ...}`` bound to a lease it keeps
-alive; the key vanishes when the replica dies (within the TTL) or stops
-(at once). :class:`EndpointResolver` keeps the live addresses of one kind in a
-watch-fed :class:`mabeam.cache.PrefixCache`, and :class:`mabeam.client.Balancer`
-balances over them.
+Python gRPC has no pluggable name resolver, so discovery is client-side. Each
+service replica publishes ``<prefix>/services/<kind>/<instance_id>`` -> JSON
+``{"address": ..., "instance_id": ...}`` under a lease it keeps alive
+(:mod:`mabeam.runtime.endpoints`): the key vanishes when the replica stops or
+dies. :class:`EndpointResolver` lists those keys once, then follows a watch
+from the next revision (listing again after any break), and
+:class:`mabeam.client.Balancer` balances over the addresses it holds.
+
+This is the one place the SDK talks to etcd, and only to read: etcd's client
+stubs are imported when a resolver starts, so a program that passes explicit
+addresses never loads them.
 """
 
 from __future__ import annotations
@@ -15,17 +19,25 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
-from mabeam.cache import PrefixCache
-from mabeam.etcd import EtcdClient, LeaseKeeper
+import stamina
+from grpc import aio
 
-if TYPE_CHECKING:
-    from mabeam.server import MeshServer
+from mabeam.etcd_target import open_channel
+from mabeam.tls import TLS
 
 log = logging.getLogger("mabeam.discovery")
+
+# Ask etcd to end the watch when its member loses the leader (clientv3's
+# WithRequireLeader): a watch on a partitioned member would go silent.
+_REQUIRE_LEADER = (("hasleader", "true"),)
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+)
+_LIST_TIMEOUT_S = 5.0
 
 
 def endpoints_prefix(prefix: str, kind: str) -> bytes:
@@ -33,88 +45,11 @@ def endpoints_prefix(prefix: str, kind: str) -> bytes:
     return f"{prefix.rstrip('/')}/services/{kind}/".encode()
 
 
-class EndpointPublisher:
-    """Keeps one replica's endpoint key alive; re-publishes after a lost lease.
-
-    A lease is lost when etcd was unreachable for longer than the TTL (e.g. an
-    etcd restart); the replica is still alive, so it grants a new lease and
-    puts its key again, retrying with back-off until etcd answers.
-    """
-
-    def __init__(self, client: EtcdClient, key: bytes, value: bytes, ttl: int) -> None:
-        self._client = client
-        self._key = key
-        self._value = value
-        self._ttl = ttl
-        self._keeper: LeaseKeeper | None = None
-        self._stopped = False
-
-    async def publish(self) -> None:
-        """Grant a lease and put the key on it."""
-        keeper = LeaseKeeper(self._client, self._ttl)
-        await keeper.start()
-        try:
-            await self._client.put(self._key, self._value, lease=keeper.lease_id)
-        except BaseException:
-            await keeper.stop()
-            raise
-        self._keeper = keeper
-
-    async def run(self) -> None:
-        """Re-publish whenever the lease is lost, until withdrawn."""
-        delay = 0.1
-        while not self._stopped:
-            if self._keeper is not None:
-                await self._keeper.wait_lost()
-                if self._stopped:
-                    return
-                log.warning("endpoint lease of %s lost; publishing again", self._key.decode())
-                with contextlib.suppress(Exception):
-                    await self._keeper.stop()
-                self._keeper = None
-            try:
-                await self.publish()
-                delay = 0.1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.info("publishing %s failed (%s); retrying", self._key.decode(), exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    async def withdraw(self) -> None:
-        """Remove the key at once (revoke the lease); safe to call twice."""
-        self._stopped = True
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None:
-            with contextlib.suppress(Exception):
-                await keeper.revoke()
-            with contextlib.suppress(Exception):
-                await keeper.stop()
+def _prefix_end(prefix: bytes) -> bytes:
+    return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
-async def publish(server: MeshServer, client: EtcdClient) -> EndpointPublisher:
-    """Publish ``server``'s address for discovery; withdrawn when it stops."""
-    kind = server.kind
-    key = endpoints_prefix(server.config.prefix, kind) + server.instance_id.encode()
-    value = json.dumps(
-        {
-            "address": server.address,
-            "instance_id": server.instance_id,
-            "pid": os.getpid(),
-            "started_at": time.time(),
-            "tls": server.config.tls is not None,
-        }
-    ).encode()
-    publisher = EndpointPublisher(client, key, value, server.config.service_ttl)
-    await publisher.publish()
-    server.spawn(publisher.run(), "endpoint-publisher")
-    # Withdraw before the grace period ends: clients stop picking this replica.
-    server.on_stop(publisher.withdraw)
-    return publisher
-
-
-def _decode_endpoint(key: bytes, value: bytes) -> dict[str, Any] | None:
+def _decode_endpoint(value: bytes) -> dict[str, Any] | None:
     try:
         doc = json.loads(value)
     except ValueError:
@@ -122,30 +57,117 @@ def _decode_endpoint(key: bytes, value: bytes) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and isinstance(doc.get("address"), str) else None
 
 
-class EndpointResolver:
-    """The live addresses of one service kind, fed by an etcd watch."""
+class _WatchBroken(Exception):
+    """The watch stream ended or etcd cancelled it: list again and follow anew."""
 
-    def __init__(self, client: EtcdClient, prefix: str, kind: str) -> None:
+
+class EndpointResolver:
+    """The live addresses of one service kind, fed by an etcd watch.
+
+    Example::
+
+        resolver = EndpointResolver(["http://127.0.0.1:2379"], "/mabeam", "registry")
+        await resolver.start()
+        resolver.addresses()  # ['127.0.0.1:50051', '127.0.0.1:50151']
+        await resolver.stop()
+    """
+
+    def __init__(self, etcd: Sequence[str], prefix: str, kind: str, *, tls: TLS | None = None) -> None:
+        if not etcd:
+            raise ValueError("EndpointResolver needs etcd endpoints")
         self.kind = kind
-        self._cache: PrefixCache[dict[str, Any]] = PrefixCache(
-            client, endpoints_prefix(prefix, kind), _decode_endpoint
-        )
+        self._etcd = list(etcd)
+        self._tls = tls
+        self._prefix = endpoints_prefix(prefix, kind)
+        self._endpoints: dict[bytes, dict[str, Any]] = {}
+        self._revision = 0
+        self._channel: aio.Channel | None = None
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Load the current endpoints and follow changes."""
-        await self._cache.start()
+        """List the current endpoints (etcd must answer), then follow changes."""
+        from aetcd import rpc  # etcd's stubs: loaded only by a program that discovers
+
+        self._channel = await open_channel(self._etcd, self._tls, _CHANNEL_OPTIONS)
+        self._kv = rpc.KVStub(self._channel)
+        self._watch = rpc.WatchStub(self._channel)
+        self._rpc = rpc
+        try:
+            await self._list()
+        except BaseException:
+            await self.stop()
+            raise
+        self._task = asyncio.create_task(self._follow(), name=f"discovery:{self.kind}")
+
+    async def _list(self) -> None:
+        reply = await self._kv.Range(
+            self._rpc.RangeRequest(key=self._prefix, range_end=_prefix_end(self._prefix)),
+            timeout=_LIST_TIMEOUT_S,
+        )
+        found = {}
+        for kv in reply.kvs:
+            doc = _decode_endpoint(kv.value)
+            if doc is not None:
+                found[bytes(kv.key)] = doc
+        self._endpoints = found
+        self._revision = reply.header.revision
+
+    async def _requests(self) -> AsyncIterator[Any]:
+        create = self._rpc.WatchCreateRequest(
+            key=self._prefix, range_end=_prefix_end(self._prefix), start_revision=self._revision + 1
+        )
+        yield self._rpc.WatchRequest(create_request=create)
+        await asyncio.Event().wait()  # keep the request side open while the watch runs
+
+    async def _watch_once(self) -> None:
+        call = self._watch.Watch(self._requests(), metadata=_REQUIRE_LEADER)
+        try:
+            async for reply in call:
+                if reply.compact_revision or reply.canceled:
+                    raise _WatchBroken(f"watch cancelled (compacted to {reply.compact_revision})")
+                for event in reply.events:
+                    key = bytes(event.kv.key)
+                    doc = _decode_endpoint(event.kv.value) if event.type == 0 else None
+                    if doc is None:
+                        self._endpoints.pop(key, None)
+                    else:
+                        self._endpoints[key] = doc
+                if reply.header.revision:
+                    self._revision = max(self._revision, reply.header.revision)
+        finally:
+            call.cancel()
+        raise _WatchBroken("etcd ended the watch")
+
+    async def _follow(self) -> None:
+        broken = False
+        async for attempt in stamina.retry_context(
+            on=Exception, attempts=None, timeout=None, wait_initial=0.1, wait_max=2.0
+        ):
+            with attempt:
+                if broken:
+                    # Whatever happened while the watch was down is in a fresh list.
+                    await self._list()
+                broken = True
+                await self._watch_once()
 
     def address_of(self, instance_id: str) -> str | None:
         """The address of one replica, by its instance id (None when it is not live)."""
-        for _, doc in self._cache.items():
+        for doc in self._endpoints.values():
             if doc.get("instance_id") == instance_id:
                 return str(doc["address"])
         return None
 
     def addresses(self) -> list[str]:
         """The live replicas' addresses, in instance order."""
-        return [doc["address"] for _, doc in sorted(self._cache.items())]
+        return [doc["address"] for _, doc in sorted(self._endpoints.items())]
 
     async def stop(self) -> None:
-        """Stop following; safe to call twice."""
-        await self._cache.stop()
+        """Stop following and close the channel; safe to call twice."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close(None)

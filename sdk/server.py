@@ -8,35 +8,30 @@ A :class:`MeshServer` is a ``grpc.aio`` server with, always:
   takes the server down;
 * ``grpc.health.v1.Health`` (overall and per service) and server reflection,
   so ``grpcurl -plaintext HOST:PORT list`` works with no proto files;
-* optional TLS / mutual TLS from :class:`mabeam.config.TLSConfig`;
-* optional publication of its address in etcd under a lease (service
-  discovery, :mod:`mabeam.discovery`);
+* optional TLS / mutual TLS from :class:`mabeam.tls.TLS`;
 * ownership of background tasks (:meth:`MeshServer.spawn`): they are cancelled
   and awaited on :meth:`MeshServer.stop`, so nothing outlives the server;
-* graceful stop: health goes NOT_SERVING, the endpoint key is withdrawn,
-  in-flight calls get ``grace`` seconds.
+* graceful stop: health goes NOT_SERVING, in-flight calls get ``grace``
+  seconds, then the stop callbacks run.
 
-:func:`run_service` wraps it for a service's ``__main__``: flags and
-environment, etcd connection, signal handling.
+It knows nothing of etcd: what the four services add (the etcd connection,
+publication of the address for discovery, etcd's errors, the entry point)
+is :mod:`mabeam.runtime.service`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import inspect
 import logging
 import os
 import signal
 import socket
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
-import aetcd.exceptions
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -44,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mabeam import config as mesh_config
 from mabeam import errors, telemetry
-from mabeam.config import MeshConfig, TLSConfig
+from mabeam.config import MeshConfig
 
 log = logging.getLogger("mabeam.server")
 
@@ -56,27 +51,24 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 )
 
-_ETCD_UNREACHABLE = (
-    aetcd.exceptions.ConnectionFailedError,
-    aetcd.exceptions.ConnectionTimeoutError,
-)
+ErrorMapper = Callable[[BaseException], "errors.MabeamError | None"]
 
 
-def to_mabeam_error(exc: BaseException) -> errors.MabeamError:
+def to_mabeam_error(exc: BaseException, mapper: ErrorMapper | None = None) -> errors.MabeamError:
     """Map any exception raised by a handler to the error table.
 
+    ``mapper`` maps the exceptions of a layer this module does not know (the
+    services pass the etcd layer's); it answers None for the others.
     Retryable results: ``UNAVAILABLE`` (etcd unreachable or a peer down) and
     ``ABORTED`` (lost compare-and-set). ``INTERNAL`` means a bug and is logged
     with its traceback.
     """
     if isinstance(exc, errors.MabeamError):
         return exc
-    if isinstance(exc, _ETCD_UNREACHABLE):
-        return errors.Unavailable(f"etcd is unreachable: {exc}")
-    if isinstance(exc, aetcd.exceptions.ClientError):
-        # etcd refused a request we built: a bug on our side, not an outage.
-        log.exception("etcd refused a request", exc_info=exc)
-        return errors.Internal(f"etcd refused the request: {exc}")
+    if mapper is not None:
+        mapped = mapper(exc)
+        if mapped is not None:
+            return mapped
     if isinstance(exc, grpc.RpcError):
         return errors.from_rpc_error(exc)
     if isinstance(exc, TimeoutError):
@@ -85,8 +77,10 @@ def to_mabeam_error(exc: BaseException) -> errors.MabeamError:
     return errors.Internal(f"internal error: {type(exc).__name__}: {exc}")
 
 
-async def _abort(context: aio.ServicerContext[Any, Any], exc: BaseException) -> None:
-    err = to_mabeam_error(exc)
+async def _abort(
+    context: aio.ServicerContext[Any, Any], exc: BaseException, mapper: ErrorMapper | None
+) -> None:
+    err = to_mabeam_error(exc, mapper)
     await context.abort(err.code, err.message, trailing_metadata=errors.trailing_metadata(err))
 
 
@@ -115,7 +109,9 @@ def _record(method: str, code: str, started: float) -> None:
     meters.rpc_calls.add(1, attributes)
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, method: str = "") -> grpc.RpcMethodHandler:
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, method: str = "", mapper: ErrorMapper | None = None
+) -> grpc.RpcMethodHandler:
     """Wrap a method handler so exceptions become statuses (see to_mabeam_error)."""
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
@@ -129,8 +125,8 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str = "") -> grpc.RpcM
                 code = "ABORTED_BY_HANDLER"
                 raise
             except Exception as exc:
-                code = to_mabeam_error(exc).code.name
-                await _abort(context, exc)
+                code = to_mabeam_error(exc, mapper).code.name
+                await _abort(context, exc, mapper)
             finally:
                 _record(method, code, started)
 
@@ -147,7 +143,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str = "") -> grpc.RpcM
             except (aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                await _abort(context, exc)
+                await _abort(context, exc, mapper)
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer
@@ -161,7 +157,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str = "") -> grpc.RpcM
             except (aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                await _abort(context, exc)
+                await _abort(context, exc, mapper)
 
         return grpc.stream_unary_rpc_method_handler(
             stream_unary, handler.request_deserializer, handler.response_serializer
@@ -176,7 +172,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str = "") -> grpc.RpcM
         except (aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, mapper)
 
     return grpc.stream_stream_rpc_method_handler(
         stream_stream, handler.request_deserializer, handler.response_serializer
@@ -186,7 +182,8 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str = "") -> grpc.RpcM
 class ErrorInterceptor(aio.ServerInterceptor):
     """Turns handler exceptions into gRPC statuses from the one error table."""
 
-    def __init__(self) -> None:
+    def __init__(self, mapper: ErrorMapper | None = None) -> None:
+        self._mapper = mapper
         # Handlers are fixed per method: wrap each once, not on every call.
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -202,24 +199,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return handler
-        wrapped = _wrap_handler(handler, method)
+        wrapped = _wrap_handler(handler, method, self._mapper)
         self._wrapped[method] = wrapped
         return wrapped
-
-
-def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
-    """TLS credentials for a server; with a CA, clients must present a certificate."""
-    with open(tls.key_file, "rb") as f:
-        key = f.read()
-    with open(tls.cert_file, "rb") as f:
-        cert = f.read()
-    ca = None
-    if tls.ca_file:
-        with open(tls.ca_file, "rb") as f:
-            ca = f.read()
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-    )
 
 
 class PortInUse(mesh_config.ConfigError):
@@ -260,13 +242,14 @@ class MeshServer:
         *,
         instance_id: str | None = None,
         interceptors: Sequence[aio.ServerInterceptor] = (),
+        error_mapper: ErrorMapper | None = None,
     ) -> None:
         self.kind = kind
         self.config = config
         self.instance_id = (
             instance_id or f"{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
-        self._interceptors = [*telemetry.server_interceptors(), ErrorInterceptor(), *interceptors]
+        self._interceptors = [*telemetry.server_interceptors(), ErrorInterceptor(error_mapper), *interceptors]
         self._server = aio.server(interceptors=self._interceptors, options=SERVER_OPTIONS)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -324,7 +307,7 @@ class MeshServer:
         bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             if self.config.tls is not None:
-                bound = self._server.add_secure_port(bind, server_credentials(self.config.tls))
+                bound = self._server.add_secure_port(bind, self.config.tls.server_credentials())
             else:
                 bound = self._server.add_insecure_port(bind)
         except RuntimeError as exc:
@@ -373,22 +356,6 @@ class MeshServer:
         await self._server.wait_for_termination()
 
 
-BuildFn = Callable[[MeshServer, Any], Awaitable[None]]
-
-
-def _configure_logging() -> None:
-    level = os.environ.get("MABEAM_LOG_LEVEL", "INFO").upper()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(telemetry.TraceIdFilter())  # type: ignore[arg-type]
-    handler.setFormatter(
-        logging.Formatter(
-            '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-            '"trace_id":"%(trace_id)s","message":%(message)r}'
-        )
-    )
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
-
-
 async def serve_until_signalled(
     servers: Sequence[MeshServer], stop_event: asyncio.Event | None = None
 ) -> None:
@@ -403,63 +370,3 @@ async def serve_until_signalled(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
-
-
-async def start_service(
-    kind: str, build: BuildFn, config: MeshConfig, *, port: int | None = None
-) -> MeshServer:
-    """Connect to etcd, build the service ``kind`` and start it; the caller stops it.
-
-    Used by the service entry points, by ``mabeam up`` (in-process) and by tests.
-    """
-    from mabeam import discovery, etcd
-
-    if not config.etcd_endpoints:
-        raise mesh_config.ConfigError(f"{kind}: no etcd endpoints: pass --etcd URL or set MABEAM_ETCD")
-    client = await etcd.connect(config.etcd_endpoints, tls=config.etcd_tls)
-    server = MeshServer(kind, config)
-
-    async def close_client() -> None:
-        with contextlib.suppress(Exception):
-            await client.close()
-
-    server.on_stop(close_client)
-    try:
-        await build(server, client)
-        await server.start(port)
-        await discovery.publish(server, client)
-    except BaseException:
-        await server.stop(0)
-        raise
-    return server
-
-
-def run_service(kind: str, build: BuildFn, argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m mabeam.services.<kind>``: serve until SIGTERM/SIGINT."""
-    parser = argparse.ArgumentParser(prog=f"mabeam-{kind}", description=f"the mabeam {kind} service")
-    mesh_config.add_mesh_arguments(parser, services=(kind,))
-    parser.add_argument("--port", type=int, help=f"alias of --{kind}-port")
-    args = parser.parse_args(argv)
-    if args.port is not None:
-        setattr(args, f"{kind}_port", args.port)
-    _configure_logging()
-    try:
-        config = mesh_config.load(args)
-    except mesh_config.ConfigError as exc:
-        print(f"mabeam {kind}: {exc}", file=sys.stderr)
-        return 2
-    telemetry.configure(service_name=f"mabeam-{kind}")
-    telemetry.configure_metrics(service_name=f"mabeam-{kind}")
-
-    async def main() -> int:
-        try:
-            server = await start_service(kind, build, config)
-        except mesh_config.ConfigError as exc:
-            print(f"mabeam {kind}: {exc}", file=sys.stderr)
-            return 2
-        # One parseable line: tests and `mabeam up` read the bound address from it.
-        print(f"mabeam {kind} serving on {server.address}", flush=True)
-        await serve_until_signalled([server])
-        return 0
-
-    return asyncio.run(main())

@@ -1,15 +1,16 @@
 """OpenTelemetry wiring shared by every server and client of the mesh.
 
-Tracing is off by default (it costs every call). The standard variables
-switch it on: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (OTLP over gRPC) or
-``OTEL_TRACES_EXPORTER=console``; an embedding program may instead install
-its own tracer provider (tests install one with an in-memory exporter) and
-call :func:`enable`. Health checks are never traced.
+Only the OpenTelemetry API and the gRPC instrumentation are used here, and
+only once tracing is on: exporters and providers are the business of the
+program (the services install them from the standard ``OTEL_*`` variables,
+:mod:`mabeam.runtime.exporters`). Tracing is off by default (it costs every
+call); an embedding program installs its own tracer provider (tests install
+one with an in-memory exporter) and calls :func:`enable`. Health checks are
+never traced.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 _enabled = False
@@ -32,38 +33,6 @@ def disable() -> None:
 def enabled() -> bool:
     """True when servers and clients created now get tracing interceptors."""
     return _enabled
-
-
-def configure(service_name: str) -> None:
-    """Install a tracer provider from the standard ``OTEL_*`` environment, when it asks for one.
-
-    ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``)
-    sends spans over OTLP/gRPC; ``OTEL_TRACES_EXPORTER=console`` prints them;
-    ``OTEL_TRACES_EXPORTER=none`` (or nothing set) leaves tracing off.
-    """
-    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    otlp = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
-    if exporter == "none" or (not exporter and not otlp):
-        return
-    from opentelemetry import trace
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-
-    name = os.environ.get("OTEL_SERVICE_NAME", service_name)
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
-    span_exporter: SpanExporter
-    if exporter == "console":
-        span_exporter = ConsoleSpanExporter()
-    else:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        span_exporter = OTLPSpanExporter()  # endpoint, headers, TLS: from the OTEL_* variables
-    provider.add_span_processor(BatchSpanProcessor(span_exporter))
-    trace.set_tracer_provider(provider)
-    enable()
 
 
 def _health_filter() -> Any:
@@ -93,9 +62,9 @@ def client_interceptors() -> list[Any]:
 # -- metrics -------------------------------------------------------------------------
 #
 # Instruments come from the OpenTelemetry API: they cost next to nothing until a
-# meter provider is installed — by configure() when MABEAM_METRICS_PORT asks for
-# a Prometheus endpoint, or by an embedding program (tests install an in-memory
-# reader).
+# meter provider is installed — by the services' exporters
+# (mabeam.runtime.exporters) when MABEAM_METRICS_PORT asks for a Prometheus
+# endpoint, or by an embedding program (tests install an in-memory reader).
 
 
 def meter() -> Any:
@@ -141,24 +110,6 @@ def observe(name: str, description: str, read: Any) -> None:
     meter().create_observable_gauge(
         name, callbacks=[lambda options: [Observation(read())]], description=description
     )
-
-
-def configure_metrics(service_name: str) -> None:
-    """Serve Prometheus metrics on MABEAM_METRICS_PORT (off when unset)."""
-    port = os.environ.get("MABEAM_METRICS_PORT", "").strip()
-    if not port:
-        return
-    from opentelemetry import metrics
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.resources import Resource
-    from prometheus_client import start_http_server
-
-    start_http_server(int(port), addr=os.environ.get("MABEAM_METRICS_HOST", "127.0.0.1"))
-    provider = MeterProvider(
-        metric_readers=[PrometheusMetricReader()], resource=Resource.create({"service.name": service_name})
-    )
-    metrics.set_meter_provider(provider)
 
 
 class TraceIdFilter:

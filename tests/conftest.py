@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# Set before grpc loads: tests fork etcd, services and agents from a process
+# running grpc threads; grpc's fork handlers only log noise there.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 pytest_plugins = ["harness.etcd_fixtures", "harness.mesh_fixtures", "harness.cluster_fixtures"]
 

@@ -14,8 +14,8 @@ from google.protobuf import struct_pb2
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
 from mabeam.config import MeshConfig
-from mabeam.embedded_etcd import EmbeddedEtcd
-from mabeam.etcd import EtcdClient, connect, snapshot
+from mabeam.runtime.embedded_etcd import EmbeddedEtcd
+from mabeam.runtime.etcd import EtcdClient, connect, snapshot
 from mabeam.server import MeshServer
 from mabeam.v1 import agent_pb2, common_pb2
 from mabeam.v1 import coordination_pb2 as C

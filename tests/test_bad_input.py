@@ -46,12 +46,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.wait import eventually
-from mabeam import errors, validate
+from mabeam import errors
 from mabeam.agent import Agent, AgentHost
 from mabeam.config import MeshConfig
-from mabeam.embedded_etcd import free_port
-from mabeam.etcd import EtcdClient, LeaseKeeper, snapshot
-from mabeam.process import pid_alive
+from mabeam.runtime import validate
+from mabeam.runtime.embedded_etcd import free_port
+from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, snapshot
+from mabeam.runtime.process import pid_alive
 from mabeam.server import MeshServer
 from mabeam.services.registry.store import RegistryStore
 from mabeam.v1 import (

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 from harness.wait import eventually
-from mabeam import errors, process
+from mabeam import errors
 from mabeam.client import MeshClient
-from mabeam.embedded_etcd import free_port
+from mabeam.runtime import process
+from mabeam.runtime.embedded_etcd import free_port
 from mabeam.server import MeshServer
 from mabeam.v1 import common_pb2
 from mabeam.v1 import orchestrator_pb2 as O

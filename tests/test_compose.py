@@ -22,7 +22,7 @@ import pytest
 
 from harness.wait import eventually
 from mabeam.client import MeshClient
-from mabeam.embedded_etcd import EmbeddedEtcd, free_port
+from mabeam.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from mabeam.v1 import registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from mabeam import errors
 from mabeam.client import MeshClient
 from mabeam.config import MeshConfig
 from mabeam.discovery import EndpointResolver
-from mabeam.etcd import EtcdClient
+from mabeam.runtime.etcd import EtcdClient
 from mabeam.server import MeshServer
 from mabeam.v1 import planner_pb2, registry_pb2
 
@@ -20,7 +20,7 @@ async def test_clients_find_and_leave_replicas_through_etcd(
     service: Callable[..., Awaitable[MeshServer]], mesh_config: MeshConfig, etcd_client: EtcdClient
 ) -> None:
     a, b = await service("registry"), await service("registry")
-    resolver = EndpointResolver(etcd_client, mesh_config.prefix, "registry")
+    resolver = EndpointResolver(mesh_config.etcd_endpoints, mesh_config.prefix, "registry")
     await resolver.start()
     try:
         assert sorted(resolver.addresses()) == sorted([a.address, b.address])

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from mabeam.embedded_etcd import EmbeddedEtcd, EtcdCluster, EtcdStartError, free_port
-from mabeam.etcd import UNREACHABLE, connect
-from mabeam.process import pid_alive
+from mabeam.runtime.embedded_etcd import EmbeddedEtcd, EtcdCluster, EtcdStartError, free_port
+from mabeam.runtime.etcd import UNREACHABLE, connect
+from mabeam.runtime.process import pid_alive
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,7 +121,7 @@ async def test_etcd_dies_with_a_parent_killed_by_sigkill(tmp_path: Path) -> None
     # The killed parent cannot remove a temporary directory: give it one pytest removes.
     code = (
         "import asyncio, os\n"
-        "from mabeam.embedded_etcd import EmbeddedEtcd\n"
+        "from mabeam.runtime.embedded_etcd import EmbeddedEtcd\n"
         "async def main():\n"
         f"    e = EmbeddedEtcd({str(tmp_path / 'data')!r}, unsafe_no_fsync=True)\n"
         "    await e.start()\n"

@@ -10,15 +10,14 @@ import aetcd.exceptions
 import pytest
 
 from harness.certs import make_certs
-from mabeam.cache import PrefixCache
-from mabeam.embedded_etcd import EmbeddedEtcd, free_port
-from mabeam.etcd import (
+from mabeam.runtime.cache import PrefixCache
+from mabeam.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from mabeam.runtime.etcd import (
     UNREACHABLE,
     ClientClosedError,
     Election,
     ElectionLost,
     EtcdClient,
-    EtcdTLS,
     LeaseKeeper,
     ResumingWatch,
     WatchCompacted,
@@ -30,6 +29,7 @@ from mabeam.etcd import (
     snapshot_and_watch,
     try_acquire,
 )
+from mabeam.tls import TLS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,7 +105,7 @@ async def test_tls_and_client_certificates(tmp_path: Path) -> None:
     )
     async with server:
         assert server.endpoint.startswith("https://")
-        mtls = EtcdTLS(ca_file=pem["ca"], cert_file=pem["client"], key_file=pem["client-key"])
+        mtls = TLS(ca_file=pem["ca"], cert_file=pem["client"], key_file=pem["client-key"])
         # Several endpoints (the first one dead): TLS still checks the certificate.
         dead = f"https://127.0.0.1:{free_port()}"
         for endpoints in ([server.endpoint], [dead, server.endpoint]):
@@ -115,13 +115,13 @@ async def test_tls_and_client_certificates(tmp_path: Path) -> None:
             assert got is not None and got.value == b"yes"
             await client.close()
         # Without a client certificate, or trusting another CA, etcd cannot be used.
-        for tls in (EtcdTLS(ca_file=pem["ca"]), EtcdTLS(ca_file=pem["client"])):
+        for tls in (TLS(ca_file=pem["ca"]), TLS(ca_file=pem["client"])):
             client = await connect([server.endpoint], tls=tls, timeout=5)
             with pytest.raises(UNREACHABLE):
                 await client.get(b"/tls")
             await client.close()
     with pytest.raises(ValueError):
-        EtcdTLS(cert_file=pem["client"]).credentials()
+        TLS(cert_file=pem["client"]).channel_credentials()
 
 
 # -- LeaseKeeper ----------------------------------------------------------------------

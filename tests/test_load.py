@@ -47,11 +47,12 @@ from typing import Any
 
 import pytest
 
-from mabeam import errors, process
+from mabeam import errors
 from mabeam.agent import percentile
 from mabeam.client import MeshClient, list_all
-from mabeam.embedded_etcd import EmbeddedEtcd
-from mabeam.mesh import LocalMesh
+from mabeam.runtime import process
+from mabeam.runtime.embedded_etcd import EmbeddedEtcd
+from mabeam.runtime.mesh import LocalMesh
 from mabeam.v1 import common_pb2, coordination_pb2, planner_pb2, registry_pb2
 
 LOAD_SECONDS = float(os.environ.get("MABEAM_LOAD_SECONDS", "60"))

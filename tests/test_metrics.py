@@ -17,7 +17,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from harness.wait import eventually
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
-from mabeam.embedded_etcd import EmbeddedEtcd, free_port
+from mabeam.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from mabeam.server import MeshServer
 from mabeam.v1 import agent_pb2, common_pb2, registry_pb2
 from mabeam.v1 import coordination_pb2 as C

@@ -16,7 +16,7 @@ from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
-from mabeam.process import pid_alive
+from mabeam.runtime.process import pid_alive
 from mabeam.server import MeshServer
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, registry_pb2
 

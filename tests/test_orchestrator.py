@@ -19,8 +19,8 @@ from mabeam import errors
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
 from mabeam.config import MeshConfig
-from mabeam.etcd import EtcdClient, snapshot
-from mabeam.mesh import LocalMesh
+from mabeam.runtime.etcd import EtcdClient, snapshot
+from mabeam.runtime.mesh import LocalMesh
 from mabeam.server import MeshServer
 from mabeam.v1 import agent_pb2, common_pb2, registry_pb2
 from mabeam.v1 import orchestrator_pb2 as O

@@ -19,7 +19,7 @@ from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost, from_value
 from mabeam.client import MeshClient
-from mabeam.mesh import LocalMesh
+from mabeam.runtime.mesh import LocalMesh
 from mabeam.server import MeshServer
 from mabeam.v1 import agent_pb2
 from mabeam.v1 import planner_pb2 as P

@@ -18,7 +18,7 @@ from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
-from mabeam.mesh import LocalMesh
+from mabeam.runtime.mesh import LocalMesh
 from mabeam.server import MeshServer
 from mabeam.v1 import registry_pb2
 
@@ -140,7 +140,7 @@ async def test_supervision_moves_to_the_surviving_replica(
 async def test_re_registers_after_an_etcd_restart(private_etcd, mesh_config) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
-    from mabeam.server import start_service
+    from mabeam.runtime.service import start_service
     from mabeam.services.registry.server import build
 
     config = replace(mesh_config, etcd_endpoints=(private_etcd.endpoint,))

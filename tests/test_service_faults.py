@@ -33,10 +33,11 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from harness.fault_agents import bid_value
 from harness.wait import eventually
-from mabeam import errors, process
+from mabeam import errors
 from mabeam.agent import from_value
 from mabeam.client import MeshClient
-from mabeam.mesh import LocalMesh, ServiceProcess
+from mabeam.runtime import process
+from mabeam.runtime.mesh import LocalMesh, ServiceProcess
 from mabeam.v1 import common_pb2, orchestrator_pb2, registry_pb2
 from mabeam.v1 import coordination_pb2 as C
 from mabeam.v1 import planner_pb2 as P

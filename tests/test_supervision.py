@@ -14,7 +14,7 @@ from google.protobuf import duration_pb2
 from harness.wait import eventually
 from mabeam import errors
 from mabeam.client import MeshClient
-from mabeam.process import pid_alive
+from mabeam.runtime.process import pid_alive
 from mabeam.server import MeshServer
 from mabeam.v1 import registry_pb2
 

@@ -13,9 +13,10 @@ from grpc import aio
 from harness.certs import make_certs
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
-from mabeam.client import ClientTLS, MeshClient
-from mabeam.config import MeshConfig, TLSConfig
+from mabeam.client import MeshClient
+from mabeam.config import MeshConfig
 from mabeam.server import MeshServer
+from mabeam.tls import TLS
 from mabeam.v1 import agent_pb2, common_pb2, registry_pb2, registry_pb2_grpc
 from mabeam.v1 import coordination_pb2 as C
 
@@ -37,11 +38,11 @@ async def test_mesh_with_mutual_tls(
     tmp_path: Path, mesh_config: MeshConfig, service: Callable[..., Awaitable[MeshServer]]
 ) -> None:
     pem = make_certs(tmp_path)
-    tls = TLSConfig(cert_file=pem["server"], key_file=pem["server-key"], ca_file=pem["ca"])
+    tls = TLS(cert_file=pem["server"], key_file=pem["server-key"], ca_file=pem["ca"])
     config = replace(mesh_config, tls=tls)
     registry = await service("registry", config)
     coordination = await service("coordination", config)
-    client_tls = ClientTLS(ca_file=pem["ca"], cert_file=pem["client"], key_file=pem["client-key"])
+    client_tls = TLS(ca_file=pem["ca"], cert_file=pem["client"], key_file=pem["client-key"])
     # Agents serve with the mesh's certificate and call the registry with it.
     host = AgentHost(
         [Bidder("s1", 3), Bidder("s2", 8)], registry=registry.address, tls=tls, client_tls=config.client_tls()
@@ -67,7 +68,7 @@ async def test_mesh_with_mutual_tls(
         )  # coordination -> agents over mTLS
 
         # A client without a certificate is refused, and so is a plaintext one.
-        no_cert = await MeshClient.connect(registry=registry.address, tls=ClientTLS(ca_file=pem["ca"]))
+        no_cert = await MeshClient.connect(registry=registry.address, tls=TLS(ca_file=pem["ca"]))
         with pytest.raises(errors.Unavailable):
             await no_cert.registry.ListAgents(registry_pb2.ListAgentsRequest())
         await no_cert.close()

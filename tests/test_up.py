@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mabeam.embedded_etcd import free_port
-from mabeam.process import pid_alive
+from mabeam.runtime.embedded_etcd import free_port
+from mabeam.runtime.process import pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORTS = {"registry": 50051, "orchestrator": 50052, "coordination": 50053, "planner": 50054}

@@ -16,10 +16,11 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from mabeam import errors, validate
-from mabeam.cache import PrefixCache
+from mabeam import errors
 from mabeam.client import ChannelPool, MeshClient, list_all
-from mabeam.etcd import EtcdClient, ResumingWatch, snapshot
+from mabeam.runtime import validate
+from mabeam.runtime.cache import PrefixCache
+from mabeam.runtime.etcd import EtcdClient, ResumingWatch, snapshot
 from mabeam.server import MeshServer
 from mabeam.services.coordination import runs
 from mabeam.services.coordination.engine import FanOut, Participant, Session, struct
@@ -76,7 +77,10 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         await self.plugins.start()
         config = self._server.config
         self._mesh = await MeshClient.connect(
-            etcd=list(config.etcd_endpoints), prefix=config.prefix, tls=config.client_tls()
+            etcd=list(config.etcd_endpoints),
+            prefix=config.prefix,
+            tls=config.client_tls(),
+            etcd_tls=config.etcd_tls,
         )
 
     async def stop(self) -> None:
@@ -469,7 +473,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
 
 
 async def build(server: MeshServer, etcd: EtcdClient) -> None:
-    """Add the coordination servicer to ``server`` (called by mabeam.server.start_service)."""
+    """Add the coordination servicer to ``server`` (called by mabeam.runtime.service.start_service)."""
     servicer = CoordinationServicer(server, etcd)
     await servicer.start()
     server.on_stop(servicer.stop)

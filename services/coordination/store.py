@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mabeam.config import MeshConfig
-from mabeam.etcd import EtcdClient, snapshot
+from mabeam.runtime.etcd import EtcdClient, snapshot
 from mabeam.v1 import coordination_pb2
 
 END_MARKER = b"~end"

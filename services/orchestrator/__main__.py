@@ -1,8 +1,14 @@
 """`python -m mabeam.services.orchestrator`: run one orchestrator replica until SIGTERM/SIGINT."""
 
+import os
 import sys
 
-from mabeam.server import run_service
+# Set before grpc loads: the registry forks supervised agents from a process
+# running grpc threads; grpc's fork handlers only log noise there, and the
+# children exec at once.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+from mabeam.runtime.service import run_service
 from mabeam.services.orchestrator.server import build
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from mabeam import errors, validate
-from mabeam.cache import PrefixCache
+from mabeam import errors
 from mabeam.client import MeshClient
-from mabeam.etcd import EtcdClient, ResumingWatch, WatchCompacted, snapshot, while_leading
+from mabeam.runtime import validate
+from mabeam.runtime.cache import PrefixCache
+from mabeam.runtime.etcd import EtcdClient, ResumingWatch, WatchCompacted, snapshot, while_leading
 from mabeam.server import MeshServer
 from mabeam.services.orchestrator import variables as V
 from mabeam.services.orchestrator.store import VariableStore, variable_from_kv
@@ -71,7 +72,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         await self.bindings.start()
         config = self._server.config
         self._mesh = await MeshClient.connect(
-            etcd=list(config.etcd_endpoints), prefix=config.prefix, tls=config.client_tls()
+            etcd=list(config.etcd_endpoints),
+            prefix=config.prefix,
+            tls=config.client_tls(),
+            etcd_tls=config.etcd_tls,
         )
 
     async def stop(self) -> None:
@@ -478,7 +482,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
 
 async def build(server: MeshServer, etcd: EtcdClient) -> None:
-    """Add the orchestrator servicer to ``server`` (called by mabeam.server.start_service)."""
+    """Add the orchestrator servicer to ``server`` (called by mabeam.runtime.service.start_service)."""
     servicer = OrchestratorServicer(server, etcd)
     await servicer.start()
     server.on_stop(servicer.stop)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from mabeam.config import MeshConfig
-from mabeam.etcd import EtcdClient
+from mabeam.runtime.etcd import EtcdClient
 from mabeam.v1 import orchestrator_pb2
 
 

@@ -16,10 +16,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mabeam import errors, telemetry, validate
-from mabeam.cache import PrefixCache
+from mabeam import errors, telemetry
 from mabeam.client import ChannelPool, MeshClient
-from mabeam.etcd import EtcdClient, LeaseKeeper, ResumingWatch, snapshot, try_acquire
+from mabeam.runtime import validate
+from mabeam.runtime.cache import PrefixCache
+from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, ResumingWatch, snapshot, try_acquire
 from mabeam.server import MeshServer
 from mabeam.services.planner import dag
 from mabeam.services.planner.runner import GoalRunner, now_ts
@@ -64,7 +65,10 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     async def start(self) -> None:
         config = self._server.config
         self._mesh = await MeshClient.connect(
-            etcd=list(config.etcd_endpoints), prefix=config.prefix, tls=config.client_tls()
+            etcd=list(config.etcd_endpoints),
+            prefix=config.prefix,
+            tls=config.client_tls(),
+            etcd_tls=config.etcd_tls,
         )
         for cache in (self.goals, self.owners, self.cancels):
             cache.add_listener(lambda *a: self._wake.set())
@@ -282,7 +286,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
 
 
 async def build(server: MeshServer, etcd: EtcdClient) -> None:
-    """Add the planner servicer to ``server`` (called by mabeam.server.start_service)."""
+    """Add the planner servicer to ``server`` (called by mabeam.runtime.service.start_service)."""
     servicer = PlannerServicer(server, etcd)
     await servicer.start()
     server.on_stop(servicer.stop)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mabeam.config import MeshConfig
-from mabeam.etcd import EtcdClient, snapshot
+from mabeam.runtime.etcd import EtcdClient, snapshot
 from mabeam.v1 import planner_pb2
 
 

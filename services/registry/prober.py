@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mabeam.client import ChannelPool
-from mabeam.etcd import EtcdClient, while_leading
+from mabeam.runtime.etcd import EtcdClient, while_leading
 from mabeam.server import MeshServer
 from mabeam.services.registry.store import RegistryStore
 from mabeam.v1 import registry_pb2

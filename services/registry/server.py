@@ -16,9 +16,10 @@ from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from mabeam import errors, telemetry, validate
-from mabeam.cache import PrefixCache
-from mabeam.etcd import UNREACHABLE, EtcdClient, KeepAliveStream, ResumingWatch, WatchCompacted
+from mabeam import errors, telemetry
+from mabeam.runtime import validate
+from mabeam.runtime.cache import PrefixCache
+from mabeam.runtime.etcd import UNREACHABLE, EtcdClient, KeepAliveStream, ResumingWatch, WatchCompacted
 from mabeam.server import MeshServer
 from mabeam.services.registry import prober
 from mabeam.services.registry import supervisor as supervision
@@ -510,7 +511,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
 
 async def build(server: MeshServer, etcd: EtcdClient) -> None:
-    """Add the registry servicer to ``server`` (called by mabeam.server.start_service)."""
+    """Add the registry servicer to ``server`` (called by mabeam.runtime.service.start_service)."""
     servicer = RegistryServicer(server, etcd)
     await servicer.directory.start()
     server.on_stop(servicer.directory.stop)

@@ -25,7 +25,7 @@ import secrets
 from dataclasses import dataclass
 
 from mabeam.config import MeshConfig
-from mabeam.etcd import EtcdClient
+from mabeam.runtime.etcd import EtcdClient
 from mabeam.v1 import common_pb2, registry_pb2
 
 

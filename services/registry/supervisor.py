@@ -33,11 +33,12 @@ import grpc
 from google.protobuf import timestamp_pb2
 from grpc import aio
 
-from mabeam import errors, process, validate
-from mabeam.cache import PrefixCache
+from mabeam import errors
 from mabeam.client import ChannelPool
 from mabeam.discovery import EndpointResolver
-from mabeam.etcd import EtcdClient, LeaseKeeper, release, try_acquire
+from mabeam.runtime import process, validate
+from mabeam.runtime.cache import PrefixCache
+from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, release, try_acquire
 from mabeam.server import MeshServer
 from mabeam.services.registry.restart_policy import RestartPolicy, RestartTracker, Strategy
 from mabeam.services.registry.store import RegistryStore, decode_supervised, new_token
@@ -143,7 +144,8 @@ class Supervisor:
         self.owners.add_listener(lambda *a: self._wake.set())
         self._keeper = LeaseKeeper(self._etcd, self._server.config.service_ttl)
         await self._keeper.start()
-        self._peers = EndpointResolver(self._etcd, self._server.config.prefix, "registry")
+        config = self._server.config
+        self._peers = EndpointResolver(config.etcd_endpoints, config.prefix, "registry", tls=config.etcd_tls)
         await self._peers.start()
         self._server.spawn(self._reconcile_loop(), "supervisor")
         self._server.on_stop(self.stop)

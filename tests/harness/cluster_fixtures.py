@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mabeam.config import SERVICES, MeshConfig
-from mabeam.mesh import LocalMesh
+from mabeam.runtime.mesh import LocalMesh
 
 # Short service-endpoint leases, so a killed replica leaves discovery quickly.
 SERVICE_TTL = 2

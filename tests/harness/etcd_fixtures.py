@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mabeam.embedded_etcd import EmbeddedEtcd
-from mabeam.etcd import EtcdClient, connect
+from mabeam.runtime.embedded_etcd import EmbeddedEtcd
+from mabeam.runtime.etcd import EtcdClient, connect
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,10 @@ from dataclasses import replace
 import pytest
 
 from mabeam.config import SERVICES, MeshConfig
-from mabeam.embedded_etcd import free_port as _free_port
-from mabeam.mesh import LocalMesh
-from mabeam.server import MeshServer, start_service
+from mabeam.runtime.embedded_etcd import free_port as _free_port
+from mabeam.runtime.mesh import LocalMesh
+from mabeam.runtime.service import start_service
+from mabeam.server import MeshServer
 
 
 def _builder(kind: str) -> Callable[..., Awaitable[None]]:

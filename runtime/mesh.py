@@ -2,7 +2,7 @@
 
 One implementation serves ``mabeam up``, the test fixtures and ``mabeam bench``.
 Services run as separate processes (as in production, and so a mesh uses more
-than one core); each is started with :func:`mabeam.process.spawn`, so none
+than one core); each is started with :func:`mabeam.runtime.process.spawn`, so none
 outlives the process that started it.
 """
 
@@ -22,9 +22,9 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mabeam import process
 from mabeam.config import SERVICE_NAMES, SERVICES, MeshConfig
-from mabeam.embedded_etcd import EmbeddedEtcd, EtcdCluster
+from mabeam.runtime import process
+from mabeam.runtime.embedded_etcd import EmbeddedEtcd, EtcdCluster
 
 # Replica n of a service on a fixed port listens on that port + n * REPLICA_PORT_STEP
 # (registry 50051, 50151, ...); etcd member n on its ports + n * ETCD_PORT_STEP.

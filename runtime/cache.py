@@ -1,7 +1,7 @@
 """A watch-fed cache of everything under an etcd prefix.
 
 Services answer lookups from memory instead of an etcd read per call: the
-cache lists the prefix once, then follows a :class:`mabeam.etcd.ResumingWatch`
+cache lists the prefix once, then follows a :class:`mabeam.runtime.etcd.ResumingWatch`
 from the next revision, so it sees every change exactly once, also across
 etcd restarts. If the revision was compacted meanwhile, it lists again. etcd
 stays the source of truth: the cache is only ever fed from it.
@@ -15,10 +15,10 @@ import logging
 from collections.abc import Callable, ItemsView
 from typing import Generic, TypeVar
 
-from mabeam.etcd import EtcdClient, ResumingWatch, WatchCompacted, WatchEvent, snapshot
+from mabeam.runtime.etcd import EtcdClient, ResumingWatch, WatchCompacted, WatchEvent, snapshot
 
 T = TypeVar("T")
-log = logging.getLogger("mabeam.cache")
+log = logging.getLogger("mabeam.runtime.cache")
 
 Listener = Callable[[str, bytes, "T | None", "T | None", int], None]
 

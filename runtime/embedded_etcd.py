@@ -33,7 +33,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mabeam import process
+from mabeam.runtime import process
 
 __all__ = ["EmbeddedEtcd", "EtcdCluster", "EtcdStartError", "etcd_binary", "free_port"]
 
@@ -134,7 +134,7 @@ class EmbeddedEtcd:
     Example::
 
         async with EmbeddedEtcd(unsafe_no_fsync=True) as etcd:
-            client = await mabeam.etcd.connect([etcd.endpoint])
+            client = await mabeam.runtime.etcd.connect([etcd.endpoint])
     """
 
     def __init__(
@@ -408,7 +408,7 @@ class EtcdCluster:
     Example::
 
         async with EtcdCluster(3, unsafe_no_fsync=True) as cluster:
-            client = await mabeam.etcd.connect(cluster.endpoints)
+            client = await mabeam.runtime.etcd.connect(cluster.endpoints)
             cluster.members[await cluster.leader_index()].kill()
     """
 
@@ -510,7 +510,7 @@ class EtcdCluster:
         """
         import aetcd.rpc
 
-        from mabeam.etcd import connect
+        from mabeam.runtime.etcd import connect
 
         ids: dict[int, int] = {}
         leader = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -58,10 +59,9 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    import os
     import time
 
-    from mabeam.mesh import LocalMesh, MeshStartError
+    from mabeam.runtime.mesh import LocalMesh, MeshStartError
     from mabeam.server import port_is_free
 
     started = time.monotonic()
@@ -166,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
     _bench_parser(sub)
-    from mabeam.backup import add_backup_parsers
-    from mabeam.goal_cli import add_goal_parser
-    from mabeam.ops_cli import add_ops_parsers
+    from mabeam.cli.goal import add_goal_parser
+    from mabeam.cli.ops import add_ops_parsers
+    from mabeam.runtime.backup import add_backup_parsers
 
     add_goal_parser(sub)
     add_ops_parsers(sub)
@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mabeam`` console script."""
+    # Before grpc loads: `up` forks etcd and the services from a process that
+    # may run grpc threads; grpc's fork handlers only log noise there, and the
+    # children exec at once.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -36,24 +36,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import random
-import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
 import aetcd.transactions
 import aetcd.watcher
-import grpc
 from aetcd import utils as aetcd_utils
 from grpc import aio
+
+from mabeam import errors
+from mabeam.etcd_target import grpc_target, open_channel
+from mabeam.etcd_target import split as grpc_target_check
+from mabeam.tls import TLS
 
 __all__ = [
     "UNREACHABLE",
@@ -61,7 +62,6 @@ __all__ = [
     "Election",
     "ElectionLost",
     "EtcdClient",
-    "EtcdTLS",
     "KeepAliveStream",
     "LeaseKeeper",
     "ResumingWatch",
@@ -72,10 +72,11 @@ __all__ = [
     "release",
     "snapshot",
     "snapshot_and_watch",
+    "to_mabeam_error",
     "try_acquire",
 ]
 
-log = logging.getLogger("mabeam.etcd")
+log = logging.getLogger("mabeam.runtime.etcd")
 
 UNREACHABLE: tuple[type[Exception], ...] = (
     aetcd.exceptions.ConnectionFailedError,
@@ -113,114 +114,22 @@ def _cancelled_by_caller() -> bool:
     return task is None or task.cancelling() > 0
 
 
+def to_mabeam_error(exc: BaseException) -> errors.MabeamError | None:
+    """etcd's exceptions in the mesh's error table (None for any other exception).
+
+    Unreachable or unable to commit is ``UNAVAILABLE`` (retryable); a request
+    etcd refused is a bug on our side, ``INTERNAL``, logged.
+    """
+    if isinstance(exc, UNREACHABLE):
+        return errors.Unavailable(f"etcd is unreachable: {exc}")
+    if isinstance(exc, aetcd.exceptions.ClientError):
+        log.exception("etcd refused a request", exc_info=exc)
+        return errors.Internal(f"etcd refused the request: {exc}")
+    return None
+
+
 class ClientClosedError(aetcd.exceptions.ClientError):
     """The :class:`EtcdClient` was closed; a closed client never reconnects."""
-
-
-@dataclass(frozen=True)
-class EtcdTLS:
-    """TLS to etcd: the CA that signed etcd's certificate, and a client certificate for mTLS.
-
-    ``ca_file`` None trusts the system roots; ``cert_file`` and ``key_file``
-    (PEM) are given together or not at all.
-    """
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        """grpc channel credentials made from the files (read now, once)."""
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("etcd TLS: cert_file and key_file go together")
-        return grpc.ssl_channel_credentials(
-            root_certificates=_read(self.ca_file),
-            private_key=_read(self.key_file),
-            certificate_chain=_read(self.cert_file),
-        )
-
-
-def _read(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _split(endpoints: Sequence[str]) -> tuple[list[tuple[str, int]], bool]:
-    if not endpoints:
-        raise ValueError("no etcd endpoints")
-    hosts: list[tuple[str, int]] = []
-    schemes: set[str] = set()
-    for raw in endpoints:
-        url = urlsplit(raw if "://" in raw else f"http://{raw}")
-        if url.scheme not in ("http", "https"):
-            raise ValueError(f"etcd endpoint {raw!r}: the scheme is http or https")
-        try:
-            port = url.port
-        except ValueError:
-            port = None
-        if not url.hostname or port is None:
-            raise ValueError(f"etcd endpoint {raw!r} needs a host and a port, e.g. http://127.0.0.1:2379")
-        schemes.add(url.scheme)
-        hosts.append((url.hostname, port))
-    if len(schemes) > 1:
-        raise ValueError(f"etcd endpoints mix http and https: {list(endpoints)}")
-    return hosts, schemes == {"https"}
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _address_list(hosts: Sequence[tuple[str, int]]) -> str:
-    if all(ipaddress.ip_address(h).version == 4 for h, _ in hosts):
-        return "ipv4:" + ",".join(f"{h}:{p}" for h, p in hosts)
-    if all(ipaddress.ip_address(h).version == 6 for h, _ in hosts):
-        return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in hosts)
-    raise ValueError("grpc cannot mix IPv4 and IPv6 addresses in one target")
-
-
-def grpc_target(endpoints: Sequence[str]) -> tuple[str, bool]:
-    """The grpc target for etcd endpoint URLs, and whether they use https.
-
-    One endpoint is ``host:port`` (grpc's DNS resolver, every address of the
-    name); several IP endpoints are one address list for ``pick_first``::
-
-        grpc_target(["http://127.0.0.1:2379", "http://127.0.0.1:2479"])
-        == ("ipv4:127.0.0.1:2379,127.0.0.1:2479", False)
-
-    Several endpoints given by name have no grpc target (grpc has no list of
-    names): :func:`connect` resolves them first. ValueError here.
-    """
-    hosts, secure = _split(endpoints)
-    if len(hosts) == 1:
-        host, port = hosts[0]
-        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), secure
-    if not all(_is_ip(h) for h, _ in hosts):
-        raise ValueError("several etcd endpoints by name: resolve them to addresses first (connect does)")
-    return _address_list(hosts), secure
-
-
-async def _resolve(hosts: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
-    loop = asyncio.get_running_loop()
-    out: list[tuple[str, int]] = []
-    for host, port in hosts:
-        if _is_ip(host):
-            out.append((host, port))
-            continue
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        for *_, sockaddr in infos:
-            address = (str(sockaddr[0]), port)
-            if address not in out:
-                out.append(address)
-    v4 = [a for a in out if ipaddress.ip_address(a[0]).version == 4]
-    # grpc takes one family per list; IPv4 is what compose networks and loopback use.
-    return v4 or out
 
 
 class EtcdClient(aetcd.Client):
@@ -242,9 +151,9 @@ class EtcdClient(aetcd.Client):
     watchstub: Any
 
     def __init__(
-        self, endpoints: Sequence[str], tls: EtcdTLS | None = None, timeout: float | None = None
+        self, endpoints: Sequence[str], tls: TLS | None = None, timeout: float | None = None
     ) -> None:
-        _split(endpoints)  # a malformed endpoint is an error now, not at the first call
+        grpc_target_check(endpoints)  # a malformed endpoint is an error now, not at the first call
         super().__init__(timeout=timeout)  # type: ignore[arg-type]
         self.endpoints = tuple(endpoints)
         self._tls = tls
@@ -278,22 +187,7 @@ class EtcdClient(aetcd.Client):
             return
         self._is_connecting = True
         try:
-            hosts, secure = _split(self.endpoints)
-            options = list(_CHANNEL_OPTIONS)
-            if len(hosts) == 1:
-                target, _ = grpc_target(self.endpoints)
-            else:
-                target = _address_list(await _resolve(hosts))
-                if secure or self._tls is not None:
-                    # An address list has no host name to check certificates
-                    # against: check the first endpoint's (name or IP SAN).
-                    named = [h for h, _ in hosts if not _is_ip(h)]
-                    options.append(("grpc.ssl_target_name_override", named[0] if named else hosts[0][0]))
-            if secure or self._tls is not None:
-                creds = (self._tls or EtcdTLS()).credentials()
-                self.channel = aio.secure_channel(target, creds, options=options)
-            else:
-                self.channel = aio.insecure_channel(target, options=options)
+            self.channel = await open_channel(self.endpoints, self._tls, _CHANNEL_OPTIONS)
             self.kvstub = aetcd.rpc.KVStub(self.channel)
             self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
             self.leasestub = aetcd.rpc.LeaseStub(self.channel)
@@ -342,7 +236,7 @@ class EtcdClient(aetcd.Client):
 
 
 async def connect(
-    endpoints: Sequence[str], *, tls: EtcdTLS | None = None, timeout: float | None = None
+    endpoints: Sequence[str], *, tls: TLS | None = None, timeout: float | None = None
 ) -> EtcdClient:
     """A connected :class:`EtcdClient` for ``endpoints``.
 

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mabeam.etcd import EtcdClient, connect, snapshot
+from mabeam.runtime.etcd import EtcdClient, connect, snapshot
 
 FORMAT = "mabeam-backup"
 VERSION = 1

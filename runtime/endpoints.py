@@ -1,0 +1,103 @@
+"""A service replica's endpoint in etcd, for discovery: published under a lease.
+
+Each replica puts ``<prefix>/services/<kind>/<instance_id>`` -> JSON
+``{"address": ..., "instance_id": ..., "pid": ...}`` bound to a lease it keeps
+alive; the key vanishes when the replica dies (within the TTL) or stops (at
+once). Clients find the live ones with :class:`mabeam.discovery.EndpointResolver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+
+from mabeam.discovery import endpoints_prefix
+from mabeam.runtime.etcd import EtcdClient, LeaseKeeper
+from mabeam.server import MeshServer
+
+log = logging.getLogger("mabeam.runtime.endpoints")
+
+
+class EndpointPublisher:
+    """Keeps one replica's endpoint key alive; re-publishes after a lost lease.
+
+    A lease is lost when etcd was unreachable for longer than the TTL (e.g. an
+    etcd restart); the replica is still alive, so it grants a new lease and
+    puts its key again, retrying with back-off until etcd answers.
+    """
+
+    def __init__(self, client: EtcdClient, key: bytes, value: bytes, ttl: int) -> None:
+        self._client = client
+        self._key = key
+        self._value = value
+        self._ttl = ttl
+        self._keeper: LeaseKeeper | None = None
+        self._stopped = False
+
+    async def publish(self) -> None:
+        """Grant a lease and put the key on it."""
+        keeper = LeaseKeeper(self._client, self._ttl)
+        await keeper.start()
+        try:
+            await self._client.put(self._key, self._value, lease=keeper.lease_id)
+        except BaseException:
+            await keeper.stop()
+            raise
+        self._keeper = keeper
+
+    async def run(self) -> None:
+        """Re-publish whenever the lease is lost, until withdrawn."""
+        delay = 0.1
+        while not self._stopped:
+            if self._keeper is not None:
+                await self._keeper.wait_lost()
+                if self._stopped:
+                    return
+                log.warning("endpoint lease of %s lost; publishing again", self._key.decode())
+                with contextlib.suppress(Exception):
+                    await self._keeper.stop()
+                self._keeper = None
+            try:
+                await self.publish()
+                delay = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("publishing %s failed (%s); retrying", self._key.decode(), exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def withdraw(self) -> None:
+        """Remove the key at once (revoke the lease); safe to call twice."""
+        self._stopped = True
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            with contextlib.suppress(Exception):
+                await keeper.revoke()
+            with contextlib.suppress(Exception):
+                await keeper.stop()
+
+
+async def publish(server: MeshServer, client: EtcdClient) -> EndpointPublisher:
+    """Publish ``server``'s address for discovery; withdrawn when it stops."""
+    kind = server.kind
+    key = endpoints_prefix(server.config.prefix, kind) + server.instance_id.encode()
+    value = json.dumps(
+        {
+            "address": server.address,
+            "instance_id": server.instance_id,
+            "pid": os.getpid(),
+            "started_at": time.time(),
+            "tls": server.config.tls is not None,
+        }
+    ).encode()
+    publisher = EndpointPublisher(client, key, value, server.config.service_ttl)
+    await publisher.publish()
+    server.spawn(publisher.run(), "endpoint-publisher")
+    # Withdraw before the grace period ends: clients stop picking this replica.
+    server.on_stop(publisher.withdraw)
+    return publisher
