@@ -254,14 +254,17 @@ async def list_all(call: Callable[[Any], Awaitable[Any]], request: Any, field: s
 class MeshClient:
     """Clients for the registry, orchestrator, coordination and planner services.
 
-    Attributes are typed as the generated stubs; calls go through
-    :class:`ServiceClient` (balancing, retry on another replica, typed errors).
+    Each attribute is a :class:`ServiceClient` (balancing, a resend to
+    another replica when safe, typed errors). It offers exactly the async
+    interface of the service's generated stub — the same methods, requests
+    and responses — so it is annotated with that interface
+    (``RegistryServiceAsyncStub``, ...) for type checkers and editors.
     """
 
-    registry: registry_pb2_grpc.RegistryServiceStub
-    orchestrator: orchestrator_pb2_grpc.OrchestratorServiceStub
-    coordination: coordination_pb2_grpc.CoordinationServiceStub
-    planner: planner_pb2_grpc.PlannerServiceStub
+    registry: registry_pb2_grpc.RegistryServiceAsyncStub
+    orchestrator: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub
+    coordination: coordination_pb2_grpc.CoordinationServiceAsyncStub
+    planner: planner_pb2_grpc.PlannerServiceAsyncStub
 
     _STUBS: dict[str, Callable[[aio.Channel], Any]] = {
         "registry": registry_pb2_grpc.RegistryServiceStub,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE = ["sdk", "services", "bench", "tests", "examples", "scripts"]
+CODE = ["sdk", "runtime", "services", "cli", "bench", "tests", "examples", "scripts"]
 
 pytestmark = pytest.mark.timeout(300)
 
