@@ -19,13 +19,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mabeam.client import ChannelPool
-from mabeam.runtime.etcd import EtcdClient, while_leading
 from mabeam.server import MeshServer
 from mabeam.services.registry.store import RegistryStore
 from mabeam.v1 import registry_pb2
 
 if TYPE_CHECKING:
-    from mabeam.services.registry.server import AgentDirectory
+    from mabeam.services.registry.directory import AgentDirectory
 
 log = logging.getLogger("mabeam.registry.prober")
 
@@ -50,11 +49,8 @@ async def probe(pool: ChannelPool, endpoint: str) -> int:
 class Prober:
     """Probes every registered endpoint while this replica leads the prober election."""
 
-    def __init__(
-        self, server: MeshServer, etcd: EtcdClient, store: RegistryStore, directory: AgentDirectory
-    ) -> None:
+    def __init__(self, server: MeshServer, store: RegistryStore, directory: AgentDirectory) -> None:
         self._server = server
-        self._etcd = etcd
         self._store = store
         self._directory = directory
         self._pool = ChannelPool(server.config.client_tls())
@@ -62,14 +58,8 @@ class Prober:
     async def run(self) -> None:
         """Probe while this replica leads the prober election; campaign again after losing it."""
         try:
-            await while_leading(
-                self._etcd,
-                self._store.keys.prober_election,
-                self._server.instance_id,
-                self._server.config.service_ttl,
-                self.probe_once,
-                PROBE_INTERVAL,
-                what="registry health prober",
+            await self._store.while_leading_prober(
+                self._server.instance_id, self._server.config.service_ttl, self.probe_once, PROBE_INTERVAL
             )
         finally:
             await self._pool.close()
@@ -84,18 +74,4 @@ class Prober:
             wanted = status_of.get(agent.endpoint, registry_pb2.AGENT_STATUS_UNKNOWN)
             stored = agent.status or registry_pb2.AGENT_STATUS_SERVING
             if wanted != stored:
-                await self._write_status(agent.agent_id, wanted)
-
-    async def _write_status(self, agent_id: str, status: int) -> None:
-        key = self._store.keys.agent(agent_id)
-        got = await self._etcd.get(key)
-        if got is None:
-            return
-        agent = registry_pb2.Agent.FromString(got.value)
-        agent.status = status  # type: ignore[assignment]
-        c = self._etcd
-        await c.transaction(
-            compare=[c.transactions.mod(key) == got.mod_revision],
-            success=[c.transactions.put(key, agent.SerializeToString(), lease=int(got.lease))],
-            failure=[],
-        )
+                await self._store.set_status(agent.agent_id, wanted)

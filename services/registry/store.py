@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mabeam.config import MeshConfig
-from mabeam.runtime.etcd import EtcdClient
+from mabeam.runtime.etcd import EtcdClient, KeepAliveStream, ResumingWatch, while_leading
 from mabeam.v1 import common_pb2, registry_pb2
 
 
@@ -64,7 +66,8 @@ class Keys:
     def agent(self, agent_id: str) -> bytes:
         return self.agents + agent_id.encode()
 
-    def token(self, agent_id: str) -> bytes:
+    def token_hash(self, agent_id: str) -> bytes:
+        """The hash of the token the agent registered with (:func:`token_hash`)."""
         return self.config.key("agent-tokens", agent_id)
 
     def load(self, agent_id: str) -> bytes:
@@ -73,7 +76,7 @@ class Keys:
     def supervised_agent(self, agent_id: str) -> bytes:
         return self.supervised + agent_id.encode()
 
-    def secret(self, agent_id: str) -> bytes:
+    def supervised_token(self, agent_id: str) -> bytes:
         """The token a supervised agent's processes register with (the supervisor chose it)."""
         return self.config.key("supervised-tokens", agent_id)
 
@@ -130,7 +133,7 @@ class RegistryStore:
             compare=[c.transactions.create(key) == expect_create_revision],
             success=[
                 c.transactions.put(key, agent.SerializeToString(), lease=lease_id),
-                c.transactions.put(self.keys.token(agent.agent_id), token_hash(token), lease=lease_id),
+                c.transactions.put(self.keys.token_hash(agent.agent_id), token_hash(token), lease=lease_id),
                 c.transactions.put(self.keys.load(agent.agent_id), load.SerializeToString(), lease=lease_id),
             ],
             failure=[],
@@ -142,7 +145,7 @@ class RegistryStore:
         """True when ``token`` is the live registration's token."""
         if not token:
             return False
-        got = await self.client.get(self.keys.token(agent_id))
+        got = await self.client.get(self.keys.token_hash(agent_id))
         return got is not None and secrets.compare_digest(bytes(got.value), token_hash(token))
 
     async def get_agent(self, agent_id: str) -> tuple[registry_pb2.Agent | None, int]:
@@ -173,3 +176,49 @@ class RegistryStore:
             failure=[],
         )
         return bool(ok)
+
+    async def grant_lease(self, ttl: int) -> Any:
+        """A new lease of ``ttl`` seconds for a registration (etcd may grant more: see ``.ttl``)."""
+        return await self.client.lease(ttl)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        """Revoke a lease: every key of the registration bound to it goes."""
+        await self.client.revoke_lease(lease_id)
+
+    def keepalive_stream(self) -> KeepAliveStream:
+        """Shared keep-alive streams that refresh the agents' leases (closed by its owner)."""
+        return KeepAliveStream(self.client)
+
+    def watch_agents(self, start_revision: int) -> ResumingWatch:
+        """The changes of ``P/agents/`` from ``start_revision``, from etcd's history."""
+        return ResumingWatch(self.client, self.keys.agents, start_revision=start_revision)
+
+    async def set_status(self, agent_id: str, status: int) -> bool:
+        """Set the agent's probed status, as a compare-and-set on its record (False when it moved or went)."""
+        c = self.client
+        key = self.keys.agent(agent_id)
+        got = await c.get(key)
+        if got is None:
+            return False
+        agent = registry_pb2.Agent.FromString(got.value)
+        agent.status = status  # type: ignore[assignment]
+        ok, _ = await c.transaction(
+            compare=[c.transactions.mod(key) == got.mod_revision],
+            success=[c.transactions.put(key, agent.SerializeToString(), lease=int(got.lease))],
+            failure=[],
+        )
+        return bool(ok)
+
+    async def while_leading_prober(
+        self, candidate_id: str, ttl: int, work: Callable[[], Awaitable[None]], interval: float
+    ) -> None:
+        """Run ``work`` every ``interval`` while this replica leads the prober election; campaign again after losing it."""
+        await while_leading(
+            self.client,
+            self.keys.prober_election,
+            candidate_id,
+            ttl,
+            work,
+            interval,
+            what="registry health prober",
+        )

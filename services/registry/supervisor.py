@@ -45,7 +45,7 @@ from mabeam.services.registry.store import RegistryStore, decode_supervised, new
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, registry_pb2, registry_pb2_grpc
 
 if TYPE_CHECKING:
-    from mabeam.services.registry.server import AgentDirectory
+    from mabeam.services.registry.directory import AgentDirectory
 
 log = logging.getLogger("mabeam.registry.supervisor")
 
@@ -258,7 +258,7 @@ class Supervisor:
         return False
 
     async def _secret(self, agent_id: str) -> str:
-        got = await self._etcd.get(self._store.keys.secret(agent_id))
+        got = await self._etcd.get(self._store.keys.supervised_token(agent_id))
         return bytes(got.value).decode() if got is not None else ""
 
     def _argv_env(
@@ -519,7 +519,7 @@ class Supervisor:
             compare=[compare],
             success=[
                 c.transactions.put(key, record.SerializeToString()),
-                c.transactions.put(self._store.keys.secret(agent_id), token.encode()),
+                c.transactions.put(self._store.keys.supervised_token(agent_id), token.encode()),
             ],
             failure=[],
         )

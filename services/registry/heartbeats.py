@@ -1,0 +1,157 @@
+"""Heartbeats: the beats of one stream handled concurrently, and what one beat does.
+
+A beat refreshes its agent's lease (over the shared keep-alive streams) and
+stores the agent's load when it moved, or every TTL/2. The beats of one stream
+(an AgentHost's, one per agent every TTL/3) are handled concurrently, up to
+HEARTBEAT_CONCURRENCY at once, and answered in the order they finish: handled
+one after another, a host of 1,000 agents would queue 1,000 etcd round trips,
+and under load the last beat of a burst would be answered after the lease it
+refreshes had lapsed. The first error (unknown agent, wrong token, etcd
+unreachable) ends the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from google.protobuf import duration_pb2
+
+from mabeam import errors
+from mabeam.runtime.etcd import KeepAliveStream
+from mabeam.services.registry.directory import DEFAULT_TTL, AgentDirectory
+from mabeam.services.registry.store import RegistryStore
+from mabeam.v1 import common_pb2, registry_pb2
+
+# Beats of one Heartbeat stream handled at once (each is an etcd lease refresh).
+HEARTBEAT_CONCURRENCY = 64
+# After a bad beat, the beats the client is still sending are read (not handled) until it
+# pauses this long, at most HEARTBEAT_DRAIN_S, before the error ends the stream (see answer_concurrently).
+HEARTBEAT_DRAIN_QUIET_S, HEARTBEAT_DRAIN_S = 0.25, 1.0
+
+
+async def answer_concurrently(
+    beats: AsyncIterator[registry_pb2.HeartbeatRequest],
+    handle: Callable[[registry_pb2.HeartbeatRequest], Awaitable[registry_pb2.HeartbeatResponse]],
+) -> AsyncIterator[registry_pb2.HeartbeatResponse]:
+    """Handle ``beats`` as they come, up to HEARTBEAT_CONCURRENCY at once; yield each answer as it is ready.
+
+    The first exception of ``handle`` (or of reading ``beats``) is raised once
+    the client pauses; nothing is yielded after it.
+    """
+    answers: asyncio.Queue[registry_pb2.HeartbeatResponse | Exception | None] = asyncio.Queue()
+    slots = asyncio.Semaphore(HEARTBEAT_CONCURRENCY)
+    running: set[asyncio.Task[None]] = set()
+    failed = False  # a beat failed: the stream ends once the client pauses
+    beat_read = asyncio.Event()
+
+    async def answer(beat: registry_pb2.HeartbeatRequest) -> None:
+        try:
+            answers.put_nowait(await handle(beat))
+        except Exception as exc:
+            answers.put_nowait(exc)
+        finally:
+            slots.release()
+
+    async def read() -> None:
+        try:
+            async for beat in beats:
+                beat_read.set()
+                if failed:
+                    continue
+                await slots.acquire()
+                task = asyncio.create_task(answer(beat))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            await asyncio.gather(*running)
+            answers.put_nowait(None)  # the client is done: end after the last answer
+        except Exception as exc:
+            answers.put_nowait(exc)
+        finally:
+            beat_read.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            item = await answers.get()
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                # Read what the client is still sending before the status goes out: a
+                # grpc.aio client whose write fails after the status replaces it with
+                # "INTERNAL: Internal error from Core" (grpc/grpc#36066), and an AgentHost
+                # would never learn which agent to register again.
+                failed = True
+                deadline = time.monotonic() + HEARTBEAT_DRAIN_S
+                while not reader.done() and time.monotonic() < deadline:
+                    beat_read.clear()
+                    try:
+                        await asyncio.wait_for(beat_read.wait(), HEARTBEAT_DRAIN_QUIET_S)
+                    except TimeoutError:
+                        break  # the client paused
+                raise item
+            yield item
+    finally:
+        for task in (reader, *running):
+            task.cancel()
+        await asyncio.gather(reader, *running, return_exceptions=True)
+
+
+class HeartbeatStream:
+    """The beats of one Heartbeat stream: tokens checked once per stream, loads written when they moved."""
+
+    def __init__(self, store: RegistryStore, directory: AgentDirectory, keepalives: KeepAliveStream) -> None:
+        self._store = store
+        self._directory = directory
+        self._keepalives = keepalives
+        self._verified: dict[str, tuple[str, int, float]] = {}  # agent_id -> (token, lease, ttl)
+        self._last_put: dict[str, float] = {}
+
+    async def beat(
+        self, agent_id: str, token: str, reported: common_pb2.AgentLoad
+    ) -> registry_pb2.HeartbeatResponse:
+        """One beat: check the token (once per stream), refresh the lease, store the load if due."""
+        known = self._verified.get(agent_id)
+        if known is None or known[0] != token:
+            agent, _ = await self._store.get_agent(agent_id)
+            if agent is None:
+                raise errors.NotFound(
+                    f"agent {agent_id!r} is not registered (its lease lapsed?): register again",
+                    reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND,
+                    metadata={"agent_id": agent_id},
+                )
+            if not await self._store.token_matches(agent_id, token):
+                raise errors.PermissionDenied(
+                    f"wrong or missing token for agent {agent_id!r}", metadata={"agent_id": agent_id}
+                )
+            ttl = agent.lease_ttl.seconds or DEFAULT_TTL
+            known = (token, agent.lease_id, float(ttl))
+            self._verified[agent_id] = known
+        _, lease_id, ttl = known
+        remaining = await self._keepalives.refresh(lease_id)
+        if remaining <= 0:
+            self._verified.pop(agent_id, None)
+            raise errors.NotFound(
+                f"lease of agent {agent_id!r} lapsed: register again with its token",
+                reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND,
+                metadata={"agent_id": agent_id},
+            )
+        # The load key is rewritten at most every TTL/2 unless the load moved:
+        # a beat must not cost an etcd write (and a watch event) every time.
+        load = common_pb2.AgentLoad()
+        load.CopyFrom(reported)
+        load.reported_at.GetCurrentTime()
+        stored = self._directory.loads.get(self._store.keys.load(agent_id))
+        now = time.monotonic()
+        changed = stored is None or (
+            abs(stored.load - load.load) > 0.05
+            or stored.queue_length != load.queue_length
+            or abs(int(stored.memory_bytes) - int(load.memory_bytes)) > 1 << 20
+        )
+        if changed or now - self._last_put.get(agent_id, 0.0) > ttl / 2:
+            self._last_put[agent_id] = now
+            await self._store.put_load(agent_id, load, lease_id)
+        return registry_pb2.HeartbeatResponse(
+            agent_id=agent_id, lease_id=lease_id, ttl=duration_pb2.Duration(seconds=remaining)
+        )
