@@ -46,12 +46,19 @@ if TYPE_CHECKING:
 
 S = TypeVar("S")
 
+# Keep-alive pings find a dead peer (a vanished host sends no RST) on idle
+# channels too. Every 10 s is twice the interval the mesh's servers accept
+# (mabeam.server.MIN_PING_INTERVAL_MS); without max_pings_without_data=0 grpc
+# stops pinging an idle channel after two pings.
+KEEPALIVE_TIME_MS = 10_000
+
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
 )
 
 

@@ -43,12 +43,21 @@ from mabeam.config import MeshConfig
 
 log = logging.getLogger("mabeam.server")
 
-# grpc enables SO_REUSEPORT by default on Linux, which lets a second server bind
-# a port that is in use without any error; the mesh wants the clear error.
+# The shortest interval between keep-alive pings a server accepts, calls or
+# not. grpc's default (5 minutes, and no pings at all on an idle connection)
+# answers the SDK's pings (every 10 s, idle too: mabeam.client.CHANNEL_OPTIONS)
+# with GOAWAY "too_many_pings", which broke idle channels and a heartbeat
+# stream. A client of any language with grpc's defaults sends no pings at all.
+MIN_PING_INTERVAL_MS = 5_000
+
 SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    # grpc enables SO_REUSEPORT by default on Linux, which lets a second server
+    # bind a port that is in use without any error; the mesh wants the error.
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
 )
 
 ErrorMapper = Callable[[BaseException], "errors.MabeamError | None"]
