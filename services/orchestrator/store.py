@@ -18,10 +18,11 @@ that checks the version the decision was based on.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from mabeam.config import MeshConfig
-from mabeam.runtime.etcd import EtcdClient
+from mabeam.runtime.etcd import EtcdClient, ResumingWatch, snapshot, while_leading
 from mabeam.v1 import orchestrator_pb2
 
 
@@ -35,7 +36,7 @@ def variable_from_kv(kv: Any) -> orchestrator_pb2.Variable:
 
 
 class VariableStore:
-    """Reads and transactions on variables and bindings."""
+    """Reads, transactions and watches on variables and bindings, and the adaptation election."""
 
     def __init__(self, client: EtcdClient, config: MeshConfig) -> None:
         self.client = client
@@ -58,7 +59,7 @@ class VariableStore:
         """Beside each variable, its value's type, so compare-and-set checks it in the same transaction."""
         return self.types + name.encode()
 
-    async def put_if(
+    async def _put_if(
         self, name: str, var: orchestrator_pb2.Variable, compare: list[Any], lease: int = 0
     ) -> tuple[bool, orchestrator_pb2.Variable | None]:
         """Put ``var`` (and its type) if every compare holds; returns (applied, the variable as stored now)."""
@@ -81,7 +82,7 @@ class VariableStore:
         current = variable_from_kv(ranged[0][1]) if ranged else None
         return bool(ok), current
 
-    async def delete_if(self, name: str, compare: list[Any]) -> bool:
+    async def _delete_if(self, name: str, compare: list[Any]) -> bool:
         """Delete the variable and its type if every compare holds."""
         c = self.client
         ok, _ = await c.transaction(
@@ -90,3 +91,105 @@ class VariableStore:
             failure=[],
         )
         return bool(ok)
+
+    async def put(
+        self, name: str, var: orchestrator_pb2.Variable, lease: int = 0
+    ) -> tuple[bool, orchestrator_pb2.Variable | None]:
+        """Put ``var`` whatever is stored; returns (applied, the variable as stored now)."""
+        return await self._put_if(name, var, [], lease)
+
+    async def put_if_version(
+        self,
+        name: str,
+        var: orchestrator_pb2.Variable,
+        expected: int,
+        lease: int = 0,
+        *,
+        same_type: bool = True,
+    ) -> tuple[bool, orchestrator_pb2.Variable | None]:
+        """Put ``var`` if the variable is at version ``expected`` (0 = absent) and, with
+        ``same_type``, when it exists, holds a value of ``var``'s type: in one transaction."""
+        c = self.client
+        compare = [c.transactions.version(self.key(name)) == expected]
+        if same_type and expected > 0:
+            kind = (var.value.WhichOneof("kind") or "").encode()
+            compare.append(c.transactions.value(self.type_key(name)) == kind)
+        return await self._put_if(name, var, compare, lease)
+
+    async def put_if_unchanged(
+        self,
+        name: str,
+        var: orchestrator_pb2.Variable,
+        current: orchestrator_pb2.Variable | None,
+        lease: int = 0,
+    ) -> tuple[bool, orchestrator_pb2.Variable | None]:
+        """Put ``var`` if the variable is still ``current`` as read (None = still absent)."""
+        c = self.client
+        key = self.key(name)
+        compare = (
+            [c.transactions.create(key) == 0]
+            if current is None
+            else [c.transactions.mod(key) == current.mod_revision]
+        )
+        return await self._put_if(name, var, compare, lease)
+
+    async def delete(self, name: str, expected_version: int | None = None) -> bool:
+        """Delete the variable if it exists (and is at ``expected_version``, when given)."""
+        c = self.client
+        key = self.key(name)
+        compare = [c.transactions.create(key) > 0]
+        if expected_version is not None:
+            compare = [c.transactions.version(key) == expected_version, *compare]
+        return await self._delete_if(name, compare)
+
+    async def list_variables(self, prefix: str, *, relaxed: bool = False) -> list[orchestrator_pb2.Variable]:
+        """The variables whose name starts with ``prefix``, by name."""
+        kvs, _ = await snapshot(self.client, self.key(prefix), serializable=relaxed)
+        return sorted((variable_from_kv(kv) for kv in kvs), key=lambda v: v.name)
+
+    async def watch(
+        self, prefix: str, after_revision: int = 0
+    ) -> AsyncIterator[tuple[str, orchestrator_pb2.Variable, int]]:
+        """(``"PUT"`` or ``"DELETE"``, variable, revision) for each change of the variables
+        under ``prefix`` after ``after_revision`` (0 = from now on).
+
+        A variable deleted has only its name. Raises WatchCompacted when
+        ``after_revision`` was compacted.
+        """
+        key = self.key(prefix)
+        start = after_revision + 1 if after_revision else None
+        if start is None:
+            _, revision = await snapshot(self.client, key + b"\x00")  # the current revision, cheaply
+            start = revision + 1
+        async for event in ResumingWatch(self.client, key, start_revision=start):
+            name = event.key[len(self.vars) :].decode()
+            if event.kind == "PUT":
+                var = orchestrator_pb2.Variable.FromString(event.value)
+                var.version, var.mod_revision, var.lease_id = event.version, event.mod_revision, event.lease
+                yield "PUT", var, event.mod_revision
+            else:
+                yield "DELETE", orchestrator_pb2.Variable(name=name), event.mod_revision
+
+    async def put_binding(self, binding: orchestrator_pb2.OrchestrationBinding) -> None:
+        await self.client.put(self.binding_key(binding.variable), binding.SerializeToString())
+
+    async def delete_binding(self, name: str) -> bool:
+        """Remove the variable's binding (False when it had none)."""
+        return bool(await self.client.delete(self.binding_key(name)))
+
+    async def get_binding(self, name: str) -> orchestrator_pb2.OrchestrationBinding | None:
+        got = await self.client.get(self.binding_key(name))
+        return orchestrator_pb2.OrchestrationBinding.FromString(got.value) if got is not None else None
+
+    async def list_bindings(self) -> list[orchestrator_pb2.OrchestrationBinding]:
+        """Every binding, in key order (strong read)."""
+        kvs, _ = await snapshot(self.client, self.bindings)
+        return [orchestrator_pb2.OrchestrationBinding.FromString(kv.value) for kv in kvs]
+
+    async def while_leading_adaptation(
+        self, candidate_id: str, ttl: int, work: Callable[[], Awaitable[None]], interval: float
+    ) -> None:
+        """Run ``work`` every ``interval`` while this replica leads the adaptation election."""
+        await while_leading(
+            self.client, self.leader, candidate_id, ttl, work, interval, what="orchestrator adaptation loop"
+        )

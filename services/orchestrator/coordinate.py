@@ -1,0 +1,185 @@
+"""Variables the agents decide: run a binding's protocol, write the outcome, resize the pool.
+
+CoordinateVariable, CoordinateSystem and the adaptation loop all come here. A
+binding's protocol runs through the coordination service; the decided value
+is checked against the binding's constraints and written with compare-and-set
+on the version read before deciding (a variable that moved meanwhile is not
+overwritten); a resource allocation with a worker pool then starts or stops
+supervised workers through the registry. One coordination per variable at a
+time on a replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+from google.protobuf import timestamp_pb2
+
+from mabeam import errors
+from mabeam.client import MeshClient
+from mabeam.runtime import validate
+from mabeam.services.orchestrator import variables
+from mabeam.services.orchestrator.store import VariableStore
+from mabeam.v1 import common_pb2, coordination_pb2, orchestrator_pb2, registry_pb2
+
+log = logging.getLogger("mabeam.orchestrator")
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class Coordinator:
+    """Runs bindings' protocols and writes what they decide."""
+
+    def __init__(self, store: VariableStore, mesh: Callable[[], MeshClient], writer: str) -> None:
+        self.store = store
+        self._mesh = mesh
+        self._writer = writer
+        self._coordinating: dict[str, asyncio.Lock] = {}
+
+    @property
+    def mesh(self) -> MeshClient:
+        return self._mesh()
+
+    async def coordinate(
+        self, binding: orchestrator_pb2.OrchestrationBinding
+    ) -> orchestrator_pb2.VariableCoordination:
+        """Run a binding's protocol and write its outcome with compare-and-set."""
+        lock = self._coordinating.setdefault(binding.variable, asyncio.Lock())
+        async with lock:
+            return await self._coordinate(binding)
+
+    async def _coordinate(
+        self, binding: orchestrator_pb2.OrchestrationBinding
+    ) -> orchestrator_pb2.VariableCoordination:
+        result = orchestrator_pb2.VariableCoordination(variable=binding.variable)
+        before = await self.store.get(binding.variable)
+        expected = before.version if before is not None else 0
+        selector = common_pb2.AgentSelector()
+        selector.CopyFrom(binding.participants)
+        if binding.constraints.max_agents and (
+            not selector.max_agents or selector.max_agents > binding.constraints.max_agents
+        ):
+            selector.max_agents = binding.constraints.max_agents
+        run = coordination_pb2.RunRequest(
+            settings=coordination_pb2.SessionSettings(participants=selector),
+            protocol=binding.protocol,
+            parameters=binding.parameters,
+        )
+        try:
+            session = (await self.mesh.coordination.Run(run)).session
+        except errors.MabeamError as exc:
+            result.reason = f"coordination failed: {exc.message}"
+            return result
+        result.session_id = session.session_id
+        if not session.outcome.decided:
+            result.reason = f"no decision: {session.outcome.reason}"
+            return result
+        value = variables.decided_value(session.outcome, binding.kind)
+        result.decided_value.CopyFrom(value)
+        broken = variables.violation(value, binding.constraints)
+        if broken is not None:
+            result.reason = f"constraint violated: {broken}; not written"
+            if before is not None:
+                result.variable_after.CopyFrom(before)
+            return result
+        var = orchestrator_pb2.Variable(
+            name=binding.variable, value=value, updated_at=_now(), writer=self._writer
+        )
+        var.decided_by_session = session.session_id
+        ok, now = await self.store.put_if_version(binding.variable, var, expected, same_type=False)
+        if now is not None:
+            result.variable_after.CopyFrom(now)
+        if not ok:
+            result.reason = f"lost compare-and-set: the variable moved from version {expected} while deciding"
+            return result
+        result.applied = True
+        binding.last_coordinated_at.CopyFrom(_now())
+        await self.store.put_binding(binding)
+        if binding.kind == orchestrator_pb2.BINDING_KIND_RESOURCE_ALLOCATION and binding.HasField(
+            "worker_pool"
+        ):
+            try:
+                await self._resize_pool(binding.worker_pool, int(value.struct_value["size"]))
+            except errors.MabeamError as exc:
+                result.reason = f"written; resizing the worker pool failed: {exc.message}"
+        return result
+
+    async def _resize_pool(self, pool: orchestrator_pb2.WorkerPool, size: int) -> None:
+        """Start or stop supervised workers <prefix>-1..n through the registry to reach ``size``."""
+        registry = self.mesh.registry
+        listed = await registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest(page_size=1000))
+        running = {
+            a.agent_id
+            for a in listed.agents
+            if a.agent_id.startswith(pool.agent_id_prefix + "-")
+            and a.state
+            in (
+                registry_pb2.SUPERVISION_STATE_STARTING,
+                registry_pb2.SUPERVISION_STATE_RUNNING,
+                registry_pb2.SUPERVISION_STATE_RESTARTING,
+            )
+        }
+        wanted = {f"{pool.agent_id_prefix}-{n}" for n in range(1, size + 1)}
+        starts = [
+            registry.StartAgent(
+                registry_pb2.StartAgentRequest(
+                    agent_id=a, launch=pool.launch, restart_policy=pool.restart_policy
+                )
+            )
+            for a in sorted(wanted - running)
+        ]
+        stops = [
+            registry.StopAgent(registry_pb2.StopAgentRequest(agent_id=a)) for a in sorted(running - wanted)
+        ]
+        await asyncio.gather(*starts, *stops)
+
+    # -- adaptation -----------------------------------------------------------------------
+
+    async def adapt_once(self, bindings: Iterable[orchestrator_pb2.OrchestrationBinding]) -> None:
+        """One pass of the adaptation loop: re-coordinate the bindings whose metric crosses its threshold."""
+        for binding in bindings:
+            if not binding.HasField("adaptation"):
+                continue
+            rule = binding.adaptation
+            cooldown = validate.seconds(rule.cooldown, "cooldown", default=10.0)
+            last = (
+                binding.last_coordinated_at.ToNanoseconds() / 1e9
+                if binding.HasField("last_coordinated_at")
+                else 0.0
+            )
+            if time.time() - last < cooldown:
+                continue
+            value = await self._metric(binding)
+            if value is not None and variables.metric_crosses(value, rule):
+                log.info(
+                    "adapting %s: %s = %g crossed %g", binding.variable, rule.metric, value, rule.threshold
+                )
+                await self.coordinate(binding)
+
+    async def _metric(self, binding: orchestrator_pb2.OrchestrationBinding) -> float | None:
+        metric = binding.adaptation.metric
+        if metric.startswith("var:"):
+            var = await self.store.get(metric[4:])
+            return variables.as_number(var.value) if var is not None else None
+        selector = binding.participants
+        listed = await self.mesh.registry.ListAgents(
+            registry_pb2.ListAgentsRequest(
+                capability=selector.capability, labels=dict(selector.labels), page_size=1000
+            )
+        )
+        agents = [a for a in listed.agents if not selector.agent_ids or a.agent_id in selector.agent_ids]
+        if not agents:
+            return None
+        if metric == "agents.load.mean":
+            return statistics.fmean(a.load.load for a in agents)
+        if metric == "agents.load.max":
+            return max(a.load.load for a in agents)
+        return statistics.fmean(a.load.queue_length for a in agents)
