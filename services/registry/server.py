@@ -67,7 +67,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         existing, create_revision = await self.store.get_agent(agent_id)
         generation = 1
         if existing is not None:
-            if not await self.store.tokenmatches(agent_id, request.token):
+            if not await self.store.token_matches(agent_id, request.token):
                 raise errors.AlreadyExists(
                     f"agent {agent_id!r} is registered and live; present its token to take it over",
                     reason=common_pb2.ERROR_REASON_AGENT_ALREADY_REGISTERED,
@@ -142,7 +142,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise errors.NotFound(
                 f"agent {agent_id!r} is not registered", reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND
             )
-        if not await self.store.tokenmatches(agent_id, request.token):
+        if not await self.store.token_matches(agent_id, request.token):
             raise errors.PermissionDenied(f"wrong or missing token for agent {agent_id!r}")
         await self.store.revoke_lease(agent.lease_id)
         return registry_pb2.DeregisterAgentResponse()
