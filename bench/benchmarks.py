@@ -1,4 +1,4 @@
-"""The benchmarks of DESIGN.md, each beside its raw baseline (see bench/README.md).
+"""The benchmarks of docs/design.md, each beside its raw baseline (see bench/README.md).
 
 Each issue adds its benchmarks here with :func:`mabeam.bench.core.benchmark`.
 """

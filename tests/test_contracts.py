@@ -23,7 +23,7 @@ from mabeam.v1 import (
 ROOT = Path(__file__).resolve().parent.parent
 BUF = ROOT / "node_modules" / ".bin" / "buf"
 
-# DESIGN.md fixes these names; clients, docs and external checks rely on them.
+# docs/design.md fixes these names; clients, docs and external checks rely on them.
 REQUIRED_RPCS = {
     "mabeam.v1.AgentService": [
         "Coordinate",

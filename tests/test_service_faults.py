@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow]
 
 AGENT_TTL = 3.0  # seconds: the agents' registration leases
-# What a call may answer while a replica dies: retry it (DESIGN.md, "Errors").
+# What a call may answer while a replica dies: retry it (docs/design.md, "Errors and retries").
 RETRYABLE = (errors.Unavailable, errors.Aborted, errors.DeadlineExceeded)
 MeshFactory = Callable[..., Awaitable[LocalMesh]]
 
