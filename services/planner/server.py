@@ -20,18 +20,18 @@ from mabeam import errors, telemetry
 from mabeam.client import ChannelPool, MeshClient
 from mabeam.runtime import validate
 from mabeam.runtime.cache import PrefixCache
-from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, ResumingWatch, snapshot, try_acquire
+from mabeam.runtime.etcd import EtcdClient, LeaseKeeper
 from mabeam.server import MeshServer
 from mabeam.services.planner import dag
-from mabeam.services.planner.runner import GoalRunner, now_ts
+from mabeam.services.planner.progress import now_ts
+from mabeam.services.planner.runner import GoalRunner
 from mabeam.services.planner.store import GoalStore
-from mabeam.v1 import common_pb2, planner_pb2_grpc, registry_pb2
-from mabeam.v1 import planner_pb2 as P
+from mabeam.v1 import common_pb2, planner_pb2, planner_pb2_grpc, registry_pb2
 
 SERVICE_NAME = "mabeam.v1.PlannerService"
 log = logging.getLogger("mabeam.planner")
-ACTIVE = (P.GOAL_STATE_PENDING, P.GOAL_STATE_RUNNING)
-FINISHED = (P.GOAL_STATE_SUCCEEDED, P.GOAL_STATE_FAILED, P.GOAL_STATE_CANCELLED)
+ACTIVE = (planner_pb2.GOAL_STATE_PENDING, planner_pb2.GOAL_STATE_RUNNING)
+FINISHED = (planner_pb2.GOAL_STATE_SUCCEEDED, planner_pb2.GOAL_STATE_FAILED, planner_pb2.GOAL_STATE_CANCELLED)
 ADOPT_AFTER_S = 2.0
 
 
@@ -44,11 +44,10 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
 
     def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
         self._server = server
-        self._etcd = etcd
         self.store = GoalStore(etcd, server.config)
         self.pool = ChannelPool(server.config.client_tls())
-        self.goals: PrefixCache[P.Goal] = PrefixCache(
-            etcd, self.store.goals, lambda k, v: P.Goal.FromString(v)
+        self.goals: PrefixCache[planner_pb2.Goal] = PrefixCache(
+            etcd, self.store.goals, lambda k, v: planner_pb2.Goal.FromString(v)
         )
         self.owners: PrefixCache[bytes] = PrefixCache(etcd, self.store.owners, lambda k, v: bytes(v))
         self.cancels: PrefixCache[bytes] = PrefixCache(etcd, self.store.cancels, lambda k, v: bytes(v))
@@ -74,7 +73,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             cache.add_listener(lambda *a: self._wake.set())
             await cache.start()
         self.cancels.add_listener(self._on_cancel)
-        self._keeper = LeaseKeeper(self._etcd, config.service_ttl)
+        self._keeper = self.store.lease_keeper(config.service_ttl)
         await self._keeper.start()
         self._server.spawn(self._adopt_loop(), "goal-adoption")
 
@@ -122,25 +121,20 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             for _, task in self.runners.values():
                 task.cancel()
             self.runners.clear()
-            self._keeper = LeaseKeeper(self._etcd, self._server.config.service_ttl)
+            self._keeper = self.store.lease_keeper(self._server.config.service_ttl)
             await self._keeper.start()
         now = time.time()
         for _, goal in list(self.goals.items()):
             if goal.state not in ACTIVE or goal.goal_id in self.runners:
                 continue
             if (
-                goal.state == P.GOAL_STATE_PENDING
+                goal.state == planner_pb2.GOAL_STATE_PENDING
                 and now - goal.created_at.ToNanoseconds() / 1e9 < ADOPT_AFTER_S
             ):
                 continue  # the replica that took the submission starts it (and keeps its trace)
             if self.owners.get(self.store.owner_key(goal.goal_id)) is not None:
                 continue
-            if await try_acquire(
-                self._etcd,
-                self.store.owner_key(goal.goal_id),
-                self._server.instance_id,
-                self._keeper.lease_id,
-            ):
+            if await self.store.acquire_owner(goal.goal_id, self._server.instance_id, self._keeper.lease_id):
                 self._start_runner(goal.goal_id)
 
     def _start_runner(self, goal_id: str) -> None:
@@ -163,7 +157,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
 
     # -- RPCs ----------------------------------------------------------------------------
 
-    async def _validate(self, spec: P.GoalSpec) -> None:
+    async def _validate(self, spec: planner_pb2.GoalSpec) -> None:
         steps = [dag.StepSpec(s.step_id, s.capability, tuple(s.depends_on)) for s in spec.steps]
         for i, s in enumerate(spec.steps):
             if s.timeout.seconds < 0 or s.timeout.nanos < 0:
@@ -190,38 +184,41 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                 "goal.steps", exc.message, reason=common_pb2.ERROR_REASON_INVALID_PLAN
             ) from None
 
-    async def submit(self, spec: P.GoalSpec, goal_id: str) -> P.Goal:
+    async def submit(self, spec: planner_pb2.GoalSpec, goal_id: str) -> planner_pb2.Goal:
         if goal_id:
             validate.identifier(goal_id, "goal_id")
             existing = await self.store.get(goal_id)
             if existing is not None:
                 return existing  # idempotent submission
         await self._validate(spec)
-        goal = P.Goal(
+        goal = planner_pb2.Goal(
             goal_id=goal_id or uuid.uuid4().hex[:16],
             spec=spec,
-            state=P.GOAL_STATE_PENDING,
+            state=planner_pb2.GOAL_STATE_PENDING,
             created_at=now_ts(),
         )
-        steps = [P.StepStatus(step_id=s.step_id, state=P.STEP_STATE_PENDING) for s in spec.steps]
+        steps = [
+            planner_pb2.StepStatus(step_id=s.step_id, state=planner_pb2.STEP_STATE_PENDING)
+            for s in spec.steps
+        ]
         if not await self.store.create(goal):
             existing = await self.store.get(goal.goal_id)
             if existing is not None:
                 return existing
         goal.steps.extend(steps)
         assert self._keeper is not None
-        if await try_acquire(
-            self._etcd, self.store.owner_key(goal.goal_id), self._server.instance_id, self._keeper.lease_id
-        ):
+        if await self.store.acquire_owner(goal.goal_id, self._server.instance_id, self._keeper.lease_id):
             self._start_runner(goal.goal_id)
         return goal
 
-    async def SubmitGoal(self, request: P.SubmitGoalRequest, context: Any) -> P.SubmitGoalResponse:
-        return P.SubmitGoalResponse(goal=await self.submit(request.goal, request.goal_id))
+    async def SubmitGoal(
+        self, request: planner_pb2.SubmitGoalRequest, context: Any
+    ) -> planner_pb2.SubmitGoalResponse:
+        return planner_pb2.SubmitGoalResponse(goal=await self.submit(request.goal, request.goal_id))
 
     async def ExecuteGoal(
-        self, request: P.ExecuteGoalRequest, context: Any
-    ) -> AsyncIterator[P.ExecuteGoalResponse]:
+        self, request: planner_pb2.ExecuteGoalRequest, context: Any
+    ) -> AsyncIterator[planner_pb2.ExecuteGoalResponse]:
         target = request.WhichOneof("target")
         if target is None:
             raise errors.InvalidArgument("target", "give goal_id or goal")
@@ -231,50 +228,48 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             goal_id = validate.identifier(request.goal_id, "goal_id")
             if await self.store.get(goal_id, with_steps=False) is None:
                 raise _not_found(goal_id)
-        prefix = self.store.events_prefix(goal_id)
-        kvs, revision = await snapshot(self._etcd, prefix)
-        for kv in kvs:
-            event = P.ExecuteGoalResponse.FromString(kv.value)
+        events, revision = await self.store.events_so_far(goal_id)
+        for event in events:
             yield event
-            if event.type == P.GOAL_EVENT_TYPE_GOAL_FINISHED:
+            if event.type == planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED:
                 return
-        # Closed on the way out: a watch left behind keeps its etcd stream open (one per call).
-        async with ResumingWatch(self._etcd, prefix, start_revision=revision + 1) as watch:
-            async for change in watch:
-                if change.kind != "PUT":
-                    continue
-                event = P.ExecuteGoalResponse.FromString(change.value)
+        async with contextlib.aclosing(self.store.follow_events(goal_id, revision + 1)) as following:
+            async for event in following:
                 yield event
-                if event.type == P.GOAL_EVENT_TYPE_GOAL_FINISHED:
+                if event.type == planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED:
                     return
 
-    async def GetGoal(self, request: P.GetGoalRequest, context: Any) -> P.GetGoalResponse:
+    async def GetGoal(self, request: planner_pb2.GetGoalRequest, context: Any) -> planner_pb2.GetGoalResponse:
         goal_id = validate.identifier(request.goal_id, "goal_id")
         goal = await self.store.get(goal_id)
         if goal is None:
             raise _not_found(goal_id)
-        return P.GetGoalResponse(goal=goal)
+        return planner_pb2.GetGoalResponse(goal=goal)
 
-    async def ListGoals(self, request: P.ListGoalsRequest, context: Any) -> P.ListGoalsResponse:
+    async def ListGoals(
+        self, request: planner_pb2.ListGoalsRequest, context: Any
+    ) -> planner_pb2.ListGoalsResponse:
         size = validate.page_size(request.page_size)
         goals = [g for g in await self.store.list_goals() if not request.state or g.state == request.state]
         goals.sort(key=lambda g: (-g.created_at.ToNanoseconds(), g.goal_id))
 
-        def key(g: P.Goal) -> str:
+        def key(g: planner_pb2.Goal) -> str:
             return f"{(1 << 63) - g.created_at.ToNanoseconds():020d}/{g.goal_id}"
 
         chunk, token = validate.page(goals, key, size, request.page_token, [request.state])
         full = [await self.store.get(g.goal_id) or g for g in chunk]
-        return P.ListGoalsResponse(goals=full, next_page_token=token)
+        return planner_pb2.ListGoalsResponse(goals=full, next_page_token=token)
 
-    async def CancelGoal(self, request: P.CancelGoalRequest, context: Any) -> P.CancelGoalResponse:
+    async def CancelGoal(
+        self, request: planner_pb2.CancelGoalRequest, context: Any
+    ) -> planner_pb2.CancelGoalResponse:
         goal_id = validate.identifier(request.goal_id, "goal_id")
         goal = await self.store.get(goal_id, with_steps=False)
         if goal is None:
             raise _not_found(goal_id)
         if goal.state in FINISHED:
-            return P.CancelGoalResponse(goal=await self.store.get(goal_id))
-        await self._etcd.put(self.store.cancel_key(goal_id), (request.reason or "on request").encode())
+            return planner_pb2.CancelGoalResponse(goal=await self.store.get(goal_id))
+        await self.store.request_cancel(goal_id, request.reason or "on request")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 15
         while loop.time() < deadline:
@@ -282,7 +277,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             if goal is not None and goal.state in FINISHED:
                 break
             await asyncio.sleep(0.05)
-        return P.CancelGoalResponse(goal=await self.store.get(goal_id))
+        return planner_pb2.CancelGoalResponse(goal=await self.store.get(goal_id))
 
 
 async def build(server: MeshServer, etcd: EtcdClient) -> None:

@@ -18,16 +18,16 @@ so a replica that lost its lease cannot overwrite the one that resumed it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from mabeam.config import MeshConfig
-from mabeam.runtime.etcd import EtcdClient, snapshot
+from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, ResumingWatch, snapshot, try_acquire
 from mabeam.v1 import planner_pb2
 
 
 class GoalStore:
-    """Reads and owner-guarded writes of goals, steps and events."""
+    """Reads and owner-guarded writes of goals, steps and events; goals' owner keys and cancellations."""
 
     def __init__(self, client: EtcdClient, config: MeshConfig) -> None:
         self.client = client
@@ -105,3 +105,41 @@ class GoalStore:
     async def list_goals(self) -> list[planner_pb2.Goal]:
         kvs, _ = await snapshot(self.client, self.goals)
         return [planner_pb2.Goal.FromString(kv.value) for kv in kvs]
+
+    def lease_keeper(self, ttl: int) -> LeaseKeeper:
+        """A lease for this replica's owner keys, kept alive while the replica runs (started by its owner)."""
+        return LeaseKeeper(self.client, ttl)
+
+    async def acquire_owner(self, goal_id: str, owner: str, lease_id: int) -> bool:
+        """Take the goal's owner key for ``owner`` on ``lease_id`` (True when it is ours, also already)."""
+        return await try_acquire(self.client, self.owner_key(goal_id), owner, lease_id)
+
+    async def release_owner(self, goal_id: str, owner: str) -> None:
+        """Drop the goal's owner key if ``owner`` still holds it."""
+        c = self.client
+        await c.transaction(
+            compare=[c.transactions.value(self.owner_key(goal_id)) == owner.encode()],
+            success=[c.transactions.delete(self.owner_key(goal_id))],
+            failure=[],
+        )
+
+    async def request_cancel(self, goal_id: str, reason: str) -> None:
+        """Ask the goal's runner (whichever replica it is on) to cancel it."""
+        await self.client.put(self.cancel_key(goal_id), reason.encode())
+
+    async def events_so_far(self, goal_id: str) -> tuple[list[planner_pb2.ExecuteGoalResponse], int]:
+        """The goal's progress events so far, in order, and the revision they were read at."""
+        kvs, revision = await snapshot(self.client, self.events_prefix(goal_id))
+        return [planner_pb2.ExecuteGoalResponse.FromString(kv.value) for kv in kvs], revision
+
+    async def follow_events(
+        self, goal_id: str, start_revision: int
+    ) -> AsyncIterator[planner_pb2.ExecuteGoalResponse]:
+        """The goal's progress events written from ``start_revision`` on, as they come."""
+        # Closed on the way out: a watch left behind keeps its etcd stream open (one per call).
+        async with ResumingWatch(
+            self.client, self.events_prefix(goal_id), start_revision=start_revision
+        ) as watch:
+            async for change in watch:
+                if change.kind == "PUT":
+                    yield planner_pb2.ExecuteGoalResponse.FromString(change.value)
