@@ -3,7 +3,9 @@
 One implementation serves ``mabeam up``, the test fixtures and ``mabeam bench``.
 Services run as separate processes (as in production, and so a mesh uses more
 than one core); each is started with :func:`mabeam.runtime.process.spawn`, so none
-outlives the process that started it.
+outlives the process that started it. A replica's address comes from its
+ready file (:class:`mabeam.runtime.process.ReadyFile`); its stdout and stderr
+go to its log in :attr:`LocalMesh.log_dir`.
 """
 
 from __future__ import annotations
@@ -200,17 +202,25 @@ class LocalMesh:
             ):
                 if value:
                     argv += [flag, value]
-        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
-        with open(log_file, "ab") as log:  # noqa: ASYNC230 (a local file, opened once)
-            proc = process.spawn(argv, env=env, stdout=subprocess.PIPE, stderr=log)
-        try:
-            address = await asyncio.wait_for(_read_address(proc, kind, log_file), timeout)
-        except TimeoutError:
-            await process.terminate(proc, 1)
-            raise MeshStartError(f"{kind} did not start within {timeout:.0f} s; log: {log_file}") from None
-        except BaseException:
-            await process.terminate(proc, 1)
-            raise
+        with process.ReadyFile() as ready:
+            env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1", **ready.env()}
+            # Its output goes to its log (both streams); its address comes in the ready file.
+            with open(log_file, "ab") as log:  # noqa: ASYNC230 (a local file, opened once)
+                proc = process.spawn(argv, env=env, stdout=log, stderr=log)
+            try:
+                address = (await ready.wait(proc, timeout)).address
+            except TimeoutError:
+                await process.terminate(proc, 1)
+                raise MeshStartError(
+                    f"{kind} did not start within {timeout:.0f} s; log: {log_file}"
+                ) from None
+            except process.ExitedBeforeReady as exc:
+                raise MeshStartError(
+                    f"{kind} exited with status {exc.status} before serving:\n{_tail(log_file)}"
+                ) from None
+            except BaseException:
+                await process.terminate(proc, 1)
+                raise
         replica = ServiceProcess(kind, proc, address, log_file, n)
         self.processes.append(replica)
         await wait_healthy(address, SERVICE_NAMES[kind], timeout=timeout, tls=self.config.tls is not None)
@@ -218,10 +228,7 @@ class LocalMesh:
 
     async def stop_replica(self, replica: ServiceProcess, grace: float | None = None) -> int | None:
         """Stop one replica gracefully (SIGTERM, then SIGKILL after the grace)."""
-        code = await process.terminate(replica.proc, (self.config.grace if grace is None else grace) + 2)
-        if replica.proc.stdout is not None:
-            replica.proc.stdout.close()
-        return code
+        return await process.terminate(replica.proc, (self.config.grace if grace is None else grace) + 2)
 
     async def stop(self) -> None:
         """Stop every replica, then etcd; safe to call twice."""
@@ -243,21 +250,6 @@ class LocalMesh:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-async def _read_address(proc: subprocess.Popen[bytes], kind: str, log_file: Path) -> str:
-    """The address from the service's 'serving on' line; a clear error if it exits first."""
-    assert proc.stdout is not None
-    marker = f"mabeam {kind} serving on "
-    while True:
-        line = await asyncio.to_thread(proc.stdout.readline)
-        if not line:
-            code = await asyncio.to_thread(proc.wait)
-            tail = _tail(log_file)
-            raise MeshStartError(f"{kind} exited with status {code} before serving:\n{tail}")
-        text = line.decode(errors="replace").strip()
-        if text.startswith(marker):
-            return text[len(marker) :]
 
 
 def _tail(path: Path, lines: int = 15) -> str:

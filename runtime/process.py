@@ -4,6 +4,16 @@ Every process the mesh starts (etcd, service replicas, supervised agents) is
 started through :func:`spawn`: on Linux the child asks the kernel for SIGKILL
 when its parent dies (``PR_SET_PDEATHSIG``), so even a ``kill -9`` of
 ``mabeam up`` leaves no orphan behind.
+
+Readiness is a structured signal, not a line of output to parse: the parent
+passes ``MABEAM_READY_FILE=<path>`` (:class:`ReadyFile`, in a temporary
+directory the parent owns and removes); once the child serves it writes one
+JSON document ``{"address": "host:port", "pid": N}`` there, atomically (a
+temporary file, then ``os.replace``), with :func:`announce_ready`. The parent
+waits for the file, with the child's exit as the other end of the wait and a
+deadline. The child's output is then free to go to a log file. The SDK's
+AgentHost writes the same document itself (the SDK does not import the
+runtime).
 """
 
 from __future__ import annotations
@@ -12,12 +22,18 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import IO, Any
+
+READY_FILE_ENV = "MABEAM_READY_FILE"
 
 _PR_SET_PDEATHSIG = 1
 # Looked up now, in the parent: loading a library in a child between fork and
@@ -115,3 +131,89 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+@dataclass(frozen=True)
+class Ready:
+    """What a child wrote to its ready file: the address it serves on, and its pid."""
+
+    address: str
+    pid: int
+
+
+class ExitedBeforeReady(Exception):
+    """The child exited before it wrote its ready file."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"exited with status {status} before serving")
+        self.status = status
+
+
+class ReadyFile:
+    """Where one child says it serves; the parent creates it, passes :meth:`env`, then :meth:`wait`.
+
+    Example::
+
+        with ReadyFile() as ready:
+            proc = spawn(argv, env={**os.environ, **ready.env()}, stdout=log, stderr=log)
+            address = (await ready.wait(proc, timeout=30)).address
+    """
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="mabeam-ready-")
+        self.path = os.path.join(self._dir, "ready.json")
+
+    def env(self) -> dict[str, str]:
+        """The variable that tells the child where to write."""
+        return {READY_FILE_ENV: self.path}
+
+    def read(self) -> Ready | None:
+        """The document once written (it appears whole: the child renames it into place)."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return None
+        return Ready(address=str(doc["address"]), pid=int(doc["pid"]))
+
+    async def wait(self, proc: subprocess.Popen[bytes], timeout: float) -> Ready:
+        """The child's document; ExitedBeforeReady if it exits first, TimeoutError at the deadline."""
+        exited = asyncio.ensure_future(wait_exit(proc))
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    ready = self.read()
+                    if ready is not None:
+                        return ready
+                    if exited.done():
+                        raise ExitedBeforeReady(exited.result())
+                    # A local file: looking every 10 ms costs nothing; the exit wakes us at once.
+                    await asyncio.wait({exited}, timeout=0.01)
+        finally:
+            exited.cancel()
+
+    def close(self) -> None:
+        """Remove the directory (the child has written, or will never be read)."""
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> ReadyFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def announce_ready(address: str, path: str | None = None) -> None:
+    """Child side: write ``{"address", "pid"}`` to ``path`` (default: ``$MABEAM_READY_FILE``, then unset).
+
+    Unset, so that processes this one starts do not write to its parent's file.
+    Does nothing when no parent asked.
+    """
+    if path is None:
+        path = os.environ.pop(READY_FILE_ENV, None)
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"address": address, "pid": os.getpid()}, f)
+    os.replace(tmp, path)

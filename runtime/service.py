@@ -4,7 +4,8 @@
 :class:`mabeam.server.MeshServer` (with etcd's errors mapped to statuses),
 starts it and publishes its endpoint for discovery. :func:`run_service` is
 the entry point of ``python -m mabeam.services.<kind>``: flags and
-environment, JSON logs, telemetry exporters, signals.
+environment, JSON logs, telemetry exporters, signals, and the ready file
+(:func:`mabeam.runtime.process.announce_ready`) once it serves.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pythonjsonlogger.json import JsonFormatter
 from mabeam import config as mesh_config
 from mabeam import telemetry
 from mabeam.config import MeshConfig
-from mabeam.runtime import endpoints, etcd, exporters
+from mabeam.runtime import endpoints, etcd, exporters, process
 from mabeam.server import MeshServer, serve_until_signalled
 
 BuildFn = Callable[[MeshServer, Any], Awaitable[None]]
@@ -79,6 +80,8 @@ def run_service(kind: str, build: BuildFn, argv: Sequence[str] | None = None) ->
     args = parser.parse_args(argv)
     if args.port is not None:
         setattr(args, f"{kind}_port", args.port)
+    # Taken now, so that no process this service starts inherits its parent's ready file.
+    ready_file = os.environ.pop(process.READY_FILE_ENV, None)
     configure_logging()
     try:
         config = mesh_config.load(args)
@@ -94,7 +97,9 @@ def run_service(kind: str, build: BuildFn, argv: Sequence[str] | None = None) ->
         except mesh_config.ConfigError as exc:
             print(f"mabeam {kind}: {exc}", file=sys.stderr)
             return 2
-        # One parseable line: tests and `mabeam up` read the bound address from it.
+        # The structured signal for the process that started this one (MABEAM_READY_FILE);
+        # the line is for people (and compose logs), nothing parses it for readiness.
+        process.announce_ready(server.address, ready_file)
         print(f"mabeam {kind} serving on {server.address}", flush=True)
         await serve_until_signalled([server])
         return 0
