@@ -1024,3 +1024,54 @@ class ImportStateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ImportStateResponse: _TypeAlias = ImportStateResponse  # noqa: Y015
+
+@_typing.final
+class AgentMovedRequest(_message.Message):
+    """AgentMovedRequest says where a migrated agent lives now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    NEW_ENDPOINT_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent that moved away from the instance called."""
+    new_endpoint: _builtins.str
+    """host:port of the instance that holds the agent and its registration now;
+    the old instance forwards the agent's calls there.
+    """
+    generation: _builtins.int
+    """The registration's generation after the move (the old instance's was one
+    less); informational.
+    """
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        new_endpoint: _builtins.str = ...,
+        generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "generation", b"generation", "new_endpoint", b"new_endpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentMovedRequest: _TypeAlias = AgentMovedRequest  # noqa: Y015
+
+@_typing.final
+class AgentMovedResponse(_message.Message):
+    """AgentMovedResponse acknowledges an AgentMoved call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentMovedResponse: _TypeAlias = AgentMovedResponse  # noqa: Y015

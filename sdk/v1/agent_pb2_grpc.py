@@ -63,6 +63,11 @@ class AgentServiceStub:
                 request_serializer=mabeam_dot_v1_dot_agent__pb2.ImportStateRequest.SerializeToString,
                 response_deserializer=mabeam_dot_v1_dot_agent__pb2.ImportStateResponse.FromString,
                 _registered_method=True)
+        self.AgentMoved = channel.unary_unary(
+                '/mabeam.v1.AgentService/AgentMoved',
+                request_serializer=mabeam_dot_v1_dot_agent__pb2.AgentMovedRequest.SerializeToString,
+                response_deserializer=mabeam_dot_v1_dot_agent__pb2.AgentMovedResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -117,6 +122,20 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AgentMoved(self, request, context):
+        """AgentMoved tells the instance an agent was exported from that the move is
+        done: the registration names `new_endpoint` now. The registry calls it on
+        the old instance right after it switched the registration. The old
+        instance forwards the calls it held since ExportState, and every later
+        call, to the new endpoint, and stops beating for the agent. Optional: an
+        instance that answers UNIMPLEMENTED (or not at all) is simply stopped by
+        the registry when it supervises it, or left as it is otherwise. An
+        instance that did not export the agent answers OK and does nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +163,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ImportState,
                     request_deserializer=mabeam_dot_v1_dot_agent__pb2.ImportStateRequest.FromString,
                     response_serializer=mabeam_dot_v1_dot_agent__pb2.ImportStateResponse.SerializeToString,
+            ),
+            'AgentMoved': grpc.unary_unary_rpc_method_handler(
+                    servicer.AgentMoved,
+                    request_deserializer=mabeam_dot_v1_dot_agent__pb2.AgentMovedRequest.FromString,
+                    response_serializer=mabeam_dot_v1_dot_agent__pb2.AgentMovedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -285,6 +309,33 @@ class AgentService:
             '/mabeam.v1.AgentService/ImportState',
             mabeam_dot_v1_dot_agent__pb2.ImportStateRequest.SerializeToString,
             mabeam_dot_v1_dot_agent__pb2.ImportStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AgentMoved(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mabeam.v1.AgentService/AgentMoved',
+            mabeam_dot_v1_dot_agent__pb2.AgentMovedRequest.SerializeToString,
+            mabeam_dot_v1_dot_agent__pb2.AgentMovedResponse.FromString,
             options,
             channel_credentials,
             insecure,

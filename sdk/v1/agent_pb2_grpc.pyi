@@ -61,6 +61,16 @@ class AgentServiceStub:
     """
     ImportState: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImportStateRequest, _agent_pb2.ImportStateResponse]
     """ImportState replaces the agent's state with an exported one."""
+    AgentMoved: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentMovedRequest, _agent_pb2.AgentMovedResponse]
+    """AgentMoved tells the instance an agent was exported from that the move is
+    done: the registration names `new_endpoint` now. The registry calls it on
+    the old instance right after it switched the registration. The old
+    instance forwards the calls it held since ExportState, and every later
+    call, to the new endpoint, and stops beating for the agent. Optional: an
+    instance that answers UNIMPLEMENTED (or not at all) is simply stopped by
+    the registry when it supervises it, or left as it is otherwise. An
+    instance that did not export the agent answers OK and does nothing.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -95,6 +105,16 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
     ImportState: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImportStateRequest, _agent_pb2.ImportStateResponse]  # type: ignore[assignment]
     """ImportState replaces the agent's state with an exported one."""
+    AgentMoved: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentMovedRequest, _agent_pb2.AgentMovedResponse]  # type: ignore[assignment]
+    """AgentMoved tells the instance an agent was exported from that the move is
+    done: the registration names `new_endpoint` now. The registry calls it on
+    the old instance right after it switched the registration. The old
+    instance forwards the calls it held since ExportState, and every later
+    call, to the new endpoint, and stops beating for the agent. Optional: an
+    instance that answers UNIMPLEMENTED (or not at all) is simply stopped by
+    the registry when it supervises it, or left as it is otherwise. An
+    instance that did not export the agent answers OK and does nothing.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService is what every agent implements, in any language. The mesh calls
@@ -156,5 +176,21 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.ImportStateResponse, _abc.Awaitable[_agent_pb2.ImportStateResponse]]:
         """ImportState replaces the agent's state with an exported one."""
+
+    @_abc_1.abstractmethod
+    def AgentMoved(
+        self,
+        request: _agent_pb2.AgentMovedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentMovedResponse, _abc.Awaitable[_agent_pb2.AgentMovedResponse]]:
+        """AgentMoved tells the instance an agent was exported from that the move is
+        done: the registration names `new_endpoint` now. The registry calls it on
+        the old instance right after it switched the registration. The old
+        instance forwards the calls it held since ExportState, and every later
+        call, to the new endpoint, and stops beating for the agent. Optional: an
+        instance that answers UNIMPLEMENTED (or not at all) is simply stopped by
+        the registry when it supervises it, or left as it is otherwise. An
+        instance that did not export the agent answers OK and does nothing.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
