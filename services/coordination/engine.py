@@ -29,7 +29,6 @@ from mabeam import telemetry
 from mabeam.client import ChannelPool
 from mabeam.services.coordination.store import SessionStore
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, coordination_pb2
-from mabeam.v1 import coordination_pb2 as C
 
 BATCH_GRACE_S = 0.5
 
@@ -67,14 +66,16 @@ EXPECTED_ANSWER = {
 }
 
 _CODE_REASONS = {
-    grpc.StatusCode.DEADLINE_EXCEEDED: C.EXCLUSION_REASON_TIMEOUT,
-    grpc.StatusCode.UNAVAILABLE: C.EXCLUSION_REASON_UNAVAILABLE,
-    grpc.StatusCode.NOT_FOUND: C.EXCLUSION_REASON_NOT_REGISTERED,
+    grpc.StatusCode.DEADLINE_EXCEEDED: coordination_pb2.EXCLUSION_REASON_TIMEOUT,
+    grpc.StatusCode.UNAVAILABLE: coordination_pb2.EXCLUSION_REASON_UNAVAILABLE,
+    grpc.StatusCode.NOT_FOUND: coordination_pb2.EXCLUSION_REASON_NOT_REGISTERED,
 }
 
 
 def _exclusion(agent_id: str, reason: int, detail: str, round_number: int) -> coordination_pb2.Exclusion:
-    return C.Exclusion(agent_id=agent_id, reason=reason, detail=detail[:500], round=round_number)  # type: ignore[arg-type]
+    return coordination_pb2.Exclusion(
+        agent_id=agent_id, reason=reason, detail=detail[:500], round=round_number
+    )  # type: ignore[arg-type]
 
 
 class FanOut:
@@ -105,7 +106,12 @@ class FanOut:
             agent_id = request.agent_id
             answer = response.WhichOneof("answer")
             if answer == "decline":
-                why = _exclusion(agent_id, C.EXCLUSION_REASON_DECLINED, response.decline.reason, round_number)
+                why = _exclusion(
+                    agent_id,
+                    coordination_pb2.EXCLUSION_REASON_DECLINED,
+                    response.decline.reason,
+                    round_number,
+                )
                 return Reply(agent_id, request, response, why, latency, next(arrival))
             expected = EXPECTED_ANSWER.get(request.WhichOneof("message") or "", "")
             problem = None
@@ -116,14 +122,14 @@ class FanOut:
             elif check is not None:
                 problem = check(request, response)
             if problem:
-                why = _exclusion(agent_id, C.EXCLUSION_REASON_MALFORMED, problem, round_number)
+                why = _exclusion(agent_id, coordination_pb2.EXCLUSION_REASON_MALFORMED, problem, round_number)
                 return Reply(agent_id, request, response, why, latency, next(arrival))
             return Reply(agent_id, request, response, None, latency, next(arrival))
 
         def failed(
             request: agent_pb2.CoordinationRequest, code: grpc.StatusCode, detail: str, latency: float
         ) -> Reply:
-            reason = _CODE_REASONS.get(code, C.EXCLUSION_REASON_ERROR)
+            reason = _CODE_REASONS.get(code, coordination_pb2.EXCLUSION_REASON_ERROR)
             why = _exclusion(request.agent_id, reason, f"{code.name}: {detail}", round_number)
             return Reply(request.agent_id, request, None, why, latency, next(arrival))
 
@@ -223,10 +229,10 @@ class Session:
         self.round_timeout_s = round_timeout_s
         self.stream_rounds = stream_rounds
         self.notify = notify
-        self.proto = C.Session(
+        self.proto = coordination_pb2.Session(
             session_id=session_id or uuid.uuid4().hex[:16],
             protocol=protocol,
-            state=C.SESSION_STATE_RUNNING,
+            state=coordination_pb2.SESSION_STATE_RUNNING,
             parameters=struct(parameters),
             participants=[p.agent_id for p in participants],
             started_at=now_ts(),
@@ -279,7 +285,7 @@ class Session:
             session_id=self.session_id, protocol=self.proto.protocol, round=number
         )
         common.deadline.seconds, common.deadline.nanos = divmod(at, 1_000_000_000)
-        record = C.Round(number=number, started_at=now_ts())
+        record = coordination_pb2.Round(number=number, started_at=now_ts())
         if announced:
             record.state.CopyFrom(struct(announced))
         entries = record.entries
@@ -294,7 +300,7 @@ class Session:
             sent.agent_id = agent_id
             prepared.append((Participant(agent_id, endpoint_of[agent_id]), sent))
         replies = await self.fanout.send(number, prepared, timeout, check)
-        declined = C.EXCLUSION_REASON_DECLINED
+        declined = coordination_pb2.EXCLUSION_REASON_DECLINED
         for reply in replies:
             entry = entry_of[reply.agent_id]
             if reply.response is not None:
@@ -323,12 +329,17 @@ class Session:
         """
         self.proto.outcome.CopyFrom(outcome)
         if state is None:
-            state = C.SESSION_STATE_DECIDED if outcome.decided else C.SESSION_STATE_NO_DECISION
+            state = (
+                coordination_pb2.SESSION_STATE_DECIDED
+                if outcome.decided
+                else coordination_pb2.SESSION_STATE_NO_DECISION
+            )
         self.proto.state = state  # type: ignore[assignment]
         self.proto.finished_at.CopyFrom(now_ts())
         await self.store.finish(self.proto, self._unsaved_rounds)
         telemetry.instruments().sessions.add(
-            1, {"protocol": self.proto.protocol, "state": C.SessionState.Name(self.proto.state)}
+            1,
+            {"protocol": self.proto.protocol, "state": coordination_pb2.SessionState.Name(self.proto.state)},
         )
         return self.proto
 
@@ -338,5 +349,5 @@ class Session:
         One copy of the transcript at most (it can be thousands of entries).
         """
         out.CopyFrom(self.proto)
-        if view != C.SESSION_VIEW_BASIC:
+        if view != coordination_pb2.SESSION_VIEW_BASIC:
             out.rounds.extend(self.rounds)

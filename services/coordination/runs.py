@@ -1,5 +1,8 @@
 """How each built-in protocol runs on the engine: requests out, pure decision in.
 
+One module on purpose, past 500 lines: the drivers are short, share the parameter
+and reply helpers at the top, and the BUILTINS table at the bottom lists them all.
+
 Each driver takes a :class:`~.engine.Session` and its parameters, runs the
 rounds through the engine and decides with the pure module of
 :mod:`.protocols`. Parameters are plain dicts (from the typed RPCs or from
@@ -20,7 +23,6 @@ from mabeam.services.coordination.engine import Session, struct
 from mabeam.services.coordination.protocols import auction, consensus, contract_net, iterative, market
 from mabeam.services.coordination.protocols.errors import ProtocolParamError
 from mabeam.v1 import agent_pb2, coordination_pb2
-from mabeam.v1 import coordination_pb2 as C
 
 Driver = Callable[[Session, dict[str, Any]], Awaitable[coordination_pb2.Outcome]]
 
@@ -121,7 +123,7 @@ async def _sealed(session: Session, p: dict[str, Any], second_price: bool) -> co
         if r.exclusion is None and r.response is not None
     ]
     result = auction.run(bids, second_price=second_price, reserve=reserve)
-    outcome = C.Outcome(decided=result.decided, reason=result.reason, price=result.price)
+    outcome = coordination_pb2.Outcome(decided=result.decided, reason=result.reason, price=result.price)
     if result.winner:
         outcome.winners.append(result.winner)
     outcome.details.CopyFrom(struct(result.details()))
@@ -168,7 +170,9 @@ async def _price_rounds(session: Session, p: dict[str, Any], machine: Any) -> co
     item = _str(p, "item")
     while not machine.done:
         if session.remaining() <= 0:
-            return C.Outcome(decided=False, reason=f"session deadline reached after {machine.round} rounds")
+            return coordination_pb2.Outcome(
+                decided=False, reason=f"session deadline reached after {machine.round} rounds"
+            )
         _, price, asked = machine.announce()
         asked = [a for a in asked if a not in session.excluded_ids]
         requests = []
@@ -187,7 +191,9 @@ async def _price_rounds(session: Session, p: dict[str, Any], machine: Any) -> co
             ]
         )
     result = machine.outcome
-    outcome = C.Outcome(decided=result.winner is not None, reason=result.reason, price=result.price)
+    outcome = coordination_pb2.Outcome(
+        decided=result.winner is not None, reason=result.reason, price=result.price
+    )
     if result.winner:
         outcome.winners.append(result.winner)
     outcome.details.CopyFrom(struct({"rounds": result.rounds}))
@@ -239,7 +245,9 @@ async def contract_net_run(session: Session, p: dict[str, Any]) -> coordination_
         if r.exclusion is None and r.response is not None
     ]
     result = contract_net.award(proposals, criterion)
-    outcome = C.Outcome(decided=result.winner is not None, reason=result.reason, price=result.price)
+    outcome = coordination_pb2.Outcome(
+        decided=result.winner is not None, reason=result.reason, price=result.price
+    )
     if result.winner:
         outcome.winners.append(result.winner)
         # Contract Net always awards and rejects: that is the protocol, not a courtesy.
@@ -285,7 +293,7 @@ async def tatonnement(session: Session, p: dict[str, Any]) -> coordination_pb2.O
 
     while not machine.done:
         if session.remaining() <= 0:
-            return C.Outcome(
+            return coordination_pb2.Outcome(
                 decided=False,
                 reason=f"session deadline reached after {machine.round} rounds",
                 prices=machine.prices,
@@ -306,7 +314,7 @@ async def tatonnement(session: Session, p: dict[str, Any]) -> coordination_pb2.O
         )
     result = machine.outcome
     assert result is not None
-    outcome = C.Outcome(decided=result.converged, reason=result.reason, prices=result.prices)
+    outcome = coordination_pb2.Outcome(decided=result.converged, reason=result.reason, prices=result.prices)
     outcome.details.CopyFrom(
         struct(
             {"excess_demand": result.excess_demand, "rounds": result.rounds, "converged": result.converged}
@@ -342,7 +350,9 @@ async def call_market(session: Session, p: dict[str, Any]) -> coordination_pb2.O
         for o in r.response.orders.orders
     ]
     result = market.clear(orders)
-    outcome = C.Outcome(decided=result.price is not None, reason=result.reason, price=result.price or 0.0)
+    outcome = coordination_pb2.Outcome(
+        decided=result.price is not None, reason=result.reason, price=result.price or 0.0
+    )
     if result.price is not None:
         outcome.prices[good] = result.price
         outcome.winners.extend(sorted({t["agent_id"] for t in result.trades}))
@@ -353,10 +363,10 @@ async def call_market(session: Session, p: dict[str, Any]) -> coordination_pb2.O
 # -- consensus ------------------------------------------------------------------------------
 
 RULE_NAMES = {
-    C.CONSENSUS_RULE_MAJORITY: "majority",
-    C.CONSENSUS_RULE_SUPERMAJORITY: "supermajority",
-    C.CONSENSUS_RULE_UNANIMITY: "unanimity",
-    C.CONSENSUS_RULE_PLURALITY: "plurality",
+    coordination_pb2.CONSENSUS_RULE_MAJORITY: "majority",
+    coordination_pb2.CONSENSUS_RULE_SUPERMAJORITY: "supermajority",
+    coordination_pb2.CONSENSUS_RULE_UNANIMITY: "unanimity",
+    coordination_pb2.CONSENSUS_RULE_PLURALITY: "plurality",
 }
 
 
@@ -403,7 +413,7 @@ async def consensus_run(session: Session, p: dict[str, Any]) -> coordination_pb2
         if r.exclusion is None and r.response is not None
     ]
     result = consensus.decide(votes, list(session.proto.participants), **params)
-    outcome = C.Outcome(
+    outcome = coordination_pb2.Outcome(
         decided=result.decision is not None, reason=result.reason, decision=result.decision or ""
     )
     outcome.tallies.update(result.tallies)
@@ -514,7 +524,7 @@ BUILTINS: dict[str, Builtin] = {
 
 def protocol_info(builtin: Builtin) -> coordination_pb2.ProtocolInfo:
     """What ListProtocols says of a built-in."""
-    info = C.ProtocolInfo(
+    info = coordination_pb2.ProtocolInfo(
         name=builtin.name, description=builtin.description, builtin=True, iterative=builtin.iterative
     )
     for name, (description, default) in builtin.parameters.items():

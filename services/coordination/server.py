@@ -9,6 +9,7 @@ INVALID_ARGUMENT naming it); participants are resolved through the registry
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,12 +21,12 @@ from mabeam import errors
 from mabeam.client import ChannelPool, MeshClient, list_all
 from mabeam.runtime import validate
 from mabeam.runtime.cache import PrefixCache
-from mabeam.runtime.etcd import EtcdClient, ResumingWatch, snapshot
+from mabeam.runtime.etcd import EtcdClient
 from mabeam.server import MeshServer
 from mabeam.services.coordination import runs
 from mabeam.services.coordination.engine import FanOut, Participant, Session, struct
 from mabeam.services.coordination.protocols.errors import ProtocolParamError
-from mabeam.services.coordination.store import END_MARKER, SessionStore, decode_protocol
+from mabeam.services.coordination.store import SessionStore, decode_protocol
 from mabeam.v1 import (
     agent_pb2,
     common_pb2,
@@ -35,23 +36,25 @@ from mabeam.v1 import (
     protocol_plugin_pb2_grpc,
     registry_pb2,
 )
-from mabeam.v1 import coordination_pb2 as C
 
 SERVICE_NAME = "mabeam.v1.CoordinationService"
 PROTOCOL_NAME_RE = re.compile(r"^[a-z0-9_]{1,64}\Z")
 ONE_SHOT = {"first_price", "vickrey", "contract_net", "call_market", "consensus"}
 
 AUCTIONS = {
-    C.AUCTION_TYPE_FIRST_PRICE: "first_price",
-    C.AUCTION_TYPE_SECOND_PRICE: "vickrey",
-    C.AUCTION_TYPE_ENGLISH: "english",
-    C.AUCTION_TYPE_DUTCH: "dutch",
+    coordination_pb2.AUCTION_TYPE_FIRST_PRICE: "first_price",
+    coordination_pb2.AUCTION_TYPE_SECOND_PRICE: "vickrey",
+    coordination_pb2.AUCTION_TYPE_ENGLISH: "english",
+    coordination_pb2.AUCTION_TYPE_DUTCH: "dutch",
 }
-MARKETS = {C.MARKET_TYPE_TATONNEMENT: "tatonnement", C.MARKET_TYPE_CALL: "call_market"}
+MARKETS = {
+    coordination_pb2.MARKET_TYPE_TATONNEMENT: "tatonnement",
+    coordination_pb2.MARKET_TYPE_CALL: "call_market",
+}
 TIES = {
-    C.TIE_RULE_UNSPECIFIED: "no_decision",
-    C.TIE_RULE_NO_DECISION: "no_decision",
-    C.TIE_RULE_FIRST_OPTION: "first_option",
+    coordination_pb2.TIE_RULE_UNSPECIFIED: "no_decision",
+    coordination_pb2.TIE_RULE_NO_DECISION: "no_decision",
+    coordination_pb2.TIE_RULE_FIRST_OPTION: "first_option",
 }
 
 
@@ -64,7 +67,6 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
 
     def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
         self._server = server
-        self._etcd = etcd
         self.store = SessionStore(etcd, server.config)
         self.pool = ChannelPool(server.config.client_tls())
         self.fanout = FanOut(self.pool)
@@ -93,10 +95,10 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
 
     async def _participants(
         self, selector: common_pb2.AgentSelector
-    ) -> tuple[list[Participant], list[C.Exclusion]]:
+    ) -> tuple[list[Participant], list[coordination_pb2.Exclusion]]:
         assert self._mesh is not None
         registry = self._mesh.registry
-        missing: list[C.Exclusion] = []
+        missing: list[coordination_pb2.Exclusion] = []
         if selector.agent_ids:
             wanted = list(dict.fromkeys(selector.agent_ids))
             for agent_id in wanted:
@@ -122,8 +124,11 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
                         found[agent.agent_id] = agent
             agents = [found[a] for a in wanted if a in found]
             missing = [
-                C.Exclusion(
-                    agent_id=a, reason=C.EXCLUSION_REASON_NOT_REGISTERED, detail="not registered", round=0
+                coordination_pb2.Exclusion(
+                    agent_id=a,
+                    reason=coordination_pb2.EXCLUSION_REASON_NOT_REGISTERED,
+                    detail="not registered",
+                    round=0,
                 )
                 for a in wanted
                 if a not in found
@@ -143,15 +148,21 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
     # -- running -------------------------------------------------------------------
 
     async def _run(
-        self, settings: C.SessionSettings, protocol: str, params: dict[str, Any], out: C.Session
+        self,
+        settings: coordination_pb2.SessionSettings,
+        protocol: str,
+        params: dict[str, Any],
+        out: coordination_pb2.Session,
     ) -> None:
         """Run a session and fill ``out`` (a response's session) as ``settings.view`` asks."""
-        if settings.view not in C.SessionView.values():
+        if settings.view not in coordination_pb2.SessionView.values():
             raise errors.InvalidArgument("settings.view", f"unknown view {settings.view}")
         session = await self._session(settings, protocol, params)
         session.answer(out, settings.view)
 
-    async def _session(self, settings: C.SessionSettings, protocol: str, params: dict[str, Any]) -> Session:
+    async def _session(
+        self, settings: coordination_pb2.SessionSettings, protocol: str, params: dict[str, Any]
+    ) -> Session:
         selector = settings.participants
         if not selector.agent_ids and not selector.capability and not selector.labels:
             raise errors.InvalidArgument("settings.participants", "give agent ids or a capability")
@@ -203,7 +214,9 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             if not await self.store.create(session.proto):
                 raise errors.AlreadyExists(f"session {session.session_id!r} exists already")
         if not participants:
-            await session.finish(C.Outcome(decided=False, reason="no participant is registered"))
+            await session.finish(
+                coordination_pb2.Outcome(decided=False, reason="no participant is registered")
+            )
             return session
         try:
             if builtin is not None:
@@ -216,20 +229,26 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
                     self._run_plugin(session, plugin, params), timeout=max(session.remaining(), 0.01) + 1
                 )
         except ProtocolParamError as exc:
-            await session.finish(C.Outcome(decided=False, reason=str(exc)), C.SESSION_STATE_FAILED)
+            await session.finish(
+                coordination_pb2.Outcome(decided=False, reason=str(exc)),
+                coordination_pb2.SESSION_STATE_FAILED,
+            )
             raise _param_error(exc) from None
         except TimeoutError:
-            await session.finish(C.Outcome(decided=False, reason="session deadline reached"))
+            await session.finish(coordination_pb2.Outcome(decided=False, reason="session deadline reached"))
             return session
         except errors.MabeamError as exc:
-            await session.finish(C.Outcome(decided=False, reason=exc.message), C.SESSION_STATE_FAILED)
+            await session.finish(
+                coordination_pb2.Outcome(decided=False, reason=exc.message),
+                coordination_pb2.SESSION_STATE_FAILED,
+            )
             return session
         await session.finish(outcome)
         return session
 
     async def _run_plugin(
-        self, session: Session, plugin: C.ProtocolInfo, params: dict[str, Any]
-    ) -> C.Outcome:
+        self, session: Session, plugin: coordination_pb2.ProtocolInfo, params: dict[str, Any]
+    ) -> coordination_pb2.Outcome:
         stub = protocol_plugin_pb2_grpc.ProtocolPluginServiceStub(self.pool.get(plugin.endpoint))
         replies: list[protocol_plugin_pb2.PluginReply] = []
         state = None
@@ -257,7 +276,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
                     f"protocol plugin at {plugin.endpoint} answered neither a round nor an outcome"
                 )
             if session.remaining() <= 0:
-                return C.Outcome(
+                return coordination_pb2.Outcome(
                     decided=False, reason=f"session deadline reached after {round_number} rounds"
                 )
             state = step.round.state
@@ -284,7 +303,9 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
 
     # -- RPCs ------------------------------------------------------------------------
 
-    async def RunAuction(self, request: C.RunAuctionRequest, context: Any) -> C.RunAuctionResponse:
+    async def RunAuction(
+        self, request: coordination_pb2.RunAuctionRequest, context: Any
+    ) -> coordination_pb2.RunAuctionResponse:
         protocol = AUCTIONS.get(request.type)
         if protocol is None:
             raise errors.InvalidArgument("type", "choose FIRST_PRICE, SECOND_PRICE, ENGLISH or DUTCH")
@@ -308,11 +329,13 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             )
         if not request.item:
             raise errors.InvalidArgument("item", "is required")
-        reply = C.RunAuctionResponse()
+        reply = coordination_pb2.RunAuctionResponse()
         await self._run(request.settings, protocol, params, reply.session)
         return reply
 
-    async def RunMarket(self, request: C.RunMarketRequest, context: Any) -> C.RunMarketResponse:
+    async def RunMarket(
+        self, request: coordination_pb2.RunMarketRequest, context: Any
+    ) -> coordination_pb2.RunMarketResponse:
         protocol = MARKETS.get(request.type)
         if protocol is None:
             raise errors.InvalidArgument("type", "choose TATONNEMENT or CALL")
@@ -325,11 +348,13 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
                 max_rounds=request.max_rounds or 100,
                 min_price=request.min_price or 1e-4,
             )
-        reply = C.RunMarketResponse()
+        reply = coordination_pb2.RunMarketResponse()
         await self._run(request.settings, protocol, params, reply.session)
         return reply
 
-    async def RunConsensus(self, request: C.RunConsensusRequest, context: Any) -> C.RunConsensusResponse:
+    async def RunConsensus(
+        self, request: coordination_pb2.RunConsensusRequest, context: Any
+    ) -> coordination_pb2.RunConsensusResponse:
         rule = runs.RULE_NAMES.get(request.rule)
         if rule is None:
             raise errors.InvalidArgument("rule", "choose MAJORITY, SUPERMAJORITY, UNANIMITY or PLURALITY")
@@ -339,26 +364,28 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             "question": request.question,
             "options": list(request.options) or ["yes", "no"],
             "rule": rule,
-            "threshold": request.threshold if request.rule == C.CONSENSUS_RULE_SUPERMAJORITY else 2 / 3,
+            "threshold": request.threshold
+            if request.rule == coordination_pb2.CONSENSUS_RULE_SUPERMAJORITY
+            else 2 / 3,
             "quorum": request.quorum,
             "weights": dict(request.weights),
             "tie_rule": TIES.get(request.tie_rule, "no_decision"),
         }
-        reply = C.RunConsensusResponse()
+        reply = coordination_pb2.RunConsensusResponse()
         await self._run(request.settings, "consensus", params, reply.session)
         return reply
 
-    async def Run(self, request: C.RunRequest, context: Any) -> C.RunResponse:
+    async def Run(self, request: coordination_pb2.RunRequest, context: Any) -> coordination_pb2.RunResponse:
         if not request.protocol:
             raise errors.InvalidArgument("protocol", "is required")
         params = json_format.MessageToDict(request.parameters) if request.HasField("parameters") else {}
-        reply = C.RunResponse()
+        reply = coordination_pb2.RunResponse()
         await self._run(request.settings, request.protocol, params, reply.session)
         return reply
 
     async def RegisterProtocol(
-        self, request: C.RegisterProtocolRequest, context: Any
-    ) -> C.RegisterProtocolResponse:
+        self, request: coordination_pb2.RegisterProtocolRequest, context: Any
+    ) -> coordination_pb2.RegisterProtocolResponse:
         if not PROTOCOL_NAME_RE.match(request.name):
             raise errors.InvalidArgument("name", "must be 1-64 characters of [a-z0-9_]")
         if request.name in runs.BUILTINS:
@@ -371,7 +398,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             raise errors.FailedPrecondition(
                 f"no ProtocolPluginService answers at {endpoint}: {exc.details()}"
             ) from None
-        info = C.ProtocolInfo(
+        info = coordination_pb2.ProtocolInfo(
             name=request.name,
             description=request.description or described.description,
             builtin=False,
@@ -383,19 +410,21 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             raise errors.AlreadyExists(
                 f"protocol {request.name!r} is registered already (set replace to change it)"
             )
-        return C.RegisterProtocolResponse(protocol=info)
+        return coordination_pb2.RegisterProtocolResponse(protocol=info)
 
-    async def ListProtocols(self, request: C.ListProtocolsRequest, context: Any) -> C.ListProtocolsResponse:
+    async def ListProtocols(
+        self, request: coordination_pb2.ListProtocolsRequest, context: Any
+    ) -> coordination_pb2.ListProtocolsResponse:
         size = validate.page_size(request.page_size)
         infos = [runs.protocol_info(b) for b in runs.BUILTINS.values()]
         infos += [info for _, info in self.plugins.items()]
         infos.sort(key=lambda i: i.name)
         chunk, token = validate.page(infos, lambda i: i.name, size, request.page_token, [])
-        return C.ListProtocolsResponse(protocols=chunk, next_page_token=token)
+        return coordination_pb2.ListProtocolsResponse(protocols=chunk, next_page_token=token)
 
     async def UnregisterProtocol(
-        self, request: C.UnregisterProtocolRequest, context: Any
-    ) -> C.UnregisterProtocolResponse:
+        self, request: coordination_pb2.UnregisterProtocolRequest, context: Any
+    ) -> coordination_pb2.UnregisterProtocolResponse:
         if request.name in runs.BUILTINS:
             raise errors.FailedPrecondition(f"{request.name!r} is built in and cannot be unregistered")
         if not await self.store.delete_protocol(request.name):
@@ -403,19 +432,25 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
                 f"protocol {request.name!r} is not registered",
                 reason=common_pb2.ERROR_REASON_PROTOCOL_NOT_FOUND,
             )
-        return C.UnregisterProtocolResponse()
+        return coordination_pb2.UnregisterProtocolResponse()
 
-    async def GetSession(self, request: C.GetSessionRequest, context: Any) -> C.GetSessionResponse:
+    async def GetSession(
+        self, request: coordination_pb2.GetSessionRequest, context: Any
+    ) -> coordination_pb2.GetSessionResponse:
         validate.identifier(request.session_id, "session_id")
-        session = await self.store.get(request.session_id, full=request.view != C.SESSION_VIEW_BASIC)
+        session = await self.store.get(
+            request.session_id, full=request.view != coordination_pb2.SESSION_VIEW_BASIC
+        )
         if session is None:
             raise errors.NotFound(
                 f"session {request.session_id!r} does not exist",
                 reason=common_pb2.ERROR_REASON_SESSION_NOT_FOUND,
             )
-        return C.GetSessionResponse(session=session)
+        return coordination_pb2.GetSessionResponse(session=session)
 
-    async def ListSessions(self, request: C.ListSessionsRequest, context: Any) -> C.ListSessionsResponse:
+    async def ListSessions(
+        self, request: coordination_pb2.ListSessionsRequest, context: Any
+    ) -> coordination_pb2.ListSessionsResponse:
         size = validate.page_size(request.page_size)
         after = request.started_after.ToNanoseconds() if request.HasField("started_after") else None
         before = request.started_before.ToNanoseconds() if request.HasField("started_before") else None
@@ -429,47 +464,43 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         # Newest first; the page key sorts the same way as a string.
         sessions.sort(key=lambda s: (-s.started_at.ToNanoseconds(), s.session_id))
 
-        def key(s: C.Session) -> str:
+        def key(s: coordination_pb2.Session) -> str:
             return f"{(1 << 63) - s.started_at.ToNanoseconds():020d}/{s.session_id}"
 
         filters = [request.protocol, after, before, request.view]
         chunk, token = validate.page(sessions, key, size, request.page_token, filters)
-        if request.view == C.SESSION_VIEW_FULL:
+        if request.view == coordination_pb2.SESSION_VIEW_FULL:
             for s in chunk:
                 s.rounds.extend(await self.store.get_rounds(s.session_id))
-        return C.ListSessionsResponse(sessions=chunk, next_page_token=token)
+        return coordination_pb2.ListSessionsResponse(sessions=chunk, next_page_token=token)
 
     async def WatchSession(
-        self, request: C.WatchSessionRequest, context: Any
-    ) -> AsyncIterator[C.WatchSessionResponse]:
+        self, request: coordination_pb2.WatchSessionRequest, context: Any
+    ) -> AsyncIterator[coordination_pb2.WatchSessionResponse]:
         validate.identifier(request.session_id, "session_id")
-        prefix = self.store.rounds_prefix(request.session_id)
-        kvs, revision = await snapshot(self._etcd, prefix)
+        rounds, finished, revision = await self.store.rounds_so_far(request.session_id)
         summary = await self.store.get(request.session_id, full=False)
         if summary is None:
             raise errors.NotFound(
                 f"session {request.session_id!r} does not exist",
                 reason=common_pb2.ERROR_REASON_SESSION_NOT_FOUND,
             )
-        finished = False
-        for kv in kvs:
-            if kv.key.endswith(END_MARKER):
-                finished = True
-            else:
-                yield C.WatchSessionResponse(
-                    type=C.SESSION_EVENT_TYPE_ROUND, round=C.Round.FromString(kv.value)
-                )
+        for record in rounds:
+            yield coordination_pb2.WatchSessionResponse(
+                type=coordination_pb2.SESSION_EVENT_TYPE_ROUND, round=record
+            )
         if not finished:
-            async for event in ResumingWatch(self._etcd, prefix, start_revision=revision + 1):
-                if event.kind != "PUT":
-                    continue
-                if event.key.endswith(END_MARKER):
-                    break
-                yield C.WatchSessionResponse(
-                    type=C.SESSION_EVENT_TYPE_ROUND, round=C.Round.FromString(event.value)
-                )
+            async with contextlib.aclosing(
+                self.store.follow_rounds(request.session_id, revision + 1)
+            ) as following:
+                async for record in following:
+                    yield coordination_pb2.WatchSessionResponse(
+                        type=coordination_pb2.SESSION_EVENT_TYPE_ROUND, round=record
+                    )
         final = await self.store.get(request.session_id, full=False)
-        yield C.WatchSessionResponse(type=C.SESSION_EVENT_TYPE_FINISHED, session=final)
+        yield coordination_pb2.WatchSessionResponse(
+            type=coordination_pb2.SESSION_EVENT_TYPE_FINISHED, session=final
+        )
 
 
 async def build(server: MeshServer, etcd: EtcdClient) -> None:

@@ -17,10 +17,10 @@ stream them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from mabeam.config import MeshConfig
-from mabeam.runtime.etcd import EtcdClient, snapshot
+from mabeam.runtime.etcd import EtcdClient, ResumingWatch, snapshot
 from mabeam.v1 import coordination_pb2
 
 END_MARKER = b"~end"
@@ -84,6 +84,27 @@ class SessionStore:
     async def get_rounds(self, session_id: str) -> list[coordination_pb2.Round]:
         kvs, _ = await snapshot(self.client, self.rounds_prefix(session_id))
         return [coordination_pb2.Round.FromString(kv.value) for kv in kvs if not kv.key.endswith(END_MARKER)]
+
+    async def rounds_so_far(self, session_id: str) -> tuple[list[coordination_pb2.Round], bool, int]:
+        """The session's rounds written so far, whether it finished, and the revision read at."""
+        kvs, revision = await snapshot(self.client, self.rounds_prefix(session_id))
+        rounds = [
+            coordination_pb2.Round.FromString(kv.value) for kv in kvs if not kv.key.endswith(END_MARKER)
+        ]
+        return rounds, any(kv.key.endswith(END_MARKER) for kv in kvs), revision
+
+    async def follow_rounds(
+        self, session_id: str, start_revision: int
+    ) -> AsyncIterator[coordination_pb2.Round]:
+        """The session's rounds written from ``start_revision`` on, as they come, until it finishes."""
+        async for event in ResumingWatch(
+            self.client, self.rounds_prefix(session_id), start_revision=start_revision
+        ):
+            if event.kind != "PUT":
+                continue
+            if event.key.endswith(END_MARKER):
+                break
+            yield coordination_pb2.Round.FromString(event.value)
 
     async def list_summaries(self) -> list[coordination_pb2.Session]:
         kvs, _ = await snapshot(self.client, self.sessions)
