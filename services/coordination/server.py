@@ -2,8 +2,9 @@
 
 Validation happens before any message is sent (a bad parameter is
 INVALID_ARGUMENT naming it); participants are resolved through the registry
-(explicit ids, or a capability selector); the run itself is
-:mod:`.runs` on :mod:`.engine`; sessions live in etcd (:mod:`.store`).
+(:mod:`.participants`: explicit ids, or a capability selector); the run itself
+is :mod:`.runs` (built-in protocols) or :mod:`.plugins` (registered ones) on
+:mod:`.engine`; sessions live in etcd (:mod:`.store`).
 """
 
 from __future__ import annotations
@@ -18,23 +19,23 @@ import grpc
 from google.protobuf import json_format
 
 from mabeam import errors
-from mabeam.client import ChannelPool, MeshClient, list_all
+from mabeam.client import ChannelPool, MeshClient
 from mabeam.runtime import validate
 from mabeam.runtime.cache import PrefixCache
 from mabeam.runtime.etcd import EtcdClient
 from mabeam.server import MeshServer
 from mabeam.services.coordination import runs
-from mabeam.services.coordination.engine import FanOut, Participant, Session, struct
+from mabeam.services.coordination.engine import FanOut, Session
+from mabeam.services.coordination.participants import resolve
+from mabeam.services.coordination.plugins import run_plugin
 from mabeam.services.coordination.protocols.errors import ProtocolParamError
 from mabeam.services.coordination.store import SessionStore, decode_protocol
 from mabeam.v1 import (
-    agent_pb2,
     common_pb2,
     coordination_pb2,
     coordination_pb2_grpc,
     protocol_plugin_pb2,
     protocol_plugin_pb2_grpc,
-    registry_pb2,
 )
 
 SERVICE_NAME = "mabeam.v1.CoordinationService"
@@ -91,60 +92,6 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             await self._mesh.close()
         await self.pool.close()
 
-    # -- participants ------------------------------------------------------------
-
-    async def _participants(
-        self, selector: common_pb2.AgentSelector
-    ) -> tuple[list[Participant], list[coordination_pb2.Exclusion]]:
-        assert self._mesh is not None
-        registry = self._mesh.registry
-        missing: list[coordination_pb2.Exclusion] = []
-        if selector.agent_ids:
-            wanted = list(dict.fromkeys(selector.agent_ids))
-            for agent_id in wanted:
-                validate.identifier(agent_id, "settings.participants.agent_ids")
-            found: dict[str, registry_pb2.Agent] = {}
-            if len(wanted) <= 16:
-                replies = await asyncio.gather(
-                    *(registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=a)) for a in wanted),
-                    return_exceptions=True,
-                )
-                for agent_id, reply in zip(wanted, replies, strict=True):
-                    if isinstance(reply, registry_pb2.GetAgentResponse):
-                        found[agent_id] = reply.agent
-                    elif not isinstance(reply, errors.NotFound):
-                        raise (
-                            reply
-                            if isinstance(reply, BaseException)
-                            else errors.Internal("bad registry reply")
-                        )
-            else:
-                for agent in await self._list(registry_pb2.ListAgentsRequest()):
-                    if agent.agent_id in wanted:
-                        found[agent.agent_id] = agent
-            agents = [found[a] for a in wanted if a in found]
-            missing = [
-                coordination_pb2.Exclusion(
-                    agent_id=a,
-                    reason=coordination_pb2.EXCLUSION_REASON_NOT_REGISTERED,
-                    detail="not registered",
-                    round=0,
-                )
-                for a in wanted
-                if a not in found
-            ]
-        else:
-            agents = await self._list(
-                registry_pb2.ListAgentsRequest(capability=selector.capability, labels=dict(selector.labels))
-            )
-        if selector.max_agents:
-            agents = agents[: selector.max_agents]
-        return [Participant(a.agent_id, a.endpoint) for a in agents], missing
-
-    async def _list(self, request: registry_pb2.ListAgentsRequest) -> list[registry_pb2.Agent]:
-        assert self._mesh is not None
-        return await list_all(self._mesh.registry.ListAgents, request, "agents")
-
     # -- running -------------------------------------------------------------------
 
     async def _run(
@@ -186,7 +133,8 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
                 builtin.validate(params)
             except ProtocolParamError as exc:
                 raise _param_error(exc) from None
-        participants, missing = await self._participants(selector)
+        assert self._mesh is not None
+        participants, missing = await resolve(self._mesh.registry, selector)
         if not participants and not missing:
             raise errors.FailedPrecondition(
                 f"no live agent matches the participants (capability {selector.capability!r})",
@@ -226,7 +174,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             else:
                 assert plugin is not None
                 outcome = await asyncio.wait_for(
-                    self._run_plugin(session, plugin, params), timeout=max(session.remaining(), 0.01) + 1
+                    run_plugin(self.pool, session, plugin, params), timeout=max(session.remaining(), 0.01) + 1
                 )
         except ProtocolParamError as exc:
             await session.finish(
@@ -245,61 +193,6 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             return session
         await session.finish(outcome)
         return session
-
-    async def _run_plugin(
-        self, session: Session, plugin: coordination_pb2.ProtocolInfo, params: dict[str, Any]
-    ) -> coordination_pb2.Outcome:
-        stub = protocol_plugin_pb2_grpc.ProtocolPluginServiceStub(self.pool.get(plugin.endpoint))
-        replies: list[protocol_plugin_pb2.PluginReply] = []
-        state = None
-        round_number = 0
-        while True:
-            request = protocol_plugin_pb2.AdvanceRequest(
-                session_id=session.session_id,
-                parameters=struct(params),
-                participants=[a for a in session.proto.participants if a not in session.excluded_ids],
-                round=round_number,
-                replies=replies,
-            )
-            if state is not None:
-                request.state.CopyFrom(state)
-            try:
-                step = await stub.Advance(request, timeout=max(session.remaining(), 0.01))
-            except grpc.RpcError as exc:
-                raise errors.FailedPrecondition(
-                    f"protocol plugin at {plugin.endpoint} failed: {exc.details()}"
-                ) from None
-            if step.WhichOneof("next") == "outcome":
-                return step.outcome
-            if step.WhichOneof("next") != "round":
-                raise errors.FailedPrecondition(
-                    f"protocol plugin at {plugin.endpoint} answered neither a round nor an outcome"
-                )
-            if session.remaining() <= 0:
-                return coordination_pb2.Outcome(
-                    decided=False, reason=f"session deadline reached after {round_number} rounds"
-                )
-            state = step.round.state
-            known = set(session.proto.participants)
-            requests = []
-            for req in step.round.requests:
-                if req.agent_id in known and req.agent_id not in session.excluded_ids:
-                    copy = agent_pb2.CoordinationRequest()
-                    copy.CopyFrom(req)
-                    requests.append((req.agent_id, copy))
-            announced = (
-                json_format.MessageToDict(step.round.announced) if step.round.HasField("announced") else None
-            )
-            got = await session.round(requests, announced=announced)
-            round_number = session.proto.round_count
-            replies = []
-            for r in got:
-                reply = protocol_plugin_pb2.PluginReply(agent_id=r.agent_id)
-                if r.response is not None and r.exclusion is None:
-                    reply.response.CopyFrom(r.response)
-                if r.exclusion is not None:
-                    reply.exclusion.CopyFrom(r.exclusion)
-                replies.append(reply)
 
     # -- RPCs ------------------------------------------------------------------------
 
