@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mabeam.runtime import process
 from mabeam.runtime.embedded_etcd import free_port
 from mabeam.runtime.process import pid_alive
 
@@ -55,8 +56,10 @@ def descendants(pid: int) -> set[int]:
 
 
 class Up:
-    def __init__(self, proc: subprocess.Popen[str], ports: dict[str, int], output: list[str]) -> None:
-        self.proc, self.ports, self.output = proc, ports, output
+    def __init__(
+        self, proc: subprocess.Popen[str], ports: dict[str, int], output: list[str], log_dir: Path
+    ) -> None:
+        self.proc, self.ports, self.output, self.log_dir = proc, ports, output, log_dir
 
 
 def start_up(tmp_path: Path, extra: list[str] | None = None) -> tuple[subprocess.Popen[str], dict[str, int]]:
@@ -109,7 +112,8 @@ def up(tmp_path: Path) -> Iterator[Up]:
     proc, ports = start_up(tmp_path)
     output = read_until_healthy(proc, 45)
     try:
-        yield Up(proc, ports, output)
+        # `mabeam up --data-dir D` logs to D's parent / logs.
+        yield Up(proc, ports, output, tmp_path / "logs")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -138,6 +142,10 @@ def test_up_serves_every_service_with_reflection_and_health(up: Up) -> None:
             "-plaintext", "-d", f'{{"service": "{name}"}}', address, "grpc.health.v1.Health/Check"
         )
         assert '"SERVING"' in health
+        # Each replica's output went to its log (not to a pipe nobody reads),
+        # with the line for people; its address came in its ready file.
+        log = (up.log_dir / f"{kind}-0.log").read_text()
+        assert f"mabeam {kind} serving on {address}" in log
 
 
 def test_readme_grpcurl_commands_work_as_written(up: Up) -> None:
@@ -280,3 +288,35 @@ def test_up_cluster_runs_three_etcd_members_and_two_replicas_of_each_service(tmp
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_ready_file_gives_the_address_or_says_why_not(tmp_path: Path) -> None:
+    """The readiness signal of a started process: the document, the child's exit, or the deadline."""
+    announce = "from mabeam.runtime.process import announce_ready; announce_ready('127.0.0.1:4242'); "
+    with process.ReadyFile() as ready:
+        child = process.spawn(
+            [sys.executable, "-c", announce + "import time; time.sleep(30)"],
+            env={**os.environ, **ready.env()},
+        )
+        try:
+            got = await ready.wait(child, timeout=20)
+            assert got == process.Ready("127.0.0.1:4242", child.pid)
+        finally:
+            await process.terminate(child, 1)
+    with process.ReadyFile() as ready:
+        child = process.spawn(
+            [sys.executable, "-c", "raise SystemExit(3)"], env={**os.environ, **ready.env()}
+        )
+        with pytest.raises(process.ExitedBeforeReady) as info:
+            await ready.wait(child, timeout=20)
+        assert info.value.status == 3
+    with process.ReadyFile() as ready:
+        child = process.spawn(
+            [sys.executable, "-c", "import time; time.sleep(30)"], env={**os.environ, **ready.env()}
+        )
+        try:
+            with pytest.raises(TimeoutError):
+                await ready.wait(child, timeout=0.3)
+        finally:
+            await process.terminate(child, 1)
+    assert not Path(ready.path).parent.exists()  # the parent removes what it created
