@@ -15,6 +15,8 @@ import logging
 from collections.abc import Callable, ItemsView
 from typing import Generic, TypeVar
 
+import stamina
+
 from mabeam.runtime.etcd import EtcdClient, ResumingWatch, WatchCompacted, WatchEvent, snapshot
 
 T = TypeVar("T")
@@ -93,12 +95,11 @@ class PrefixCache(Generic[T]):
                     self._apply(event)
             except WatchCompacted:
                 log.warning("cache %s: revision compacted; listing again", self.prefix.decode())
-                while True:
-                    try:
+                async for attempt in stamina.retry_context(
+                    on=Exception, attempts=None, timeout=None, wait_initial=0.5, wait_max=0.5, wait_jitter=0.0
+                ):
+                    with attempt:
                         await self._load()
-                        break
-                    except Exception:
-                        await asyncio.sleep(0.5)
 
     def _apply(self, event: WatchEvent) -> None:
         self.revision = event.mod_revision

@@ -8,12 +8,13 @@ once). Clients find the live ones with :class:`mabeam.discovery.EndpointResolver
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
 import time
+
+import stamina
 
 from mabeam.discovery import endpoints_prefix
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper
@@ -51,7 +52,6 @@ class EndpointPublisher:
 
     async def run(self) -> None:
         """Re-publish whenever the lease is lost, until withdrawn."""
-        delay = 0.1
         while not self._stopped:
             if self._keeper is not None:
                 await self._keeper.wait_lost()
@@ -61,15 +61,20 @@ class EndpointPublisher:
                 with contextlib.suppress(Exception):
                     await self._keeper.stop()
                 self._keeper = None
-            try:
-                await self.publish()
-                delay = 0.1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.info("publishing %s failed (%s); retrying", self._key.decode(), exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            async for attempt in stamina.retry_context(
+                on=Exception, attempts=None, timeout=None, wait_initial=0.1, wait_max=2.0, wait_jitter=0.0
+            ):
+                with attempt:
+                    await self._publish_again()
+
+    async def _publish_again(self) -> None:
+        if self._stopped:
+            return  # withdrawn while waiting to retry
+        try:
+            await self.publish()
+        except Exception as exc:
+            log.info("publishing %s failed (%s); retrying", self._key.decode(), exc)
+            raise
 
     async def withdraw(self) -> None:
         """Remove the key at once (revoke the lease); safe to call twice."""

@@ -1,0 +1,224 @@
+"""The etcd client of the mesh: aetcd's client over several endpoints, with TLS.
+
+aetcd talks to one endpoint and reopens a closed client on its next call;
+the mesh needs a client that fails over between members (``pick_first`` over
+the address list, so a dead member is skipped and the next call goes to a
+live one), speaks TLS, finds a dead connection in seconds, and stays closed
+once closed. The primitives of the other modules (leases, watches,
+elections) are built on :class:`EtcdClient`.
+
+How failures surface (aetcd maps grpc status codes to its exceptions):
+
+* ``ConnectionFailedError`` (UNAVAILABLE): etcd refused or dropped the
+  connection, or the member has no leader / lost it / timed out a proposal
+  (``etcdserver: no leader``, ``leader changed``, ``request timed out``).
+  Retry, possibly on another member.
+* ``ConnectionTimeoutError`` (DEADLINE_EXCEEDED): the call's own ``timeout``
+  passed, typically a frozen or partitioned member.
+* ``WatchTimeoutError``: aetcd's own watch (``client.watch``) was not created
+  within ``timeout``.
+
+:data:`UNREACHABLE` lists these three: each means "etcd could not be reached
+or could not commit", never "the request was wrong". Without a ``timeout`` a
+call to a frozen etcd (SIGSTOP, or a dead host that sends no RST) waits until
+the channel's keepalive declares the connection dead, about 8 s.
+:func:`to_mabeam_error` puts them (and the requests etcd refused) in the
+mesh's error table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import aetcd
+import aetcd.exceptions
+import aetcd.rpc
+import aetcd.watcher
+from grpc import aio
+
+from mabeam import errors
+from mabeam.etcd_target import open_channel
+from mabeam.etcd_target import split as grpc_target_check
+from mabeam.tls import TLS
+
+# One logger for the whole etcd layer, named as before the package was split,
+# so log configuration and filters keep working.
+log = logging.getLogger("mabeam.runtime.etcd")
+
+UNREACHABLE: tuple[type[Exception], ...] = (
+    aetcd.exceptions.ConnectionFailedError,
+    aetcd.exceptions.ConnectionTimeoutError,
+    aetcd.exceptions.WatchTimeoutError,
+)
+
+# Keepalive pings find a dead connection (frozen member, vanished host) while
+# calls are pending, in 5 + 3 s. etcd's server refuses pings closer than 5 s
+# (--grpc-keepalive-min-time) and pings on an idle connection
+# (PermitWithoutStream=false) with GOAWAY "too_many_pings", so 5 s, calls only;
+# and without max_pings_without_data=0 grpc stops pinging after two pings.
+_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.lb_policy_name", "pick_first"),
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
+    # grpc >= 1.6x times a ping out after this, not keepalive_timeout_ms (60 s by default).
+    ("grpc.http2.ping_timeout_ms", 3_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
+
+
+def _cancelled_by_caller() -> bool:
+    """True when the running task is being cancelled, as opposed to grpc raising
+    CancelledError for a call that was cancelled locally (its channel closed)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def to_mabeam_error(exc: BaseException) -> errors.MabeamError | None:
+    """etcd's exceptions in the mesh's error table (None for any other exception).
+
+    Unreachable or unable to commit is ``UNAVAILABLE`` (retryable); a request
+    etcd refused is a bug on our side, ``INTERNAL``, logged.
+    """
+    if isinstance(exc, UNREACHABLE):
+        return errors.Unavailable(f"etcd is unreachable: {exc}")
+    if isinstance(exc, aetcd.exceptions.ClientError):
+        log.exception("etcd refused a request", exc_info=exc)
+        return errors.Internal(f"etcd refused the request: {exc}")
+    return None
+
+
+class ClientClosedError(aetcd.exceptions.ClientError):
+    """The :class:`EtcdClient` was closed; a closed client never reconnects."""
+
+
+class EtcdClient(aetcd.Client):
+    """aetcd's client over one or several endpoints, with optional TLS.
+
+    Create it with :func:`connect`. All of aetcd's API is there (``get``,
+    ``put``, ``transaction``, ``lease``, ``watch`` ...), plus :attr:`watchstub`
+    for :class:`~mabeam.runtime.etcd.ResumingWatch` and :meth:`keepalive_once`
+    for :class:`~mabeam.runtime.etcd.LeaseKeeper`. Calls go to the first
+    endpoint that answers and move to the next when it dies; a call in flight
+    on the dead one fails with ``ConnectionFailedError`` and may be retried at
+    once.
+
+    Several endpoints given by host name are resolved once, at connect time.
+    With TLS and several endpoints, every member's certificate must carry the
+    name (or IP address) of the first named endpoint, else of the first one:
+    grpc checks one name for a whole address list.
+    """
+
+    watchstub: Any
+
+    def __init__(
+        self, endpoints: Sequence[str], tls: TLS | None = None, timeout: float | None = None
+    ) -> None:
+        grpc_target_check(endpoints)  # a malformed endpoint is an error now, not at the first call
+        super().__init__(timeout=timeout)  # type: ignore[arg-type]
+        self.endpoints = tuple(endpoints)
+        self._tls = tls
+        self._closed = False
+
+    def _init_channel_attrs(self) -> None:
+        super()._init_channel_attrs()
+        self.watchstub = None
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def timeout(self) -> float | None:
+        """The per-call timeout in seconds given to :func:`connect` (None: no deadline)."""
+        return self._timeout
+
+    async def connect(self) -> None:
+        """Open the channel; idempotent, and concurrent callers wait for the first.
+
+        No network traffic happens here: grpc connects on the first call.
+        """
+        if self._closed:
+            raise ClientClosedError("etcd client is closed")
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # type: ignore[has-type]
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        self._is_connecting = True
+        try:
+            self.channel = await open_channel(self.endpoints, self._tls, _CHANNEL_OPTIONS)
+            self.kvstub = aetcd.rpc.KVStub(self.channel)
+            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+            self.watchstub = aetcd.rpc.WatchStub(self.channel)
+            # aetcd's own watch API multiplexes all its watches on one stream.
+            self._watcher = aetcd.watcher.Watcher(
+                self.watchstub, timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+    async def close(self) -> None:
+        """Close the channel (calls in flight fail with CANCELLED); safe to call twice.
+
+        Final: aetcd would reopen a closed client on its next call, which would
+        leak a channel nobody closes, so this one raises ClientClosedError instead.
+        """
+        self._closed = True
+        await super().close()
+
+    async def keepalive_once(self, lease_id: int) -> int:
+        """Refresh a lease once; its TTL after the refresh, 0 when etcd no longer knows it.
+
+        One short LeaseKeepAlive stream per refresh: nothing to resume after a
+        reconnect, and a dead connection fails this call instead of a stream
+        that looks open.
+        """
+        await self.connect()
+        assert self.leasestub is not None
+        call = self.leasestub.LeaseKeepAlive(
+            iter([aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id)]),
+            timeout=self._timeout,
+            metadata=self.metadata,
+        )
+        try:
+            async for reply in call:
+                return int(reply.TTL)
+        except aio.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)
+        finally:
+            call.cancel()
+        # The stream ended without an answer: that says nothing about the lease.
+        raise aetcd.exceptions.ConnectionFailedError("etcd ended the lease keep-alive without an answer")
+
+
+async def connect(
+    endpoints: Sequence[str], *, tls: TLS | None = None, timeout: float | None = None
+) -> EtcdClient:
+    """A connected :class:`EtcdClient` for ``endpoints``.
+
+    ``endpoints`` are URLs (``http://127.0.0.1:2379``, ``https://etcd-0:2379``);
+    https, or ``tls`` given, means TLS. ``timeout`` is the deadline of every
+    unary call in seconds (None: none; see the module doc for what a frozen
+    etcd then does). Connecting does not touch the network, so it succeeds
+    even when etcd is down; the first call says whether it is up.
+
+    Example::
+
+        client = await connect(["http://127.0.0.1:2379", "http://127.0.0.1:2479"], timeout=5)
+        await client.put(b"/k", b"v")
+        await client.close()
+    """
+    client = EtcdClient(endpoints, tls=tls, timeout=timeout)
+    await client.connect()
+    return client
