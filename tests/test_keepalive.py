@@ -34,11 +34,11 @@ async def _idle_and_watch(options: list[tuple[str, object]], idle_s: float) -> l
     changes: list[grpc.ChannelConnectivity] = []
     try:
         await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        state = channel.get_state()
+        state: grpc.ChannelConnectivity = channel.get_state()
         assert state == grpc.ChannelConnectivity.READY
 
         async def watch() -> None:
-            current = state
+            current: grpc.ChannelConnectivity = state
             while True:
                 await channel.wait_for_state_change(current)
                 current = channel.get_state()
@@ -52,7 +52,7 @@ async def _idle_and_watch(options: list[tuple[str, object]], idle_s: float) -> l
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
     finally:
-        await channel.close()
+        await channel.close(None)
         await mesh_server.stop(0)
     return changes
 
