@@ -1,0 +1,376 @@
+"""Many agents on one endpoint: serving them, registering them, keeping their leases.
+
+An :class:`AgentHost` serves the agents it hosts on one gRPC endpoint (their
+calls go to :class:`~mabeam._agent_service.AgentServicer`, routed by
+``agent_id``), registers each with the registry and keeps every lease alive
+on one heartbeat stream, however many agents: a thousand light agents need
+one port and one stream. When the stream breaks it reconnects (to another
+registry replica) and registers again the agents the registry lost.
+:mod:`mabeam.agent` re-exports it; ``Agent.serve`` is an AgentHost of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import stamina
+from google.protobuf import duration_pb2
+
+from mabeam import errors
+from mabeam._agent_service import AgentServicer
+from mabeam._heartbeat_stats import HeartbeatStats
+from mabeam.client import ChannelPool, MeshClient, list_all
+from mabeam.config import MeshConfig
+from mabeam.server import MeshServer, serve_until_signalled
+from mabeam.tls import TLS
+from mabeam.v1 import agent_pb2_grpc, registry_pb2
+
+if TYPE_CHECKING:
+    from mabeam.agent import Agent
+
+# The logger of the public module: where an agent author looks.
+log = logging.getLogger("mabeam.agent")
+
+AGENT_SERVICE = "mabeam.v1.AgentService"
+REGISTER_PATIENCE_S = 30.0
+
+# Beats an AgentHost sends together before it paces the rest of the interval's beats.
+HEARTBEAT_CHUNK = 50
+
+
+class AgentHost:
+    """Serves many agents on one endpoint; registers them and keeps their leases.
+
+    Example::
+
+        host = AgentHost([Bidder(f"b{i}") for i in range(1000)], registry="127.0.0.1:50051")
+        await host.start()
+        ...
+        await host.stop()
+
+    ``bind_host`` and ``port`` are where it listens (port 0: any free one);
+    ``advertise_host`` (or ``MABEAM_ADVERTISE_HOST``) the address others reach
+    it at when it binds ``0.0.0.0``.
+    """
+
+    def __init__(
+        self,
+        agents: Iterable[Agent] = (),
+        *,
+        registry: str | Sequence[str] | None = None,
+        etcd: Sequence[str] | None = None,
+        prefix: str | None = None,
+        bind_host: str = "127.0.0.1",
+        port: int = 0,
+        lease_ttl: float = 5.0,
+        tls: TLS | None = None,
+        client_tls: TLS | None = None,
+        advertise_host: str | None = None,
+    ) -> None:
+        self.agents: dict[str, Agent] = {}
+        self._standby: set[str] = set()
+        # A migration target started by the supervisor (MABEAM_STANDBY=1) serves
+        # its agents without registering them: each takes its registration over
+        # when its state is imported.
+        standby = os.environ.get("MABEAM_STANDBY") == "1"
+        for agent in agents:
+            self.add(agent, register=not standby)
+        env_registry = os.environ.get("MABEAM_REGISTRY", "")
+        if registry is None and env_registry:
+            registry = [r for r in env_registry.split(",") if r]
+        env_etcd = os.environ.get("MABEAM_ETCD", "")
+        if etcd is None and env_etcd:
+            etcd = [e for e in env_etcd.split(",") if e]
+        if not registry and not etcd:
+            raise ValueError("where is the mesh? give registry= or etcd= (or MABEAM_REGISTRY / MABEAM_ETCD)")
+        self._registry = registry
+        self._etcd = etcd
+        self._prefix = prefix or os.environ.get("MABEAM_PREFIX", "/mabeam")
+        self._lease_ttl = lease_ttl
+        self._client_tls = client_tls
+        # In a container the agent binds 0.0.0.0 and is reached by its service name.
+        advertise_host = advertise_host or os.environ.get("MABEAM_ADVERTISE_HOST") or None
+        config = MeshConfig(
+            host=bind_host, ports={"agent": port}, tls=tls, grace=1.0, advertise_host=advertise_host
+        )
+        self._server = MeshServer("agent", config)
+        self.servicer = AgentServicer(self)
+        self._server.add_service(
+            AGENT_SERVICE, agent_pb2_grpc.add_AgentServiceServicer_to_server, self.servicer
+        )
+        self.channels = ChannelPool(client_tls)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._client: MeshClient | None = None
+        self._beats: asyncio.Task[None] | None = None
+        self._registered = asyncio.Event()
+        self._stopped = False
+        self.heartbeat_stats = HeartbeatStats()
+
+    def add(self, agent: Agent, *, register: bool = True) -> None:
+        """Host ``agent``. With ``register=False`` it is served but not registered:
+        a migration target, which takes the registration over on ImportState."""
+        if agent.agent_id in self.agents:
+            raise ValueError(f"agent {agent.agent_id!r} is already hosted here")
+        agent.host = self
+        self.agents[agent.agent_id] = agent
+        if not register:
+            self._standby.add(agent.agent_id)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+        """Run ``coro`` in the background until it ends or the host stops (which cancels it)."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report this host's agents as (not) serving on grpc.health.v1; the registry's probe picks it up."""
+        await self._server.set_serving(serving)
+
+    @property
+    def address(self) -> str:
+        """host:port of this host's AgentService."""
+        return self._server.address
+
+    @property
+    def client(self) -> MeshClient:
+        """The host's mesh client (after start)."""
+        assert self._client is not None, "start the host first"
+        return self._client
+
+    async def start(self) -> None:
+        """Serve, register every agent, and keep their leases in the background."""
+        await self._server.start()
+        self._client = await MeshClient.connect(
+            registry=self._registry, etcd=self._etcd, prefix=self._prefix, tls=self._client_tls
+        )
+        sem = asyncio.Semaphore(64)
+
+        async def register(agent: Agent) -> None:
+            async with sem:
+                await self._register(agent)
+
+        await asyncio.gather(*(register(a) for a in self.agents.values() if a.agent_id not in self._standby))
+        self._beats = asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeats")
+
+    async def _register(self, agent: Agent) -> registry_pb2.Agent:
+        assert self._client is not None
+        ttl = duration_pb2.Duration()
+        ttl.FromNanoseconds(int(self._lease_ttl * 1e9))
+        request = registry_pb2.RegisterAgentRequest(
+            agent_id=agent.agent_id,
+            endpoint=self.address,
+            capabilities=agent.agent_capabilities,
+            labels=agent.agent_labels,
+            resources=agent.resources,
+            lease_ttl=ttl,
+            token=agent.token,
+        )
+        # A registry that is not up yet (containers starting together) is waited
+        # for, with back-off, for up to REGISTER_PATIENCE_S.
+        cut_off = False
+
+        def worth_retrying(exc: Exception) -> bool:
+            # After a cut-off call, AlreadyExists is most likely our own registration,
+            # whose token never reached us: it lapses within its TTL, then we register.
+            return isinstance(exc, errors.Unavailable) or (cut_off and isinstance(exc, errors.AlreadyExists))
+
+        async for attempt in stamina.retry_context(
+            on=worth_retrying,
+            attempts=None,
+            timeout=REGISTER_PATIENCE_S,
+            wait_initial=0.1,
+            wait_max=2.0,
+            wait_jitter=0.0,
+        ):
+            with attempt:
+                try:
+                    reply = await self._client.registry.RegisterAgent(request)
+                except errors.Unavailable:
+                    # Maybe registered: a registry replica that dies mid-call may
+                    # have committed the registration before answering.
+                    cut_off = True
+                    raise
+        agent.token = reply.token
+        return reply.agent
+
+    async def _beats_stream(self) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+        interval = max(self._lease_ttl / 3.0, 0.1)
+        while True:
+            started = time.monotonic()
+            agents = list(self.agents.values())
+            for i, agent in enumerate(agents, 1):
+                if agent.token:
+                    beat = registry_pb2.HeartbeatRequest(
+                        agent_id=agent.agent_id, token=agent.token, load=agent.load()
+                    )
+                    self.heartbeat_stats.beat_sent(agent.agent_id)
+                    yield beat
+                if i % HEARTBEAT_CHUNK == 0 and i < len(agents):
+                    # Many agents: spread the beats over the first half of the
+                    # interval, a chunk at a time, instead of one burst that the
+                    # registry must get through before the last lease lapses.
+                    # Each agent keeps its place, so its beats stay an interval apart.
+                    target = started + interval / 2 * i / len(agents)
+                    await asyncio.sleep(max(0.0, target - time.monotonic()))
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _heartbeat_loop(self) -> None:
+        """One stream for every agent; on any break, reconnect (another replica) and re-register."""
+        stats = self.heartbeat_stats
+        broke = False  # the last stream broke after the registry had answered on it
+        while not self._stopped:
+            wait_first, broke = broke, False  # after a refusal, the next stream opens at once
+            try:
+                broke = await self._beat(wait_first)
+            except asyncio.CancelledError:
+                raise
+            except errors.NotFound as exc:
+                stats.stream_broke()
+                log.info("heartbeat: %s; registering again", exc.message)
+                await self._reregister(exc.metadata.get("agent_id"))
+            except errors.PermissionDenied as exc:
+                stats.stream_broke()
+                log.warning("heartbeat refused (%s); registering again", exc.message)
+                await self._reregister(exc.metadata.get("agent_id"), forget_token=True)
+            except errors.Internal as exc:
+                # grpc.aio reports INTERNAL in place of the registry's status when the
+                # stream ends while beats are still being written (grpc/grpc#36066):
+                # the status named an agent to register again, but which is lost.
+                stats.stream_broke()
+                log.info("heartbeat stream broke (%s); registering any agent no longer listed", exc)
+                await self._register_missing()
+
+    async def _beat(self, wait_first: bool) -> bool:
+        """Beat on one stream after another while they break before the registry answers on them.
+
+        Each break is followed by a wait: 0.1 s, doubling up to 2 s, from the
+        start again with each call. Returns True when a stream broke after the
+        registry had answered on it (the caller calls again with
+        ``wait_first``: the back-off starts over, its first wait included),
+        False when a stream ended cleanly. The registry's refusals (NotFound,
+        PermissionDenied, INTERNAL) are raised for the caller to register again.
+        """
+        first_failure = wait_first
+        async for attempt in stamina.retry_context(
+            on=_StreamBroke, attempts=None, timeout=None, wait_initial=0.1, wait_max=2.0, wait_jitter=0.0
+        ):
+            with attempt:
+                if first_failure:
+                    first_failure = False
+                    raise _StreamBroke("the previous stream broke")
+                return await self._beat_once()
+        raise AssertionError("unreachable: the retries are unbounded")
+
+    async def _beat_once(self) -> bool:
+        """One heartbeat stream, to its end: True if it broke after the registry answered.
+
+        A stream that breaks before any answer raises :class:`_StreamBroke`;
+        the registry's refusals and cancellation are raised as they are.
+        """
+        assert self._client is not None
+        stats = self.heartbeat_stats
+        answered = False
+        try:
+            async for reply in self._client.registry.Heartbeat(self._beats_stream()):
+                stats.beat_acked(reply.agent_id)
+                answered = True
+        except (errors.NotFound, errors.PermissionDenied, errors.Internal):
+            raise  # the registry's refusals: the caller registers again
+        except Exception as exc:
+            stats.stream_broke()
+            log.info("heartbeat stream broke (%s); reconnecting", exc)
+            if answered:
+                return True
+            raise _StreamBroke(str(exc)) from exc
+        return False
+
+    async def _register_missing(self) -> None:
+        """Register again every agent of this host that the registry no longer lists."""
+        assert self._client is not None
+        try:
+            agents = await list_all(
+                self._client.registry.ListAgents, registry_pb2.ListAgentsRequest(), "agents"
+            )
+        except errors.MabeamError as exc:
+            log.info("cannot list the registered agents (%s); the next stream break tries again", exc)
+            return
+        listed = {a.agent_id for a in agents}
+        for agent_id in [a for a in self.agents if a not in listed and a not in self._standby]:
+            await self._reregister(agent_id)
+
+    async def _reregister(self, agent_id: str | None, forget_token: bool = False) -> None:
+        targets = [self.agents[agent_id]] if agent_id in self.agents else list(self.agents.values())
+        for agent in targets:
+            if forget_token:
+                agent.token = ""
+            try:
+                async for attempt in stamina.retry_context(
+                    on=_worth_registering_again,
+                    attempts=20,
+                    timeout=None,
+                    wait_initial=0.1,
+                    wait_max=2.0,
+                    wait_jitter=0.0,
+                ):
+                    with attempt:
+                        await self._register(agent)
+            except errors.MabeamError as exc:
+                log.warning("re-registering %s failed: %s", agent.agent_id, exc)
+
+    async def stop(self, deregister: bool = True) -> None:
+        """Deregister every agent (unless told not to), stop beating and serving; safe twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for task in [*self._tasks, *([self._beats] if self._beats else [])]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *([self._beats] if self._beats else []), return_exceptions=True)
+        if deregister and self._client is not None:
+            client = self._client
+
+            async def deregister_one(agent: Agent) -> None:
+                if agent.token:
+                    with contextlib.suppress(errors.MabeamError):
+                        await client.registry.DeregisterAgent(
+                            registry_pb2.DeregisterAgentRequest(agent_id=agent.agent_id, token=agent.token),
+                            timeout=2.0,
+                        )
+
+            # An agent being moved away keeps its registration: the new instance owns it.
+            staying = [a for a in self.agents.values() if a.agent_id not in self.servicer.migrations]
+            await asyncio.gather(*(deregister_one(a) for a in staying))
+        if self._client is not None:
+            await self._client.close()
+        await self._server.stop(1.0)
+        await self.channels.close()
+
+    async def serve(self) -> None:
+        """Start, then run until SIGINT/SIGTERM, then stop."""
+        await self.start()
+        log.info("agents %s serving on %s", ", ".join(self.agents), self.address)
+        print(f"mabeam agents serving on {self.address}: {', '.join(self.agents)}", flush=True)
+        try:
+            await serve_until_signalled([])
+        finally:
+            await self.stop()
+
+    async def __aenter__(self) -> AgentHost:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class _StreamBroke(Exception):
+    """A heartbeat stream broke before the registry answered on it: open another after a wait."""
+
+
+def _worth_registering_again(exc: Exception) -> bool:
+    return isinstance(exc, errors.MabeamError) and (exc.retryable or isinstance(exc, errors.AlreadyExists))

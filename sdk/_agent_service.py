@@ -1,0 +1,315 @@
+"""mabeam.v1.AgentService for every agent of an :class:`~mabeam.agent.AgentHost`.
+
+One servicer serves all the agents of a host, routing each call by its
+``agent_id``: ``Coordinate``, ``CoordinateBatch`` (every agent of a host
+answers in one call, handlers run eagerly), ``ExecuteStep`` (idempotent: a
+step repeated with the same key gets the first run's output) and, for
+migration, ``ExportState`` / ``ImportState``.
+
+Migration lives here whole: the hold on an agent's calls while it is being
+moved (:class:`_Migration`), the watch for the registration to name the new
+endpoint (:meth:`AgentServicer.watch_migration`), and the forwarding of held
+and later calls there. The host (:mod:`mabeam._agent_host`) only keeps the
+registrations and leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from mabeam import errors
+from mabeam._eager import Finished, run_eagerly
+from mabeam._values import to_value
+from mabeam.server import to_mabeam_error
+from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, registry_pb2
+
+if TYPE_CHECKING:
+    from mabeam._agent_host import AgentHost
+    from mabeam.agent import Agent
+
+
+class _IdempotencyCache:
+    """Outputs of recent steps by idempotency key, so a repeated step is not run again."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._done: collections.OrderedDict[str, agent_pb2.ExecuteStepResponse] = collections.OrderedDict()
+        self._running: dict[str, asyncio.Future[agent_pb2.ExecuteStepResponse]] = {}
+
+    async def run(self, key: str, step: Any) -> agent_pb2.ExecuteStepResponse:
+        if not key:
+            return await step()  # type: ignore[no-any-return]
+        if key in self._done:
+            return self._done[key]
+        running = self._running.get(key)
+        if running is None:
+            # The step runs eagerly and, once it waits for anything, in a task of
+            # its own, not in its caller's: when the caller goes away (the planner
+            # replica died, its call was cancelled) the step runs on to its own
+            # deadline, and the retry with the same key gets its result instead
+            # of running it a second time. A step that never waits needs no task.
+            started = run_eagerly(self._execute(key, step))
+            if isinstance(started, Finished):
+                if started.error is not None:
+                    raise started.error
+                return started.value  # type: ignore[no-any-return]
+            running = started
+            running.add_done_callback(_retrieve)
+            self._running[key] = running
+        return await asyncio.shield(running)
+
+    async def _execute(self, key: str, step: Any) -> agent_pb2.ExecuteStepResponse:
+        try:
+            result = await step()  # a failure is not cached: the next attempt runs again
+        finally:
+            self._running.pop(key, None)
+        self._done[key] = result
+        while len(self._done) > self._size:
+            self._done.popitem(last=False)
+        return result  # type: ignore[no-any-return]
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a step's failure as seen: its caller may be gone, and the next attempt runs it again."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _deadline_seconds(request: Any, default: float = 30.0) -> float:
+    if request.HasField("deadline"):
+        remaining = request.deadline.seconds + request.deadline.nanos / 1e9 - time.time()
+        return max(remaining, 0.001)
+    return default
+
+
+MIGRATION_CONTENT_TYPE = "application/vnd.mabeam.migration+json"
+
+
+class _Migration:
+    """An agent of this host being moved away: its calls are held, then forwarded."""
+
+    def __init__(self) -> None:
+        self.released = asyncio.Event()
+        self.forward_to: str | None = None
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """mabeam.v1.AgentService for every agent of a host, routed by agent_id.
+
+    Migration (see :func:`mabeam.services.registry.supervisor.migrate`): on
+    ExportState the agent's new calls are held and its calls in flight
+    drained, so the exported state is final. The state travels in an envelope
+    with the registration token, so the new instance takes the heartbeats
+    over on ImportState. Once the registration names the new endpoint, held
+    and later calls are forwarded there; callers see one agent throughout.
+    """
+
+    def __init__(self, host: AgentHost) -> None:
+        self._host = host
+        self._steps = _IdempotencyCache()
+        self.migrations: dict[str, _Migration] = {}
+
+    def _agent(self, agent_id: str) -> Agent:
+        agent = self._host.agents.get(agent_id)
+        if agent is None:
+            raise errors.NotFound(
+                f"agent {agent_id!r} is not hosted here", reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND
+            )
+        return agent
+
+    async def _route(self, agent_id: str) -> Agent | str:
+        """The local agent to call, or the endpoint it moved to."""
+        migration = self.migrations.get(agent_id)
+        if migration is not None:
+            await migration.released.wait()
+            if migration.forward_to is not None:
+                return migration.forward_to
+        return self._agent(agent_id)
+
+    def _forward_stub(self, address: str) -> agent_pb2_grpc.AgentServiceStub:
+        return agent_pb2_grpc.AgentServiceStub(self._host.channels.get(address))
+
+    async def _coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        target = await self._route(request.agent_id)
+        if isinstance(target, str):
+            return await self._forward_stub(target).Coordinate(request, timeout=_deadline_seconds(request))  # type: ignore[no-any-return]
+        target.in_flight += 1
+        try:
+            reply = await asyncio.wait_for(target.coordinate(request), _deadline_seconds(request))
+        finally:
+            target.in_flight -= 1
+        if not reply.agent_id:
+            reply.agent_id = target.agent_id
+        return reply
+
+    async def Coordinate(
+        self, request: agent_pb2.CoordinationRequest, context: Any
+    ) -> agent_pb2.CoordinationResponse:
+        return await self._coordinate(request)
+
+    async def CoordinateBatch(
+        self, request: agent_pb2.CoordinateBatchRequest, context: Any
+    ) -> agent_pb2.CoordinateBatchResponse:
+        def failed(agent_id: str, exc: BaseException) -> agent_pb2.CoordinateBatchEntry:
+            err = to_mabeam_error(exc)
+            return agent_pb2.CoordinateBatchEntry(
+                agent_id=agent_id,
+                error=agent_pb2.AgentError(code=errors.status_code_number(err.code), message=err.message),
+            )
+
+        # Handlers run eagerly; only those that suspend get a task, and there is
+        # one wait per distinct deadline instead of a wait_for (and its extra
+        # task) per agent: a batch of 1,000 is one round.
+        entries: list[agent_pb2.CoordinateBatchEntry | None] = [None] * len(request.requests)
+        tasks: dict[asyncio.Future[agent_pb2.CoordinationResponse], int] = {}
+        remote: list[tuple[int, agent_pb2.CoordinationRequest]] = []
+        agents, migrations = self._host.agents, self.migrations
+        for i, req in enumerate(request.requests):
+            agent_id = req.agent_id
+            agent = agents.get(agent_id)
+            if agent is None or agent_id in migrations:
+                remote.append((i, req))
+                continue
+            started = run_eagerly(self._answer(agent, req))
+            if isinstance(started, Finished):
+                if started.error is None:
+                    entries[i] = agent_pb2.CoordinateBatchEntry(agent_id=agent_id, response=started.value)
+                else:
+                    entries[i] = failed(agent_id, started.error)
+            else:
+                tasks[started] = i
+        if tasks:
+            # Group by the absolute deadline: a round's requests share one.
+            by_deadline: dict[tuple[int, int], list[asyncio.Future[agent_pb2.CoordinationResponse]]] = {}
+            for task, i in tasks.items():
+                d = request.requests[i].deadline
+                by_deadline.setdefault((d.seconds, d.nanos), []).append(task)
+            for key in sorted(by_deadline):
+                group = by_deadline[key]
+                await asyncio.wait(group, timeout=_deadline_seconds(request.requests[tasks[group[0]]]))
+            for task, i in tasks.items():
+                agent_id = request.requests[i].agent_id
+                if not task.done():
+                    task.cancel()
+                    entries[i] = failed(agent_id, TimeoutError("no answer within the request's deadline"))
+                elif task.cancelled() or task.exception() is not None:
+                    entries[i] = failed(agent_id, task.exception() or asyncio.CancelledError())
+                else:
+                    entries[i] = agent_pb2.CoordinateBatchEntry(agent_id=agent_id, response=task.result())
+
+        async def one(i: int, req: agent_pb2.CoordinationRequest) -> None:
+            try:
+                entries[i] = agent_pb2.CoordinateBatchEntry(
+                    agent_id=req.agent_id, response=await self._coordinate(req)
+                )
+            except Exception as exc:
+                entries[i] = failed(req.agent_id, exc)
+
+        await asyncio.gather(*(one(i, r) for i, r in remote))
+        return agent_pb2.CoordinateBatchResponse(entries=[e for e in entries if e is not None])
+
+    async def _answer(
+        self, agent: Agent, request: agent_pb2.CoordinationRequest
+    ) -> agent_pb2.CoordinationResponse:
+        agent.in_flight += 1
+        try:
+            reply = await agent.coordinate(request)
+        finally:
+            agent.in_flight -= 1
+        if not reply.agent_id:
+            reply.agent_id = agent.agent_id
+        return reply
+
+    async def ExecuteStep(
+        self, request: agent_pb2.ExecuteStepRequest, context: Any
+    ) -> agent_pb2.ExecuteStepResponse:
+        target = await self._route(request.agent_id)
+        if isinstance(target, str):
+            return await self._forward_stub(target).ExecuteStep(request, timeout=_deadline_seconds(request))  # type: ignore[no-any-return]
+        agent = target
+
+        async def step() -> agent_pb2.ExecuteStepResponse:
+            agent.in_flight += 1
+            try:
+                output = await asyncio.wait_for(agent.execute_step(request), _deadline_seconds(request))
+            finally:
+                agent.in_flight -= 1
+            return agent_pb2.ExecuteStepResponse(output=to_value(output))
+
+        key = f"{request.agent_id}/{request.idempotency_key}" if request.idempotency_key else ""
+        return await self._steps.run(key, step)
+
+    async def ExportState(
+        self, request: agent_pb2.ExportStateRequest, context: Any
+    ) -> agent_pb2.ExportStateResponse:
+        agent = self._agent(request.agent_id)
+        if request.agent_id in self.migrations:
+            raise errors.FailedPrecondition(f"agent {request.agent_id!r} is already being migrated")
+        migration = _Migration()
+        self.migrations[agent.agent_id] = migration
+        try:
+            while agent.in_flight:  # noqa: ASYNC110 (a short drain; the state must include every accepted call)
+                await asyncio.sleep(0.002)
+            state = await agent.export_state()
+        except BaseException:
+            self._release(agent.agent_id, None)
+            raise
+        self.watch_migration(agent, migration)
+        envelope = json.dumps({"token": agent.token, "state": base64.b64encode(state).decode()}).encode()
+        return agent_pb2.ExportStateResponse(state=envelope, content_type=MIGRATION_CONTENT_TYPE)
+
+    def watch_migration(self, agent: Agent, migration: _Migration, timeout: float = 60.0) -> None:
+        """After ExportState: forward once the registration names another endpoint."""
+        host = self._host
+
+        async def watch() -> None:
+            deadline = time.monotonic() + timeout
+            while not migration.released.is_set() and time.monotonic() < deadline:
+                try:
+                    reply = await host.client.registry.GetAgent(
+                        registry_pb2.GetAgentRequest(agent_id=agent.agent_id)
+                    )
+                    if reply.agent.endpoint != host.address:
+                        # The new instance holds the registration now: stop beating for it.
+                        host.agents.pop(agent.agent_id, None)
+                        self._release(agent.agent_id, reply.agent.endpoint)
+                        return
+                except errors.MabeamError:
+                    pass
+                await asyncio.sleep(0.02)
+            self._release(agent.agent_id, None)
+
+        host.spawn(watch(), name=f"migration:{agent.agent_id}")
+
+    async def ImportState(
+        self, request: agent_pb2.ImportStateRequest, context: Any
+    ) -> agent_pb2.ImportStateResponse:
+        agent = self._agent(request.agent_id)
+        state = request.state
+        token = ""
+        if request.content_type == MIGRATION_CONTENT_TYPE:
+            try:
+                doc = json.loads(state)
+                token, state = str(doc["token"]), base64.b64decode(doc["state"])
+            except (ValueError, KeyError, TypeError):
+                raise errors.InvalidArgument("state", "is not a migration envelope") from None
+        await agent.import_state(state)
+        if request.agent_id in self.migrations:
+            self._release(request.agent_id, None)  # the move was rolled back: serve here again
+        elif token:
+            agent.token = token  # this instance now keeps the registration's lease
+        return agent_pb2.ImportStateResponse()
+
+    def _release(self, agent_id: str, forward_to: str | None) -> None:
+        migration = self.migrations.get(agent_id)
+        if migration is None:
+            return
+        migration.forward_to = forward_to
+        migration.released.set()
+        if forward_to is None:
+            self.migrations.pop(agent_id, None)
