@@ -111,15 +111,16 @@ async def agent_removal(ctx: BenchContext) -> Result:
 async def supervised_restart(ctx: BenchContext) -> Result:
     mesh = await ctx.mesh()
     client = await _registry_client(ctx)
-    S = registry_pb2
     rounds = ctx.n(10, 5)
     by_hand: list[float] = []
     samples: list[float] = []
     try:
-        launch = S.LaunchSpec(command=S.Command(argv=[sys.executable, WORKER, "--lease-ttl", "2"]))
-        policy = S.RestartPolicy(max_restarts=rounds + 5)
+        launch = registry_pb2.LaunchSpec(
+            command=registry_pb2.Command(argv=[sys.executable, WORKER, "--lease-ttl", "2"])
+        )
+        policy = registry_pb2.RestartPolicy(max_restarts=rounds + 5)
         policy.period.FromSeconds(3600)
-        start = S.StartAgentRequest(agent_id="sup", launch=launch, restart_policy=policy)
+        start = registry_pb2.StartAgentRequest(agent_id="sup", launch=launch, restart_policy=policy)
         record = (await client.registry.StartAgent(start)).agent
         # Alternate the two, round by round, so both see the same machine.
         for i in range(rounds):
@@ -139,15 +140,15 @@ async def supervised_restart(ctx: BenchContext) -> Result:
             os.kill(old_pid, signal.SIGKILL)
 
             async def back(old_pid: int = old_pid) -> bool:
-                page = await client.registry.ListSupervisedAgents(S.ListSupervisedAgentsRequest())
+                page = await client.registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest())
                 rec = next(a for a in page.agents if a.agent_id == "sup")
-                return rec.state == S.SUPERVISION_STATE_RUNNING and rec.pid not in (0, old_pid)
+                return rec.state == registry_pb2.SUPERVISION_STATE_RUNNING and rec.pid not in (0, old_pid)
 
             await _wait_for(back)
             samples.append(time.perf_counter() - killed)
-            page = await client.registry.ListSupervisedAgents(S.ListSupervisedAgentsRequest())
+            page = await client.registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest())
             record = next(a for a in page.agents if a.agent_id == "sup")
-        await client.registry.StopAgent(S.StopAgentRequest(agent_id="sup"))
+        await client.registry.StopAgent(registry_pb2.StopAgentRequest(agent_id="sup"))
     finally:
         await client.close()
     return Result(

@@ -17,10 +17,7 @@ from mabeam.config import MeshConfig
 from mabeam.runtime.embedded_etcd import EmbeddedEtcd
 from mabeam.runtime.etcd import EtcdClient, connect, snapshot
 from mabeam.server import MeshServer
-from mabeam.v1 import agent_pb2, common_pb2
-from mabeam.v1 import coordination_pb2 as C
-from mabeam.v1 import orchestrator_pb2 as O
-from mabeam.v1 import planner_pb2 as P
+from mabeam.v1 import agent_pb2, common_pb2, coordination_pb2, orchestrator_pb2, planner_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(90)
@@ -68,13 +65,13 @@ async def test_backup_and_restore_round_trip(
     client = await MeshClient.connect(**{k: s.address for k, s in servers.items()})  # type: ignore[arg-type]
     try:
         await client.orchestrator.SetVariable(
-            O.SetVariableRequest(name="cfg/t", value=common_pb2.Value(number_value=21))
+            orchestrator_pb2.SetVariableRequest(name="cfg/t", value=common_pb2.Value(number_value=21))
         )
         params = struct_pb2.Struct()
         params.update({"question": "go?"})
         await client.orchestrator.BindVariable(
-            O.BindVariableRequest(
-                binding=O.OrchestrationBinding(
+            orchestrator_pb2.BindVariableRequest(
+                binding=orchestrator_pb2.OrchestrationBinding(
                     variable="cfg/go",
                     protocol="consensus",
                     parameters=params,
@@ -82,16 +79,20 @@ async def test_backup_and_restore_round_trip(
                 )
             )
         )
-        await client.orchestrator.CoordinateVariable(O.CoordinateVariableRequest(variable="cfg/go"))
+        await client.orchestrator.CoordinateVariable(
+            orchestrator_pb2.CoordinateVariableRequest(variable="cfg/go")
+        )
         await client.coordination.RunConsensus(
-            C.RunConsensusRequest(
-                settings=C.SessionSettings(participants=common_pb2.AgentSelector(capability="vote")),
+            coordination_pb2.RunConsensusRequest(
+                settings=coordination_pb2.SessionSettings(
+                    participants=common_pb2.AgentSelector(capability="vote")
+                ),
                 question="q",
-                rule=C.CONSENSUS_RULE_MAJORITY,
+                rule=coordination_pb2.CONSENSUS_RULE_MAJORITY,
             )
         )
-        goal = P.GoalSpec(steps=[P.StepSpec(step_id="s", capability="compute")])
-        [e async for e in client.planner.ExecuteGoal(P.ExecuteGoalRequest(goal=goal))]
+        goal = planner_pb2.GoalSpec(steps=[planner_pb2.StepSpec(step_id="s", capability="compute")])
+        [e async for e in client.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal=goal))]
     finally:
         await client.close()
         await host.stop()

@@ -692,7 +692,6 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
     processes_before = children()
     keys = RegistryStore(etcd_client, mesh_config).keys
     dead = [f"127.0.0.1:{free_port()}", f"localhost:{free_port()}"]
-    S = registry_pb2
     exit3 = [sys.executable, "-c", "raise SystemExit(3)"]
     exit0 = [sys.executable, "-c", "raise SystemExit(0)"]
     missing = str(tmp_path / "missing" / "agent")
@@ -701,21 +700,23 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         # A registered (not supervised) agent at a dead endpoint, and a live supervised one.
         reg = await stub.RegisterAgent(
-            S.RegisterAgentRequest(
+            registry_pb2.RegisterAgentRequest(
                 agent_id="fz-reg", endpoint=dead[0], lease_ttl=duration_pb2.Duration(seconds=60)
             ),
             timeout=10,
         )
         live = await stub.StartAgent(
-            S.StartAgentRequest(
+            registry_pb2.StartAgentRequest(
                 agent_id="fz-live",
-                launch=S.LaunchSpec(command=S.Command(argv=[sys.executable, str(EXAMPLES / "worker.py")])),
-                restart_policy=S.RestartPolicy(max_restarts=3, period=period30),
+                launch=registry_pb2.LaunchSpec(
+                    command=registry_pb2.Command(argv=[sys.executable, str(EXAMPLES / "worker.py")])
+                ),
+                restart_policy=registry_pb2.RestartPolicy(max_restarts=3, period=period30),
                 start_timeout=duration_pb2.Duration(seconds=30),
             ),
             timeout=60,
         )
-        assert live.agent.state == S.SUPERVISION_STATE_RUNNING
+        assert live.agent.state == registry_pb2.SUPERVISION_STATE_RUNNING
         ids = st.sampled_from(["fz-1", "fz-2", "fz-3", "fz-reg", "fz-live"]) | WORDS
         tokens = st.sampled_from([reg.token, live.token]) | WORDS
         endpoints = st.none() | st.sampled_from(
@@ -729,19 +730,21 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
             ]
         )
         launch = st.none() | built(
-            S.LaunchSpec.DESCRIPTOR,
+            registry_pb2.LaunchSpec.DESCRIPTOR,
             constrained(
-                S.LaunchSpec.DESCRIPTOR,
-                command=argv.map(lambda a: S.Command(argv=a)),  # python_entry_point, when drawn, wins
+                registry_pb2.LaunchSpec.DESCRIPTOR,
+                command=argv.map(
+                    lambda a: registry_pb2.Command(argv=a)
+                ),  # python_entry_point, when drawn, wins
                 python_entry_point=st.none()
                 | st.sampled_from(["", "nope", "mabeam_fuzz_no_such_module:make"]),
                 working_dir=st.none() | st.sampled_from(["", str(tmp_path), missing, "/", "a\x00b"]),
             ),
         )
         policy = st.none() | built(
-            S.RestartPolicy.DESCRIPTOR,
+            registry_pb2.RestartPolicy.DESCRIPTOR,
             constrained(
-                S.RestartPolicy.DESCRIPTOR,
+                registry_pb2.RestartPolicy.DESCRIPTOR,
                 max_restarts=st.none() | st.integers(0, 2),
                 period=durations(-1, 0, 30),
                 backoff_initial=durations(-0.5, 0, 0.01),
@@ -750,17 +753,21 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
         )
 
         def start(argv: list[str], strategy: int = 0, **launch: Any) -> registry_pb2.StartAgentRequest:
-            return S.StartAgentRequest(
+            return registry_pb2.StartAgentRequest(
                 agent_id="fz-1",
-                launch=S.LaunchSpec(command=S.Command(argv=argv), **launch)
+                launch=registry_pb2.LaunchSpec(command=registry_pb2.Command(argv=argv), **launch)
                 if argv
-                else S.LaunchSpec(**launch),
-                restart_policy=S.RestartPolicy(strategy=strategy, max_restarts=1, period=period30),  # type: ignore[arg-type]
+                else registry_pb2.LaunchSpec(**launch),
+                restart_policy=registry_pb2.RestartPolicy(strategy=strategy, max_restarts=1, period=period30),  # type: ignore[arg-type]
             )
 
         # Every path of a start, whatever the draw: stopped or failed per policy, cannot start,
         # and what the OS refuses to exec (NUL bytes, a bad environment variable name).
-        T, R, P = S.RESTART_STRATEGY_TEMPORARY, S.RESTART_STRATEGY_TRANSIENT, S.RESTART_STRATEGY_PERMANENT
+        T, R, P = (
+            registry_pb2.RESTART_STRATEGY_TEMPORARY,
+            registry_pb2.RESTART_STRATEGY_TRANSIENT,
+            registry_pb2.RESTART_STRATEGY_PERMANENT,
+        )
         fixed: dict[str, list[Message]] = {
             "StartAgent": [
                 start(exit3, T),
@@ -777,21 +784,25 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
                 start(exit3, working_dir="a\x00b"),
             ],
             "MigrateAgent": [
-                S.MigrateAgentRequest(agent_id="fz-reg", token=reg.token, target_endpoint=dead[1]),
-                S.MigrateAgentRequest(agent_id="fz-live", token=live.token, target_endpoint=dead[0]),
+                registry_pb2.MigrateAgentRequest(agent_id="fz-reg", token=reg.token, target_endpoint=dead[1]),
+                registry_pb2.MigrateAgentRequest(
+                    agent_id="fz-live", token=live.token, target_endpoint=dead[0]
+                ),
                 *(
-                    S.MigrateAgentRequest(agent_id="fz-live", token=live.token, launch=start(argv).launch)
+                    registry_pb2.MigrateAgentRequest(
+                        agent_id="fz-live", token=live.token, launch=start(argv).launch
+                    )
                     for argv in ([missing], exit3, [*exit3, "a\x00b"])
                 ),
             ],
-            "RestartAgent": [S.RestartAgentRequest(agent_id="fz-live")],
+            "RestartAgent": [registry_pb2.RestartAgentRequest(agent_id="fz-live")],
             "RegisterProtocol": [coordination_pb2.RegisterProtocolRequest(name="fz_proto", endpoint=dead[0])],
         }
         rpcs: dict[str, tuple[D.Descriptor, st.SearchStrategy[dict[str, Any]]]] = {
             "StartAgent": (
-                S.StartAgentRequest.DESCRIPTOR,
+                registry_pb2.StartAgentRequest.DESCRIPTOR,
                 constrained(
-                    S.StartAgentRequest.DESCRIPTOR,
+                    registry_pb2.StartAgentRequest.DESCRIPTOR,
                     agent_id=ids,
                     launch=launch,
                     restart_policy=policy,
@@ -799,13 +810,13 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
                 ),
             ),
             "RestartAgent": (
-                S.RestartAgentRequest.DESCRIPTOR,
-                constrained(S.RestartAgentRequest.DESCRIPTOR, agent_id=ids),
+                registry_pb2.RestartAgentRequest.DESCRIPTOR,
+                constrained(registry_pb2.RestartAgentRequest.DESCRIPTOR, agent_id=ids),
             ),
             "MigrateAgent": (
-                S.MigrateAgentRequest.DESCRIPTOR,
+                registry_pb2.MigrateAgentRequest.DESCRIPTOR,
                 constrained(
-                    S.MigrateAgentRequest.DESCRIPTOR,
+                    registry_pb2.MigrateAgentRequest.DESCRIPTOR,
                     agent_id=ids,
                     token=tokens,
                     target_endpoint=endpoints,
@@ -824,15 +835,15 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
 
         async def record(agent_id: str) -> Any:
             got = await etcd_client.get(keys.supervised_agent(agent_id))
-            return S.SupervisedAgent.FromString(got.value) if got is not None else None
+            return registry_pb2.SupervisedAgent.FromString(got.value) if got is not None else None
 
         def may_change(request: Any, outcome: Outcome) -> Collection[bytes]:
             if outcome.code not in (None, FP):
                 return ()
             # A StartAgent that passed validation made a supervised agent: its record and token.
-            if isinstance(request, S.StartAgentRequest):
-                return {keys.supervised_agent(request.agent_id), keys.secret(request.agent_id)}
-            if isinstance(request, S.RestartAgentRequest) and request.agent_id == "fz-live":
+            if isinstance(request, registry_pb2.StartAgentRequest):
+                return {keys.supervised_agent(request.agent_id), keys.supervised_token(request.agent_id)}
+            if isinstance(request, registry_pb2.RestartAgentRequest) and request.agent_id == "fz-live":
                 return {keys.supervised_agent("fz-live")} if outcome.code is None else ()
             assert outcome.code is not None, (
                 f"{type(request).__name__} succeeded with a dead target: {request}"
@@ -840,7 +851,7 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
             return ()
 
         async def verify(request: Any, outcome: Outcome) -> None:
-            if isinstance(request, S.StartAgentRequest) and outcome.code in (None, FP):
+            if isinstance(request, registry_pb2.StartAgentRequest) and outcome.code in (None, FP):
                 await start_verified(request, outcome)
             # The live agent lives on, whatever was asked.
             current = await record("fz-live")
@@ -851,27 +862,34 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
             rec = await record(request.agent_id)
             assert rec is not None and rec.state not in ACTIVE and rec.pid == 0, rec
             p = request.restart_policy
-            strategy = p.strategy if request.HasField("restart_policy") else S.RESTART_STRATEGY_PERMANENT
+            strategy = (
+                p.strategy if request.HasField("restart_policy") else registry_pb2.RESTART_STRATEGY_PERMANENT
+            )
             if outcome.code is None:
-                assert rec.state == S.SUPERVISION_STATE_STOPPED, rec
-                assert strategy in (S.RESTART_STRATEGY_TEMPORARY, S.RESTART_STRATEGY_TRANSIENT), rec
-                if strategy == S.RESTART_STRATEGY_TRANSIENT:
+                assert rec.state == registry_pb2.SUPERVISION_STATE_STOPPED, rec
+                assert strategy in (
+                    registry_pb2.RESTART_STRATEGY_TEMPORARY,
+                    registry_pb2.RESTART_STRATEGY_TRANSIENT,
+                ), rec
+                if strategy == registry_pb2.RESTART_STRATEGY_TRANSIENT:
                     assert rec.last_exit == "exit code 0", rec
             else:
-                assert rec.state == S.SUPERVISION_STATE_FAILED, rec
-                if strategy == S.RESTART_STRATEGY_TEMPORARY:
+                assert rec.state == registry_pb2.SUPERVISION_STATE_FAILED, rec
+                if strategy == registry_pb2.RESTART_STRATEGY_TEMPORARY:
                     assert rec.restart_count == 0, rec
                 limit = p.max_restarts if p.HasField("period") or p.max_restarts else 3
                 assert rec.restart_count <= limit, rec
             listed = await stub.ListSupervisedAgents(
-                S.ListSupervisedAgentsRequest(page_size=1000), timeout=10
+                registry_pb2.ListSupervisedAgentsRequest(page_size=1000), timeout=10
             )
             assert any(a.agent_id == rec.agent_id and a.state == rec.state for a in listed.agents)
             stopped = await stub.StopAgent(
-                S.StopAgentRequest(agent_id=request.agent_id, grace=duration_pb2.Duration(seconds=1)),
+                registry_pb2.StopAgentRequest(
+                    agent_id=request.agent_id, grace=duration_pb2.Duration(seconds=1)
+                ),
                 timeout=20,
             )
-            assert stopped.agent.state == S.SUPERVISION_STATE_STOPPED and stopped.agent.pid == 0
+            assert stopped.agent.state == registry_pb2.SUPERVISION_STATE_STOPPED and stopped.agent.pid == 0
 
         def drawn_count(name: str) -> int:
             return 16 if name == "StartAgent" else 25  # a start runs up to three processes
@@ -896,12 +914,13 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
                 )
         assert counts == {name: len(fixed[name]) + drawn_count(name) for name in rpcs}
         # The registered agent was not moved or harmed; the live one still serves, then stops.
-        agent = (await stub.GetAgent(S.GetAgentRequest(agent_id="fz-reg"), timeout=10)).agent
+        agent = (await stub.GetAgent(registry_pb2.GetAgentRequest(agent_id="fz-reg"), timeout=10)).agent
         assert agent.endpoint == dead[0] and agent.generation == 1
         await healthy(registry.address, REAL_CALLS["registry"])
         await healthy(coordination.address, REAL_CALLS["coordination"])
         await stub.StopAgent(
-            S.StopAgentRequest(agent_id="fz-live", grace=duration_pb2.Duration(seconds=2)), timeout=30
+            registry_pb2.StopAgentRequest(agent_id="fz-live", grace=duration_pb2.Duration(seconds=2)),
+            timeout=30,
         )
     await eventually(lambda: children() <= processes_before, timeout=10, what="the test's processes to end")
 
@@ -1018,32 +1037,36 @@ async def test_migrating_to_a_launch_that_cannot_start_keeps_the_agent(
     migration's error handling, the supervision task died and took the running agent with it,
     and the call hung until its deadline. Now it is FAILED_PRECONDITION and the agent runs on."""
     registry = await service("registry")
-    S = registry_pb2
     async with aio.insecure_channel(registry.address) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         started = await stub.StartAgent(
-            S.StartAgentRequest(
+            registry_pb2.StartAgentRequest(
                 agent_id="stay",
-                launch=S.LaunchSpec(command=S.Command(argv=[sys.executable, str(EXAMPLES / "worker.py")])),
+                launch=registry_pb2.LaunchSpec(
+                    command=registry_pb2.Command(argv=[sys.executable, str(EXAMPLES / "worker.py")])
+                ),
                 start_timeout=duration_pb2.Duration(seconds=30),
             ),
             timeout=60,
         )
-        before = (await stub.GetAgent(S.GetAgentRequest(agent_id="stay"), timeout=10)).agent
-        missing = S.LaunchSpec(command=S.Command(argv=[str(tmp_path / "missing")]))
+        before = (await stub.GetAgent(registry_pb2.GetAgentRequest(agent_id="stay"), timeout=10)).agent
+        missing = registry_pb2.LaunchSpec(command=registry_pb2.Command(argv=[str(tmp_path / "missing")]))
         outcome = await unary(
-            stub.MigrateAgent, S.MigrateAgentRequest(agent_id="stay", token=started.token, launch=missing)
+            stub.MigrateAgent,
+            registry_pb2.MigrateAgentRequest(agent_id="stay", token=started.token, launch=missing),
         )
         assert outcome.code == FP and outcome.error is not None, outcome
         assert "cannot start" in outcome.error.message, outcome.error
-        listed = await stub.ListSupervisedAgents(S.ListSupervisedAgentsRequest(), timeout=10)
+        listed = await stub.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest(), timeout=10)
         (record,) = [a for a in listed.agents if a.agent_id == "stay"]
-        assert record.state == S.SUPERVISION_STATE_RUNNING and record.pid == started.agent.pid, record
+        assert record.state == registry_pb2.SUPERVISION_STATE_RUNNING and record.pid == started.agent.pid, (
+            record
+        )
         assert pid_alive(record.pid)
-        after = (await stub.GetAgent(S.GetAgentRequest(agent_id="stay"), timeout=10)).agent
+        after = (await stub.GetAgent(registry_pb2.GetAgentRequest(agent_id="stay"), timeout=10)).agent
         assert after.endpoint == before.endpoint and after.generation == before.generation
         await stub.StopAgent(
-            S.StopAgentRequest(agent_id="stay", grace=duration_pb2.Duration(seconds=2)), timeout=30
+            registry_pb2.StopAgentRequest(agent_id="stay", grace=duration_pb2.Duration(seconds=2)), timeout=30
         )
 
 

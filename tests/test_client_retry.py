@@ -24,8 +24,7 @@ from mabeam.client import MeshClient
 from mabeam.runtime import process
 from mabeam.runtime.embedded_etcd import free_port
 from mabeam.server import MeshServer
-from mabeam.v1 import common_pb2
-from mabeam.v1 import orchestrator_pb2 as O
+from mabeam.v1 import common_pb2, orchestrator_pb2
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,21 +83,21 @@ async def test_a_write_cut_off_mid_call_is_not_sent_again_but_a_read_is(
     await service("registry")
     live = await service("orchestrator")
     async with await MeshClient.connect(orchestrator=live.address) as direct:
-        await direct.orchestrator.SetVariable(O.SetVariableRequest(name="count", value=num(1)))
+        await direct.orchestrator.SetVariable(orchestrator_pb2.SetVariableRequest(name="count", value=num(1)))
 
-        async def write(client: MeshClient) -> O.SetVariableResponse:
+        async def write(client: MeshClient) -> orchestrator_pb2.SetVariableResponse:
             return await client.orchestrator.SetVariable(
-                O.SetVariableRequest(name="count", value=num(2), expected_version=1)
+                orchestrator_pb2.SetVariableRequest(name="count", value=num(2), expected_version=1)
             )
 
         with pytest.raises(errors.Unavailable):
             await cut_off_mid_way(live.address, write)
         # Not resent: the live replica never applied it.
-        got = await direct.orchestrator.GetVariable(O.GetVariableRequest(name="count"))
+        got = await direct.orchestrator.GetVariable(orchestrator_pb2.GetVariableRequest(name="count"))
         assert got.variable.version == 1 and got.variable.value.number_value == 1
 
-        async def read(client: MeshClient) -> O.GetVariableResponse:
-            return await client.orchestrator.GetVariable(O.GetVariableRequest(name="count"))
+        async def read(client: MeshClient) -> orchestrator_pb2.GetVariableResponse:
+            return await client.orchestrator.GetVariable(orchestrator_pb2.GetVariableRequest(name="count"))
 
         reply = await cut_off_mid_way(live.address, read)
         assert reply.variable.value.number_value == 1
@@ -112,11 +111,13 @@ async def test_a_write_to_a_replica_that_refuses_connections_goes_to_another(
     refused = f"127.0.0.1:{free_port()}"  # nothing listens there
     async with await MeshClient.connect(orchestrator=[refused, live.address]) as client:
         for i in range(4):  # round robin: half of them go to the refusing address first
-            reply = await client.orchestrator.SetVariable(O.SetVariableRequest(name="n", value=num(i)))
+            reply = await client.orchestrator.SetVariable(
+                orchestrator_pb2.SetVariableRequest(name="n", value=num(i))
+            )
             assert reply.variable.value.number_value == i
 
         async def version() -> int:
-            got = await client.orchestrator.GetVariable(O.GetVariableRequest(name="n"))
+            got = await client.orchestrator.GetVariable(orchestrator_pb2.GetVariableRequest(name="n"))
             return int(got.variable.version)
 
         assert await eventually(version) == 4  # each write applied once

@@ -38,11 +38,6 @@ from mabeam.config import SERVICE_NAMES, SERVICES
 from mabeam.runtime.mesh import LocalMesh
 from mabeam.v1 import agent_pb2, common_pb2, coordination_pb2, orchestrator_pb2, planner_pb2, registry_pb2
 
-O = orchestrator_pb2  # noqa: E741
-R = registry_pb2
-C = coordination_pb2
-P = planner_pb2
-
 pytestmark = [pytest.mark.slow]
 
 MeshFactory = Callable[..., Awaitable[LocalMesh]]
@@ -65,7 +60,7 @@ import asyncio, json, sys, threading, time
 from mabeam import discovery, errors
 from mabeam.runtime import etcd as mabeam_etcd
 from mabeam.client import MeshClient
-from mabeam.v1 import common_pb2, orchestrator_pb2 as O
+from mabeam.v1 import common_pb2, orchestrator_pb2
 
 async def main(name, me, addresses, cap_s):
     loop = asyncio.get_running_loop()
@@ -81,14 +76,14 @@ async def main(name, me, addresses, cap_s):
         o = mesh.orchestrator
         while not stop.is_set() and time.monotonic() < deadline:
             try:
-                current = (await o.GetVariable(O.GetVariableRequest(name=name), timeout=5)).variable
+                current = (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name=name), timeout=5)).variable
             except errors.MabeamError as exc:
                 out["read_errors"] += 1
                 await asyncio.sleep(0.05)
                 continue
             attempt += 1
             tag = f"{me}:{attempt}"
-            request = O.SetVariableRequest(
+            request = orchestrator_pb2.SetVariableRequest(
                 name=name,
                 value=common_pb2.Value(int_value=current.value.int_value + 1),
                 expected_version=current.version,
@@ -112,7 +107,9 @@ asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])))
 
 async def _version(client: MeshClient, name: str) -> int:
     try:
-        reply = await client.orchestrator.GetVariable(O.GetVariableRequest(name=name), timeout=5)
+        reply = await client.orchestrator.GetVariable(
+            orchestrator_pb2.GetVariableRequest(name=name), timeout=5
+        )
     except TRANSIENT:
         return 0
     return int(reply.variable.version)
@@ -127,7 +124,7 @@ async def _history(
         while not seen or seen[-1].version < until_version:
             resume = seen[-1].mod_revision if seen else after_revision
             try:
-                request = O.WatchVariablesRequest(prefix=name, after_revision=resume)
+                request = orchestrator_pb2.WatchVariablesRequest(prefix=name, after_revision=resume)
                 async for event in client.orchestrator.WatchVariables(request):
                     if event.variable.name == name:
                         seen.append(event.variable)
@@ -151,7 +148,9 @@ async def test_killing_the_etcd_leader_loses_no_acknowledged_increment(mesh_clus
     try:
         created = (
             await client.orchestrator.SetVariable(
-                O.SetVariableRequest(name=name, value=common_pb2.Value(int_value=0), writer="init")
+                orchestrator_pb2.SetVariableRequest(
+                    name=name, value=common_pb2.Value(int_value=0), writer="init"
+                )
             )
         ).variable
         assert created.version == 1
@@ -257,7 +256,9 @@ async def test_killing_the_etcd_leader_loses_no_acknowledged_increment(mesh_clus
 
 async def _get_or_none(client: MeshClient, name: str) -> orchestrator_pb2.GetVariableResponse | None:
     try:
-        return await client.orchestrator.GetVariable(O.GetVariableRequest(name=name), timeout=5)
+        return await client.orchestrator.GetVariable(
+            orchestrator_pb2.GetVariableRequest(name=name), timeout=5
+        )
     except TRANSIENT:
         return None
 
@@ -312,16 +313,20 @@ def _replay(events: list[registry_pb2.WatchAgentsResponse]) -> set[str]:
     """The agents a WatchAgents consumer believes exist after these events."""
     present: set[str] = set()
     for e in events:
-        if e.type in (R.AGENT_EVENT_TYPE_EXISTING, R.AGENT_EVENT_TYPE_ADDED, R.AGENT_EVENT_TYPE_UPDATED):
+        if e.type in (
+            registry_pb2.AGENT_EVENT_TYPE_EXISTING,
+            registry_pb2.AGENT_EVENT_TYPE_ADDED,
+            registry_pb2.AGENT_EVENT_TYPE_UPDATED,
+        ):
             present.add(e.agent.agent_id)
-        elif e.type == R.AGENT_EVENT_TYPE_REMOVED:
+        elif e.type == registry_pb2.AGENT_EVENT_TYPE_REMOVED:
             present.discard(e.agent.agent_id)
     return present
 
 
 async def _listed(client: MeshClient) -> set[str] | None:
     try:
-        reply = await client.registry.ListAgents(R.ListAgentsRequest(page_size=1000), timeout=5)
+        reply = await client.registry.ListAgents(registry_pb2.ListAgentsRequest(page_size=1000), timeout=5)
     except errors.MabeamError:
         return None
     return {a.agent_id for a in reply.agents}
@@ -330,7 +335,9 @@ async def _listed(client: MeshClient) -> set[str] | None:
 async def _set_exactly_once(client: MeshClient, name: str, number: int) -> orchestrator_pb2.Variable:
     """Write ``number`` (this test is the only writer): after an ambiguous failure, re-read
     to see whether it landed before writing again, so each value is stored once."""
-    request = O.SetVariableRequest(name=name, value=common_pb2.Value(int_value=number), writer=f"w{number}")
+    request = orchestrator_pb2.SetVariableRequest(
+        name=name, value=common_pb2.Value(int_value=number), writer=f"w{number}"
+    )
     async with asyncio.timeout(60):
         while True:
             try:
@@ -340,7 +347,9 @@ async def _set_exactly_once(client: MeshClient, name: str, number: int) -> orche
             while True:
                 try:
                     current = (
-                        await client.orchestrator.GetVariable(O.GetVariableRequest(name=name), timeout=5)
+                        await client.orchestrator.GetVariable(
+                            orchestrator_pb2.GetVariableRequest(name=name), timeout=5
+                        )
                     ).variable
                     break
                 except TRANSIENT:
@@ -354,13 +363,13 @@ async def _answers(kind: str, address: str) -> bool:
     client = await MeshClient.connect(**{kind: address})
     try:
         if kind == "registry":
-            await client.registry.ListAgents(R.ListAgentsRequest(), timeout=5)
+            await client.registry.ListAgents(registry_pb2.ListAgentsRequest(), timeout=5)
         elif kind == "orchestrator":
-            await client.orchestrator.ListVariables(O.ListVariablesRequest(), timeout=5)
+            await client.orchestrator.ListVariables(orchestrator_pb2.ListVariablesRequest(), timeout=5)
         elif kind == "coordination":
-            await client.coordination.ListSessions(C.ListSessionsRequest(), timeout=5)
+            await client.coordination.ListSessions(coordination_pb2.ListSessionsRequest(), timeout=5)
         else:
-            await client.planner.ListGoals(P.ListGoalsRequest(), timeout=5)
+            await client.planner.ListGoals(planner_pb2.ListGoalsRequest(), timeout=5)
     except errors.MabeamError:
         return False
     finally:
@@ -405,7 +414,9 @@ async def test_a_full_etcd_restart_loses_no_watch_event_and_everything_comes_bac
     try:
         await host.start()
         # Registered by hand on a long lease, deregistered after the outage.
-        register = R.RegisterAgentRequest(agent_id="doomed", endpoint="127.0.0.1:9", capabilities=["idle"])
+        register = registry_pb2.RegisterAgentRequest(
+            agent_id="doomed", endpoint="127.0.0.1:9", capabilities=["idle"]
+        )
         register.lease_ttl.FromSeconds(120)
         doomed = await client.registry.RegisterAgent(register)
         await eventually(
@@ -414,12 +425,13 @@ async def test_a_full_etcd_restart_loses_no_watch_event_and_everything_comes_bac
         first = await _set_exactly_once(client, name, 0)
         var_watch.start(
             lambda after: client.orchestrator.WatchVariables(
-                O.WatchVariablesRequest(prefix="restart/", after_revision=after)
+                orchestrator_pb2.WatchVariablesRequest(prefix="restart/", after_revision=after)
             ),
             first.mod_revision,
         )
         agent_watch.start(
-            lambda after: client.registry.WatchAgents(R.WatchAgentsRequest(after_revision=after)), 0
+            lambda after: client.registry.WatchAgents(registry_pb2.WatchAgentsRequest(after_revision=after)),
+            0,
         )
         for i in range(1, 11):
             await _set_exactly_once(client, name, i)
@@ -433,7 +445,7 @@ async def test_a_full_etcd_restart_loses_no_watch_event_and_everything_comes_bac
         await asyncio.gather(*(m.stop(timeout=2) for m in cluster.members))
         down_at = time.monotonic()
         with pytest.raises((errors.Unavailable, errors.DeadlineExceeded)):
-            await client.orchestrator.GetVariable(O.GetVariableRequest(name=name), timeout=5)
+            await client.orchestrator.GetVariable(orchestrator_pb2.GetVariableRequest(name=name), timeout=5)
         await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - down_at)))
         await asyncio.gather(*(m.restart(timeout=30) for m in cluster.members))
         back_at = time.monotonic()
@@ -445,7 +457,9 @@ async def test_a_full_etcd_restart_loses_no_watch_event_and_everything_comes_bac
         late = AgentHost([Keeper("late")], registry=mesh.addresses("registry"), lease_ttl=2.0)
         await late.start()
         await late.stop()  # deregisters: ADDED then REMOVED
-        await client.registry.DeregisterAgent(R.DeregisterAgentRequest(agent_id="doomed", token=doomed.token))
+        await client.registry.DeregisterAgent(
+            registry_pb2.DeregisterAgentRequest(agent_id="doomed", token=doomed.token)
+        )
         await eventually(
             lambda: len(busy["acked"]) >= busy_at_restart + 10,
             timeout=60,
@@ -464,7 +478,7 @@ async def test_a_full_etcd_restart_loses_no_watch_event_and_everything_comes_bac
             timeout=60,
             what="the last write seen on the watch",
         )
-        assert all(e.type == O.VARIABLE_EVENT_TYPE_PUT for e in var_watch.events)
+        assert all(e.type == orchestrator_pb2.VARIABLE_EVENT_TYPE_PUT for e in var_watch.events)
         values = [e.variable.value.int_value for e in events_of(name)]
         assert values == list(range(1, 22)), values
         assert [e.variable.version for e in events_of(name)] == list(range(2, 23))
@@ -472,7 +486,9 @@ async def test_a_full_etcd_restart_loses_no_watch_event_and_everything_comes_bac
         # order; each is a write the writer made (acknowledged, or timed out
         # during the outage and landed anyway), and every acknowledged write is there.
         busy_final = (
-            await client.orchestrator.GetVariable(O.GetVariableRequest(name="restart/busy"), timeout=10)
+            await client.orchestrator.GetVariable(
+                orchestrator_pb2.GetVariableRequest(name="restart/busy"), timeout=10
+            )
         ).variable
         busy_events = events_of("restart/busy")
         assert [e.variable.version for e in busy_events] == list(range(1, busy_final.version + 1))
@@ -490,13 +506,16 @@ async def test_a_full_etcd_restart_loses_no_watch_event_and_everything_comes_bac
 
         listed = await eventually(agents_agree, timeout=60, what="keeper listed, watch == listing")
         assert listed == {"keeper"}
-        changes = [e for e in agent_watch.events if e.type != R.AGENT_EVENT_TYPE_EXISTING]
+        changes = [e for e in agent_watch.events if e.type != registry_pb2.AGENT_EVENT_TYPE_EXISTING]
         seen = [(e.revision, e.type, e.agent.agent_id) for e in changes]
         assert len(set(seen)) == len(seen), f"duplicate agent events: {seen}"
         assert [r for r, _, _ in seen] == sorted(r for r, _, _ in seen), f"out of order: {seen}"
         said = {(t, a) for _, t, a in seen}
-        assert {(R.AGENT_EVENT_TYPE_ADDED, "late"), (R.AGENT_EVENT_TYPE_REMOVED, "late")} <= said
-        assert (R.AGENT_EVENT_TYPE_REMOVED, "doomed") in said
+        assert {
+            (registry_pb2.AGENT_EVENT_TYPE_ADDED, "late"),
+            (registry_pb2.AGENT_EVENT_TYPE_REMOVED, "late"),
+        } <= said
+        assert (registry_pb2.AGENT_EVENT_TYPE_REMOVED, "doomed") in said
 
         # A client that went away before the outage resumes from the last revision
         # it saw (the documented after_revision) and gets exactly what it missed.
@@ -504,7 +523,9 @@ async def test_a_full_etcd_restart_loses_no_watch_event_and_everything_comes_bac
         assert before_outage.variable.value.int_value == 10
         resumed: list[int] = []
         async with asyncio.timeout(60):
-            request = O.WatchVariablesRequest(prefix="restart/", after_revision=before_outage.revision)
+            request = orchestrator_pb2.WatchVariablesRequest(
+                prefix="restart/", after_revision=before_outage.revision
+            )
             async for event in client.orchestrator.WatchVariables(request):
                 if event.variable.name == name:
                     resumed.append(event.variable.value.int_value)
@@ -513,18 +534,18 @@ async def test_a_full_etcd_restart_loses_no_watch_event_and_everything_comes_bac
         assert resumed == list(range(11, 22))
         snapshot_done = agent_watch.events[0]
         for e in agent_watch.events:
-            if e.type == R.AGENT_EVENT_TYPE_SNAPSHOT_DONE:
+            if e.type == registry_pb2.AGENT_EVENT_TYPE_SNAPSHOT_DONE:
                 snapshot_done = e
                 break
-        assert snapshot_done.type == R.AGENT_EVENT_TYPE_SNAPSHOT_DONE
+        assert snapshot_done.type == registry_pb2.AGENT_EVENT_TYPE_SNAPSHOT_DONE
         replayed: list[tuple[int, int, str]] = []
         async with asyncio.timeout(60):
-            request_agents = R.WatchAgentsRequest(after_revision=snapshot_done.revision)
+            request_agents = registry_pb2.WatchAgentsRequest(after_revision=snapshot_done.revision)
             async for agent_event in client.registry.WatchAgents(request_agents):
                 replayed.append((agent_event.revision, agent_event.type, agent_event.agent.agent_id))
                 if agent_event.revision >= seen[-1][0]:
                     break
-        live = [x for x in seen if x[1] != R.AGENT_EVENT_TYPE_SNAPSHOT_DONE]
+        live = [x for x in seen if x[1] != registry_pb2.AGENT_EVENT_TYPE_SNAPSHOT_DONE]
         assert replayed == live, f"resumed {replayed}, live {live}"
 
         # Every replica of every service is healthy and answers a real call,
@@ -544,28 +565,35 @@ async def test_a_full_etcd_restart_loses_no_watch_event_and_everything_comes_bac
         await eventually(lambda: _published(mesh.etcd_endpoints, mesh), timeout=30, what="all re-published")
         # The registry's elected health prober runs again: it sees the agent go
         # NOT_SERVING on grpc.health.v1 and come back.
-        for serving, status in ((False, R.AGENT_STATUS_NOT_SERVING), (True, R.AGENT_STATUS_SERVING)):
+        for serving, status in (
+            (False, registry_pb2.AGENT_STATUS_NOT_SERVING),
+            (True, registry_pb2.AGENT_STATUS_SERVING),
+        ):
             await host.set_serving(serving)
             await eventually(
                 lambda st=status: _status_is(client, "keeper", st),  # type: ignore[misc]
                 timeout=30,
-                what=f"keeper probed as {R.AgentStatus.Name(status)}",
+                what=f"keeper probed as {registry_pb2.AgentStatus.Name(status)}",
             )
         # Work that crosses the services: an auction and a goal run on the agent.
-        settings = C.SessionSettings(participants=common_pb2.AgentSelector(capability="keep"))
+        settings = coordination_pb2.SessionSettings(participants=common_pb2.AgentSelector(capability="keep"))
         settings.round_timeout.FromSeconds(5)
         auction = await client.coordination.RunAuction(
-            C.RunAuctionRequest(settings=settings, type=C.AUCTION_TYPE_FIRST_PRICE, item="after-restart")
+            coordination_pb2.RunAuctionRequest(
+                settings=settings, type=coordination_pb2.AUCTION_TYPE_FIRST_PRICE, item="after-restart"
+            )
         )
         assert list(auction.session.outcome.winners) == ["keeper"]
         events = [
             e
             async for e in client.planner.ExecuteGoal(
-                P.ExecuteGoalRequest(goal=P.GoalSpec(steps=[P.StepSpec(step_id="s", capability="keep")]))
+                planner_pb2.ExecuteGoalRequest(
+                    goal=planner_pb2.GoalSpec(steps=[planner_pb2.StepSpec(step_id="s", capability="keep")])
+                )
             )
         ]
-        goal = (await client.planner.GetGoal(P.GetGoalRequest(goal_id=events[0].goal_id))).goal
-        assert goal.state == P.GOAL_STATE_SUCCEEDED
+        goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=events[0].goal_id))).goal
+        assert goal.state == planner_pb2.GOAL_STATE_SUCCEEDED
         # The agent's lease is kept again: its heartbeats are answered, and three
         # TTLs after the restart it is still listed.
         await eventually(
@@ -598,7 +626,7 @@ async def _listed_has(client: MeshClient, ids: set[str]) -> bool:
 
 async def _status_is(client: MeshClient, agent_id: str, status: int) -> bool:
     try:
-        reply = await client.registry.GetAgent(R.GetAgentRequest(agent_id=agent_id), timeout=5)
+        reply = await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent_id), timeout=5)
     except errors.MabeamError:
         return False
     return bool(reply.agent.status == status)
@@ -611,7 +639,9 @@ async def _write_through(
     i = 0
     while not stop.is_set():
         i += 1
-        request = O.SetVariableRequest(name=name, value=common_pb2.Value(int_value=i), writer=f"busy{i}")
+        request = orchestrator_pb2.SetVariableRequest(
+            name=name, value=common_pb2.Value(int_value=i), writer=f"busy{i}"
+        )
         try:
             await client.orchestrator.SetVariable(request, timeout=3)
             out["acked"].append(i)

@@ -22,11 +22,11 @@ from mabeam.server import MeshServer
 from mabeam.v1 import (
     agent_pb2,
     common_pb2,
+    coordination_pb2,
     protocol_plugin_pb2,
     protocol_plugin_pb2_grpc,
     registry_pb2,
 )
-from mabeam.v1 import coordination_pb2 as C
 
 BIDDER = str(Path(__file__).resolve().parent.parent / "examples" / "bidder.py")
 pytestmark = pytest.mark.timeout(60)
@@ -112,8 +112,10 @@ async def traders(mesh: tuple[MeshClient, MeshServer]) -> AsyncIterator[dict[str
 
 def settings(
     *ids: str, capability: str = "", timeout: float = 1.0, notify: bool = False
-) -> C.SessionSettings:
-    s = C.SessionSettings(participants=common_pb2.AgentSelector(agent_ids=list(ids), capability=capability))
+) -> coordination_pb2.SessionSettings:
+    s = coordination_pb2.SessionSettings(
+        participants=common_pb2.AgentSelector(agent_ids=list(ids), capability=capability)
+    )
     s.round_timeout.FromNanoseconds(int(timeout * 1e9))
     s.notify_outcome = notify
     return s
@@ -130,29 +132,31 @@ async def test_vickrey_with_slow_malformed_and_dead_agents(
     )
     try:
         reply = await client.coordination.RunAuction(
-            C.RunAuctionRequest(
+            coordination_pb2.RunAuctionRequest(
                 settings=settings(
                     "t10", "t20", "t30", "slow", "nan", "dead", "ghost", timeout=0.5, notify=True
                 ),
-                type=C.AUCTION_TYPE_SECOND_PRICE,
+                type=coordination_pb2.AUCTION_TYPE_SECOND_PRICE,
                 item="slot",
             )
         )
     finally:
         await bad.stop()
     session = reply.session
-    assert session.state == C.SESSION_STATE_DECIDED
+    assert session.state == coordination_pb2.SESSION_STATE_DECIDED
     assert list(session.outcome.winners) == ["t30"] and session.outcome.price == 20
     reasons = {e.agent_id: e.reason for e in session.excluded}
     assert reasons == {
-        "slow": C.EXCLUSION_REASON_TIMEOUT,
-        "nan": C.EXCLUSION_REASON_MALFORMED,
-        "dead": C.EXCLUSION_REASON_UNAVAILABLE,
-        "ghost": C.EXCLUSION_REASON_NOT_REGISTERED,
+        "slow": coordination_pb2.EXCLUSION_REASON_TIMEOUT,
+        "nan": coordination_pb2.EXCLUSION_REASON_MALFORMED,
+        "dead": coordination_pb2.EXCLUSION_REASON_UNAVAILABLE,
+        "ghost": coordination_pb2.EXCLUSION_REASON_NOT_REGISTERED,
     }
     assert traders["t30"].awards == [20] and traders["t10"].rejects == 1
     stored = (
-        await client.coordination.GetSession(C.GetSessionRequest(session_id=session.session_id))
+        await client.coordination.GetSession(
+            coordination_pb2.GetSessionRequest(session_id=session.session_id)
+        )
     ).session
     assert stored.outcome == session.outcome and len(stored.rounds) == 2
     bids = {e.agent_id: e.response.bid.amount for e in stored.rounds[0].entries if e.response.HasField("bid")}
@@ -164,8 +168,11 @@ async def test_first_price_by_capability(
 ) -> None:
     client, _ = mesh
     reply = await client.coordination.RunAuction(
-        C.RunAuctionRequest(
-            settings=settings(capability="trade"), type=C.AUCTION_TYPE_FIRST_PRICE, item="x", reserve_price=5
+        coordination_pb2.RunAuctionRequest(
+            settings=settings(capability="trade"),
+            type=coordination_pb2.AUCTION_TYPE_FIRST_PRICE,
+            item="x",
+            reserve_price=5,
         )
     )
     assert list(reply.session.outcome.winners) == ["t30"] and reply.session.outcome.price == 30
@@ -177,14 +184,16 @@ async def test_the_answer_carries_the_transcript_unless_the_basic_view_is_asked(
 ) -> None:
     client, _ = mesh
 
-    async def auction(view: int) -> C.Session:
+    async def auction(view: int) -> coordination_pb2.Session:
         s = settings(capability="trade")
         s.view = view  # type: ignore[assignment]
-        request = C.RunAuctionRequest(settings=s, type=C.AUCTION_TYPE_SECOND_PRICE, item="x")
+        request = coordination_pb2.RunAuctionRequest(
+            settings=s, type=coordination_pb2.AUCTION_TYPE_SECOND_PRICE, item="x"
+        )
         return (await client.coordination.RunAuction(request)).session
 
-    full = await auction(C.SESSION_VIEW_UNSPECIFIED)
-    basic = await auction(C.SESSION_VIEW_BASIC)
+    full = await auction(coordination_pb2.SESSION_VIEW_UNSPECIFIED)
+    basic = await auction(coordination_pb2.SESSION_VIEW_BASIC)
     assert len(full.rounds) == 1 and not basic.rounds
     assert basic.outcome == full.outcome and list(basic.outcome.winners) == ["t30"]
     entries = {e.agent_id: e for e in full.rounds[0].entries}
@@ -193,7 +202,9 @@ async def test_the_answer_carries_the_transcript_unless_the_basic_view_is_asked(
         a: (e.request.agent_id, e.request.session_id, e.response.bid.amount) for a, e in entries.items()
     } == {a: (a, full.session_id, t.value) for a, t in traders.items()}
     # The transcript is stored all the same.
-    stored = (await client.coordination.GetSession(C.GetSessionRequest(session_id=basic.session_id))).session
+    stored = (
+        await client.coordination.GetSession(coordination_pb2.GetSessionRequest(session_id=basic.session_id))
+    ).session
     assert sorted(e.agent_id for e in stored.rounds[0].entries) == sorted(traders)
     with pytest.raises(errors.InvalidArgument, match=r"settings\.view"):
         await auction(77)
@@ -204,34 +215,37 @@ async def test_reserve_not_met_is_no_decision(
 ) -> None:
     client, _ = mesh
     reply = await client.coordination.RunAuction(
-        C.RunAuctionRequest(
+        coordination_pb2.RunAuctionRequest(
             settings=settings(capability="trade"),
-            type=C.AUCTION_TYPE_SECOND_PRICE,
+            type=coordination_pb2.AUCTION_TYPE_SECOND_PRICE,
             item="x",
             reserve_price=50,
         )
     )
-    assert reply.session.state == C.SESSION_STATE_NO_DECISION and "reserve" in reply.session.outcome.reason
+    assert (
+        reply.session.state == coordination_pb2.SESSION_STATE_NO_DECISION
+        and "reserve" in reply.session.outcome.reason
+    )
 
 
 async def test_english_auction_streams_its_rounds(
     mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
 ) -> None:
     client, _ = mesh
-    request = C.RunAuctionRequest(
+    request = coordination_pb2.RunAuctionRequest(
         settings=settings("t10", "t20", "t30"),
-        type=C.AUCTION_TYPE_ENGLISH,
+        type=coordination_pb2.AUCTION_TYPE_ENGLISH,
         item="x",
         start_price=0,
         increment=5,
     )
     request.settings.session_id = "english-1"
     run = asyncio.create_task(client.coordination.RunAuction(request))
-    events: list[C.WatchSessionResponse] = []
+    events: list[coordination_pb2.WatchSessionResponse] = []
     for _ in range(100):
         try:
             async for event in client.coordination.WatchSession(
-                C.WatchSessionRequest(session_id="english-1")
+                coordination_pb2.WatchSessionRequest(session_id="english-1")
             ):
                 events.append(event)
             break
@@ -240,17 +254,20 @@ async def test_english_auction_streams_its_rounds(
     session = (await run).session
     # 0, 5, 10, 15, 20 (t10 out), 25 (t20 out at 25 > 20): t30 alone at 25.
     assert list(session.outcome.winners) == ["t30"] and session.outcome.price == 25
-    prices = [e.round.state["price"] for e in events if e.type == C.SESSION_EVENT_TYPE_ROUND]
+    prices = [e.round.state["price"] for e in events if e.type == coordination_pb2.SESSION_EVENT_TYPE_ROUND]
     assert prices == [0, 5, 10, 15, 20, 25]
-    assert events[-1].type == C.SESSION_EVENT_TYPE_FINISHED and events[-1].session.outcome.price == 25
+    assert (
+        events[-1].type == coordination_pb2.SESSION_EVENT_TYPE_FINISHED
+        and events[-1].session.outcome.price == 25
+    )
 
 
 async def test_dutch_auction(mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]) -> None:
     client, _ = mesh
     reply = await client.coordination.RunAuction(
-        C.RunAuctionRequest(
+        coordination_pb2.RunAuctionRequest(
             settings=settings("t10", "t20", "t30"),
-            type=C.AUCTION_TYPE_DUTCH,
+            type=coordination_pb2.AUCTION_TYPE_DUTCH,
             item="x",
             start_price=50,
             decrement=10,
@@ -265,25 +282,30 @@ async def test_consensus_majority_supermajority_and_malformed_vote(
 ) -> None:
     client, registry = mesh
     reply = await client.coordination.RunConsensus(
-        C.RunConsensusRequest(
-            settings=settings("t10", "t20", "t30"), question="go?", rule=C.CONSENSUS_RULE_MAJORITY
+        coordination_pb2.RunConsensusRequest(
+            settings=settings("t10", "t20", "t30"),
+            question="go?",
+            rule=coordination_pb2.CONSENSUS_RULE_MAJORITY,
         )
     )
     assert reply.session.outcome.decision == "yes" and reply.session.outcome.tallies["yes"] == 2
     reply = await client.coordination.RunConsensus(
-        C.RunConsensusRequest(
+        coordination_pb2.RunConsensusRequest(
             settings=settings("t10", "t20", "t30"),
             question="go?",
-            rule=C.CONSENSUS_RULE_SUPERMAJORITY,
+            rule=coordination_pb2.CONSENSUS_RULE_SUPERMAJORITY,
             threshold=0.9,
         )
     )
-    assert reply.session.state == C.SESSION_STATE_NO_DECISION and "threshold" in reply.session.outcome.reason
+    assert (
+        reply.session.state == coordination_pb2.SESSION_STATE_NO_DECISION
+        and "threshold" in reply.session.outcome.reason
+    )
     weighted = await client.coordination.RunConsensus(
-        C.RunConsensusRequest(
+        coordination_pb2.RunConsensusRequest(
             settings=settings("t10", "t20", "t30"),
             question="go?",
-            rule=C.CONSENSUS_RULE_MAJORITY,
+            rule=coordination_pb2.CONSENSUS_RULE_MAJORITY,
             weights={"t20": 5},
         )
     )
@@ -292,15 +314,17 @@ async def test_consensus_majority_supermajority_and_malformed_vote(
     await bad.start()
     try:
         reply = await client.coordination.RunConsensus(
-            C.RunConsensusRequest(
-                settings=settings("t10", "voter"), question="go?", rule=C.CONSENSUS_RULE_UNANIMITY
+            coordination_pb2.RunConsensusRequest(
+                settings=settings("t10", "voter"),
+                question="go?",
+                rule=coordination_pb2.CONSENSUS_RULE_UNANIMITY,
             )
         )
     finally:
         await bad.stop()
     assert reply.session.outcome.decision == "yes"
     assert [(e.agent_id, e.reason) for e in reply.session.excluded] == [
-        ("voter", C.EXCLUSION_REASON_MALFORMED)
+        ("voter", coordination_pb2.EXCLUSION_REASON_MALFORMED)
     ]
 
 
@@ -309,9 +333,9 @@ async def test_tatonnement_converges_to_the_symmetric_equilibrium(
 ) -> None:
     client, _ = mesh
     reply = await client.coordination.RunMarket(
-        C.RunMarketRequest(
+        coordination_pb2.RunMarketRequest(
             settings=settings("t10", "t20", "t30"),
-            type=C.MARKET_TYPE_TATONNEMENT,
+            type=coordination_pb2.MARKET_TYPE_TATONNEMENT,
             goods=["x", "y"],
             initial_prices={"x": 1.0, "y": 2.0},
             step=0.5,
@@ -320,20 +344,20 @@ async def test_tatonnement_converges_to_the_symmetric_equilibrium(
         )
     )
     outcome = reply.session.outcome
-    assert reply.session.state == C.SESSION_STATE_DECIDED, outcome.reason
+    assert reply.session.state == coordination_pb2.SESSION_STATE_DECIDED, outcome.reason
     # Equal Cobb-Douglas shares and endowments: equilibrium at p_x = p_y.
     assert outcome.prices["x"] == pytest.approx(outcome.prices["y"], rel=0.02)
     capped = await client.coordination.RunMarket(
-        C.RunMarketRequest(
+        coordination_pb2.RunMarketRequest(
             settings=settings("t10", "t20"),
-            type=C.MARKET_TYPE_TATONNEMENT,
+            type=coordination_pb2.MARKET_TYPE_TATONNEMENT,
             goods=["x", "y"],
             initial_prices={"x": 1.0, "y": 5.0},
             max_rounds=2,
         )
     )
     assert (
-        capped.session.state == C.SESSION_STATE_NO_DECISION
+        capped.session.state == coordination_pb2.SESSION_STATE_NO_DECISION
         and "did not converge" in capped.session.outcome.reason
     )
 
@@ -350,15 +374,15 @@ async def test_call_market_and_contract_net(mesh: tuple[MeshClient, MeshServer])
     await host.start()
     try:
         market = await client.coordination.RunMarket(
-            C.RunMarketRequest(
-                settings=settings("b1", "b2", "s1", "s2"), type=C.MARKET_TYPE_CALL, goods=["w"]
+            coordination_pb2.RunMarketRequest(
+                settings=settings("b1", "b2", "s1", "s2"), type=coordination_pb2.MARKET_TYPE_CALL, goods=["w"]
             )
         )
         price = market.session.outcome.price
         trades = json_format.MessageToDict(market.session.outcome.details)["trades"]
         assert {t["agent_id"] for t in trades} == {"b1", "s1"} and 6 <= price <= 12
         cnet = await client.coordination.Run(
-            C.RunRequest(
+            coordination_pb2.RunRequest(
                 settings=settings("b1", "b2", "s1", "s2"),
                 protocol="contract_net",
                 parameters=_struct({"task": "build"}),
@@ -380,35 +404,51 @@ def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
     ("request_", "field"),
     [
         (
-            C.RunAuctionRequest(
-                settings=settings("t10"), type=C.AUCTION_TYPE_SECOND_PRICE, item="x", reserve_price=-1
+            coordination_pb2.RunAuctionRequest(
+                settings=settings("t10"),
+                type=coordination_pb2.AUCTION_TYPE_SECOND_PRICE,
+                item="x",
+                reserve_price=-1,
             ),
             "reserve_price",
         ),
         (
-            C.RunAuctionRequest(settings=settings(), type=C.AUCTION_TYPE_SECOND_PRICE, item="x"),
+            coordination_pb2.RunAuctionRequest(
+                settings=settings(), type=coordination_pb2.AUCTION_TYPE_SECOND_PRICE, item="x"
+            ),
             "settings.participants",
         ),
-        (C.RunAuctionRequest(settings=settings("t10"), item="x"), "type"),
+        (coordination_pb2.RunAuctionRequest(settings=settings("t10"), item="x"), "type"),
         (
-            C.RunAuctionRequest(
-                settings=settings("t10"), type=C.AUCTION_TYPE_ENGLISH, item="x", increment=-1
+            coordination_pb2.RunAuctionRequest(
+                settings=settings("t10"), type=coordination_pb2.AUCTION_TYPE_ENGLISH, item="x", increment=-1
             ),
             "increment",
         ),
         (
-            C.RunConsensusRequest(
-                settings=settings("t10"), question="q", rule=C.CONSENSUS_RULE_SUPERMAJORITY, threshold=1.5
+            coordination_pb2.RunConsensusRequest(
+                settings=settings("t10"),
+                question="q",
+                rule=coordination_pb2.CONSENSUS_RULE_SUPERMAJORITY,
+                threshold=1.5,
             ),
             "threshold",
         ),
         (
-            C.RunConsensusRequest(
-                settings=settings("t10"), question="q", rule=C.CONSENSUS_RULE_MAJORITY, quorum=2
+            coordination_pb2.RunConsensusRequest(
+                settings=settings("t10"),
+                question="q",
+                rule=coordination_pb2.CONSENSUS_RULE_MAJORITY,
+                quorum=2,
             ),
             "quorum",
         ),
-        (C.RunMarketRequest(settings=settings("t10"), type=C.MARKET_TYPE_TATONNEMENT), "goods"),
+        (
+            coordination_pb2.RunMarketRequest(
+                settings=settings("t10"), type=coordination_pb2.MARKET_TYPE_TATONNEMENT
+            ),
+            "goods",
+        ),
     ],
 )
 async def test_bad_parameters_name_the_field(
@@ -416,14 +456,14 @@ async def test_bad_parameters_name_the_field(
 ) -> None:
     client, _ = mesh
     method = {
-        C.RunAuctionRequest: client.coordination.RunAuction,
-        C.RunConsensusRequest: client.coordination.RunConsensus,
-        C.RunMarketRequest: client.coordination.RunMarket,
+        coordination_pb2.RunAuctionRequest: client.coordination.RunAuction,
+        coordination_pb2.RunConsensusRequest: client.coordination.RunConsensus,
+        coordination_pb2.RunMarketRequest: client.coordination.RunMarket,
     }[type(request_)]
     with pytest.raises(errors.InvalidArgument) as info:
         await method(request_)
     assert info.value.field == field
-    listed = await client.coordination.ListSessions(C.ListSessionsRequest())
+    listed = await client.coordination.ListSessions(coordination_pb2.ListSessionsRequest())
     assert not listed.sessions  # nothing half-written
 
 
@@ -432,10 +472,13 @@ async def test_unknown_protocol_and_session(
 ) -> None:
     client, _ = mesh
     with pytest.raises(errors.NotFound, match="nope"):
-        await client.coordination.Run(C.RunRequest(settings=settings("t10"), protocol="nope"))
+        await client.coordination.Run(coordination_pb2.RunRequest(settings=settings("t10"), protocol="nope"))
     with pytest.raises(errors.NotFound):
-        await client.coordination.GetSession(C.GetSessionRequest(session_id="missing"))
-    names = {p.name for p in (await client.coordination.ListProtocols(C.ListProtocolsRequest())).protocols}
+        await client.coordination.GetSession(coordination_pb2.GetSessionRequest(session_id="missing"))
+    names = {
+        p.name
+        for p in (await client.coordination.ListProtocols(coordination_pb2.ListProtocolsRequest())).protocols
+    }
     assert {
         "first_price",
         "vickrey",
@@ -465,7 +508,7 @@ class HighestNumber(protocol_plugin_pb2_grpc.ProtocolPluginServiceServicer):
         numbers = {r.agent_id: r.response.custom["number"] for r in request.replies if r.HasField("response")}
         winner = max(numbers, key=lambda a: numbers[a])
         return protocol_plugin_pb2.AdvanceResponse(
-            outcome=C.Outcome(decided=True, winners=[winner], price=numbers[winner])
+            outcome=coordination_pb2.Outcome(decided=True, winners=[winner], price=numbers[winner])
         )
 
 
@@ -479,23 +522,30 @@ async def test_registered_protocol_runs_among_real_agents(
     await server.start()
     try:
         await client.coordination.RegisterProtocol(
-            C.RegisterProtocolRequest(name="highest", endpoint=f"127.0.0.1:{port}")
+            coordination_pb2.RegisterProtocolRequest(name="highest", endpoint=f"127.0.0.1:{port}")
         )
         with pytest.raises(errors.AlreadyExists):
             await client.coordination.RegisterProtocol(
-                C.RegisterProtocolRequest(name="highest", endpoint=f"127.0.0.1:{port}")
+                coordination_pb2.RegisterProtocolRequest(name="highest", endpoint=f"127.0.0.1:{port}")
             )
         listed = {
-            p.name: p for p in (await client.coordination.ListProtocols(C.ListProtocolsRequest())).protocols
+            p.name: p
+            for p in (
+                await client.coordination.ListProtocols(coordination_pb2.ListProtocolsRequest())
+            ).protocols
         }
         assert not listed["highest"].builtin and listed["highest"].description == "highest number wins"
         reply = await client.coordination.Run(
-            C.RunRequest(settings=settings(capability="trade"), protocol="highest")
+            coordination_pb2.RunRequest(settings=settings(capability="trade"), protocol="highest")
         )
         assert list(reply.session.outcome.winners) == ["t30"] and reply.session.outcome.price == 30
-        await client.coordination.UnregisterProtocol(C.UnregisterProtocolRequest(name="highest"))
+        await client.coordination.UnregisterProtocol(
+            coordination_pb2.UnregisterProtocolRequest(name="highest")
+        )
         with pytest.raises(errors.NotFound):
-            await client.coordination.Run(C.RunRequest(settings=settings("t10"), protocol="highest"))
+            await client.coordination.Run(
+                coordination_pb2.RunRequest(settings=settings("t10"), protocol="highest")
+            )
     finally:
         await server.stop(0)
 
@@ -505,15 +555,17 @@ async def test_session_never_outlives_its_deadline(mesh: tuple[MeshClient, MeshS
     host = AgentHost([Slow("s1", 1), Slow("s2", 2)], registry=registry.address)
     await host.start()
     try:
-        request = C.RunAuctionRequest(
-            settings=settings("s1", "s2", timeout=10), type=C.AUCTION_TYPE_FIRST_PRICE, item="x"
+        request = coordination_pb2.RunAuctionRequest(
+            settings=settings("s1", "s2", timeout=10),
+            type=coordination_pb2.AUCTION_TYPE_FIRST_PRICE,
+            item="x",
         )
         request.settings.deadline.CopyFrom(duration_pb2.Duration(nanos=500_000_000))
         started = asyncio.get_running_loop().time()
         reply = await client.coordination.RunAuction(request)
         assert asyncio.get_running_loop().time() - started < 3
-        assert reply.session.state == C.SESSION_STATE_NO_DECISION
-        assert {e.reason for e in reply.session.excluded} == {C.EXCLUSION_REASON_TIMEOUT}
+        assert reply.session.state == coordination_pb2.SESSION_STATE_NO_DECISION
+        assert {e.reason for e in reply.session.excluded} == {coordination_pb2.EXCLUSION_REASON_TIMEOUT}
     finally:
         await host.stop()
 
@@ -530,8 +582,10 @@ async def test_a_thousand_agents_on_one_host(mesh: tuple[MeshClient, MeshServer]
     host = AgentHost([Quick(f"q{i:04d}") for i in range(1000)], registry=registry.address, lease_ttl=30)
     await host.start()
     try:
-        request = C.RunAuctionRequest(
-            settings=settings(capability="crowd", timeout=10), type=C.AUCTION_TYPE_SECOND_PRICE, item="x"
+        request = coordination_pb2.RunAuctionRequest(
+            settings=settings(capability="crowd", timeout=10),
+            type=coordination_pb2.AUCTION_TYPE_SECOND_PRICE,
+            item="x",
         )
         reply = await client.coordination.RunAuction(request)
     finally:
@@ -565,9 +619,9 @@ async def test_agent_killed_mid_session_is_left_out(mesh: tuple[MeshClient, Mesh
                 break
             except errors.NotFound:
                 await asyncio.sleep(0.05)
-        request = C.RunAuctionRequest(
+        request = coordination_pb2.RunAuctionRequest(
             settings=settings("rival", "doomed", timeout=0.5),
-            type=C.AUCTION_TYPE_ENGLISH,
+            type=coordination_pb2.AUCTION_TYPE_ENGLISH,
             item="x",
             start_price=0,
             increment=1,
@@ -588,15 +642,21 @@ async def test_agent_killed_mid_session_is_left_out(mesh: tuple[MeshClient, Mesh
     # Both would stay in up to 500; once "doomed" is gone, the rival is alone and wins.
     assert list(session.outcome.winners) == ["rival"] and session.outcome.price < 500
     doomed = next(e for e in session.excluded if e.agent_id == "doomed")
-    assert doomed.reason in (C.EXCLUSION_REASON_UNAVAILABLE, C.EXCLUSION_REASON_TIMEOUT) and doomed.round >= 3
+    assert (
+        doomed.reason
+        in (coordination_pb2.EXCLUSION_REASON_UNAVAILABLE, coordination_pb2.EXCLUSION_REASON_TIMEOUT)
+        and doomed.round >= 3
+    )
 
 
 async def _rounds(client: MeshClient, session_id: str) -> AsyncIterator[int]:
     """Round numbers of a session as they finish (waits for the session to exist)."""
     for _ in range(200):
         try:
-            async for event in client.coordination.WatchSession(C.WatchSessionRequest(session_id=session_id)):
-                if event.type == C.SESSION_EVENT_TYPE_ROUND:
+            async for event in client.coordination.WatchSession(
+                coordination_pb2.WatchSessionRequest(session_id=session_id)
+            ):
+                if event.type == coordination_pb2.SESSION_EVENT_TYPE_ROUND:
                     yield event.round.number
             return
         except errors.NotFound:
@@ -609,20 +669,22 @@ async def test_list_sessions_filters_and_pages(
     client, _ = mesh
     for i in range(5):
         await client.coordination.RunAuction(
-            C.RunAuctionRequest(
-                settings=settings("t10", "t20"), type=C.AUCTION_TYPE_FIRST_PRICE, item=f"i{i}"
+            coordination_pb2.RunAuctionRequest(
+                settings=settings("t10", "t20"), type=coordination_pb2.AUCTION_TYPE_FIRST_PRICE, item=f"i{i}"
             )
         )
     await client.coordination.RunConsensus(
-        C.RunConsensusRequest(settings=settings("t10", "t30"), question="q", rule=C.CONSENSUS_RULE_MAJORITY)
+        coordination_pb2.RunConsensusRequest(
+            settings=settings("t10", "t30"), question="q", rule=coordination_pb2.CONSENSUS_RULE_MAJORITY
+        )
     )
-    everything = (await client.coordination.ListSessions(C.ListSessionsRequest())).sessions
+    everything = (await client.coordination.ListSessions(coordination_pb2.ListSessionsRequest())).sessions
     assert everything[0].protocol == "consensus"  # newest first
     assert all(not s.rounds for s in everything)  # BASIC view
     seen, token = [], ""
     while True:
         page = await client.coordination.ListSessions(
-            C.ListSessionsRequest(protocol="first_price", page_size=2, page_token=token)
+            coordination_pb2.ListSessionsRequest(protocol="first_price", page_size=2, page_token=token)
         )
         seen += [s.session_id for s in page.sessions]
         token = page.next_page_token
@@ -630,9 +692,9 @@ async def test_list_sessions_filters_and_pages(
             break
     assert len(seen) == len(set(seen)) == 5
     later = await client.coordination.ListSessions(
-        C.ListSessionsRequest(started_after=everything[0].started_at)
+        coordination_pb2.ListSessionsRequest(started_after=everything[0].started_at)
     )
     assert [s.session_id for s in later.sessions] == [everything[0].session_id]
     with pytest.raises(errors.InvalidArgument) as info:
-        await client.coordination.ListSessions(C.ListSessionsRequest(page_size=-3))
+        await client.coordination.ListSessions(coordination_pb2.ListSessionsRequest(page_size=-3))
     assert info.value.field == "page_size"

@@ -19,9 +19,7 @@ from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
 from mabeam.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from mabeam.server import MeshServer
-from mabeam.v1 import agent_pb2, common_pb2, registry_pb2
-from mabeam.v1 import coordination_pb2 as C
-from mabeam.v1 import planner_pb2 as P
+from mabeam.v1 import agent_pb2, common_pb2, coordination_pb2, planner_pb2, registry_pb2
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,14 +66,16 @@ async def test_the_mesh_reports_its_numbers(
     try:
         await client.registry.ListAgents(registry_pb2.ListAgentsRequest())
         await client.coordination.RunAuction(
-            C.RunAuctionRequest(
-                settings=C.SessionSettings(participants=common_pb2.AgentSelector(capability="metered")),
-                type=C.AUCTION_TYPE_FIRST_PRICE,
+            coordination_pb2.RunAuctionRequest(
+                settings=coordination_pb2.SessionSettings(
+                    participants=common_pb2.AgentSelector(capability="metered")
+                ),
+                type=coordination_pb2.AUCTION_TYPE_FIRST_PRICE,
                 item="x",
             )
         )
-        spec = P.GoalSpec(steps=[P.StepSpec(step_id="s", capability="metered")])
-        [e async for e in client.planner.ExecuteGoal(P.ExecuteGoalRequest(goal=spec))]
+        spec = planner_pb2.GoalSpec(steps=[planner_pb2.StepSpec(step_id="s", capability="metered")])
+        [e async for e in client.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal=spec))]
     finally:
         await client.close()
         await host.stop()

@@ -15,9 +15,7 @@ from mabeam import errors
 from mabeam.agent import Agent, AgentHost, from_value
 from mabeam.client import MeshClient
 from mabeam.server import MeshServer
-from mabeam.v1 import agent_pb2, common_pb2, registry_pb2
-from mabeam.v1 import coordination_pb2 as C
-from mabeam.v1 import planner_pb2 as P
+from mabeam.v1 import agent_pb2, common_pb2, coordination_pb2, planner_pb2, registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(60)
@@ -89,9 +87,11 @@ async def mesh(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[M
 
 async def test_javascript_agent_wins_an_auction_against_python_agents(mesh: MeshClient) -> None:
     reply = await mesh.coordination.RunAuction(
-        C.RunAuctionRequest(
-            settings=C.SessionSettings(participants=common_pb2.AgentSelector(capability="bid")),
-            type=C.AUCTION_TYPE_SECOND_PRICE,
+        coordination_pb2.RunAuctionRequest(
+            settings=coordination_pb2.SessionSettings(
+                participants=common_pb2.AgentSelector(capability="bid")
+            ),
+            type=coordination_pb2.AUCTION_TYPE_SECOND_PRICE,
             item="slot",
         )
     )
@@ -101,13 +101,13 @@ async def test_javascript_agent_wins_an_auction_against_python_agents(mesh: Mesh
 
 
 async def test_javascript_agent_runs_a_goal_step(mesh: MeshClient) -> None:
-    spec = P.GoalSpec(
-        steps=[P.StepSpec(step_id="js", capability="compute", input=_numbers([1, 2, 3]))],
-        strategy=P.ASSIGNMENT_STRATEGY_FIRST_FIT,  # "a-node" sorts first
+    spec = planner_pb2.GoalSpec(
+        steps=[planner_pb2.StepSpec(step_id="js", capability="compute", input=_numbers([1, 2, 3]))],
+        strategy=planner_pb2.ASSIGNMENT_STRATEGY_FIRST_FIT,  # "a-node" sorts first
     )
-    events = [e async for e in mesh.planner.ExecuteGoal(P.ExecuteGoalRequest(goal=spec))]
-    assert events[-1].goal_state == P.GOAL_STATE_SUCCEEDED
-    goal = (await mesh.planner.GetGoal(P.GetGoalRequest(goal_id=events[-1].goal_id))).goal
+    events = [e async for e in mesh.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal=spec))]
+    assert events[-1].goal_state == planner_pb2.GOAL_STATE_SUCCEEDED
+    goal = (await mesh.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=events[-1].goal_id))).goal
     output = from_value(goal.steps[0].output)
     assert goal.steps[0].agent_id == "a-node" and output == {
         "sum": 6,

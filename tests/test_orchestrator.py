@@ -22,8 +22,7 @@ from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, snapshot
 from mabeam.runtime.mesh import LocalMesh
 from mabeam.server import MeshServer
-from mabeam.v1 import agent_pb2, common_pb2, registry_pb2
-from mabeam.v1 import orchestrator_pb2 as O
+from mabeam.v1 import agent_pb2, common_pb2, orchestrator_pb2, registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "examples" / "worker.py")
@@ -49,50 +48,68 @@ async def mesh(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[t
 async def test_set_get_list_delete(mesh: tuple[MeshClient, MeshServer]) -> None:
     client, _ = mesh
     o = client.orchestrator
-    first = (await o.SetVariable(O.SetVariableRequest(name="cfg/temp", value=num(0.7), writer="me"))).variable
+    first = (
+        await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="cfg/temp", value=num(0.7), writer="me"))
+    ).variable
     assert first.version == 1 and first.value.number_value == 0.7 and first.writer == "me"
-    second = (await o.SetVariable(O.SetVariableRequest(name="cfg/temp", value=num(0.8)))).variable
+    second = (
+        await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="cfg/temp", value=num(0.8)))
+    ).variable
     assert second.version == 2 and second.mod_revision > first.mod_revision
-    relaxed = await o.GetVariable(O.GetVariableRequest(name="cfg/temp", consistency=O.CONSISTENCY_RELAXED))
+    relaxed = await o.GetVariable(
+        orchestrator_pb2.GetVariableRequest(name="cfg/temp", consistency=orchestrator_pb2.CONSISTENCY_RELAXED)
+    )
     assert relaxed.possibly_stale and relaxed.variable.value.number_value == 0.8
-    strong = await o.GetVariable(O.GetVariableRequest(name="cfg/temp"))
+    strong = await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="cfg/temp"))
     assert not strong.possibly_stale and strong.variable.version == 2
     for i in range(5):
         await o.SetVariable(
-            O.SetVariableRequest(name=f"cfg/v{i}", value=common_pb2.Value(string_value=str(i)))
+            orchestrator_pb2.SetVariableRequest(name=f"cfg/v{i}", value=common_pb2.Value(string_value=str(i)))
         )
-    await o.SetVariable(O.SetVariableRequest(name="other", value=common_pb2.Value(bool_value=True)))
+    await o.SetVariable(
+        orchestrator_pb2.SetVariableRequest(name="other", value=common_pb2.Value(bool_value=True))
+    )
     names, token = [], ""
     while True:
-        page = await o.ListVariables(O.ListVariablesRequest(prefix="cfg/", page_size=2, page_token=token))
+        page = await o.ListVariables(
+            orchestrator_pb2.ListVariablesRequest(prefix="cfg/", page_size=2, page_token=token)
+        )
         names += [v.name for v in page.variables]
         token = page.next_page_token
         if not token:
             break
     assert names == ["cfg/temp", "cfg/v0", "cfg/v1", "cfg/v2", "cfg/v3", "cfg/v4"]
-    await o.DeleteVariable(O.DeleteVariableRequest(name="cfg/temp"))
+    await o.DeleteVariable(orchestrator_pb2.DeleteVariableRequest(name="cfg/temp"))
     with pytest.raises(errors.NotFound) as info:
-        await o.GetVariable(O.GetVariableRequest(name="cfg/temp"))
+        await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="cfg/temp"))
     assert info.value.reason == "VARIABLE_NOT_FOUND"
     with pytest.raises(errors.NotFound):
-        await o.DeleteVariable(O.DeleteVariableRequest(name="cfg/temp"))
+        await o.DeleteVariable(orchestrator_pb2.DeleteVariableRequest(name="cfg/temp"))
 
 
 async def test_compare_and_set(mesh: tuple[MeshClient, MeshServer]) -> None:
     o = mesh[0].orchestrator
-    created = (await o.SetVariable(O.SetVariableRequest(name="n", value=num(1), expected_version=0))).variable
+    created = (
+        await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="n", value=num(1), expected_version=0))
+    ).variable
     with pytest.raises(errors.Aborted) as info:
-        await o.SetVariable(O.SetVariableRequest(name="n", value=num(2), expected_version=0))
+        await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="n", value=num(2), expected_version=0))
     assert info.value.metadata["current_version"] == "1" and info.value.reason == "VERSION_MISMATCH"
-    await o.SetVariable(O.SetVariableRequest(name="n", value=num(2), expected_version=created.version))
+    await o.SetVariable(
+        orchestrator_pb2.SetVariableRequest(name="n", value=num(2), expected_version=created.version)
+    )
     with pytest.raises(errors.Aborted, match="version 2"):
-        await o.SetVariable(O.SetVariableRequest(name="n", value=num(3), expected_version=1))
+        await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="n", value=num(3), expected_version=1))
     with pytest.raises(errors.FailedPrecondition) as mismatch:
         await o.SetVariable(
-            O.SetVariableRequest(name="n", value=common_pb2.Value(string_value="x"), expected_version=2)
+            orchestrator_pb2.SetVariableRequest(
+                name="n", value=common_pb2.Value(string_value="x"), expected_version=2
+            )
         )
     assert mismatch.value.reason == "TYPE_MISMATCH"
-    assert (await o.GetVariable(O.GetVariableRequest(name="n"))).variable.value.number_value == 2
+    assert (
+        await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="n"))
+    ).variable.value.number_value == 2
 
 
 async def test_last_write_wins(mesh: tuple[MeshClient, MeshServer]) -> None:
@@ -101,17 +118,23 @@ async def test_last_write_wins(mesh: tuple[MeshClient, MeshServer]) -> None:
     def at(seconds: int) -> timestamp_pb2.Timestamp:
         return timestamp_pb2.Timestamp(seconds=seconds)
 
-    lww = O.WRITE_MODE_LAST_WRITE_WINS
+    lww = orchestrator_pb2.WRITE_MODE_LAST_WRITE_WINS
     assert (
-        await o.SetVariable(O.SetVariableRequest(name="l", value=num(1), mode=lww, timestamp=at(100)))
+        await o.SetVariable(
+            orchestrator_pb2.SetVariableRequest(name="l", value=num(1), mode=lww, timestamp=at(100))
+        )
     ).applied
-    late = await o.SetVariable(O.SetVariableRequest(name="l", value=num(0), mode=lww, timestamp=at(50)))
+    late = await o.SetVariable(
+        orchestrator_pb2.SetVariableRequest(name="l", value=num(0), mode=lww, timestamp=at(50))
+    )
     assert not late.applied and "discarded" in late.reason and late.variable.value.number_value == 1
     assert (
-        await o.SetVariable(O.SetVariableRequest(name="l", value=num(2), mode=lww, timestamp=at(200)))
+        await o.SetVariable(
+            orchestrator_pb2.SetVariableRequest(name="l", value=num(2), mode=lww, timestamp=at(200))
+        )
     ).applied
     with pytest.raises(errors.InvalidArgument) as info:
-        await o.SetVariable(O.SetVariableRequest(name="l", value=num(3), mode=lww))
+        await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="l", value=num(3), mode=lww))
     assert info.value.field == "timestamp"
 
 
@@ -121,89 +144,95 @@ async def test_ephemeral_variable_vanishes_with_its_owner(mesh: tuple[MeshClient
         registry_pb2.RegisterAgentRequest(agent_id="owner", endpoint="127.0.0.1:1")
     )
     await client.orchestrator.SetVariable(
-        O.SetVariableRequest(name="eph", value=num(1), lease_id=reg.agent.lease_id)
+        orchestrator_pb2.SetVariableRequest(name="eph", value=num(1), lease_id=reg.agent.lease_id)
     )
-    got = (await client.orchestrator.GetVariable(O.GetVariableRequest(name="eph"))).variable
+    got = (await client.orchestrator.GetVariable(orchestrator_pb2.GetVariableRequest(name="eph"))).variable
     assert got.lease_id == reg.agent.lease_id
     await client.registry.DeregisterAgent(
         registry_pb2.DeregisterAgentRequest(agent_id="owner", token=reg.token)
     )
     with pytest.raises(errors.NotFound):
-        await client.orchestrator.GetVariable(O.GetVariableRequest(name="eph"))
+        await client.orchestrator.GetVariable(orchestrator_pb2.GetVariableRequest(name="eph"))
     with pytest.raises(errors.FailedPrecondition, match="lease_id"):
         await client.orchestrator.SetVariable(
-            O.SetVariableRequest(name="eph", value=num(1), lease_id=reg.agent.lease_id)
+            orchestrator_pb2.SetVariableRequest(name="eph", value=num(1), lease_id=reg.agent.lease_id)
         )
 
 
 async def test_watch_and_resume(mesh: tuple[MeshClient, MeshServer]) -> None:
     o = mesh[0].orchestrator
-    events: list[O.WatchVariablesResponse] = []
+    events: list[orchestrator_pb2.WatchVariablesResponse] = []
 
     async def watch() -> None:
-        async for e in o.WatchVariables(O.WatchVariablesRequest(prefix="w/")):
+        async for e in o.WatchVariables(orchestrator_pb2.WatchVariablesRequest(prefix="w/")):
             events.append(e)
 
     task = asyncio.create_task(watch())
     await asyncio.sleep(0.2)
-    first = (await o.SetVariable(O.SetVariableRequest(name="w/a", value=num(1)))).variable
-    await o.SetVariable(O.SetVariableRequest(name="w/a", value=num(2)))
-    await o.SetVariable(O.SetVariableRequest(name="x/ignored", value=num(2)))
-    await o.DeleteVariable(O.DeleteVariableRequest(name="w/a"))
+    first = (await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="w/a", value=num(1)))).variable
+    await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="w/a", value=num(2)))
+    await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="x/ignored", value=num(2)))
+    await o.DeleteVariable(orchestrator_pb2.DeleteVariableRequest(name="w/a"))
     await eventually(lambda: len(events) == 3, what="three events")
     task.cancel()
     assert [e.type for e in events] == [
-        O.VARIABLE_EVENT_TYPE_PUT,
-        O.VARIABLE_EVENT_TYPE_PUT,
-        O.VARIABLE_EVENT_TYPE_DELETE,
+        orchestrator_pb2.VARIABLE_EVENT_TYPE_PUT,
+        orchestrator_pb2.VARIABLE_EVENT_TYPE_PUT,
+        orchestrator_pb2.VARIABLE_EVENT_TYPE_DELETE,
     ]
-    resumed: list[O.WatchVariablesResponse] = []
+    resumed: list[orchestrator_pb2.WatchVariablesResponse] = []
 
     async def resume() -> None:
         async for e in o.WatchVariables(
-            O.WatchVariablesRequest(prefix="w/", after_revision=first.mod_revision)
+            orchestrator_pb2.WatchVariablesRequest(prefix="w/", after_revision=first.mod_revision)
         ):
             resumed.append(e)
 
     task = asyncio.create_task(resume())
     await eventually(lambda: len(resumed) == 2, what="replayed after the revision")
     task.cancel()
-    assert resumed[0].variable.value.number_value == 2 and resumed[1].type == O.VARIABLE_EVENT_TYPE_DELETE
+    assert (
+        resumed[0].variable.value.number_value == 2
+        and resumed[1].type == orchestrator_pb2.VARIABLE_EVENT_TYPE_DELETE
+    )
 
 
 @pytest.mark.parametrize(
     ("request_", "field"),
     [
-        (O.SetVariableRequest(value=num(1)), "name"),
-        (O.SetVariableRequest(name="/abs", value=num(1)), "name"),
-        (O.SetVariableRequest(name="x"), "value"),
-        (O.SetVariableRequest(name="x", value=num(float("nan"))), "value"),
-        (O.SetVariableRequest(name="x", value=num(1), expected_version=-1), "expected_version"),
+        (orchestrator_pb2.SetVariableRequest(value=num(1)), "name"),
+        (orchestrator_pb2.SetVariableRequest(name="/abs", value=num(1)), "name"),
+        (orchestrator_pb2.SetVariableRequest(name="x"), "value"),
+        (orchestrator_pb2.SetVariableRequest(name="x", value=num(float("nan"))), "value"),
+        (
+            orchestrator_pb2.SetVariableRequest(name="x", value=num(1), expected_version=-1),
+            "expected_version",
+        ),
     ],
 )
 async def test_bad_writes_name_the_field(
-    mesh: tuple[MeshClient, MeshServer], request_: O.SetVariableRequest, field: str
+    mesh: tuple[MeshClient, MeshServer], request_: orchestrator_pb2.SetVariableRequest, field: str
 ) -> None:
     o = mesh[0].orchestrator
     with pytest.raises(errors.InvalidArgument) as info:
         await o.SetVariable(request_)
     assert info.value.field == field
-    assert not (await o.ListVariables(O.ListVariablesRequest())).variables
+    assert not (await o.ListVariables(orchestrator_pb2.ListVariablesRequest())).variables
 
 
 INCREMENTER = """
 import asyncio, sys
 from mabeam import errors
 from mabeam.client import MeshClient
-from mabeam.v1 import common_pb2, orchestrator_pb2 as O
+from mabeam.v1 import common_pb2, orchestrator_pb2
 async def main(address, n):
     acked = 0
     async with await MeshClient.connect(orchestrator=address) as mesh:
         o = mesh.orchestrator
         while acked < n:
-            current = (await o.GetVariable(O.GetVariableRequest(name="counter"))).variable
+            current = (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="counter"))).variable
             try:
-                await o.SetVariable(O.SetVariableRequest(name="counter", expected_version=current.version,
+                await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="counter", expected_version=current.version,
                     value=common_pb2.Value(int_value=current.value.int_value + 1)))
                 acked += 1
             except errors.Aborted:
@@ -217,7 +246,7 @@ async def test_concurrent_cas_increments_lose_nothing(service: Callable[..., Awa
     orchestrator = await service("orchestrator")
     client = await MeshClient.connect(orchestrator=orchestrator.address)
     await client.orchestrator.SetVariable(
-        O.SetVariableRequest(name="counter", value=common_pb2.Value(int_value=0))
+        orchestrator_pb2.SetVariableRequest(name="counter", value=common_pb2.Value(int_value=0))
     )
     procs = [
         await asyncio.create_subprocess_exec(
@@ -227,7 +256,9 @@ async def test_concurrent_cas_increments_lose_nothing(service: Callable[..., Awa
     ]
     outs = await asyncio.gather(*(p.communicate() for p in procs))
     acked = sum(int(out.strip()) for out, _ in outs)
-    final = (await client.orchestrator.GetVariable(O.GetVariableRequest(name="counter"))).variable
+    final = (
+        await client.orchestrator.GetVariable(orchestrator_pb2.GetVariableRequest(name="counter"))
+    ).variable
     await client.close()
     assert acked == 120 and final.value.int_value == acked and final.version == acked + 1
 
@@ -275,19 +306,21 @@ async def test_parameter_decided_by_vote_and_by_market(
 ) -> None:
     o = mesh[0].orchestrator
     selector = common_pb2.AgentSelector(capability="decide")
-    binding = O.OrchestrationBinding(
+    binding = orchestrator_pb2.OrchestrationBinding(
         variable="room/temperature",
         protocol="consensus",
         participants=selector,
         parameters=params({"question": "temperature?", "options": ["18", "21", "24"]}),
-        constraints=O.Constraints(min=16, max=26),
+        constraints=orchestrator_pb2.Constraints(min=16, max=26),
     )
-    await o.BindVariable(O.BindVariableRequest(binding=binding))
-    result = (await o.CoordinateVariable(O.CoordinateVariableRequest(variable="room/temperature"))).result
+    await o.BindVariable(orchestrator_pb2.BindVariableRequest(binding=binding))
+    result = (
+        await o.CoordinateVariable(orchestrator_pb2.CoordinateVariableRequest(variable="room/temperature"))
+    ).result
     assert result.applied and result.decided_value.number_value == 21 and result.session_id
-    var = (await o.GetVariable(O.GetVariableRequest(name="room/temperature"))).variable
+    var = (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="room/temperature"))).variable
     assert var.value.number_value == 21 and var.decided_by_session == result.session_id
-    market = O.OrchestrationBinding(
+    market = orchestrator_pb2.OrchestrationBinding(
         variable="price/power",
         protocol="tatonnement",
         participants=selector,
@@ -295,8 +328,8 @@ async def test_parameter_decided_by_vote_and_by_market(
             {"goods": ["power"], "initial_prices": {"power": 1.0}, "step": 0.5, "tolerance": 0.001}
         ),
     )
-    await o.BindVariable(O.BindVariableRequest(binding=market))
-    system = (await o.CoordinateSystem(O.CoordinateSystemRequest())).results
+    await o.BindVariable(orchestrator_pb2.BindVariableRequest(binding=market))
+    system = (await o.CoordinateSystem(orchestrator_pb2.CoordinateSystemRequest())).results
     by_name = {r.variable: r for r in system}
     assert by_name["price/power"].applied
     # Three agents with demand 10/p - 2 each: excess demand 30/p - 6 = 0 at p = 5.
@@ -305,33 +338,37 @@ async def test_parameter_decided_by_vote_and_by_market(
 
 async def test_constraint_violation_is_not_written(mesh: tuple[MeshClient, MeshServer], voters: None) -> None:
     o = mesh[0].orchestrator
-    await o.SetVariable(O.SetVariableRequest(name="t", value=num(20)))
-    binding = O.OrchestrationBinding(
+    await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="t", value=num(20)))
+    binding = orchestrator_pb2.OrchestrationBinding(
         variable="t",
         protocol="consensus",
         participants=common_pb2.AgentSelector(capability="decide"),
         parameters=params({"question": "t?", "options": ["18", "21", "24"]}),
-        constraints=O.Constraints(max=19),
+        constraints=orchestrator_pb2.Constraints(max=19),
     )
-    await o.BindVariable(O.BindVariableRequest(binding=binding))
-    result = (await o.CoordinateVariable(O.CoordinateVariableRequest(variable="t"))).result
+    await o.BindVariable(orchestrator_pb2.BindVariableRequest(binding=binding))
+    result = (await o.CoordinateVariable(orchestrator_pb2.CoordinateVariableRequest(variable="t"))).result
     assert not result.applied and "constraint violated" in result.reason and "maximum 19" in result.reason
-    assert (await o.GetVariable(O.GetVariableRequest(name="t"))).variable.value.number_value == 20
+    assert (
+        await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="t"))
+    ).variable.value.number_value == 20
 
 
 async def test_binding_to_an_unknown_protocol_fails(mesh: tuple[MeshClient, MeshServer]) -> None:
     o = mesh[0].orchestrator
-    binding = O.OrchestrationBinding(
+    binding = orchestrator_pb2.OrchestrationBinding(
         variable="z", protocol="nope", participants=common_pb2.AgentSelector(capability="x")
     )
     with pytest.raises(errors.FailedPrecondition, match="nope"):
-        await o.BindVariable(O.BindVariableRequest(binding=binding))
+        await o.BindVariable(orchestrator_pb2.BindVariableRequest(binding=binding))
     with pytest.raises(errors.InvalidArgument) as info:
         await o.BindVariable(
-            O.BindVariableRequest(binding=O.OrchestrationBinding(variable="z", protocol="consensus"))
+            orchestrator_pb2.BindVariableRequest(
+                binding=orchestrator_pb2.OrchestrationBinding(variable="z", protocol="consensus")
+            )
         )
     assert info.value.field == "binding.participants"
-    assert not (await o.ListBindings(O.ListBindingsRequest())).bindings
+    assert not (await o.ListBindings(orchestrator_pb2.ListBindingsRequest())).bindings
 
 
 async def test_resource_allocation_by_auction_resizes_a_worker_pool(
@@ -339,20 +376,22 @@ async def test_resource_allocation_by_auction_resizes_a_worker_pool(
 ) -> None:
     client, _ = mesh
     o = client.orchestrator
-    pool = O.WorkerPool(
+    pool = orchestrator_pb2.WorkerPool(
         launch=registry_pb2.LaunchSpec(command=registry_pb2.Command(argv=[sys.executable, WORKER])),
         agent_id_prefix="pool",
     )
-    binding = O.OrchestrationBinding(
+    binding = orchestrator_pb2.OrchestrationBinding(
         variable="gpu/slot",
         protocol="vickrey",
         participants=common_pb2.AgentSelector(capability="decide"),
         parameters=params({"item": "gpu"}),
-        kind=O.BINDING_KIND_RESOURCE_ALLOCATION,
+        kind=orchestrator_pb2.BINDING_KIND_RESOURCE_ALLOCATION,
         worker_pool=pool,
     )
-    await o.BindVariable(O.BindVariableRequest(binding=binding))
-    result = (await o.CoordinateVariable(O.CoordinateVariableRequest(variable="gpu/slot"))).result
+    await o.BindVariable(orchestrator_pb2.BindVariableRequest(binding=binding))
+    result = (
+        await o.CoordinateVariable(orchestrator_pb2.CoordinateVariableRequest(variable="gpu/slot"))
+    ).result
     assert result.applied, result.reason
     decided = result.decided_value.struct_value
     assert list(decided["winners"]) == ["v2"] and decided["price"] == 7 and decided["size"] == 1
@@ -367,17 +406,19 @@ async def test_resource_allocation_by_auction_resizes_a_worker_pool(
     host = AgentHost(sizers, registry=mesh[1].address)
     await host.start()
     try:
-        size = O.OrchestrationBinding(
+        size = orchestrator_pb2.OrchestrationBinding(
             variable="gpu/pool",
             protocol="consensus",
             participants=common_pb2.AgentSelector(capability="size"),
             parameters=params({"question": "workers?", "options": ["1", "2", "3"]}),
-            kind=O.BINDING_KIND_RESOURCE_ALLOCATION,
+            kind=orchestrator_pb2.BINDING_KIND_RESOURCE_ALLOCATION,
             worker_pool=pool,
-            constraints=O.Constraints(max=3),
+            constraints=orchestrator_pb2.Constraints(max=3),
         )
-        await o.BindVariable(O.BindVariableRequest(binding=size))
-        result = (await o.CoordinateVariable(O.CoordinateVariableRequest(variable="gpu/pool"))).result
+        await o.BindVariable(orchestrator_pb2.BindVariableRequest(binding=size))
+        result = (
+            await o.CoordinateVariable(orchestrator_pb2.CoordinateVariableRequest(variable="gpu/pool"))
+        ).result
         assert result.applied and result.decided_value.struct_value["size"] == 2, result.reason
         supervised = await client.registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest())
         running = [a.agent_id for a in supervised.agents if a.state == registry_pb2.SUPERVISION_STATE_RUNNING]
@@ -425,34 +466,36 @@ async def test_adaptation_rule_recoordinates_when_the_metric_crosses(
     mesh: tuple[MeshClient, MeshServer], voters: None
 ) -> None:
     o = mesh[0].orchestrator
-    binding = O.OrchestrationBinding(
+    binding = orchestrator_pb2.OrchestrationBinding(
         variable="adaptive",
         protocol="consensus",
         participants=common_pb2.AgentSelector(capability="decide"),
         parameters=params({"question": "t?", "options": ["18", "21"]}),
-        adaptation=O.AdaptationRule(
+        adaptation=orchestrator_pb2.AdaptationRule(
             metric="var:load",
-            comparison=O.COMPARISON_ABOVE,
+            comparison=orchestrator_pb2.COMPARISON_ABOVE,
             threshold=0.5,
             cooldown=duration_pb2.Duration(seconds=60),
         ),
     )
-    await o.BindVariable(O.BindVariableRequest(binding=binding))
-    await o.SetVariable(O.SetVariableRequest(name="load", value=num(0.2)))
+    await o.BindVariable(orchestrator_pb2.BindVariableRequest(binding=binding))
+    await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="load", value=num(0.2)))
     await asyncio.sleep(1.5)  # below the threshold: nothing happens
     with pytest.raises(errors.NotFound):
-        await o.GetVariable(O.GetVariableRequest(name="adaptive"))
-    await o.SetVariable(O.SetVariableRequest(name="load", value=num(0.9)))
+        await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="adaptive"))
+    await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="load", value=num(0.9)))
 
     async def decided() -> bool:
         try:
             return (
-                await o.GetVariable(O.GetVariableRequest(name="adaptive"))
+                await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="adaptive"))
             ).variable.value.number_value == 21
         except errors.NotFound:
             return False
 
     await eventually(decided, timeout=5, what="the leader re-coordinated the binding")
-    first = (await o.GetVariable(O.GetVariableRequest(name="adaptive"))).variable
+    first = (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="adaptive"))).variable
     await asyncio.sleep(1.5)  # the cool-down holds further adaptations back
-    assert (await o.GetVariable(O.GetVariableRequest(name="adaptive"))).variable.version == first.version
+    assert (
+        await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="adaptive"))
+    ).variable.version == first.version

@@ -21,8 +21,7 @@ from mabeam.agent import Agent, AgentHost, from_value
 from mabeam.client import MeshClient
 from mabeam.runtime.mesh import LocalMesh
 from mabeam.server import MeshServer
-from mabeam.v1 import agent_pb2
-from mabeam.v1 import planner_pb2 as P
+from mabeam.v1 import agent_pb2, planner_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "examples" / "worker.py")
@@ -42,8 +41,10 @@ def value(data: Any) -> struct_pb2.Value:
 
 def step(
     step_id: str, capability: str = "add", data: Any = 1, deps: tuple[str, ...] = (), **kw: Any
-) -> P.StepSpec:
-    return P.StepSpec(step_id=step_id, capability=capability, input=value(data), depends_on=list(deps), **kw)
+) -> planner_pb2.StepSpec:
+    return planner_pb2.StepSpec(
+        step_id=step_id, capability=capability, input=value(data), depends_on=list(deps), **kw
+    )
 
 
 class Adder(Agent):
@@ -92,9 +93,11 @@ async def host_of(registry: MeshServer, *agents: Agent) -> AgentHost:
     return host
 
 
-async def run_goal(client: MeshClient, spec: P.GoalSpec) -> tuple[P.Goal, list[P.ExecuteGoalResponse]]:
-    events = [e async for e in client.planner.ExecuteGoal(P.ExecuteGoalRequest(goal=spec))]
-    goal = (await client.planner.GetGoal(P.GetGoalRequest(goal_id=events[0].goal_id))).goal
+async def run_goal(
+    client: MeshClient, spec: planner_pb2.GoalSpec
+) -> tuple[planner_pb2.Goal, list[planner_pb2.ExecuteGoalResponse]]:
+    events = [e async for e in client.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal=spec))]
+    goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=events[0].goal_id))).goal
     return goal, events
 
 
@@ -102,7 +105,7 @@ async def test_diamond_runs_in_parallel_and_feeds_outputs(mesh: tuple[MeshClient
     client, registry = mesh
     host = await host_of(registry, Adder("w1", delay=0.3), Adder("w2", delay=0.3))
     try:
-        spec = P.GoalSpec(
+        spec = planner_pb2.GoalSpec(
             name="diamond",
             steps=[
                 step("a", data=1),
@@ -116,13 +119,16 @@ async def test_diamond_runs_in_parallel_and_feeds_outputs(mesh: tuple[MeshClient
         elapsed = time.monotonic() - started
     finally:
         await host.stop()
-    assert goal.state == P.GOAL_STATE_SUCCEEDED
+    assert goal.state == planner_pb2.GOAL_STATE_SUCCEEDED
     outputs = {s.step_id: from_value(s.output)["sum"] for s in goal.steps}
     assert outputs == {"a": 1, "b": 11, "c": 101, "d": 112}
     assert elapsed < 4 * 0.3 + 0.8  # b and c ran side by side
     kinds = [e.type for e in events]
-    assert kinds[0] == P.GOAL_EVENT_TYPE_GOAL_STARTED and kinds[-1] == P.GOAL_EVENT_TYPE_GOAL_FINISHED
-    assert kinds.count(P.GOAL_EVENT_TYPE_STEP_SUCCEEDED) == 4
+    assert (
+        kinds[0] == planner_pb2.GOAL_EVENT_TYPE_GOAL_STARTED
+        and kinds[-1] == planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED
+    )
+    assert kinds.count(planner_pb2.GOAL_EVENT_TYPE_STEP_SUCCEEDED) == 4
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
 
 
@@ -141,14 +147,19 @@ async def test_diamond_runs_in_parallel_and_feeds_outputs(mesh: tuple[MeshClient
     ],
 )
 async def test_invalid_goals_are_refused_before_anything_runs(
-    mesh: tuple[MeshClient, MeshServer], steps: list[P.StepSpec], code: type[errors.MabeamError], message: str
+    mesh: tuple[MeshClient, MeshServer],
+    steps: list[planner_pb2.StepSpec],
+    code: type[errors.MabeamError],
+    message: str,
 ) -> None:
     client, registry = mesh
     host = await host_of(registry, Adder("w1"))
     try:
         with pytest.raises(code, match=message):
-            await client.planner.SubmitGoal(P.SubmitGoalRequest(goal=P.GoalSpec(steps=steps)))
-        assert not (await client.planner.ListGoals(P.ListGoalsRequest())).goals
+            await client.planner.SubmitGoal(
+                planner_pb2.SubmitGoalRequest(goal=planner_pb2.GoalSpec(steps=steps))
+            )
+        assert not (await client.planner.ListGoals(planner_pb2.ListGoalsRequest())).goals
     finally:
         await host.stop()
 
@@ -158,14 +169,14 @@ async def test_failed_step_is_retried_on_another_agent(mesh: tuple[MeshClient, M
     bad, good = Adder("a-bad", fail=True), Adder("b-good")
     host = await host_of(registry, bad, good)
     try:
-        spec = P.GoalSpec(steps=[step("only")], strategy=P.ASSIGNMENT_STRATEGY_FIRST_FIT)
+        spec = planner_pb2.GoalSpec(steps=[step("only")], strategy=planner_pb2.ASSIGNMENT_STRATEGY_FIRST_FIT)
         goal, events = await run_goal(client, spec)
     finally:
         await host.stop()
-    assert goal.state == P.GOAL_STATE_SUCCEEDED
+    assert goal.state == planner_pb2.GOAL_STATE_SUCCEEDED
     attempts = goal.steps[0].attempts
     assert [a.agent_id for a in attempts] == ["a-bad", "b-good"] and "always fails" in attempts[0].error
-    assert P.GOAL_EVENT_TYPE_STEP_RETRYING in [e.type for e in events]
+    assert planner_pb2.GOAL_EVENT_TYPE_STEP_RETRYING in [e.type for e in events]
 
 
 async def test_step_failing_everywhere_fails_the_goal_and_skips_dependents(
@@ -175,13 +186,13 @@ async def test_step_failing_everywhere_fails_the_goal_and_skips_dependents(
     host = await host_of(registry, Adder("x", fail=True))
     try:
         goal, _ = await run_goal(
-            client, P.GoalSpec(steps=[step("a"), step("b", deps=("a",))], max_attempts=2)
+            client, planner_pb2.GoalSpec(steps=[step("a"), step("b", deps=("a",))], max_attempts=2)
         )
     finally:
         await host.stop()
-    assert goal.state == P.GOAL_STATE_FAILED and "'a' failed" in goal.error
+    assert goal.state == planner_pb2.GOAL_STATE_FAILED and "'a' failed" in goal.error
     states = {s.step_id: s.state for s in goal.steps}
-    assert states == {"a": P.STEP_STATE_FAILED, "b": P.STEP_STATE_SKIPPED}
+    assert states == {"a": planner_pb2.STEP_STATE_FAILED, "b": planner_pb2.STEP_STATE_SKIPPED}
     assert len(goal.steps[0].attempts) == 2
 
 
@@ -190,13 +201,13 @@ async def test_assignment_by_auction_records_winner_and_price(mesh: tuple[MeshCl
     host = await host_of(registry, Adder("cheap", cost=2), Adder("dear", cost=9))
     try:
         goal, _ = await run_goal(
-            client, P.GoalSpec(steps=[step("s")], strategy=P.ASSIGNMENT_STRATEGY_AUCTION)
+            client, planner_pb2.GoalSpec(steps=[step("s")], strategy=planner_pb2.ASSIGNMENT_STRATEGY_AUCTION)
         )
     finally:
         await host.stop()
     attempt = goal.steps[0].attempts[0]
     assert (
-        goal.state == P.GOAL_STATE_SUCCEEDED
+        goal.state == planner_pb2.GOAL_STATE_SUCCEEDED
         and attempt.agent_id == "cheap"
         and attempt.price == 2
         and attempt.session_id
@@ -209,30 +220,32 @@ async def test_cancel_stops_a_running_goal(mesh: tuple[MeshClient, MeshServer]) 
     try:
         submitted = (
             await client.planner.SubmitGoal(
-                P.SubmitGoalRequest(goal=P.GoalSpec(steps=[step("a"), step("b", deps=("a",))]))
+                planner_pb2.SubmitGoalRequest(
+                    goal=planner_pb2.GoalSpec(steps=[step("a"), step("b", deps=("a",))])
+                )
             )
         ).goal
         await asyncio.sleep(0.3)
         cancelled = (
             await client.planner.CancelGoal(
-                P.CancelGoalRequest(goal_id=submitted.goal_id, reason="changed my mind")
+                planner_pb2.CancelGoalRequest(goal_id=submitted.goal_id, reason="changed my mind")
             )
         ).goal
     finally:
         await host.stop()
-    assert cancelled.state == P.GOAL_STATE_CANCELLED and "changed my mind" in cancelled.error
-    assert {s.state for s in cancelled.steps} == {P.STEP_STATE_CANCELLED}
+    assert cancelled.state == planner_pb2.GOAL_STATE_CANCELLED and "changed my mind" in cancelled.error
+    assert {s.state for s in cancelled.steps} == {planner_pb2.STEP_STATE_CANCELLED}
 
 
 async def test_goal_deadline(mesh: tuple[MeshClient, MeshServer]) -> None:
     client, registry = mesh
     host = await host_of(registry, Adder("slow", delay=5))
     try:
-        spec = P.GoalSpec(steps=[step("a")], deadline=duration_pb2.Duration(nanos=300_000_000))
+        spec = planner_pb2.GoalSpec(steps=[step("a")], deadline=duration_pb2.Duration(nanos=300_000_000))
         goal, _ = await run_goal(client, spec)
     finally:
         await host.stop()
-    assert goal.state == P.GOAL_STATE_FAILED and "deadline" in goal.error
+    assert goal.state == planner_pb2.GOAL_STATE_FAILED and "deadline" in goal.error
 
 
 async def test_wide_fan_out_and_long_chain(mesh: tuple[MeshClient, MeshServer]) -> None:
@@ -241,10 +254,10 @@ async def test_wide_fan_out_and_long_chain(mesh: tuple[MeshClient, MeshServer]) 
     try:
         fan = [step("root", data=1)] + [step(f"f{i}", data=1, deps=("root",)) for i in range(499)]
         chain = [step("c0", data=1)] + [step(f"c{i}", data=1, deps=(f"c{i - 1}",)) for i in range(1, 500)]
-        goal, _ = await run_goal(client, P.GoalSpec(steps=fan + chain, max_parallelism=64))
+        goal, _ = await run_goal(client, planner_pb2.GoalSpec(steps=fan + chain, max_parallelism=64))
     finally:
         await host.stop()
-    assert goal.state == P.GOAL_STATE_SUCCEEDED
+    assert goal.state == planner_pb2.GOAL_STATE_SUCCEEDED
     outputs = {s.step_id: from_value(s.output)["sum"] for s in goal.steps}
     assert len(outputs) == 1000 and outputs["f498"] == 2 and outputs["c499"] == 500
 
@@ -253,22 +266,24 @@ async def test_step_deadline(mesh: tuple[MeshClient, MeshServer]) -> None:
     client, registry = mesh
     host = await host_of(registry, Adder("slow", delay=3))
     try:
-        spec = P.GoalSpec(steps=[step("a", timeout=duration_pb2.Duration(nanos=300_000_000), max_attempts=1)])
+        spec = planner_pb2.GoalSpec(
+            steps=[step("a", timeout=duration_pb2.Duration(nanos=300_000_000), max_attempts=1)]
+        )
         goal, _ = await run_goal(client, spec)
     finally:
         await host.stop()
-    assert goal.state == P.GOAL_STATE_FAILED
+    assert goal.state == planner_pb2.GOAL_STATE_FAILED
     assert "DEADLINE_EXCEEDED" in goal.steps[0].error
 
 
 async def test_unknown_goal(mesh: tuple[MeshClient, MeshServer]) -> None:
     client, _ = mesh
     with pytest.raises(errors.NotFound):
-        await client.planner.GetGoal(P.GetGoalRequest(goal_id="nope"))
+        await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id="nope"))
     with pytest.raises(errors.NotFound):
-        await client.planner.CancelGoal(P.CancelGoalRequest(goal_id="nope"))
+        await client.planner.CancelGoal(planner_pb2.CancelGoalRequest(goal_id="nope"))
     with pytest.raises(errors.InvalidArgument):
-        await client.planner.ListGoals(P.ListGoalsRequest(page_size=-1))
+        await client.planner.ListGoals(planner_pb2.ListGoalsRequest(page_size=-1))
 
 
 @pytest.mark.slow
@@ -285,27 +300,33 @@ async def test_step_whose_agent_dies_is_retried_elsewhere(mesh: tuple[MeshClient
     host = await host_of(registry, survivor)
     try:
         await eventually(lambda: _registered(client, "a-doomed"), timeout=15, what="worker registered")
-        spec = P.GoalSpec(
+        spec = planner_pb2.GoalSpec(
             steps=[
-                P.StepSpec(step_id="long", capability="compute", input=value({"sleep": 3, "values": [1]}))
+                planner_pb2.StepSpec(
+                    step_id="long", capability="compute", input=value({"sleep": 3, "values": [1]})
+                )
             ],
-            strategy=P.ASSIGNMENT_STRATEGY_FIRST_FIT,
+            strategy=planner_pb2.ASSIGNMENT_STRATEGY_FIRST_FIT,
         )
-        goal_id = (await client.planner.SubmitGoal(P.SubmitGoalRequest(goal=spec))).goal.goal_id
+        goal_id = (await client.planner.SubmitGoal(planner_pb2.SubmitGoalRequest(goal=spec))).goal.goal_id
 
         async def running_on_doomed() -> bool:
-            goal = (await client.planner.GetGoal(P.GetGoalRequest(goal_id=goal_id))).goal
-            return goal.steps[0].state == P.STEP_STATE_RUNNING and goal.steps[0].agent_id == "a-doomed"
+            goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id))).goal
+            return (
+                goal.steps[0].state == planner_pb2.STEP_STATE_RUNNING and goal.steps[0].agent_id == "a-doomed"
+            )
 
         await eventually(running_on_doomed, what="step running on the doomed worker")
         proc.send_signal(signal.SIGKILL)
-        events = [e async for e in client.planner.ExecuteGoal(P.ExecuteGoalRequest(goal_id=goal_id))]
-        goal = (await client.planner.GetGoal(P.GetGoalRequest(goal_id=goal_id))).goal
+        events = [
+            e async for e in client.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal_id=goal_id))
+        ]
+        goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id))).goal
     finally:
         proc.kill()
         proc.wait()
         await host.stop()
-    assert events[-1].goal_state == P.GOAL_STATE_SUCCEEDED
+    assert events[-1].goal_state == planner_pb2.GOAL_STATE_SUCCEEDED
     assert [a.agent_id for a in goal.steps[0].attempts] == ["a-doomed", "b-survivor"]
 
 
@@ -335,29 +356,31 @@ async def test_killed_planner_replica_is_resumed_without_rerunning_steps(
         chain = [step("s0")] + [step(f"s{i}", deps=(f"s{i - 1}",)) for i in range(1, 12)]
         submitted = (
             await client.planner.SubmitGoal(
-                P.SubmitGoalRequest(goal=P.GoalSpec(steps=chain), goal_id="resumable")
+                planner_pb2.SubmitGoalRequest(goal=planner_pb2.GoalSpec(steps=chain), goal_id="resumable")
             )
         ).goal
 
         async def some_done() -> bool:
-            goal = (await client.planner.GetGoal(P.GetGoalRequest(goal_id="resumable"))).goal
-            return sum(s.state == P.STEP_STATE_SUCCEEDED for s in goal.steps) >= 3
+            goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id="resumable"))).goal
+            return sum(s.state == planner_pb2.STEP_STATE_SUCCEEDED for s in goal.steps) >= 3
 
         await eventually(some_done, timeout=15, what="a few steps done")
-        goal = (await client.planner.GetGoal(P.GetGoalRequest(goal_id="resumable"))).goal
+        goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id="resumable"))).goal
         owner = next(p for p in planners if f"-{p.pid}-" in goal.owner)
         owner.proc.send_signal(signal.SIGKILL)
         owner.proc.wait()
         survivor = next(p for p in planners if p is not owner)
         follow = await MeshClient.connect(planner=survivor.address)
-        events = [e async for e in follow.planner.ExecuteGoal(P.ExecuteGoalRequest(goal_id="resumable"))]
-        final = (await follow.planner.GetGoal(P.GetGoalRequest(goal_id="resumable"))).goal
+        events = [
+            e async for e in follow.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal_id="resumable"))
+        ]
+        final = (await follow.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id="resumable"))).goal
         await follow.close()
     finally:
         await client.close()
         await host.stop()
-    assert final.state == P.GOAL_STATE_SUCCEEDED and final.resumed_count >= 1
-    assert events[-1].type == P.GOAL_EVENT_TYPE_GOAL_FINISHED
+    assert final.state == planner_pb2.GOAL_STATE_SUCCEEDED and final.resumed_count >= 1
+    assert events[-1].type == planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED
     assert from_value(final.steps[-1].output)["sum"] == 12
     # Each step ran exactly once across both replicas (a step in flight at the kill is
     # sent again with the same idempotency key, and the agent returns the earlier output).

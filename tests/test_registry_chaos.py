@@ -24,13 +24,14 @@ from mabeam.v1 import registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "examples" / "worker.py")
-S = registry_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 async def names(client: MeshClient, capability: str = "") -> set[str]:
-    page = await client.registry.ListAgents(S.ListAgentsRequest(capability=capability, page_size=1000))
+    page = await client.registry.ListAgents(
+        registry_pb2.ListAgentsRequest(capability=capability, page_size=1000)
+    )
     return {a.agent_id for a in page.agents}
 
 
@@ -103,13 +104,17 @@ async def test_supervision_moves_to_the_surviving_replica(
     mesh = await local_mesh(services=("registry",), replicas=2, extra_env={"MABEAM_SERVICE_TTL": "2"})
     client = await MeshClient.connect(registry=mesh.addresses("registry"))
     try:
-        launch = S.LaunchSpec(command=S.Command(argv=[sys.executable, WORKER, "--lease-ttl", "2"]))
+        launch = registry_pb2.LaunchSpec(
+            command=registry_pb2.Command(argv=[sys.executable, WORKER, "--lease-ttl", "2"])
+        )
         started = (
             await client.registry.StartAgent(
-                S.StartAgentRequest(
+                registry_pb2.StartAgentRequest(
                     agent_id="moved",
                     launch=launch,
-                    restart_policy=S.RestartPolicy(max_restarts=5, period=duration_pb2.Duration(seconds=60)),
+                    restart_policy=registry_pb2.RestartPolicy(
+                        max_restarts=5, period=duration_pb2.Duration(seconds=60)
+                    ),
                 )
             )
         ).agent
@@ -120,18 +125,18 @@ async def test_supervision_moves_to_the_surviving_replica(
         other = await MeshClient.connect(registry=survivor.address)
 
         async def taken_over() -> bool:
-            page = await other.registry.ListSupervisedAgents(S.ListSupervisedAgentsRequest())
+            page = await other.registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest())
             rec = next(a for a in page.agents if a.agent_id == "moved")
             return (
-                rec.state == S.SUPERVISION_STATE_RUNNING
+                rec.state == registry_pb2.SUPERVISION_STATE_RUNNING
                 and f"-{survivor.pid}-" in rec.supervisor_id
                 and rec.pid != started.pid
             )
 
         await eventually(taken_over, timeout=20, what="supervision handed over")
-        agent = (await other.registry.GetAgent(S.GetAgentRequest(agent_id="moved"))).agent
+        agent = (await other.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="moved"))).agent
         assert agent.supervised
-        await other.registry.StopAgent(S.StopAgentRequest(agent_id="moved"))
+        await other.registry.StopAgent(registry_pb2.StopAgentRequest(agent_id="moved"))
         await other.close()
     finally:
         await client.close()
@@ -178,10 +183,12 @@ async def test_registration_through_one_replica_is_listed_by_the_other(
     delays = []
     try:
         for i in range(20):
-            request = S.ListAgentsRequest(capability=f"vis{i}")
+            request = registry_pb2.ListAgentsRequest(capability=f"vis{i}")
             started = time.perf_counter()
             await via_a.registry.RegisterAgent(
-                S.RegisterAgentRequest(agent_id=f"vis{i}", endpoint="127.0.0.1:1", capabilities=[f"vis{i}"])
+                registry_pb2.RegisterAgentRequest(
+                    agent_id=f"vis{i}", endpoint="127.0.0.1:1", capabilities=[f"vis{i}"]
+                )
             )
             while not (await via_b.registry.ListAgents(request)).agents:
                 await asyncio.sleep(0.001)

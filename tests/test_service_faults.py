@@ -38,9 +38,7 @@ from mabeam.agent import from_value
 from mabeam.client import MeshClient
 from mabeam.runtime import process
 from mabeam.runtime.mesh import LocalMesh, ServiceProcess
-from mabeam.v1 import common_pb2, orchestrator_pb2, registry_pb2
-from mabeam.v1 import coordination_pb2 as C
-from mabeam.v1 import planner_pb2 as P
+from mabeam.v1 import common_pb2, coordination_pb2, orchestrator_pb2, planner_pb2, registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow]
@@ -103,12 +101,14 @@ def value(data: dict[str, Any]) -> struct_pb2.Value:
     return v
 
 
-def check_sealed_auction(session: C.Session, second_price: bool, bidders: set[str]) -> str | None:
+def check_sealed_auction(
+    session: coordination_pb2.Session, second_price: bool, bidders: set[str]
+) -> str | None:
     """Why this auction's result is wrong, or None when it is right."""
     if set(session.participants) != bidders:
         return f"participants {sorted(session.participants)} are not every bidder"
-    if session.state != C.SESSION_STATE_DECIDED:
-        return f"state {C.SessionState.Name(session.state)}: {session.outcome.reason}"
+    if session.state != coordination_pb2.SESSION_STATE_DECIDED:
+        return f"state {coordination_pb2.SessionState.Name(session.state)}: {session.outcome.reason}"
     answered = sorted(
         (bid_value(a), a) for a in session.participants if a not in {e.agent_id for e in session.excluded}
     )
@@ -134,7 +134,7 @@ class Workload:
     removed: list[str] = field(default_factory=list)
     watch_ready: asyncio.Event = field(default_factory=asyncio.Event)
     list_checks: int = 0
-    events: dict[int, P.ExecuteGoalResponse] = field(default_factory=dict)
+    events: dict[int, planner_pb2.ExecuteGoalResponse] = field(default_factory=dict)
     stream_reopened: int = 0
 
 
@@ -144,13 +144,15 @@ async def run_auctions(client: MeshClient, bidders: set[str], work: Workload, st
     while not stop.is_set():
         n += 1
         second = n % 2 == 0
-        request = C.RunAuctionRequest(
-            settings=C.SessionSettings(
+        request = coordination_pb2.RunAuctionRequest(
+            settings=coordination_pb2.SessionSettings(
                 participants=common_pb2.AgentSelector(capability="fault-bid"),
                 deadline=duration(8),
                 round_timeout=duration(3),
             ),
-            type=C.AUCTION_TYPE_SECOND_PRICE if second else C.AUCTION_TYPE_FIRST_PRICE,
+            type=coordination_pb2.AUCTION_TYPE_SECOND_PRICE
+            if second
+            else coordination_pb2.AUCTION_TYPE_FIRST_PRICE,
             item=f"lot-{n}",
         )
         try:
@@ -245,16 +247,18 @@ async def watch_removals(client: MeshClient, agents: set[str], work: Workload) -
             await asyncio.sleep(0.2)
 
 
-async def follow_goal(client: MeshClient, goal_id: str, work: Workload) -> P.ExecuteGoalResponse:
+async def follow_goal(client: MeshClient, goal_id: str, work: Workload) -> planner_pb2.ExecuteGoalResponse:
     """Follow a goal's progress to its end, re-opening the stream when its replica dies."""
     while True:
         try:
-            async for event in client.planner.ExecuteGoal(P.ExecuteGoalRequest(goal_id=goal_id), timeout=120):
+            async for event in client.planner.ExecuteGoal(
+                planner_pb2.ExecuteGoalRequest(goal_id=goal_id), timeout=120
+            ):
                 seen = work.events.get(event.sequence)
                 if seen is not None and seen != event:
                     work.problems.append(f"event {event.sequence} changed: {seen} -> {event}")
                 work.events[event.sequence] = event
-                if event.type == P.GOAL_EVENT_TYPE_GOAL_FINISHED:
+                if event.type == planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED:
                     return event
         except (errors.Unavailable, errors.Aborted) as exc:
             work.stream_reopened += 1
@@ -262,9 +266,9 @@ async def follow_goal(client: MeshClient, goal_id: str, work: Workload) -> P.Exe
             await asyncio.sleep(0.2)
 
 
-async def goal_state(client: MeshClient, goal_id: str) -> P.Goal | None:
+async def goal_state(client: MeshClient, goal_id: str) -> planner_pb2.Goal | None:
     try:
-        return (await client.planner.GetGoal(P.GetGoalRequest(goal_id=goal_id), timeout=10)).goal
+        return (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id), timeout=10)).goal
     except RETRYABLE:
         return None
 
@@ -276,22 +280,24 @@ WORKERS = {f"fw{i}" for i in range(4)}
 CHAINS, CHAIN_LENGTH, STEP_SLEEP = 4, 22, 0.6
 
 
-def long_goal() -> P.GoalSpec:
+def long_goal() -> planner_pb2.GoalSpec:
     """CHAINS parallel chains of CHAIN_LENGTH steps (each adds 1) joined by a last step."""
     steps = []
     for c in range(CHAINS):
         for k in range(CHAIN_LENGTH):
             steps.append(
-                P.StepSpec(
+                planner_pb2.StepSpec(
                     step_id=f"c{c}-{k:02d}",
                     capability="fault-work",
                     input=value({"sleep": STEP_SLEEP, "n": 1}),
                     depends_on=[f"c{c}-{k - 1:02d}"] if k else [],
-                    strategy=P.ASSIGNMENT_STRATEGY_AUCTION if c % 2 else P.ASSIGNMENT_STRATEGY_LEAST_LOADED,
+                    strategy=planner_pb2.ASSIGNMENT_STRATEGY_AUCTION
+                    if c % 2
+                    else planner_pb2.ASSIGNMENT_STRATEGY_LEAST_LOADED,
                 )
             )
     steps.append(
-        P.StepSpec(
+        planner_pb2.StepSpec(
             step_id="join",
             capability="fault-work",
             input=value({"n": 0}),
@@ -301,7 +307,7 @@ def long_goal() -> P.GoalSpec:
     # Half the chains are assigned by Contract Net through the coordination
     # service (a worker's cost depends on the step, so they spread over the
     # workers), half to the least loaded worker.
-    return P.GoalSpec(name="spans the kills", steps=steps, deadline=duration(150))
+    return planner_pb2.GoalSpec(name="spans the kills", steps=steps, deadline=duration(150))
 
 
 @pytest.mark.timeout(180)
@@ -336,13 +342,17 @@ async def test_killing_one_replica_of_each_service_in_turn_loses_nothing(
             asyncio.create_task(run_counter(client, work, stop)),
         ]
         goal_id = "spans-the-kills"
-        await client.planner.SubmitGoal(P.SubmitGoalRequest(goal=long_goal(), goal_id=goal_id), timeout=30)
+        await client.planner.SubmitGoal(
+            planner_pb2.SubmitGoalRequest(goal=long_goal(), goal_id=goal_id), timeout=30
+        )
         follower = asyncio.create_task(follow_goal(client, goal_id, work))
         tasks.append(follower)
 
         async def steps_done(n: int) -> bool:
             goal = await goal_state(client, goal_id)
-            return goal is not None and sum(s.state == P.STEP_STATE_SUCCEEDED for s in goal.steps) >= n
+            return (
+                goal is not None and sum(s.state == planner_pb2.STEP_STATE_SUCCEEDED for s in goal.steps) >= n
+            )
 
         await eventually(lambda: steps_done(CHAINS), timeout=40, what="the goal's first steps done")
         await eventually(lambda: len(work.auctions_ok) >= 2, timeout=30, what="auctions run")
@@ -371,32 +381,32 @@ async def test_killing_one_replica_of_each_service_in_turn_loses_nothing(
         # recorded as running and has time left: a step dispatched less than
         # 50 ms before its owner dies is not recorded yet (runner.START_WRITE_DELAY_S),
         # and the replica resuming it may send it to another agent.
-        async def quiet_moment() -> P.Goal | None:
+        async def quiet_moment() -> planner_pb2.Goal | None:
             goal = await goal_state(client, goal_id)
             now = time.time()
-            if goal is None or goal.state != P.GOAL_STATE_RUNNING:
+            if goal is None or goal.state != planner_pb2.GOAL_STATE_RUNNING:
                 return goal
             for c in range(0, CHAINS, 2):
                 current = next(
                     (
                         s
                         for s in goal.steps
-                        if s.step_id.startswith(f"c{c}-") and s.state != P.STEP_STATE_SUCCEEDED
+                        if s.step_id.startswith(f"c{c}-") and s.state != planner_pb2.STEP_STATE_SUCCEEDED
                     ),
                     None,
                 )
                 if current is None:
                     return goal
                 started = current.attempts[-1].started_at.ToNanoseconds() / 1e9 if current.attempts else 0.0
-                if current.state != P.STEP_STATE_RUNNING or now - started > STEP_SLEEP / 2:
+                if current.state != planner_pb2.STEP_STATE_RUNNING or now - started > STEP_SLEEP / 2:
                     return None
             return goal
 
         goal = await eventually(quiet_moment, timeout=30, interval=0.02, what="steps in flight recorded")
-        assert goal.state == P.GOAL_STATE_RUNNING, (
-            f"the goal is {P.GoalState.Name(goal.state)} before the planner kill: make it longer"
+        assert goal.state == planner_pb2.GOAL_STATE_RUNNING, (
+            f"the goal is {planner_pb2.GoalState.Name(goal.state)} before the planner kill: make it longer"
         )
-        done_before = sum(s.state == P.STEP_STATE_SUCCEEDED for s in goal.steps)
+        done_before = sum(s.state == planner_pb2.STEP_STATE_SUCCEEDED for s in goal.steps)
         assert done_before < len(goal.steps) - CHAINS, "the goal is nearly done before the planner kill"
         owner = next(p for p in mesh.replicas_of("planner") if f"-{p.pid}-" in goal.owner)
         print(
@@ -414,20 +424,20 @@ async def test_killing_one_replica_of_each_service_in_turn_loses_nothing(
         # Nothing a background user saw was wrong (see Workload.problems).
         assert work.problems == []
         # The goal: succeeded, resumed once by the other replica, every step's output right.
-        assert finished.goal_state == P.GOAL_STATE_SUCCEEDED, finished
-        assert final.state == P.GOAL_STATE_SUCCEEDED, final.error
+        assert finished.goal_state == planner_pb2.GOAL_STATE_SUCCEEDED, finished
+        assert final.state == planner_pb2.GOAL_STATE_SUCCEEDED, final.error
         assert final.resumed_count >= 1
         outputs = {s.step_id: from_value(s.output) for s in final.steps}
         for c in range(CHAINS):
             for k in range(CHAIN_LENGTH):
                 assert outputs[f"c{c}-{k:02d}"]["sum"] == k + 1, (c, k, outputs[f"c{c}-{k:02d}"])
         assert outputs["join"]["sum"] == CHAINS * CHAIN_LENGTH
-        assert all(s.state == P.STEP_STATE_SUCCEEDED for s in final.steps)
+        assert all(s.state == planner_pb2.STEP_STATE_SUCCEEDED for s in final.steps)
         # The progress history is gapless and reports each step's success once.
         events = [work.events[n] for n in sorted(work.events)]
         assert sorted(work.events) == list(range(1, len(events) + 1))
         succeeded = collections.Counter(
-            e.step_id for e in events if e.type == P.GOAL_EVENT_TYPE_STEP_SUCCEEDED
+            e.step_id for e in events if e.type == planner_pb2.GOAL_EVENT_TYPE_STEP_SUCCEEDED
         )
         assert succeeded == {s.step_id: 1 for s in final.steps}
         # Each step really ran once: the agents' own record of their executions.
@@ -446,8 +456,12 @@ async def test_killing_one_replica_of_each_service_in_turn_loses_nothing(
         assert await listed(observer) >= everyone
         # Auctions and compare-and-sets: right or cleanly retryable, and durable.
         for _, session_id in work.auctions_ok:
-            kept = (await client.coordination.GetSession(C.GetSessionRequest(session_id=session_id))).session
-            assert kept.state == C.SESSION_STATE_DECIDED
+            kept = (
+                await client.coordination.GetSession(
+                    coordination_pb2.GetSessionRequest(session_id=session_id)
+                )
+            ).session
+            assert kept.state == coordination_pb2.SESSION_STATE_DECIDED
         counter = (
             await client.orchestrator.GetVariable(orchestrator_pb2.GetVariableRequest(name="fault-counter"))
         ).variable.value.int_value
@@ -499,24 +513,24 @@ async def test_frozen_agent_is_left_out_retried_around_and_dropped(
 
         # (b) A step that first fit gives to the soon frozen worker; frozen mid-step.
         step_timeout = 3.0
-        spec = P.GoalSpec(
+        spec = planner_pb2.GoalSpec(
             steps=[
-                P.StepSpec(
+                planner_pb2.StepSpec(
                     step_id="slow",
                     capability="fault-work",
                     input=value({"sleep": 2.0, "n": 5}),
                     timeout=duration(step_timeout),
                 )
             ],
-            strategy=P.ASSIGNMENT_STRATEGY_FIRST_FIT,
+            strategy=planner_pb2.ASSIGNMENT_STRATEGY_FIRST_FIT,
         )
-        goal_id = (await client.planner.SubmitGoal(P.SubmitGoalRequest(goal=spec))).goal.goal_id
+        goal_id = (await client.planner.SubmitGoal(planner_pb2.SubmitGoalRequest(goal=spec))).goal.goal_id
 
         async def running_on_frozen() -> bool:
             goal = await goal_state(client, goal_id)
             return (
                 goal is not None
-                and goal.steps[0].state == P.STEP_STATE_RUNNING
+                and goal.steps[0].state == planner_pb2.STEP_STATE_RUNNING
                 and goal.steps[0].agent_id == "fw0-ice"
             )
 
@@ -528,13 +542,13 @@ async def test_frozen_agent_is_left_out_retried_around_and_dropped(
         deadline_s, round_timeout_s = 6.0, 1.5
         session = (
             await client.coordination.RunAuction(
-                C.RunAuctionRequest(
-                    settings=C.SessionSettings(
+                coordination_pb2.RunAuctionRequest(
+                    settings=coordination_pb2.SessionSettings(
                         participants=common_pb2.AgentSelector(agent_ids=bidders),
                         deadline=duration(deadline_s),
                         round_timeout=duration(round_timeout_s),
                     ),
-                    type=C.AUCTION_TYPE_FIRST_PRICE,
+                    type=coordination_pb2.AUCTION_TYPE_FIRST_PRICE,
                     item="while frozen",
                 ),
                 timeout=60,
@@ -542,21 +556,27 @@ async def test_frozen_agent_is_left_out_retried_around_and_dropped(
         ).session
         took = (session.finished_at.ToNanoseconds() - session.started_at.ToNanoseconds()) / 1e9
         assert took <= deadline_s, f"the session ran {took:.2f} s, past its {deadline_s} s deadline"
-        assert session.state == C.SESSION_STATE_DECIDED, session.outcome.reason
+        assert session.state == coordination_pb2.SESSION_STATE_DECIDED, session.outcome.reason
         exclusions = {e.agent_id: e for e in session.excluded}
         assert set(exclusions) == {"fb0-ice"}, session.excluded
-        assert exclusions["fb0-ice"].reason in (C.EXCLUSION_REASON_TIMEOUT, C.EXCLUSION_REASON_UNAVAILABLE)
+        assert exclusions["fb0-ice"].reason in (
+            coordination_pb2.EXCLUSION_REASON_TIMEOUT,
+            coordination_pb2.EXCLUSION_REASON_UNAVAILABLE,
+        )
         assert check_sealed_auction(session, False, set(bidders)) is None
         assert list(session.outcome.winners) == [max(healthy_bidders, key=bid_value)]
-        reason = C.ExclusionReason.Name(exclusions["fb0-ice"].reason)
+        reason = coordination_pb2.ExclusionReason.Name(exclusions["fb0-ice"].reason)
         print(f"auction with a frozen bidder: {took:.2f} s, fb0-ice excluded ({reason})")
 
         # (b) The step times out on the frozen worker and is retried on another one.
         events = [
-            e async for e in client.planner.ExecuteGoal(P.ExecuteGoalRequest(goal_id=goal_id), timeout=60)
+            e
+            async for e in client.planner.ExecuteGoal(
+                planner_pb2.ExecuteGoalRequest(goal_id=goal_id), timeout=60
+            )
         ]
-        goal = (await client.planner.GetGoal(P.GetGoalRequest(goal_id=goal_id))).goal
-        assert events[-1].goal_state == P.GOAL_STATE_SUCCEEDED, goal.error
+        goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id))).goal
+        assert events[-1].goal_state == planner_pb2.GOAL_STATE_SUCCEEDED, goal.error
         attempts = goal.steps[0].attempts
         assert attempts[0].agent_id == "fw0-ice" and attempts[0].error, attempts
         assert attempts[-1].agent_id in healthy_workers and not attempts[-1].error, attempts

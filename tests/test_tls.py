@@ -17,8 +17,7 @@ from mabeam.client import MeshClient
 from mabeam.config import MeshConfig
 from mabeam.server import MeshServer
 from mabeam.tls import TLS
-from mabeam.v1 import agent_pb2, common_pb2, registry_pb2, registry_pb2_grpc
-from mabeam.v1 import coordination_pb2 as C
+from mabeam.v1 import agent_pb2, common_pb2, coordination_pb2, registry_pb2, registry_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,9 +55,11 @@ async def test_mesh_with_mutual_tls(
         assert {a.agent_id for a in listed.agents} == {"s1", "s2"}
         session = (
             await client.coordination.RunAuction(
-                C.RunAuctionRequest(
-                    settings=C.SessionSettings(participants=common_pb2.AgentSelector(capability="secure")),
-                    type=C.AUCTION_TYPE_SECOND_PRICE,
+                coordination_pb2.RunAuctionRequest(
+                    settings=coordination_pb2.SessionSettings(
+                        participants=common_pb2.AgentSelector(capability="secure")
+                    ),
+                    type=coordination_pb2.AUCTION_TYPE_SECOND_PRICE,
                     item="x",
                 )
             )

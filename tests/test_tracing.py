@@ -17,8 +17,7 @@ from mabeam import telemetry
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
 from mabeam.server import MeshServer
-from mabeam.v1 import agent_pb2
-from mabeam.v1 import planner_pb2 as P
+from mabeam.v1 import agent_pb2, planner_pb2
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,16 +60,18 @@ async def test_one_trace_crosses_the_services(
     await host.start()
     client = await MeshClient.connect(planner=planner.address)
     try:
-        spec = P.GoalSpec(
+        spec = planner_pb2.GoalSpec(
             steps=[
-                P.StepSpec(step_id="a", capability="traced"),
-                P.StepSpec(step_id="b", capability="traced", depends_on=["a"]),
+                planner_pb2.StepSpec(step_id="a", capability="traced"),
+                planner_pb2.StepSpec(step_id="b", capability="traced", depends_on=["a"]),
             ],
-            strategy=P.ASSIGNMENT_STRATEGY_AUCTION,
+            strategy=planner_pb2.ASSIGNMENT_STRATEGY_AUCTION,
         )
-        goal_id = (await client.planner.SubmitGoal(P.SubmitGoalRequest(goal=spec))).goal.goal_id
-        events = [e async for e in client.planner.ExecuteGoal(P.ExecuteGoalRequest(goal_id=goal_id))]
-        assert events[-1].goal_state == P.GOAL_STATE_SUCCEEDED
+        goal_id = (await client.planner.SubmitGoal(planner_pb2.SubmitGoalRequest(goal=spec))).goal.goal_id
+        events = [
+            e async for e in client.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal_id=goal_id))
+        ]
+        assert events[-1].goal_state == planner_pb2.GOAL_STATE_SUCCEEDED
     finally:
         await client.close()
         await host.stop()
