@@ -128,3 +128,20 @@ def test_an_agent_authors_install_brings_no_etcd_binary() -> None:
     }
     assert not base & runtime_only, base & runtime_only
     assert runtime_only <= server
+
+
+def test_every_sdk_module_is_under_the_sdk_contracts() -> None:
+    """A new SDK module cannot slip past the border: each one is named in the SDK's contracts."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    sdk_contracts = [
+        c for c in contracts if c["type"] == "forbidden" and "mabeam.client" in c["source_modules"]
+    ]
+    assert len(sdk_contracts) == 2
+    modules = {f"mabeam.{p.stem}" for p in (ROOT / "sdk").glob("*.py") if p.stem != "__init__"} | {
+        "mabeam.v1"
+    }
+    for contract in sdk_contracts:
+        missing = modules - set(contract["source_modules"]) - {"mabeam.discovery"}
+        assert missing == set(), f"{contract['name']!r} does not name {sorted(missing)}"
