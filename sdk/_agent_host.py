@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -354,6 +355,7 @@ class AgentHost:
         """Start, then run until SIGINT/SIGTERM, then stop."""
         await self.start()
         log.info("agents %s serving on %s", ", ".join(self.agents), self.address)
+        _announce_ready(self.address)
         print(f"mabeam agents serving on {self.address}: {', '.join(self.agents)}", flush=True)
         try:
             await serve_until_signalled([])
@@ -374,3 +376,21 @@ class _StreamBroke(Exception):
 
 def _worth_registering_again(exc: Exception) -> bool:
     return isinstance(exc, errors.MabeamError) and (exc.retryable or isinstance(exc, errors.AlreadyExists))
+
+
+def _announce_ready(address: str) -> None:
+    """Tell the process that started this one (``MABEAM_READY_FILE``, e.g. a supervisor) that it serves.
+
+    One JSON document ``{"address", "pid"}``, renamed into place so that it
+    appears whole; the variable is then unset, so that processes this one
+    starts do not write there. The protocol is
+    :func:`mabeam.runtime.process.announce_ready`'s (the SDK does not import
+    the runtime).
+    """
+    path = os.environ.pop("MABEAM_READY_FILE", None)
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"address": address, "pid": os.getpid()}, f)
+    os.replace(tmp, path)

@@ -8,8 +8,9 @@ migration, ``ExportState`` / ``ImportState``.
 
 Migration lives here whole: the hold on an agent's calls while it is being
 moved (:class:`_Migration`), the watch for the registration to name the new
-endpoint (:meth:`AgentServicer.watch_migration`), and the forwarding of held
-and later calls there. The host (:mod:`mabeam._agent_host`) only keeps the
+endpoint (``AgentMoved``, from the registry; :meth:`AgentServicer.watch_migration`
+is the bounded fallback when no word comes), and the forwarding of held and
+later calls there. The host (:mod:`mabeam._agent_host`) only keeps the
 registrations and leases.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -101,12 +103,13 @@ class _Migration:
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """mabeam.v1.AgentService for every agent of a host, routed by agent_id.
 
-    Migration (see :func:`mabeam.services.registry.supervisor.migrate`): on
+    Migration (see :mod:`mabeam.services.registry.migration`): on
     ExportState the agent's new calls are held and its calls in flight
     drained, so the exported state is final. The state travels in an envelope
     with the registration token, so the new instance takes the heartbeats
-    over on ImportState. Once the registration names the new endpoint, held
-    and later calls are forwarded there; callers see one agent throughout.
+    over on ImportState. When the registry says the registration names the
+    new endpoint (AgentMoved), held and later calls are forwarded there;
+    callers see one agent throughout.
     """
 
     def __init__(self, host: AgentHost) -> None:
@@ -264,27 +267,50 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return agent_pb2.ExportStateResponse(state=envelope, content_type=MIGRATION_CONTENT_TYPE)
 
     def watch_migration(self, agent: Agent, migration: _Migration, timeout: float = 60.0) -> None:
-        """After ExportState: forward once the registration names another endpoint."""
+        """After ExportState: wait to be told how the move ended, and only in the end look once.
+
+        The registry ends every move it survives by telling this instance:
+        AgentMoved after the switch (forward to the new endpoint), or
+        ImportState of the state it exported (rolled back: serve here again).
+        Only if it never does (it died mid-migration) is the registration read,
+        once, after ``timeout``: forward if it names another endpoint, else
+        serve here again. Calls stay held until then.
+        """
         host = self._host
 
-        async def watch() -> None:
-            deadline = time.monotonic() + timeout
-            while not migration.released.is_set() and time.monotonic() < deadline:
-                try:
-                    reply = await host.client.registry.GetAgent(
-                        registry_pb2.GetAgentRequest(agent_id=agent.agent_id)
-                    )
-                    if reply.agent.endpoint != host.address:
-                        # The new instance holds the registration now: stop beating for it.
-                        host.agents.pop(agent.agent_id, None)
-                        self._release(agent.agent_id, reply.agent.endpoint)
-                        return
-                except errors.MabeamError:
-                    pass
-                await asyncio.sleep(0.02)
-            self._release(agent.agent_id, None)
+        async def fallback() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(migration.released.wait(), timeout)
+                return
+            if self.migrations.get(agent.agent_id) is not migration:
+                return
+            endpoint = ""
+            with contextlib.suppress(errors.MabeamError):
+                reply = await host.client.registry.GetAgent(
+                    registry_pb2.GetAgentRequest(agent_id=agent.agent_id)
+                )
+                endpoint = reply.agent.endpoint
+            if endpoint and endpoint != host.address:
+                self._moved(agent.agent_id, endpoint)
+            else:
+                self._release(agent.agent_id, None)
 
-        host.spawn(watch(), name=f"migration:{agent.agent_id}")
+        host.spawn(fallback(), name=f"migration:{agent.agent_id}")
+
+    async def AgentMoved(
+        self, request: agent_pb2.AgentMovedRequest, context: Any
+    ) -> agent_pb2.AgentMovedResponse:
+        """The registration names ``new_endpoint`` now: forward what was held, and every later call."""
+        if not request.new_endpoint:
+            raise errors.InvalidArgument("new_endpoint", "is required (host:port)")
+        if request.agent_id in self.migrations:
+            self._moved(request.agent_id, request.new_endpoint)
+        return agent_pb2.AgentMovedResponse()
+
+    def _moved(self, agent_id: str, endpoint: str) -> None:
+        # The new instance holds the registration now: stop beating for the agent here.
+        self._host.agents.pop(agent_id, None)
+        self._release(agent_id, endpoint)
 
     async def ImportState(
         self, request: agent_pb2.ImportStateRequest, context: Any

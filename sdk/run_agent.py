@@ -5,7 +5,10 @@ a list of agents, or an :class:`~mabeam.agent.AgentHost`. With ``MABEAM_STANDBY=
 (set by the supervisor for a migration target) the agents are served but not
 registered until their state is imported. The mesh's address
 comes from ``MABEAM_REGISTRY`` / ``MABEAM_ETCD``; a supervisor sets them, and
-``MABEAM_AGENT_ID``.
+``MABEAM_AGENT_ID``. With ``MABEAM_READY_FILE`` set (by whoever started the
+process and waits for it) the host writes ``{"address", "pid"}`` there once
+it serves (``AgentHost.serve``, which every agent program goes through,
+commands as well as entry points).
 """
 
 from __future__ import annotations

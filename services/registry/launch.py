@@ -1,0 +1,126 @@
+"""Launch specs and restart policies: checked when a request arrives, turned into a process here.
+
+A ``LaunchSpec`` (``StartAgent``, and ``MigrateAgent`` with a launch target)
+names either a command or a Python entry point. Everything the OS would
+refuse at exec time is refused by :func:`check_launch` first, as
+INVALID_ARGUMENT naming the field, so that the supervisor never learns of a
+bad spec from a failed start. :func:`launch_command` is the one place that
+says what a supervised process is given: its argv, the agent id, the token the
+supervisor chose, and the mesh's addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from mabeam import errors
+from mabeam.config import MeshConfig
+from mabeam.runtime import process
+from mabeam.services.registry.restart_policy import RestartPolicy, Strategy
+from mabeam.v1 import registry_pb2
+
+S = registry_pb2
+ENTRY_POINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
+STRATEGIES = {
+    S.RESTART_STRATEGY_UNSPECIFIED: Strategy.PERMANENT,
+    S.RESTART_STRATEGY_PERMANENT: Strategy.PERMANENT,
+    S.RESTART_STRATEGY_TRANSIENT: Strategy.TRANSIENT,
+    S.RESTART_STRATEGY_TEMPORARY: Strategy.TEMPORARY,
+}
+DEFAULT_START_TIMEOUT_S = 10.0
+
+
+def seconds(d: Any) -> float:
+    """A protobuf Duration or Timestamp in seconds."""
+    return float(d.seconds + d.nanos / 1e9)
+
+
+def policy_of(p: registry_pb2.RestartPolicy, present: bool = True) -> RestartPolicy:
+    """The pure policy of a proto policy (defaults: permanent, 3 restarts in 5 s)."""
+    if not present:
+        return RestartPolicy()
+    try:
+        return RestartPolicy(
+            strategy=STRATEGIES.get(p.strategy, Strategy.PERMANENT),
+            max_restarts=p.max_restarts if p.HasField("period") or p.max_restarts else 3,
+            period_s=seconds(p.period) if p.HasField("period") else 5.0,
+            backoff_initial_s=seconds(p.backoff_initial),
+            backoff_max_s=seconds(p.backoff_max) if p.HasField("backoff_max") else 5.0,
+        )
+    except ValueError as exc:
+        field, _, message = str(exc).partition(": ")
+        raise errors.InvalidArgument(f"restart_policy.{field}", message) from None
+
+
+def check_launch(launch: registry_pb2.LaunchSpec) -> None:
+    """A launch spec the OS can start a process from, else INVALID_ARGUMENT naming the field."""
+    target = launch.WhichOneof("target")
+    if target is None:
+        raise errors.InvalidArgument("launch", "give a command or a python_entry_point")
+    if target == "command" and not launch.command.argv:
+        raise errors.InvalidArgument("launch.command.argv", "must not be empty")
+    if target == "python_entry_point" and not ENTRY_POINT_RE.match(launch.python_entry_point):
+        raise errors.InvalidArgument("launch.python_entry_point", "must look like 'package.module:callable'")
+    # What exec refuses (a NUL byte, a malformed variable name) is refused here, not by the supervisor.
+    for i, arg in enumerate(launch.command.argv):
+        if "\x00" in arg:
+            raise errors.InvalidArgument(f"launch.command.argv[{i}]", "must not contain a NUL character")
+    for name, value in launch.env.items():
+        if not name or "=" in name or "\x00" in name:
+            raise errors.InvalidArgument("launch.env", f"{name[:140]!r} is not an environment variable name")
+        if "\x00" in value:
+            raise errors.InvalidArgument(f"launch.env[{name}]", "must not contain a NUL character")
+    if "\x00" in launch.working_dir:
+        raise errors.InvalidArgument("launch.working_dir", "must not contain a NUL character")
+
+
+def start_timeout(record: registry_pb2.SupervisedAgent) -> float:
+    """How long a started process of ``record`` has to come up."""
+    return seconds(record.start_timeout) or DEFAULT_START_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A process to start: what ``process.spawn`` takes."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None
+
+
+def launch_command(
+    launch: registry_pb2.LaunchSpec,
+    agent_id: str,
+    token: str,
+    registry_address: str,
+    config: MeshConfig,
+    *,
+    standby: bool = False,
+) -> Launch:
+    """The process of a supervised agent: its argv, and the environment that ties it to the mesh.
+
+    ``standby``: a migration target, served but not registered until its state
+    is imported (``MABEAM_STANDBY=1``).
+    """
+    if launch.WhichOneof("target") == "python_entry_point":
+        argv = process.python_module_argv("mabeam.run_agent", launch.python_entry_point)
+    else:
+        argv = list(launch.command.argv)
+    env = {
+        **os.environ,
+        **dict(launch.env),
+        "MABEAM_AGENT_ID": agent_id,
+        "MABEAM_AGENT_TOKEN": token,
+        "MABEAM_REGISTRY": registry_address,
+        "MABEAM_ETCD": ",".join(config.etcd_endpoints),
+        "MABEAM_PREFIX": config.prefix,
+        "PYTHONUNBUFFERED": "1",
+    }
+    # Not the registry's own ready file (its parent's): a caller that waits passes its own.
+    env.pop(process.READY_FILE_ENV, None)
+    if standby:
+        env["MABEAM_STANDBY"] = "1"
+    return Launch(argv, env, launch.working_dir or None)

@@ -1,0 +1,261 @@
+"""Moving a live agent to another instance (MigrateAgent): one flow, read top to bottom in :func:`migrate`.
+
+1. Export: the old instance returns the agent's state (``ExportState``); from
+   then on it holds the agent's calls, so the state is final.
+2. The new instance: the caller's ``target_endpoint``, or, with a launch spec
+   (supervised agents), a process this replica starts in standby
+   (``MABEAM_STANDBY=1``: served, not registered). Its address comes from its
+   ready file (:class:`mabeam.runtime.process.ReadyFile`), not from its output.
+3. Import: the new instance takes the state (``ImportState``); the SDK's state
+   envelope carries the registration token, so it takes the heartbeats over.
+4. Switch: the registration names the new endpoint, generation + 1, in one
+   transaction on the registration's create revision.
+5. Tell the old instance (``AgentMoved``): it forwards the calls it held, and
+   every later one, to the new endpoint at once. An instance that does not
+   implement it answers UNIMPLEMENTED; that is not an error.
+6. Stop the old process (supervised agents): supervision follows the new
+   process, and the old one is stopped a second later, with its own grace.
+
+A failure before the switch gives the old instance its state back (it
+resumes serving) and stops a process started in step 2. The flow runs to its
+end even when the caller goes away. With a launch spec the flow runs on the
+replica that runs the agent's process; another replica hands the call over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+
+from mabeam import errors
+from mabeam.runtime import process, validate
+from mabeam.services.registry.launch import check_launch, start_timeout
+from mabeam.services.registry.processes import ACTIVE, now
+from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, registry_pb2, registry_pb2_grpc
+
+if TYPE_CHECKING:
+    from mabeam.services.registry.supervisor import Supervisor
+
+log = logging.getLogger("mabeam.registry.migration")
+
+CALL_TIMEOUT_S = 30.0
+MOVED_TIMEOUT_S = 5.0
+HAND_OVER_TIMEOUT_S = 90.0
+# How long the old process lives on after the switch: callers that looked the
+# agent up before the move still call the old endpoint for a moment, and the
+# old instance forwards those calls.
+RETIRE_AFTER_S = 1.0
+
+
+async def migrate_agent(
+    sup: Supervisor, request: registry_pb2.MigrateAgentRequest
+) -> registry_pb2.MigrateAgentResponse:
+    """The RPC: run :func:`migrate` here, or on the replica that runs the agent's process."""
+    agent_id = validate.identifier(request.agent_id, "agent_id")
+    if request.WhichOneof("target") == "launch":
+        check_launch(request.launch)
+        record = sup.record(agent_id)
+        if record is None or record.state not in ACTIVE:
+            raise errors.FailedPrecondition(
+                f"agent {agent_id!r} is not a running supervised agent: migrate it with target_endpoint"
+            )
+        if not await sup.store.token_matches(agent_id, request.token):
+            raise errors.PermissionDenied(f"wrong or missing token for agent {agent_id!r}")
+        owner = sup.owner(agent_id)
+        if owner is not None and owner != sup.replica_id:
+            return await _hand_over(sup, owner, request)
+    # Shielded: a caller that goes away does not leave a half-done move behind.
+    moving = asyncio.ensure_future(migrate(sup, request))
+    moving.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(moving)
+
+
+async def migrate(
+    sup: Supervisor, request: registry_pb2.MigrateAgentRequest
+) -> registry_pb2.MigrateAgentResponse:
+    """Move the agent; see the module's docstring for the steps."""
+    agent_id = validate.identifier(request.agent_id, "agent_id")
+    agent, create_revision = await sup.store.get_agent(agent_id)
+    if agent is None:
+        raise errors.NotFound(
+            f"agent {agent_id!r} is not registered", reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND
+        )
+    if not await sup.store.token_matches(agent_id, request.token):
+        raise errors.PermissionDenied(f"wrong or missing token for agent {agent_id!r}")
+    launch = request.launch if request.WhichOneof("target") == "launch" else None
+    old_proc: subprocess.Popen[bytes] | None = None
+    if launch is not None:
+        old_proc = sup.procs.get(agent_id)
+        if old_proc is None or not sup.runs_here(agent_id):
+            raise errors.FailedPrecondition(f"agent {agent_id!r} is not running here yet; retry")
+    elif request.WhichOneof("target") != "target_endpoint":
+        raise errors.InvalidArgument(
+            "target_endpoint", "give the host:port of a running instance, or a launch spec"
+        )
+    elif validate.endpoint(request.target_endpoint, "target_endpoint") == agent.endpoint:
+        raise errors.InvalidArgument("target_endpoint", "is the agent's current endpoint")
+    if agent_id in sup.moving:
+        raise errors.FailedPrecondition(f"agent {agent_id!r} is already moving")
+    moving: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    sup.moving[agent_id] = moving
+    try:
+        started = time.monotonic()
+        # The pool's channels are reused, and carry TLS when it is on.
+        old = agent_pb2_grpc.AgentServiceStub(sup.pool.get(agent.endpoint))
+
+        # 1. Export; the old instance holds the agent's calls from here on.
+        try:
+            exported = await old.ExportState(
+                agent_pb2.ExportStateRequest(agent_id=agent_id), timeout=CALL_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            raise errors.FailedPrecondition(
+                f"exporting the state of {agent_id!r} failed: {exc.details()}"
+            ) from None
+        state = agent_pb2.ImportStateRequest(
+            agent_id=agent_id, state=exported.state, content_type=exported.content_type
+        )
+        new_proc: subprocess.Popen[bytes] | None = None
+        try:
+            # 2. The new instance.
+            if launch is not None:
+                target, new_proc = await _start_standby(sup, agent_id, launch)
+            else:
+                target = request.target_endpoint
+            # 3. Import.
+            try:
+                await agent_pb2_grpc.AgentServiceStub(sup.pool.get(target)).ImportState(
+                    state, timeout=CALL_TIMEOUT_S
+                )
+            except grpc.RpcError as exc:
+                raise errors.FailedPrecondition(
+                    f"importing the state into {target} failed: {exc.details()}"
+                ) from None
+            # 4. Switch the registration.
+            moved = registry_pb2.Agent()
+            moved.CopyFrom(agent)
+            moved.endpoint = target
+            moved.generation = agent.generation + 1
+            if not await sup.store.put_agent(moved, agent.lease_id, create_revision):
+                raise errors.Aborted(f"agent {agent_id!r} re-registered during the migration; retry")
+        except BaseException:
+            # Give the old instance its state back so it resumes serving; stop what we started.
+            with contextlib.suppress(grpc.RpcError):
+                await asyncio.shield(old.ImportState(state, timeout=CALL_TIMEOUT_S))
+            if new_proc is not None:
+                await asyncio.shield(process.terminate(new_proc, 2.0))
+            raise
+        pause = time.monotonic() - started
+
+        # 5. Tell the old instance, which forwards what it held.
+        await _tell_moved(old, moved)
+
+        # 6. Supervision follows the new process; the old one is stopped.
+        if old_proc is not None and new_proc is not None:
+            await _replace_process(sup, agent_id, old_proc, new_proc, launch)
+    finally:
+        sup.moving.pop(agent_id, None)
+        moving.set_result(None)
+    response = registry_pb2.MigrateAgentResponse(
+        agent=sup.directory.view(moved), state_bytes=len(exported.state)
+    )
+    response.pause.FromNanoseconds(int(pause * 1e9))
+    return response
+
+
+async def _start_standby(
+    sup: Supervisor, agent_id: str, launch: registry_pb2.LaunchSpec
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start the agent's new process in standby; its address, from its ready file, and the process."""
+    record = sup.record(agent_id)
+    timeout = start_timeout(record) if record is not None else start_timeout(registry_pb2.SupervisedAgent())
+    spec = sup.launch_of(launch, agent_id, await sup.secret(agent_id), standby=True)
+    with process.ReadyFile() as ready:
+        try:
+            proc = process.spawn(spec.argv, env={**spec.env, **ready.env()}, cwd=spec.cwd)
+        except (OSError, ValueError) as exc:  # the old process keeps serving
+            raise errors.FailedPrecondition(f"cannot start the new instance of {agent_id!r}: {exc}") from None
+        try:
+            return (await ready.wait(proc, timeout)).address, proc
+        except process.ExitedBeforeReady as exc:
+            raise errors.FailedPrecondition(
+                f"the new instance of {agent_id!r} exited (status {exc.status}) before serving"
+            ) from None
+        except TimeoutError:
+            await process.terminate(proc, 2.0)
+            raise errors.DeadlineExceeded(
+                f"the new instance of {agent_id!r} did not serve within {timeout:.0f} s"
+            ) from None
+        except BaseException:
+            await asyncio.shield(process.terminate(proc, 2.0))
+            raise
+
+
+async def _tell_moved(old: agent_pb2_grpc.AgentServiceStub, moved: registry_pb2.Agent) -> None:
+    """AgentMoved on the old instance; one that cannot be told is stopped or left, not an error."""
+    try:
+        await old.AgentMoved(
+            agent_pb2.AgentMovedRequest(
+                agent_id=moved.agent_id, new_endpoint=moved.endpoint, generation=moved.generation
+            ),
+            timeout=MOVED_TIMEOUT_S,
+        )
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            log.warning(
+                "telling the old instance of %s that it moved failed: %s", moved.agent_id, exc.details()
+            )
+
+
+async def _replace_process(
+    sup: Supervisor,
+    agent_id: str,
+    old: subprocess.Popen[bytes],
+    new: subprocess.Popen[bytes],
+    launch: registry_pb2.LaunchSpec,
+) -> None:
+    """Hand ``new`` to the agent's supervision task (it follows Supervisor.procs) and retire ``old``."""
+    if sup.procs.get(agent_id) is not old:
+        # Supervision of the agent ended here during the move (stopped, or lost
+        # the lease): the new process is not ours to keep; whoever supervises
+        # the agent now starts it again.
+        await process.terminate(new, 2.0)
+        return
+    sup.procs[agent_id] = new
+    pid, started = new.pid, now()
+
+    def switched(r: registry_pb2.SupervisedAgent) -> None:
+        r.launch.CopyFrom(launch)
+        r.pid = pid
+        r.started_at.CopyFrom(started)
+
+    await sup.write_retrying(agent_id, switched)
+    retire = asyncio.create_task(_retire(old), name=f"retire:{agent_id}")
+    sup.retiring.add(retire)
+    retire.add_done_callback(sup.retiring.discard)
+
+
+async def _retire(proc: subprocess.Popen[bytes]) -> None:
+    await asyncio.sleep(RETIRE_AFTER_S)
+    await process.terminate(proc, 5.0)
+
+
+async def _hand_over(
+    sup: Supervisor, owner: str, request: registry_pb2.MigrateAgentRequest
+) -> registry_pb2.MigrateAgentResponse:
+    """The replica ``owner`` runs the agent's process, so it moves it: pass the call on."""
+    address = sup.peers.address_of(owner) if sup.peers is not None else None
+    if address is None:
+        raise errors.Unavailable(f"the registry replica supervising {request.agent_id!r} is not reachable")
+    try:
+        return await registry_pb2_grpc.RegistryServiceStub(sup.pool.get(address)).MigrateAgent(  # type: ignore[no-any-return]
+            request, timeout=HAND_OVER_TIMEOUT_S
+        )
+    except grpc.RpcError as exc:
+        raise errors.from_rpc_error(exc) from None
