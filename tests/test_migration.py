@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -80,6 +81,9 @@ async def test_migration_under_load_loses_no_increment(service: Callable[..., Aw
             )
         )
         assert reply.agent.endpoint == new_host.address and reply.agent.generation == 2
+        # The registry told the old instance (AgentMoved) before it answered: no polling to wait for.
+        assert "ctr" not in old_host.agents
+        assert old_host.servicer.migrations["ctr"].forward_to == new_host.address
         await eventually(
             lambda: new_agent.counter > old_agent.counter + 10, what="calls reach the new instance"
         )
@@ -135,6 +139,33 @@ async def test_migrate_needs_the_token_and_a_target(service: Callable[..., Await
     finally:
         await host.stop()
         await client.close()
+
+
+async def test_an_old_instance_never_told_looks_at_the_registration_once(
+    service: Callable[..., Awaitable[MeshServer]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry died after the export: the held calls wait for the fallback, then run here."""
+    registry = await service("registry")
+    host = AgentHost([Counter("held")], registry=registry.address)
+    watch = host.servicer.watch_migration
+    monkeypatch.setattr(host.servicer, "watch_migration", functools.partial(watch, timeout=0.5))
+    await host.start()
+    try:
+        async with aio.insecure_channel(host.address) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            await stub.ExportState(agent_pb2.ExportStateRequest(agent_id="held"), timeout=5)
+            held = asyncio.ensure_future(
+                stub.ExecuteStep(
+                    agent_pb2.ExecuteStepRequest(agent_id="held", capability="count"), timeout=10
+                )
+            )
+            await asyncio.sleep(0.2)
+            assert not held.done(), "calls are held from the export on"
+            reply = await held  # the registration still names this host: it serves again
+            assert reply.output.struct_value["count"] == 1
+        assert "held" in host.agents and "held" not in host.servicer.migrations
+    finally:
+        await host.stop()
 
 
 async def test_supervised_agent_migrates_to_a_new_process(
