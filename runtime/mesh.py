@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import stamina
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -259,20 +260,30 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+class _NotServing(Exception):
+    """The health check answered, but not SERVING (yet)."""
+
+
 async def wait_healthy(address: str, service: str = "", *, timeout: float = 15.0, tls: bool = False) -> None:
-    """Poll grpc.health.v1 on ``address`` until ``service`` is SERVING."""
+    """Check grpc.health.v1 on ``address`` again (every 50 ms) until ``service`` is SERVING."""
     if tls:
         return  # the caller checks TLS endpoints with its own credentials
-    deadline = time.monotonic() + timeout
     async with aio.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise MeshStartError(f"{service or address} at {address} not healthy within {timeout:.0f} s")
-            await asyncio.sleep(0.05)
+        try:
+            async for attempt in stamina.retry_context(
+                on=(grpc.RpcError, _NotServing),
+                attempts=None,
+                timeout=timeout,
+                wait_initial=0.05,
+                wait_max=0.05,
+                wait_jitter=0,
+            ):
+                with attempt:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                        raise _NotServing
+        except (grpc.RpcError, _NotServing):
+            raise MeshStartError(
+                f"{service or address} at {address} not healthy within {timeout:.0f} s"
+            ) from None
