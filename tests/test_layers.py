@@ -145,3 +145,17 @@ def test_every_sdk_module_is_under_the_sdk_contracts() -> None:
     for contract in sdk_contracts:
         missing = modules - set(contract["source_modules"]) - {"mabeam.discovery"}
         assert missing == set(), f"{contract['name']!r} does not name {sorted(missing)}"
+
+
+def test_every_service_module_but_the_stores_is_under_the_etcd_contract() -> None:
+    """A new module of a service is named in the contract that keeps etcd's client in the stores."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (contract,) = [c for c in contracts if c["name"].startswith("Only stores and the etcd layer")]
+    listed = set(contract["source_modules"])
+    modules = set()
+    for path in (ROOT / "services").glob("*/*.py"):
+        if path.stem not in ("store", "__init__"):
+            modules.add(f"mabeam.services.{path.parent.name}.{path.stem}")
+    assert modules - listed == set(), f"not under the contract: {sorted(modules - listed)}"
