@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mabeam.runtime import process
+from mabeam.server import port_is_free
 
 __all__ = ["EmbeddedEtcd", "EtcdCluster", "EtcdStartError", "etcd_binary", "free_port"]
 
@@ -82,18 +83,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        # etcd (Go) binds with SO_REUSEADDR, so a port in TIME_WAIT is usable:
-        # only a live listener counts as taken.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
@@ -268,13 +257,13 @@ class EmbeddedEtcd:
 
     def _claim_ports(self) -> None:
         for port, auto in ((self.client_port, self._auto_client), (self.peer_port, self._auto_peer)):
-            if not auto and not _port_free(self.host, port):
+            if not auto and not port_is_free(self.host, port):
                 raise EtcdStartError(f"etcd cannot start: port {port} on {self.host} is already in use")
-        if self._auto_client and not _port_free(self.host, self.client_port):
+        if self._auto_client and not port_is_free(self.host, self.client_port):
             self.client_port = self._other_free_port(self.peer_port)
-        if self._auto_peer and not _port_free(self.host, self.peer_port):
+        if self._auto_peer and not port_is_free(self.host, self.peer_port):
             self.peer_port = self._other_free_port(self.client_port)
-        if self._health_port and not _port_free(self.host, self._health_port):
+        if self._health_port and not port_is_free(self.host, self._health_port):
             self._health_port = self._other_free_port(self.client_port)
 
     def _repick(self, taken: int) -> bool:

@@ -9,11 +9,10 @@ Readiness is a structured signal, not a line of output to parse: the parent
 passes ``MABEAM_READY_FILE=<path>`` (:class:`ReadyFile`, in a temporary
 directory the parent owns and removes); once the child serves it writes one
 JSON document ``{"address": "host:port", "pid": N}`` there, atomically (a
-temporary file, then ``os.replace``), with :func:`announce_ready`. The parent
+temporary file, then ``os.replace``), with :func:`mabeam.server.announce_ready`
+(in the SDK: agents announce themselves as services do). The parent
 waits for the file, with the child's exit as the other end of the wait and a
-deadline. The child's output is then free to go to a log file. The SDK's
-AgentHost writes the same document itself (the SDK does not import the
-runtime).
+deadline. The child's output is then free to go to a log file.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-READY_FILE_ENV = "MABEAM_READY_FILE"
+from mabeam.server import READY_FILE_ENV
 
 _PR_SET_PDEATHSIG = 1
 # Looked up now, in the parent: loading a library in a child between fork and
@@ -201,19 +200,3 @@ class ReadyFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def announce_ready(address: str, path: str | None = None) -> None:
-    """Child side: write ``{"address", "pid"}`` to ``path`` (default: ``$MABEAM_READY_FILE``, then unset).
-
-    Unset, so that processes this one starts do not write to its parent's file.
-    Does nothing when no parent asked.
-    """
-    if path is None:
-        path = os.environ.pop(READY_FILE_ENV, None)
-    if not path:
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"address": address, "pid": os.getpid()}, f)
-    os.replace(tmp, path)

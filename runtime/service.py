@@ -5,7 +5,7 @@
 starts it and publishes its endpoint for discovery. :func:`run_service` is
 the entry point of ``python -m mabeam.services.<kind>``: flags and
 environment, JSON logs, telemetry exporters, signals, and the ready file
-(:func:`mabeam.runtime.process.announce_ready`) once it serves.
+(:func:`mabeam.server.announce_ready`) once it serves.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from mabeam import config as mesh_config
 from mabeam import telemetry
 from mabeam.config import MeshConfig
 from mabeam.runtime import endpoints, etcd, exporters, process
-from mabeam.server import MeshServer, serve_until_signalled
+from mabeam.server import MeshServer, announce_ready, serve_until_signalled
 
 BuildFn = Callable[[MeshServer, Any], Awaitable[None]]
 
@@ -99,7 +99,7 @@ def run_service(kind: str, build: BuildFn, argv: Sequence[str] | None = None) ->
             return 2
         # The structured signal for the process that started this one (MABEAM_READY_FILE);
         # the line is for people (and compose logs), nothing parses it for readiness.
-        process.announce_ready(server.address, ready_file)
+        announce_ready(server.address, ready_file)
         print(f"mabeam {kind} serving on {server.address}", flush=True)
         await serve_until_signalled([server])
         return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -28,7 +27,7 @@ from mabeam._agent_service import AgentServicer
 from mabeam._heartbeat_stats import HeartbeatStats
 from mabeam.client import ChannelPool, MeshClient, list_all
 from mabeam.config import MeshConfig
-from mabeam.server import MeshServer, serve_until_signalled
+from mabeam.server import MeshServer, announce_ready, serve_until_signalled
 from mabeam.tls import TLS
 from mabeam.v1 import agent_pb2_grpc, registry_pb2
 
@@ -355,7 +354,7 @@ class AgentHost:
         """Start, then run until SIGINT/SIGTERM, then stop."""
         await self.start()
         log.info("agents %s serving on %s", ", ".join(self.agents), self.address)
-        _announce_ready(self.address)
+        announce_ready(self.address)
         print(f"mabeam agents serving on {self.address}: {', '.join(self.agents)}", flush=True)
         try:
             await serve_until_signalled([])
@@ -376,21 +375,3 @@ class _StreamBroke(Exception):
 
 def _worth_registering_again(exc: Exception) -> bool:
     return isinstance(exc, errors.MabeamError) and (exc.retryable or isinstance(exc, errors.AlreadyExists))
-
-
-def _announce_ready(address: str) -> None:
-    """Tell the process that started this one (``MABEAM_READY_FILE``, e.g. a supervisor) that it serves.
-
-    One JSON document ``{"address", "pid"}``, renamed into place so that it
-    appears whole; the variable is then unset, so that processes this one
-    starts do not write there. The protocol is
-    :func:`mabeam.runtime.process.announce_ready`'s (the SDK does not import
-    the runtime).
-    """
-    path = os.environ.pop("MABEAM_READY_FILE", None)
-    if not path:
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"address": address, "pid": os.getpid()}, f)
-    os.replace(tmp, path)

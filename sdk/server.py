@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import os
 import signal
@@ -229,6 +230,29 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+# A process that starts a server (mabeam up, a supervisor) passes a path here
+# and waits for the file (mabeam.runtime.process.ReadyFile): a structured
+# readiness signal instead of a line of output to parse.
+READY_FILE_ENV = "MABEAM_READY_FILE"
+
+
+def announce_ready(address: str, path: str | None = None) -> None:
+    """Tell the process that started this one that it serves: ``{"address", "pid"}`` in its ready file.
+
+    ``path`` defaults to ``$MABEAM_READY_FILE``, which is then unset so that
+    processes this one starts do not write to its parent's file. The document
+    is renamed into place, so it appears whole. Does nothing when no parent asked.
+    """
+    if path is None:
+        path = os.environ.pop(READY_FILE_ENV, None)
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"address": address, "pid": os.getpid()}, f)
+    os.replace(tmp, path)
 
 
 class MeshServer:

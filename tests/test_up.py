@@ -292,7 +292,7 @@ def test_up_cluster_runs_three_etcd_members_and_two_replicas_of_each_service(tmp
 
 async def test_ready_file_gives_the_address_or_says_why_not(tmp_path: Path) -> None:
     """The readiness signal of a started process: the document, the child's exit, or the deadline."""
-    announce = "from mabeam.runtime.process import announce_ready; announce_ready('127.0.0.1:4242'); "
+    announce = "from mabeam.server import announce_ready; announce_ready('127.0.0.1:4242'); "
     with process.ReadyFile() as ready:
         child = process.spawn(
             [sys.executable, "-c", announce + "import time; time.sleep(30)"],
