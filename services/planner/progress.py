@@ -43,6 +43,10 @@ class Event:
 Put = tuple[bytes, bytes] | Event
 
 
+def _no_header() -> dict[str, Any]:
+    return {}
+
+
 class OwnershipLost(Exception):
     """This replica no longer owns the goal: stop at once, another replica runs it."""
 
@@ -125,9 +129,16 @@ class ProgressLog:
                         fut.set_exception(OwnershipLost(self.goal_id))
 
     def close(self) -> None:
-        """Stop writing (the run ended): a commit in flight is cancelled."""
+        """Stop writing (the run ended): a commit in flight is cancelled.
+
+        The header callable is dropped too: it is the runner's bound method, and
+        the cycle runner -> log -> runner would keep a finished runner (its goal,
+        its 1,000-agent candidate lists) until the cycle collector runs, which
+        protobuf's arenas do not prompt: the planner's memory grew by the goal.
+        """
         if self._flusher is not None and not self._flusher.done():
             self._flusher.cancel()
+        self._header = _no_header
 
 
 class DelayedWrite:
