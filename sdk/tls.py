@@ -29,8 +29,10 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
 
 def _read(path: str | None) -> bytes | None:
@@ -60,6 +62,8 @@ class TLS:
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """Credentials for a client channel (files read now, once)."""
+        import grpc  # not at import: the `mabeam` command reads its config before grpc may load
+
         return grpc.ssl_channel_credentials(
             root_certificates=_read(self.ca_file),
             private_key=_read(self.key_file),
@@ -68,6 +72,8 @@ class TLS:
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Credentials for a server; with a CA, clients must present a certificate."""
+        import grpc
+
         key, cert = _read(self.key_file), _read(self.cert_file)
         if key is None or cert is None:
             raise ValueError("TLS for a server needs cert_file and key_file")

@@ -159,3 +159,16 @@ def test_every_service_module_but_the_stores_is_under_the_etcd_contract() -> Non
         if path.stem not in ("store", "__init__"):
             modules.add(f"mabeam.services.{path.parent.name}.{path.stem}")
     assert modules - listed == set(), f"not under the contract: {sorted(modules - listed)}"
+
+
+def test_the_command_sets_fork_support_before_grpc_loads() -> None:
+    """`mabeam` sets GRPC_ENABLE_FORK_SUPPORT=0 in main(); grpc must not be loaded by importing the command.
+
+    Loaded earlier, grpc keeps fork support on: every child `mabeam up` or
+    `mabeam bench` forks logs "skipping fork() handlers" and pays for them.
+    """
+    probe = "import sys, mabeam.cli; print('grpc' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "False"
