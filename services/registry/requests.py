@@ -43,13 +43,11 @@ async def start_agent(
     timeout = validate.seconds(
         request.start_timeout, "start_timeout", default=DEFAULT_START_TIMEOUT_S, minimum=0.1, maximum=600
     )
-    key = sup.store.keys.supervised_agent(agent_id)
-    existing = await sup.etcd.get(key)
+    existing, mod_revision = await sup.store.get_supervised(agent_id)
     if existing is not None:
-        rec = registry_pb2.SupervisedAgent.FromString(existing.value)
-        if rec.state in ACTIVE:
+        if existing.state in ACTIVE:
             raise errors.AlreadyExists(
-                f"agent {agent_id!r} is already supervised ({S.SupervisionState.Name(rec.state)})"
+                f"agent {agent_id!r} is already supervised ({registry_pb2.SupervisionState.Name(existing.state)})"
             )
     elif sup.directory.get(agent_id) is not None:
         raise errors.AlreadyExists(
@@ -60,28 +58,20 @@ async def start_agent(
         agent_id=agent_id,
         launch=request.launch,
         restart_policy=request.restart_policy,
-        state=S.SUPERVISION_STATE_STARTING,
+        state=registry_pb2.SUPERVISION_STATE_STARTING,
     )
     record.start_timeout.FromNanoseconds(int(timeout * 1e9))
-    c = sup.etcd
-    expected = existing.mod_revision if existing is not None else 0
-    compare = c.transactions.mod(key) == expected if existing is not None else c.transactions.create(key) == 0
     # The supervisor chooses the agent's token and gives it to every process it
     # starts for the agent, so whoever started it can migrate or deregister it.
     token = new_token()
-    ok, _ = await c.transaction(
-        compare=[compare],
-        success=[
-            c.transactions.put(key, record.SerializeToString()),
-            c.transactions.put(sup.store.keys.supervised_token(agent_id), token.encode()),
-        ],
-        failure=[],
-    )
-    if not ok:
+    if not await sup.store.create_supervised(record, token, mod_revision):
         raise errors.Aborted(f"agent {agent_id!r} was started concurrently")
     sup.wake.set()
     started = await _wait(
-        sup, agent_id, lambda r: r.state == S.SUPERVISION_STATE_RUNNING or r.state not in ACTIVE, timeout + 5
+        sup,
+        agent_id,
+        lambda r: r.state == registry_pb2.SUPERVISION_STATE_RUNNING or r.state not in ACTIVE,
+        timeout + 5,
     )
     return started, token
 
@@ -92,7 +82,7 @@ async def stop_agent(sup: Supervisor, request: registry_pb2.StopAgentRequest) ->
     grace = validate.seconds(request.grace, "grace", default=5.0, minimum=0, maximum=300)
 
     def stop(r: registry_pb2.SupervisedAgent) -> None:
-        r.state, r.reason = S.SUPERVISION_STATE_STOPPED, "stopped on request"
+        r.state, r.reason = registry_pb2.SUPERVISION_STATE_STOPPED, "stopped on request"
 
     await _update_desired(sup, agent_id, stop)
     sup.wake.set()
@@ -109,9 +99,9 @@ async def restart_agent(
     def restart(r: registry_pb2.SupervisedAgent) -> None:
         if r.state not in ACTIVE:
             raise errors.FailedPrecondition(
-                f"agent {agent_id!r} is {S.SupervisionState.Name(r.state)}: start it with StartAgent"
+                f"agent {agent_id!r} is {registry_pb2.SupervisionState.Name(r.state)}: start it with StartAgent"
             )
-        r.state, r.reason = S.SUPERVISION_STATE_RESTARTING, RESTART_REQUESTED
+        r.state, r.reason = registry_pb2.SUPERVISION_STATE_RESTARTING, RESTART_REQUESTED
 
     await _update_desired(sup, agent_id, restart)
     old_start = seconds(before.started_at) if before else 0.0
@@ -119,7 +109,7 @@ async def restart_agent(
         sup,
         agent_id,
         lambda r: (
-            (r.state == S.SUPERVISION_STATE_RUNNING and seconds(r.started_at) > old_start)
+            (r.state == registry_pb2.SUPERVISION_STATE_RUNNING and seconds(r.started_at) > old_start)
             or r.state not in ACTIVE
         ),
         30.0,
@@ -130,24 +120,16 @@ async def _update_desired(
     sup: Supervisor, agent_id: str, change: Callable[[registry_pb2.SupervisedAgent], None]
 ) -> None:
     """Apply ``change`` to the record (any replica may), again if it changed meanwhile."""
-    key = sup.store.keys.supervised_agent(agent_id)
-    c = sup.etcd
     try:
         async for attempt in stamina.retry_context(
             on=_Changed, attempts=50, timeout=None, wait_initial=0.01, wait_max=0.1, wait_jitter=0.01
         ):
             with attempt:
-                current = await c.get(key)
-                if current is None:
+                record, mod_revision = await sup.store.get_supervised(agent_id)
+                if record is None:
                     raise errors.NotFound(f"agent {agent_id!r} is not supervised (start it with StartAgent)")
-                record = registry_pb2.SupervisedAgent.FromString(current.value)
                 change(record)
-                ok, _ = await c.transaction(
-                    compare=[c.transactions.mod(key) == current.mod_revision],
-                    success=[c.transactions.put(key, record.SerializeToString())],
-                    failure=[],
-                )
-                if not ok:
+                if not await sup.store.put_supervised_if(record, mod_revision):
                     raise _Changed
     except _Changed:
         raise errors.Aborted(f"agent {agent_id!r} changed too often to update; retry") from None
@@ -159,18 +141,17 @@ async def _wait(
     """The record once ``done`` holds for it; FAILED_PRECONDITION if the agent failed instead."""
     deadline = time.monotonic() + timeout
     while True:
-        got = await sup.etcd.get(sup.store.keys.supervised_agent(agent_id))
-        if got is None:
+        record, _ = await sup.store.get_supervised(agent_id)
+        if record is None:
             raise errors.NotFound(f"agent {agent_id!r} is no longer supervised")
-        record = registry_pb2.SupervisedAgent.FromString(got.value)
         if done(record):
-            if record.state == S.SUPERVISION_STATE_FAILED:
+            if record.state == registry_pb2.SUPERVISION_STATE_FAILED:
                 raise errors.FailedPrecondition(
                     f"agent {agent_id!r} failed: {record.reason} ({record.last_exit})"
                 )
             return record
         if time.monotonic() > deadline:
             raise errors.DeadlineExceeded(
-                f"agent {agent_id!r} is {S.SupervisionState.Name(record.state)} after {timeout:.0f} s"
+                f"agent {agent_id!r} is {registry_pb2.SupervisionState.Name(record.state)} after {timeout:.0f} s"
             )
         await asyncio.sleep(0.05)

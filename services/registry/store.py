@@ -27,7 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from mabeam.config import MeshConfig
-from mabeam.runtime.etcd import EtcdClient, KeepAliveStream, ResumingWatch, while_leading
+from mabeam.runtime.etcd import (
+    EtcdClient,
+    KeepAliveStream,
+    LeaseKeeper,
+    ResumingWatch,
+    release,
+    try_acquire,
+    while_leading,
+)
 from mabeam.v1 import common_pb2, registry_pb2
 
 
@@ -140,6 +148,76 @@ class RegistryStore:
         )
         revision = responses[0].response_put.header.revision if ok and responses else 0
         return bool(ok), int(revision)
+
+    # -- supervision: desired state, its token, and which replica runs it --------------
+
+    async def get_supervised(self, agent_id: str) -> tuple[registry_pb2.SupervisedAgent | None, int]:
+        """The agent's supervision record and its mod revision (None, 0 when it is not supervised)."""
+        got = await self.client.get(self.keys.supervised_agent(agent_id))
+        if got is None:
+            return None, 0
+        return registry_pb2.SupervisedAgent.FromString(got.value), int(got.mod_revision)
+
+    async def create_supervised(
+        self, record: registry_pb2.SupervisedAgent, token: str, expect_mod_revision: int
+    ) -> bool:
+        """Put a new supervision record and the token its processes get, in one transaction.
+
+        Applies only if the record's mod revision is still ``expect_mod_revision``
+        (0 = absent), so two StartAgent calls for one id cannot both win.
+        """
+        c = self.client
+        key = self.keys.supervised_agent(record.agent_id)
+        compare = (
+            c.transactions.mod(key) == expect_mod_revision
+            if expect_mod_revision
+            else c.transactions.create(key) == 0
+        )
+        ok, _ = await c.transaction(
+            compare=[compare],
+            success=[
+                c.transactions.put(key, record.SerializeToString()),
+                c.transactions.put(self.keys.supervised_token(record.agent_id), token.encode()),
+            ],
+            failure=[],
+        )
+        return bool(ok)
+
+    async def put_supervised_if(
+        self, record: registry_pb2.SupervisedAgent, mod_revision: int, *, owner: str | None = None
+    ) -> bool:
+        """Replace the record if it is still at ``mod_revision`` (and, with ``owner``, while that replica owns it)."""
+        c = self.client
+        key = self.keys.supervised_agent(record.agent_id)
+        compare = [c.transactions.mod(key) == mod_revision]
+        if owner is not None:
+            compare.append(c.transactions.value(self.keys.owner(record.agent_id)) == owner.encode())
+        ok, _ = await c.transaction(
+            compare=compare, success=[c.transactions.put(key, record.SerializeToString())], failure=[]
+        )
+        return bool(ok)
+
+    async def supervised_token(self, agent_id: str) -> str:
+        """The token the supervisor chose for the agent ("" when there is none)."""
+        got = await self.client.get(self.keys.supervised_token(agent_id))
+        return bytes(got.value).decode() if got is not None else ""
+
+    async def owner_of(self, agent_id: str) -> str | None:
+        """The registry replica that runs the supervised agent now (read from etcd, not a cache)."""
+        got = await self.client.get(self.keys.owner(agent_id))
+        return bytes(got.value).decode() if got is not None else None
+
+    async def acquire_owner(self, agent_id: str, owner: str, lease_id: int) -> bool:
+        """Take the agent's owner key for ``owner`` on its lease (True when it is ours, also already)."""
+        return await try_acquire(self.client, self.keys.owner(agent_id), owner, lease_id)
+
+    async def release_owner(self, agent_id: str, owner: str) -> None:
+        """Drop the agent's owner key if ``owner`` still holds it."""
+        await release(self.client, self.keys.owner(agent_id), owner)
+
+    def lease_keeper(self, ttl: int) -> LeaseKeeper:
+        """A lease for this replica's owner keys (started by the supervisor)."""
+        return LeaseKeeper(self.client, ttl)
 
     async def token_matches(self, agent_id: str, token: str) -> bool:
         """True when ``token`` is the live registration's token."""

@@ -33,7 +33,7 @@ import stamina
 from mabeam.client import ChannelPool
 from mabeam.discovery import EndpointResolver
 from mabeam.runtime.cache import PrefixCache
-from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, release, try_acquire
+from mabeam.runtime.etcd import EtcdClient, LeaseKeeper
 from mabeam.server import MeshServer
 from mabeam.services.registry import migration, processes, requests
 from mabeam.services.registry.launch import Launch, launch_command, policy_of
@@ -86,7 +86,7 @@ class Supervisor:
         await self.owners.start()
         self.records.add_listener(lambda *a: self.wake.set())
         self.owners.add_listener(lambda *a: self.wake.set())
-        self._keeper = LeaseKeeper(self.etcd, self.server.config.service_ttl)
+        self._keeper = self.store.lease_keeper(self.server.config.service_ttl)
         await self._keeper.start()
         config = self.server.config
         self.peers = EndpointResolver(config.etcd_endpoints, config.prefix, "registry", tls=config.etcd_tls)
@@ -174,7 +174,7 @@ class Supervisor:
             for task in children.values():
                 task.cancel()
             await asyncio.gather(*children.values(), return_exceptions=True)
-            self._keeper = LeaseKeeper(self.etcd, self.server.config.service_ttl)
+            self._keeper = self.store.lease_keeper(self.server.config.service_ttl)
             await self._keeper.start()
         for _key, record in list(self.records.items()):
             agent_id = record.agent_id
@@ -182,9 +182,7 @@ class Supervisor:
             running_here = self.runs_here(agent_id)
             if record.state in ACTIVE and not running_here:
                 if owner is None or owner == self.replica_id:
-                    if await try_acquire(
-                        self.etcd, self.store.keys.owner(agent_id), self.replica_id, self._keeper.lease_id
-                    ):
+                    if await self.store.acquire_owner(agent_id, self.replica_id, self._keeper.lease_id):
                         self._children[agent_id] = asyncio.create_task(
                             processes.supervise(self, agent_id), name=f"supervise:{agent_id}"
                         )
@@ -202,24 +200,12 @@ class Supervisor:
 
     async def write(self, agent_id: str, change: Callable[[registry_pb2.SupervisedAgent], None]) -> bool:
         """Apply ``change`` to the record, only while this replica owns the agent."""
-        current = await self.etcd.get(self.store.keys.supervised_agent(agent_id))
-        if current is None:
+        record, mod_revision = await self.store.get_supervised(agent_id)
+        if record is None:
             return False
-        record = registry_pb2.SupervisedAgent.FromString(current.value)
         change(record)
         record.supervisor_id = self.replica_id
-        c = self.etcd
-        ok, _ = await c.transaction(
-            compare=[
-                c.transactions.value(self.store.keys.owner(agent_id)) == self.replica_id.encode(),
-                c.transactions.mod(self.store.keys.supervised_agent(agent_id)) == current.mod_revision,
-            ],
-            success=[
-                c.transactions.put(self.store.keys.supervised_agent(agent_id), record.SerializeToString())
-            ],
-            failure=[],
-        )
-        return bool(ok)
+        return await self.store.put_supervised_if(record, mod_revision, owner=self.replica_id)
 
     async def write_retrying(
         self, agent_id: str, change: Callable[[registry_pb2.SupervisedAgent], None]
@@ -232,20 +218,18 @@ class Supervisor:
                 with attempt:
                     if await self.write(agent_id, change):
                         return True
-                    owner = await self.etcd.get(self.store.keys.owner(agent_id))
-                    if owner is None or bytes(owner.value).decode() != self.replica_id:
+                    if await self.store.owner_of(agent_id) != self.replica_id:
                         return False
                     raise _Conflict
         return False
 
     async def release(self, agent_id: str) -> None:
         """Give the ownership of ``agent_id`` up (another replica may take it)."""
-        await release(self.etcd, self.store.keys.owner(agent_id), self.replica_id)
+        await self.store.release_owner(agent_id, self.replica_id)
 
     async def secret(self, agent_id: str) -> str:
         """The token the supervisor chose for the agent (given to every process it starts)."""
-        got = await self.etcd.get(self.store.keys.supervised_token(agent_id))
-        return bytes(got.value).decode() if got is not None else ""
+        return await self.store.supervised_token(agent_id)
 
     def launch_of(
         self, launch: registry_pb2.LaunchSpec, agent_id: str, token: str, *, standby: bool = False
