@@ -7,7 +7,17 @@ from typing import Any
 # running grpc threads; grpc's fork handlers only log noise there.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
+from hypothesis import settings
+
 pytest_plugins = ["harness.etcd_fixtures", "harness.mesh_fixtures", "harness.cluster_fixtures"]
+
+# Hypothesis in CI: the same examples on every run (derandomize; nothing to keep
+# in a database between runs) and, on a failure, the blob that replays it
+# (``@reproduce_failure``); no deadline, as a loaded runner is slow at random.
+# Locally the default: random examples, a local example database.
+settings.register_profile("ci", derandomize=True, print_blob=True, database=None, deadline=None)
+if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+    settings.load_profile("ci")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
