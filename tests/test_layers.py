@@ -172,3 +172,53 @@ def test_the_command_sets_fork_support_before_grpc_loads() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+ETCD_CALLS = {
+    "get",
+    "put",
+    "delete",
+    "transaction",
+    "get_prefix",
+    "delete_prefix",
+    "lease",
+    "revoke_lease",
+    "watch",
+}
+ETCD_FUNCTIONS = {"snapshot", "snapshot_and_watch", "try_acquire", "release", "while_leading"}
+
+
+def _etcd_calls(path: Path) -> list[str]:
+    """Calls on an etcd client (``self.etcd.put(...)``, ``client.transaction(...)``) and the layer's key functions."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in ETCD_FUNCTIONS:
+            found.append(f"{path.name}:{node.lineno} {func.id}()")
+        elif isinstance(func, ast.Attribute) and func.attr in ETCD_CALLS:
+            owner = func.value
+            name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+            if "etcd" in name.lower() or name in ("client", "c"):
+                found.append(f"{path.name}:{node.lineno} {name}.{func.attr}()")
+    return found
+
+
+def test_only_the_stores_call_etcd() -> None:
+    """Every etcd read, write, transaction and watch of a service is in its store.py (the keyspace it owns)."""
+    calls = []
+    for path in sorted((ROOT / "services").glob("*/*.py")):
+        if path.stem != "store":
+            calls += [f"{path.parent.name}/{c}" for c in _etcd_calls(path)]
+    assert calls == [], "etcd calls outside the stores: " + ", ".join(calls)
+
+
+def test_the_etcd_call_check_bites(tmp_path: Path) -> None:
+    planted = tmp_path / "server.py"
+    planted.write_text(
+        "async def f(self):\n    await self._etcd.put(b'k', b'v')\n    await snapshot(c, b'p')\n"
+    )
+    assert len(_etcd_calls(planted)) == 2
