@@ -103,6 +103,7 @@ async def publish(server: MeshServer, client: EtcdClient) -> EndpointPublisher:
     publisher = EndpointPublisher(client, key, value, server.config.service_ttl)
     await publisher.publish()
     server.spawn(publisher.run(), "endpoint-publisher")
-    # Withdraw before the grace period ends: clients stop picking this replica.
-    server.on_stop(publisher.withdraw)
+    # Withdrawn before the grace period, not after it: clients stop picking this
+    # replica while its calls in flight drain (MeshServer.stop).
+    server.on_withdraw(publisher.withdraw)
     return publisher

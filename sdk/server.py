@@ -11,8 +11,9 @@ A :class:`MeshServer` is a ``grpc.aio`` server with, always:
 * optional TLS / mutual TLS from :class:`mabeam.tls.TLS`;
 * ownership of background tasks (:meth:`MeshServer.spawn`): they are cancelled
   and awaited on :meth:`MeshServer.stop`, so nothing outlives the server;
-* graceful stop: health goes NOT_SERVING, in-flight calls get ``grace``
-  seconds, then the stop callbacks run.
+* graceful stop: health goes NOT_SERVING, the withdrawal callbacks run (a
+  service deletes its discovery endpoint there, so clients stop picking it),
+  then in-flight calls get ``grace`` seconds, then the stop callbacks run.
 
 It knows nothing of etcd: what the four services add (the etcd connection,
 publication of the address for discovery, etcd's errors, the entry point)
@@ -289,6 +290,7 @@ class MeshServer:
         self._service_names: list[str] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._on_withdraw: list[Callable[[], Awaitable[None]]] = []
         self._started = False
         self._stopped = False
         self.port = 0
@@ -307,6 +309,14 @@ class MeshServer:
     def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` on stop, once calls have ended (the last added runs first)."""
         self._on_stop.append(callback)
+
+    def on_withdraw(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` on stop before the grace period: health is NOT_SERVING, calls still run.
+
+        For what tells clients to go elsewhere (the discovery endpoint), so that
+        no new call arrives while the calls in flight drain.
+        """
+        self._on_withdraw.append(callback)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run a background task owned by this server: cancelled and awaited on stop.
@@ -373,6 +383,14 @@ class MeshServer:
         grace = self.config.grace if grace is None else grace
         if self._started:
             await self._health.enter_graceful_shutdown()
+        # Withdraw first, then drain: a client that resolves this replica during
+        # the grace period would otherwise send it calls it is about to refuse.
+        for callback in self._on_withdraw:
+            try:
+                await callback()
+            except Exception:
+                log.exception("withdrawal callback failed")
+        if self._started:
             await self._server.stop(grace)
         for task in list(self._tasks):
             task.cancel()

@@ -1,0 +1,58 @@
+"""A replica that stops withdraws from discovery first, then drains its calls in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+
+from harness.wait import eventually
+from mabeam.config import MeshConfig
+from mabeam.discovery import EndpointResolver
+from mabeam.runtime.service import start_service
+from mabeam.server import MeshServer
+from mabeam.services.registry import server as registry_server
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_stop_withdraws_the_endpoint_before_the_grace_period(mesh_config: MeshConfig) -> None:
+    entered = asyncio.Event()
+
+    async def slow(request: bytes, context: Any) -> bytes:
+        entered.set()
+        await asyncio.sleep(2.0)
+        return b"done"
+
+    async def build(server: MeshServer, client: Any) -> None:
+        await registry_server.build(server, client)
+        handler = grpc.method_handlers_generic_handler(
+            "test.Slow", {"Call": grpc.unary_unary_rpc_method_handler(slow)}
+        )
+        server.grpc_server.add_generic_rpc_handlers((handler,))
+
+    server = await start_service("registry", build, replace(mesh_config, grace=10.0), port=0)
+    resolver = EndpointResolver(mesh_config.etcd_endpoints, mesh_config.prefix, "registry")
+    await resolver.start()
+    stopping: asyncio.Task[None] | None = None
+    try:
+        assert resolver.addresses() == [server.address]
+        async with aio.insecure_channel(server.address) as channel:
+            call = asyncio.ensure_future(channel.unary_unary("/test.Slow/Call")(b"x", timeout=20))
+            await asyncio.wait_for(entered.wait(), 10)
+            stopping = asyncio.create_task(server.stop())  # a 10 s grace
+            # Clients resolving through etcd stop seeing the replica at once,
+            # long before the grace period (or the call in flight) ends ...
+            await eventually(lambda: resolver.addresses() == [], timeout=1.5, what="endpoint withdrawn")
+            assert not call.done() and not stopping.done()
+            # ... while the call in flight still completes.
+            assert await asyncio.wait_for(call, 10) == b"done"
+        await asyncio.wait_for(stopping, 15)
+    finally:
+        await resolver.stop()
+        if stopping is None:
+            await server.stop(0)
