@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,9 @@ class ResumingWatch:
     current when the stream is first created. When the revision to resume
     from was compacted, iteration raises :class:`WatchCompacted`: list again
     and start a new watch. ``single_key`` watches exactly ``prefix`` instead
-    of every key under it.
+    of every key under it. ``on_connection`` (if given) is called with False
+    when the stream breaks and with True once a resumed stream answers again,
+    so a consumer can tell "no change" from "cannot see changes".
 
     Iterating it is the only activity: no task runs in the background.
     Iteration ends after :meth:`close`, and raises
@@ -98,8 +101,10 @@ class ResumingWatch:
         start_revision: int | None = None,
         *,
         single_key: bool = False,
+        on_connection: Callable[[bool], None] | None = None,
     ) -> None:
         self._client = client
+        self._on_connection = on_connection
         self.prefix = prefix
         self._range_end = b"" if single_key else aetcd_utils.prefix_range_end(prefix)
         self.next_revision = start_revision
@@ -146,6 +151,8 @@ class ResumingWatch:
                     failure, first = first, None
                     raise failure
                 await self._step()
+        if self._on_connection is not None and not self._closed:
+            self._on_connection(True)
 
     async def _step(self) -> None:
         """Open the stream if it is down, and read one response.
@@ -184,6 +191,8 @@ class ResumingWatch:
             if self._client.closed:
                 raise ClientClosedError("etcd client is closed") from None
             self.reconnects += 1
+            if self._on_connection is not None:
+                self._on_connection(False)
             log.info(
                 "watch on %r broke (%s); resuming at revision %s",
                 self.prefix,

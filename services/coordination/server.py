@@ -21,7 +21,7 @@ from google.protobuf import json_format
 from mabeam import errors
 from mabeam.client import ChannelPool, MeshClient
 from mabeam.runtime import validate
-from mabeam.runtime.cache import PrefixCache
+from mabeam.runtime.cache import PrefixCache, report_health
 from mabeam.runtime.etcd import EtcdClient
 from mabeam.server import MeshServer
 from mabeam.services.coordination import runs
@@ -401,6 +401,7 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     servicer = CoordinationServicer(server, etcd)
     await servicer.start()
     server.on_stop(servicer.stop)
+    report_health(server, servicer.plugins)
     server.add_service(
         SERVICE_NAME, coordination_pb2_grpc.add_CoordinationServiceServicer_to_server, servicer
     )

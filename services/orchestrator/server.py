@@ -22,7 +22,7 @@ from google.protobuf import timestamp_pb2
 from mabeam import errors
 from mabeam.client import MeshClient
 from mabeam.runtime import validate
-from mabeam.runtime.cache import PrefixCache
+from mabeam.runtime.cache import PrefixCache, report_health
 from mabeam.runtime.etcd import EtcdClient, WatchCompacted
 from mabeam.server import MeshServer
 from mabeam.services.orchestrator import variables, writes
@@ -273,6 +273,7 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     servicer = OrchestratorServicer(server, etcd)
     await servicer.start()
     server.on_stop(servicer.stop)
+    report_health(server, servicer.bindings)
     server.spawn(servicer.run_adaptation(), "adaptation")
     server.add_service(
         SERVICE_NAME, orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server, servicer

@@ -19,7 +19,7 @@ from typing import Any
 from mabeam import errors, telemetry
 from mabeam.client import ChannelPool, MeshClient
 from mabeam.runtime import validate
-from mabeam.runtime.cache import PrefixCache
+from mabeam.runtime.cache import PrefixCache, report_health
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper
 from mabeam.server import MeshServer
 from mabeam.services.planner import dag
@@ -285,6 +285,7 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     servicer = PlannerServicer(server, etcd)
     await servicer.start()
     server.on_stop(servicer.stop)
+    report_health(server, servicer.goals, servicer.owners, servicer.cancels)
     telemetry.observe(
         "mabeam.planner.running_goals", "goals this replica runs", lambda: len(servicer.runners)
     )

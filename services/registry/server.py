@@ -18,6 +18,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from mabeam import errors, telemetry
 from mabeam.runtime import validate
+from mabeam.runtime.cache import report_health
 from mabeam.runtime.etcd import UNREACHABLE, EtcdClient, WatchCompacted
 from mabeam.server import MeshServer
 from mabeam.services.registry import heartbeats, prober
@@ -319,6 +320,10 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     server.on_stop(servicer.keepalives.close)
     await servicer.supervisor.start()
     server.spawn(prober.Prober(server, servicer.store, servicer.directory).run(), "prober")
+    supervisor = servicer.supervisor
+    report_health(
+        server, servicer.directory.agents, servicer.directory.loads, supervisor.records, supervisor.owners
+    )
     directory = servicer.directory
     telemetry.observe("mabeam.registry.agents", "registered agents", lambda: len(directory.agents))
     telemetry.observe(
