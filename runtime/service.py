@@ -22,27 +22,78 @@ from typing import Any
 from pythonjsonlogger.json import JsonFormatter
 
 from mabeam import config as mesh_config
-from mabeam import telemetry
+from mabeam import errors, telemetry
 from mabeam.config import MeshConfig
 from mabeam.runtime import endpoints, etcd, exporters, process
 from mabeam.server import MeshServer, announce_ready, serve_until_signalled
 
 BuildFn = Callable[[MeshServer, Any], Awaitable[None]]
 
+log = logging.getLogger("mabeam.service")
 
-def configure_logging() -> None:
-    """JSON lines on stderr: time, level, logger, message, the trace id, and exceptions as fields."""
-    level = os.environ.get("MABEAM_LOG_LEVEL", "INFO").upper()
-    handler = logging.StreamHandler(sys.stderr)
+
+class _JsonFormatter(JsonFormatter):
+    """python-json-logger's formatter, with an exception's type and message as fields of their own.
+
+    The traceback is the ``exc_info`` field (one string), so that a record with
+    an exception is still one line.
+    """
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        super().add_fields(log_data, record, message_dict)
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            log_data["exc_type"] = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            log_data["exc_message"] = str(exc)
+
+
+def json_handler(stream: Any) -> logging.Handler:
+    """A handler writing JSON lines to ``stream``: time, level, logger, trace and span ids, message.
+
+    A record with an exception also has ``exc_type``, ``exc_message`` and
+    ``exc_info`` (the traceback), each a field of the same line.
+    """
+    handler = logging.StreamHandler(stream)
     handler.addFilter(telemetry.TraceIdFilter())  # type: ignore[arg-type]
     handler.setFormatter(
-        JsonFormatter(
-            "{asctime}{levelname}{name}{trace_id}{message}",
+        _JsonFormatter(
+            "{asctime}{levelname}{name}{trace_id}{span_id}{message}",
             style="{",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         )
     )
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
+    return handler
+
+
+def configure_logging() -> None:
+    """JSON lines on stderr (see :func:`json_handler`); Python's warnings go through it too."""
+    level = os.environ.get("MABEAM_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[json_handler(sys.stderr)])
+    logging.captureWarnings(True)
+
+
+def _stdout_is_the_log() -> bool:
+    """True when stdout and stderr are the same file and not a terminal (a log file, as under ``mabeam up``)."""
+    try:
+        out, err = os.fstat(1), os.fstat(2)
+    except OSError:
+        return False
+    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino) and not os.isatty(1)
+
+
+def start_failure(kind: str, exc: BaseException, config: MeshConfig) -> str:
+    """One line for people saying why ``kind`` could not start, and what to do."""
+    if isinstance(exc, mesh_config.ConfigError):
+        return f"mabeam {kind}: {exc}"
+    if isinstance(etcd.to_mabeam_error(exc), errors.Unavailable):
+        where = ",".join(config.etcd_endpoints)
+        return (
+            f"mabeam {kind}: etcd at {where} is not reachable: start it, or point --etcd "
+            "(MABEAM_ETCD) at a running etcd"
+        )
+    return f"mabeam {kind} could not start: {type(exc).__name__}: {exc}"
 
 
 async def start_service(
@@ -86,7 +137,7 @@ def run_service(kind: str, build: BuildFn, argv: Sequence[str] | None = None) ->
     try:
         config = mesh_config.load(args)
     except mesh_config.ConfigError as exc:
-        print(f"mabeam {kind}: {exc}", file=sys.stderr)
+        log.error("mabeam %s: %s", kind, exc)
         return 2
     exporters.configure_tracing(service_name=f"mabeam-{kind}")
     exporters.configure_metrics(service_name=f"mabeam-{kind}")
@@ -94,13 +145,17 @@ def run_service(kind: str, build: BuildFn, argv: Sequence[str] | None = None) ->
     async def main() -> int:
         try:
             server = await start_service(kind, build, config)
-        except mesh_config.ConfigError as exc:
-            print(f"mabeam {kind}: {exc}", file=sys.stderr)
-            return 2
-        # The structured signal for the process that started this one (MABEAM_READY_FILE);
-        # the line is for people (and compose logs), nothing parses it for readiness.
+        except Exception as exc:
+            # One record, the traceback a field of it: the log stays JSON lines,
+            # and whoever started this process reads one line for people.
+            log.critical("%s", start_failure(kind, exc, config), exc_info=exc)
+            return 2 if isinstance(exc, mesh_config.ConfigError) else 1
+        # The structured signal for the process that started this one (MABEAM_READY_FILE).
         announce_ready(server.address, ready_file)
-        print(f"mabeam {kind} serving on {server.address}", flush=True)
+        log.info("mabeam %s serving on %s", kind, server.address, extra={"address": server.address})
+        if not _stdout_is_the_log():
+            # The line for people (and compose logs) where stdout is not the JSON log.
+            print(f"mabeam {kind} serving on {server.address}", flush=True)
         await serve_until_signalled([server])
         return 0
 

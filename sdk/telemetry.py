@@ -113,11 +113,15 @@ def observe(name: str, description: str, read: Any) -> None:
 
 
 class TraceIdFilter:
-    """A logging filter that puts the current trace id on every record (``%(trace_id)s``)."""
+    """A logging filter that puts the current trace and span ids on every record.
+
+    ``%(trace_id)s`` and ``%(span_id)s``: empty outside a span (or with tracing off).
+    """
 
     def filter(self, record: Any) -> bool:
         from opentelemetry import trace
 
         context = trace.get_current_span().get_span_context()
         record.trace_id = f"{context.trace_id:032x}" if context.is_valid else ""
+        record.span_id = f"{context.span_id:016x}" if context.is_valid else ""
         return True
