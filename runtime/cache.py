@@ -63,7 +63,7 @@ class PrefixCache(Generic[T]):
         self.prefix = prefix
         self._decode = decode
         self._items: dict[bytes, T] = {}
-        self._mod_revisions: dict[bytes, int] = {}
+        self._revisions: dict[bytes, tuple[int, int]] = {}  # key -> (create, mod) revision
         self.revision = 0
         self._listeners: list[Listener[T]] = []
         self._health_listeners: list[HealthListener] = []
@@ -93,7 +93,11 @@ class PrefixCache(Generic[T]):
 
     def mod_revision(self, key: bytes) -> int:
         """The etcd revision that last wrote the cached ``key`` (0 when not cached)."""
-        return self._mod_revisions.get(key, 0) if key in self._items else 0
+        return self._revisions.get(key, (0, 0))[1]
+
+    def create_revision(self, key: bytes) -> int:
+        """The etcd revision that created the cached ``key`` (0 when not cached)."""
+        return self._revisions.get(key, (0, 0))[0]
 
     def items(self) -> ItemsView[bytes, T]:
         """Every cached key and value."""
@@ -110,14 +114,14 @@ class PrefixCache(Generic[T]):
     async def _load(self) -> None:
         kvs, revision = await snapshot(self._client, self.prefix)
         fresh: dict[bytes, T] = {}
-        revisions: dict[bytes, int] = {}
+        revisions: dict[bytes, tuple[int, int]] = {}
         for kv in kvs:
             value = self._decode_or_skip(kv.key, kv.value)
             if value is not None:
                 fresh[kv.key] = value
-                revisions[kv.key] = int(kv.mod_revision)
+                revisions[kv.key] = (int(kv.create_revision), int(kv.mod_revision))
         old, self._items = self._items, fresh
-        self._mod_revisions = revisions
+        self._revisions = revisions
         self.revision = revision
         # Listeners see the initial listing as PUTs too, so indexes built
         # from them start complete.
@@ -217,16 +221,16 @@ class PrefixCache(Generic[T]):
             new = self._decode_or_skip(event.key, event.value)
             if new is None:
                 self._items.pop(event.key, None)
-                self._mod_revisions.pop(event.key, None)
+                self._revisions.pop(event.key, None)
                 if old is not None:
                     self._emit("DELETE", event.key, old, None, event.mod_revision)
                 return
             self._items[event.key] = new
-            self._mod_revisions[event.key] = event.mod_revision
+            self._revisions[event.key] = (event.create_revision, event.mod_revision)
             self._emit("PUT", event.key, old, new, event.mod_revision)
         else:
             self._items.pop(event.key, None)
-            self._mod_revisions.pop(event.key, None)
+            self._revisions.pop(event.key, None)
             self._emit("DELETE", event.key, old, None, event.mod_revision)
 
     def _emit(self, kind: str, key: bytes, old: T | None, new: T | None, revision: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from harness.wait import eventually
 from mabeam import errors
@@ -387,3 +387,61 @@ async def test_killed_planner_replica_is_resumed_without_rerunning_steps(
     runs = collections.Counter(s for a in adders for s in a.steps)
     assert runs == {f"s{i}": 1 for i in range(12)}
     del submitted
+
+
+async def _orphan_goal(etcd_client: Any, mesh_config: Any, goal_id: str, created_at_s: float) -> None:
+    """A pending goal with no owner, as a replica that died right after storing it leaves it;
+    its ``created_at`` is from that replica's clock, here ``created_at_s``."""
+    from mabeam.services.planner.store import GoalStore
+
+    created = timestamp_pb2.Timestamp()
+    created.FromNanoseconds(int(created_at_s * 1e9))
+    goal = planner_pb2.Goal(
+        goal_id=goal_id,
+        spec=planner_pb2.GoalSpec(steps=[step("only")]),
+        state=planner_pb2.GOAL_STATE_PENDING,
+        created_at=created,
+    )
+    assert await GoalStore(etcd_client, mesh_config).create(goal)
+
+
+async def _state(client: MeshClient, goal_id: str) -> planner_pb2.Goal:
+    return (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id))).goal
+
+
+async def test_an_orphaned_goal_is_adopted_within_its_bound_whatever_the_clock_that_wrote_it(
+    mesh: tuple[MeshClient, MeshServer], etcd_client: Any, mesh_config: Any
+) -> None:
+    from mabeam.services.planner.server import ADOPT_AFTER_S
+
+    client, registry = mesh
+    host = await host_of(registry, Adder("skew-1"))
+    try:
+        # Written by a replica whose clock runs an hour ahead: "created in the future".
+        written = time.monotonic()
+        await _orphan_goal(etcd_client, mesh_config, "from-the-future", time.time() + 3600)
+        done = await eventually(
+            lambda: _finished(client, "from-the-future"), timeout=ADOPT_AFTER_S + 8, what="adopted and run"
+        )
+        assert done.state == planner_pb2.GOAL_STATE_SUCCEEDED
+        assert time.monotonic() - written <= ADOPT_AFTER_S + 8
+
+        # Written by a replica whose clock runs an hour behind: still left to the
+        # submitting replica for ADOPT_AFTER_S by this replica's own clock, not taken at once.
+        written = time.monotonic()
+        await _orphan_goal(etcd_client, mesh_config, "from-the-past", time.time() - 3600)
+        await asyncio.sleep(ADOPT_AFTER_S / 2)
+        goal = await _state(client, "from-the-past")
+        if time.monotonic() - written < ADOPT_AFTER_S:
+            assert goal.state == planner_pb2.GOAL_STATE_PENDING and not goal.owner
+        done = await eventually(
+            lambda: _finished(client, "from-the-past"), timeout=ADOPT_AFTER_S + 8, what="adopted and run"
+        )
+        assert done.state == planner_pb2.GOAL_STATE_SUCCEEDED
+    finally:
+        await host.stop()
+
+
+async def _finished(client: MeshClient, goal_id: str) -> planner_pb2.Goal | None:
+    goal = await _state(client, goal_id)
+    return goal if goal.state == planner_pb2.GOAL_STATE_SUCCEEDED else None

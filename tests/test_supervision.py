@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -187,3 +188,42 @@ async def test_python_entry_point_launch(client: MeshClient) -> None:
     agent = (await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="py1"))).agent
     assert list(agent.capabilities) == ["sample"] and agent.supervised
     await client.registry.StopAgent(registry_pb2.StopAgentRequest(agent_id="py1"))
+
+
+async def test_a_registration_counts_whatever_the_clock_of_the_replica_that_wrote_it(
+    client: MeshClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registering replica's clock an hour behind the supervisor's: started is still registered."""
+    from google.protobuf import timestamp_pb2
+
+    from mabeam.services.registry import server as registry_server
+
+    def an_hour_ago() -> timestamp_pb2.Timestamp:
+        ts = timestamp_pb2.Timestamp()
+        ts.FromSeconds(int(time.time()) - 3600)
+        return ts
+
+    monkeypatch.setattr(registry_server, "_now", an_hour_ago)
+    launch, policy = worker_spec(
+        strategy=registry_pb2.RESTART_STRATEGY_PERMANENT,
+        max_restarts=3,
+        period=duration_pb2.Duration(seconds=30),
+    )
+    request = registry_pb2.StartAgentRequest(
+        agent_id="skewed",
+        launch=launch,
+        restart_policy=policy,
+        start_timeout=duration_pb2.Duration(seconds=8),
+    )
+    started = (await client.registry.StartAgent(request)).agent
+    assert started.state == registry_pb2.SUPERVISION_STATE_RUNNING and started.pid > 0
+    os.kill(started.pid, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        rec = await supervised(client, "skewed")
+        return rec.state == registry_pb2.SUPERVISION_STATE_RUNNING and rec.pid not in (0, started.pid)
+
+    await eventually(restarted, timeout=15, what="restarted and registered again")
+    rec = await supervised(client, "skewed")
+    assert rec.restart_count == 1 and rec.last_exit == "signal 9"
+    await client.registry.StopAgent(registry_pb2.StopAgentRequest(agent_id="skewed"))

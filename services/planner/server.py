@@ -32,6 +32,9 @@ SERVICE_NAME = "mabeam.v1.PlannerService"
 log = logging.getLogger("mabeam.planner")
 ACTIVE = (planner_pb2.GOAL_STATE_PENDING, planner_pb2.GOAL_STATE_RUNNING)
 FINISHED = (planner_pb2.GOAL_STATE_SUCCEEDED, planner_pb2.GOAL_STATE_FAILED, planner_pb2.GOAL_STATE_CANCELLED)
+# A pending goal is left to the replica that took its submission for this long,
+# counted on this replica's monotonic clock from when it first saw the goal: a
+# goal's created_at was written by another host's clock, never compared here.
 ADOPT_AFTER_S = 2.0
 
 
@@ -52,6 +55,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         self.owners: PrefixCache[bytes] = PrefixCache(etcd, self.store.owners, lambda k, v: bytes(v))
         self.cancels: PrefixCache[bytes] = PrefixCache(etcd, self.store.cancels, lambda k, v: bytes(v))
         self.runners: dict[str, tuple[GoalRunner | None, asyncio.Task[None]]] = {}
+        # goal_id -> (the goal key's create revision, time.monotonic() when this replica first saw it)
+        self._first_seen: dict[str, tuple[int, float]] = {}
         self._keeper: LeaseKeeper | None = None
         self._mesh: MeshClient | None = None
         self._wake = asyncio.Event()
@@ -123,19 +128,32 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             self.runners.clear()
             self._keeper = self.store.lease_keeper(self._server.config.service_ttl)
             await self._keeper.start()
-        now = time.time()
-        for _, goal in list(self.goals.items()):
+        now = time.monotonic()
+        pending: set[str] = set()
+        for key, goal in list(self.goals.items()):
             if goal.state not in ACTIVE or goal.goal_id in self.runners:
                 continue
-            if (
-                goal.state == planner_pb2.GOAL_STATE_PENDING
-                and now - goal.created_at.ToNanoseconds() / 1e9 < ADOPT_AFTER_S
-            ):
-                continue  # the replica that took the submission starts it (and keeps its trace)
+            if goal.state == planner_pb2.GOAL_STATE_PENDING:
+                pending.add(goal.goal_id)
+                if not self._pending_long_enough(goal.goal_id, self.goals.create_revision(key), now):
+                    continue  # the replica that took the submission starts it (and keeps its trace)
             if self.owners.get(self.store.owner_key(goal.goal_id)) is not None:
                 continue
             if await self.store.acquire_owner(goal.goal_id, self._server.instance_id, self._keeper.lease_id):
                 self._start_runner(goal.goal_id)
+        for goal_id in self._first_seen.keys() - pending:
+            del self._first_seen[goal_id]
+
+    def _pending_long_enough(self, goal_id: str, create_revision: int, now: float) -> bool:
+        """True once this replica has seen the pending goal for ADOPT_AFTER_S (its own clock).
+
+        The goal is known by its key's create revision, so a goal deleted and
+        submitted again under the same id waits afresh.
+        """
+        seen = self._first_seen.get(goal_id)
+        if seen is None or seen[0] != create_revision:
+            self._first_seen[goal_id] = seen = (create_revision, now)
+        return now - seen[1] >= ADOPT_AFTER_S
 
     def _start_runner(self, goal_id: str) -> None:
         if goal_id in self.runners:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from google.protobuf import timestamp_pb2
 
 from mabeam.runtime import process
+from mabeam.runtime.etcd import snapshot
 from mabeam.services.registry import launch as launches
 from mabeam.services.registry.restart_policy import RestartTracker
 from mabeam.v1 import registry_pb2
@@ -71,6 +72,7 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
             if record is None or record.state not in ACTIVE:
                 return
             spec = sup.launch_of(record.launch, agent_id, await sup.secret(agent_id))
+            before = await _registration_before_start(sup, agent_id)
             started = now()
             try:
                 proc = process.spawn(spec.argv, env=spec.env, cwd=spec.cwd)
@@ -88,7 +90,7 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
 
             if not await sup.write_retrying(agent_id, starting):
                 return
-            outcome = await _await_registration(sup, agent_id, proc, started, launches.start_timeout(record))
+            outcome = await _await_registration(sup, agent_id, proc, before, launches.start_timeout(record))
             if outcome == "registered":
                 await sup.write_retrying(agent_id, running)
                 outcome = await _await_exit_or_restart(sup, agent_id, proc)
@@ -162,22 +164,44 @@ async def _after_stop(sup: Supervisor, agent_id: str) -> None:
         await sup.release(agent_id)
 
 
+async def _registration_before_start(sup: Supervisor, agent_id: str) -> tuple[int, int]:
+    """etcd's revision now and the lease of the agent's registration then (0: none).
+
+    Read before the process starts, so that "registered after the start" is
+    decided by etcd's order, not by comparing clocks of different hosts.
+    """
+    key = sup.store.keys.agent(agent_id)
+    kvs, revision = await snapshot(sup.store.client, key)
+    lease = next((int(kv.lease) for kv in kvs if kv.key == key), 0)
+    return revision, lease
+
+
 async def _await_registration(
     sup: Supervisor,
     agent_id: str,
     proc: subprocess.Popen[bytes],
-    started: timestamp_pb2.Timestamp,
+    before: tuple[int, int],
     timeout: float,
 ) -> Outcome:
-    """Started means registered: the registration is what the rest of the mesh sees."""
+    """Started means registered: the registration is what the rest of the mesh sees.
+
+    Only a registration made after this start counts (not the last process's):
+    one written after ``before``'s revision, on a lease other than the one the
+    key had then (a registration always takes a new lease; the prober's status
+    writes keep it).
+    """
     deadline = time.monotonic() + timeout
-    # Only a registration made after this start counts (not the last process's).
-    since = launches.seconds(started)
+    since_revision, old_lease = before
+    key = sup.store.keys.agent(agent_id)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return "exited"
-        agent = sup.directory.agents.get(sup.store.keys.agent(agent_id))
-        if agent is not None and launches.seconds(agent.registered_at) >= since:
+        agent = sup.directory.agents.get(key)
+        if (
+            agent is not None
+            and sup.directory.agents.mod_revision(key) > since_revision
+            and agent.lease_id != old_lease
+        ):
             return "registered"
         await asyncio.sleep(0.01)
     return "timeout"
