@@ -235,3 +235,52 @@ async def test_health_probe_reports_not_serving(registry: MeshServer, client: Me
 
 async def _count_of(client: MeshClient, request: registry_pb2.ListAgentsRequest, n: int) -> bool:
     return len((await client.registry.ListAgents(request)).agents) == n
+
+
+async def _statuses_until_gone(client: MeshClient, agent_id: str, timeout: float) -> list[tuple[float, int]]:
+    """(seconds since the call, status) of ``agent_id``, polled until it is gone."""
+    seen: list[tuple[float, int]] = []
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            got = await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent_id))
+        except errors.NotFound:
+            return seen
+        seen.append((time.monotonic() - started, got.agent.status))
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{agent_id} still registered after {timeout} s")
+
+
+@pytest.mark.slow
+async def test_an_agent_without_heartbeats_is_unknown_before_its_lease_lapses(
+    registry: MeshServer, client: MeshClient
+) -> None:
+    from mabeam.services.registry.directory import UNKNOWN_AFTER_TTLS
+
+    # Its endpoint (the registry's own) answers health probes: UNKNOWN can only come from the beats.
+    reply = await client.registry.RegisterAgent(
+        register_request("silent", endpoint=registry.address, lease_ttl=duration_pb2.Duration(seconds=6))
+    )
+    ttl = reply.agent.lease_ttl.seconds
+    seen = await _statuses_until_gone(client, "silent", timeout=ttl + 5)
+    unknown_at = [t for t, s in seen if s == registry_pb2.AGENT_STATUS_UNKNOWN]
+    assert unknown_at, f"never UNKNOWN before the lease lapsed: {seen}"
+    assert unknown_at[0] >= UNKNOWN_AFTER_TTLS * ttl - 0.5
+    assert all(s == registry_pb2.AGENT_STATUS_SERVING for t, s in seen if t < UNKNOWN_AFTER_TTLS * ttl - 0.5)
+
+
+@pytest.mark.slow
+async def test_a_heartbeating_agent_is_never_unknown(registry: MeshServer, client: MeshClient) -> None:
+    host = AgentHost([Echo("beating")], registry=registry.address, lease_ttl=3.0)
+    await host.start()
+    try:
+        await eventually(lambda: client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="beating")))
+        statuses = []
+        started = time.monotonic()
+        while time.monotonic() - started < 7:  # over two TTLs
+            got = await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="beating"))
+            statuses.append(got.agent.status)
+            await asyncio.sleep(0.05)
+        assert set(statuses) == {registry_pb2.AGENT_STATUS_SERVING}
+    finally:
+        await host.stop()

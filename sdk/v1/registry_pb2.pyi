@@ -35,8 +35,10 @@ class _AgentStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentStat
     AGENT_STATUS_NOT_SERVING: _AgentStatus.ValueType  # 2
     """The lease is alive but the agent reports or probes as not serving."""
     AGENT_STATUS_UNKNOWN: _AgentStatus.ValueType  # 3
-    """The lease is alive but nothing recent is known (no heartbeat for more
-    than half the TTL and no probe answer).
+    """The lease is alive but nothing recent is known: no heartbeat stored for
+    5/6 of the TTL (about two missed beats, as a beat is stored at most every
+    TTL/2: an agent that stops beating shows it for the last sixth to half of
+    its TTL, then is gone), or its endpoint does not answer the health probe.
     """
 
 class AgentStatus(_AgentStatus, metaclass=_AgentStatusEnumTypeWrapper):
@@ -49,8 +51,10 @@ AGENT_STATUS_SERVING: AgentStatus.ValueType  # 1
 AGENT_STATUS_NOT_SERVING: AgentStatus.ValueType  # 2
 """The lease is alive but the agent reports or probes as not serving."""
 AGENT_STATUS_UNKNOWN: AgentStatus.ValueType  # 3
-"""The lease is alive but nothing recent is known (no heartbeat for more
-than half the TTL and no probe answer).
+"""The lease is alive but nothing recent is known: no heartbeat stored for
+5/6 of the TTL (about two missed beats, as a beat is stored at most every
+TTL/2: an agent that stops beating shows it for the last sixth to half of
+its TTL, then is gone), or its endpoint does not answer the health probe.
 """
 Global___AgentStatus: _TypeAlias = AgentStatus  # noqa: Y015
 

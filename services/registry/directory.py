@@ -18,6 +18,12 @@ from mabeam.v1 import common_pb2, registry_pb2
 
 # The lease TTL of an agent that did not ask for one (seconds).
 DEFAULT_TTL = 5.0
+# UNKNOWN after this many TTLs without a stored beat: about two missed beats
+# (beats come every TTL/3, and a beat is stored at most every TTL/2 unless the
+# load moved, so a live agent's stored beat is up to 2/3 TTL old), and still
+# short of the lease, so an agent that stops beating shows UNKNOWN for the last
+# sixth to half of its TTL before it is gone.
+UNKNOWN_AFTER_TTLS = 5 / 6
 
 
 def matches(agent: registry_pb2.Agent, capability: str, labels: Any) -> bool:
@@ -39,7 +45,19 @@ class AgentDirectory:
         self._index: dict[str, dict[str, registry_pb2.Agent]] = {"": {}}
         self._sorted: dict[str, list[registry_pb2.Agent]] = {}
         self._views: dict[str, tuple[Any, Any, registry_pb2.Agent]] = {}
+        # agent_id -> time.monotonic() when this replica last saw a beat stored: the
+        # stored reported_at is another replica's clock, never compared with ours.
+        self._beat_seen: dict[str, float] = {}
+        self._loads_prefix = store.keys.loads
         self.agents.add_listener(self._reindex)
+        self.loads.add_listener(self._on_load)
+
+    def _on_load(self, kind: str, key: bytes, old: Any, new: Any, rev: int) -> None:
+        agent_id = key[len(self._loads_prefix) :].decode(errors="replace")
+        if new is None:
+            self._beat_seen.pop(agent_id, None)
+        else:
+            self._beat_seen[agent_id] = time.monotonic()
 
     def _reindex(
         self, kind: str, key: bytes, old: registry_pb2.Agent | None, new: registry_pb2.Agent | None, rev: int
@@ -93,12 +111,16 @@ class AgentDirectory:
         return out
 
     def status(self, agent: registry_pb2.Agent) -> int:
-        """The probe's verdict; else SERVING while beats are recent, UNKNOWN after two TTLs without."""
+        """The probe's verdict; else SERVING while beats are recent, UNKNOWN after 5/6 TTL without.
+
+        "Recent" is measured on this replica's monotonic clock from when it saw
+        the agent's last stored beat (see :data:`UNKNOWN_AFTER_TTLS`).
+        """
         if agent.status in (registry_pb2.AGENT_STATUS_NOT_SERVING, registry_pb2.AGENT_STATUS_UNKNOWN):
             return agent.status
         ttl = agent.lease_ttl.seconds + agent.lease_ttl.nanos / 1e9 or DEFAULT_TTL
-        last = agent.last_heartbeat_at.seconds + agent.last_heartbeat_at.nanos / 1e9
-        if last and time.time() - last > 2 * ttl:
+        seen = self._beat_seen.get(agent.agent_id)
+        if seen is not None and time.monotonic() - seen > UNKNOWN_AFTER_TTLS * ttl:
             return registry_pb2.AGENT_STATUS_UNKNOWN
         return registry_pb2.AGENT_STATUS_SERVING
 

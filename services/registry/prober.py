@@ -1,7 +1,7 @@
 """Health probes of agent endpoints, run by one registry replica (elected through etcd).
 
 An agent's status comes from its lease (it is listed at all), its heartbeats
-(UNKNOWN when none came for two TTLs) and, here, a ``grpc.health.v1`` probe
+(UNKNOWN when none was stored for 5/6 of the TTL, about two missed beats) and, here, a ``grpc.health.v1`` probe
 of its endpoint: NOT_SERVING when the endpoint says so, UNKNOWN when it does
 not answer, SERVING otherwise (an endpoint without the health service counts
 as serving). One probe per endpoint, not per agent: an AgentHost's thousand
