@@ -10,7 +10,9 @@ server (no connection could be made). A write cut off mid-call may have been
 applied; sending it again could apply it twice (a second increment, a second
 auction), so the caller gets ``Unavailable`` and decides (re-read, then retry).
 Every gRPC error reaches the caller as an exception from :mod:`mabeam.errors`,
-code and message kept.
+code and message kept, its ``service`` naming the service that answered (a
+service that could not be reached at all is ``UNAVAILABLE`` with the reason
+``SERVICE_UNAVAILABLE`` naming it, not the store's reason).
 
 Example::
 
@@ -147,7 +149,7 @@ class Balancer:
         """The next endpoint in round robin, avoiding ``skip`` when there is another."""
         addresses = self.addresses()
         if not addresses:
-            raise errors.Unavailable(f"no live endpoint of the {self.service} service")
+            raise errors.service_unavailable(self.service, f"the {self.service} service has no live endpoint")
         if skip is not None and len(addresses) > 1:
             addresses = [a for a in addresses if a != skip]
         return addresses[next(self._counter) % len(addresses)]
@@ -195,6 +197,7 @@ class ServiceClient:
         descriptor = descriptor_pool.Default().FindServiceByName(service)
         self._streams_out = {m.name: m.server_streaming for m in descriptor.methods}
         self._calls: dict[str, Callable[..., Any]] = {}
+        self._service = balancer.service
 
     def _stub(self, address: str) -> Any:
         return self._balancer.stub(address, self._stub_factory)
@@ -216,12 +219,12 @@ class ServiceClient:
                 return await getattr(self._stub(address), name)(request, **kwargs)
             except grpc.RpcError as exc:
                 if len(self._balancer.addresses()) < 2 or not retry_is_safe(name, exc):
-                    raise errors.from_rpc_error(exc) from None
+                    raise errors.from_rpc_error(exc, service=self._service) from None
             retry_at = self._balancer.pick(skip=address)
             try:
                 return await getattr(self._stub(retry_at), name)(request, **kwargs)
             except grpc.RpcError as exc:
-                raise errors.from_rpc_error(exc) from None
+                raise errors.from_rpc_error(exc, service=self._service) from None
 
         return call
 
@@ -233,7 +236,7 @@ class ServiceClient:
                 async for item in stream:
                     yield item
             except grpc.RpcError as exc:
-                raise errors.from_rpc_error(exc) from None
+                raise errors.from_rpc_error(exc, service=self._service) from None
             finally:
                 stream.cancel()
 

@@ -10,6 +10,10 @@ whatever service answered.
 Retryable: :class:`Unavailable` (etcd or a replica unreachable; retry with
 back-off, possibly on another replica) and :class:`Aborted` (a lost
 compare-and-set: re-read, then retry). Everything else needs a different request.
+
+An error that a service got from another service it called (``service`` names
+that one; :class:`mabeam.client.MeshClient` sets it) is not the caller's
+mistake: :func:`from_downstream` maps it by cause before it is answered.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from typing import Any, ClassVar
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from mabeam.v1 import common_pb2
 
 ERROR_DOMAIN = "mabeam.dev"
-_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class MabeamError(Exception):
@@ -55,6 +59,9 @@ class MabeamError(Exception):
         self.reason_value = self.default_reason if reason is None else reason
         self.field = field
         self.metadata: dict[str, str] = dict(metadata or {})
+        # The mesh service that answered with this error, when it came from a
+        # call to another service (set by MeshClient); None when raised here.
+        self.service: str | None = None
 
     @property
     def reason(self) -> str:
@@ -150,6 +157,13 @@ class Unavailable(MabeamError):
     retryable = True
 
 
+class ResourceExhausted(MabeamError):
+    """etcd refused a write for lack of resources (its database is full: NOSPACE); the message says which."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = common_pb2.ERROR_REASON_STORE_EXHAUSTED
+
+
 class Unimplemented(MabeamError):
     """The operation is defined but not provided by this build."""
 
@@ -187,6 +201,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MabeamError]] = {
         Aborted,
         OutOfRange,
         DeadlineExceeded,
+        ResourceExhausted,
         Unavailable,
         Unimplemented,
         Internal,
@@ -196,23 +211,37 @@ _BY_CODE: dict[grpc.StatusCode, type[MabeamError]] = {
 }
 
 
-def trailing_metadata(error: MabeamError) -> tuple[tuple[str, bytes], ...]:
-    """Trailing metadata that carries ``error``'s rich status to the client."""
-    return ((_DETAILS_KEY, error.to_status().SerializeToString()),)
+def trailing_metadata(error: MabeamError) -> tuple[tuple[str, str | bytes], ...]:
+    """Trailing metadata that carries ``error``'s rich status to the client (grpcio-status packs it)."""
+    return tuple(rpc_status.to_status(error.to_status()).trailing_metadata)
 
 
-def from_rpc_error(err: grpc.RpcError) -> MabeamError:
-    """Turn a grpc error into the table's exception, unpacking ErrorInfo / BadRequest."""
+def _rich_status(err: Any) -> status_pb2.Status | None:
+    """The ``google.rpc.Status`` a failed call carries, if any (grpcio-status parses it)."""
+    if not (hasattr(err, "trailing_metadata") and hasattr(err, "code") and hasattr(err, "details")):
+        return None
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(err)
+    except ValueError:  # details that disagree with the call's own code or message: ignored
+        return None
+    return status
+
+
+def from_rpc_error(err: grpc.RpcError, *, service: str | None = None) -> MabeamError:
+    """Turn a grpc error into the table's exception, unpacking ErrorInfo / BadRequest.
+
+    ``service`` names the mesh service that was called (MeshClient passes it):
+    it is kept on the exception, and an ``UNAVAILABLE`` that carries no
+    ErrorInfo (the service could not be reached at all) gets the reason
+    ``SERVICE_UNAVAILABLE`` naming it, not the store's.
+    """
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = (err.details() if hasattr(err, "details") else None) or str(code)
     reason: int | None = None
     field: str | None = None
     metadata: dict[str, str] = {}
-    trailers: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-    for key, value in trailers or ():
-        if key != _DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status.FromString(value)
+    status = _rich_status(err)
+    if status is not None:
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
@@ -227,10 +256,70 @@ def from_rpc_error(err: grpc.RpcError) -> MabeamError:
                 detail.Unpack(bad)
                 if bad.field_violations:
                     field = bad.field_violations[0].field
+    if service is not None and reason is None and code == grpc.StatusCode.UNAVAILABLE:
+        reason = common_pb2.ERROR_REASON_SERVICE_UNAVAILABLE
+        metadata = {"service": service}
+        message = f"the {service} service is unreachable: {message}"
     cls = _BY_CODE.get(code, Unknown)
     exc = MabeamError.__new__(cls)
     MabeamError.__init__(exc, message, reason=reason, field=field, metadata=metadata)
+    exc.service = service
     return exc
+
+
+def service_unavailable(service: str, message: str) -> Unavailable:
+    """``UNAVAILABLE`` because the mesh service ``service`` has no replica to call (not the store)."""
+    exc = Unavailable(
+        message, reason=common_pb2.ERROR_REASON_SERVICE_UNAVAILABLE, metadata={"service": service}
+    )
+    exc.service = service
+    return exc
+
+
+def from_downstream(err: MabeamError) -> MabeamError:
+    """What a service answers when a call it made to another mesh service (``err.service``) failed.
+
+    The other service's status describes the request the service built, not
+    the caller's, so it is mapped by cause, naming that service (ErrorInfo
+    metadata ``service``, ``downstream_code``, ``downstream_reason``):
+
+    * ``UNAVAILABLE`` (or ``CANCELLED``: the call was dropped there) stays
+      ``UNAVAILABLE``, retryable, reason ``SERVICE_UNAVAILABLE``;
+    * ``DEADLINE_EXCEEDED`` stays ``DEADLINE_EXCEEDED``; ``RESOURCE_EXHAUSTED``
+      (its store is full) stays, with its reason;
+    * ``ABORTED`` (it lost a race) stays ``ABORTED``, retryable, reason
+      ``DEPENDENCY_FAILED``;
+    * ``NOT_FOUND``, ``ALREADY_EXISTS``, ``FAILED_PRECONDITION`` (the mesh's
+      state conflicts) become ``FAILED_PRECONDITION``;
+    * anything else — ``INVALID_ARGUMENT``, ``PERMISSION_DENIED``,
+      ``INTERNAL``, ... (it refused a request this service built, or failed) —
+      becomes ``INTERNAL``.
+    """
+    service = err.service or "another"
+    metadata = {"service": service, "downstream_code": err.code.name}
+    if err.reason_value:
+        metadata["downstream_reason"] = err.reason
+    said = f"the {service} service answered {err.code.name}: {err.message}"
+    failed = common_pb2.ERROR_REASON_DEPENDENCY_FAILED
+    out: MabeamError
+    if isinstance(err, Unavailable | Cancelled):
+        named = err.message.startswith(f"the {service} service ")  # said by MeshClient already
+        out = Unavailable(
+            err.message if named else f"the {service} service is unavailable: {err.message}",
+            reason=common_pb2.ERROR_REASON_SERVICE_UNAVAILABLE,
+            metadata=metadata,
+        )
+    elif isinstance(err, DeadlineExceeded):
+        out = DeadlineExceeded(said, metadata=metadata)
+    elif isinstance(err, ResourceExhausted):
+        out = ResourceExhausted(said, reason=err.reason_value or None, metadata=metadata)
+    elif isinstance(err, Aborted):
+        out = Aborted(said, reason=failed, metadata=metadata)
+    elif isinstance(err, NotFound | AlreadyExists | FailedPrecondition):
+        out = FailedPrecondition(said, reason=failed, metadata=metadata)
+    else:
+        out = Internal(said, reason=failed, metadata=metadata)
+    return out
 
 
 def status_code_number(code: grpc.StatusCode) -> int:

@@ -65,16 +65,24 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
 ErrorMapper = Callable[[BaseException], "errors.MabeamError | None"]
 
 
-def to_mabeam_error(exc: BaseException, mapper: ErrorMapper | None = None) -> errors.MabeamError:
+def to_mabeam_error(
+    exc: BaseException, mapper: ErrorMapper | None = None, service: str | None = None
+) -> errors.MabeamError:
     """Map any exception raised by a handler to the error table.
 
     ``mapper`` maps the exceptions of a layer this module does not know (the
     services pass the etcd layer's); it answers None for the others.
+    An error that another mesh service answered to a call the handler made
+    (``exc.service`` set, and not ``service``, the server's own kind: a call
+    handed to a peer replica answers as is) is mapped by cause
+    (:func:`mabeam.errors.from_downstream`): it was not the caller's mistake.
     Retryable results: ``UNAVAILABLE`` (etcd unreachable or a peer down) and
     ``ABORTED`` (lost compare-and-set). ``INTERNAL`` means a bug and is logged
     with its traceback.
     """
     if isinstance(exc, errors.MabeamError):
+        if exc.service is not None and exc.service != service:
+            return errors.from_downstream(exc)
         return exc
     if mapper is not None:
         mapped = mapper(exc)
@@ -88,10 +96,7 @@ def to_mabeam_error(exc: BaseException, mapper: ErrorMapper | None = None) -> er
     return errors.Internal(f"internal error: {type(exc).__name__}: {exc}")
 
 
-async def _abort(
-    context: aio.ServicerContext[Any, Any], exc: BaseException, mapper: ErrorMapper | None
-) -> None:
-    err = to_mabeam_error(exc, mapper)
+async def _abort(context: aio.ServicerContext[Any, Any], err: errors.MabeamError) -> None:
     await context.abort(err.code, err.message, trailing_metadata=errors.trailing_metadata(err))
 
 
@@ -121,7 +126,10 @@ def _record(method: str, code: str, started: float) -> None:
 
 
 def _wrap_handler(
-    handler: grpc.RpcMethodHandler, method: str = "", mapper: ErrorMapper | None = None
+    handler: grpc.RpcMethodHandler,
+    method: str = "",
+    mapper: ErrorMapper | None = None,
+    service: str | None = None,
 ) -> grpc.RpcMethodHandler:
     """Wrap a method handler so exceptions become statuses (see to_mabeam_error)."""
     if handler.unary_unary is not None:
@@ -136,8 +144,9 @@ def _wrap_handler(
                 code = "ABORTED_BY_HANDLER"
                 raise
             except Exception as exc:
-                code = to_mabeam_error(exc, mapper).code.name
-                await _abort(context, exc, mapper)
+                err = to_mabeam_error(exc, mapper, service)
+                code = err.code.name
+                await _abort(context, err)
             finally:
                 _record(method, code, started)
 
@@ -154,7 +163,7 @@ def _wrap_handler(
             except (aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                await _abort(context, exc, mapper)
+                await _abort(context, to_mabeam_error(exc, mapper, service))
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer
@@ -168,7 +177,7 @@ def _wrap_handler(
             except (aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                await _abort(context, exc, mapper)
+                await _abort(context, to_mabeam_error(exc, mapper, service))
 
         return grpc.stream_unary_rpc_method_handler(
             stream_unary, handler.request_deserializer, handler.response_serializer
@@ -183,7 +192,7 @@ def _wrap_handler(
         except (aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            await _abort(context, exc, mapper)
+            await _abort(context, to_mabeam_error(exc, mapper, service))
 
     return grpc.stream_stream_rpc_method_handler(
         stream_stream, handler.request_deserializer, handler.response_serializer
@@ -193,8 +202,9 @@ def _wrap_handler(
 class ErrorInterceptor(aio.ServerInterceptor):
     """Turns handler exceptions into gRPC statuses from the one error table."""
 
-    def __init__(self, mapper: ErrorMapper | None = None) -> None:
+    def __init__(self, mapper: ErrorMapper | None = None, service: str | None = None) -> None:
         self._mapper = mapper
+        self._service = service
         # Handlers are fixed per method: wrap each once, not on every call.
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -210,7 +220,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return handler
-        wrapped = _wrap_handler(handler, method, self._mapper)
+        wrapped = _wrap_handler(handler, method, self._mapper, self._service)
         self._wrapped[method] = wrapped
         return wrapped
 
@@ -283,7 +293,11 @@ class MeshServer:
         self.instance_id = (
             instance_id or f"{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
-        self._interceptors = [*telemetry.server_interceptors(), ErrorInterceptor(error_mapper), *interceptors]
+        self._interceptors = [
+            *telemetry.server_interceptors(),
+            ErrorInterceptor(error_mapper, kind),
+            *interceptors,
+        ]
         self._server = aio.server(interceptors=self._interceptors, options=SERVER_OPTIONS)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

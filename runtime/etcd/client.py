@@ -37,6 +37,7 @@ import aetcd
 import aetcd.exceptions
 import aetcd.rpc
 import aetcd.watcher
+import grpc
 from grpc import aio
 
 from mabeam import errors
@@ -83,11 +84,26 @@ def _cancelled_by_caller() -> bool:
 def to_mabeam_error(exc: BaseException) -> errors.MabeamError | None:
     """etcd's exceptions in the mesh's error table (None for any other exception).
 
-    Unreachable or unable to commit is ``UNAVAILABLE`` (retryable); a request
-    etcd refused is a bug on our side, ``INTERNAL``, logged.
+    Unreachable or unable to commit is ``UNAVAILABLE`` (retryable); a write
+    refused for lack of resources (etcd answers ``RESOURCE_EXHAUSTED``: its
+    database reached the space quota, the NOSPACE alarm) is
+    ``RESOURCE_EXHAUSTED`` with etcd's words; any other request etcd refused
+    is a bug on our side, ``INTERNAL``, logged. Mapped by cause: the aetcd
+    exception's type, else the status code of the grpc error it wraps
+    (``__cause__``), never by the text.
     """
     if isinstance(exc, UNREACHABLE):
         return errors.Unavailable(f"etcd is unreachable: {exc}")
+    cause = exc.__cause__
+    if (
+        isinstance(exc, aetcd.exceptions.ClientError)
+        and isinstance(cause, aio.AioRpcError)
+        and cause.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    ):
+        return errors.ResourceExhausted(
+            f"etcd refused the write for lack of resources ({cause.details()}): its database is full "
+            "or it is overloaded; an operator must compact, defragment and disarm the NOSPACE alarm"
+        )
     if isinstance(exc, aetcd.exceptions.ClientError):
         log.exception("etcd refused a request", exc_info=exc)
         return errors.Internal(f"etcd refused the request: {exc}")

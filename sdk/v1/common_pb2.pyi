@@ -85,6 +85,26 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A coordination outcome broke a binding's constraints and was not written
     (FAILED_PRECONDITION).
     """
+    ERROR_REASON_STORE_EXHAUSTED: _ErrorReason.ValueType  # 20
+    """etcd refused a write for lack of resources, typically because its
+    database reached its space quota (the NOSPACE alarm: "database space
+    exceeded"); writes fail until an operator compacts, defragments and
+    disarms the alarm (RESOURCE_EXHAUSTED, not retryable as is). The message
+    carries etcd's own words.
+    """
+    ERROR_REASON_SERVICE_UNAVAILABLE: _ErrorReason.ValueType  # 21
+    """A mesh service that this call depends on could not be reached or had no
+    live replica (UNAVAILABLE, retryable). ErrorInfo.metadata "service" names
+    it (e.g. "registry"); this is not an outage of the store.
+    """
+    ERROR_REASON_DEPENDENCY_FAILED: _ErrorReason.ValueType  # 22
+    """A mesh service that this call depends on refused or failed a request made
+    on the caller's behalf (FAILED_PRECONDITION when its state conflicts,
+    INTERNAL when it refused the request as malformed or failed, ABORTED when
+    it lost a race). ErrorInfo.metadata "service" names it and
+    "downstream_code" gives the status it answered; the caller's own request
+    was not at fault.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the machine-readable reasons the mesh puts in
@@ -151,6 +171,26 @@ to match (FAILED_PRECONDITION), e.g. compare-and-set of a string onto a number.
 ERROR_REASON_CONSTRAINT_VIOLATED: ErrorReason.ValueType  # 19
 """A coordination outcome broke a binding's constraints and was not written
 (FAILED_PRECONDITION).
+"""
+ERROR_REASON_STORE_EXHAUSTED: ErrorReason.ValueType  # 20
+"""etcd refused a write for lack of resources, typically because its
+database reached its space quota (the NOSPACE alarm: "database space
+exceeded"); writes fail until an operator compacts, defragments and
+disarms the alarm (RESOURCE_EXHAUSTED, not retryable as is). The message
+carries etcd's own words.
+"""
+ERROR_REASON_SERVICE_UNAVAILABLE: ErrorReason.ValueType  # 21
+"""A mesh service that this call depends on could not be reached or had no
+live replica (UNAVAILABLE, retryable). ErrorInfo.metadata "service" names
+it (e.g. "registry"); this is not an outage of the store.
+"""
+ERROR_REASON_DEPENDENCY_FAILED: ErrorReason.ValueType  # 22
+"""A mesh service that this call depends on refused or failed a request made
+on the caller's behalf (FAILED_PRECONDITION when its state conflicts,
+INTERNAL when it refused the request as malformed or failed, ABORTED when
+it lost a race). ErrorInfo.metadata "service" names it and
+"downstream_code" gives the status it answered; the caller's own request
+was not at fault.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

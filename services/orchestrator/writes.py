@@ -14,7 +14,7 @@ import stamina
 
 from mabeam import errors
 from mabeam.services.orchestrator import variables
-from mabeam.services.orchestrator.store import VariableStore
+from mabeam.services.orchestrator.store import LeaseNotFound, VariableStore
 from mabeam.v1 import common_pb2, orchestrator_pb2
 
 # Reads and writes tried while the variable keeps moving in between.
@@ -58,12 +58,10 @@ async def _stored(
     """The write's outcome; a lease that does not exist is the caller's FAILED_PRECONDITION."""
     try:
         return await write
-    except Exception as exc:
-        if lease and "lease not found" in str(exc):
-            raise errors.FailedPrecondition(
-                f"lease_id {lease} does not exist (it lapsed or was never granted)"
-            ) from None
-        raise
+    except LeaseNotFound:
+        raise errors.FailedPrecondition(
+            f"lease_id {lease} does not exist (it lapsed or was never granted)"
+        ) from None
 
 
 async def put(store: VariableStore, var: orchestrator_pb2.Variable, lease: int) -> Written:
