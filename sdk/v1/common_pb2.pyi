@@ -64,8 +64,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_STORE_UNAVAILABLE: _ErrorReason.ValueType  # 12
     """etcd could not be reached or lost its quorum (UNAVAILABLE, retryable)."""
     ERROR_REASON_NOT_IMPLEMENTED: _ErrorReason.ValueType  # 13
-    """The operation is defined but belongs to a capability that this build does
-    not provide yet (UNIMPLEMENTED).
+    """The operation is defined but the server does not provide it
+    (UNIMPLEMENTED), e.g. ExecuteStep on an agent that does not execute steps.
     """
     ERROR_REASON_ALREADY_EXISTS: _ErrorReason.ValueType  # 14
     """The object exists already (ALREADY_EXISTS), e.g. a protocol name."""
@@ -151,8 +151,8 @@ ERROR_REASON_NO_CAPABLE_AGENT: ErrorReason.ValueType  # 11
 ERROR_REASON_STORE_UNAVAILABLE: ErrorReason.ValueType  # 12
 """etcd could not be reached or lost its quorum (UNAVAILABLE, retryable)."""
 ERROR_REASON_NOT_IMPLEMENTED: ErrorReason.ValueType  # 13
-"""The operation is defined but belongs to a capability that this build does
-not provide yet (UNIMPLEMENTED).
+"""The operation is defined but the server does not provide it
+(UNIMPLEMENTED), e.g. ExecuteStep on an agent that does not execute steps.
 """
 ERROR_REASON_ALREADY_EXISTS: ErrorReason.ValueType  # 14
 """The object exists already (ALREADY_EXISTS), e.g. a protocol name."""

@@ -204,6 +204,50 @@ class VariableStore:
         got = await self.client.get(self.binding_key(name))
         return orchestrator_pb2.OrchestrationBinding.FromString(got.value) if got is not None else None
 
+    async def get_binding_entry(self, name: str) -> tuple[orchestrator_pb2.OrchestrationBinding, int] | None:
+        """The variable's binding and its key's mod revision (what :meth:`put_decided` compares)."""
+        got = await self.client.get(self.binding_key(name))
+        if got is None:
+            return None
+        return orchestrator_pb2.OrchestrationBinding.FromString(got.value), int(got.mod_revision)
+
+    async def put_decided(
+        self,
+        var: orchestrator_pb2.Variable,
+        expected: int,
+        binding: orchestrator_pb2.OrchestrationBinding,
+        binding_revision: int,
+    ) -> tuple[bool, orchestrator_pb2.Variable | None, int]:
+        """Write a decided value and its binding (``last_coordinated_at``) in one transaction.
+
+        Applied only if the variable is at version ``expected`` (0 = absent) and
+        the binding's key is still at ``binding_revision`` (not removed, not
+        rebound meanwhile): a binding deleted while its protocol ran stays deleted.
+        Returns (applied, the variable as stored now, the binding's mod
+        revision now: 0 when it is gone).
+        """
+        c = self.client
+        key, bkey = self.key(var.name), self.binding_key(binding.variable)
+        stored = orchestrator_pb2.Variable()
+        stored.CopyFrom(var)
+        stored.version = stored.mod_revision = stored.lease_id = 0
+        kind = (var.value.WhichOneof("kind") or "").encode()
+        ok, responses = await c.transaction(
+            compare=[c.transactions.version(key) == expected, c.transactions.mod(bkey) == binding_revision],
+            success=[
+                c.transactions.put(key, stored.SerializeToString()),
+                c.transactions.put(self.type_key(var.name), kind),
+                c.transactions.put(bkey, binding.SerializeToString()),
+                c.transactions.get(key),
+                c.transactions.get(bkey),
+            ],
+            failure=[c.transactions.get(key), c.transactions.get(bkey)],
+        )
+        ranged_var, ranged_binding = (responses[-2], responses[-1]) if len(responses) >= 2 else ([], [])
+        current = variable_from_kv(ranged_var[0][1]) if ranged_var else None
+        revision = int(ranged_binding[0][1].mod_revision) if ranged_binding else 0
+        return bool(ok), current, revision
+
     async def list_bindings(self) -> list[orchestrator_pb2.OrchestrationBinding]:
         """Every binding, in key order (strong read)."""
         kvs, _ = await snapshot(self.client, self.bindings)
