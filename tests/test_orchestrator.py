@@ -499,3 +499,53 @@ async def test_adaptation_rule_recoordinates_when_the_metric_crosses(
     assert (
         await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="adaptive"))
     ).variable.version == first.version
+
+
+class HeldVoter(Agent):
+    """Votes "21" once told to: the test unbinds the variable while the vote is held."""
+
+    capabilities = ("held",)
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(agent_id)
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        self.asked.set()
+        await self.release.wait()
+        return agent_pb2.CoordinationResponse(vote=agent_pb2.Vote(option="21"))
+
+
+async def test_a_binding_removed_while_coordinating_stays_removed(
+    mesh: tuple[MeshClient, MeshServer],
+) -> None:
+    """UnbindVariable during CoordinateVariable: nothing is written, the binding does not come back."""
+    o = mesh[0].orchestrator
+    voter = HeldVoter("held-1")
+    host = AgentHost([voter], registry=mesh[1].address)
+    await host.start()
+    try:
+        binding = orchestrator_pb2.OrchestrationBinding(
+            variable="unbound/mid-run",
+            protocol="consensus",
+            participants=common_pb2.AgentSelector(agent_ids=["held-1"]),
+            parameters=params({"question": "t?", "options": ["18", "21"]}),
+        )
+        await o.BindVariable(orchestrator_pb2.BindVariableRequest(binding=binding))
+        running = asyncio.create_task(
+            o.CoordinateVariable(orchestrator_pb2.CoordinateVariableRequest(variable="unbound/mid-run"))
+        )
+        await asyncio.wait_for(voter.asked.wait(), 10)
+        await o.UnbindVariable(orchestrator_pb2.UnbindVariableRequest(variable="unbound/mid-run"))
+        voter.release.set()
+        with pytest.raises(errors.NotFound) as caught:
+            await running
+        assert "unbound" in caught.value.message
+        listed = await o.ListBindings(orchestrator_pb2.ListBindingsRequest())
+        assert "unbound/mid-run" not in [b.variable for b in listed.bindings]
+        with pytest.raises(errors.NotFound):
+            await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="unbound/mid-run"))
+    finally:
+        voter.release.set()
+        await host.stop()

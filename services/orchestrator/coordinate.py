@@ -4,7 +4,11 @@ CoordinateVariable, CoordinateSystem and the adaptation loop all come here. A
 binding's protocol runs through the coordination service; the decided value
 is checked against the binding's constraints and written with compare-and-set
 on the version read before deciding (a variable that moved meanwhile is not
-overwritten); a resource allocation with a worker pool then starts or stops
+overwritten), in one transaction with the binding's ``last_coordinated_at``
+that compares the binding's mod revision read before deciding: a binding
+removed meanwhile (UnbindVariable) stays removed, nothing is written, and the
+call is NOT_FOUND; one rebound meanwhile is reported and not written. A
+resource allocation with a worker pool then starts or stops
 supervised workers through the registry. One coordination per variable at a
 time on a replica.
 """
@@ -35,6 +39,14 @@ def _now() -> timestamp_pb2.Timestamp:
     return ts
 
 
+def _unbound(name: str, session_id: str) -> errors.NotFound:
+    if not session_id:
+        return errors.NotFound(f"variable {name!r} is not bound (BindVariable first)")
+    return errors.NotFound(
+        f"variable {name!r} was unbound while session {session_id} decided it; nothing was written"
+    )
+
+
 class Coordinator:
     """Runs bindings' protocols and writes what they decide."""
 
@@ -51,7 +63,11 @@ class Coordinator:
     async def coordinate(
         self, binding: orchestrator_pb2.OrchestrationBinding
     ) -> orchestrator_pb2.VariableCoordination:
-        """Run a binding's protocol and write its outcome with compare-and-set."""
+        """Run a binding's protocol and write its outcome with compare-and-set.
+
+        Raises NotFound when the variable is not bound, or was unbound before
+        the outcome could be written (then nothing is written).
+        """
         lock = self._coordinating.setdefault(binding.variable, asyncio.Lock())
         async with lock:
             return await self._coordinate(binding)
@@ -60,6 +76,11 @@ class Coordinator:
         self, binding: orchestrator_pb2.OrchestrationBinding
     ) -> orchestrator_pb2.VariableCoordination:
         result = orchestrator_pb2.VariableCoordination(variable=binding.variable)
+        # Read here, with its revision: the outcome is written only while the binding stays as read.
+        entry = await self.store.get_binding_entry(binding.variable)
+        if entry is None:
+            raise _unbound(binding.variable, "")
+        binding, binding_revision = entry
         before = await self.store.get(binding.variable)
         expected = before.version if before is not None else 0
         selector = common_pb2.AgentSelector()
@@ -94,15 +115,21 @@ class Coordinator:
             name=binding.variable, value=value, updated_at=_now(), writer=self._writer
         )
         var.decided_by_session = session.session_id
-        ok, now = await self.store.put_if_version(binding.variable, var, expected, same_type=False)
+        binding.last_coordinated_at.CopyFrom(_now())
+        ok, now, binding_now = await self.store.put_decided(var, expected, binding, binding_revision)
         if now is not None:
             result.variable_after.CopyFrom(now)
         if not ok:
-            result.reason = f"lost compare-and-set: the variable moved from version {expected} while deciding"
+            if binding_now == 0:
+                raise _unbound(binding.variable, session.session_id)
+            if (now.version if now is not None else 0) != expected:
+                result.reason = (
+                    f"lost compare-and-set: the variable moved from version {expected} while deciding"
+                )
+            else:
+                result.reason = "the binding changed while deciding (rebound); not written"
             return result
         result.applied = True
-        binding.last_coordinated_at.CopyFrom(_now())
-        await self.store.put_binding(binding)
         if binding.kind == orchestrator_pb2.BINDING_KIND_RESOURCE_ALLOCATION and binding.HasField(
             "worker_pool"
         ):
@@ -111,6 +138,21 @@ class Coordinator:
             except errors.MabeamError as exc:
                 result.reason = f"written; resizing the worker pool failed: {exc.message}"
         return result
+
+    async def coordinate_system(
+        self, bindings: Iterable[orchestrator_pb2.OrchestrationBinding]
+    ) -> list[orchestrator_pb2.VariableCoordination]:
+        """Coordinate ``bindings`` concurrently; one unbound meanwhile is reported in its result."""
+
+        async def one(
+            binding: orchestrator_pb2.OrchestrationBinding,
+        ) -> orchestrator_pb2.VariableCoordination:
+            try:
+                return await self.coordinate(binding)
+            except errors.NotFound as exc:
+                return orchestrator_pb2.VariableCoordination(variable=binding.variable, reason=exc.message)
+
+        return list(await asyncio.gather(*(one(b) for b in bindings)))
 
     async def _resize_pool(self, pool: orchestrator_pb2.WorkerPool, size: int) -> None:
         """Start or stop supervised workers <prefix>-1..n through the registry to reach ``size``."""
@@ -162,7 +204,10 @@ class Coordinator:
                 log.info(
                     "adapting %s: %s = %g crossed %g", binding.variable, rule.metric, value, rule.threshold
                 )
-                await self.coordinate(binding)
+                try:
+                    await self.coordinate(binding)
+                except errors.NotFound:
+                    log.info("%s was unbound while adapting; nothing written", binding.variable)
 
     async def _metric(self, binding: orchestrator_pb2.OrchestrationBinding) -> float | None:
         metric = binding.adaptation.metric

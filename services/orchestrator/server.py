@@ -12,7 +12,6 @@ adaptation loop, run by one replica elected through etcd).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -252,7 +251,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             (b for b in await self.store.list_bindings() if b.variable.startswith(request.prefix)),
             key=lambda b: b.variable,
         )
-        results = await asyncio.gather(*(self.coordinator.coordinate(b) for b in bindings))
+        results = await self.coordinator.coordinate_system(bindings)
         return orchestrator_pb2.CoordinateSystemResponse(results=results)
 
     # -- adaptation -----------------------------------------------------------------------
