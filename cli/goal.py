@@ -33,6 +33,7 @@ import yaml
 from google.protobuf import json_format
 
 from mabeam import errors
+from mabeam.cli.flags import connection_flags
 from mabeam.client import MeshClient
 from mabeam.v1 import planner_pb2 as P
 
@@ -70,33 +71,28 @@ def load_goal(path: Path) -> P.GoalSpec:
 
 def add_goal_parser(sub: Any) -> None:
     """The ``goal`` subcommand of ``mabeam``."""
-    p = sub.add_parser("goal", help="run, follow and cancel goals on the planner")
-    p.add_argument(
-        "--planner",
-        default=os.environ.get("MABEAM_PLANNER", ""),
-        help="planner host:port (env MABEAM_PLANNER, default 127.0.0.1:50054)",
+    p = sub.add_parser(
+        "goal", help="run, follow and cancel goals on the planner", parents=[connection_flags()]
     )
-    p.add_argument(
-        "--etcd", default=os.environ.get("MABEAM_ETCD", ""), help="find the planner through etcd instead"
-    )
-    p.add_argument("--prefix", default=os.environ.get("MABEAM_PREFIX", "/mabeam"))
     gsub = p.add_subparsers(dest="goal_command", required=True)
-    run = gsub.add_parser("run", help="submit a goal file and follow it")
+    nested = [connection_flags(nested=True)]
+    run = gsub.add_parser("run", help="submit a goal file and follow it", parents=nested)
     run.add_argument("file", type=Path)
     run.add_argument("--id", default="", help="goal id (makes the submission idempotent)")
-    status = gsub.add_parser("status", help="show a goal")
+    status = gsub.add_parser("status", help="show a goal", parents=nested)
     status.add_argument("goal_id")
     status.add_argument("--json", action="store_true", help="the goal as JSON")
-    cancel = gsub.add_parser("cancel", help="cancel a goal")
+    cancel = gsub.add_parser("cancel", help="cancel a goal", parents=nested)
     cancel.add_argument("goal_id")
     cancel.add_argument("--reason", default="cancelled from the command line")
     p.set_defaults(func=main)
 
 
 async def _client(args: argparse.Namespace) -> MeshClient:
-    if args.etcd and not args.planner:
+    planner = args.planner or os.environ.get("MABEAM_PLANNER", "")
+    if args.etcd and not planner:
         return await MeshClient.connect(etcd=args.etcd.split(","), prefix=args.prefix)
-    return await MeshClient.connect(planner=args.planner or "127.0.0.1:50054")
+    return await MeshClient.connect(planner=planner or "127.0.0.1:50054")
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:

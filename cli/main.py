@@ -119,7 +119,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
             starting.result()
         except (MeshStartError, mesh_config.ConfigError, OSError, RuntimeError) as exc:
             stopper.cancel()
-            print(f"mabeam up: {exc}", file=sys.stderr)
+            print(f"mabeam up: {_one_line(exc)}", file=sys.stderr)
+            return 1
+        except Exception as exc:
+            # Anything else is a bug: one line here, the traceback in the log folder.
+            stopper.cancel()
+            print(f"mabeam up: {_one_line(exc)} (traceback: {_log_traceback(log_dir, exc)})", file=sys.stderr)
             return 1
         elapsed = time.monotonic() - started
         if mesh.etcd_cluster is not None:
@@ -137,6 +142,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         for part, name, endpoint in rows:
             print(f"{part:<{part_width}} {name:<{width}} {endpoint}")
         print(f"mesh healthy in {elapsed:.2f} s (logs: {log_dir}); Ctrl-C to stop", flush=True)
+        # A service or etcd that dies is started again, and a line says so.
+        mesh.watch(lambda line: print(line, flush=True))
         await stopper
         print("mabeam up: stopping", flush=True)
         await mesh.stop()
@@ -144,6 +151,24 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error for people: its first line (a child's log holds the rest)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _log_traceback(log_dir: os.PathLike[str] | str, exc: BaseException) -> str:
+    """Append ``exc``'s traceback to ``<log_dir>/up.log``; the file's path."""
+    import traceback
+    from pathlib import Path
+
+    path = Path(log_dir) / "up.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(traceback.format_exception(exc)))
+    return str(path)
 
 
 def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

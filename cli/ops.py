@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from mabeam import errors
+from mabeam.cli.flags import connection_flags
 from mabeam.client import MeshClient, list_all
 from mabeam.config import DEFAULT_PORTS, SERVICE_NAMES
 from mabeam.health_check import check
@@ -169,7 +170,9 @@ async def _vars(args: argparse.Namespace) -> int:
             )
         else:
             count = 0
-            async for event in o.WatchVariables(orchestrator_pb2.WatchVariablesRequest(prefix=args.prefix)):
+            async for event in o.WatchVariables(
+                orchestrator_pb2.WatchVariablesRequest(prefix=args.var_prefix)
+            ):
                 if args.json:
                     print(json.dumps(_dict(event), sort_keys=True), flush=True)
                 elif event.type == orchestrator_pb2.VARIABLE_EVENT_TYPE_PUT:
@@ -232,43 +235,45 @@ def add_ops_parsers(sub: Any) -> None:
     """The operator subcommands of ``mabeam``."""
 
     def common(p: argparse.ArgumentParser) -> None:
-        for service in DEFAULT_PORTS:
-            p.add_argument(f"--{service}", help=f"{service} host:port (env MABEAM_{service.upper()})")
-        p.add_argument(
-            "--etcd", default=os.environ.get("MABEAM_ETCD", ""), help="find the services through etcd"
-        )
-        p.add_argument("--prefix", default=os.environ.get("MABEAM_PREFIX", "/mabeam"))
         p.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
 
-    p = sub.add_parser("status", help="each service's health and the mesh's counts")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(name, help=help, parents=[connection_flags()])
+        return parser
+
+    p = add("status", "each service's health and the mesh's counts")
     common(p)
     p.set_defaults(func=lambda a: _run(_status, a))
-    p = sub.add_parser("agents", help="list the registered agents")
+    p = add("agents", "list the registered agents")
     common(p)
     p.add_argument("--capability", default="", help="only agents offering it")
     p.set_defaults(func=lambda a: _run(_agents, a))
-    p = sub.add_parser("vars", help="read, write and watch shared variables")
+    p = add("vars", "read, write and watch shared variables")
     common(p)
     vsub = p.add_subparsers(dest="vars_command", required=True)
-    g = vsub.add_parser("get", help="read a variable (strong)")
+    nested = [connection_flags(nested=True)]
+    g = vsub.add_parser("get", help="read a variable (strong)", parents=nested)
     g.add_argument("name")
-    s = vsub.add_parser("set", help="write a variable (a JSON value, or a string)")
+    s = vsub.add_parser("set", help="write a variable (a JSON value, or a string)", parents=nested)
     s.add_argument("name")
     s.add_argument("value")
     s.add_argument("--string", action="store_true", help="store VALUE as a string, not as JSON")
     s.add_argument("--expected-version", type=int, default=None, help="compare-and-set on this version")
-    w = vsub.add_parser("watch", help="print changes as they happen")
-    w.add_argument("prefix", nargs="?", default="")
+    w = vsub.add_parser("watch", help="print changes as they happen", parents=nested)
+    # Not dest "prefix": that is the mesh's etcd key prefix (--prefix).
+    w.add_argument(
+        "var_prefix", nargs="?", default="", metavar="PREFIX", help="variables under it (default all)"
+    )
     w.add_argument("--count", type=int, default=0, help="stop after this many changes")
     for child in (g, s, w):  # --json also after the subcommand's own arguments
         child.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON for scripts")
     p.set_defaults(func=lambda a: _run(_vars, a))
-    p = sub.add_parser("sessions", help="list coordination sessions, newest first")
+    p = add("sessions", "list coordination sessions, newest first")
     common(p)
     p.add_argument("--protocol", default="")
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=lambda a: _run(_sessions, a))
-    p = sub.add_parser("auction", help="run an auction among agents")
+    p = add("auction", "run an auction among agents")
     common(p)
     p.add_argument("item")
     p.add_argument("--capability", default="", help="bidders: every agent offering it")

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mabeam.config import SERVICE_NAMES, SERVICES, MeshConfig
+from mabeam.runtime import etcd as etcd_layer
 from mabeam.runtime import process
 from mabeam.runtime.embedded_etcd import EmbeddedEtcd, EtcdCluster
 
@@ -33,6 +35,14 @@ from mabeam.runtime.embedded_etcd import EmbeddedEtcd, EtcdCluster
 # (registry 50051, 50151, ...); etcd member n on its ports + n * ETCD_PORT_STEP.
 REPLICA_PORT_STEP = 100
 ETCD_PORT_STEP = 10
+
+# Watching (LocalMesh.watch, behind `mabeam up`): how often children are looked
+# at, the back-off between attempts to bring one back (stamina, doubling), and
+# how long a restarted child must live for its next death not to wait first.
+WATCH_INTERVAL_S = 0.5
+RESTART_WAIT_INITIAL_S = 0.5
+RESTART_WAIT_MAX_S = 30.0
+RESTART_STABLE_S = 10.0
 
 
 class MeshStartError(RuntimeError):
@@ -48,10 +58,17 @@ class ServiceProcess:
     address: str
     log_file: Path
     index: int = 0  # replica n of its kind (on the kind's port + n * REPLICA_PORT_STEP)
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def name(self) -> str:
+        """How people see it: ``registry-0``."""
+        return f"{self.kind}-{self.index}"
 
 
 @dataclass
@@ -88,6 +105,7 @@ class LocalMesh:
     # Replicas started so far per kind, counted before the first await: replicas
     # started together (gather) must not all take index 0 (same port, same log).
     _started: dict[str, int] = field(default_factory=dict)
+    _watcher: asyncio.Task[None] | None = None
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -154,6 +172,8 @@ class LocalMesh:
                     unsafe_no_fsync=self.unsafe_no_fsync,
                 )
                 await self.etcd.start()
+            else:
+                await self.check_external_etcd()
             starts = [
                 self.start_replica(kind, timeout=timeout)
                 for kind in self.services
@@ -168,15 +188,56 @@ class LocalMesh:
             raise
         self.startup_seconds = time.monotonic() - started
 
+    async def check_external_etcd(self, timeout: float = 5.0) -> None:
+        """MeshStartError in one line when the etcd given (``--etcd``) does not answer."""
+        where = ",".join(self.config.etcd_endpoints)
+        client = await etcd_layer.connect(
+            self.config.etcd_endpoints, tls=self.config.etcd_tls, timeout=timeout
+        )
+        try:
+            await client.get(self.config.prefix.encode() + b"/")
+        except Exception as exc:
+            reason = _first_line(str(exc)) or type(exc).__name__
+            raise MeshStartError(
+                f"etcd at {where} is not reachable ({reason}): "
+                "start it there, or leave out --etcd (and MABEAM_ETCD) to run an embedded etcd"
+            ) from None
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+
     async def start_replica(
         self, kind: str, port: int | None = None, timeout: float = 30.0
     ) -> ServiceProcess:
         """Start one more replica of ``kind`` (port 0 when replicas share a host)."""
-        assert self.log_dir is not None
         n = self._started.get(kind, 0)
         self._started[kind] = n + 1
         if port is None:
             port = self.replica_port(kind, n)
+        replica = await self._spawn_replica(kind, n, port, timeout)
+        self.processes.append(replica)
+        await wait_healthy(
+            replica.address, SERVICE_NAMES[kind], timeout=timeout, tls=self.config.tls is not None
+        )
+        return replica
+
+    async def restart_replica(self, replica: ServiceProcess, timeout: float = 30.0) -> ServiceProcess:
+        """Start ``replica`` again (it has exited): same index, port and log; healthy when it returns."""
+        port = self.replica_port(replica.kind, replica.index)
+        new = await self._spawn_replica(replica.kind, replica.index, port, timeout)
+        new.restarts = replica.restarts + 1
+        try:
+            await wait_healthy(
+                new.address, SERVICE_NAMES[new.kind], timeout=timeout, tls=self.config.tls is not None
+            )
+        except BaseException:
+            await process.terminate(new.proc, 1)
+            raise
+        self.processes = [new if p is replica else p for p in self.processes]
+        return new
+
+    async def _spawn_replica(self, kind: str, n: int, port: int, timeout: float) -> ServiceProcess:
+        assert self.log_dir is not None
         log_file = self.log_dir / f"{kind}-{n}.log"
         argv = process.python_module_argv(
             f"mabeam.services.{kind}",
@@ -204,9 +265,16 @@ class LocalMesh:
                 if value:
                     argv += [flag, value]
         with process.ReadyFile() as ready:
-            env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1", **ready.env()}
+            env = {
+                **os.environ,
+                # Supervised agents' logs go beside the services' (registry: <log_dir>/agents/).
+                "MABEAM_LOG_DIR": str(self.log_dir),
+                **self.extra_env,
+                "PYTHONUNBUFFERED": "1",
+                **ready.env(),
+            }
             # Its output goes to its log (both streams); its address comes in the ready file.
-            with open(log_file, "ab") as log:  # noqa: ASYNC230 (a local file, opened once)
+            with process.open_log(log_file) as log:
                 proc = process.spawn(argv, env=env, stdout=log, stderr=log)
             try:
                 address = (await ready.wait(proc, timeout)).address
@@ -217,22 +285,113 @@ class LocalMesh:
                 ) from None
             except process.ExitedBeforeReady as exc:
                 raise MeshStartError(
-                    f"{kind} exited with status {exc.status} before serving:\n{_tail(log_file)}"
+                    f"{kind} exited with status {exc.status} before serving: "
+                    f"{_last_failure(log_file)} (log: {log_file})"
                 ) from None
             except BaseException:
                 await process.terminate(proc, 1)
                 raise
-        replica = ServiceProcess(kind, proc, address, log_file, n)
-        self.processes.append(replica)
-        await wait_healthy(address, SERVICE_NAMES[kind], timeout=timeout, tls=self.config.tls is not None)
-        return replica
+        return ServiceProcess(kind, proc, address, log_file, n)
 
     async def stop_replica(self, replica: ServiceProcess, grace: float | None = None) -> int | None:
         """Stop one replica gracefully (SIGTERM, then SIGKILL after the grace)."""
         return await process.terminate(replica.proc, (self.config.grace if grace is None else grace) + 2)
 
+    def watch(self, report: Callable[[str], None]) -> None:
+        """From now on, restart a replica or an etcd member of this mesh that dies, with back-off.
+
+        Like compose's ``restart: unless-stopped``: a child that exits (a crash,
+        a kill) is started again on its port with its log, tried again with
+        doubling waits (stamina) until it is healthy; a child that dies again
+        within RESTART_STABLE_S of its restart waits before it is restarted.
+        ``report`` gets one line per event, for people. Replicas' logs are
+        rotated here too (process.rotate_log). :meth:`stop` ends the watch first.
+        """
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(report), name="mesh-watch")
+
+    async def _watch(self, report: Callable[[str], None]) -> None:
+        reviving: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                await asyncio.sleep(WATCH_INTERVAL_S)
+                for name, member in self._etcd_members():
+                    if name not in reviving and not (member.pid and process.pid_alive(member.pid)):
+                        reviving[name] = asyncio.create_task(self._revive_etcd(name, member, report))
+                for replica in list(self.processes):
+                    process.rotate_log(replica.log_file)
+                    if replica.name not in reviving and replica.proc.poll() is not None:
+                        reviving[replica.name] = asyncio.create_task(self._revive(replica, report))
+                for name, task in list(reviving.items()):
+                    if task.done():
+                        del reviving[name]
+                        if not task.cancelled() and task.exception() is not None:
+                            report(f"mabeam up: watching {name} failed: {task.exception()}")
+        finally:
+            for task in reviving.values():
+                task.cancel()
+            await asyncio.gather(*reviving.values(), return_exceptions=True)
+
+    def _etcd_members(self) -> list[tuple[str, EmbeddedEtcd]]:
+        if self.etcd is not None:
+            return [("etcd", self.etcd)]
+        if self.etcd_cluster is not None:
+            return [(f"etcd-{i}", m) for i, m in enumerate(self.etcd_cluster.members)]
+        return []
+
+    async def _revive(self, replica: ServiceProcess, report: Callable[[str], None]) -> None:
+        died = _how_it_ended(replica.proc.returncode)
+        lived = time.monotonic() - replica.started_at
+        if replica.restarts and lived < RESTART_STABLE_S:  # a crash loop: wait before trying again
+            await asyncio.sleep(min(RESTART_WAIT_MAX_S, RESTART_WAIT_INITIAL_S * 2**replica.restarts))
+        began = time.monotonic()
+        async for attempt in stamina.retry_context(
+            on=(MeshStartError, OSError),
+            attempts=None,
+            timeout=None,
+            wait_initial=RESTART_WAIT_INITIAL_S,
+            wait_max=RESTART_WAIT_MAX_S,
+            wait_jitter=0,
+        ):
+            with attempt:
+                try:
+                    new = await self.restart_replica(replica)
+                except (MeshStartError, OSError) as exc:
+                    report(f"mabeam up: {replica.name} did not come back ({exc}); trying again")
+                    raise
+        report(
+            f"mabeam up: {replica.name} (pid {replica.pid}) {died}; restarted as pid {new.pid} "
+            f"on {new.address}, healthy in {time.monotonic() - began:.1f} s (log: {new.log_file})"
+        )
+
+    async def _revive_etcd(self, name: str, member: EmbeddedEtcd, report: Callable[[str], None]) -> None:
+        old = member.pid
+        began = time.monotonic()
+        async for attempt in stamina.retry_context(
+            on=(RuntimeError, OSError),
+            attempts=None,
+            timeout=None,
+            wait_initial=RESTART_WAIT_INITIAL_S,
+            wait_max=RESTART_WAIT_MAX_S,
+            wait_jitter=0,
+        ):
+            with attempt:
+                try:
+                    await member.restart()
+                except (RuntimeError, OSError) as exc:
+                    report(f"mabeam up: {name} did not come back ({_first_line(str(exc))}); trying again")
+                    raise
+        report(
+            f"mabeam up: {name} (pid {old}) died; restarted as pid {member.pid} on {member.endpoint}, "
+            f"healthy in {time.monotonic() - began:.1f} s"
+        )
+
     async def stop(self) -> None:
         """Stop every replica, then etcd; safe to call twice."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
         replicas, self.processes = self.processes, []
         self._started = {}
         await asyncio.gather(*(self.stop_replica(r) for r in replicas), return_exceptions=True)
@@ -253,11 +412,30 @@ class LocalMesh:
         await self.stop()
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _how_it_ended(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _last_failure(path: Path) -> str:
+    """Why a service did not start, in one line: its last CRITICAL or ERROR record, else its last line."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return "(no log)"
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("level") in ("CRITICAL", "ERROR"):
+            return _first_line(str(record.get("message", "")))
+    return _first_line(lines[-1]) if lines else "(it logged nothing)"
 
 
 class _NotServing(Exception):

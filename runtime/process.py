@@ -112,6 +112,38 @@ async def wait_exit(proc: subprocess.Popen[bytes]) -> int:
     return int(proc.wait())
 
 
+# A child's log file (a service replica's under LocalMesh, a supervised agent's)
+# is rotated once it passes this size: copied to ``<name>.1`` (the one older
+# file kept) and emptied in place. The child writes with O_APPEND, so it goes
+# on at the start of the emptied file; nothing reads its output through a pipe.
+# A log takes at most about twice this size, plus what is written between looks.
+LOG_MAX_BYTES = 10 * 1024 * 1024
+
+
+def open_log(path: str | os.PathLike[str]) -> IO[bytes]:
+    """``path`` opened for a child's stdout and stderr: appended to (O_APPEND), its folder made.
+
+    Pass it to :func:`spawn` and close it once the child has started (the child keeps its own copy).
+    """
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    return open(path, "ab")
+
+
+def rotate_log(path: str | os.PathLike[str], max_bytes: int = LOG_MAX_BYTES) -> bool:
+    """Copy-truncate ``path`` into ``<path>.1`` once it is larger than ``max_bytes``; True if it did.
+
+    Copy and truncate, not rename: the child keeps writing to the file it has open.
+    """
+    try:
+        if os.path.getsize(path) <= max_bytes:
+            return False
+        shutil.copyfile(path, f"{os.fspath(path)}.1")
+        os.truncate(path, 0)
+    except OSError:
+        return False
+    return True
+
+
 def python_module_argv(module: str, *args: str) -> list[str]:
     """argv running ``python -m module args`` with this interpreter."""
     return [sys.executable, "-m", module, *args]

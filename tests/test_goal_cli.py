@@ -78,6 +78,15 @@ async def test_goal_run_status_cancel(planner: str) -> None:
     assert code == 0 and "SUCCEEDED" in out  # a finished goal stays as it is
 
 
+async def test_connection_flags_go_after_the_subcommand_too(planner: str) -> None:
+    """``mabeam goal run FILE --planner HOST:PORT``, as a person types it, is not refused."""
+    code, out, err = await mabeam("goal", "run", "examples/goal.yaml", "--planner", planner, "--id", "late")
+    assert code == 0, out + err
+    assert "goal late SUCCEEDED" in out
+    code, out, err = await mabeam("goal", "status", "late", "--planner", planner)
+    assert code == 0 and "SUCCEEDED" in out, out + err
+
+
 async def test_goal_run_shows_a_progress_bar_on_a_terminal(planner: str) -> None:
     main, child = pty.openpty()
     proc = await asyncio.create_subprocess_exec(

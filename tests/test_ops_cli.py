@@ -82,6 +82,9 @@ async def test_status_agents_vars_auction_sessions(flags: list[str]) -> None:
     assert code == 1 and "ABORTED" in err and "version 1" in err
     code, out, _ = await mabeam("vars", *flags, "get", "room/temp", "--json")
     assert json.loads(out)["value"]["number_value"] == 21.5
+    # The connection flags also after the nested subcommand, as people type them.
+    code, out, err = await mabeam("vars", "get", "room/temp", *flags)
+    assert code == 0 and "room/temp = 21.5" in out, err
     watch = asyncio.create_task(mabeam("vars", *flags, "watch", "room/", "--count", "1"))
     await asyncio.sleep(1.0)
     await mabeam("vars", *flags, "set", "room/light", "on", "--string")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,6 +215,62 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     assert err.strip().count("\n") == 0, err
     assert str(port) in err and "--coordination-port" in err
     assert "Traceback" not in err
+
+
+def test_unreachable_etcd_is_one_line_naming_it(tmp_path: Path) -> None:
+    """``mabeam up --etcd http://127.0.0.1:1`` (nothing there): one line, what and what to do."""
+    proc, _ = start_up(tmp_path, ["--etcd", "http://127.0.0.1:1"])
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out + err
+    assert err.strip().count("\n") == 0, err
+    assert "etcd at http://127.0.0.1:1 is not reachable" in err and "--etcd" in err
+    assert "Traceback" not in err + out
+
+
+def read_line(proc: subprocess.Popen[str], starting: str, timeout: float) -> str:
+    """The next line of ``proc``'s stdout that starts with ``starting``; fail after ``timeout`` seconds."""
+    stdout = proc.stdout
+    assert stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:  # a thread: readline blocks, and may hold lines already buffered
+        for line in stdout:
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith(starting):
+            return line
+    pytest.fail(f"no line starting {starting!r} within {timeout} s; saw: {''.join(seen)!r}")
+
+
+def test_a_dead_service_is_restarted_and_said_so_in_one_line(up: Up) -> None:
+    """Like compose's ``restart: unless-stopped``: kill a service child of ``mabeam up``, it comes back."""
+    registry = [
+        pid
+        for pid in descendants(up.proc.pid)
+        if b"mabeam.services.registry" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(registry) == 1, registry
+    os.kill(registry[0], signal.SIGKILL)
+    line = read_line(up.proc, "mabeam up: registry-0", 60)
+    address = f"127.0.0.1:{up.ports['registry']}"
+    assert f"(pid {registry[0]}) was killed by signal 9; restarted as pid" in line, line
+    assert f"on {address}, healthy" in line, line
+    health = run_grpcurl(
+        "-plaintext", "-d", '{"service": "mabeam.v1.RegistryService"}', address, "grpc.health.v1.Health/Check"
+    )
+    assert '"SERVING"' in health
 
 
 def _free_with_offsets(offsets: tuple[int, ...]) -> int:
