@@ -42,7 +42,8 @@ async def test_stop_withdraws_the_endpoint_before_the_grace_period(mesh_config: 
     try:
         assert resolver.addresses() == [server.address]
         async with aio.insecure_channel(server.address) as channel:
-            call = asyncio.ensure_future(channel.unary_unary("/test.Slow/Call")(b"x", timeout=20))
+            slow_call = channel.unary_unary("/test.Slow/Call", None, None)  # bytes in, bytes out
+            call = asyncio.ensure_future(slow_call(b"x", timeout=20))
             await asyncio.wait_for(entered.wait(), 10)
             stopping = asyncio.create_task(server.stop())  # a 10 s grace
             # Clients resolving through etcd stop seeing the replica at once,
