@@ -9,7 +9,12 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 from hypothesis import settings
 
-pytest_plugins = ["harness.etcd_fixtures", "harness.mesh_fixtures", "harness.cluster_fixtures"]
+pytest_plugins = [
+    "harness.leak_fixtures",
+    "harness.etcd_fixtures",
+    "harness.mesh_fixtures",
+    "harness.cluster_fixtures",
+]
 
 # Hypothesis in CI: the same examples on every run (derandomize; nothing to keep
 # in a database between runs) and, on a failure, the blob that replays it
