@@ -3,12 +3,13 @@
 :class:`MeshClient` holds one client per service. Each client reaches its
 service through a :class:`Balancer`: explicit addresses, or the live endpoints
 that the replicas publish in etcd (:mod:`mabeam.discovery`), balanced round
-robin over reused channels. A call that fails with ``UNAVAILABLE`` because the
-replica is gone is tried once more on the next endpoint when that is safe: a
-read (``Get*``, ``List*``) always, any other call only when it never reached a
-server (no connection could be made). A write cut off mid-call may have been
-applied; sending it again could apply it twice (a second increment, a second
-auction), so the caller gets ``Unavailable`` and decides (re-read, then retry).
+robin over reused channels. Every mutating call carries a ``request_id``
+(AIP-155): the caller's, else a UUID the client sets on a copy of the request.
+A call that fails with ``UNAVAILABLE`` because the replica is gone is tried
+once more on the next endpoint: a read (``Get*``, ``List*``) and a call with a
+``request_id`` always (a write cut off mid-call that the dying replica applied
+is answered from its record, not applied twice), any other call only when it
+never reached a server (no connection could be made).
 Every gRPC error reaches the caller as an exception from :mod:`mabeam.errors`,
 code and message kept, its ``service`` naming the service that answered (a
 service that could not be reached at all is ``UNAVAILABLE`` with the reason
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -169,19 +171,30 @@ _NOT_SENT = ("failed to connect", "connection refused")
 _READS = ("Get", "List")
 
 
-def retry_is_safe(method: str, exc: grpc.RpcError) -> bool:
+def retry_is_safe(method: str, exc: grpc.RpcError, *, request_id: bool = False) -> bool:
     """Whether a call of ``method`` that failed with ``exc`` may be sent to another replica.
 
-    Only ``UNAVAILABLE`` qualifies: for a read (``Get*``, ``List*``) always; for
-    any other call only when it never reached a server. A call cut off mid-way
-    ("Socket closed") may have been applied and is not sent again.
+    Only ``UNAVAILABLE`` qualifies: for a read (``Get*``, ``List*``) and for a
+    call that carries a ``request_id`` (``request_id=True``) always: a write
+    cut off mid-way ("Socket closed") that the dying replica applied is
+    answered from its recorded outcome, not applied again (AIP-155, see
+    :mod:`mabeam.runtime.idempotency`). Any other call only when it never
+    reached a server.
     """
     if exc.code() != grpc.StatusCode.UNAVAILABLE:
         return False
-    if method.startswith(_READS):
+    if request_id or method.startswith(_READS):
         return True
     details = (exc.details() or "").lower()
     return any(marker in details for marker in _NOT_SENT)
+
+
+def _with_request_id(request: Any) -> Any:
+    """A copy of ``request`` with a new ``request_id`` (a UUID)."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.request_id = str(uuid.uuid4())
+    return copy
 
 
 class ServiceClient:
@@ -196,6 +209,12 @@ class ServiceClient:
         self._stub_factory = stub_factory
         descriptor = descriptor_pool.Default().FindServiceByName(service)
         self._streams_out = {m.name: m.server_streaming for m in descriptor.methods}
+        # Mutating calls: their request has a request_id, which the client sets when the caller did not.
+        self._with_request_id = {
+            m.name
+            for m in descriptor.methods
+            if not m.client_streaming and "request_id" in m.input_type.fields_by_name
+        }
         self._calls: dict[str, Callable[..., Any]] = {}
         self._service = balancer.service
 
@@ -213,12 +232,17 @@ class ServiceClient:
         return call
 
     def _unary(self, name: str) -> Callable[..., Any]:
+        with_id = name in self._with_request_id
+
         async def call(request: Any, **kwargs: Any) -> Any:
+            if with_id and not request.request_id:
+                # On a copy: the caller's message may be sent again as a new request.
+                request = _with_request_id(request)
             address = self._balancer.pick()
             try:
                 return await getattr(self._stub(address), name)(request, **kwargs)
             except grpc.RpcError as exc:
-                if len(self._balancer.addresses()) < 2 or not retry_is_safe(name, exc):
+                if len(self._balancer.addresses()) < 2 or not retry_is_safe(name, exc, request_id=with_id):
                     raise errors.from_rpc_error(exc, service=self._service) from None
             retry_at = self._balancer.pick(skip=address)
             try:

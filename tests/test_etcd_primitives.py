@@ -10,6 +10,7 @@ import aetcd.exceptions
 import pytest
 
 from harness.certs import make_certs
+from harness.wait import eventually
 from mabeam.runtime.cache import PrefixCache
 from mabeam.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from mabeam.runtime.etcd import (
@@ -39,22 +40,29 @@ def _our_tasks(*prefixes: str) -> list[str]:
 
 
 async def _put_retrying(client: EtcdClient, key: bytes, value: bytes, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
+    async def put() -> bool:
         try:
             await client.put(key, value)
-            return
         except UNREACHABLE:
-            assert time.monotonic() < deadline, "etcd did not come back"
-            await asyncio.sleep(0.1)
+            return False
+        return True
+
+    await eventually(put, timeout=within, interval=0.1, what="etcd back: a put goes through")
 
 
-async def _get_retrying(client: EtcdClient, key: bytes) -> object:
-    while True:
-        try:
-            return await client.get(key)
-        except UNREACHABLE:
-            await asyncio.sleep(0.05)
+async def _watch_created(watch: ResumingWatch) -> None:
+    """Until etcd confirmed the watch (one started without a revision learns it from etcd's answer)."""
+    await eventually(lambda: watch.next_revision is not None, what="the watch created")
+
+
+async def _candidate_in_place(client: EtcdClient, name: bytes, who: str) -> None:
+    """Until ``who``'s candidate key is in etcd: it waits in line for the lead."""
+
+    async def there() -> bool:
+        kvs, _ = await snapshot(client, name + b"/")
+        return who.encode() in {bytes(kv.value) for kv in kvs}
+
+    await eventually(there, what=f"{who} campaigning")
 
 
 # -- the client -------------------------------------------------------------------------
@@ -132,7 +140,8 @@ async def test_lease_keeper_keeps_a_short_lease_alive(etcd_client: EtcdClient, k
     await keeper.start()
     assert keeper.granted_ttl == 2  # etcd 3.5 grants at least 2 s with its default timings
     await etcd_client.put(key_prefix + b"owned", b"x", lease=keeper.lease_id)
-    await asyncio.sleep(3 * keeper.granted_ttl + 0.5)
+    assert await etcd_client.get(key_prefix + b"owned") is not None
+    await asyncio.sleep(3 * keeper.granted_ttl + 0.5)  # time is what is tested: three TTLs pass
     assert await etcd_client.get(key_prefix + b"owned") is not None
     assert not keeper.lost.is_set()
     await keeper.revoke()
@@ -153,7 +162,7 @@ async def test_lease_keeper_reports_a_lease_revoked_elsewhere(etcd_client: EtcdC
         await asyncio.wait_for(keeper.wait_lost(), 3)
         # Told by etcd at the next refresh, not guessed at the end of the TTL.
         assert time.monotonic() - revoked < keeper.granted_ttl / 2
-        await asyncio.sleep(0.1)
+        await eventually(lambda: calls, what="on_lost called")
         assert calls == [1]
     assert not _our_tasks(f"lease-keeper-{keeper.lease_id:x}")
 
@@ -176,17 +185,21 @@ async def test_lease_lost_when_etcd_is_down_longer_than_the_ttl(private_etcd: Em
         await client.put(b"/owned", b"x", lease=keeper.lease_id)
         await private_etcd.stop()
         stopped = time.monotonic()
-        await asyncio.sleep(keeper.granted_ttl + 0.5)
         # Declared lost by the TTL, while etcd is still down: the owner stops acting in time.
-        assert keeper.lost.is_set() and len(lost_at) == 1
+        await asyncio.wait_for(keeper.wait_lost(), keeper.granted_ttl + 2)
+        assert len(lost_at) == 1
         assert lost_at[0] - stopped <= keeper.granted_ttl
         await private_etcd.restart()
+
         # etcd renews every lease on restart (a whole TTL more); the keeper
         # revokes the abandoned one once etcd answers, so its keys go sooner.
-        back = time.monotonic()
-        while await _get_retrying(client, b"/owned") is not None:
-            assert time.monotonic() - back < keeper.granted_ttl - 1
-            await asyncio.sleep(0.05)
+        async def gone() -> bool:
+            try:
+                return await client.get(b"/owned") is None
+            except UNREACHABLE:
+                return False
+
+        await eventually(gone, timeout=keeper.granted_ttl - 1, what="the abandoned lease's key gone")
     finally:
         await keeper.stop()
         await client.close()
@@ -254,7 +267,7 @@ async def test_closing_the_client_ends_its_watches(private_etcd: EmbeddedEtcd) -
     client = await connect([private_etcd.endpoint])
     watch = ResumingWatch(client, b"/w/")
     waiting = asyncio.create_task(anext(watch))
-    await asyncio.sleep(0.2)
+    await _watch_created(watch)
     await client.close()
     with pytest.raises(ClientClosedError):
         await asyncio.wait_for(waiting, 5)
@@ -269,7 +282,7 @@ async def test_close_wakes_a_consumer_waiting_for_events(etcd_client: EtcdClient
             events.append(event)
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.2)
+    await _watch_created(watch)
     watch.close()
     await asyncio.wait_for(task, 2)  # ends, neither cancelled nor failed
     assert events == []
@@ -293,11 +306,11 @@ async def test_resuming_watch_sees_every_put_across_an_etcd_restart_once_in_orde
 
     task = asyncio.create_task(consume())
     try:
-        await asyncio.sleep(0.2)  # the watch is created
+        await _watch_created(watch)
         for i in range(n // 2):
             await writer.put(b"/w/k", str(i).encode())
         await private_etcd.stop()
-        await asyncio.sleep(0.5)
+        await eventually(lambda: watch.reconnects >= 1, what="the watch sees the stream break")
         await private_etcd.restart()
         for i in range(n // 2, n):
             await _put_retrying(writer, b"/w/" + str(i % 3).encode(), str(i).encode())
@@ -319,10 +332,7 @@ async def test_prefix_cache_follows_puts_and_lease_expiry(etcd_client: EtcdClien
     reply = await etcd_client.put(key_prefix + b"b", b"2", lease=lease.id)
     await cache.wait_revision(reply.header.revision)
     assert cache.get(key_prefix + b"b") == b"2"
-    deadline = time.monotonic() + 5
-    while cache.get(key_prefix + b"b") is not None and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert cache.get(key_prefix + b"b") is None
+    await eventually(lambda: cache.get(key_prefix + b"b") is None, what="the lapsed key gone from the cache")
     await cache.stop()
 
 
@@ -362,7 +372,7 @@ async def test_one_leader_and_takeover_when_its_lease_is_lost(
     await first.campaign()
     assert first.is_leader and await first.leader() == "one"
     waiting = asyncio.create_task(second.campaign())
-    await asyncio.sleep(0.3)
+    await _candidate_in_place(etcd_client, name, "two")
     assert not waiting.done() and not second.is_leader
     t = etcd_client.transactions
     ok, _ = await etcd_client.transaction(
@@ -394,9 +404,9 @@ async def test_resign_hands_over_in_order_and_cancel_withdraws(
     a, b, c = (Election(etcd_client, name, who, ttl=5) for who in ("a", "b", "c"))
     await a.campaign()
     b_waits = asyncio.create_task(b.campaign())
-    await asyncio.sleep(0.2)
+    await _candidate_in_place(etcd_client, name, "b")
     c_waits = asyncio.create_task(c.campaign())
-    await asyncio.sleep(0.2)
+    await _candidate_in_place(etcd_client, name, "c")
     c_waits.cancel()  # c gives up: its key goes, b is still next
     with pytest.raises(asyncio.CancelledError):
         await c_waits
@@ -421,7 +431,7 @@ async def test_campaign_fails_when_the_lease_goes_while_waiting(
     await leader.campaign()
     hopeful = Election(etcd_client, name, "hopeful", ttl=2)
     waiting = asyncio.create_task(hopeful.campaign())
-    await asyncio.sleep(0.3)
+    await _candidate_in_place(etcd_client, name, "hopeful")
     await etcd_client.revoke_lease(hopeful.lease_id)
     with pytest.raises(ElectionLost):
         await asyncio.wait_for(waiting, 5)
@@ -443,14 +453,15 @@ async def test_leadership_is_lost_when_etcd_is_down_longer_than_the_ttl(private_
         assert not election.is_leader
         assert time.monotonic() - stopped <= 2.5  # by the TTL, while etcd is still down
         await private_etcd.restart()
-        deadline = time.monotonic() + 10
-        while True:
+
+        async def stands_again() -> bool:
             try:
                 await election.campaign()  # stands again, on a new lease
-                break
             except UNREACHABLE:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.1)
+                return False
+            return True
+
+        await eventually(stands_again, timeout=10, interval=0.1, what="a new campaign after the restart")
         assert election.is_leader and election.key != first_key
         assert await election.leader() == "solo"
     finally:

@@ -348,6 +348,7 @@ class RunAuctionRequest(_message.Message):
     DECREMENT_FIELD_NUMBER: _builtins.int
     FLOOR_PRICE_FIELD_NUMBER: _builtins.int
     MAX_ROUNDS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     type: Global___AuctionType.ValueType
     """The kind of auction."""
     item: _builtins.str
@@ -364,6 +365,14 @@ class RunAuctionRequest(_message.Message):
     """Dutch: the lowest price asked, >= 0."""
     max_rounds: _builtins.int
     """English and Dutch: the most rounds (default 100)."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     @_builtins.property
     def settings(self) -> Global___SessionSettings:
         """Participants, deadlines, session id."""
@@ -385,10 +394,11 @@ class RunAuctionRequest(_message.Message):
         decrement: _builtins.float = ...,
         floor_price: _builtins.float = ...,
         max_rounds: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["item_attributes", b"item_attributes", "settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decrement", b"decrement", "floor_price", b"floor_price", "increment", b"increment", "item", b"item", "item_attributes", b"item_attributes", "max_rounds", b"max_rounds", "reserve_price", b"reserve_price", "settings", b"settings", "start_price", b"start_price", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decrement", b"decrement", "floor_price", b"floor_price", "increment", b"increment", "item", b"item", "item_attributes", b"item_attributes", "max_rounds", b"max_rounds", "request_id", b"request_id", "reserve_price", b"reserve_price", "settings", b"settings", "start_price", b"start_price", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -452,6 +462,7 @@ class RunMarketRequest(_message.Message):
     TOLERANCE_FIELD_NUMBER: _builtins.int
     MAX_ROUNDS_FIELD_NUMBER: _builtins.int
     MIN_PRICE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     type: Global___MarketType.ValueType
     """The kind of market."""
     step: _builtins.float
@@ -464,6 +475,14 @@ class RunMarketRequest(_message.Message):
     """Tatonnement: the most rounds (default 100)."""
     min_price: _builtins.float
     """Tatonnement: prices never go below this, >= 0 (default 0.0001)."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     @_builtins.property
     def settings(self) -> Global___SessionSettings:
         """Participants, deadlines, session id."""
@@ -487,10 +506,11 @@ class RunMarketRequest(_message.Message):
         tolerance: _builtins.float = ...,
         max_rounds: _builtins.int = ...,
         min_price: _builtins.float = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["goods", b"goods", "initial_prices", b"initial_prices", "max_rounds", b"max_rounds", "min_price", b"min_price", "settings", b"settings", "step", b"step", "tolerance", b"tolerance", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goods", b"goods", "initial_prices", b"initial_prices", "max_rounds", b"max_rounds", "min_price", b"min_price", "request_id", b"request_id", "settings", b"settings", "step", b"step", "tolerance", b"tolerance", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -554,6 +574,7 @@ class RunConsensusRequest(_message.Message):
     QUORUM_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
     TIE_RULE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     question: _builtins.str
     """Required. What is decided."""
     rule: Global___ConsensusRule.ValueType
@@ -566,6 +587,14 @@ class RunConsensusRequest(_message.Message):
     """
     tie_rule: Global___TieRule.ValueType
     """What happens on a tie."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     @_builtins.property
     def settings(self) -> Global___SessionSettings:
         """Participants, deadlines, session id."""
@@ -589,10 +618,11 @@ class RunConsensusRequest(_message.Message):
         quorum: _builtins.float = ...,
         weights: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         tie_rule: Global___TieRule.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "question", b"question", "quorum", b"quorum", "rule", b"rule", "settings", b"settings", "threshold", b"threshold", "tie_rule", b"tie_rule", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "question", b"question", "quorum", b"quorum", "request_id", b"request_id", "rule", b"rule", "settings", b"settings", "threshold", b"threshold", "tie_rule", b"tie_rule", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -631,8 +661,17 @@ class RunRequest(_message.Message):
     SETTINGS_FIELD_NUMBER: _builtins.int
     PROTOCOL_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     protocol: _builtins.str
     """Required. The protocol's name, as listed by ListProtocols."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     @_builtins.property
     def settings(self) -> Global___SessionSettings:
         """Participants, deadlines, session id."""
@@ -647,10 +686,11 @@ class RunRequest(_message.Message):
         settings: Global___SessionSettings | None = ...,
         protocol: _builtins.str = ...,
         parameters: _struct_pb2.Struct | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "protocol", b"protocol", "settings", b"settings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "protocol", b"protocol", "request_id", b"request_id", "settings", b"settings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -996,6 +1036,7 @@ class RegisterProtocolRequest(_message.Message):
     ENDPOINT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     REPLACE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. 1-64 characters of [a-z0-9_]; must not be a built-in's name."""
     endpoint: _builtins.str
@@ -1004,6 +1045,14 @@ class RegisterProtocolRequest(_message.Message):
     """What the protocol does, for people (default: the plugin's Describe)."""
     replace: _builtins.bool
     """Replace an existing registration of the same name instead of ALREADY_EXISTS."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     def __init__(
         self,
         *,
@@ -1011,10 +1060,11 @@ class RegisterProtocolRequest(_message.Message):
         endpoint: _builtins.str = ...,
         description: _builtins.str = ...,
         replace: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "endpoint", b"endpoint", "name", b"name", "replace", b"replace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "endpoint", b"endpoint", "name", b"name", "replace", b"replace", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1181,16 +1231,26 @@ class UnregisterProtocolRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The protocol's name."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -244,6 +244,7 @@ class SetVariableRequest(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     WRITER_FIELD_NUMBER: _builtins.int
     REQUIRE_SAME_TYPE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. The variable's name."""
     mode: Global___WriteMode.ValueType
@@ -262,6 +263,14 @@ class SetVariableRequest(_message.Message):
     """Refuse the write when the new value's type differs from the stored one
     (FAILED_PRECONDITION, reason TYPE_MISMATCH). Compare-and-set writes always
     check the type.
+    """
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
     """
     @_builtins.property
     def value(self) -> _common_pb2.Value:
@@ -282,10 +291,11 @@ class SetVariableRequest(_message.Message):
         lease_id: _builtins.int = ...,
         writer: _builtins.str = ...,
         require_same_type: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "timestamp", b"timestamp", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "lease_id", b"lease_id", "mode", b"mode", "name", b"name", "require_same_type", b"require_same_type", "timestamp", b"timestamp", "value", b"value", "writer", b"writer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "lease_id", b"lease_id", "mode", b"mode", "name", b"name", "request_id", b"request_id", "require_same_type", b"require_same_type", "timestamp", b"timestamp", "value", b"value", "writer", b"writer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
@@ -455,19 +465,29 @@ class DeleteVariableRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The variable's name."""
     expected_version: _builtins.int
     """Delete only at this version (ABORTED otherwise). Unset = unconditional."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         expected_version: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
@@ -747,6 +767,15 @@ class BindVariableRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BINDING_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     @_builtins.property
     def binding(self) -> Global___OrchestrationBinding:
         """The binding."""
@@ -755,10 +784,11 @@ class BindVariableRequest(_message.Message):
         self,
         *,
         binding: Global___OrchestrationBinding | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -795,16 +825,26 @@ class UnbindVariableRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VARIABLE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     variable: _builtins.str
     """The bound variable's name."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     def __init__(
         self,
         *,
         variable: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["variable", b"variable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "variable", b"variable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -934,16 +974,26 @@ class CoordinateVariableRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VARIABLE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     variable: _builtins.str
     """The bound variable's name."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     def __init__(
         self,
         *,
         variable: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["variable", b"variable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "variable", b"variable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -980,16 +1030,26 @@ class CoordinateSystemRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PREFIX_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     prefix: _builtins.str
     """Only variables whose name starts with this (empty = all)."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     def __init__(
         self,
         *,
         prefix: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["prefix", b"prefix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prefix", b"prefix", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

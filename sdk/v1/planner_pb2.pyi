@@ -494,9 +494,21 @@ class SubmitGoalRequest(_message.Message):
 
     GOAL_FIELD_NUMBER: _builtins.int
     GOAL_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     goal_id: _builtins.str
     """Optional client-chosen id (1-128 characters of [A-Za-z0-9._:-]), making
     the submission idempotent: the same id returns the existing goal.
+    """
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    Beside goal_id: goal_id names the goal (a second submission under it
+    answers the existing goal, even after the window), request_id names this
+    call (a resend within the window answers what the first call answered).
     """
     @_builtins.property
     def goal(self) -> Global___GoalSpec:
@@ -507,10 +519,11 @@ class SubmitGoalRequest(_message.Message):
         *,
         goal: Global___GoalSpec | None = ...,
         goal_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal", "goal_id", b"goal_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal", "goal_id", b"goal_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -752,19 +765,29 @@ class CancelGoalRequest(_message.Message):
 
     GOAL_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     goal_id: _builtins.str
     """The goal's id."""
     reason: _builtins.str
     """Why, recorded with the goal."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     def __init__(
         self,
         *,
         goal_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["goal_id", b"goal_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goal_id", b"goal_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -297,6 +297,7 @@ class RegisterAgentRequest(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     LEASE_TTL_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Required. Unique id: 1-128 characters of [A-Za-z0-9._:-]."""
     endpoint: _builtins.str
@@ -304,6 +305,14 @@ class RegisterAgentRequest(_message.Message):
     token: _builtins.str
     """The token of a live registration of the same id, to take it over (a
     restarted agent re-registering). Empty for a new registration.
+    """
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
     """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -331,10 +340,11 @@ class RegisterAgentRequest(_message.Message):
         resources: _common_pb2.Resources | None = ...,
         lease_ttl: _duration_pb2.Duration | None = ...,
         token: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_ttl", b"lease_ttl", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "endpoint", b"endpoint", "labels", b"labels", "lease_ttl", b"lease_ttl", "resources", b"resources", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "endpoint", b"endpoint", "labels", b"labels", "lease_ttl", b"lease_ttl", "request_id", b"request_id", "resources", b"resources", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -442,19 +452,29 @@ class DeregisterAgentRequest(_message.Message):
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent to remove."""
     token: _builtins.str
     """The agent's token."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         token: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "request_id", b"request_id", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -917,8 +937,17 @@ class StartAgentRequest(_message.Message):
     LAUNCH_FIELD_NUMBER: _builtins.int
     RESTART_POLICY_FIELD_NUMBER: _builtins.int
     START_TIMEOUT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Required. The id the agent will register under."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     @_builtins.property
     def launch(self) -> Global___LaunchSpec:
         """Required. How to start it."""
@@ -940,10 +969,11 @@ class StartAgentRequest(_message.Message):
         launch: Global___LaunchSpec | None = ...,
         restart_policy: Global___RestartPolicy | None = ...,
         start_timeout: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "launch", b"launch", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "launch", b"launch", "request_id", b"request_id", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -988,8 +1018,17 @@ class StopAgentRequest(_message.Message):
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     GRACE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent to stop."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     @_builtins.property
     def grace(self) -> _duration_pb2.Duration:
         """Time between SIGTERM and SIGKILL (default 5 s)."""
@@ -999,10 +1038,11 @@ class StopAgentRequest(_message.Message):
         *,
         agent_id: _builtins.str = ...,
         grace: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grace", b"grace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "grace", b"grace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "grace", b"grace", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1039,16 +1079,26 @@ class RestartAgentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent to restart."""
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1146,6 +1196,7 @@ class MigrateAgentRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     TARGET_ENDPOINT_FIELD_NUMBER: _builtins.int
     LAUNCH_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent to move."""
     token: _builtins.str
@@ -1153,6 +1204,14 @@ class MigrateAgentRequest(_message.Message):
     target_endpoint: _builtins.str
     """An instance that already serves AgentService for this agent id at this
     host:port (started by the caller, not registered).
+    """
+    request_id: _builtins.str
+    """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
+    characters of [A-Za-z0-9._:-] (e.g. a UUID), else INVALID_ARGUMENT. For
+    10 minutes, the same id with the same request returns the first call's
+    outcome (its response or its error) without applying the call again; the
+    same id with a different request is INVALID_ARGUMENT. The SDK sets one
+    when the caller gives none (see docs/design.md, "Errors and retries").
     """
     @_builtins.property
     def launch(self) -> Global___LaunchSpec:
@@ -1167,10 +1226,11 @@ class MigrateAgentRequest(_message.Message):
         token: _builtins.str = ...,
         target_endpoint: _builtins.str = ...,
         launch: Global___LaunchSpec | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch", "target", b"target", "target_endpoint", b"target_endpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "launch", b"launch", "target", b"target", "target_endpoint", b"target_endpoint", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "launch", b"launch", "request_id", b"request_id", "target", b"target", "target_endpoint", b"target_endpoint", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["target_endpoint", "launch"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015

@@ -20,9 +20,10 @@ from google.protobuf import timestamp_pb2
 
 from mabeam import errors
 from mabeam.client import MeshClient
-from mabeam.runtime import validate
+from mabeam.runtime import idempotency, validate
 from mabeam.runtime.cache import PrefixCache, report_health
 from mabeam.runtime.etcd import EtcdClient, WatchCompacted
+from mabeam.runtime.idempotency import idempotent
 from mabeam.server import MeshServer
 from mabeam.services.orchestrator import variables, writes
 from mabeam.services.orchestrator.coordinate import Coordinator
@@ -37,6 +38,11 @@ def _now() -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.GetCurrentTime()
     return ts
+
+
+def _fill_revision(response: orchestrator_pb2.SetVariableResponse, revision: int) -> None:
+    """A replayed compare-and-set: the variable's revision is its record's (one transaction)."""
+    response.variable.mod_revision = revision
 
 
 def _not_found(name: str) -> errors.NotFound:
@@ -69,6 +75,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def stop(self) -> None:
         await self.bindings.stop()
+        await self.store.requests.stop()
         if self._mesh is not None:
             await self._mesh.close()
 
@@ -81,6 +88,22 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def SetVariable(
         self, request: orchestrator_pb2.SetVariableRequest, context: Any
+    ) -> orchestrator_pb2.SetVariableResponse:
+        # A compare-and-set records its outcome in its own transaction; other modes right after.
+        atomic = request.mode != orchestrator_pb2.WRITE_MODE_LAST_WRITE_WINS and request.HasField(
+            "expected_version"
+        )
+        return await self.store.requests.run(
+            "SetVariable",
+            request,
+            orchestrator_pb2.SetVariableResponse,
+            lambda: self._set_variable(request),
+            atomic=atomic,
+            on_replay=_fill_revision,
+        )
+
+    async def _set_variable(
+        self, request: orchestrator_pb2.SetVariableRequest
     ) -> orchestrator_pb2.SetVariableResponse:
         name = variables.check_name(request.name)
         variables.check_value(request.value)
@@ -100,8 +123,18 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             if request.HasField("expected_version"):
                 if request.expected_version < 0:
                     raise errors.InvalidArgument("expected_version", "must not be negative")
+                record = None
+                guard = idempotency.current()
+                if guard is not None:
+                    # What a compare-and-set that applies answers (its revision aside).
+                    after = orchestrator_pb2.Variable()
+                    after.CopyFrom(var)
+                    after.version, after.lease_id = request.expected_version + 1, request.lease_id
+                    record = await guard.txn_ops(
+                        orchestrator_pb2.SetVariableResponse(variable=after, applied=True), fill_revision=True
+                    )
                 written = await writes.compare_and_set(
-                    self.store, var, request.expected_version, request.lease_id
+                    self.store, var, request.expected_version, request.lease_id, record
                 )
             elif request.require_same_type:
                 written = await writes.same_type(self.store, var, request.lease_id)
@@ -137,9 +170,22 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def DeleteVariable(
         self, request: orchestrator_pb2.DeleteVariableRequest, context: Any
     ) -> orchestrator_pb2.DeleteVariableResponse:
+        return await self.store.requests.run(
+            "DeleteVariable",
+            request,
+            orchestrator_pb2.DeleteVariableResponse,
+            lambda: self._delete_variable(request),
+            atomic=True,
+        )
+
+    async def _delete_variable(
+        self, request: orchestrator_pb2.DeleteVariableRequest
+    ) -> orchestrator_pb2.DeleteVariableResponse:
         name = variables.check_name(request.name)
         expected = request.expected_version if request.HasField("expected_version") else None
-        if not await self.store.delete(name, expected):
+        guard = idempotency.current()
+        record = await guard.txn_ops(orchestrator_pb2.DeleteVariableResponse()) if guard else None
+        if not await self.store.delete(name, expected, record):
             current = await self.store.get(name)
             if current is None:
                 raise _not_found(name)
@@ -171,6 +217,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     # -- bindings ---------------------------------------------------------------------
 
+    @idempotent(orchestrator_pb2.BindVariableResponse)
     async def BindVariable(
         self, request: orchestrator_pb2.BindVariableRequest, context: Any
     ) -> orchestrator_pb2.BindVariableResponse:
@@ -219,6 +266,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         await self.store.put_binding(binding)
         return orchestrator_pb2.BindVariableResponse(binding=binding)
 
+    @idempotent(orchestrator_pb2.UnbindVariableResponse)
     async def UnbindVariable(
         self, request: orchestrator_pb2.UnbindVariableRequest, context: Any
     ) -> orchestrator_pb2.UnbindVariableResponse:
@@ -235,6 +283,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         chunk, token = validate.page(found, lambda b: b.variable, size, request.page_token, [])
         return orchestrator_pb2.ListBindingsResponse(bindings=chunk, next_page_token=token)
 
+    @idempotent(orchestrator_pb2.CoordinateVariableResponse)
     async def CoordinateVariable(
         self, request: orchestrator_pb2.CoordinateVariableRequest, context: Any
     ) -> orchestrator_pb2.CoordinateVariableResponse:
@@ -244,6 +293,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise errors.NotFound(f"variable {name!r} is not bound (BindVariable first)")
         return orchestrator_pb2.CoordinateVariableResponse(result=await self.coordinator.coordinate(binding))
 
+    @idempotent(orchestrator_pb2.CoordinateSystemResponse)
     async def CoordinateSystem(
         self, request: orchestrator_pb2.CoordinateSystemRequest, context: Any
     ) -> orchestrator_pb2.CoordinateSystemResponse:

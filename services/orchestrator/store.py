@@ -9,6 +9,8 @@ P/vars/<name>             ``mabeam.v1.Variable`` (value, timestamps,      the va
 P/var-types/<name>        the value's type name (for compare-and-set)     the variable's
 P/bindings/<name>         ``mabeam.v1.OrchestrationBinding``              none
 P/orchestrator-leader/    election of the replica running adaptation      each candidate's
+P/requests/orchestrator/  outcomes of calls by ``request_id``             the window's
+                          (:class:`mabeam.runtime.idempotency.RequestLog`)
 ========================  ==============================================  =================
 
 Compare-and-set is on the etcd version of the key (1 after the first write),
@@ -26,6 +28,7 @@ import grpc
 
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, ResumingWatch, snapshot, while_leading
+from mabeam.runtime.idempotency import RequestLog, TxnOps
 from mabeam.v1 import orchestrator_pb2
 
 
@@ -61,6 +64,8 @@ class VariableStore:
         self.bindings = config.key("bindings") + b"/"
         self.types = config.key("var-types") + b"/"
         self.leader = config.key("orchestrator-leader")
+        # Calls' outcomes by request_id; compare-and-set and delete record theirs in their own transaction.
+        self.requests = RequestLog(client, config, "orchestrator")
 
     def key(self, name: str) -> bytes:
         return self.vars + name.encode()
@@ -77,9 +82,18 @@ class VariableStore:
         return self.types + name.encode()
 
     async def _put_if(
-        self, name: str, var: orchestrator_pb2.Variable, compare: list[Any], lease: int = 0
+        self,
+        name: str,
+        var: orchestrator_pb2.Variable,
+        compare: list[Any],
+        lease: int = 0,
+        record: TxnOps | None = None,
     ) -> tuple[bool, orchestrator_pb2.Variable | None]:
-        """Put ``var`` (and its type) if every compare holds; returns (applied, the variable as stored now)."""
+        """Put ``var`` (and its type) if every compare holds; returns (applied, the variable as stored now).
+
+        ``record``: the call's outcome, written in the same transaction (and compared: not yet recorded).
+        """
+        record = record or TxnOps()
         c = self.client
         key = self.key(name)
         stored = orchestrator_pb2.Variable()
@@ -88,10 +102,11 @@ class VariableStore:
         kind = (var.value.WhichOneof("kind") or "").encode()
         try:
             ok, responses = await c.transaction(
-                compare=compare,
+                compare=[*compare, *record.compare],
                 success=[
                     c.transactions.put(key, stored.SerializeToString(), lease=lease or None),
                     c.transactions.put(self.type_key(name), kind, lease=lease or None),
+                    *record.success,
                     c.transactions.get(key),
                 ],
                 failure=[c.transactions.get(key)],
@@ -105,12 +120,17 @@ class VariableStore:
         current = variable_from_kv(ranged[0][1]) if ranged else None
         return bool(ok), current
 
-    async def _delete_if(self, name: str, compare: list[Any]) -> bool:
-        """Delete the variable and its type if every compare holds."""
+    async def _delete_if(self, name: str, compare: list[Any], record: TxnOps | None = None) -> bool:
+        """Delete the variable and its type if every compare holds (and record the call's outcome)."""
         c = self.client
+        record = record or TxnOps()
         ok, _ = await c.transaction(
-            compare=compare,
-            success=[c.transactions.delete(self.key(name)), c.transactions.delete(self.type_key(name))],
+            compare=[*compare, *record.compare],
+            success=[
+                c.transactions.delete(self.key(name)),
+                c.transactions.delete(self.type_key(name)),
+                *record.success,
+            ],
             failure=[],
         )
         return bool(ok)
@@ -129,6 +149,7 @@ class VariableStore:
         lease: int = 0,
         *,
         same_type: bool = True,
+        record: TxnOps | None = None,
     ) -> tuple[bool, orchestrator_pb2.Variable | None]:
         """Put ``var`` if the variable is at version ``expected`` (0 = absent) and, with
         ``same_type``, when it exists, holds a value of ``var``'s type: in one transaction."""
@@ -137,7 +158,7 @@ class VariableStore:
         if same_type and expected > 0:
             kind = (var.value.WhichOneof("kind") or "").encode()
             compare.append(c.transactions.value(self.type_key(name)) == kind)
-        return await self._put_if(name, var, compare, lease)
+        return await self._put_if(name, var, compare, lease, record)
 
     async def put_if_unchanged(
         self,
@@ -156,14 +177,17 @@ class VariableStore:
         )
         return await self._put_if(name, var, compare, lease)
 
-    async def delete(self, name: str, expected_version: int | None = None) -> bool:
-        """Delete the variable if it exists (and is at ``expected_version``, when given)."""
+    async def delete(
+        self, name: str, expected_version: int | None = None, record: TxnOps | None = None
+    ) -> bool:
+        """Delete the variable if it exists (and is at ``expected_version``, when given);
+        ``record``: the call's outcome, in the same transaction."""
         c = self.client
         key = self.key(name)
         compare = [c.transactions.create(key) > 0]
         if expected_version is not None:
             compare = [c.transactions.version(key) == expected_version, *compare]
-        return await self._delete_if(name, compare)
+        return await self._delete_if(name, compare, record)
 
     async def list_variables(self, prefix: str, *, relaxed: bool = False) -> list[orchestrator_pb2.Variable]:
         """The variables whose name starts with ``prefix``, by name."""

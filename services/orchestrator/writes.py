@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import stamina
 
 from mabeam import errors
+from mabeam.runtime.idempotency import TxnOps
 from mabeam.services.orchestrator import variables
 from mabeam.services.orchestrator.store import LeaseNotFound, VariableStore
 from mabeam.v1 import common_pb2, orchestrator_pb2
@@ -71,14 +72,19 @@ async def put(store: VariableStore, var: orchestrator_pb2.Variable, lease: int) 
 
 
 async def compare_and_set(
-    store: VariableStore, var: orchestrator_pb2.Variable, expected: int, lease: int
+    store: VariableStore,
+    var: orchestrator_pb2.Variable,
+    expected: int,
+    lease: int,
+    record: TxnOps | None = None,
 ) -> Written:
     """Write if the variable is at version ``expected`` (0 = absent) and holds the same type.
 
     ABORTED (with the current version) when the version differs,
-    FAILED_PRECONDITION when only the type does.
+    FAILED_PRECONDITION when only the type does. ``record``: the call's
+    outcome, written in the same transaction (:mod:`mabeam.runtime.idempotency`).
     """
-    ok, now = await _stored(store.put_if_version(var.name, var, expected, lease), lease)
+    ok, now = await _stored(store.put_if_version(var.name, var, expected, lease, record=record), lease)
     if not ok:
         if now is not None and now.version == expected:
             check_type(var.name, now, var.value)

@@ -1,0 +1,146 @@
+"""Idempotent mutating calls (AIP-155 ``request_id``, :mod:`mabeam.runtime.idempotency`).
+
+The same id twice is applied once and answered alike (compare-and-set, whose
+outcome is written in its own transaction, and the calls recorded right
+after); concurrent duplicates apply once; a recorded error is replayed; the
+window's end lets the id apply again; a malformed id or a different request
+under a used id is INVALID_ARGUMENT; the SDK sets an id on a copy of the
+caller's request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from harness.wait import eventually
+from mabeam import errors
+from mabeam.client import MeshClient, retry_is_safe
+from mabeam.config import MeshConfig
+from mabeam.runtime.etcd import EtcdClient
+from mabeam.runtime.idempotency import MAX_REQUEST_ID, RequestLog
+from mabeam.server import MeshServer
+from mabeam.v1 import common_pb2, orchestrator_pb2
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def integer(n: int) -> common_pb2.Value:
+    return common_pb2.Value(int_value=n)
+
+
+@pytest.fixture
+async def orchestrator(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[MeshClient]:
+    server = await service("orchestrator")
+    client = await MeshClient.connect(orchestrator=server.address)
+    yield client
+    await client.close()
+
+
+async def test_the_same_id_twice_is_one_compare_and_set_and_the_same_answer(orchestrator: MeshClient) -> None:
+    o = orchestrator.orchestrator
+    await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="n", value=integer(0)))
+    cas = orchestrator_pb2.SetVariableRequest(
+        name="n", value=integer(1), expected_version=1, request_id="cas-1"
+    )
+    first = await o.SetVariable(cas)
+    again = await o.SetVariable(cas)
+    assert first == again and first.variable.version == 2 and first.variable.mod_revision > 0
+    now = (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="n"))).variable
+    assert now.version == 2 and now.value.int_value == 1
+    # Without the id, the same request is a second call: the version moved, so ABORTED.
+    with pytest.raises(errors.Aborted):
+        await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="n", value=integer(1), expected_version=1))
+
+
+async def test_concurrent_duplicates_apply_once(orchestrator: MeshClient) -> None:
+    o = orchestrator.orchestrator
+    await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="c", value=integer(0)))
+    cas = orchestrator_pb2.SetVariableRequest(name="c", value=integer(1), expected_version=1, request_id="dup")
+    answers = await asyncio.gather(*(o.SetVariable(cas) for _ in range(8)))
+    assert all(a == answers[0] for a in answers)
+    # Recorded right after (a plain put): claimed first, so duplicates wait for the first.
+    put = orchestrator_pb2.SetVariableRequest(name="p", value=integer(7), request_id="put-dup")
+    puts = await asyncio.gather(*(o.SetVariable(put) for _ in range(8)))
+    assert all(p == puts[0] for p in puts)
+    versions = await asyncio.gather(
+        *(o.GetVariable(orchestrator_pb2.GetVariableRequest(name=n)) for n in ("c", "p"))
+    )
+    assert [v.variable.version for v in versions] == [2, 1]
+
+
+async def test_a_recorded_error_is_the_answer_within_the_window(orchestrator: MeshClient) -> None:
+    o = orchestrator.orchestrator
+    delete = orchestrator_pb2.DeleteVariableRequest(name="later", request_id="del-1")
+    with pytest.raises(errors.NotFound):
+        await o.DeleteVariable(delete)
+    await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="later", value=integer(1)))
+    with pytest.raises(errors.NotFound):  # the first outcome, though the variable exists now
+        await o.DeleteVariable(delete)
+    assert (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="later"))).variable.version == 1
+    await o.DeleteVariable(orchestrator_pb2.DeleteVariableRequest(name="later", request_id="del-2"))
+    await o.DeleteVariable(orchestrator_pb2.DeleteVariableRequest(name="later", request_id="del-2"))
+
+
+async def test_malformed_ids_and_reused_ids_are_invalid_arguments(orchestrator: MeshClient) -> None:
+    o = orchestrator.orchestrator
+    for bad in ("x" * (MAX_REQUEST_ID + 1), "has space", "new\nline"):
+        with pytest.raises(errors.InvalidArgument) as caught:
+            await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="v", value=integer(1), request_id=bad))
+        assert caught.value.field == "request_id" and str(MAX_REQUEST_ID) in caught.value.message
+    await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="v", value=integer(1), request_id="x" * 128))
+    with pytest.raises(errors.InvalidArgument) as caught:
+        await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="v", value=integer(2), request_id="x" * 128))
+    assert caught.value.field == "request_id" and "different" in caught.value.message
+    assert (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="v"))).variable.value.int_value == 1
+
+
+async def test_the_sdk_sets_an_id_on_a_copy_and_resends_calls_with_one() -> None:
+    request = orchestrator_pb2.SetVariableRequest(name="v", value=integer(1), expected_version=3)
+
+    class CutOff(Exception):
+        def code(self) -> object:
+            import grpc
+
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "Socket closed"
+
+    assert not retry_is_safe("SetVariable", CutOff())  # type: ignore[arg-type]
+    assert retry_is_safe("SetVariable", CutOff(), request_id=True)  # type: ignore[arg-type]
+    from mabeam.client import _with_request_id
+
+    sent = _with_request_id(request)
+    assert len(sent.request_id) == 36 and request.request_id == ""
+    assert _with_request_id(request).request_id != sent.request_id
+
+
+async def test_after_the_window_the_same_id_applies_again(etcd_client: EtcdClient, mesh_config: MeshConfig) -> None:
+    log = RequestLog(etcd_client, mesh_config, "test", window=2)
+    applied: list[int] = []
+
+    async def work() -> orchestrator_pb2.UnbindVariableResponse:
+        applied.append(1)
+        await asyncio.sleep(0.2)
+        return orchestrator_pb2.UnbindVariableResponse()
+
+    request = orchestrator_pb2.UnbindVariableRequest(variable="x", request_id="r-1")
+    try:
+        await asyncio.gather(
+            *(log.run("UnbindVariable", request, orchestrator_pb2.UnbindVariableResponse, work) for _ in range(5))
+        )
+        assert len(applied) == 1
+        await log.run("UnbindVariable", request, orchestrator_pb2.UnbindVariableResponse, work)
+        assert len(applied) == 1
+
+        async def forgotten() -> bool:
+            return await etcd_client.get(log.key("UnbindVariable", "r-1")) is None
+
+        await eventually(forgotten, timeout=15, what="the record gone with its window's lease")
+        await log.run("UnbindVariable", request, orchestrator_pb2.UnbindVariableResponse, work)
+        assert len(applied) == 2
+    finally:
+        await log.stop()
