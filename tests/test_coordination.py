@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import signal
 import subprocess
@@ -698,3 +699,33 @@ async def test_list_sessions_filters_and_pages(
     with pytest.raises(errors.InvalidArgument) as info:
         await client.coordination.ListSessions(coordination_pb2.ListSessionsRequest(page_size=-3))
     assert info.value.field == "page_size"
+
+
+async def test_a_session_whose_outcome_cannot_be_stored_ends_at_its_deadline(
+    private_etcd: Any, mesh_config: Any, service: Callable[..., Awaitable[MeshServer]]
+) -> None:
+    """etcd frozen (SIGSTOP) under a session: it answers DEADLINE_EXCEEDED at its deadline, not later."""
+    config = dataclasses.replace(mesh_config, etcd_endpoints=(private_etcd.endpoint,))
+    registry = await service("registry", config)
+    coordination = await service("coordination", config)
+    host = AgentHost([Trader("f1", 1), Trader("f2", 2)], registry=registry.address)
+    await host.start()
+    client = await MeshClient.connect(coordination=coordination.address)
+    loop = asyncio.get_running_loop()
+    try:
+        request = coordination_pb2.RunAuctionRequest(
+            settings=settings("f1", "f2"), type=coordination_pb2.AUCTION_TYPE_FIRST_PRICE, item="x"
+        )
+        request.settings.deadline.FromSeconds(1)
+        assert (await client.coordination.RunAuction(request)).session.outcome.winners == ["f2"]
+        private_etcd.kill(signal.SIGSTOP)
+        started = loop.time()
+        with pytest.raises(errors.DeadlineExceeded) as caught:
+            await client.coordination.RunAuction(request, timeout=6)
+        elapsed = loop.time() - started
+        assert elapsed < 1 + 0.5, f"answered after {elapsed:.2f} s"
+        assert "deadline" in caught.value.message and caught.value.metadata["session_id"]
+    finally:
+        private_etcd.kill(signal.SIGCONT)
+        await client.close()
+        await host.stop()

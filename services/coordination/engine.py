@@ -9,6 +9,12 @@ agent is left out of the round and named with the reason, and never stalls it.
 
 :class:`Session` records every round (each request, each response or
 exclusion, latencies) and writes the session to etcd (:mod:`.store`).
+
+A session never outlives its deadline: the rounds (and the lookups and writes
+made while they run) have until the deadline less a reserve
+(:func:`finish_reserve`) kept for writing the outcome, and that last write has
+until the deadline (at least :data:`FINISH_MIN_S`). A session whose outcome
+cannot be stored in time answers DEADLINE_EXCEEDED (:meth:`Session.finish`).
 """
 
 from __future__ import annotations
@@ -25,12 +31,21 @@ from typing import Any, NamedTuple
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from mabeam import telemetry
+from mabeam import errors, telemetry
 from mabeam.client import ChannelPool
 from mabeam.services.coordination.store import SessionStore
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, coordination_pb2
 
 BATCH_GRACE_S = 0.5
+# Kept at the end of a session's deadline for writing its outcome (at most; a
+# fifth of a short deadline), and the least time that write gets.
+FINISH_RESERVE_S = 0.5
+FINISH_MIN_S = 0.1
+
+
+def finish_reserve(deadline_s: float) -> float:
+    """The part of a session's deadline kept for writing its outcome."""
+    return min(FINISH_RESERVE_S, deadline_s / 5)
 
 
 class Participant(NamedTuple):
@@ -92,8 +107,14 @@ class FanOut:
         timeout: float,
         check: Callable[[agent_pb2.CoordinationRequest, agent_pb2.CoordinationResponse], str | None]
         | None = None,
+        limit: float | None = None,
     ) -> list[Reply]:
-        """Every participant's reply (or exclusion), in arrival order."""
+        """Every participant's reply (or exclusion), in arrival order.
+
+        ``timeout`` is each agent's deadline; ``limit`` caps every call's,
+        the batches' grace included (the session's time left).
+        """
+        batch_timeout = timeout + BATCH_GRACE_S if limit is None else min(timeout + BATCH_GRACE_S, limit)
         arrival = itertools.count()
         by_endpoint: dict[str, list[tuple[Participant, agent_pb2.CoordinationRequest]]] = defaultdict(list)
         for participant, request in requests:
@@ -152,7 +173,7 @@ class FanOut:
             started = time.perf_counter()
             message = agent_pb2.CoordinateBatchRequest(requests=[r for _, r in group])
             try:
-                answer = await stub.CoordinateBatch(message, timeout=timeout + BATCH_GRACE_S)
+                answer = await stub.CoordinateBatch(message, timeout=batch_timeout)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                     self._no_batch.add(endpoint)
@@ -220,12 +241,16 @@ class Session:
         coordinator_id: str,
         stream_rounds: bool,
         notify: bool = False,
+        started: float | None = None,
     ) -> None:
         self.store = store
         self.fanout = fanout
         self.participants = list(participants)
         self.endpoint_of = {p.agent_id: p.endpoint for p in participants}
-        self.deadline = time.monotonic() + deadline_s
+        # ``started``: time.monotonic() when the call began (lookups count against the deadline).
+        self.deadline_s = deadline_s
+        self.deadline = (time.monotonic() if started is None else started) + deadline_s
+        self.reserve = finish_reserve(deadline_s)
         self.round_timeout_s = round_timeout_s
         self.stream_rounds = stream_rounds
         self.notify = notify
@@ -243,13 +268,37 @@ class Session:
         # to etcd has no rounds, and a transcript of 1,000 entries is costly to copy.
         self.rounds: list[coordination_pb2.Round] = []
         self._unsaved_rounds: list[coordination_pb2.Round] = []
+        # The round being sent: its number and the agents asked (named if the deadline cuts it).
+        self._in_flight: tuple[int, list[str]] | None = None
 
     @property
     def session_id(self) -> str:
         return self.proto.session_id
 
     def remaining(self) -> float:
-        return self.deadline - time.monotonic()
+        """Seconds left for the rounds: the deadline less the reserve for writing the outcome."""
+        return self.deadline - self.reserve - time.monotonic()
+
+    def hard_limit(self) -> float:
+        """Seconds until the rounds are cut off: :meth:`remaining` and half the reserve, for
+        answers sent at the agents' deadline to arrive."""
+        return self.remaining() + self.reserve / 2
+
+    def cut_off(self) -> None:
+        """The deadline cut the round in flight: name every agent asked that has not answered."""
+        if self._in_flight is None:
+            return
+        number, asked = self._in_flight
+        self._in_flight = None
+        for agent_id in asked:
+            self.exclude(
+                _exclusion(
+                    agent_id,
+                    coordination_pb2.EXCLUSION_REASON_TIMEOUT,
+                    f"no answer before the session's deadline ({self.deadline_s:g} s)",
+                    number,
+                )
+            )
 
     @property
     def excluded_ids(self) -> set[str]:
@@ -299,7 +348,11 @@ class Session:
             sent.MergeFrom(common)
             sent.agent_id = agent_id
             prepared.append((Participant(agent_id, endpoint_of[agent_id]), sent))
-        replies = await self.fanout.send(number, prepared, timeout, check)
+        self._in_flight = (number, [p.agent_id for p, _ in prepared])
+        replies = await self.fanout.send(
+            number, prepared, timeout, check, limit=max(self.hard_limit(), 0.001)
+        )
+        self._in_flight = None
         declined = coordination_pb2.EXCLUSION_REASON_DECLINED
         for reply in replies:
             entry = entry_of[reply.agent_id]
@@ -314,7 +367,8 @@ class Session:
             latency.seconds, latency.nanos = divmod(int(reply.latency_s * 1e9), 1_000_000_000)
         record.finished_at.CopyFrom(now_ts())
         if self.stream_rounds:
-            await self.store.put_round(self.session_id, record)
+            async with asyncio.timeout(max(self.hard_limit(), 0.001)):
+                await self.store.put_round(self.session_id, record)
         else:
             self._unsaved_rounds.append(record)
         self.rounds.append(record)
@@ -326,6 +380,9 @@ class Session:
         """Record the outcome and write the session (summary and unsaved rounds) in one transaction.
 
         Returns the session without its rounds (:attr:`rounds`; see :meth:`answer`).
+        The write has until the deadline (at least FINISH_MIN_S); a session
+        whose outcome cannot be stored by then raises DeadlineExceeded naming it
+        (its record, if one was claimed, may still say RUNNING).
         """
         self.proto.outcome.CopyFrom(outcome)
         if state is None:
@@ -336,7 +393,15 @@ class Session:
             )
         self.proto.state = state  # type: ignore[assignment]
         self.proto.finished_at.CopyFrom(now_ts())
-        await self.store.finish(self.proto, self._unsaved_rounds)
+        try:
+            async with asyncio.timeout(max(self.deadline - time.monotonic(), FINISH_MIN_S)):
+                await self.store.finish(self.proto, self._unsaved_rounds)
+        except TimeoutError:
+            raise errors.DeadlineExceeded(
+                f"session {self.session_id} reached its deadline ({self.deadline_s:g} s) before its "
+                f"outcome could be stored; it is not recorded (outcome: {outcome.reason or 'none'})",
+                metadata={"session_id": self.session_id},
+            ) from None
         telemetry.instruments().sessions.add(
             1,
             {"protocol": self.proto.protocol, "state": coordination_pb2.SessionState.Name(self.proto.state)},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +26,7 @@ from mabeam.runtime.cache import PrefixCache, report_health
 from mabeam.runtime.etcd import EtcdClient
 from mabeam.server import MeshServer
 from mabeam.services.coordination import runs
-from mabeam.services.coordination.engine import FanOut, Session
+from mabeam.services.coordination.engine import FanOut, Session, finish_reserve
 from mabeam.services.coordination.participants import resolve
 from mabeam.services.coordination.plugins import run_plugin
 from mabeam.services.coordination.protocols.errors import ProtocolParamError
@@ -110,6 +111,8 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
     async def _session(
         self, settings: coordination_pb2.SessionSettings, protocol: str, params: dict[str, Any]
     ) -> Session:
+        """Run a session within its deadline: lookups, claim, rounds and the outcome's write."""
+        started = time.monotonic()
         selector = settings.participants
         if not selector.agent_ids and not selector.capability and not selector.labels:
             raise errors.InvalidArgument("settings.participants", "give agent ids or a capability")
@@ -134,7 +137,16 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             except ProtocolParamError as exc:
                 raise _param_error(exc) from None
         assert self._mesh is not None
-        participants, missing = await resolve(self._mesh.registry, selector)
+        # The rounds' share of the deadline bounds the lookups and the claim too.
+        budget_end = started + deadline - finish_reserve(deadline)
+        try:
+            async with asyncio.timeout(max(budget_end - time.monotonic(), 0.001)):
+                participants, missing = await resolve(self._mesh.registry, selector)
+        except TimeoutError:
+            raise errors.DeadlineExceeded(
+                f"the session's deadline ({deadline:g} s) passed while its participants were looked up "
+                "in the registry; nothing ran"
+            ) from None
         if not participants and not missing:
             raise errors.FailedPrecondition(
                 f"no live agent matches the participants (capability {selector.capability!r})",
@@ -152,6 +164,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             coordinator_id=self._server.instance_id,
             stream_rounds=protocol not in ONE_SHOT,
             notify=settings.notify_outcome,
+            started=started,
         )
         session.proto.participants.extend(e.agent_id for e in missing)
         for exclusion in missing:
@@ -159,7 +172,16 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         if settings.session_id or protocol not in ONE_SHOT:
             # Claimed up front: an explicit id must be unique, and watchers of an
             # iterative session need it to exist while it runs.
-            if not await self.store.create(session.proto):
+            try:
+                async with asyncio.timeout(max(session.remaining(), 0.001)):
+                    claimed = await self.store.create(session.proto)
+            except TimeoutError:
+                raise errors.DeadlineExceeded(
+                    f"the session's deadline ({deadline:g} s) passed while session "
+                    f"{session.session_id} was being claimed in etcd; nothing ran",
+                    metadata={"session_id": session.session_id},
+                ) from None
+            if not claimed:
                 raise errors.AlreadyExists(f"session {session.session_id!r} exists already")
         if not participants:
             await session.finish(
@@ -169,12 +191,12 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         try:
             if builtin is not None:
                 outcome = await asyncio.wait_for(
-                    builtin.driver(session, params), timeout=max(session.remaining(), 0.01) + 1
+                    builtin.driver(session, params), timeout=max(session.hard_limit(), 0.001)
                 )
             else:
                 assert plugin is not None
                 outcome = await asyncio.wait_for(
-                    run_plugin(self.pool, session, plugin, params), timeout=max(session.remaining(), 0.01) + 1
+                    run_plugin(self.pool, session, plugin, params), timeout=max(session.hard_limit(), 0.001)
                 )
         except ProtocolParamError as exc:
             await session.finish(
@@ -183,7 +205,14 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             )
             raise _param_error(exc) from None
         except TimeoutError:
-            await session.finish(coordination_pb2.Outcome(decided=False, reason="session deadline reached"))
+            session.cut_off()
+            await session.finish(
+                coordination_pb2.Outcome(
+                    decided=False,
+                    reason=f"session deadline ({deadline:g} s) reached after {session.proto.round_count} "
+                    "round(s); no decision",
+                )
+            )
             return session
         except errors.MabeamError as exc:
             await session.finish(
