@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mabeam import errors
@@ -82,6 +83,18 @@ def start_timeout(record: registry_pb2.SupervisedAgent) -> float:
     return seconds(record.start_timeout) or DEFAULT_START_TIMEOUT_S
 
 
+def agent_log(agent_id: str, config: MeshConfig) -> Path:
+    """Where a supervised agent's stdout and stderr go: ``<logs>/agents/<agent_id>.log``.
+
+    ``<logs>`` is ``$MABEAM_LOG_DIR`` (``mabeam up`` sets it to its own log
+    folder), else ``logs`` beside the data directory (``~/.mabeam/logs``). Never
+    a pipe, never the registry's own output; rotated past
+    :data:`mabeam.runtime.process.LOG_MAX_BYTES` (``<agent_id>.log.1`` keeps the one before).
+    """
+    base = os.environ.get("MABEAM_LOG_DIR") or str(config.data_dir.parent / "logs")
+    return Path(base).expanduser() / "agents" / f"{agent_id}.log"
+
+
 @dataclass(frozen=True)
 class Launch:
     """A process to start: what ``process.spawn`` takes."""
@@ -89,6 +102,7 @@ class Launch:
     argv: list[str]
     env: dict[str, str]
     cwd: str | None
+    log: Path  # its stdout and stderr (agent_log)
 
 
 def launch_command(
@@ -123,4 +137,4 @@ def launch_command(
     env.pop(process.READY_FILE_ENV, None)
     if standby:
         env["MABEAM_STANDBY"] = "1"
-    return Launch(argv, env, launch.working_dir or None)
+    return Launch(argv, env, launch.working_dir or None, agent_log(agent_id, config))

@@ -36,7 +36,7 @@ import grpc
 from mabeam import errors
 from mabeam.runtime import process, validate
 from mabeam.services.registry.launch import check_launch, start_timeout
-from mabeam.services.registry.processes import ACTIVE, now
+from mabeam.services.registry.processes import ACTIVE, now, spawn
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, registry_pb2, registry_pb2_grpc
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ async def _start_standby(
     spec = sup.launch_of(launch, agent_id, await sup.secret(agent_id), standby=True)
     with process.ReadyFile() as ready:
         try:
-            proc = process.spawn(spec.argv, env={**spec.env, **ready.env()}, cwd=spec.cwd)
+            proc = spawn(spec, ready.env())  # its output to the agent's log
         except (OSError, ValueError) as exc:  # the old process keeps serving
             raise errors.FailedPrecondition(f"cannot start the new instance of {agent_id!r}: {exc}") from None
         try:

@@ -75,7 +75,7 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
             before = await _registration_before_start(sup, agent_id)
             started = now()
             try:
-                proc = process.spawn(spec.argv, env=spec.env, cwd=spec.cwd)
+                proc = spawn(spec)
             # ValueError: exec refuses the spec (e.g. a NUL byte in a record older than check_launch).
             except (OSError, ValueError) as exc:
                 await sup.write_retrying(agent_id, functools.partial(failed, reason=f"cannot start: {exc}"))
@@ -138,6 +138,20 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
         if proc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(_after_stop(sup, agent_id))
+
+
+def spawn(spec: launches.Launch, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a supervised agent's process, its stdout and stderr appended to its own log file.
+
+    Never a pipe nobody reads, nor the registry's own stdout (a terminal, or a
+    pipe when the registry was started by hand): an agent that writes a lot
+    never blocks on its output.
+    """
+    process.rotate_log(spec.log)
+    with process.open_log(spec.log) as log:
+        return process.spawn(
+            spec.argv, env={**spec.env, **(extra_env or {})}, cwd=spec.cwd, stdout=log, stderr=log
+        )
 
 
 async def _drop_registration(sup: Supervisor, agent_id: str) -> None:
@@ -210,8 +224,13 @@ async def _await_registration(
 async def _await_exit_or_restart(sup: Supervisor, agent_id: str, proc: subprocess.Popen[bytes]) -> Outcome:
     """Until ``proc`` exits, a restart is requested, or a migration replaced it."""
     exit_waiter = asyncio.ensure_future(process.wait_exit(proc))
+    log = launches.agent_log(agent_id, sup.server.config)
+    looks = 0
     try:
         while True:
+            looks += 1
+            if looks % 10 == 0:  # about once a second
+                process.rotate_log(log)
             moving = sup.moving.get(agent_id)
             if exit_waiter.done() and moving is not None:
                 # It died mid-migration: the migration fails or has just replaced it; see which.
