@@ -57,6 +57,7 @@ import contextvars
 import functools
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ from mabeam import errors
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper
 
+log = logging.getLogger("mabeam.runtime.idempotency")
+
 WINDOW_S = 600
 MAX_REQUEST_ID = 128
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1," + str(MAX_REQUEST_ID) + r"}\Z")
@@ -82,6 +85,9 @@ RECORDED: tuple[type[errors.MabeamError], ...] = (
     errors.Aborted,
     errors.OutOfRange,
 )
+# A record larger than this is not kept (etcd refuses requests over 1.5 MiB): the claim is
+# released instead, and a resend runs the call again.
+MAX_RECORD_BYTES = 1024 * 1024
 _WAIT_FIRST_S = 0.02
 _WAIT_MAX_S = 0.5
 
@@ -336,19 +342,28 @@ class RequestLog:
         id applied first), that one is the answer.
         """
         c = self.client
-        lease = await self.window_lease()
+        record = _encode("done", fp, response=response, error=error)
         compare = (
             [c.transactions.mod(key) == claim_revision]
             if claim_revision
             else [c.transactions.create(key) == 0]
         )
-        ok, responses = await c.transaction(
-            compare=compare,
-            success=[
-                c.transactions.put(key, _encode("done", fp, response=response, error=error), lease=lease)
-            ],
-            failure=[c.transactions.get(key)],
-        )
+        try:
+            if len(record) > MAX_RECORD_BYTES:
+                raise ValueError(f"the outcome is {len(record)} bytes, over {MAX_RECORD_BYTES}")
+            lease = await self.window_lease()
+            ok, responses = await c.transaction(
+                compare=compare,
+                success=[c.transactions.put(key, record, lease=lease)],
+                failure=[c.transactions.get(key)],
+            )
+        except Exception as exc:
+            # The call was applied (or judged): its answer stands though it is not kept.
+            log.warning("outcome of %s not recorded (%s); a resend would apply it again", key.decode(), exc)
+            if claim_revision:
+                with contextlib.suppress(Exception):
+                    await self._release(key, claim_revision)
+            ok, responses = True, []
         if not ok:
             ranged = responses[-1] if responses else []
             if ranged:

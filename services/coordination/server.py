@@ -24,6 +24,7 @@ from mabeam.client import ChannelPool, MeshClient
 from mabeam.runtime import validate
 from mabeam.runtime.cache import PrefixCache, report_health
 from mabeam.runtime.etcd import EtcdClient
+from mabeam.runtime.idempotency import idempotent
 from mabeam.server import MeshServer
 from mabeam.services.coordination import runs
 from mabeam.services.coordination.engine import FanOut, Session, finish_reserve
@@ -225,6 +226,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
 
     # -- RPCs ------------------------------------------------------------------------
 
+    @idempotent(coordination_pb2.RunAuctionResponse)
     async def RunAuction(
         self, request: coordination_pb2.RunAuctionRequest, context: Any
     ) -> coordination_pb2.RunAuctionResponse:
@@ -255,6 +257,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         await self._run(request.settings, protocol, params, reply.session)
         return reply
 
+    @idempotent(coordination_pb2.RunMarketResponse)
     async def RunMarket(
         self, request: coordination_pb2.RunMarketRequest, context: Any
     ) -> coordination_pb2.RunMarketResponse:
@@ -274,6 +277,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         await self._run(request.settings, protocol, params, reply.session)
         return reply
 
+    @idempotent(coordination_pb2.RunConsensusResponse)
     async def RunConsensus(
         self, request: coordination_pb2.RunConsensusRequest, context: Any
     ) -> coordination_pb2.RunConsensusResponse:
@@ -297,6 +301,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         await self._run(request.settings, "consensus", params, reply.session)
         return reply
 
+    @idempotent(coordination_pb2.RunResponse)
     async def Run(self, request: coordination_pb2.RunRequest, context: Any) -> coordination_pb2.RunResponse:
         if not request.protocol:
             raise errors.InvalidArgument("protocol", "is required")
@@ -305,6 +310,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         await self._run(request.settings, request.protocol, params, reply.session)
         return reply
 
+    @idempotent(coordination_pb2.RegisterProtocolResponse)
     async def RegisterProtocol(
         self, request: coordination_pb2.RegisterProtocolRequest, context: Any
     ) -> coordination_pb2.RegisterProtocolResponse:
@@ -344,6 +350,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         chunk, token = validate.page(infos, lambda i: i.name, size, request.page_token, [])
         return coordination_pb2.ListProtocolsResponse(protocols=chunk, next_page_token=token)
 
+    @idempotent(coordination_pb2.UnregisterProtocolResponse)
     async def UnregisterProtocol(
         self, request: coordination_pb2.UnregisterProtocolRequest, context: Any
     ) -> coordination_pb2.UnregisterProtocolResponse:
@@ -430,6 +437,7 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     servicer = CoordinationServicer(server, etcd)
     await servicer.start()
     server.on_stop(servicer.stop)
+    server.on_stop(servicer.store.requests.stop)
     report_health(server, servicer.plugins)
     server.add_service(
         SERVICE_NAME, coordination_pb2_grpc.add_CoordinationServiceServicer_to_server, servicer

@@ -7,6 +7,8 @@ P/sessions/<id>                    ``mabeam.v1.Session`` without rounds (summary
 P/session-rounds/<id>/<n:06d>      ``mabeam.v1.Round`` n of the session
 P/session-rounds/<id>/~end         empty: the session is finished (for watchers)
 P/protocols/<name>                 ``mabeam.v1.ProtocolInfo`` of a registered protocol
+P/requests/coordination/<m>/<id>   outcome of a call by ``request_id``, on the window's
+                                   lease (:mod:`mabeam.runtime.idempotency`)
 =================================  ==============================================
 
 A one-shot session is written once, at its end, in one transaction (summary,
@@ -21,6 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, ResumingWatch, snapshot
+from mabeam.runtime.idempotency import RequestLog
 from mabeam.v1 import coordination_pb2
 
 END_MARKER = b"~end"
@@ -34,6 +37,7 @@ class SessionStore:
         self.sessions = config.key("sessions") + b"/"
         self.rounds = config.key("session-rounds") + b"/"
         self.protocols = config.key("protocols") + b"/"
+        self.requests = RequestLog(client, config, "coordination")  # outcomes by request_id
 
     def session_key(self, session_id: str) -> bytes:
         return self.sessions + session_id.encode()

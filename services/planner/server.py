@@ -21,6 +21,7 @@ from mabeam.client import ChannelPool, MeshClient
 from mabeam.runtime import validate
 from mabeam.runtime.cache import PrefixCache, report_health
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper
+from mabeam.runtime.idempotency import idempotent
 from mabeam.server import MeshServer
 from mabeam.services.planner import dag
 from mabeam.services.planner.progress import now_ts
@@ -229,6 +230,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             self._start_runner(goal.goal_id)
         return goal
 
+    @idempotent(planner_pb2.SubmitGoalResponse)
     async def SubmitGoal(
         self, request: planner_pb2.SubmitGoalRequest, context: Any
     ) -> planner_pb2.SubmitGoalResponse:
@@ -278,6 +280,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         full = [await self.store.get(g.goal_id) or g for g in chunk]
         return planner_pb2.ListGoalsResponse(goals=full, next_page_token=token)
 
+    @idempotent(planner_pb2.CancelGoalResponse)
     async def CancelGoal(
         self, request: planner_pb2.CancelGoalRequest, context: Any
     ) -> planner_pb2.CancelGoalResponse:
@@ -303,6 +306,7 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     servicer = PlannerServicer(server, etcd)
     await servicer.start()
     server.on_stop(servicer.stop)
+    server.on_stop(servicer.store.requests.stop)
     report_health(server, servicer.goals, servicer.owners, servicer.cancels)
     telemetry.observe(
         "mabeam.planner.running_goals", "goals this replica runs", lambda: len(servicer.runners)

@@ -8,6 +8,8 @@ P/goal-steps/<id>/<step>        ``mabeam.v1.StepStatus``                        
 P/goal-events/<id>/<seq:010d>   ``mabeam.v1.ExecuteGoalResponse``                     none
 P/goal-owner/<id>               id of the planner replica running the goal            the replica's
 P/goal-cancel/<id>              why the goal was cancelled                             none
+P/requests/planner/<m>/<id>     outcome of a call by ``request_id``                   the window's
+                                (:mod:`mabeam.runtime.idempotency`)
 ==============================  ====================================================  =============
 
 Step statuses have keys of their own so that finishing one step of a
@@ -23,6 +25,7 @@ from typing import Any
 
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, ResumingWatch, snapshot, try_acquire
+from mabeam.runtime.idempotency import RequestLog
 from mabeam.v1 import planner_pb2
 
 
@@ -36,6 +39,7 @@ class GoalStore:
         self.events = config.key("goal-events") + b"/"
         self.owners = config.key("goal-owner") + b"/"
         self.cancels = config.key("goal-cancel") + b"/"
+        self.requests = RequestLog(client, config, "planner")  # outcomes by request_id
 
     def goal_key(self, goal_id: str) -> bytes:
         return self.goals + goal_id.encode()

@@ -20,6 +20,7 @@ from mabeam import errors, telemetry
 from mabeam.runtime import validate
 from mabeam.runtime.cache import report_health
 from mabeam.runtime.etcd import UNREACHABLE, EtcdClient, WatchCompacted
+from mabeam.runtime.idempotency import idempotent
 from mabeam.server import MeshServer
 from mabeam.services.registry import heartbeats, prober
 from mabeam.services.registry import supervisor as supervision
@@ -50,6 +51,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     # -- registration -------------------------------------------------------
 
+    @idempotent(registry_pb2.RegisterAgentResponse)
     async def RegisterAgent(
         self, request: registry_pb2.RegisterAgentRequest, context: Any
     ) -> registry_pb2.RegisterAgentResponse:
@@ -134,6 +136,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             async for answer in answers:
                 yield answer
 
+    @idempotent(registry_pb2.DeregisterAgentResponse)
     async def DeregisterAgent(
         self, request: registry_pb2.DeregisterAgentRequest, context: Any
     ) -> registry_pb2.DeregisterAgentResponse:
@@ -278,17 +281,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     # -- supervision --------------------------------------------------------
 
+    @idempotent(registry_pb2.StartAgentResponse)
     async def StartAgent(
         self, request: registry_pb2.StartAgentRequest, context: Any
     ) -> registry_pb2.StartAgentResponse:
         agent, token = await self.supervisor.start_agent(request)
         return registry_pb2.StartAgentResponse(agent=agent, token=token)
 
+    @idempotent(registry_pb2.StopAgentResponse)
     async def StopAgent(
         self, request: registry_pb2.StopAgentRequest, context: Any
     ) -> registry_pb2.StopAgentResponse:
         return registry_pb2.StopAgentResponse(agent=await self.supervisor.stop_agent(request))
 
+    @idempotent(registry_pb2.RestartAgentResponse)
     async def RestartAgent(
         self, request: registry_pb2.RestartAgentRequest, context: Any
     ) -> registry_pb2.RestartAgentResponse:
@@ -306,6 +312,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         chunk, token = validate.page(items, lambda a: a.agent_id, size, request.page_token, [request.state])
         return registry_pb2.ListSupervisedAgentsResponse(agents=chunk, next_page_token=token)
 
+    @idempotent(registry_pb2.MigrateAgentResponse)
     async def MigrateAgent(
         self, request: registry_pb2.MigrateAgentRequest, context: Any
     ) -> registry_pb2.MigrateAgentResponse:
@@ -318,6 +325,7 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     await servicer.directory.start()
     server.on_stop(servicer.directory.stop)
     server.on_stop(servicer.keepalives.close)
+    server.on_stop(servicer.store.requests.stop)
     await servicer.supervisor.start()
     server.spawn(prober.Prober(server, servicer.store, servicer.directory).run(), "prober")
     supervisor = servicer.supervisor

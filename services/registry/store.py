@@ -11,6 +11,8 @@ P/supervisor-owner/<id>         id of the registry replica supervising   the rep
 P/supervised-tokens/<id>        the token a supervised agent registers    none
                                 with (chosen by the supervisor)
 P/registry-prober/<lease>       candidates for the health prober         each candidate's
+P/requests/registry/<m>/<id>    outcome of a call by ``request_id``      the window's
+                                (:mod:`mabeam.runtime.idempotency`)
 ==============================  =======================================  =========
 
 Everything an agent registers is bound to its lease, so one lapse removes it
@@ -36,6 +38,7 @@ from mabeam.runtime.etcd import (
     try_acquire,
     while_leading,
 )
+from mabeam.runtime.idempotency import RequestLog
 from mabeam.v1 import common_pb2, registry_pb2
 
 
@@ -124,6 +127,7 @@ class RegistryStore:
     def __init__(self, client: EtcdClient, config: MeshConfig) -> None:
         self.client = client
         self.keys = Keys(config)
+        self.requests = RequestLog(client, config, "registry")  # outcomes by request_id
 
     async def register(
         self, agent: registry_pb2.Agent, token: str, lease_id: int, expect_create_revision: int
