@@ -156,7 +156,9 @@ class OrchestratorServiceServicer:
 
     def CoordinateVariable(self, request, context):
         """CoordinateVariable runs a bound variable's protocol and writes the outcome
-        with compare-and-set.
+        with compare-and-set, in one transaction with the binding. NOT_FOUND when
+        the variable is not bound, or was unbound (UnbindVariable) while its
+        protocol ran: then nothing is written and the binding stays removed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -62,7 +62,9 @@ class OrchestratorServiceStub:
     """ListBindings lists the orchestration bindings, paged."""
     CoordinateVariable: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CoordinateVariableRequest, _orchestrator_pb2.CoordinateVariableResponse]
     """CoordinateVariable runs a bound variable's protocol and writes the outcome
-    with compare-and-set.
+    with compare-and-set, in one transaction with the binding. NOT_FOUND when
+    the variable is not bound, or was unbound (UnbindVariable) while its
+    protocol ran: then nothing is written and the binding stays removed.
     """
     CoordinateSystem: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CoordinateSystemRequest, _orchestrator_pb2.CoordinateSystemResponse]
     """CoordinateSystem coordinates every bound variable and reports each outcome."""
@@ -101,7 +103,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """ListBindings lists the orchestration bindings, paged."""
     CoordinateVariable: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CoordinateVariableRequest, _orchestrator_pb2.CoordinateVariableResponse]  # type: ignore[assignment]
     """CoordinateVariable runs a bound variable's protocol and writes the outcome
-    with compare-and-set.
+    with compare-and-set, in one transaction with the binding. NOT_FOUND when
+    the variable is not bound, or was unbound (UnbindVariable) while its
+    protocol ran: then nothing is written and the binding stays removed.
     """
     CoordinateSystem: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CoordinateSystemRequest, _orchestrator_pb2.CoordinateSystemResponse]  # type: ignore[assignment]
     """CoordinateSystem coordinates every bound variable and reports each outcome."""
@@ -191,7 +195,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.CoordinateVariableResponse, _abc.Awaitable[_orchestrator_pb2.CoordinateVariableResponse]]:
         """CoordinateVariable runs a bound variable's protocol and writes the outcome
-        with compare-and-set.
+        with compare-and-set, in one transaction with the binding. NOT_FOUND when
+        the variable is not bound, or was unbound (UnbindVariable) while its
+        protocol ran: then nothing is written and the binding stays removed.
         """
 
     @_abc_1.abstractmethod
