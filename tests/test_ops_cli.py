@@ -13,7 +13,7 @@ import pytest
 from harness.wait import eventually
 from mabeam.client import MeshClient
 from mabeam.server import MeshServer
-from mabeam.v1 import registry_pb2
+from mabeam.v1 import common_pb2, orchestrator_pb2, registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(90)
@@ -86,8 +86,24 @@ async def test_status_agents_vars_auction_sessions(flags: list[str]) -> None:
     code, out, err = await mabeam("vars", "get", "room/temp", *flags)
     assert code == 0 and "room/temp = 21.5" in out, err
     watch = asyncio.create_task(mabeam("vars", *flags, "watch", "room/", "--count", "1"))
-    await asyncio.sleep(1.0)
     await mabeam("vars", *flags, "set", "room/light", "on", "--string")
+    # The set may come before the watch is in place: set it again until the watch saw one.
+    setter = await MeshClient.connect(
+        registry=flags[flags.index("--registry") + 1], orchestrator=flags[flags.index("--orchestrator") + 1]
+    )
+
+    async def seen() -> bool:
+        if watch.done():
+            return True
+        await setter.orchestrator.SetVariable(
+            orchestrator_pb2.SetVariableRequest(name="room/light", value=common_pb2.Value(string_value="on"))
+        )
+        return False
+
+    try:
+        await eventually(seen, timeout=30, interval=0.2, what="vars watch saw a set")
+    finally:
+        await setter.close()
     code, out, _ = await watch
     assert code == 0 and 'room/light = "on"' in out
 

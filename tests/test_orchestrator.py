@@ -168,7 +168,16 @@ async def test_watch_and_resume(mesh: tuple[MeshClient, MeshServer]) -> None:
             events.append(e)
 
     task = asyncio.create_task(watch())
-    await asyncio.sleep(0.2)
+    markers = 0
+
+    async def watching() -> bool:  # a marker written and seen: the watch is in place
+        nonlocal markers
+        markers += 1
+        await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="w/marker", value=num(markers)))
+        return any(e.variable.value.number_value == markers for e in events)
+
+    await eventually(watching, interval=0.1, what="the watch sees a marker")
+    events.clear()  # the last marker's event came last: nothing of them is still on its way
     first = (await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="w/a", value=num(1)))).variable
     await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="w/a", value=num(2)))
     await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="x/ignored", value=num(2)))
@@ -479,9 +488,24 @@ async def test_adaptation_rule_recoordinates_when_the_metric_crosses(
         ),
     )
     await o.BindVariable(orchestrator_pb2.BindVariableRequest(binding=binding))
+    # A control binding, bound after it, crosses at the same load: once it is
+    # decided, a leader ran an adaptation pass that saw both bindings and the load.
+    control = orchestrator_pb2.OrchestrationBinding()
+    control.CopyFrom(binding)
+    control.variable = "control"
+    control.adaptation.comparison = orchestrator_pb2.COMPARISON_BELOW
+    await o.BindVariable(orchestrator_pb2.BindVariableRequest(binding=control))
     await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="load", value=num(0.2)))
-    await asyncio.sleep(1.5)  # below the threshold: nothing happens
-    with pytest.raises(errors.NotFound):
+
+    async def control_decided() -> bool:
+        try:
+            await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="control"))
+        except errors.NotFound:
+            return False
+        return True
+
+    await eventually(control_decided, timeout=10, what="a leader adapted the control binding")
+    with pytest.raises(errors.NotFound):  # below the threshold: nothing happens
         await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="adaptive"))
     await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="load", value=num(0.9)))
 
@@ -495,7 +519,9 @@ async def test_adaptation_rule_recoordinates_when_the_metric_crosses(
 
     await eventually(decided, timeout=5, what="the leader re-coordinated the binding")
     first = (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="adaptive"))).variable
-    await asyncio.sleep(1.5)  # the cool-down holds further adaptations back
+    # Time is what is tested: more adaptation passes (ADAPT_INTERVAL, 1 s) run,
+    # the load stays above the threshold, the cool-down holds them back.
+    await asyncio.sleep(1.5)
     assert (
         await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="adaptive"))
     ).variable.version == first.version

@@ -13,6 +13,7 @@ from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
+from mabeam.runtime.etcd import EtcdClient, snapshot
 from mabeam.server import MeshServer
 from mabeam.v1 import registry_pb2
 
@@ -103,11 +104,19 @@ async def test_wrong_token_changes_nothing(client: MeshClient) -> None:
     ],
 )
 async def test_bad_registrations_name_the_field_and_leave_nothing(
-    client: MeshClient, request_: registry_pb2.RegisterAgentRequest, field: str
+    registry: MeshServer,
+    client: MeshClient,
+    etcd_client: EtcdClient,
+    request_: registry_pb2.RegisterAgentRequest,
+    field: str,
 ) -> None:
     with pytest.raises(errors.InvalidArgument) as info:
         await client.registry.RegisterAgent(request_)
     assert info.value.field == field and field.split("[")[0] in info.value.message
+    # etcd itself, read after the refusal (a linearizable read: any write the
+    # registry made is in it), not the registry's watch-fed cache, which may lag.
+    kvs, _ = await snapshot(etcd_client, registry.config.key("agent"))  # agents/, agent-tokens/, agent-load/
+    assert not kvs, [bytes(kv.key) for kv in kvs]
     listed = await client.registry.ListAgents(registry_pb2.ListAgentsRequest())
     assert not listed.agents
 
