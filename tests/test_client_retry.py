@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
+from harness.ports import closed_port
 from harness.wait import eventually
 from mabeam import errors
 from mabeam.client import MeshClient
 from mabeam.runtime import process
-from mabeam.runtime.embedded_etcd import free_port
 from mabeam.server import MeshServer
 from mabeam.v1 import common_pb2, orchestrator_pb2
 
@@ -108,7 +108,7 @@ async def test_a_write_to_a_replica_that_refuses_connections_goes_to_another(
 ) -> None:
     await service("registry")
     live = await service("orchestrator")
-    refused = f"127.0.0.1:{free_port()}"  # nothing listens there
+    refused = f"127.0.0.1:{closed_port()}"  # nothing listens there
     async with await MeshClient.connect(orchestrator=[refused, live.address]) as client:
         for i in range(4):  # round robin: half of them go to the refusing address first
             reply = await client.orchestrator.SetVariable(

@@ -10,9 +10,10 @@ import aetcd.exceptions
 import pytest
 
 from harness.certs import make_certs
+from harness.ports import closed_port
 from harness.wait import eventually
 from mabeam.runtime.cache import PrefixCache
-from mabeam.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from mabeam.runtime.embedded_etcd import EmbeddedEtcd
 from mabeam.runtime.etcd import (
     UNREACHABLE,
     ClientClosedError,
@@ -82,7 +83,7 @@ def test_grpc_target_for_one_and_several_endpoints() -> None:
 
 
 async def test_endpoints_by_name_are_resolved(etcd: EmbeddedEtcd, key_prefix: bytes) -> None:
-    dead = free_port()
+    dead = closed_port("localhost")
     client = await connect([f"http://localhost:{dead}", f"http://localhost:{etcd.client_port}"], timeout=5)
     try:
         await client.put(key_prefix + b"k", b"v")  # the dead first endpoint is skipped
@@ -93,7 +94,7 @@ async def test_endpoints_by_name_are_resolved(etcd: EmbeddedEtcd, key_prefix: by
 
 
 async def test_unreachable_etcd_is_a_connection_failure_and_closed_is_final() -> None:
-    client = await connect([f"http://127.0.0.1:{free_port()}"])
+    client = await connect([f"http://127.0.0.1:{closed_port()}"])
     with pytest.raises(aetcd.exceptions.ConnectionFailedError):
         await client.get(b"k")
     await client.close()
@@ -115,7 +116,7 @@ async def test_tls_and_client_certificates(tmp_path: Path) -> None:
         assert server.endpoint.startswith("https://")
         mtls = TLS(ca_file=pem["ca"], cert_file=pem["client"], key_file=pem["client-key"])
         # Several endpoints (the first one dead): TLS still checks the certificate.
-        dead = f"https://127.0.0.1:{free_port()}"
+        dead = f"https://127.0.0.1:{closed_port()}"
         for endpoints in ([server.endpoint], [dead, server.endpoint]):
             client = await connect(endpoints, tls=mtls, timeout=5)
             await client.put(b"/tls", b"yes")
