@@ -9,6 +9,7 @@ name other containers are pointed at this machine).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import pytest
 from harness.wait import eventually
 from mabeam.client import MeshClient
 from mabeam.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from mabeam.server import port_is_free
 from mabeam.v1 import registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,22 +77,28 @@ def _local(
 async def test_every_command_in_the_file_runs_against_a_real_etcd(etcd: EmbeddedEtcd) -> None:
     services = compose_config()["services"]
     prefix = f"/compose-{os.getpid()}"
-    started: list[subprocess.Popen[bytes]] = []
+    started: list[asyncio.subprocess.Process] = []
     addresses: dict[str, str] = {}
     try:
         for name in SERVICES:
             spec = services[name]
-            port = str(free_port())
             declared = spec["command"][spec["command"].index(f"--{name}-port") + 1]
             values = {"http://etcd:2379": etcd.endpoint, name: "127.0.0.1"}
-            argv, env = _local(spec["command"], spec["environment"], {declared: port}, values)
-            env.update(MABEAM_PREFIX=prefix, MABEAM_HOST="127.0.0.1")
-            proc = subprocess.Popen(
-                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT
-            )
-            started.append(proc)
-            assert proc.stdout is not None
-            line = (await asyncio.to_thread(proc.stdout.readline)).decode()
+            # The port is picked here and bound by the service: another process
+            # may take it in between, and the service then exits: try another one.
+            for _ in range(3):
+                port = str(free_port())
+                argv, env = _local(spec["command"], spec["environment"], {declared: port}, values)
+                env.update(MABEAM_PREFIX=prefix, MABEAM_HOST="127.0.0.1")
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT
+                )
+                started.append(proc)
+                assert proc.stdout is not None
+                line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+                if line or port_is_free("127.0.0.1", int(port)):
+                    break
+                await proc.wait()  # it ended without a word, its port taken: again, on another
             assert f"mabeam {name} serving on 127.0.0.1:{port}" in line, line
             addresses[name] = f"127.0.0.1:{port}"
             check, _ = _local(spec["healthcheck"]["test"][1:], {}, {f"127.0.0.1:{declared}": addresses[name]})
@@ -102,7 +110,9 @@ async def test_every_command_in_the_file_runs_against_a_real_etcd(etcd: Embedded
             values = {"registry:50051": addresses["registry"], "0.0.0.0": "127.0.0.1", name: "127.0.0.1"}
             argv, env = _local(spec["command"], spec["environment"], {declared: "0"}, values)
             env["MABEAM_PREFIX"] = prefix
-            started.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, cwd=ROOT))
+            started.append(
+                await asyncio.create_subprocess_exec(*argv, env=env, stdout=subprocess.DEVNULL, cwd=ROOT)
+            )
         client = await MeshClient.connect(registry=addresses["registry"])
 
         async def agents_registered() -> bool:
@@ -113,11 +123,10 @@ async def test_every_command_in_the_file_runs_against_a_real_etcd(etcd: Embedded
         await client.close()
     finally:
         for proc in started:
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):  # ended already
+                proc.terminate()
         for proc in started:
-            proc.wait(timeout=15)
-            if proc.stdout is not None:
-                proc.stdout.close()
+            await asyncio.wait_for(proc.wait(), 15)
 
 
 def test_the_image_install_brings_every_module(tmp_path: Path) -> None:
