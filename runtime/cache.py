@@ -262,6 +262,7 @@ class _HealthReport:
         self._server = server
         self._unhealthy: set[int] = set()
         self._changed = asyncio.Event()
+        self._published: bool | None = True  # a server starts SERVING
         server.spawn(self._publish(), "cache-health")
 
     def on_health(self, cache: PrefixCache[Any], healthy: bool) -> None:
@@ -271,15 +272,19 @@ class _HealthReport:
             self._unhealthy.add(id(cache))
         self._changed.set()
 
+    def republish(self) -> None:
+        """Publish the current state again, even if unchanged (start set SERVING meanwhile)."""
+        self._published = None
+        self._changed.set()
+
     async def _publish(self) -> None:
-        serving = True
         while True:
             await self._changed.wait()
             self._changed.clear()
             wanted = not self._unhealthy
-            if wanted != serving:
-                serving = wanted
-                await self._server.set_serving(serving)
+            if wanted != self._published:
+                self._published = wanted
+                await self._server.set_serving(wanted)
 
 
 _reports: weakref.WeakKeyDictionary[MeshServer, _HealthReport] = weakref.WeakKeyDictionary()
@@ -289,8 +294,9 @@ def report_health(server: MeshServer, *caches: PrefixCache[Any]) -> None:
     """Make ``server``'s gRPC health NOT_SERVING while any of ``caches`` cannot follow etcd.
 
     Call it for every cache the server answers from (it may be called several
-    times for one server); SERVING again once all of them follow. Call before
-    the server starts: start sets SERVING.
+    times for one server); SERVING again once all of them follow. Call it
+    before the server starts, and :func:`republish_health` once it has (start
+    sets SERVING whatever the caches say).
     """
     report = _reports.get(server)
     if report is None:
@@ -299,3 +305,10 @@ def report_health(server: MeshServer, *caches: PrefixCache[Any]) -> None:
         cache.add_health_listener(report.on_health)
         if not cache.healthy and cache._task is not None:
             report.on_health(cache, False)
+
+
+def republish_health(server: MeshServer) -> None:
+    """Set ``server``'s health from its caches again: after :meth:`MeshServer.start`, which sets SERVING."""
+    report = _reports.get(server)
+    if report is not None:
+        report.republish()

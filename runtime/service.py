@@ -24,7 +24,7 @@ from pythonjsonlogger.json import JsonFormatter
 from mabeam import config as mesh_config
 from mabeam import errors, telemetry
 from mabeam.config import MeshConfig
-from mabeam.runtime import endpoints, etcd, exporters, process
+from mabeam.runtime import cache, endpoints, etcd, exporters, process
 from mabeam.server import MeshServer, announce_ready, serve_until_signalled
 
 BuildFn = Callable[[MeshServer, Any], Awaitable[None]]
@@ -116,6 +116,7 @@ async def start_service(
     try:
         await build(server, client)
         await server.start(port)
+        cache.republish_health(server)  # a cache that broke since build() makes it NOT_SERVING
         await endpoints.publish(server, client)
     except BaseException:
         await server.stop(0)
