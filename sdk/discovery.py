@@ -112,15 +112,19 @@ class EndpointResolver:
         self._endpoints = found
         self._revision = reply.header.revision
 
-    async def _requests(self) -> AsyncIterator[Any]:
+    async def _requests(self, ended: asyncio.Event) -> AsyncIterator[Any]:
         create = self._rpc.WatchCreateRequest(
             key=self._prefix, range_end=_prefix_end(self._prefix), start_revision=self._revision + 1
         )
         yield self._rpc.WatchRequest(create_request=create)
-        await asyncio.Event().wait()  # keep the request side open while the watch runs
+        # Keep the request side open while the watch runs, and end with it: grpc's
+        # task reading this iterator outlives a cancelled call otherwise (one per
+        # broken watch, for good).
+        await ended.wait()
 
     async def _watch_once(self) -> None:
-        call = self._watch.Watch(self._requests(), metadata=_REQUIRE_LEADER)
+        ended = asyncio.Event()
+        call = self._watch.Watch(self._requests(ended), metadata=_REQUIRE_LEADER)
         try:
             async for reply in call:
                 if reply.compact_revision or reply.canceled:
@@ -135,6 +139,7 @@ class EndpointResolver:
                 if reply.header.revision:
                     self._revision = max(self._revision, reply.header.revision)
         finally:
+            ended.set()
             call.cancel()
         raise _WatchBroken("etcd ended the watch")
 
