@@ -45,12 +45,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.ports import closed_port
 from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
 from mabeam.config import MeshConfig
 from mabeam.runtime import validate
-from mabeam.runtime.embedded_etcd import free_port
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, snapshot
 from mabeam.runtime.process import pid_alive
 from mabeam.server import MeshServer
@@ -541,7 +541,7 @@ async def test_heartbeat_garbage_ends_the_stream_cleanly_and_leases_survive(
     changes nothing, so the other agents keep their registration and lease, and a new stream
     keeps the leases alive."""
     registry = await service("registry")
-    dead = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{closed_port()}"
     async with aio.insecure_channel(registry.address) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         registered = {}
@@ -691,7 +691,7 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
     coordination = await service("coordination")
     processes_before = children()
     keys = RegistryStore(etcd_client, mesh_config).keys
-    dead = [f"127.0.0.1:{free_port()}", f"localhost:{free_port()}"]
+    dead = [f"127.0.0.1:{closed_port()}", f"localhost:{closed_port('localhost')}"]
     exit3 = [sys.executable, "-c", "raise SystemExit(3)"]
     exit0 = [sys.executable, "-c", "raise SystemExit(0)"]
     missing = str(tmp_path / "missing" / "agent")
@@ -930,7 +930,7 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
 
 async def register_at_a_dead_endpoint(stub: registry_pb2_grpc.RegistryServiceStub, agent_id: str) -> str:
     """Register ``agent_id`` at a port nothing listens on; its token."""
-    request = registry_pb2.RegisterAgentRequest(agent_id=agent_id, endpoint=f"127.0.0.1:{free_port()}")
+    request = registry_pb2.RegisterAgentRequest(agent_id=agent_id, endpoint=f"127.0.0.1:{closed_port()}")
     return (await stub.RegisterAgent(request, timeout=10)).token
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import signal
@@ -16,6 +17,7 @@ import pytest
 from google.protobuf import duration_pb2, json_format, struct_pb2
 from grpc import aio
 
+from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
@@ -608,18 +610,21 @@ async def test_agent_killed_mid_session_is_left_out(mesh: tuple[MeshClient, Mesh
     client, registry = mesh
     rival = AgentHost([Paced("rival", 500)], registry=registry.address)
     await rival.start()
-    proc = subprocess.Popen(
-        [sys.executable, BIDDER, "--id", "doomed", "--value", "1000", "--registry", registry.address],
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, BIDDER, "--id", "doomed", "--value", "1000", "--registry", registry.address),
         stdout=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
     )
     try:
-        for _ in range(200):
+
+        async def registered() -> bool:
             try:
                 await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="doomed"))
-                break
             except errors.NotFound:
-                await asyncio.sleep(0.05)
+                return False
+            return True
+
+        await eventually(registered, timeout=10, what="doomed registered")
         request = coordination_pb2.RunAuctionRequest(
             settings=settings("rival", "doomed", timeout=0.5),
             type=coordination_pb2.AUCTION_TYPE_ENGLISH,
@@ -637,8 +642,9 @@ async def test_agent_killed_mid_session_is_left_out(mesh: tuple[MeshClient, Mesh
                 break
         session = (await run).session
     finally:
-        proc.kill()
-        proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # already reaped
+            proc.kill()
+        await proc.wait()
         await rival.stop()
     # Both would stay in up to 500; once "doomed" is gone, the rival is alone and wins.
     assert list(session.outcome.winners) == ["rival"] and session.outcome.price < 500

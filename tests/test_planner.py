@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import signal
 import subprocess
 import sys
@@ -225,7 +226,12 @@ async def test_cancel_stops_a_running_goal(mesh: tuple[MeshClient, MeshServer]) 
                 )
             )
         ).goal
-        await asyncio.sleep(0.3)
+
+        async def a_running() -> bool:
+            goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=submitted.goal_id))).goal
+            return any(s.step_id == "a" and s.state == planner_pb2.STEP_STATE_RUNNING for s in goal.steps)
+
+        await eventually(a_running, what="step a running")  # a running goal is what is cancelled
         cancelled = (
             await client.planner.CancelGoal(
                 planner_pb2.CancelGoalRequest(goal_id=submitted.goal_id, reason="changed my mind")
@@ -289,8 +295,8 @@ async def test_unknown_goal(mesh: tuple[MeshClient, MeshServer]) -> None:
 @pytest.mark.slow
 async def test_step_whose_agent_dies_is_retried_elsewhere(mesh: tuple[MeshClient, MeshServer]) -> None:
     client, registry = mesh
-    proc = subprocess.Popen(
-        [sys.executable, WORKER, "--id", "a-doomed", "--registry", registry.address],
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, WORKER, "--id", "a-doomed", "--registry", registry.address),
         stdout=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
     )
@@ -323,8 +329,9 @@ async def test_step_whose_agent_dies_is_retried_elsewhere(mesh: tuple[MeshClient
         ]
         goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id))).goal
     finally:
-        proc.kill()
-        proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # already reaped
+            proc.kill()
+        await proc.wait()
         await host.stop()
     assert events[-1].goal_state == planner_pb2.GOAL_STATE_SUCCEEDED
     assert [a.agent_id for a in goal.steps[0].attempts] == ["a-doomed", "b-survivor"]

@@ -46,7 +46,9 @@ async def test_example_agent_commands_register(service: Callable[..., Awaitable[
         for command in commands:
             argv = shlex.split(command.replace("127.0.0.1:50051", registry.address))
             procs.append(
-                subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                await asyncio.create_subprocess_exec(
+                    *argv, cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+                )
             )
         ids = [shlex.split(c)[shlex.split(c).index("--id") + 1] for c in commands]
 
@@ -59,7 +61,7 @@ async def test_example_agent_commands_register(service: Callable[..., Awaitable[
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
-            proc.wait(timeout=10)
+            await asyncio.wait_for(proc.wait(), 10)
         await client.close()
 
 
@@ -98,8 +100,8 @@ async def test_readme_coordination_recipes(service: Callable[..., Awaitable[Mesh
     assert grpcurl is not None
     bidders = [c for c in readme_lines("python3 examples/bidder.py")]
     procs = [
-        subprocess.Popen(
-            shlex.split(c.replace("127.0.0.1:50051", registry.address)),
+        await asyncio.create_subprocess_exec(
+            *shlex.split(c.replace("127.0.0.1:50051", registry.address)),
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
@@ -133,5 +135,5 @@ async def test_readme_coordination_recipes(service: Callable[..., Awaitable[Mesh
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:
-            p.wait(timeout=10)
+            await asyncio.wait_for(p.wait(), 10)
         await client.close()

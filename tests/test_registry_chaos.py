@@ -38,9 +38,9 @@ async def names(client: MeshClient, capability: str = "") -> set[str]:
 async def test_frozen_agent_disappears_within_its_ttl(service: Callable[..., Awaitable[MeshServer]]) -> None:
     registry = await service("registry")
     client = await MeshClient.connect(registry=registry.address)
-    proc = subprocess.Popen(
-        [sys.executable, WORKER, "--id", "frozen", "--registry", registry.address, "--lease-ttl", "2"],
-        stdout=subprocess.PIPE,
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, WORKER, "--id", "frozen", "--registry", registry.address, "--lease-ttl", "2"),
+        stdout=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
     )
     try:
@@ -54,7 +54,7 @@ async def test_frozen_agent_disappears_within_its_ttl(service: Callable[..., Awa
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         proc.kill()
-        proc.wait()
+        await proc.wait()
         await client.close()
 
 
@@ -190,8 +190,11 @@ async def test_registration_through_one_replica_is_listed_by_the_other(
                     agent_id=f"vis{i}", endpoint="127.0.0.1:1", capabilities=[f"vis{i}"]
                 )
             )
-            while not (await via_b.registry.ListAgents(request)).agents:
-                await asyncio.sleep(0.001)
+
+            async def listed_via_b(request: registry_pb2.ListAgentsRequest = request) -> bool:
+                return bool((await via_b.registry.ListAgents(request)).agents)
+
+            await eventually(listed_via_b, timeout=10, interval=0.001, what="listed by the other replica")
             delays.append(time.perf_counter() - started)
     finally:
         await via_a.close()
