@@ -18,7 +18,7 @@ from harness.wait import eventually
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
 from mabeam.runtime.embedded_etcd import EmbeddedEtcd, free_port
-from mabeam.server import MeshServer
+from mabeam.server import MeshServer, port_is_free
 from mabeam.v1 import agent_pb2, common_pb2, coordination_pb2, planner_pb2, registry_pb2
 
 pytestmark = pytest.mark.timeout(60)
@@ -95,24 +95,31 @@ async def test_the_mesh_reports_its_numbers(
 
 
 async def test_prometheus_endpoint_and_trace_ids_in_logs(etcd: EmbeddedEtcd) -> None:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mabeam.services.registry",
-        "--etcd",
-        etcd.endpoint,
-        "--port",
-        "0",
-        "--prefix",
-        "/metrics-test",
-        env={**os.environ, "MABEAM_METRICS_PORT": str(port)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    # The metrics port is picked here and bound by the service: another process
+    # may take it in between, and the service then exits: start it again on another.
+    for _ in range(3):
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mabeam.services.registry",
+            "--etcd",
+            etcd.endpoint,
+            "--port",
+            "0",
+            "--prefix",
+            "/metrics-test",
+            env={**os.environ, "MABEAM_METRICS_PORT": str(port)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         assert proc.stdout is not None
-        address = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().split()[-1]
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        if line or port_is_free("127.0.0.1", port):
+            break
+        await proc.communicate()
+    try:
+        address = line.decode().split()[-1]
         client = await MeshClient.connect(registry=address)
         await client.registry.ListAgents(registry_pb2.ListAgentsRequest())
         await client.close()
