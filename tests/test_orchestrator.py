@@ -544,7 +544,7 @@ class HeldVoter(Agent):
 
 
 async def test_a_binding_removed_while_coordinating_stays_removed(
-    mesh: tuple[MeshClient, MeshServer],
+    mesh: tuple[MeshClient, MeshServer], etcd_client: EtcdClient, mesh_config: MeshConfig
 ) -> None:
     """UnbindVariable during CoordinateVariable: nothing is written, the binding does not come back."""
     o = mesh[0].orchestrator
@@ -568,6 +568,9 @@ async def test_a_binding_removed_while_coordinating_stays_removed(
         with pytest.raises(errors.NotFound) as caught:
             await running
         assert "unbound" in caught.value.message
+        # etcd itself, read after the call ended (not the replicas' watch-fed caches, which may lag).
+        for kind in ("bindings", "vars"):
+            assert await etcd_client.get(mesh_config.key(kind, "unbound/mid-run")) is None, kind
         listed = await o.ListBindings(orchestrator_pb2.ListBindingsRequest())
         assert "unbound/mid-run" not in [b.variable for b in listed.bindings]
         with pytest.raises(errors.NotFound):
