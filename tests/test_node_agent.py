@@ -122,9 +122,12 @@ def test_the_readme_command_is_the_one_tested() -> None:
 
 
 async def test_the_heartbeats_keep_its_lease(mesh: MeshClient) -> None:
-    await asyncio.sleep(6)  # longer than its 5 s lease
+    before = (await mesh.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="a-node"))).agent
+    assert before.status == registry_pb2.AGENT_STATUS_SERVING
+    await asyncio.sleep(6)  # time is what is tested: longer than its 5 s lease
     agent = (await mesh.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="a-node"))).agent
-    assert agent.status == registry_pb2.AGENT_STATUS_SERVING
+    # The same registration, kept by its heartbeats (not a late or a second one).
+    assert agent.status == registry_pb2.AGENT_STATUS_SERVING and agent.lease_id == before.lease_id
 
 
 def _numbers(values: list[float]) -> Any:

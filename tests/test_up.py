@@ -111,11 +111,22 @@ def read_until_healthy(proc: subprocess.Popen[str], timeout: float, what: str = 
 
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[Up]:
-    proc, ports = start_up(tmp_path)
-    output = read_until_healthy(proc, 45)
+    # The ports are picked here and bound by `mabeam up`: another process may
+    # take one in between, and up then stops saying so: start again on others.
+    for attempt in range(3):
+        base = tmp_path if attempt == 0 else tmp_path / f"retry-{attempt}"
+        base.mkdir(exist_ok=True)
+        proc, ports = start_up(base)
+        try:
+            output = read_until_healthy(proc, 45)
+            break
+        except pytest.fail.Exception as failed:
+            proc.wait()
+            if "already in use" not in str(failed) or attempt == 2:
+                raise
     try:
         # `mabeam up --data-dir D` logs to D's parent / logs.
-        yield Up(proc, ports, output, tmp_path / "logs")
+        yield Up(proc, ports, output, base / "logs")
     finally:
         if proc.poll() is None:
             proc.kill()
