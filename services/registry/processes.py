@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from google.protobuf import timestamp_pb2
 
 from mabeam.runtime import process
-from mabeam.runtime.etcd import snapshot
 from mabeam.services.registry import launch as launches
 from mabeam.services.registry.restart_policy import RestartTracker
 from mabeam.v1 import registry_pb2
@@ -72,7 +71,8 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
             if record is None or record.state not in ACTIVE:
                 return
             spec = sup.launch_of(record.launch, agent_id, await sup.secret(agent_id))
-            before = await _registration_before_start(sup, agent_id)
+            # Read before the process starts: only a registration written after it counts.
+            before = await sup.store.registration_mark(agent_id)
             started = now()
             try:
                 proc = spawn(spec)
@@ -176,18 +176,6 @@ async def _after_stop(sup: Supervisor, agent_id: str) -> None:
     record = sup.record(agent_id)
     if record is None or record.state not in ACTIVE:
         await sup.release(agent_id)
-
-
-async def _registration_before_start(sup: Supervisor, agent_id: str) -> tuple[int, int]:
-    """etcd's revision now and the lease of the agent's registration then (0: none).
-
-    Read before the process starts, so that "registered after the start" is
-    decided by etcd's order, not by comparing clocks of different hosts.
-    """
-    key = sup.store.keys.agent(agent_id)
-    kvs, revision = await snapshot(sup.store.client, key)
-    lease = next((int(kv.lease) for kv in kvs if kv.key == key), 0)
-    return revision, lease
 
 
 async def _await_registration(

@@ -35,6 +35,7 @@ from mabeam.runtime.etcd import (
     LeaseKeeper,
     ResumingWatch,
     release,
+    snapshot,
     try_acquire,
     while_leading,
 )
@@ -236,6 +237,16 @@ class RegistryStore:
         if got is None:
             return None, 0
         return registry_pb2.Agent.FromString(got.value), int(got.create_revision)
+
+    async def registration_mark(self, agent_id: str) -> tuple[int, int]:
+        """etcd's current revision and the lease of the agent's registration at it (0: none).
+
+        A registration written later has a higher revision: what "registered
+        after this moment" means across hosts, without comparing their clocks.
+        """
+        key = self.keys.agent(agent_id)
+        kvs, revision = await snapshot(self.client, key)
+        return revision, next((int(kv.lease) for kv in kvs if kv.key == key), 0)
 
     async def put_load(self, agent_id: str, load: common_pb2.AgentLoad, lease_id: int) -> bool:
         """Store the latest load, only while the agent is registered on that lease."""
