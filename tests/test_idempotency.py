@@ -22,7 +22,7 @@ from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient
 from mabeam.runtime.idempotency import MAX_REQUEST_ID, RequestLog
 from mabeam.server import MeshServer
-from mabeam.v1 import common_pb2, orchestrator_pb2
+from mabeam.v1 import common_pb2, coordination_pb2, orchestrator_pb2, planner_pb2, registry_pb2
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,13 +52,17 @@ async def test_the_same_id_twice_is_one_compare_and_set_and_the_same_answer(orch
     assert now.version == 2 and now.value.int_value == 1
     # Without the id, the same request is a second call: the version moved, so ABORTED.
     with pytest.raises(errors.Aborted):
-        await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="n", value=integer(1), expected_version=1))
+        await o.SetVariable(
+            orchestrator_pb2.SetVariableRequest(name="n", value=integer(1), expected_version=1)
+        )
 
 
 async def test_concurrent_duplicates_apply_once(orchestrator: MeshClient) -> None:
     o = orchestrator.orchestrator
     await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="c", value=integer(0)))
-    cas = orchestrator_pb2.SetVariableRequest(name="c", value=integer(1), expected_version=1, request_id="dup")
+    cas = orchestrator_pb2.SetVariableRequest(
+        name="c", value=integer(1), expected_version=1, request_id="dup"
+    )
     answers = await asyncio.gather(*(o.SetVariable(cas) for _ in range(8)))
     assert all(a == answers[0] for a in answers)
     # Recorded right after (a plain put): claimed first, so duplicates wait for the first.
@@ -88,11 +92,15 @@ async def test_malformed_ids_and_reused_ids_are_invalid_arguments(orchestrator: 
     o = orchestrator.orchestrator
     for bad in ("x" * (MAX_REQUEST_ID + 1), "has space", "new\nline"):
         with pytest.raises(errors.InvalidArgument) as caught:
-            await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="v", value=integer(1), request_id=bad))
+            await o.SetVariable(
+                orchestrator_pb2.SetVariableRequest(name="v", value=integer(1), request_id=bad)
+            )
         assert caught.value.field == "request_id" and str(MAX_REQUEST_ID) in caught.value.message
     await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="v", value=integer(1), request_id="x" * 128))
     with pytest.raises(errors.InvalidArgument) as caught:
-        await o.SetVariable(orchestrator_pb2.SetVariableRequest(name="v", value=integer(2), request_id="x" * 128))
+        await o.SetVariable(
+            orchestrator_pb2.SetVariableRequest(name="v", value=integer(2), request_id="x" * 128)
+        )
     assert caught.value.field == "request_id" and "different" in caught.value.message
     assert (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="v"))).variable.value.int_value == 1
 
@@ -118,7 +126,9 @@ async def test_the_sdk_sets_an_id_on_a_copy_and_resends_calls_with_one() -> None
     assert _with_request_id(request).request_id != sent.request_id
 
 
-async def test_after_the_window_the_same_id_applies_again(etcd_client: EtcdClient, mesh_config: MeshConfig) -> None:
+async def test_after_the_window_the_same_id_applies_again(
+    etcd_client: EtcdClient, mesh_config: MeshConfig
+) -> None:
     log = RequestLog(etcd_client, mesh_config, "test", window=2)
     applied: list[int] = []
 
@@ -130,7 +140,10 @@ async def test_after_the_window_the_same_id_applies_again(etcd_client: EtcdClien
     request = orchestrator_pb2.UnbindVariableRequest(variable="x", request_id="r-1")
     try:
         await asyncio.gather(
-            *(log.run("UnbindVariable", request, orchestrator_pb2.UnbindVariableResponse, work) for _ in range(5))
+            *(
+                log.run("UnbindVariable", request, orchestrator_pb2.UnbindVariableResponse, work)
+                for _ in range(5)
+            )
         )
         assert len(applied) == 1
         await log.run("UnbindVariable", request, orchestrator_pb2.UnbindVariableResponse, work)
@@ -144,3 +157,56 @@ async def test_after_the_window_the_same_id_applies_again(etcd_client: EtcdClien
         assert len(applied) == 2
     finally:
         await log.stop()
+
+
+async def test_the_other_services_answer_a_repeated_id_from_the_record(
+    service: Callable[..., Awaitable[MeshServer]],
+) -> None:
+    registry = await service("registry")
+    coordination = await service("coordination")
+    planner = await service("planner")
+    client = await MeshClient.connect(
+        registry=registry.address, coordination=coordination.address, planner=planner.address
+    )
+    try:
+        register = registry_pb2.RegisterAgentRequest(
+            agent_id="a1", endpoint="127.0.0.1:1", capabilities=["nothing"], request_id="reg-1"
+        )
+        first = await client.registry.RegisterAgent(register)
+        again = await client.registry.RegisterAgent(register)
+        assert again == first and first.agent.generation == 1  # one registration, the same token
+        deregister = registry_pb2.DeregisterAgentRequest(
+            agent_id="a1", token=first.token, request_id="dereg-1"
+        )
+        await client.registry.DeregisterAgent(deregister)
+        await client.registry.DeregisterAgent(deregister)  # the first outcome, not NOT_FOUND
+        with pytest.raises(errors.NotFound):
+            await client.registry.DeregisterAgent(
+                registry_pb2.DeregisterAgentRequest(agent_id="a1", token=first.token)
+            )
+
+        # SubmitGoal without goal_id: refused while no agent can run the step, and a repeated id
+        # answers that refusal; a new id, once an agent is there, names one goal, answered alike.
+        spec = planner_pb2.GoalSpec(steps=[planner_pb2.StepSpec(step_id="s", capability="nothing")])
+        refused = planner_pb2.SubmitGoalRequest(goal=spec, request_id="goal-0")
+        with pytest.raises(errors.FailedPrecondition):
+            await client.planner.SubmitGoal(refused)
+        await client.registry.RegisterAgent(
+            registry_pb2.RegisterAgentRequest(agent_id="a2", endpoint="127.0.0.1:1", capabilities=["nothing"])
+        )
+        with pytest.raises(errors.FailedPrecondition):
+            await client.planner.SubmitGoal(refused)
+        submit = planner_pb2.SubmitGoalRequest(goal=spec, request_id="goal-1")
+        goal = (await client.planner.SubmitGoal(submit)).goal
+        assert (await client.planner.SubmitGoal(submit)).goal.goal_id == goal.goal_id
+        listed = await client.planner.ListGoals(planner_pb2.ListGoalsRequest())
+        assert [g.goal_id for g in listed.goals] == [goal.goal_id]
+        cancel = planner_pb2.CancelGoalRequest(goal_id=goal.goal_id, request_id="c-1")
+        assert await client.planner.CancelGoal(cancel) == await client.planner.CancelGoal(cancel)
+
+        unregister = coordination_pb2.UnregisterProtocolRequest(name="nothing", request_id="unreg-1")
+        for _ in range(2):
+            with pytest.raises(errors.NotFound):
+                await client.coordination.UnregisterProtocol(unregister)
+    finally:
+        await client.close()
