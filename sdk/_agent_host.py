@@ -43,6 +43,9 @@ REGISTER_PATIENCE_S = 30.0
 # Beats an AgentHost sends together before it paces the rest of the interval's beats.
 HEARTBEAT_CHUNK = 50
 
+# Registrations an AgentHost has in flight at once, at start and when it registers lost agents again.
+REGISTER_CONCURRENCY = 64
+
 
 class AgentHost:
     """Serves many agents on one endpoint; registers them and keeps their leases.
@@ -72,6 +75,7 @@ class AgentHost:
         tls: TLS | None = None,
         client_tls: TLS | None = None,
         advertise_host: str | None = None,
+        etcd_tls: TLS | None = None,
     ) -> None:
         self.agents: dict[str, Agent] = {}
         self._standby: set[str] = set()
@@ -91,6 +95,15 @@ class AgentHost:
             raise ValueError("where is the mesh? give registry= or etcd= (or MABEAM_REGISTRY / MABEAM_ETCD)")
         self._registry = registry
         self._etcd = etcd
+        # TLS to etcd for discovery; a supervised agent gets the registry's in
+        # MABEAM_ETCD_CA/CERT/KEY (the variables the services read too).
+        if etcd_tls is None and any(os.environ.get(f"MABEAM_ETCD_{v}") for v in ("CA", "CERT", "KEY")):
+            etcd_tls = TLS(
+                ca_file=os.environ.get("MABEAM_ETCD_CA") or None,
+                cert_file=os.environ.get("MABEAM_ETCD_CERT") or None,
+                key_file=os.environ.get("MABEAM_ETCD_KEY") or None,
+            )
+        self._etcd_tls = etcd_tls
         self._prefix = prefix or os.environ.get("MABEAM_PREFIX", "/mabeam")
         self._lease_ttl = lease_ttl
         self._client_tls = client_tls
@@ -109,6 +122,9 @@ class AgentHost:
         self._client: MeshClient | None = None
         self._beats: asyncio.Task[None] | None = None
         self._registered = asyncio.Event()
+        # Agents being registered again (their lease lapsed): no beats for them meanwhile.
+        self._missing: set[str] = set()
+        self._register_slots = asyncio.Semaphore(REGISTER_CONCURRENCY)
         self._stopped = False
         self.heartbeat_stats = HeartbeatStats()
 
@@ -147,16 +163,28 @@ class AgentHost:
         """Serve, register every agent, and keep their leases in the background."""
         await self._server.start()
         self._client = await MeshClient.connect(
-            registry=self._registry, etcd=self._etcd, prefix=self._prefix, tls=self._client_tls
+            registry=self._registry,
+            etcd=self._etcd,
+            prefix=self._prefix,
+            tls=self._client_tls,
+            etcd_tls=self._etcd_tls,
         )
-        sem = asyncio.Semaphore(64)
 
         async def register(agent: Agent) -> None:
-            async with sem:
-                await self._register(agent)
+            try:
+                async with self._register_slots:
+                    await self._register(agent)
+            finally:
+                self._missing.discard(agent.agent_id)
 
-        await asyncio.gather(*(register(a) for a in self.agents.values() if a.agent_id not in self._standby))
+        # The beats start with the first registration, not after the last: a
+        # thousand registrations can take longer than the first one's lease.
+        # Until registered, an agent is left out of them (a token given in
+        # advance, a supervised agent's, would otherwise be refused).
+        first = [a for a in self.agents.values() if a.agent_id not in self._standby]
+        self._missing.update(a.agent_id for a in first)
         self._beats = asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeats")
+        await asyncio.gather(*(register(a) for a in first))
 
     async def _register(self, agent: Agent) -> registry_pb2.Agent:
         assert self._client is not None
@@ -205,7 +233,7 @@ class AgentHost:
             started = time.monotonic()
             agents = list(self.agents.values())
             for i, agent in enumerate(agents, 1):
-                if agent.token:
+                if agent.token and agent.agent_id not in self._missing:
                     beat = registry_pb2.HeartbeatRequest(
                         agent_id=agent.agent_id, token=agent.token, load=agent.load()
                     )
@@ -231,13 +259,18 @@ class AgentHost:
             except asyncio.CancelledError:
                 raise
             except errors.NotFound as exc:
+                # One lease lapsed, most likely many did (etcd or the registry
+                # was away): one listing finds them all, so the next stream
+                # beats only for agents still registered, while the lost ones
+                # are registered again in the background, many at a time.
                 stats.stream_broke()
-                log.info("heartbeat: %s; registering again", exc.message)
-                await self._reregister(exc.metadata.get("agent_id"))
+                log.info("heartbeat: %s; registering again every agent no longer listed", exc.message)
+                self._reregister([exc.metadata.get("agent_id", "")])
+                await self._register_missing()
             except errors.PermissionDenied as exc:
                 stats.stream_broke()
                 log.warning("heartbeat refused (%s); registering again", exc.message)
-                await self._reregister(exc.metadata.get("agent_id"), forget_token=True)
+                self._reregister([exc.metadata.get("agent_id", "")], forget_token=True)
             except errors.Internal as exc:
                 # grpc.aio reports INTERNAL in place of the registry's status when the
                 # stream ends while beats are still being written (grpc/grpc#36066):
@@ -301,27 +334,46 @@ class AgentHost:
             log.info("cannot list the registered agents (%s); the next stream break tries again", exc)
             return
         listed = {a.agent_id for a in agents}
-        for agent_id in [a for a in self.agents if a not in listed and a not in self._standby]:
-            await self._reregister(agent_id)
+        self._reregister([a for a in self.agents if a not in listed])
 
-    async def _reregister(self, agent_id: str | None, forget_token: bool = False) -> None:
-        targets = [self.agents[agent_id]] if agent_id in self.agents else list(self.agents.values())
-        for agent in targets:
+    def _reregister(self, agent_ids: Iterable[str], forget_token: bool = False) -> None:
+        """Register ``agent_ids`` again in the background, at most REGISTER_CONCURRENCY at a time.
+
+        Returns at once: the heartbeats of the other agents go on meanwhile,
+        and each of these is left out of them until it is registered again.
+        A standby agent (a migration target that has not taken its
+        registration over, so holds no token) is never registered here, nor
+        is one already being registered again.
+        """
+        for agent_id in agent_ids:
+            agent = self.agents.get(agent_id)
+            if agent is None or agent_id in self._missing:
+                continue
             if forget_token:
                 agent.token = ""
-            try:
-                async for attempt in stamina.retry_context(
-                    on=_worth_registering_again,
-                    attempts=20,
-                    timeout=None,
-                    wait_initial=0.1,
-                    wait_max=2.0,
-                    wait_jitter=0.0,
-                ):
-                    with attempt:
+            if agent_id in self._standby and not agent.token:
+                continue
+            self._missing.add(agent_id)
+            self.spawn(self._register_again(agent), name=f"register-again:{agent_id}")
+
+    async def _register_again(self, agent: Agent) -> None:
+        try:
+            async for attempt in stamina.retry_context(
+                on=_worth_registering_again,
+                attempts=20,
+                timeout=None,
+                wait_initial=0.1,
+                wait_max=2.0,
+                wait_jitter=0.0,
+            ):
+                with attempt:
+                    async with self._register_slots:  # not held through the waits
                         await self._register(agent)
-            except errors.MabeamError as exc:
-                log.warning("re-registering %s failed: %s", agent.agent_id, exc)
+        except errors.MabeamError as exc:
+            log.warning("re-registering %s failed: %s", agent.agent_id, exc)
+        finally:
+            # Beating again: registered, or refused and found again at its next beat.
+            self._missing.discard(agent.agent_id)
 
     async def stop(self, deregister: bool = True) -> None:
         """Deregister every agent (unless told not to), stop beating and serving; safe twice."""
