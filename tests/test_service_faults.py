@@ -418,7 +418,7 @@ async def test_killing_one_replica_of_each_service_in_turn_loses_nothing(
 
         finished = await asyncio.wait_for(asyncio.shield(follower), 120)
         stop.set()
-        await asyncio.sleep(0.5)  # the loops see the stop
+        await asyncio.wait_for(asyncio.gather(*tasks[1:]), 30)  # the loops watching `stop` end
         final = await eventually(lambda: goal_state(client, goal_id), timeout=20, what="GetGoal answers")
 
         # Nothing a background user saw was wrong (see Workload.problems).
