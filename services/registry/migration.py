@@ -252,10 +252,13 @@ async def _hand_over(
     """The replica ``owner`` runs the agent's process, so it moves it: pass the call on."""
     address = sup.peers.address_of(owner) if sup.peers is not None else None
     if address is None:
-        raise errors.Unavailable(f"the registry replica supervising {request.agent_id!r} is not reachable")
+        raise errors.service_unavailable(
+            "registry", f"the registry replica supervising {request.agent_id!r} is not reachable"
+        )
     try:
         return await registry_pb2_grpc.RegistryServiceStub(sup.pool.get(address)).MigrateAgent(  # type: ignore[no-any-return]
             request, timeout=HAND_OVER_TIMEOUT_S
         )
     except grpc.RpcError as exc:
-        raise errors.from_rpc_error(exc) from None
+        # A peer of this service: its status is answered as is (an unreachable one names the registry).
+        raise errors.from_rpc_error(exc, service="registry") from None
