@@ -239,3 +239,36 @@ def _zero() -> Any:
     value = struct_pb2.Value()
     value.number_value = 0
     return value
+
+
+async def test_migrate_asked_of_another_replica_is_handed_to_the_owner(
+    service: Callable[..., Awaitable[MeshServer]],
+) -> None:
+    """The replica asked hands the call (same request_id from the caller) to the one running the agent."""
+    first, second = await service("registry"), await service("registry")
+    clients = {s.instance_id: await MeshClient.connect(registry=s.address) for s in (first, second)}
+    launch = registry_pb2.LaunchSpec(command=registry_pb2.Command(argv=[sys.executable, WORKER]))
+    try:
+        started = await clients[first.instance_id].registry.StartAgent(
+            registry_pb2.StartAgentRequest(agent_id="handed", launch=launch)
+        )
+        page = await clients[first.instance_id].registry.ListSupervisedAgents(
+            registry_pb2.ListSupervisedAgentsRequest()
+        )
+        owner = next(a.supervisor_id for a in page.agents if a.agent_id == "handed")
+        other = next(i for i in clients if i != owner)
+        moved = await asyncio.wait_for(
+            clients[other].registry.MigrateAgent(
+                registry_pb2.MigrateAgentRequest(agent_id="handed", token=started.token, launch=launch)
+            ),
+            45,
+        )
+        assert moved.agent.generation == 2 and moved.agent.endpoint
+        page = await clients[other].registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest())
+        record = next(a for a in page.agents if a.agent_id == "handed")
+        assert record.supervisor_id == owner and record.pid not in (0, started.agent.pid)
+        await eventually(lambda: not pid_alive(started.agent.pid), timeout=10, what="old process stopped")
+    finally:
+        await clients[first.instance_id].registry.StopAgent(registry_pb2.StopAgentRequest(agent_id="handed"))
+        for client in clients.values():
+            await client.close()

@@ -255,9 +255,15 @@ async def _hand_over(
         raise errors.service_unavailable(
             "registry", f"the registry replica supervising {request.agent_id!r} is not reachable"
         )
+    # Without its request_id: this replica holds the id's claim and records the
+    # outcome; the owner, seeing the same id pending, would wait for it forever.
+    forwarded = registry_pb2.MigrateAgentRequest()
+    forwarded.CopyFrom(request)
+    forwarded.ClearField("request_id")
+    # The pool's channels carry the service's TLS (client certificate included) when it is on.
     try:
         return await registry_pb2_grpc.RegistryServiceStub(sup.pool.get(address)).MigrateAgent(  # type: ignore[no-any-return]
-            request, timeout=HAND_OVER_TIMEOUT_S
+            forwarded, timeout=HAND_OVER_TIMEOUT_S
         )
     except grpc.RpcError as exc:
         # A peer of this service: its status is answered as is (an unreachable one names the registry).
