@@ -11,6 +11,7 @@ caller's request.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -21,6 +22,7 @@ from mabeam.client import MeshClient, retry_is_safe
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient
 from mabeam.runtime.idempotency import MAX_REQUEST_ID, RequestLog
+from mabeam.runtime.mesh import LocalMesh
 from mabeam.server import MeshServer
 from mabeam.v1 import common_pb2, coordination_pb2, orchestrator_pb2, planner_pb2, registry_pb2
 
@@ -210,3 +212,72 @@ async def test_the_other_services_answer_a_repeated_id_from_the_record(
                 await client.coordination.UnregisterProtocol(unregister)
     finally:
         await client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_killing_a_replica_under_resent_increments_applies_each_once(
+    mesh_cluster: Callable[..., Awaitable[LocalMesh]],
+) -> None:
+    """Compare-and-set increments from 6 workers over 2 orchestrator replicas; one replica is
+    SIGKILLed mid-way. Each increment carries its own request_id: the SDK resends one cut off
+    to the other replica, the worker resends it (same id) after any outcome it cannot read,
+    until it is answered. The counter then equals the number of increments answered OK."""
+    mesh = await mesh_cluster(services=("orchestrator",), etcd_members=1)
+    addresses = mesh.addresses("orchestrator")
+    assert len(addresses) == 2
+    client = await MeshClient.connect(orchestrator=addresses)
+    o = client.orchestrator
+    name = "counter"
+    applied: set[str] = set()
+    resent = aborted = 0
+    stop = asyncio.Event()
+
+    async def worker(me: int) -> None:
+        nonlocal resent, aborted
+        attempt = 0
+        while not stop.is_set():
+            try:
+                current = (
+                    await o.GetVariable(orchestrator_pb2.GetVariableRequest(name=name), timeout=5)
+                ).variable
+            except (errors.Unavailable, errors.DeadlineExceeded):
+                await asyncio.sleep(0.05)
+                continue
+            attempt += 1
+            request = orchestrator_pb2.SetVariableRequest(
+                name=name,
+                value=integer(current.value.int_value + 1),
+                expected_version=current.version,
+                request_id=f"w{me}-{attempt}",
+            )
+            while True:  # until the outcome is known
+                try:
+                    await o.SetVariable(request, timeout=5)
+                    assert request.request_id not in applied
+                    applied.add(request.request_id)
+                    break
+                except errors.Aborted:
+                    aborted += 1
+                    break
+                except (errors.Unavailable, errors.DeadlineExceeded, errors.Internal):
+                    resent += 1
+                    await asyncio.sleep(0.05)
+
+    try:
+        await o.SetVariable(orchestrator_pb2.SetVariableRequest(name=name, value=integer(0)))
+        workers = [asyncio.create_task(worker(i)) for i in range(6)]
+        await eventually(lambda: len(applied) >= 40, timeout=20, what="40 increments before the kill")
+        victim = mesh.replicas_of("orchestrator")[0]
+        victim.proc.send_signal(signal.SIGKILL)
+        killed_at = len(applied)
+        await eventually(lambda: len(applied) >= killed_at + 40, timeout=20, what="40 increments after")
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*workers), 15)
+        final = (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name=name), timeout=5)).variable
+    finally:
+        stop.set()
+        await client.close()
+    print(f"\n{len(applied)} increments answered OK, {aborted} lost races, {resent} resent by the worker")
+    assert final.value.int_value == len(applied)
+    assert final.version == len(applied) + 1
