@@ -133,6 +133,17 @@ def launch_command(
         "MABEAM_PREFIX": config.prefix,
         "PYTHONUNBUFFERED": "1",
     }
+    # etcd as the registry reaches it: with TLS, the same files (the SDK reads
+    # these for discovery, as the services do), else an agent of a mesh on an
+    # mTLS etcd could not use MABEAM_ETCD at all.
+    if config.etcd_tls is not None:
+        for name, value in (
+            ("MABEAM_ETCD_CA", config.etcd_tls.ca_file),
+            ("MABEAM_ETCD_CERT", config.etcd_tls.cert_file),
+            ("MABEAM_ETCD_KEY", config.etcd_tls.key_file),
+        ):
+            if value:
+                env[name] = value
     # Not the registry's own ready file (its parent's): a caller that waits passes its own.
     env.pop(process.READY_FILE_ENV, None)
     if standby:
