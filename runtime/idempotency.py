@@ -43,9 +43,11 @@ Two ways to record an outcome:
 
 Recorded errors are those that say the call was judged and not applied
 (NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, FAILED_PRECONDITION, ABORTED,
-OUT_OF_RANGE). Any other failure (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL,
-INVALID_ARGUMENT of the rest of the request, cancellation) records nothing
-and releases the claim, so the same id may be sent again.
+OUT_OF_RANGE; another mesh service's error as this one answers it,
+:func:`mabeam.errors.from_downstream`). Any other failure (UNAVAILABLE,
+DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT of the rest of the request,
+cancellation) records nothing and releases the claim, so the same id may be
+sent again.
 """
 
 from __future__ import annotations
@@ -303,8 +305,15 @@ class RequestLog:
         token = _current.set(guard)
         try:
             response = await work()
-        except RECORDED as exc:
-            return await self._finish(key, fp, claim_revision, response_type, on_replay, error=exc)
+        except errors.MabeamError as exc:
+            if exc.service:  # another mesh service's answer: recorded as this one answers it
+                exc = errors.from_downstream(exc)
+            if isinstance(exc, RECORDED):
+                return await self._finish(key, fp, claim_revision, response_type, on_replay, error=exc)
+            if claim_revision:
+                with contextlib.suppress(Exception):
+                    await self._release(key, claim_revision)
+            raise exc from None
         except BaseException:
             if claim_revision:
                 with contextlib.suppress(Exception):
