@@ -5,7 +5,9 @@
 * ``service``: a factory starting a service in-process (fast; the same
   ``start_service`` the entry points use) and stopping it after the test.
 * ``local_mesh``: a factory for a LocalMesh (services as subprocesses).
-* ``free_port``: a free loopback port.
+
+A dead endpoint is :func:`harness.ports.closed_port`; a port picked free for a
+process to bind later may be taken meanwhile (see ``harness/ports.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from dataclasses import replace
 import pytest
 
 from mabeam.config import SERVICES, MeshConfig
-from mabeam.runtime.embedded_etcd import free_port as _free_port
 from mabeam.runtime.mesh import LocalMesh
 from mabeam.runtime.service import start_service
 from mabeam.server import MeshServer
@@ -27,11 +28,6 @@ def _builder(kind: str) -> Callable[..., Awaitable[None]]:
     import importlib
 
     return importlib.import_module(f"mabeam.services.{kind}.server").build  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def free_port() -> Callable[[], int]:
-    return _free_port
 
 
 @pytest.fixture
