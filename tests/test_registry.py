@@ -67,8 +67,20 @@ async def test_live_id_needs_its_token(client: MeshClient) -> None:
     assert again.agent.generation == 2 and again.token == first.token
 
 
-async def test_wrong_token_changes_nothing(client: MeshClient) -> None:
+async def test_wrong_token_changes_nothing(
+    registry: MeshServer, client: MeshClient, etcd_client: EtcdClient
+) -> None:
     reply = await client.registry.RegisterAgent(register_request("t1"))
+
+    async def stored() -> dict[bytes, int]:
+        """The agent's keys in etcd: their revisions, and the record's lease (the prober may
+        rightly write the record's status: its endpoint does not answer)."""
+        kvs, _ = await snapshot(etcd_client, registry.config.key("agent"))
+        record = registry.config.key("agents", "t1")
+        return {bytes(kv.key): int(kv.lease if kv.key == record else kv.mod_revision) for kv in kvs}
+
+    before = await stored()
+    assert registry.config.key("agents", "t1") in before
     with pytest.raises(errors.PermissionDenied):
         await client.registry.DeregisterAgent(
             registry_pb2.DeregisterAgentRequest(agent_id="t1", token="nope")
@@ -82,6 +94,7 @@ async def test_wrong_token_changes_nothing(client: MeshClient) -> None:
             pass
     got = await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="t1"))
     assert got.agent.lease_id == reply.agent.lease_id
+    assert await stored() == before  # read from etcd after the refusals: nothing written
 
 
 @pytest.mark.parametrize(
