@@ -270,24 +270,10 @@ class RequestLog:
         fp = fingerprint(request)
         wait = _WAIT_FIRST_S
         claim_revision = 0
-        while True:
-            got = await c.get(key)
-            if got is not None:
-                record = json.loads(got.value)
-                if record.get("fp") != fp:
-                    raise errors.InvalidArgument(
-                        "request_id",
-                        f"{request_id!r} was used within the last {self.window} s for a different "
-                        f"{method} request; a new request needs a new id",
-                    )
-                if record.get("state") == "done":
-                    return self._replay(record, int(got.mod_revision), response_type, on_replay)
-                # Pending: the first call with this id runs (here or on another replica).
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, _WAIT_MAX_S)
-                continue
-            if atomic:
-                break
+        # Atomic: no read first; the write's transaction fails when a record is there, and
+        # the failure's answer (below, _finish) is that record. Else claim the id, or meet
+        # the record of the first call with it: one transaction either way.
+        while not atomic:
             lease = await self._claim_lease()
             ok, responses = await c.transaction(
                 compare=[c.transactions.create(key) == 0],
@@ -295,12 +281,22 @@ class RequestLog:
                     c.transactions.put(key, _encode("pending", fp), lease=lease),
                     c.transactions.get(key),
                 ],
-                failure=[],
+                failure=[c.transactions.get(key)],
             )
+            ranged = responses[-1] if responses else []
             if ok:
-                ranged = responses[-1] if responses else []
                 claim_revision = int(ranged[0][1].mod_revision) if ranged else 0
                 break
+            if not ranged:
+                continue  # gone in between (its claim's replica died): claim it
+            kv = ranged[0][1]
+            record = json.loads(kv.value)
+            self._check_same(record, fp, request_id, method)
+            if record.get("state") == "done":
+                return self._replay(record, int(kv.mod_revision), response_type, on_replay)
+            # Pending: the first call with this id runs (here or on another replica).
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, _WAIT_MAX_S)
         guard = Guard(self, key, fp) if atomic else None
         token = _current.set(guard)
         try:
@@ -378,12 +374,23 @@ class RequestLog:
             if ranged:
                 kv = ranged[0][1]
                 record = json.loads(kv.value)
-                if record.get("state") == "done" and record.get("fp") == fp:
+                method, request_id = key[len(self.prefix) :].decode().split("/", 1)
+                self._check_same(record, fp, request_id, method)
+                if record.get("state") == "done":
                     return self._replay(record, int(kv.mod_revision), response_type, on_replay)
         if error is not None:
             raise error
         assert response is not None
         return response
+
+    def _check_same(self, record: dict[str, Any], fp: str, request_id: str, method: str) -> None:
+        """INVALID_ARGUMENT when the id's record is of another request."""
+        if record.get("fp") != fp:
+            raise errors.InvalidArgument(
+                "request_id",
+                f"{request_id!r} was used within the last {self.window} s for a different "
+                f"{method} request; a new request needs a new id",
+            )
 
     @staticmethod
     def _replay(

@@ -105,6 +105,17 @@ async def test_malformed_ids_and_reused_ids_are_invalid_arguments(orchestrator: 
         )
     assert caught.value.field == "request_id" and "different" in caught.value.message
     assert (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="v"))).variable.value.int_value == 1
+    # A compare-and-set (its outcome in its own transaction) that would apply: refused all the same.
+    cas = orchestrator_pb2.SetVariableRequest(name="v", value=integer(2), expected_version=1, request_id="c")
+    await o.SetVariable(cas)
+    with pytest.raises(errors.InvalidArgument) as caught:
+        await o.SetVariable(
+            orchestrator_pb2.SetVariableRequest(
+                name="v", value=integer(3), expected_version=2, request_id="c"
+            )
+        )
+    assert caught.value.field == "request_id"
+    assert (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="v"))).variable.version == 2
 
 
 async def test_the_sdk_sets_an_id_on_a_copy_and_resends_calls_with_one() -> None:
