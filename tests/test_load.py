@@ -34,6 +34,7 @@ Environment:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -47,6 +48,7 @@ from typing import Any
 
 import pytest
 
+from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import percentile
 from mabeam.client import MeshClient, list_all
@@ -267,7 +269,17 @@ async def test_thousand_agents_keep_their_leases_under_auctions_and_goals(
         hosts = [spawn_host(i, mesh.address("registry"), tmp_path) for i in range(HOSTS)]
         await asyncio.wait_for(asyncio.gather(*(wait_ready(h) for h in hosts)), 90)
         hosts_started = time.monotonic()
-        before = await list_agents(client)
+        # Registered, but listed through the registry's watch-fed cache: it may lag a moment.
+        listed: dict[str, registry_pb2.Agent] = {}
+
+        async def all_listed() -> bool:
+            nonlocal listed
+            listed = await list_agents(client)
+            return len(listed) >= AGENTS
+
+        with contextlib.suppress(AssertionError):
+            await eventually(all_listed, timeout=30, interval=0.2)
+        before = listed
         assert len(before) == AGENTS, f"{len(before)} of {AGENTS} agents registered"
 
         # -- a watch that would see any lease lapse --------------------------------------
@@ -375,8 +387,18 @@ async def test_thousand_agents_keep_their_leases_under_auctions_and_goals(
         watchers_end = await etcd_watchers(etcd)
 
         # -- leases: nothing removed, the same registrations at the end ----------------------
-        await asyncio.sleep(0.5)  # let the watch deliver whatever the last beats caused
-        after = await list_agents(client)
+        # A marker agent registered and removed now: once the watch saw it go, it has
+        # delivered everything the last beats caused (events come in revision order).
+        marker = "load-marker"
+        mark = await client.registry.RegisterAgent(
+            registry_pb2.RegisterAgentRequest(agent_id=marker, endpoint="127.0.0.1:1", capabilities=["load"])
+        )
+        await client.registry.DeregisterAgent(
+            registry_pb2.DeregisterAgentRequest(agent_id=marker, token=mark.token)
+        )
+        await eventually(lambda: marker in removed, timeout=30, what="the watch saw the marker go")
+        removed.remove(marker)
+        after = {k: v for k, v in (await list_agents(client)).items() if k != marker}
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
         statuses = {registry_pb2.AgentStatus.Name(a.status) for a in after.values()}
