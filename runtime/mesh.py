@@ -308,16 +308,21 @@ class LocalMesh:
         rotated here too (process.rotate_log). :meth:`stop` ends the watch first.
         """
         if self._watcher is None:
-            self._watcher = asyncio.create_task(self._watch(report), name="mesh-watch")
+            # Each member's pid as last seen alive (a dead member's pid reads None).
+            etcd_pids = {name: m.pid for name, m in self._etcd_members() if m.pid}
+            self._watcher = asyncio.create_task(self._watch(report, etcd_pids), name="mesh-watch")
 
-    async def _watch(self, report: Callable[[str], None]) -> None:
+    async def _watch(self, report: Callable[[str], None], etcd_pids: dict[str, int]) -> None:
         reviving: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
                 await asyncio.sleep(WATCH_INTERVAL_S)
                 for name, member in self._etcd_members():
-                    if name not in reviving and not (member.pid and process.pid_alive(member.pid)):
-                        reviving[name] = asyncio.create_task(self._revive_etcd(name, member, report))
+                    if member.pid and process.pid_alive(member.pid):
+                        etcd_pids[name] = member.pid
+                    elif name not in reviving:
+                        old = etcd_pids.get(name)
+                        reviving[name] = asyncio.create_task(self._revive_etcd(name, member, old, report))
                 for replica in list(self.processes):
                     process.rotate_log(replica.log_file)
                     if replica.name not in reviving and replica.proc.poll() is not None:
@@ -364,8 +369,9 @@ class LocalMesh:
             f"on {new.address}, healthy in {time.monotonic() - began:.1f} s (log: {new.log_file})"
         )
 
-    async def _revive_etcd(self, name: str, member: EmbeddedEtcd, report: Callable[[str], None]) -> None:
-        old = member.pid
+    async def _revive_etcd(
+        self, name: str, member: EmbeddedEtcd, old: int | None, report: Callable[[str], None]
+    ) -> None:
         began = time.monotonic()
         async for attempt in stamina.retry_context(
             on=(RuntimeError, OSError),

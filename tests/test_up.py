@@ -284,6 +284,31 @@ def test_a_dead_service_is_restarted_and_said_so_in_one_line(up: Up) -> None:
     assert '"SERVING"' in health
 
 
+def test_a_dead_etcd_is_restarted_and_said_so_in_one_line(up: Up) -> None:
+    etcd = [
+        pid
+        for pid in descendants(up.proc.pid)
+        if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"etcd")
+    ]
+    assert len(etcd) == 1, etcd
+    os.kill(etcd[0], signal.SIGKILL)
+    line = read_line(up.proc, "mabeam up: etcd", 60)
+    assert f"(pid {etcd[0]}) died; restarted as pid" in line and "healthy in" in line, line
+    # The services work on: a write through the orchestrator reaches the restarted etcd.
+    address = f"127.0.0.1:{up.ports['orchestrator']}"
+    deadline = time.monotonic() + 30
+    while True:
+        result = subprocess.run(
+            [grpcurl(), "-plaintext", "-d", '{"name": "after/etcd", "value": {"number_value": 1}}', address,
+             "mabeam.v1.OrchestratorService/SetVariable"],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        if result.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def _free_with_offsets(offsets: tuple[int, ...]) -> int:
     """A free port p such that p + each offset is free too (and below 65536)."""
     for _ in range(200):
