@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from mabeam import errors, telemetry
-from mabeam.runtime import validate
+from mabeam.runtime import idempotency, validate
 from mabeam.runtime.cache import report_health
 from mabeam.runtime.etcd import UNREACHABLE, EtcdClient, WatchCompacted
 from mabeam.runtime.idempotency import idempotent
@@ -51,9 +51,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     # -- registration -------------------------------------------------------
 
-    @idempotent(registry_pb2.RegisterAgentResponse)
     async def RegisterAgent(
         self, request: registry_pb2.RegisterAgentRequest, context: Any
+    ) -> registry_pb2.RegisterAgentResponse:
+        # The outcome (by request_id) is written in the registration's own transaction.
+        return await self.store.requests.run(
+            "RegisterAgent",
+            request,
+            registry_pb2.RegisterAgentResponse,
+            lambda: self._register(request),
+            atomic=True,
+        )
+
+    async def _register(
+        self, request: registry_pb2.RegisterAgentRequest
     ) -> registry_pb2.RegisterAgentResponse:
         agent_id = validate.identifier(request.agent_id, "agent_id")
         endpoint = validate.endpoint(request.endpoint, "endpoint")
@@ -92,8 +103,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             generation=generation,
             supervised=await self.supervisor.is_supervised(agent_id),
         )
+        guard = idempotency.current()
+        record = None
+        answer = None
+        if guard is not None:
+            # The answer, known before the write: the agent as the directory shows it once
+            # registered (its fresh load key says it beat at registration).
+            answer = registry_pb2.RegisterAgentResponse(token=token)
+            answer.agent.CopyFrom(agent)
+            answer.agent.load.reported_at.CopyFrom(agent.registered_at)
+            answer.agent.last_heartbeat_at.CopyFrom(agent.registered_at)
+            record = await guard.txn_ops(answer)
         try:
-            ok, revision = await self.store.register(agent, token, lease.id, create_revision)
+            ok, revision = await self.store.register(agent, token, lease.id, create_revision, record)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.store.revoke_lease(lease.id)
@@ -112,6 +134,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             # The old registration's keys moved to the new lease; drop the old one.
             with contextlib.suppress(Exception):
                 await self.store.revoke_lease(existing.lease_id)
+        if answer is not None:
+            return answer  # what a resend with the same request_id gets
         return registry_pb2.RegisterAgentResponse(agent=self.directory.view(agent), token=token)
 
     async def Heartbeat(

@@ -39,7 +39,7 @@ from mabeam.runtime.etcd import (
     try_acquire,
     while_leading,
 )
-from mabeam.runtime.idempotency import RequestLog
+from mabeam.runtime.idempotency import RequestLog, TxnOps
 from mabeam.v1 import common_pb2, registry_pb2
 
 
@@ -131,23 +131,31 @@ class RegistryStore:
         self.requests = RequestLog(client, config, "registry")  # outcomes by request_id
 
     async def register(
-        self, agent: registry_pb2.Agent, token: str, lease_id: int, expect_create_revision: int
+        self,
+        agent: registry_pb2.Agent,
+        token: str,
+        lease_id: int,
+        expect_create_revision: int,
+        record: TxnOps | None = None,
     ) -> tuple[bool, int]:
         """Put the agent, its token and an empty load on ``lease_id``.
 
         Applies only if the agent key's create revision is still
         ``expect_create_revision`` (0 = absent), so two registrations of one id
-        cannot both win. Returns (applied, revision).
+        cannot both win. Returns (applied, revision). ``record``: the call's
+        outcome (by request_id), in the same transaction.
         """
         c = self.client
         key = self.keys.agent(agent.agent_id)
         load = common_pb2.AgentLoad(reported_at=agent.registered_at)
+        record = record or TxnOps()
         ok, responses = await c.transaction(
-            compare=[c.transactions.create(key) == expect_create_revision],
+            compare=[c.transactions.create(key) == expect_create_revision, *record.compare],
             success=[
                 c.transactions.put(key, agent.SerializeToString(), lease=lease_id),
                 c.transactions.put(self.keys.token_hash(agent.agent_id), token_hash(token), lease=lease_id),
                 c.transactions.put(self.keys.load(agent.agent_id), load.SerializeToString(), lease=lease_id),
+                *record.success,
             ],
             failure=[],
         )
