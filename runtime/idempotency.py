@@ -29,7 +29,7 @@ Two ways to record an outcome:
   "applied but not recorded" cannot happen, and of two concurrent calls with
   one id only one transaction applies; the other finds the record. Used where
   the response is known before the transaction (SetVariable compare-and-set,
-  DeleteVariable).
+  DeleteVariable, RegisterAgent).
 * **Right after** (every other RPC): the call first *claims* the id (a
   ``pending`` record created only if absent, on a lease of this replica kept
   alive while it lives), then runs, then replaces the claim with the outcome.
