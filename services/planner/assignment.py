@@ -9,6 +9,7 @@ cost wins.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,10 +96,12 @@ class Assigner:
             ),
             protocol="contract_net",
             parameters=params,
+            # One id for every try: an auction that ran is answered from its record.
+            request_id=str(uuid.uuid4()),
         )
-        # A coordination replica that dies mid-auction answers UNAVAILABLE (the
-        # client does not resend a call that may have run): hold another auction,
-        # after 0.1, 0.2, 0.4 ... s.
+        # A coordination replica that dies mid-auction answers UNAVAILABLE when the
+        # client's one resend fails too: ask again with the same request_id, after
+        # 0.1, 0.2, 0.4 ... s (an auction held and recorded is answered, not held again).
         async for attempt in stamina.retry_context(
             on=errors.Unavailable,
             attempts=AUCTION_TRIES,
