@@ -400,6 +400,7 @@ class AgentHost:
         if self._client is not None:
             await self._client.close()
         await self._server.stop(1.0)
+        await self.servicer.cancel_steps()
         await self.channels.close()
 
     async def serve(self) -> None:

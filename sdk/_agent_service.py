@@ -75,6 +75,13 @@ class _IdempotencyCache:
             self._done.popitem(last=False)
         return result  # type: ignore[no-any-return]
 
+    async def cancel(self) -> None:
+        """Cancel the steps still running and wait for them (their host is stopping)."""
+        running = list(self._running.values())
+        for future in running:
+            future.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
     """Mark a step's failure as seen: its caller may be gone, and the next attempt runs it again."""
@@ -116,6 +123,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._host = host
         self._steps = _IdempotencyCache()
         self.migrations: dict[str, _Migration] = {}
+
+    async def cancel_steps(self) -> None:
+        """Cancel the steps still running: they outlive a cancelled call, not their host."""
+        await self._steps.cancel()
 
     def _agent(self, agent_id: str) -> Agent:
         agent = self._host.agents.get(agent_id)

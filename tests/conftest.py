@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 # Set before grpc loads: tests fork etcd, services and agents from a process
 # running grpc threads; grpc's fork handlers only log noise there.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
+import pytest
 from hypothesis import settings
 
 pytest_plugins = [
@@ -23,6 +27,20 @@ pytest_plugins = [
 settings.register_profile("ci", derandomize=True, print_blob=True, database=None, deadline=None)
 if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _agent_logs_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Supervised agents started by in-process registries log here, not under ~/.mabeam/logs."""
+    logs = tmp_path_factory.mktemp("logs")
+    previous = os.environ.get("MABEAM_LOG_DIR")
+    os.environ["MABEAM_LOG_DIR"] = str(logs)
+    yield logs
+    if previous is None:
+        os.environ.pop("MABEAM_LOG_DIR", None)
+    else:
+        os.environ["MABEAM_LOG_DIR"] = previous
+    shutil.rmtree(logs, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
