@@ -171,20 +171,11 @@ class AgentHost:
         )
 
         async def register(agent: Agent) -> None:
-            try:
-                async with self._register_slots:
-                    await self._register(agent)
-            finally:
-                self._missing.discard(agent.agent_id)
+            async with self._register_slots:
+                await self._register(agent)
 
-        # The beats start with the first registration, not after the last: a
-        # thousand registrations can take longer than the first one's lease.
-        # Until registered, an agent is left out of them (a token given in
-        # advance, a supervised agent's, would otherwise be refused).
-        first = [a for a in self.agents.values() if a.agent_id not in self._standby]
-        self._missing.update(a.agent_id for a in first)
+        await asyncio.gather(*(register(a) for a in self.agents.values() if a.agent_id not in self._standby))
         self._beats = asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeats")
-        await asyncio.gather(*(register(a) for a in first))
 
     async def _register(self, agent: Agent) -> registry_pb2.Agent:
         assert self._client is not None
