@@ -35,7 +35,7 @@ from google.protobuf import json_format
 from mabeam import errors
 from mabeam.cli.flags import connection_flags
 from mabeam.client import MeshClient
-from mabeam.v1 import planner_pb2 as P
+from mabeam.v1 import planner_pb2
 
 STRATEGIES = {
     "first_fit": "ASSIGNMENT_STRATEGY_FIRST_FIT",
@@ -44,7 +44,7 @@ STRATEGIES = {
 }
 
 
-def load_goal(path: Path) -> P.GoalSpec:
+def load_goal(path: Path) -> planner_pb2.GoalSpec:
     """Read a goal file (YAML or JSON) into a GoalSpec; errors name the file and the field."""
     try:
         doc = yaml.safe_load(path.read_text())
@@ -64,7 +64,7 @@ def load_goal(path: Path) -> P.GoalSpec:
                 step["step_id"] = step.pop("id")
             strategy(step)
     try:
-        return json_format.ParseDict(doc, P.GoalSpec())
+        return json_format.ParseDict(doc, planner_pb2.GoalSpec())
     except json_format.ParseError as exc:
         raise ValueError(f"{path}: {exc}") from None
 
@@ -101,14 +101,14 @@ def _bar(done: int, total: int, width: int = 30) -> str:
 
 
 EVENT_WORDS = {
-    P.GOAL_EVENT_TYPE_GOAL_STARTED: "goal started",
-    P.GOAL_EVENT_TYPE_STEP_ASSIGNED: "assigned",
-    P.GOAL_EVENT_TYPE_STEP_STARTED: "started",
-    P.GOAL_EVENT_TYPE_STEP_SUCCEEDED: "succeeded",
-    P.GOAL_EVENT_TYPE_STEP_FAILED: "failed",
-    P.GOAL_EVENT_TYPE_STEP_RETRYING: "retrying",
-    P.GOAL_EVENT_TYPE_STEP_CANCELLED: "cancelled",
-    P.GOAL_EVENT_TYPE_GOAL_FINISHED: "goal finished",
+    planner_pb2.GOAL_EVENT_TYPE_GOAL_STARTED: "goal started",
+    planner_pb2.GOAL_EVENT_TYPE_STEP_ASSIGNED: "assigned",
+    planner_pb2.GOAL_EVENT_TYPE_STEP_STARTED: "started",
+    planner_pb2.GOAL_EVENT_TYPE_STEP_SUCCEEDED: "succeeded",
+    planner_pb2.GOAL_EVENT_TYPE_STEP_FAILED: "failed",
+    planner_pb2.GOAL_EVENT_TYPE_STEP_RETRYING: "retrying",
+    planner_pb2.GOAL_EVENT_TYPE_STEP_CANCELLED: "cancelled",
+    planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED: "goal finished",
 }
 
 
@@ -116,9 +116,9 @@ async def _run(args: argparse.Namespace) -> int:
     spec = load_goal(args.file)
     tty = sys.stdout.isatty()
     async with await _client(args) as mesh:
-        goal = (await mesh.planner.SubmitGoal(P.SubmitGoalRequest(goal=spec, goal_id=args.id))).goal
+        goal = (await mesh.planner.SubmitGoal(planner_pb2.SubmitGoalRequest(goal=spec, goal_id=args.id))).goal
         print(f"goal {goal.goal_id}: {len(spec.steps)} steps", flush=True)
-        async for event in mesh.planner.ExecuteGoal(P.ExecuteGoalRequest(goal_id=goal.goal_id)):
+        async for event in mesh.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal_id=goal.goal_id)):
             word = EVENT_WORDS.get(event.type, "?")
             what = f"step {event.step_id} {word}" + (f" on {event.agent_id}" if event.agent_id else "")
             if event.error:
@@ -129,28 +129,28 @@ async def _run(args: argparse.Namespace) -> int:
                 print(f"{event.steps_done}/{event.steps_total} {what}", flush=True)
         if tty:
             print()
-        final = (await mesh.planner.GetGoal(P.GetGoalRequest(goal_id=goal.goal_id))).goal
-    state = P.GoalState.Name(final.state).removeprefix("GOAL_STATE_")
+        final = (await mesh.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal.goal_id))).goal
+    state = planner_pb2.GoalState.Name(final.state).removeprefix("GOAL_STATE_")
     print(f"goal {final.goal_id} {state}" + (f": {final.error}" if final.error else ""))
     outputs = {s.step_id: json_format.MessageToDict(s.output) for s in final.steps if s.HasField("output")}
     print(json.dumps(outputs, indent=2, sort_keys=True))
-    return 0 if final.state == P.GOAL_STATE_SUCCEEDED else 1
+    return 0 if final.state == planner_pb2.GOAL_STATE_SUCCEEDED else 1
 
 
 async def _status(args: argparse.Namespace) -> int:
     async with await _client(args) as mesh:
-        goal = (await mesh.planner.GetGoal(P.GetGoalRequest(goal_id=args.goal_id))).goal
+        goal = (await mesh.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=args.goal_id))).goal
     if args.json:
         print(json_format.MessageToJson(goal))
         return 0
     print(
-        f"goal {goal.goal_id} {P.GoalState.Name(goal.state).removeprefix('GOAL_STATE_')}"
+        f"goal {goal.goal_id} {planner_pb2.GoalState.Name(goal.state).removeprefix('GOAL_STATE_')}"
         + (f": {goal.error}" if goal.error else "")
     )
     print(f"{'STEP':<24} {'STATE':<10} {'AGENT':<20} ATTEMPTS")
     for s in goal.steps:
         print(
-            f"{s.step_id:<24} {P.StepState.Name(s.state).removeprefix('STEP_STATE_'):<10} {s.agent_id:<20} {len(s.attempts)}"
+            f"{s.step_id:<24} {planner_pb2.StepState.Name(s.state).removeprefix('STEP_STATE_'):<10} {s.agent_id:<20} {len(s.attempts)}"
         )
     return 0
 
@@ -158,9 +158,11 @@ async def _status(args: argparse.Namespace) -> int:
 async def _cancel(args: argparse.Namespace) -> int:
     async with await _client(args) as mesh:
         goal = (
-            await mesh.planner.CancelGoal(P.CancelGoalRequest(goal_id=args.goal_id, reason=args.reason))
+            await mesh.planner.CancelGoal(
+                planner_pb2.CancelGoalRequest(goal_id=args.goal_id, reason=args.reason)
+            )
         ).goal
-    print(f"goal {goal.goal_id} {P.GoalState.Name(goal.state).removeprefix('GOAL_STATE_')}")
+    print(f"goal {goal.goal_id} {planner_pb2.GoalState.Name(goal.state).removeprefix('GOAL_STATE_')}")
     return 0
 
 

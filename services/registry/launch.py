@@ -23,13 +23,12 @@ from mabeam.runtime import process
 from mabeam.services.registry.restart_policy import RestartPolicy, Strategy
 from mabeam.v1 import registry_pb2
 
-S = registry_pb2
 ENTRY_POINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 STRATEGIES = {
-    S.RESTART_STRATEGY_UNSPECIFIED: Strategy.PERMANENT,
-    S.RESTART_STRATEGY_PERMANENT: Strategy.PERMANENT,
-    S.RESTART_STRATEGY_TRANSIENT: Strategy.TRANSIENT,
-    S.RESTART_STRATEGY_TEMPORARY: Strategy.TEMPORARY,
+    registry_pb2.RESTART_STRATEGY_UNSPECIFIED: Strategy.PERMANENT,
+    registry_pb2.RESTART_STRATEGY_PERMANENT: Strategy.PERMANENT,
+    registry_pb2.RESTART_STRATEGY_TRANSIENT: Strategy.TRANSIENT,
+    registry_pb2.RESTART_STRATEGY_TEMPORARY: Strategy.TEMPORARY,
 }
 DEFAULT_START_TIMEOUT_S = 10.0
 

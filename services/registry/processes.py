@@ -32,8 +32,11 @@ from mabeam.v1 import registry_pb2
 if TYPE_CHECKING:
     from mabeam.services.registry.supervisor import Supervisor
 
-S = registry_pb2
-ACTIVE = (S.SUPERVISION_STATE_STARTING, S.SUPERVISION_STATE_RUNNING, S.SUPERVISION_STATE_RESTARTING)
+ACTIVE = (
+    registry_pb2.SUPERVISION_STATE_STARTING,
+    registry_pb2.SUPERVISION_STATE_RUNNING,
+    registry_pb2.SUPERVISION_STATE_RESTARTING,
+)
 RESTART_REQUESTED = "restart requested"
 
 Outcome = Literal["registered", "exited", "timeout", "restart-requested", "replaced"]
@@ -48,14 +51,14 @@ def now() -> timestamp_pb2.Timestamp:
 
 def failed(r: registry_pb2.SupervisedAgent, reason: str, how: str = "") -> None:
     """Record change: the agent failed for good."""
-    r.state, r.pid, r.reason = S.SUPERVISION_STATE_FAILED, 0, reason
+    r.state, r.pid, r.reason = registry_pb2.SUPERVISION_STATE_FAILED, 0, reason
     if how:
         r.last_exit = how
 
 
 def running(r: registry_pb2.SupervisedAgent) -> None:
     """Record change: the agent's process registered."""
-    r.state, r.reason = S.SUPERVISION_STATE_RUNNING, ""
+    r.state, r.reason = registry_pb2.SUPERVISION_STATE_RUNNING, ""
 
 
 async def supervise(sup: Supervisor, agent_id: str) -> None:
@@ -84,7 +87,7 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
             pid = proc.pid
 
             def starting(r: registry_pb2.SupervisedAgent, pid: int = pid, started: Any = started) -> None:
-                r.state = S.SUPERVISION_STATE_STARTING
+                r.state = registry_pb2.SUPERVISION_STATE_STARTING
                 r.pid = pid
                 r.started_at.CopyFrom(started)
 
@@ -119,13 +122,18 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
             if not decision.restart:
 
                 def stopped(r: registry_pb2.SupervisedAgent, d: Any = decision, h: str = how) -> None:
-                    r.state, r.pid, r.last_exit, r.reason = S.SUPERVISION_STATE_STOPPED, 0, h, d.reason
+                    r.state, r.pid, r.last_exit, r.reason = (
+                        registry_pb2.SUPERVISION_STATE_STOPPED,
+                        0,
+                        h,
+                        d.reason,
+                    )
 
                 await sup.write_retrying(agent_id, stopped)
                 return
 
             def restarting(r: registry_pb2.SupervisedAgent, h: str = how) -> None:
-                r.state, r.pid, r.last_exit = S.SUPERVISION_STATE_RESTARTING, 0, h
+                r.state, r.pid, r.last_exit = registry_pb2.SUPERVISION_STATE_RESTARTING, 0, h
                 r.restart_count += 1
 
             await sup.write_retrying(agent_id, restarting)
@@ -232,7 +240,7 @@ async def _await_exit_or_restart(sup: Supervisor, agent_id: str, proc: subproces
             if (
                 moving is None
                 and record is not None
-                and record.state == S.SUPERVISION_STATE_RESTARTING
+                and record.state == registry_pb2.SUPERVISION_STATE_RESTARTING
                 and record.reason == RESTART_REQUESTED
             ):
                 return "restart-requested"

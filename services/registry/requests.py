@@ -26,8 +26,6 @@ from mabeam.v1 import common_pb2, registry_pb2
 if TYPE_CHECKING:
     from mabeam.services.registry.supervisor import Supervisor
 
-S = registry_pb2
-
 
 class _Changed(Exception):
     """The record changed between read and write: read again."""
