@@ -33,9 +33,6 @@ from mabeam.runtime.etcd.client import UNREACHABLE, ClientClosedError, EtcdClien
 # member: the client balances round robin): well under the shortest lease
 # the mesh uses (2 s), so a frozen etcd member costs a refresh, not the lease.
 REFRESH_TIMEOUT_S = 1.0
-# How long a refresh waits on a stream that answers, only late (a busy etcd, a
-# starved process): as long as before the stuck-stream check existed.
-REFRESH_PATIENCE_S = 5.0
 
 
 class KeepAliveStream:
@@ -53,7 +50,7 @@ class KeepAliveStream:
     :data:`REFRESH_TIMEOUT_S`, well under a lease's TTL) while a refresh
     waits is dropped, since a stream that stops answering is as good as dead
     (a frozen etcd member); one that answers, only late (a busy etcd), is
-    waited for up to :data:`REFRESH_PATIENCE_S`. A stream that fails fails every
+    waited for up to ``attempts * timeout``. A stream that fails fails every
     refresh waiting on it. Either way
     the refresh is sent again at once on a new stream, which the client's
     round robin opens on the next member, up to ``attempts`` times in all;
@@ -110,7 +107,7 @@ class KeepAliveStream:
                 self._streams[slot] = stream
         answer = stream.send(lease_id)
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + max(REFRESH_PATIENCE_S, self._attempts * self._timeout)
+        give_up = loop.time() + self._attempts * self._timeout
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(answer), self._timeout)
