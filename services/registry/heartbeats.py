@@ -13,29 +13,22 @@ unreachable) ends the stream.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import stamina
 from google.protobuf import duration_pb2
 
 from mabeam import errors
-from mabeam.runtime.etcd import UNREACHABLE, KeepAliveStream
+from mabeam.runtime.etcd import KeepAliveStream
 from mabeam.services.registry.directory import DEFAULT_TTL, AgentDirectory
 from mabeam.services.registry.store import RegistryStore
 from mabeam.v1 import common_pb2, registry_pb2
 
-# Beats of one Heartbeat stream handled at once (each is an etcd lease refresh). A
-# refresh stuck on a frozen etcd member holds its slot for up to a second before it
-# is sent again elsewhere: with 64 slots, a 1,000-agent host's beats (600 a second)
-# queued behind the stuck quarter and leases lapsed; 256 leave room for the rest.
-HEARTBEAT_CONCURRENCY = 256
+# Beats of one Heartbeat stream handled at once (each is an etcd lease refresh).
+HEARTBEAT_CONCURRENCY = 64
 # After a bad beat, the beats the client is still sending are read (not handled) until it
 # pauses this long, at most HEARTBEAT_DRAIN_S, before the error ends the stream (see answer_concurrently).
 HEARTBEAT_DRAIN_QUIET_S, HEARTBEAT_DRAIN_S = 0.25, 1.0
-
-log = logging.getLogger("mabeam.registry.heartbeats")
 
 
 async def answer_concurrently(
@@ -121,21 +114,14 @@ class HeartbeatStream:
         """One beat: check the token (once per stream), refresh the lease, store the load if due."""
         known = self._verified.get(agent_id)
         if known is None or known[0] != token:
-            # Reads, so sent again when a member does not answer (round robin: to
-            # another): one frozen etcd member must not end the host's stream.
-            async for attempt in stamina.retry_context(
-                on=UNREACHABLE, attempts=3, timeout=None, wait_initial=0.02, wait_max=0.1, wait_jitter=0.0
-            ):
-                with attempt:
-                    agent, _ = await self._store.get_agent(agent_id)
-                    matches = agent is not None and await self._store.token_matches(agent_id, token)
+            agent, _ = await self._store.get_agent(agent_id)
             if agent is None:
                 raise errors.NotFound(
                     f"agent {agent_id!r} is not registered (its lease lapsed?): register again",
                     reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND,
                     metadata={"agent_id": agent_id},
                 )
-            if not matches:
+            if not await self._store.token_matches(agent_id, token):
                 raise errors.PermissionDenied(
                     f"wrong or missing token for agent {agent_id!r}", metadata={"agent_id": agent_id}
                 )
@@ -164,14 +150,8 @@ class HeartbeatStream:
             or abs(int(stored.memory_bytes) - int(load.memory_bytes)) > 1 << 20
         )
         if changed or now - self._last_put.get(agent_id, 0.0) > ttl / 2:
-            try:
-                await self._store.put_load(agent_id, load, lease_id)
-                self._last_put[agent_id] = now
-            except UNREACHABLE as exc:
-                # The lease is refreshed, which is what the beat is for; the load
-                # is stored by the next beat. Ending the stream for it would
-                # leave every agent of the host without beats until it reconnects.
-                log.debug("load of %s not stored (%s): the next beat tries again", agent_id, exc)
+            self._last_put[agent_id] = now
+            await self._store.put_load(agent_id, load, lease_id)
         return registry_pb2.HeartbeatResponse(
             agent_id=agent_id, lease_id=lease_id, ttl=duration_pb2.Duration(seconds=remaining)
         )
