@@ -46,12 +46,10 @@ class KeepAliveStream:
     in order, each with the lease's ID and its TTL after the refresh (0 when
     etcd no longer knows the lease).
 
-    A stream on which etcd answers nothing for ``timeout`` (default
-    :data:`REFRESH_TIMEOUT_S`, well under a lease's TTL) while a refresh
-    waits is dropped, since a stream that stops answering is as good as dead
-    (a frozen etcd member); one that answers, only late (a busy etcd), is
-    waited for up to ``attempts * timeout``. A stream that fails fails every
-    refresh waiting on it. Either way
+    A refresh not answered within ``timeout`` (default
+    :data:`REFRESH_TIMEOUT_S`, well under a lease's TTL) drops its stream,
+    since a stream that stops answering is as good as dead (a frozen etcd
+    member); a stream that fails fails every refresh waiting on it. Either way
     the refresh is sent again at once on a new stream, which the client's
     round robin opens on the next member, up to ``attempts`` times in all;
     then it raises ``ConnectionTimeoutError`` or ``ConnectionFailedError``.
@@ -106,24 +104,14 @@ class KeepAliveStream:
                 stream = _KeepAliveCall(self._client.leasestub, self._client.metadata)
                 self._streams[slot] = stream
         answer = stream.send(lease_id)
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._attempts * self._timeout
-        while True:
-            try:
-                return await asyncio.wait_for(asyncio.shield(answer), self._timeout)
-            except TimeoutError:
-                # A stream that answers, only late (a busy etcd), is worth waiting
-                # for, up to what all the attempts would take; one silent for a whole
-                # timeout with requests pending (a frozen member) is dropped.
-                if stream.closed or stream.silent_for() >= self._timeout or loop.time() >= give_up:
-                    break
-        error = aetcd.exceptions.ConnectionTimeoutError(
-            f"etcd did not answer a lease keep-alive within {self._timeout:g} s"
-        )
-        stream.fail(error)
-        if answer.done() and not answer.cancelled() and answer.exception() is None:
-            return answer.result()  # answered just now, after all
-        raise error from None
+        try:
+            return await asyncio.wait_for(answer, self._timeout)
+        except TimeoutError:
+            error = aetcd.exceptions.ConnectionTimeoutError(
+                f"etcd did not answer a lease keep-alive within {self._timeout:g} s"
+            )
+            stream.fail(error)
+            raise error from None
 
     async def close(self) -> None:
         """Close every stream (refreshes in flight fail); safe to call twice."""
@@ -144,7 +132,6 @@ class _KeepAliveCall:
 
     def __init__(self, stub: Any, metadata: Any) -> None:
         self.closed = False
-        self._last_answer = asyncio.get_running_loop().time()  # or when the stream opened
         self._queue: asyncio.Queue[int | None] = asyncio.Queue()
         # Per lease, the refreshes sent and not yet answered, oldest first:
         # etcd answers a stream's requests in order.
@@ -159,10 +146,6 @@ class _KeepAliveCall:
                 return
             yield aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id)
 
-    def silent_for(self) -> float:
-        """Seconds since etcd last answered on this stream (or since it opened)."""
-        return asyncio.get_running_loop().time() - self._last_answer
-
     def send(self, lease_id: int) -> asyncio.Future[int]:
         answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(lease_id, deque()).append(answer)
@@ -173,7 +156,6 @@ class _KeepAliveCall:
         error: Exception = aetcd.exceptions.ConnectionFailedError("etcd ended the lease keep-alive stream")
         try:
             async for reply in self._call:
-                self._last_answer = asyncio.get_running_loop().time()
                 waiting = self._waiting.get(reply.ID)
                 if not waiting:
                     continue
