@@ -220,10 +220,6 @@ class EmbeddedEtcd:
             "--initial-cluster-state", self.initial_cluster_state,
             "--initial-cluster-token", self.cluster_token,
             "--log-level", "warn",
-            # The mesh's etcd client pings every second to find a frozen member
-            # within a third of a lease (runtime/etcd/client.py); etcd's 5 s
-            # default would answer those pings with GOAWAY "too_many_pings".
-            "--grpc-keepalive-min-time", "500ms",
         ]  # fmt: skip
         if self.unsafe_no_fsync:
             argv.append("--unsafe-no-fsync")

@@ -3,8 +3,8 @@
 One module per job, all re-exported here (``from mabeam.runtime.etcd import X``):
 
 * :mod:`.client` — :func:`connect` / :class:`EtcdClient`: aetcd's client over
-  several endpoints (round robin over the address list, so a dead or frozen
-  member costs only the calls sent to it, and a retry goes to another) and TLS; :data:`UNREACHABLE`
+  several endpoints (``pick_first`` over the address list, so a dead member is
+  skipped and the next call goes to a live one) and TLS; :data:`UNREACHABLE`
   and :func:`to_mabeam_error`. Its docstring says how etcd's failures surface.
 * :mod:`.leases` — :class:`LeaseKeeper`: a lease kept alive by a background
   task; it says when the lease is lost instead of silently granting another

@@ -1,10 +1,10 @@
 """The etcd client of the mesh: aetcd's client over several endpoints, with TLS.
 
 aetcd talks to one endpoint and reopens a closed client on its next call;
-the mesh needs a client that spreads its calls over the members (round
-robin over the address list, so a dead or frozen member costs only the calls
-that went to it and a retry goes to the next one), speaks TLS, finds a dead
-connection within 2 s, and stays closed once closed. The primitives of the other modules (leases, watches,
+the mesh needs a client that fails over between members (``pick_first`` over
+the address list, so a dead member is skipped and the next call goes to a
+live one), speaks TLS, finds a dead connection in seconds, and stays closed
+once closed. The primitives of the other modules (leases, watches,
 elections) are built on :class:`EtcdClient`.
 
 How failures surface (aetcd maps grpc status codes to its exceptions):
@@ -21,7 +21,7 @@ How failures surface (aetcd maps grpc status codes to its exceptions):
 :data:`UNREACHABLE` lists these three: each means "etcd could not be reached
 or could not commit", never "the request was wrong". Without a ``timeout`` a
 call to a frozen etcd (SIGSTOP, or a dead host that sends no RST) waits until
-the channel's keepalive declares the connection dead, about 2 s.
+the channel's keepalive declares the connection dead, about 8 s.
 :func:`to_mabeam_error` puts them (and the requests etcd refused) in the
 mesh's error table.
 """
@@ -55,28 +55,17 @@ UNREACHABLE: tuple[type[Exception], ...] = (
     aetcd.exceptions.WatchTimeoutError,
 )
 
-# Calls are spread round robin over every member with a connection up, so a
-# frozen member (SIGSTOP, a stalled disk: the TCP connection stays up, nothing
-# answers) holds up only the calls that went to it, and each retry (a lease
-# refresh is retried on a deadline well under the TTL, see leases.py) goes to
-# the next member. Keepalive pings, sent while calls are pending, find such a
-# member within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS (2 s, under a third of
-# the 5 s agent lease): its connection is dropped, the calls on it fail
-# UNAVAILABLE (watches resume elsewhere), and round robin leaves it out until it
-# answers a new handshake. etcd's server refuses pings closer than
-# --grpc-keepalive-min-time (5 s by default) with GOAWAY "too_many_pings":
-# an etcd serving the mesh must run with --grpc-keepalive-min-time 500ms or
-# less (the embedded etcd does); pings on an idle connection are not sent
-# (PermitWithoutStream=false there too), and without max_pings_without_data=0
-# grpc stops pinging after two pings.
-KEEPALIVE_TIME_MS = 1_000
-KEEPALIVE_TIMEOUT_MS = 1_000
+# Keepalive pings find a dead connection (frozen member, vanished host) while
+# calls are pending, in 5 + 3 s. etcd's server refuses pings closer than 5 s
+# (--grpc-keepalive-min-time) and pings on an idle connection
+# (PermitWithoutStream=false) with GOAWAY "too_many_pings", so 5 s, calls only;
+# and without max_pings_without_data=0 grpc stops pinging after two pings.
 _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.lb_policy_name", "round_robin"),
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.lb_policy_name", "pick_first"),
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
     # grpc >= 1.6x times a ping out after this, not keepalive_timeout_ms (60 s by default).
-    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", 3_000),
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -131,10 +120,10 @@ class EtcdClient(aetcd.Client):
     Create it with :func:`connect`. All of aetcd's API is there (``get``,
     ``put``, ``transaction``, ``lease``, ``watch`` ...), plus :attr:`watchstub`
     for :class:`~mabeam.runtime.etcd.ResumingWatch` and :meth:`keepalive_once`
-    for :class:`~mabeam.runtime.etcd.LeaseKeeper`. Calls go round robin to
-    the members with a connection up; a call in flight on a member that dies
-    or freezes fails with ``ConnectionFailedError`` (within the 2 s of the
-    keepalive) and may be retried at once, on another member.
+    for :class:`~mabeam.runtime.etcd.LeaseKeeper`. Calls go to the first
+    endpoint that answers and move to the next when it dies; a call in flight
+    on the dead one fails with ``ConnectionFailedError`` and may be retried at
+    once.
 
     Several endpoints given by host name are resolved once, at connect time.
     With TLS and several endpoints, every member's certificate must carry the

@@ -29,11 +29,6 @@ from grpc import aio
 
 from mabeam.runtime.etcd.client import UNREACHABLE, ClientClosedError, EtcdClient, _cancelled_by_caller, log
 
-# How long one lease refresh may take before it is sent again (to another
-# member: the client balances round robin): well under the shortest lease
-# the mesh uses (2 s), so a frozen etcd member costs a refresh, not the lease.
-REFRESH_TIMEOUT_S = 1.0
-
 
 class KeepAliveStream:
     """Refreshes of many leases over a few long-lived LeaseKeepAlive streams.
@@ -46,16 +41,13 @@ class KeepAliveStream:
     in order, each with the lease's ID and its TTL after the refresh (0 when
     etcd no longer knows the lease).
 
-    A refresh not answered within ``timeout`` (default
-    :data:`REFRESH_TIMEOUT_S`, well under a lease's TTL) drops its stream,
-    since a stream that stops answering is as good as dead (a frozen etcd
-    member); a stream that fails fails every refresh waiting on it. Either way
-    the refresh is sent again at once on a new stream, which the client's
-    round robin opens on the next member, up to ``attempts`` times in all;
-    then it raises ``ConnectionTimeoutError`` or ``ConnectionFailedError``.
-    So one frozen member costs a refresh about ``timeout``, not the lease,
-    and, as with ``keepalive_once``, a dead connection fails the call instead
-    of leaving a stream that looks open.
+    A refresh not answered within ``timeout`` (default: the client's, else
+    5 s) raises ``ConnectionTimeoutError`` and drops its stream, since a
+    stream that stops answering is as good as dead; a stream that fails fails
+    every refresh waiting on it (``ConnectionFailedError`` or what etcd said).
+    Either way the next refresh opens a new stream, on a live member. So, as
+    with ``keepalive_once``, a dead connection fails the call instead of
+    leaving a stream that looks open.
 
     Example::
 
@@ -64,34 +56,16 @@ class KeepAliveStream:
         await refresher.close()
     """
 
-    def __init__(
-        self, client: EtcdClient, *, streams: int = 4, timeout: float | None = None, attempts: int = 3
-    ) -> None:
+    def __init__(self, client: EtcdClient, *, streams: int = 4, timeout: float | None = None) -> None:
         if streams < 1:
             raise ValueError("streams must be >= 1")
-        if attempts < 1:
-            raise ValueError("attempts must be >= 1")
         self._client = client
-        self._timeout = timeout or REFRESH_TIMEOUT_S
-        self._attempts = attempts
+        self._timeout = timeout or client.timeout or 5.0
         self._streams: list[_KeepAliveCall | None] = [None] * streams
         self._closed = False
 
     async def refresh(self, lease_id: int) -> int:
         """Refresh ``lease_id`` once; its TTL after the refresh, 0 when etcd no longer knows it."""
-        async for attempt in stamina.retry_context(
-            on=_RETRY_ON_ANOTHER_STREAM,
-            attempts=self._attempts,
-            timeout=None,
-            wait_initial=0.02,
-            wait_max=0.1,
-            wait_jitter=0.0,
-        ):
-            with attempt:
-                return await self._refresh_once(lease_id)
-        raise AssertionError("unreachable: the last attempt raises")
-
-    async def _refresh_once(self, lease_id: int) -> int:
         if self._closed:
             raise ClientClosedError("keep-alive stream is closed")
         slot = lease_id % len(self._streams)
@@ -121,10 +95,6 @@ class KeepAliveStream:
             if stream is not None:
                 stream.fail(ClientClosedError("keep-alive stream is closed"))
         await asyncio.gather(*(s.reader for s in streams if s is not None), return_exceptions=True)
-
-
-# A stream that timed out or broke: the next one goes to another member.
-_RETRY_ON_ANOTHER_STREAM = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
 
 
 class _KeepAliveCall:
@@ -262,12 +232,9 @@ class LeaseKeeper:
                 await self._declare_lost("no refresh reached etcd for a whole TTL", unreachable=True)
                 return
             try:
-                # A refresh that would come back after the expiry is worthless, and
-                # one stuck on a frozen member is given up early and sent again
-                # (round robin: to the next member) while the TTL still allows it.
+                # A refresh that would come back after the expiry is worthless.
                 ttl = await asyncio.wait_for(
-                    self._client.keepalive_once(self.lease_id),
-                    timeout=min(max(interval / 2, 0.5), interval, expires - sent),
+                    self._client.keepalive_once(self.lease_id), timeout=min(interval, expires - sent)
                 )
             except asyncio.CancelledError:
                 if _cancelled_by_caller():
@@ -275,8 +242,8 @@ class LeaseKeeper:
                 delay = min(interval, 0.25)  # the client's channel closed under the call
                 continue
             except Exception as exc:
-                log.debug("lease %x: refresh failed (%s)", self.lease_id, exc or type(exc).__name__)
-                delay = min(interval, 0.1)  # try again soon (another member), the TTL is running
+                log.debug("lease %x: refresh failed (%s)", self.lease_id, exc)
+                delay = min(interval, 0.25)  # try again soon, the TTL is running
                 continue
             if ttl <= 0:
                 self._gone = True
