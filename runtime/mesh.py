@@ -17,9 +17,10 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import stamina
@@ -350,20 +351,9 @@ class LocalMesh:
         if replica.restarts and lived < RESTART_STABLE_S:  # a crash loop: wait before trying again
             await asyncio.sleep(min(RESTART_WAIT_MAX_S, RESTART_WAIT_INITIAL_S * 2**replica.restarts))
         began = time.monotonic()
-        async for attempt in stamina.retry_context(
-            on=(MeshStartError, OSError),
-            attempts=None,
-            timeout=None,
-            wait_initial=RESTART_WAIT_INITIAL_S,
-            wait_max=RESTART_WAIT_MAX_S,
-            wait_jitter=0,
-        ):
-            with attempt:
-                try:
-                    new = await self.restart_replica(replica)
-                except (MeshStartError, OSError) as exc:
-                    report(f"mabeam up: {replica.name} did not come back ({exc}); trying again")
-                    raise
+        new = await _until_back(
+            replica.name, lambda: self.restart_replica(replica), (MeshStartError, OSError), report
+        )
         report(
             f"mabeam up: {replica.name} (pid {replica.pid}) {died}; restarted as pid {new.pid} "
             f"on {new.address}, healthy in {time.monotonic() - began:.1f} s (log: {new.log_file})"
@@ -373,20 +363,7 @@ class LocalMesh:
         self, name: str, member: EmbeddedEtcd, old: int | None, report: Callable[[str], None]
     ) -> None:
         began = time.monotonic()
-        async for attempt in stamina.retry_context(
-            on=(RuntimeError, OSError),
-            attempts=None,
-            timeout=None,
-            wait_initial=RESTART_WAIT_INITIAL_S,
-            wait_max=RESTART_WAIT_MAX_S,
-            wait_jitter=0,
-        ):
-            with attempt:
-                try:
-                    await member.restart()
-                except (RuntimeError, OSError) as exc:
-                    report(f"mabeam up: {name} did not come back ({_first_line(str(exc))}); trying again")
-                    raise
+        await _until_back(name, member.restart, (RuntimeError, OSError), report)
         report(
             f"mabeam up: {name} (pid {old}) died; restarted as pid {member.pid} on {member.endpoint}, "
             f"healthy in {time.monotonic() - began:.1f} s"
@@ -416,6 +393,33 @@ class LocalMesh:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+T = TypeVar("T")
+
+
+async def _until_back(
+    name: str,
+    start: Callable[[], Awaitable[T]],
+    failures: tuple[type[Exception], ...],
+    report: Callable[[str], None],
+) -> T:
+    """``start()`` again and again, with back-off, until it succeeds; each failure said in one line."""
+    async for attempt in stamina.retry_context(
+        on=failures,
+        attempts=None,
+        timeout=None,
+        wait_initial=RESTART_WAIT_INITIAL_S,
+        wait_max=RESTART_WAIT_MAX_S,
+        wait_jitter=0,
+    ):
+        with attempt:
+            try:
+                return await start()
+            except failures as exc:
+                report(f"mabeam up: {name} did not come back ({_first_line(str(exc))}); trying again")
+                raise
+    raise AssertionError("unreachable: the retries are unbounded")
 
 
 def _first_line(text: str) -> str:
