@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from mabeam.agent import Agent
 
 
+# The longest endpoint an AgentMoved may name (a DNS name is at most 253, plus ":port").
+MAX_ENDPOINT = 260
+
+
 class _IdempotencyCache:
     """Outputs of recent steps by idempotency key, so a repeated step is not run again."""
 
@@ -312,8 +316,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self, request: agent_pb2.AgentMovedRequest, context: Any
     ) -> agent_pb2.AgentMovedResponse:
         """The registration names ``new_endpoint`` now: forward what was held, and every later call."""
-        if not request.new_endpoint:
-            raise errors.InvalidArgument("new_endpoint", "is required (host:port)")
+        endpoint = request.new_endpoint
+        if not endpoint or len(endpoint) > MAX_ENDPOINT or ":" not in endpoint:
+            raise errors.InvalidArgument(
+                "new_endpoint", f"is a host:port of at most {MAX_ENDPOINT} characters (got {len(endpoint)})"
+            )
         if request.agent_id in self.migrations:
             self._moved(request.agent_id, request.new_endpoint)
         return agent_pb2.AgentMovedResponse()

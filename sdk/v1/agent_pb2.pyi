@@ -1038,7 +1038,8 @@ class AgentMovedRequest(_message.Message):
     """The agent that moved away from the instance called."""
     new_endpoint: _builtins.str
     """host:port of the instance that holds the agent and its registration now;
-    the old instance forwards the agent's calls there.
+    the old instance forwards the agent's calls there. Required, at most 260
+    characters: anything else is INVALID_ARGUMENT naming the limit.
     """
     generation: _builtins.int
     """The registration's generation after the move (the old instance's was one
