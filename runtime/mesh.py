@@ -27,7 +27,9 @@ import stamina
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mabeam.auth import TOKEN_ENV, TOKEN_FILE_ENV, read_token_file
 from mabeam.config import SERVICE_NAMES, SERVICES, MeshConfig
+from mabeam.runtime import auth as runtime_auth
 from mabeam.runtime import etcd as etcd_layer
 from mabeam.runtime import process
 from mabeam.runtime.embedded_etcd import EmbeddedEtcd, EtcdCluster
@@ -107,6 +109,10 @@ class LocalMesh:
     # started together (gather) must not all take index 0 (same port, same log).
     _started: dict[str, int] = field(default_factory=dict)
     _watcher: asyncio.Task[None] | None = None
+    # With auth on (config.auth): where the admin and service tokens are kept
+    # (default: the data directory), and what bootstrap found or minted there.
+    token_dir: Path | None = None
+    credentials: runtime_auth.Credentials | None = None
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -175,6 +181,8 @@ class LocalMesh:
                 await self.etcd.start()
             else:
                 await self.check_external_etcd()
+            if self.config.auth:
+                await self._bootstrap_credentials()
             starts = [
                 self.start_replica(kind, timeout=timeout)
                 for kind in self.services
@@ -206,6 +214,24 @@ class LocalMesh:
         finally:
             with contextlib.suppress(Exception):
                 await client.close()
+
+    async def _bootstrap_credentials(self) -> None:
+        """The admin and service tokens of this mesh, minted on its first start (files of mode 0600)."""
+        client = await etcd_layer.connect(self.etcd_endpoints, tls=self.config.etcd_tls)
+        try:
+            self.credentials = await runtime_auth.bootstrap(
+                client, self.config, self.token_dir or self.config.data_dir
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    @property
+    def admin_token(self) -> str | None:
+        """The admin token clients of this mesh present (None without auth)."""
+        if self.credentials is None:
+            return None
+        return read_token_file(self.credentials.admin_file)
 
     async def start_replica(
         self, kind: str, port: int | None = None, timeout: float = 30.0
@@ -257,6 +283,12 @@ class LocalMesh:
             argv += ["--tls-cert", self.config.tls.cert_file, "--tls-key", self.config.tls.key_file]
             if self.config.tls.ca_file:
                 argv += ["--tls-ca", self.config.tls.ca_file]
+        if self.credentials is not None:
+            argv += ["--token-file", str(self.credentials.service_file)]
+        elif not self.config.auth:
+            argv += ["--no-auth"]
+        if self.config.insecure:
+            argv += ["--insecure"]
         if self.config.etcd_tls is not None:
             for flag, value in (
                 ("--etcd-ca", self.config.etcd_tls.ca_file),
@@ -267,7 +299,8 @@ class LocalMesh:
                     argv += [flag, value]
         with process.ReadyFile() as ready:
             env = {
-                **os.environ,
+                # A service presents the service token only: never a user's token from the environment.
+                **{k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, TOKEN_FILE_ENV)},
                 # Supervised agents' logs go beside the services' (registry: <log_dir>/agents/).
                 "MABEAM_LOG_DIR": str(self.log_dir),
                 **self.extra_env,

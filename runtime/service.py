@@ -21,10 +21,11 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from mabeam import auth, errors, telemetry
 from mabeam import config as mesh_config
-from mabeam import errors, telemetry
 from mabeam.config import MeshConfig
 from mabeam.runtime import cache, endpoints, etcd, exporters, process
+from mabeam.runtime.auth import PrincipalBook
 from mabeam.server import MeshServer, announce_ready, serve_until_signalled
 
 BuildFn = Callable[[MeshServer, Any], Awaitable[None]]
@@ -105,15 +106,51 @@ async def start_service(
     """
     if not config.etcd_endpoints:
         raise mesh_config.ConfigError(f"{kind}: no etcd endpoints: pass --etcd URL or set MABEAM_ETCD")
+    config.check_exposure(f"the {kind} service")
+    if not config.auth:
+        log.warning("%s: authentication is OFF: any caller that reaches %s may do anything", kind, config.host)
+    elif not config.token:
+        raise mesh_config.ConfigError(
+            f"{kind}: auth is on and the service has no service token: pass --token-file "
+            "(MABEAM_TOKEN_FILE; `mabeam up` and `mabeam auth init` write service.token), "
+            "or run with --no-auth on loopback"
+        )
     client = await etcd.connect(config.etcd_endpoints, tls=config.etcd_tls)
-    server = MeshServer(kind, config, error_mapper=etcd.to_mabeam_error)
+    book: PrincipalBook | None = None
+    try:
+        if config.auth:
+            book = PrincipalBook(client, config)
+            await book.start()
+            own = book.by_token(config.token or "")
+            if own is None or own.role != auth.SERVICE:
+                raise mesh_config.ConfigError(
+                    f"{kind}: the token in --token-file (MABEAM_TOKEN_FILE) is "
+                    + ("not a service token" if own is not None else "unknown to this mesh (revoked, or another etcd prefix)")
+                    + ": `mabeam auth init` writes a valid one"
+                )
+    except BaseException:
+        if book is not None:
+            await book.stop()
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise
+    server = MeshServer(
+        kind,
+        config,
+        error_mapper=etcd.to_mabeam_error,
+        authorizer=auth.Authorizer(book) if book is not None else None,
+    )
 
     async def close_client() -> None:
+        if book is not None:
+            await book.stop()
         with contextlib.suppress(Exception):
             await client.close()
 
     server.on_stop(close_client)
     try:
+        if book is not None:
+            cache.report_health(server, book.cache)
         await build(server, client)
         await server.start(port)
         cache.republish_health(server)  # a cache that broke since build() makes it NOT_SERVING

@@ -40,9 +40,10 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc import aio
 
-from mabeam import errors, telemetry
+from mabeam import auth, errors, telemetry
 from mabeam.tls import TLS
 from mabeam.v1 import (
+    auth_pb2_grpc,
     coordination_pb2_grpc,
     orchestrator_pb2_grpc,
     planner_pb2_grpc,
@@ -71,10 +72,15 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 
 
 class ChannelPool:
-    """One reused channel per address (fresh channels cost 2.2x a call), and its stubs."""
+    """One reused channel per address (fresh channels cost 2.2x a call), and its stubs.
 
-    def __init__(self, tls: TLS | None = None) -> None:
+    ``token``, when given, is presented on every call (``authorization:
+    Bearer``): the caller's identity (see :mod:`mabeam.auth`).
+    """
+
+    def __init__(self, tls: TLS | None = None, token: str | None = None) -> None:
         self._tls = tls
+        self._token_interceptors = auth.client_interceptors(token)
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[tuple[str, Callable[[aio.Channel], Any]], Any] = {}
 
@@ -98,7 +104,7 @@ class ChannelPool:
         channel = self._channels.get(address)
         if channel is None:
             options = list(CHANNEL_OPTIONS)
-            interceptors = telemetry.client_interceptors()
+            interceptors = [*telemetry.client_interceptors(), *self._token_interceptors]
             if self._tls is not None:
                 if self._tls.server_name:
                     options.append(("grpc.ssl_target_name_override", self._tls.server_name))
@@ -308,6 +314,8 @@ class MeshClient:
     orchestrator: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub
     coordination: coordination_pb2_grpc.CoordinationServiceAsyncStub
     planner: planner_pb2_grpc.PlannerServiceAsyncStub
+    # Token management and WhoAmI, served by the registry's replicas.
+    auth: auth_pb2_grpc.AuthServiceAsyncStub
 
     _STUBS: dict[str, Callable[[aio.Channel], Any]] = {
         "registry": registry_pb2_grpc.RegistryServiceStub,
@@ -326,6 +334,8 @@ class MeshClient:
         for service, balancer in balancers.items():
             client = ServiceClient(balancer, self._STUBS[service], f"mabeam.v1.{service.capitalize()}Service")
             setattr(self, service, cast(Any, client))
+        if "registry" in balancers:
+            self.auth = cast(Any, ServiceClient(balancers["registry"], auth_pb2_grpc.AuthServiceStub, "mabeam.v1.AuthService"))
 
     @classmethod
     async def connect(
@@ -339,12 +349,16 @@ class MeshClient:
         prefix: str = "/mabeam",
         tls: TLS | None = None,
         etcd_tls: TLS | None = None,
+        token: str | None = None,
     ) -> MeshClient:
         """Connect by explicit ``host:port`` addresses, by etcd discovery, or both.
 
         A service given neither an address nor etcd is not available on the
         client (AttributeError on use). ``tls`` is for the services,
-        ``etcd_tls`` for etcd (discovery).
+        ``etcd_tls`` for etcd (discovery). ``token`` is presented on every
+        call; None takes :func:`mabeam.auth.default_token` (``$MABEAM_TOKEN``,
+        ``$MABEAM_TOKEN_FILE``, or the admin token ``mabeam up`` wrote), ""
+        presents none.
         """
         from mabeam import discovery
 
@@ -354,7 +368,7 @@ class MeshClient:
             "coordination": coordination,
             "planner": planner,
         }
-        pool = ChannelPool(tls)
+        pool = ChannelPool(tls, auth.default_token() if token is None else token or None)
         closers: list[Any] = []
         balancers: dict[str, Balancer] = {}
         for service, given in explicit.items():

@@ -26,12 +26,22 @@ Environment variables (each has the flag in parentheses):
 ``MABEAM_ETCD_CA/CERT/KEY``     TLS to etcd (``--etcd-ca/--etcd-cert/--etcd-key``)
 ``MABEAM_GRACE``                seconds for in-flight calls on shutdown, default 5 (``--grace``)
 ``MABEAM_SERVICE_TTL``          lease TTL of service endpoint keys, default 5 s
+``MABEAM_AUTH``                 ``off`` turns authentication off (``--no-auth``); default on
+``MABEAM_TOKEN_FILE``           the token this process presents (``--token-file``);
+                                a service's must be a service token
+``MABEAM_TOKEN``                the token itself (instead of a file)
+``MABEAM_INSECURE``             ``1`` lets a service listen beyond loopback without
+                                TLS or auth (``--insecure``); loudly
 ==============================  ==================================================
+
+Authentication is on unless switched off: a process listening beyond
+loopback without TLS and auth is refused (:meth:`MeshConfig.check_exposure`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -72,6 +82,12 @@ class MeshConfig:
     tls: TLS | None = None
     grace: float = 5.0
     service_ttl: int = 5
+    # Every call authenticated and authorized (docs/security.md). A service
+    # needs ``token``, a service token, for the calls it makes.
+    auth: bool = True
+    token: str | None = field(default=None, repr=False)
+    # Listen beyond loopback without TLS or auth (refused otherwise).
+    insecure: bool = False
 
     def client_tls(self) -> TLS | None:
         """TLS for the calls a service makes (to other services and agents) when TLS is on.
@@ -81,6 +97,32 @@ class MeshConfig:
         certificate: one CA per mesh.
         """
         return self.tls
+
+    @property
+    def loopback_only(self) -> bool:
+        """True when the bind address is a loopback address (nothing beyond this host can connect)."""
+        host = self.host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def check_exposure(self, what: str) -> None:
+        """ConfigError unless listening here is safe: loopback, or TLS and auth on, or ``insecure``."""
+        if self.loopback_only:
+            return
+        missing = [name for name, on in (("TLS", self.tls is not None), ("auth", self.auth)) if not on]
+        if not missing or self.insecure:
+            return
+        raise ConfigError(
+            f"{what} would listen on {self.host} beyond loopback without {' and '.join(missing)}: "
+            + ("set --tls-cert/--tls-key (MABEAM_TLS_CERT/KEY)" if "TLS" in missing else "")
+            + (" and " if len(missing) == 2 else "")
+            + ("drop --no-auth (MABEAM_AUTH)" if "auth" in missing else "")
+            + ", bind --host 127.0.0.1, or accept the risk with --insecure (MABEAM_INSECURE=1)"
+        )
 
     def port(self, service: str) -> int:
         """The configured port of ``service`` (0 = any free port)."""
@@ -141,6 +183,19 @@ def add_mesh_arguments(parser: argparse.ArgumentParser, *, services: tuple[str, 
     g.add_argument("--etcd-cert", help="client certificate for etcd (env MABEAM_ETCD_CERT)")
     g.add_argument("--etcd-key", help="client key for etcd (env MABEAM_ETCD_KEY)")
     g.add_argument("--grace", type=float, help="shutdown grace in seconds (env MABEAM_GRACE, default 5)")
+    g.add_argument(
+        "--no-auth",
+        action="store_true",
+        default=None,
+        help="accept calls without credentials (env MABEAM_AUTH=off); loopback only unless --insecure",
+    )
+    g.add_argument("--token-file", help="file holding the token this process presents (env MABEAM_TOKEN_FILE)")
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow listening beyond loopback without TLS or auth (env MABEAM_INSECURE=1)",
+    )
 
 
 def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> MeshConfig:
@@ -196,6 +251,16 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
         raise ConfigError(f"--grace / MABEAM_GRACE {grace_raw!r} is not a number") from None
     ttl = _env_int(env, "MABEAM_SERVICE_TTL", "MABEAM_SERVICE_TTL") or 5
 
+    auth_off = bool(getattr(args, "no_auth", None)) or env.get("MABEAM_AUTH", "").lower() in _OFF
+    insecure = bool(getattr(args, "insecure", None)) or env.get("MABEAM_INSECURE", "").lower() in _ON
+    token_file = pick("token_file", "MABEAM_TOKEN_FILE")
+    token = (env.get("MABEAM_TOKEN") or "").strip() or None
+    if token_file:
+        try:
+            token = Path(token_file).expanduser().read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file {token_file}: {exc.strerror or exc}") from None
+
     prefix = pick("prefix", "MABEAM_PREFIX") or "/mabeam"
     if not prefix.startswith("/"):
         raise ConfigError(f"--prefix {prefix!r}: an etcd key prefix starts with '/'")
@@ -211,7 +276,14 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
         tls=tls,
         grace=grace,
         service_ttl=ttl,
+        auth=not auth_off,
+        token=token,
+        insecure=insecure,
     )
+
+
+_OFF = ("off", "0", "false", "no")
+_ON = ("1", "true", "yes", "on")
 
 
 def _normalise_endpoint(raw: str) -> str:

@@ -121,6 +121,13 @@ class PermissionDenied(MabeamError):
     default_reason = common_pb2.ERROR_REASON_TOKEN_MISMATCH
 
 
+class Unauthenticated(MabeamError):
+    """The call carried no credential the mesh knows (missing, malformed, unknown or revoked)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = common_pb2.ERROR_REASON_UNAUTHENTICATED
+
+
 class FailedPrecondition(MabeamError):
     """The request conflicts with the current state of the system."""
 
@@ -197,6 +204,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MabeamError]] = {
         NotFound,
         AlreadyExists,
         PermissionDenied,
+        Unauthenticated,
         FailedPrecondition,
         Aborted,
         OutOfRange,

@@ -39,8 +39,8 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mabeam import auth, errors, telemetry
 from mabeam import config as mesh_config
-from mabeam import errors, telemetry
 from mabeam.config import MeshConfig
 
 log = logging.getLogger("mabeam.server")
@@ -130,8 +130,14 @@ def _wrap_handler(
     method: str = "",
     mapper: ErrorMapper | None = None,
     service: str | None = None,
+    authorizer: auth.Authorizer | None = None,
 ) -> grpc.RpcMethodHandler:
-    """Wrap a method handler so exceptions become statuses (see to_mabeam_error)."""
+    """Wrap a method handler: the caller is checked first (``authorizer``), exceptions become statuses.
+
+    A call the authorizer refuses never reaches the handler, so it changes nothing.
+    """
+    rule = authorizer.rule(method) if authorizer is not None else None
+    guard = authorizer if rule is not None else None
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
@@ -139,6 +145,8 @@ def _wrap_handler(
             started = time.perf_counter()
             code = "OK"
             try:
+                if guard is not None:
+                    guard.check(method, rule, request, context)  # type: ignore[arg-type]
                 return await inner_uu(request, context)
             except (aio.AbortError, asyncio.CancelledError):
                 code = "ABORTED_BY_HANDLER"
@@ -158,6 +166,8 @@ def _wrap_handler(
 
         async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
+                if guard is not None:
+                    guard.check(method, rule, request, context)  # type: ignore[arg-type]
                 async for item in await _iterate(inner_us(request, context)):
                     yield item
             except (aio.AbortError, asyncio.CancelledError):
@@ -173,6 +183,8 @@ def _wrap_handler(
 
         async def stream_unary(requests: Any, context: Any) -> Any:
             try:
+                if guard is not None:
+                    guard.check(method, rule, None, context)  # type: ignore[arg-type]
                 return await inner_su(requests, context)
             except (aio.AbortError, asyncio.CancelledError):
                 raise
@@ -187,6 +199,8 @@ def _wrap_handler(
 
     async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
         try:
+            if guard is not None:
+                guard.check(method, rule, None, context)  # type: ignore[arg-type]
             async for item in await _iterate(inner_ss(requests, context)):
                 yield item
         except (aio.AbortError, asyncio.CancelledError):
@@ -200,11 +214,17 @@ def _wrap_handler(
 
 
 class ErrorInterceptor(aio.ServerInterceptor):
-    """Turns handler exceptions into gRPC statuses from the one error table."""
+    """Checks the caller (when ``authorizer`` is set), turns handler exceptions into statuses."""
 
-    def __init__(self, mapper: ErrorMapper | None = None, service: str | None = None) -> None:
+    def __init__(
+        self,
+        mapper: ErrorMapper | None = None,
+        service: str | None = None,
+        authorizer: auth.Authorizer | None = None,
+    ) -> None:
         self._mapper = mapper
         self._service = service
+        self._authorizer = authorizer
         # Handlers are fixed per method: wrap each once, not on every call.
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -220,7 +240,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return handler
-        wrapped = _wrap_handler(handler, method, self._mapper, self._service)
+        wrapped = _wrap_handler(handler, method, self._mapper, self._service, self._authorizer)
         self._wrapped[method] = wrapped
         return wrapped
 
@@ -287,6 +307,7 @@ class MeshServer:
         instance_id: str | None = None,
         interceptors: Sequence[aio.ServerInterceptor] = (),
         error_mapper: ErrorMapper | None = None,
+        authorizer: auth.Authorizer | None = None,
     ) -> None:
         self.kind = kind
         self.config = config
@@ -295,12 +316,13 @@ class MeshServer:
         )
         self._interceptors = [
             *telemetry.server_interceptors(),
-            ErrorInterceptor(error_mapper, kind),
+            ErrorInterceptor(error_mapper, kind, authorizer),
             *interceptors,
         ]
         self._server = aio.server(interceptors=self._interceptors, options=SERVER_OPTIONS)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.authorizer = authorizer
         self._service_names: list[str] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._on_stop: list[Callable[[], Awaitable[None]]] = []

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import duration_pb2
 
+from harness.channels import mesh_channel
 from harness.wait import eventually
 from mabeam.agent import from_value, to_value
 from mabeam.client import MeshClient
@@ -96,9 +97,8 @@ class process_channel:
     """An AgentService stub on a plaintext channel, closed on exit."""
 
     def __init__(self, address: str) -> None:
-        from grpc import aio
 
-        self._channel = aio.insecure_channel(address)
+        self._channel = mesh_channel(address)
 
     async def __aenter__(self) -> agent_pb2_grpc.AgentServiceStub:
         return agent_pb2_grpc.AgentServiceStub(self._channel)

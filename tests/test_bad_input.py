@@ -45,6 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.channels import mesh_channel
 from harness.ports import closed_port
 from harness.wait import eventually
 from mabeam import errors
@@ -310,7 +311,7 @@ async def exercise(
 
 async def healthy(address: str, check: Callable[[aio.Channel], Awaitable[Any]]) -> None:
     """The server still serves: its health check says SERVING and a real RPC succeeds."""
-    async with aio.insecure_channel(address) as channel:
+    async with mesh_channel(address) as channel:
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         await check(channel)
@@ -420,7 +421,7 @@ async def test_garbage_never_breaks_a_service(
     module, stub_class, service_name = SERVICES[kind]
     descriptor = module.DESCRIPTOR.services_by_name[service_name]
     codes: dict[str, int] = {}
-    async with aio.insecure_channel(servers[kind].address) as channel:
+    async with mesh_channel(servers[kind].address) as channel:
         stub = stub_class(channel)
         for method in descriptor.methods:
             if method.name in SKIP or method.client_streaming:
@@ -542,7 +543,7 @@ async def test_heartbeat_garbage_ends_the_stream_cleanly_and_leases_survive(
     keeps the leases alive."""
     registry = await service("registry")
     dead = f"127.0.0.1:{closed_port()}"
-    async with aio.insecure_channel(registry.address) as channel:
+    async with mesh_channel(registry.address) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         registered = {}
         for agent_id in ("hb-1", "hb-2"):
@@ -696,7 +697,7 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
     exit0 = [sys.executable, "-c", "raise SystemExit(0)"]
     missing = str(tmp_path / "missing" / "agent")
     period30 = duration_pb2.Duration(seconds=30)
-    async with aio.insecure_channel(registry.address) as channel:
+    async with mesh_channel(registry.address) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         # A registered (not supervised) agent at a dead endpoint, and a live supervised one.
         reg = await stub.RegisterAgent(
@@ -895,7 +896,7 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
             return 16 if name == "StartAgent" else 25  # a start runs up to three processes
 
         counts = {}
-        async with aio.insecure_channel(coordination.address) as coordination_channel:
+        async with mesh_channel(coordination.address) as coordination_channel:
             stubs = {
                 "registry": stub,
                 "coordination": coordination_pb2_grpc.CoordinationServiceStub(coordination_channel),
@@ -942,7 +943,7 @@ async def test_heartbeat_refuses_a_nan_or_negative_load(
     stored load stays as it was."""
     registry = await service("registry")
     H = registry_pb2.HeartbeatRequest
-    async with aio.insecure_channel(registry.address) as channel:
+    async with mesh_channel(registry.address) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         token = await register_at_a_dead_endpoint(stub, "loaded")
         sync_channel = grpc.insecure_channel(registry.address)
@@ -993,7 +994,7 @@ async def test_a_launch_spec_exec_would_refuse_is_invalid(
     the agent stayed STARTING (re-spawned every second) and StartAgent answered DEADLINE_EXCEEDED
     after its timeout. Now StartAgent and MigrateAgent refuse it at once, naming the field."""
     registry = await service("registry")
-    async with aio.insecure_channel(registry.address) as channel:
+    async with mesh_channel(registry.address) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         for call, request in (
             (stub.StartAgent, registry_pb2.StartAgentRequest(agent_id="nul", launch=launch)),
@@ -1037,7 +1038,7 @@ async def test_migrating_to_a_launch_that_cannot_start_keeps_the_agent(
     migration's error handling, the supervision task died and took the running agent with it,
     and the call hung until its deadline. Now it is FAILED_PRECONDITION and the agent runs on."""
     registry = await service("registry")
-    async with aio.insecure_channel(registry.address) as channel:
+    async with mesh_channel(registry.address) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         started = await stub.StartAgent(
             registry_pb2.StartAgentRequest(
@@ -1109,7 +1110,7 @@ async def test_a_trailing_newline_is_not_part_of_a_valid_name(
     ]
     before = await durable_keys(etcd_client, mesh_config.prefix)
     for kind, method, request, field in cases:
-        async with aio.insecure_channel(servers[kind].address) as channel:
+        async with mesh_channel(servers[kind].address) as channel:
             outcome = await unary(getattr(SERVICES[kind][1](channel), method), request)
         assert outcome.code == IA and outcome.error is not None, (method, outcome)
         assert outcome.error.field == field, (method, outcome.error)
@@ -1125,7 +1126,7 @@ async def test_a_refused_beat_reaches_a_client_that_is_still_sending(
     rest of a burst before it ends the stream, so the status arrives with the agent it names."""
     registry = await service("registry")
     H = registry_pb2.HeartbeatRequest
-    async with aio.insecure_channel(registry.address) as channel:
+    async with mesh_channel(registry.address) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         token = await register_at_a_dead_endpoint(stub, "busy")
         burst = [H(agent_id="gone", token="t")] + [H(agent_id="busy", token=token)] * 300
@@ -1148,7 +1149,7 @@ async def test_a_host_registers_a_lapsed_agent_again_and_keeps_the_others(
     host = AgentHost([Agent(f"h{i}") for i in range(HOST_AGENTS)], registry=registry.address, lease_ttl=3)
     await host.start()
     try:
-        async with aio.insecure_channel(registry.address) as channel:
+        async with mesh_channel(registry.address) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
             for victim in ("h0", "h7"):
                 await stub.DeregisterAgent(

@@ -56,7 +56,7 @@ async def test_an_undecodable_value_is_skipped_and_logged_and_the_cache_follows_
 
 
 async def _health(address: str) -> Any:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpc.mesh_channel(address) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=2
@@ -84,6 +84,7 @@ async def test_a_service_is_not_serving_while_its_cache_cannot_follow_etcd_and_s
         ports={s: 0 for s in SERVICES},
         grace=0.5,
         service_ttl=2,
+        auth=False,  # what is tested is the cache; auth has its own tests (test_auth.py)
     )
     server = await start_service("orchestrator", orchestrator_server.build, config, port=0)
     writer = await connect([private_etcd.endpoint], timeout=2)

@@ -43,7 +43,7 @@ APPLY_AT = sys.argv[1] if len(sys.argv) > 1 else ""
 def holding(method):
     async def hold(request, context):
         if APPLY_AT and method == "SetVariable":
-            async with aio.insecure_channel(APPLY_AT) as channel:
+            async with mesh_channel(APPLY_AT) as channel:
                 await channel.unary_unary("/mabeam.v1.OrchestratorService/SetVariable")(request)
         print("holding", flush=True)
         await asyncio.sleep(3600)

@@ -18,6 +18,8 @@ import pytest
 from google.protobuf import duration_pb2, json_format, struct_pb2
 from grpc import aio
 
+from harness.channels import mesh_channel
+from harness.mesh_fixtures import enrolled
 from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
@@ -713,7 +715,7 @@ async def test_a_session_whose_outcome_cannot_be_stored_ends_at_its_deadline(
     private_etcd: Any, mesh_config: Any, service: Callable[..., Awaitable[MeshServer]]
 ) -> None:
     """etcd frozen (SIGSTOP) under a session: it answers DEADLINE_EXCEEDED at its deadline, not later."""
-    config = dataclasses.replace(mesh_config, etcd_endpoints=(private_etcd.endpoint,))
+    config = await enrolled(dataclasses.replace(mesh_config, etcd_endpoints=(private_etcd.endpoint,)))
     registry = await service("registry", config)
     coordination = await service("coordination", config)
     host = AgentHost([Trader("f1", 1), Trader("f2", 2)], registry=registry.address)
@@ -739,7 +741,7 @@ async def test_a_session_whose_outcome_cannot_be_stored_ends_at_its_deadline(
         private_etcd.kill(signal.SIGCONT)
         assert (await client.coordination.RunAuction(request)).session.outcome.winners == ["f2"]
         private_etcd.kill(signal.SIGSTOP)
-        async with aio.insecure_channel(coordination.address) as channel:
+        async with mesh_channel(coordination.address) as channel:
             raw = coordination_pb2_grpc.CoordinationServiceStub(channel)
             started = loop.time()
             with pytest.raises(aio.AioRpcError) as failed:

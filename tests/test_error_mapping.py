@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
+from harness.mesh_fixtures import enrolled
 from mabeam import errors
 from mabeam.client import MeshClient
 from mabeam.config import MeshConfig
@@ -36,7 +37,7 @@ async def test_a_write_to_a_full_etcd_is_resource_exhausted(
     mesh_config: MeshConfig,
     service: Callable[..., Awaitable[MeshServer]],
 ) -> None:
-    config = dataclasses.replace(mesh_config, etcd_endpoints=(full_etcd.endpoint,))
+    config = await enrolled(dataclasses.replace(mesh_config, etcd_endpoints=(full_etcd.endpoint,)))
     orchestrator = await service("orchestrator", config)
     async with await MeshClient.connect(orchestrator=orchestrator.address) as client:
         big = common_pb2.Value(bytes_value=b"x" * 100_000)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import duration_pb2
 
+from harness.mesh_fixtures import enrolled
 from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
@@ -148,7 +149,7 @@ async def test_re_registers_after_an_etcd_restart(private_etcd, mesh_config) -> 
     from mabeam.runtime.service import start_service
     from mabeam.services.registry.server import build
 
-    config = replace(mesh_config, etcd_endpoints=(private_etcd.endpoint,))
+    config = await enrolled(replace(mesh_config, etcd_endpoints=(private_etcd.endpoint,)))
     registry = await start_service("registry", build, config, port=0)
     client = await MeshClient.connect(registry=registry.address)
     host = AgentHost([Light("survivor")], registry=registry.address, lease_ttl=1.0)

@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc import aio
 
+from harness.channels import mesh_channel
 from harness.wait import eventually
 from mabeam.config import MeshConfig
 from mabeam.discovery import EndpointResolver
@@ -41,7 +41,7 @@ async def test_stop_withdraws_the_endpoint_before_the_grace_period(mesh_config: 
     stopping: asyncio.Task[None] | None = None
     try:
         assert resolver.addresses() == [server.address]
-        async with aio.insecure_channel(server.address) as channel:
+        async with mesh_channel(server.address) as channel:
             slow_call = channel.unary_unary("/test.Slow/Call", None, None)  # bytes in, bytes out
             call = asyncio.ensure_future(slow_call(b"x", timeout=20))
             await asyncio.wait_for(entered.wait(), 10)

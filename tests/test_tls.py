@@ -119,7 +119,9 @@ asyncio.run(main())
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-async def test_whole_mesh_on_mutual_tls_etcd_and_mutual_tls_services(tmp_path: Path) -> None:
+async def test_whole_mesh_on_mutual_tls_etcd_and_mutual_tls_services(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """etcd requiring client certificates, every service with mTLS, two registry replicas:
     a goal, an auction, and a migration handed from one registry replica to the other."""
     pem = make_certs(tmp_path)
@@ -137,9 +139,12 @@ async def test_whole_mesh_on_mutual_tls_etcd_and_mutual_tls_services(tmp_path: P
             service_ttl=2,
             tls=tls,
             etcd_tls=client_tls,
+            data_dir=tmp_path / "data",
         )
         mesh = LocalMesh(config, services=("registry", "coordination", "planner"), log_dir=tmp_path / "logs")
         await mesh.start(timeout=60)
+        # Auth on as well: this test's clients and agents present the admin token mabeam up minted.
+        monkeypatch.setenv("MABEAM_TOKEN", mesh.admin_token or "")
         host: AgentHost | None = None
         clients: list[MeshClient] = []
         try:

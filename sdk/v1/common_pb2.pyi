@@ -105,6 +105,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     "downstream_code" gives the status it answered; the caller's own request
     was not at fault.
     """
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 23
+    """The call carried no credential, or one the mesh does not know: a missing,
+    malformed, unknown or revoked bearer token, or a client certificate whose
+    subject holds no role (UNAUTHENTICATED). Present
+    `authorization: Bearer <token>`; see docs/security.md.
+    """
+    ERROR_REASON_NOT_AUTHORIZED: _ErrorReason.ValueType  # 24
+    """The caller is known but its role may not make this call, or an agent
+    token acts on an agent id outside its scope (PERMISSION_DENIED).
+    ErrorInfo.metadata names the "method", the caller's "role" and the roles
+    "allowed".
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the machine-readable reasons the mesh puts in
@@ -191,6 +203,18 @@ INTERNAL when it refused the request as malformed or failed, ABORTED when
 it lost a race). ErrorInfo.metadata "service" names it and
 "downstream_code" gives the status it answered; the caller's own request
 was not at fault.
+"""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 23
+"""The call carried no credential, or one the mesh does not know: a missing,
+malformed, unknown or revoked bearer token, or a client certificate whose
+subject holds no role (UNAUTHENTICATED). Present
+`authorization: Bearer <token>`; see docs/security.md.
+"""
+ERROR_REASON_NOT_AUTHORIZED: ErrorReason.ValueType  # 24
+"""The caller is known but its role may not make this call, or an agent
+token acts on an agent id outside its scope (PERMISSION_DENIED).
+ErrorInfo.metadata names the "method", the caller's "role" and the roles
+"allowed".
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -358,6 +358,7 @@ class RegisterAgentResponse(_message.Message):
 
     AGENT_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    SERVICE_TOKEN_DIGESTS_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """The secret token: required to heartbeat, deregister or migrate the agent.
     Keep it private; it is never returned again.
@@ -366,15 +367,24 @@ class RegisterAgentResponse(_message.Message):
     def agent(self) -> Global___Agent:
         """The registered agent."""
 
+    @_builtins.property
+    def service_token_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """SHA-256 digests (hex) of the mesh's service tokens. With auth on, the
+        agent serves AgentService only to callers whose bearer token has one of
+        these digests (the mesh's own services); empty when the registry runs
+        without auth. Refreshed on the heartbeat stream.
+        """
+
     def __init__(
         self,
         *,
         agent: Global___Agent | None = ...,
         token: _builtins.str = ...,
+        service_token_digests: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "service_token_digests", b"service_token_digests", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,6 +431,7 @@ class HeartbeatResponse(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    SERVICE_TOKEN_DIGESTS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent whose beat this answers."""
     lease_id: _builtins.int
@@ -429,16 +440,23 @@ class HeartbeatResponse(_message.Message):
     def ttl(self) -> _duration_pb2.Duration:
         """The lease's time to live after the refresh."""
 
+    @_builtins.property
+    def service_token_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The current service token digests (see RegisterAgentResponse), sent in
+        the first answer of a stream and whenever they change; empty otherwise.
+        """
+
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         lease_id: _builtins.int = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        service_token_digests: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "lease_id", b"lease_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "lease_id", b"lease_id", "service_token_digests", b"service_token_digests", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

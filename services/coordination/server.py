@@ -145,7 +145,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
     def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
         self._server = server
         self.store = SessionStore(etcd, server.config)
-        self.pool = ChannelPool(server.config.client_tls())
+        self.pool = ChannelPool(server.config.client_tls(), server.config.token)
         self.fanout = FanOut(self.pool)
         self.plugins: PrefixCache[coordination_pb2.ProtocolInfo] = PrefixCache(
             etcd, self.store.protocols, decode_protocol
@@ -159,6 +159,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             etcd=list(config.etcd_endpoints),
             prefix=config.prefix,
             tls=config.client_tls(),
+            token=config.token or "",
             etcd_tls=config.etcd_tls,
         )
 

@@ -70,6 +70,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             etcd=list(config.etcd_endpoints),
             prefix=config.prefix,
             tls=config.client_tls(),
+            token=config.token or "",
             etcd_tls=config.etcd_tls,
         )
 

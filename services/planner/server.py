@@ -49,7 +49,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
         self._server = server
         self.store = GoalStore(etcd, server.config)
-        self.pool = ChannelPool(server.config.client_tls())
+        self.pool = ChannelPool(server.config.client_tls(), server.config.token)
         self.goals: PrefixCache[planner_pb2.Goal] = PrefixCache(
             etcd, self.store.goals, lambda k, v: planner_pb2.Goal.FromString(v)
         )
@@ -73,6 +73,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             etcd=list(config.etcd_endpoints),
             prefix=config.prefix,
             tls=config.client_tls(),
+            token=config.token or "",
             etcd_tls=config.etcd_tls,
         )
         for cache in (self.goals, self.owners, self.cancels):

@@ -53,7 +53,7 @@ class Prober:
         self._server = server
         self._store = store
         self._directory = directory
-        self._pool = ChannelPool(server.config.client_tls())
+        self._pool = ChannelPool(server.config.client_tls(), server.config.token)
 
     async def run(self) -> None:
         """Probe while this replica leads the prober election; campaign again after losing it."""

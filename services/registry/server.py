@@ -16,13 +16,13 @@ from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from mabeam import errors, telemetry
+from mabeam import auth, errors, telemetry
 from mabeam.runtime import idempotency, validate
 from mabeam.runtime.cache import report_health
 from mabeam.runtime.etcd import UNREACHABLE, EtcdClient, WatchCompacted
 from mabeam.runtime.idempotency import idempotent
 from mabeam.server import MeshServer
-from mabeam.services.registry import heartbeats, prober
+from mabeam.services.registry import auth_service, heartbeats, prober
 from mabeam.services.registry import supervisor as supervision
 from mabeam.services.registry.directory import DEFAULT_TTL, AgentDirectory, matches
 from mabeam.services.registry.store import RegistryStore, decode_agent, new_token
@@ -55,13 +55,22 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.RegisterAgentRequest, context: Any
     ) -> registry_pb2.RegisterAgentResponse:
         # The outcome (by request_id) is written in the registration's own transaction.
-        return await self.store.requests.run(
+        answer = await self.store.requests.run(
             "RegisterAgent",
             request,
             registry_pb2.RegisterAgentResponse,
             lambda: self._register(request),
             atomic=True,
         )
+        # Current, not recorded: a replay gets the digests of today's service tokens.
+        del answer.service_token_digests[:]
+        answer.service_token_digests.extend(self._service_digests())
+        return answer
+
+    def _service_digests(self) -> list[str]:
+        """The digests agents check the mesh's calls against (none without auth)."""
+        book = auth_service.book_of(self._server)
+        return book.service_digests() if book is not None else []
 
     async def _register(
         self, request: registry_pb2.RegisterAgentRequest
@@ -149,12 +158,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         stream.
         """
         stream = heartbeats.HeartbeatStream(self.store, self.directory, self.keepalives)
+        told: list[str] = []  # the service token digests this stream was last given
 
         async def handle(beat: registry_pb2.HeartbeatRequest) -> registry_pb2.HeartbeatResponse:
             agent_id = validate.identifier(beat.agent_id, "agent_id")
+            auth.require_agent(agent_id)  # an agent token beats only for the ids it may act for
             # A NaN or negative load would be stored and then mislead least-loaded assignment.
             validate.finite(beat.load.load, "load.load", minimum=0)
-            return await stream.beat(agent_id, beat.token, beat.load)
+            answer = await stream.beat(agent_id, beat.token, beat.load)
+            digests = self._service_digests()
+            if digests != told:
+                told[:] = digests
+                answer.service_token_digests.extend(digests)
+            return answer
 
         async with contextlib.aclosing(heartbeats.answer_concurrently(request_iterator, handle)) as answers:
             async for answer in answers:
@@ -367,6 +383,7 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
         "mabeam.registry.supervised", "supervised agents", lambda: len(servicer.supervisor.records)
     )
     server.add_service(SERVICE_NAME, registry_pb2_grpc.add_RegistryServiceServicer_to_server, servicer)
+    auth_service.add(server, etcd)
 
 
 __all__ = ["DEFAULT_TTL", "SERVICE_NAME", "UNREACHABLE", "AgentDirectory", "RegistryServicer", "build"]

@@ -77,7 +77,7 @@ class Supervisor:
         self.retiring: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         self.peers: EndpointResolver | None = None
-        self.pool = ChannelPool(server.config.client_tls())
+        self.pool = ChannelPool(server.config.client_tls(), server.config.token)
 
     # -- lifecycle ----------------------------------------------------------
 

@@ -15,10 +15,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from mabeam.auth import read_token_file
 from mabeam.config import SERVICES, MeshConfig
+from mabeam.runtime.auth import bootstrap
+from mabeam.runtime.etcd import connect
 from mabeam.runtime.mesh import LocalMesh
 from mabeam.runtime.service import start_service
 from mabeam.server import MeshServer
@@ -30,17 +34,52 @@ def _builder(kind: str) -> Callable[..., Awaitable[None]]:
     return importlib.import_module(f"mabeam.services.{kind}.server").build  # type: ignore[no-any-return]
 
 
+async def enrolled(config: MeshConfig) -> MeshConfig:
+    """``config`` (a test's mesh moved to another etcd) with the test's tokens known to that etcd too."""
+    import os
+
+    from mabeam import auth
+    from mabeam.runtime.auth import enroll
+
+    client = await connect(config.etcd_endpoints, tls=config.etcd_tls)
+    try:
+        if config.token:
+            await enroll(client, config, config.token, auth.SERVICE, "service-bootstrap")
+        admin = os.environ.get("MABEAM_TOKEN")
+        if admin:
+            await enroll(client, config, admin, auth.ADMIN, "admin-bootstrap")
+    finally:
+        await client.close()
+    return config
+
+
 @pytest.fixture
-def mesh_config(etcd: object) -> MeshConfig:
+async def mesh_config(etcd: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MeshConfig:
+    """A mesh of its own (a fresh key prefix) with auth on, as users get it.
+
+    Its admin and service tokens are minted as ``mabeam up`` does (into
+    ``data_dir``); the services present the service token, and the test's
+    own clients (and the processes it starts) the admin token, from
+    ``$MABEAM_TOKEN``.
+    """
     endpoint = etcd.endpoint  # type: ignore[attr-defined]
     ports = {s: 0 for s in SERVICES}
-    return MeshConfig(
+    config = MeshConfig(
         etcd_endpoints=(endpoint,),
         prefix=f"/t/{uuid.uuid4().hex[:12]}",
         ports=ports,
         grace=0.5,
         service_ttl=2,
+        data_dir=tmp_path / "data",
     )
+    client = await connect(config.etcd_endpoints)
+    try:
+        credentials = await bootstrap(client, config, config.data_dir)
+    finally:
+        await client.close()
+    monkeypatch.setenv("MABEAM_TOKEN", read_token_file(credentials.admin_file))
+    monkeypatch.delenv("MABEAM_TOKEN_FILE", raising=False)
+    return replace(config, token=read_token_file(credentials.service_file))
 
 
 @pytest.fixture
