@@ -11,6 +11,7 @@ etcd and the same machine, and cached for the run, so a benchmark's ratio is
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import subprocess
 import tempfile
@@ -22,6 +23,7 @@ from typing import Any
 
 from grpc import aio
 
+from mabeam import auth
 from mabeam.bench.ping_server import PING_METHOD
 from mabeam.config import SERVICES, MeshConfig
 from mabeam.runtime import process
@@ -126,6 +128,7 @@ class BenchContext:
         self._channels: dict[str, aio.Channel] = {}
         self._baselines: dict[str, list[float]] = {}
         self._hosts: list[subprocess.Popen[bytes]] = []
+        self._token_before: str | None = None
 
     def n(self, full: int, quick: int) -> int:
         """Iterations for this run's mode."""
@@ -158,6 +161,9 @@ class BenchContext:
                 extra_env={"MABEAM_SERVICE_TTL": "2"},
             )
             await self._mesh.start()
+            # Auth on, as users run it: this run's clients and agent hosts present the admin token.
+            self._token_before = os.environ.get(auth.TOKEN_ENV)
+            os.environ[auth.TOKEN_ENV] = self._mesh.admin_token or ""
         return self._mesh
 
     async def etcd(self) -> EtcdClient:
@@ -246,6 +252,11 @@ class BenchContext:
 
     async def close(self) -> None:
         """Stop everything this run started."""
+        if self._mesh is not None:
+            if self._token_before is None:
+                os.environ.pop(auth.TOKEN_ENV, None)
+            else:
+                os.environ[auth.TOKEN_ENV] = self._token_before
         for channel in self._channels.values():
             await channel.close(None)
         if self._etcd is not None:
