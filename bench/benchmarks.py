@@ -312,10 +312,13 @@ async def planner_step(ctx: BenchContext) -> Result:
     # Measured before and after the goal (a goal cannot be interleaved call by call).
     stub = agent_pb2_grpc.AgentServiceStub(ctx.channel(address))
     etcd = await ctx.etcd()
+    # As the planner calls an agent: with the service token, which the agent checks.
+    as_the_mesh = ctx.service_metadata()
 
     async def direct() -> None:
         await stub.ExecuteStep(
-            agent_pb2.ExecuteStepRequest(agent_id="pl-00000", step_id="x", capability="plan-step")
+            agent_pb2.ExecuteStepRequest(agent_id="pl-00000", step_id="x", capability="plan-step"),
+            metadata=as_the_mesh,
         )
         await etcd.put(b"/bench/raw/step", b"done")
 
