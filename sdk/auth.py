@@ -5,7 +5,7 @@ A caller is identified by a bearer token in the ``authorization`` metadata
 subject (common name) of its verified client certificate. Each principal has
 one role (``mabeam.v1.Role``); :data:`POLICY` says, for every RPC of every
 service, which roles may call it. A method with no rule is refused: an RPC
-cannot ship unguarded (``tests/test_auth_policy.py`` walks the descriptors).
+cannot ship unguarded (``tests/unit/test_auth_policy.py`` walks the descriptors).
 
 Tokens carry 256 random bits; the mesh stores only their SHA-256 digest and
 compares digests in constant time. The principals live in etcd; servers hold
@@ -80,7 +80,8 @@ def new_token() -> tuple[str, str]:
 
 def token_id(token: str) -> str | None:
     """The public id of a well-formed token, else None."""
-    match = _TOKEN.match(token)
+    # fullmatch: ``$`` alone also matches before a final newline, and "<token>\n" is not the token.
+    match = _TOKEN.fullmatch(token)
     return match.group(1) if match else None
 
 
@@ -171,7 +172,7 @@ def _service(name: str, rules: Mapping[str, Rule]) -> dict[str, Rule]:
 
 
 # Every RPC of every mabeam service, and who may call it. docs/security.md
-# shows this table; tests/test_auth_policy.py fails on an RPC without a rule.
+# shows this table; tests/unit/test_auth_policy.py fails on an RPC without a rule.
 POLICY: dict[str, Rule] = {
     **_service(
         "RegistryService",
