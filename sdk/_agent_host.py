@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import stamina
 from google.protobuf import duration_pb2
 
-from mabeam import errors
+from mabeam import auth, errors
 from mabeam._agent_service import AgentServicer
 from mabeam._heartbeat_stats import HeartbeatStats
 from mabeam.client import ChannelPool, MeshClient, list_all
@@ -45,6 +45,10 @@ HEARTBEAT_CHUNK = 50
 
 # Registrations an AgentHost has in flight at once, at start and when it registers lost agents again.
 REGISTER_CONCURRENCY = 64
+
+# Digests (comma-separated) of the mesh's service tokens, for a host that
+# serves before it registers (a migration target): what its launcher knows.
+SERVICE_DIGESTS_ENV = "MABEAM_SERVICE_TOKEN_DIGESTS"
 
 
 class AgentHost:
@@ -112,7 +116,13 @@ class AgentHost:
         config = MeshConfig(
             host=bind_host, ports={"agent": port}, tls=tls, grace=1.0, advertise_host=advertise_host
         )
-        self._server = MeshServer("agent", config)
+        # AgentService answers only the mesh's own services: callers whose bearer
+        # token's digest the registry handed over (RegisterAgent, Heartbeat).
+        # None known (a registry without auth): nothing is checked.
+        self.verifier = auth.ServiceVerifier(
+            d.strip() for d in os.environ.get(SERVICE_DIGESTS_ENV, "").split(",") if d.strip()
+        )
+        self._server = MeshServer("agent", config, authorizer=auth.Authorizer(self.verifier))
         self.servicer = AgentServicer(self)
         self._server.add_service(
             AGENT_SERVICE, agent_pb2_grpc.add_AgentServiceServicer_to_server, self.servicer
@@ -215,6 +225,7 @@ class AgentHost:
                     # have committed the registration before answering.
                     cut_off = True
                     raise
+        self.verifier.update(reply.service_token_digests)
         agent.token = reply.token
         return reply.agent
 
@@ -303,6 +314,8 @@ class AgentHost:
         try:
             async for reply in self._client.registry.Heartbeat(self._beats_stream()):
                 stats.beat_acked(reply.agent_id)
+                if reply.service_token_digests:
+                    self.verifier.update(reply.service_token_digests)
                 answered = True
         except (errors.NotFound, errors.PermissionDenied, errors.Internal):
             raise  # the registry's refusals: the caller registers again

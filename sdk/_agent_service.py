@@ -39,6 +39,19 @@ if TYPE_CHECKING:
 MAX_ENDPOINT = 260
 
 
+def _passed_on(context: Any) -> tuple[tuple[str, str], ...]:
+    """The caller's ``authorization``, for a call forwarded on its behalf (to the agent's new endpoint).
+
+    The new instance checks it as this one did: only the mesh's own services
+    call agents, and an agent holds no service token of its own.
+    """
+    metadata = context.invocation_metadata() if context is not None else None
+    for key, value in metadata or ():
+        if key == "authorization":
+            return ((key, value if isinstance(value, str) else value.decode("latin-1")),)
+    return ()
+
+
 class _IdempotencyCache:
     """Outputs of recent steps by idempotency key, so a repeated step is not run again."""
 
@@ -152,10 +165,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def _forward_stub(self, address: str) -> agent_pb2_grpc.AgentServiceStub:
         return agent_pb2_grpc.AgentServiceStub(self._host.channels.get(address))
 
-    async def _coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+    async def _coordinate(
+        self, request: agent_pb2.CoordinationRequest, context: Any
+    ) -> agent_pb2.CoordinationResponse:
         target = await self._route(request.agent_id)
         if isinstance(target, str):
-            return await self._forward_stub(target).Coordinate(request, timeout=_deadline_seconds(request))  # type: ignore[no-any-return]
+            return await self._forward_stub(target).Coordinate(  # type: ignore[no-any-return]
+                request, timeout=_deadline_seconds(request), metadata=_passed_on(context)
+            )
         target.in_flight += 1
         try:
             reply = await asyncio.wait_for(target.coordinate(request), _deadline_seconds(request))
@@ -168,7 +185,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Coordinate(
         self, request: agent_pb2.CoordinationRequest, context: Any
     ) -> agent_pb2.CoordinationResponse:
-        return await self._coordinate(request)
+        return await self._coordinate(request, context)
 
     async def CoordinateBatch(
         self, request: agent_pb2.CoordinateBatchRequest, context: Any
@@ -223,7 +240,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         async def one(i: int, req: agent_pb2.CoordinationRequest) -> None:
             try:
                 entries[i] = agent_pb2.CoordinateBatchEntry(
-                    agent_id=req.agent_id, response=await self._coordinate(req)
+                    agent_id=req.agent_id, response=await self._coordinate(req, context)
                 )
             except Exception as exc:
                 entries[i] = failed(req.agent_id, exc)
@@ -248,7 +265,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> agent_pb2.ExecuteStepResponse:
         target = await self._route(request.agent_id)
         if isinstance(target, str):
-            return await self._forward_stub(target).ExecuteStep(request, timeout=_deadline_seconds(request))  # type: ignore[no-any-return]
+            return await self._forward_stub(target).ExecuteStep(  # type: ignore[no-any-return]
+                request, timeout=_deadline_seconds(request), metadata=_passed_on(context)
+            )
         agent = target
 
         async def step() -> agent_pb2.ExecuteStepResponse:

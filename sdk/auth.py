@@ -288,6 +288,11 @@ class Verifier:
     :class:`ServiceVerifier`. Both answer from memory.
     """
 
+    @property
+    def enabled(self) -> bool:
+        """False while this verifier cannot tell anyone apart: :meth:`Authorizer.check` then checks nothing."""
+        return True
+
     def by_token(self, token: str) -> Identity | None:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -374,8 +379,15 @@ class Authorizer:
             raise errors.Unauthenticated("unknown or revoked token")
         return found
 
-    def check(self, method: str, rule: Rule, request: Any, context: Any) -> Identity:
-        """Authenticate, then authorize ``request`` (None for a stream) under ``rule``; set :func:`current`."""
+    def check(self, method: str, rule: Rule, request: Any, context: Any) -> Identity | None:
+        """Authenticate, then authorize ``request`` (None for a stream) under ``rule``; set :func:`current`.
+
+        A verifier that is not :attr:`~Verifier.enabled` (an agent that has
+        learned no service token digest: its registry runs without auth) lets
+        the call through unchecked, and :func:`current` stays None.
+        """
+        if not self.verifier.enabled:
+            return None
         identity = self.identify(context)
         if identity.role not in rule.roles:
             raise self._denied(method, identity, rule.roles)
@@ -408,7 +420,11 @@ class ServiceVerifier(Verifier):
 
     The registry hands them to an agent when it registers and on its
     heartbeat stream (``service_token_digests``); :meth:`update` replaces
-    them. With none known (a registry without auth) nothing is checked.
+    them (an empty list changes nothing: once known, checks never switch off).
+    With none known (a registry without auth) it is not :attr:`enabled`
+    and nothing is checked. Any token whose digest is not among them, an
+    admin's included (an agent cannot tell it from garbage), is
+    UNAUTHENTICATED.
     """
 
     def __init__(self, digests: Iterable[str] = ()) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import duration_pb2
 
-from harness.channels import mesh_channel
+from harness.channels import agent_channel
 from harness.wait import eventually
 from mabeam.agent import from_value, to_value
 from mabeam.client import MeshClient
@@ -98,7 +98,7 @@ class process_channel:
 
     def __init__(self, address: str) -> None:
 
-        self._channel = mesh_channel(address)
+        self._channel = agent_channel(address)
 
     async def __aenter__(self) -> agent_pb2_grpc.AgentServiceStub:
         return agent_pb2_grpc.AgentServiceStub(self._channel)

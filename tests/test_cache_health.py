@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from harness.channels import mesh_channel
 from harness.wait import eventually
 from mabeam.config import SERVICES, MeshConfig
 from mabeam.runtime.cache import PrefixCache
@@ -56,7 +57,7 @@ async def test_an_undecodable_value_is_skipped_and_logged_and_the_cache_follows_
 
 
 async def _health(address: str) -> Any:
-    async with grpc.mesh_channel(address) as channel:
+    async with mesh_channel(address) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=2

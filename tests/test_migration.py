@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from harness.channels import mesh_channel
+from harness.channels import agent_channel
 from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
@@ -60,7 +60,7 @@ async def test_migration_under_load_loses_no_increment(service: Callable[..., Aw
     async def increment(lane: int) -> None:
         nonlocal acked
         # Callers keep using the endpoint they looked up before the move.
-        async with mesh_channel(old_host.address) as channel:
+        async with agent_channel(old_host.address) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             n = 0
             while not stop.is_set():
@@ -131,7 +131,7 @@ async def test_migrate_needs_the_token_and_a_target(service: Callable[..., Await
             )
         got = await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="m1"))
         assert got.agent.endpoint == host.address and got.agent.generation == 1
-        async with mesh_channel(host.address) as channel:
+        async with agent_channel(host.address) as channel:
             reply = await agent_pb2_grpc.AgentServiceStub(channel).ExecuteStep(
                 agent_pb2.ExecuteStepRequest(agent_id="m1", capability="count"), timeout=5
             )
@@ -151,7 +151,7 @@ async def test_an_old_instance_never_told_looks_at_the_registration_once(
     monkeypatch.setattr(host.servicer, "watch_migration", functools.partial(watch, timeout=0.5))
     await host.start()
     try:
-        async with mesh_channel(host.address) as channel:
+        async with agent_channel(host.address) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             await stub.ExportState(agent_pb2.ExportStateRequest(agent_id="held"), timeout=5)
             held = asyncio.ensure_future(
@@ -184,7 +184,7 @@ async def test_supervised_agent_migrates_to_a_new_process(
 
     async def increment() -> None:
         nonlocal acked
-        async with mesh_channel(old_endpoint) as channel:
+        async with agent_channel(old_endpoint) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             while not stop.is_set():
                 await stub.ExecuteStep(
@@ -217,7 +217,7 @@ async def test_supervised_agent_migrates_to_a_new_process(
             if a.agent_id == "mover"
         )
         assert record.pid not in (0, old_pid) and record.state == registry_pb2.SUPERVISION_STATE_RUNNING
-        async with mesh_channel(moved.agent.endpoint) as channel:
+        async with agent_channel(moved.agent.endpoint) as channel:
             final = await agent_pb2_grpc.AgentServiceStub(channel).ExecuteStep(
                 agent_pb2.ExecuteStepRequest(agent_id="mover", capability="count", input=_zero()), timeout=10
             )

@@ -8,14 +8,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc import aio
 
+from harness.channels import agent_channel, mesh_channel
 from harness.wait import eventually
-from mabeam import errors
+from mabeam import auth, errors
 from mabeam.agent import Agent, AgentHost, from_value
 from mabeam.client import MeshClient
 from mabeam.server import MeshServer
-from mabeam.v1 import agent_pb2, common_pb2, coordination_pb2, planner_pb2, registry_pb2
+from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordination_pb2, planner_pb2, registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(60)
@@ -114,6 +117,35 @@ async def test_javascript_agent_runs_a_goal_step(mesh: MeshClient) -> None:
         "agent": "a-node",
         "language": "javascript",
     }
+
+
+async def test_javascript_agent_serves_only_the_mesh(mesh: MeshClient) -> None:
+    """Without the mesh's service token (no credentials, the admin token, garbage): UNAUTHENTICATED."""
+    endpoint = (await mesh.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="a-node"))).agent.endpoint
+    channels = {
+        "no credentials": aio.insecure_channel(endpoint),
+        "the admin token": mesh_channel(endpoint),
+        "an unknown token": aio.insecure_channel(
+            endpoint, interceptors=auth.client_interceptors("mbt_0123456789ab_" + "x" * 43)
+        ),
+    }
+    step = agent_pb2.ExecuteStepRequest(
+        agent_id="a-node", step_id="x", capability="compute", input=_numbers([1])
+    )
+    for who, channel in channels.items():
+        async with channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            for name, call in {
+                "ExecuteStep": stub.ExecuteStep(step, timeout=5),
+                "ExportState": stub.ExportState(agent_pb2.ExportStateRequest(agent_id="a-node"), timeout=5),
+            }.items():
+                with pytest.raises(aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, f"{name} with {who}"
+    # As the mesh calls it (the service token), it answers.
+    async with agent_channel(endpoint) as channel:
+        reply = await agent_pb2_grpc.AgentServiceStub(channel).ExecuteStep(step, timeout=5)
+    assert from_value(reply.output)["sum"] == 1
 
 
 def test_the_readme_command_is_the_one_tested() -> None:

@@ -6,8 +6,16 @@
 // proposes its value as its cost in Contract Net, executes `compute` steps by
 // summing numbers), registers with the registry, and keeps its lease alive
 // over a Heartbeat stream. Ctrl-C (SIGINT/SIGTERM) deregisters it.
+//
+// With auth on, it presents $MABEAM_TOKEN (an agent, operator or admin token)
+// to the registry as `authorization: Bearer`, and serves AgentService only to
+// the mesh's own services: callers whose bearer token's SHA-256 is among the
+// service token digests the registry hands over (RegisterAgent, Heartbeat).
+// Any other caller gets UNAUTHENTICATED. With no digest known (a registry
+// without auth) every call is answered.
 "use strict";
 
+const crypto = require("crypto");
 const path = require("path");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
@@ -24,6 +32,49 @@ const registryAddress = argValue("registry", process.env.MABEAM_REGISTRY || "127
 const value = Number(argValue("value", "50"));
 const capabilities = (argValue("capabilities", "bid,compute") || "").split(",").filter(Boolean);
 const leaseTtl = Number(argValue("lease-ttl", "5"));
+const meshToken = (process.env.MABEAM_TOKEN || "").trim();
+
+// What this agent presents to the registry.
+function credentials() {
+  const metadata = new grpc.Metadata();
+  if (meshToken) metadata.add("authorization", `Bearer ${meshToken}`);
+  return metadata;
+}
+
+// The digests (32 bytes each) of the mesh's service tokens; empty: nothing is checked.
+let serviceDigests = [];
+
+function learnDigests(hexDigests) {
+  const fresh = (hexDigests || []).filter((d) => /^[0-9a-f]{64}$/.test(d)).map((d) => Buffer.from(d, "hex"));
+  if (fresh.length) serviceDigests = fresh; // once known, checks never switch off
+}
+
+// Null when the caller is the mesh (or nothing is checked), else the refusal.
+function refusal(call) {
+  if (!serviceDigests.length) return null;
+  const [raw] = call.metadata.get("authorization");
+  const header = typeof raw === "string" ? raw : raw ? raw.toString("latin1") : "";
+  const match = /^bearer\s+(\S{1,500})\s*$/i.exec(header);
+  if (!match) {
+    return { code: grpc.status.UNAUTHENTICATED, details: "no credentials: only the mesh's services call agents" };
+  }
+  const mine = crypto.createHash("sha256").update(match[1]).digest();
+  let known = false;
+  for (const d of serviceDigests) known = crypto.timingSafeEqual(mine, d) || known; // no early exit
+  return known ? null : { code: grpc.status.UNAUTHENTICATED, details: "not a mesh service token" };
+}
+
+// Every AgentService handler runs only after the caller is checked.
+function guarded(handlers) {
+  const out = {};
+  for (const [name, handler] of Object.entries(handlers)) {
+    out[name] = (call, callback) => {
+      const refused = refusal(call);
+      return refused ? callback(refused) : handler(call, callback);
+    };
+  }
+  return out;
+}
 
 const definition = protoLoader.loadSync(
   ["mabeam/v1/agent.proto", "mabeam/v1/registry.proto"],
@@ -88,7 +139,7 @@ const service = {
 };
 
 const server = new grpc.Server();
-server.addService(mabeam.AgentService.service, service);
+server.addService(mabeam.AgentService.service, guarded(service));
 server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (err, port) => {
   if (err) throw err;
   const endpoint = `127.0.0.1:${port}`;
@@ -96,18 +147,20 @@ server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (err, p
   const ttlSeconds = Math.max(1, Math.round(leaseTtl));
   registry.RegisterAgent(
     { agent_id: agentId, endpoint, capabilities, labels: { language: "javascript" }, lease_ttl: { seconds: ttlSeconds } },
+    credentials(),
     (error, reply) => {
       if (error) {
         console.error(`registration failed: ${error.details}`);
         process.exit(1);
       }
+      learnDigests(reply.service_token_digests);
       const token = reply.token;
-      const beats = registry.Heartbeat();
+      const beats = registry.Heartbeat(credentials());
       beats.on("error", (e) => {
         console.error(`heartbeat stream ended: ${e.details}`);
         process.exit(1);
       });
-      beats.on("data", () => {});
+      beats.on("data", (answer) => learnDigests(answer.service_token_digests));
       const beat = () => beats.write({ agent_id: agentId, token, load: { load: 0 } });
       beat();
       const timer = setInterval(beat, (reply.agent.lease_ttl.seconds * 1000) / 3);
@@ -115,7 +168,7 @@ server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (err, p
       const stop = () => {
         clearInterval(timer);
         beats.end();
-        registry.DeregisterAgent({ agent_id: agentId, token }, () => {
+        registry.DeregisterAgent({ agent_id: agentId, token }, credentials(), () => {
           server.forceShutdown();
           process.exit(0);
         });

@@ -15,3 +15,18 @@ def mesh_channel(address: str, **kwargs: Any) -> aio.Channel:
     return aio.insecure_channel(
         address, interceptors=auth.client_interceptors(os.environ.get(auth.TOKEN_ENV)), **kwargs
     )
+
+
+# The test mesh's service token (set by the mesh_config fixture).
+SERVICE_TOKEN_ENV = "MABEAM_TEST_SERVICE_TOKEN"
+
+
+def agent_channel(address: str, **kwargs: Any) -> aio.Channel:
+    """A channel to an agent whose calls carry the test mesh's service token, as the services' calls do.
+
+    Agents serve AgentService only to the mesh (docs/decisions.md, "Agents
+    accept only the mesh"): an admin token is refused there.
+    """
+    return aio.insecure_channel(
+        address, interceptors=auth.client_interceptors(os.environ.get(SERVICE_TOKEN_ENV)), **kwargs
+    )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.channels import SERVICE_TOKEN_ENV
 from mabeam.auth import read_token_file
 from mabeam.config import SERVICES, MeshConfig
 from mabeam.runtime.auth import bootstrap
@@ -79,7 +80,10 @@ async def mesh_config(etcd: object, tmp_path: Path, monkeypatch: pytest.MonkeyPa
         await client.close()
     monkeypatch.setenv("MABEAM_TOKEN", read_token_file(credentials.admin_file))
     monkeypatch.delenv("MABEAM_TOKEN_FILE", raising=False)
-    return replace(config, token=read_token_file(credentials.service_file))
+    service_token = read_token_file(credentials.service_file)
+    # For tests that call agents as the mesh does (harness.channels.agent_channel).
+    monkeypatch.setenv(SERVICE_TOKEN_ENV, service_token)
+    return replace(config, token=service_token)
 
 
 @pytest.fixture
