@@ -113,6 +113,21 @@ def test_the_served_services_are_never_open_to_everyone_for_writes() -> None:
                 assert rule.roles == {auth.SERVICE}, method
 
 
+READS = ("Get", "List", "Watch", "Describe")
+
+
+def test_only_reads_are_open_to_readers() -> None:
+    # A reader (and any role granted everything READ grants) may look, never change: every rule that admits
+    # the reader role is on a method that only reads.
+    for method, rule in auth.POLICY.items():
+        name = method.rsplit("/", 1)[1]
+        if auth.READER in rule.roles:
+            assert name.startswith(READS) or name == "WhoAmI", f"{method} admits readers but is not a read"
+            assert rule.roles == frozenset(auth.ROLE_NAMES), method  # a read is open to every role
+        elif name.startswith(("Get", "List", "Watch")) and not method.startswith("/mabeam.v1.AuthService/"):
+            raise AssertionError(f"{method} is a read but readers may not call it")
+
+
 # -- tokens ----------------------------------------------------------------------------
 
 
