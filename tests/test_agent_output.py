@@ -129,6 +129,8 @@ async def registry_by_hand(mesh_config: MeshConfig, tmp_path: Path) -> AsyncIter
         mesh_config.prefix,
         "--port",
         "0",
+        "--token-file",
+        str(mesh_config.data_dir / "service.token"),
     )
     env = {**os.environ, "MABEAM_LOG_DIR": str(tmp_path / "logs")}
     with process.ReadyFile() as ready, process.open_log(tmp_path / "registry.log") as log:

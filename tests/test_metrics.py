@@ -109,6 +109,7 @@ async def test_prometheus_endpoint_and_trace_ids_in_logs(etcd: EmbeddedEtcd) -> 
             "0",
             "--prefix",
             "/metrics-test",
+            "--no-auth",  # what is tested is metrics; auth: test_auth.py
             env={**os.environ, "MABEAM_METRICS_PORT": str(port)},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -137,6 +137,7 @@ async def test_otlp_endpoint_from_the_standard_variables(etcd: Any) -> None:
         "0",
         "--prefix",
         "/otlp",
+        "--no-auth",  # what is tested is tracing; auth: test_auth.py
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
