@@ -97,14 +97,14 @@ def certificate_principal_id(subject: str) -> str:
 
 def check_name(name: str) -> str:
     """``name`` if it is 1-128 characters of [A-Za-z0-9._:@-], else INVALID_ARGUMENT."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):  # fullmatch: ``$`` alone lets a final newline through
         raise errors.InvalidArgument("name", f"name {name[:40]!r}: 1-{MAX_NAME} characters of [A-Za-z0-9._:@-]")
     return name
 
 
 def check_pattern(pattern: str) -> str:
     """An agent id glob of at most 128 characters of [A-Za-z0-9._:*?-], else INVALID_ARGUMENT."""
-    if not _PATTERN.match(pattern):
+    if not _PATTERN.fullmatch(pattern):
         raise errors.InvalidArgument(
             "agent_pattern", f"agent_pattern {pattern[:40]!r}: 1-{MAX_PATTERN} characters of [A-Za-z0-9._:*?-]"
         )

@@ -397,12 +397,13 @@ async def test_a_revocation_reaches_every_replica_within_a_second(
             what="the new token works everywhere",
         )
         loop = asyncio.get_running_loop()
-        await auth_pb2_grpc.AuthServiceStub(on_a).RevokeToken(
+        answer = await auth_pb2_grpc.AuthServiceStub(on_a).RevokeToken(
             auth_pb2.RevokeTokenRequest(id=created.principal.id),
             metadata=auth.call_metadata(admin),
             timeout=CALL_TIMEOUT,
         )
         revoked = loop.time()
+        assert answer.principal.id == created.principal.id and answer.principal.role == auth.OPERATOR
         refused = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED)
         await eventually(
             lambda: _eq(outcomes(), refused),
@@ -526,6 +527,11 @@ async def test_whoami_list_revoke_and_bad_creations(mesh: Mesh) -> None:
         (auth_pb2.CreateTokenRequest(name="none", role=auth_pb2.ROLE_UNSPECIFIED), "role"),
         (auth_pb2.CreateTokenRequest(name="bad name", role=auth_pb2.ROLE_READER), "name"),
         (auth_pb2.CreateTokenRequest(name="", role=auth_pb2.ROLE_READER), "name"),
+        (auth_pb2.CreateTokenRequest(name="ci\n", role=auth_pb2.ROLE_READER), "name"),
+        (
+            auth_pb2.CreateTokenRequest(name="ag", role=auth_pb2.ROLE_AGENT, agent_pattern="w-*\n"),
+            "agent_pattern",
+        ),
         (auth_pb2.CreateTokenRequest(name="x" * 129, role=auth_pb2.ROLE_READER), "name"),
         (
             auth_pb2.CreateTokenRequest(name="op", role=auth_pb2.ROLE_OPERATOR, agent_pattern="w-*"),

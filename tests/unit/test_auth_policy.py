@@ -164,11 +164,11 @@ def test_malformed_tokens_have_no_id(bad: str) -> None:
 
 def test_names_and_patterns() -> None:
     assert auth.check_name("ci-bot@team.example") == "ci-bot@team.example"
-    for bad in ("", "a b", "x" * 129, "name/with/slash", "é"):
+    for bad in ("", "a b", "x" * 129, "name/with/slash", "é", "admin\n", "admin\nforged log line"):
         with pytest.raises(errors.InvalidArgument):
             auth.check_name(bad)
     assert auth.check_pattern("w-*") == "w-*"
-    for bad in ("", "w/*", "[abc]", "x" * 129):
+    for bad in ("", "w/*", "[abc]", "x" * 129, "w-*\n"):
         with pytest.raises(errors.InvalidArgument):
             auth.check_pattern(bad)
 
