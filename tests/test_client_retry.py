@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(60)
 # a live replica's address, it first applies a SetVariable there (the write lands, the
 # answer never comes).
 HOLDING_REPLICA = r"""
-import asyncio, sys
+import asyncio, os, sys
 import grpc
 from grpc import aio
 
@@ -43,8 +43,9 @@ APPLY_AT = sys.argv[1] if len(sys.argv) > 1 else ""
 def holding(method):
     async def hold(request, context):
         if APPLY_AT and method == "SetVariable":
-            async with mesh_channel(APPLY_AT) as channel:
-                await channel.unary_unary("/mabeam.v1.OrchestratorService/SetVariable")(request)
+            async with aio.insecure_channel(APPLY_AT) as channel:
+                token = (("authorization", "Bearer " + os.environ["MABEAM_TOKEN"]),)
+                await channel.unary_unary("/mabeam.v1.OrchestratorService/SetVariable")(request, metadata=token)
         print("holding", flush=True)
         await asyncio.sleep(3600)
     return grpc.unary_unary_rpc_method_handler(hold)
