@@ -401,6 +401,19 @@ class Authorizer:
         _current.set(identity)
         return identity
 
+    def recheck(self, identity: Identity | None, context: Any) -> None:
+        """For a stream the caller opened as ``identity``: UNAUTHENTICATED once its credentials no longer verify.
+
+        :meth:`check` runs once, when a stream opens; the server runs this
+        before each message it sends, so a token revoked meanwhile ends the
+        streams it opened (a watch, a heartbeat) instead of being served
+        for as long as they last. Costs a lookup in memory, like :meth:`check`.
+        """
+        if identity is None:
+            return
+        if self.identify(context) != identity:
+            raise errors.Unauthenticated(f"the credentials of {identity.name!r} changed during the call")
+
     @staticmethod
     def _denied(method: str, identity: Identity, allowed: Iterable[int], what: str = "") -> errors.PermissionDenied:
         names = sorted(role_name(r) for r in allowed if r != SERVICE)

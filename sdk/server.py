@@ -166,9 +166,10 @@ def _wrap_handler(
 
         async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
-                if guard is not None:
-                    guard.check(method, rule, request, context)  # type: ignore[arg-type]
+                caller = guard.check(method, rule, request, context) if guard is not None else None  # type: ignore[arg-type]
                 async for item in await _iterate(inner_us(request, context)):
+                    if guard is not None:
+                        guard.recheck(caller, context)  # a token revoked mid-stream ends the stream
                     yield item
             except (aio.AbortError, asyncio.CancelledError):
                 raise
@@ -199,9 +200,10 @@ def _wrap_handler(
 
     async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
         try:
-            if guard is not None:
-                guard.check(method, rule, None, context)  # type: ignore[arg-type]
+            caller = guard.check(method, rule, None, context) if guard is not None else None  # type: ignore[arg-type]
             async for item in await _iterate(inner_ss(requests, context)):
+                if guard is not None:
+                    guard.recheck(caller, context)  # a token revoked mid-stream ends the stream
                 yield item
         except (aio.AbortError, asyncio.CancelledError):
             raise

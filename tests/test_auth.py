@@ -425,6 +425,68 @@ async def test_a_revocation_reaches_every_replica_within_a_second(
             await channel.close(None)
 
 
+async def test_a_revoked_token_ends_the_streams_it_opened(service: StartService) -> None:
+    registry = await service("registry")
+    admin = os.environ[auth.TOKEN_ENV]
+    channel = aio.insecure_channel(registry.address)
+    queue: asyncio.Queue[registry_pb2.HeartbeatRequest | None] = asyncio.Queue()
+    try:
+        stub = registry_pb2_grpc_stub(channel)
+        agent = await create_token(channel, admin, "beats", auth.AGENT, "w-*")
+        reader = await create_token(channel, admin, "watches", auth.READER)
+        as_agent, as_reader = auth.call_metadata(agent.token), auth.call_metadata(reader.token)
+        reply = await stub.RegisterAgent(
+            registry_pb2.RegisterAgentRequest(agent_id="w-1", endpoint="127.0.0.1:1"),
+            metadata=as_agent,
+            timeout=CALL_TIMEOUT,
+        )
+
+        async def beats() -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+            while (item := await queue.get()) is not None:
+                yield item
+
+        beat = registry_pb2.HeartbeatRequest(agent_id="w-1", token=reply.token)
+        heartbeat = stub.Heartbeat(beats(), metadata=as_agent)
+        queue.put_nowait(beat)
+        assert await asyncio.wait_for(heartbeat.read(), CALL_TIMEOUT) is not aio.EOF  # type: ignore[attr-defined]
+        watch = stub.WatchAgents(registry_pb2.WatchAgentsRequest(), metadata=as_reader)
+        while (
+            await asyncio.wait_for(watch.read(), CALL_TIMEOUT)
+        ).type != registry_pb2.AGENT_EVENT_TYPE_SNAPSHOT_DONE:
+            pass
+
+        revoke = auth_pb2_grpc.AuthServiceStub(channel).RevokeToken
+        for principal in (agent.principal, reader.principal):
+            await revoke(
+                auth_pb2.RevokeTokenRequest(id=principal.id),
+                metadata=auth.call_metadata(admin),
+                timeout=CALL_TIMEOUT,
+            )
+        list_agents = method("RegistryService", "ListAgents")
+
+        async def refused() -> bool:
+            outcomes = [await invoke(channel, list_agents, None, t) for t in (agent.token, reader.token)]
+            return all(o.code == grpc.StatusCode.UNAUTHENTICATED for o in outcomes)
+
+        await eventually(refused, timeout=1.0, what="the revoked tokens refused")
+        # The streams they opened before: the next event and the next beat end them.
+        await stub.RegisterAgent(
+            registry_pb2.RegisterAgentRequest(agent_id="w-2", endpoint="127.0.0.1:1"),
+            metadata=auth.call_metadata(admin),
+            timeout=CALL_TIMEOUT,
+        )
+        with pytest.raises(aio.AioRpcError) as caught:
+            await asyncio.wait_for(watch.read(), CALL_TIMEOUT)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, caught.value
+        queue.put_nowait(beat)
+        with pytest.raises(aio.AioRpcError) as caught:
+            await asyncio.wait_for(heartbeat.read(), CALL_TIMEOUT)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, caught.value
+    finally:
+        queue.put_nowait(None)  # ends the request iterator
+        await channel.close(None)
+
+
 async def _eq(value: Awaitable[Any], expected: Any) -> bool:
     return await value == expected
 

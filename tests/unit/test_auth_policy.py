@@ -449,3 +449,19 @@ def test_the_service_verifier_knows_only_service_tokens() -> None:
     assert verifier.by_token(service) is not None
     verifier.update([auth.digest(other)])
     assert verifier.by_token(service) is None and verifier.by_token(other) is not None
+
+
+def test_recheck_ends_a_stream_whose_token_was_revoked() -> None:
+    verifier = FakeVerifier(dict(IDENTITIES))
+    authorizer = auth.Authorizer(verifier)
+    token = TOKENS[auth.READER]
+    caller = check(authorizer, "/mabeam.v1.RegistryService/WatchAgents", bearer(token), None)
+    authorizer.recheck(caller, bearer(token))  # still valid: nothing happens
+    authorizer.recheck(None, FakeContext())  # a call made without auth: nothing to recheck
+    del verifier.tokens[token]  # revoked
+    with pytest.raises(errors.Unauthenticated, match="revoked"):
+        authorizer.recheck(caller, bearer(token))
+    # A principal that came back as someone else (a certificate subject granted another role) is not the caller.
+    verifier.tokens[token] = identity(auth.ADMIN, name="reader")
+    with pytest.raises(errors.Unauthenticated, match="changed"):
+        authorizer.recheck(caller, bearer(token))
