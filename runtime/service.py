@@ -161,11 +161,25 @@ async def start_service(
     return server
 
 
-def run_service(kind: str, build: BuildFn, argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m mabeam.services.<kind>``: serve until SIGTERM/SIGINT."""
+def run_service(
+    kind: str,
+    build: BuildFn,
+    argv: Sequence[str] | None = None,
+    *,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    configure: Callable[[argparse.Namespace], BuildFn] | None = None,
+) -> int:
+    """Entry point of ``python -m mabeam.services.<kind>``: serve until SIGTERM/SIGINT.
+
+    A service with flags of its own adds them with ``add_arguments``;
+    ``configure`` turns the parsed flags into the build function to use (a
+    ConfigError from it is one line and exit status 2, as a bad mesh flag).
+    """
     parser = argparse.ArgumentParser(prog=f"mabeam-{kind}", description=f"the mabeam {kind} service")
     mesh_config.add_mesh_arguments(parser, services=(kind,))
     parser.add_argument("--port", type=int, help=f"alias of --{kind}-port")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     if args.port is not None:
         setattr(args, f"{kind}_port", args.port)
@@ -174,6 +188,8 @@ def run_service(kind: str, build: BuildFn, argv: Sequence[str] | None = None) ->
     configure_logging()
     try:
         config = mesh_config.load(args)
+        if configure is not None:
+            build = configure(args)
     except mesh_config.ConfigError as exc:
         log.error("mabeam %s: %s", kind, exc)
         return 2

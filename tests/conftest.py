@@ -43,6 +43,14 @@ def _agent_logs_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) 
     shutil.rmtree(logs, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _free_form_launches_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registries started by tests run free-form launch specs (sample workers by path), as a dev registry
+    started with --allow-argv does. Tests of the launch policy unset it (``monkeypatch.delenv``) before
+    they start a registry; see tests/test_launch_policy.py."""
+    monkeypatch.setenv("MABEAM_ALLOW_ARGV", "1")
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print what tests recorded with ``record_property("report", text)`` (load figures, for CI logs),
     whether they passed or failed."""

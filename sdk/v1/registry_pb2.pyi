@@ -304,7 +304,8 @@ class RegisterAgentRequest(_message.Message):
     """Required. host:port where the agent serves mabeam.v1.AgentService."""
     token: _builtins.str
     """The token of a live registration of the same id, to take it over (a
-    restarted agent re-registering). Empty for a new registration.
+    restarted agent re-registering; a supervised agent's process gives the
+    token its supervisor started it with). Empty for a new registration.
     """
     request_id: _builtins.str
     """Optional. Makes the call idempotent (AIP-155): a client-chosen id, 1-128
@@ -313,6 +314,11 @@ class RegisterAgentRequest(_message.Message):
     outcome (its response or its error) without applying the call again; the
     same id with a different request is INVALID_ARGUMENT. The SDK sets one
     when the caller gives none (see docs/design.md, "Errors and retries").
+    The token is not part of the recorded outcome (no token is stored in the
+    clear): a replay answers the request's own `token` when it gave one, else
+    a NEW token that replaces the first answer's (which stops working; the
+    one who resends is the one who lost that answer), or an empty token when
+    that registration is gone.
     """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -361,7 +367,10 @@ class RegisterAgentResponse(_message.Message):
     SERVICE_TOKEN_DIGESTS_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """The secret token: required to heartbeat, deregister or migrate the agent.
-    Keep it private; it is never returned again.
+    Keep it private; it is never returned again (a replay by request_id
+    returns a new one, see RegisterAgentRequest.request_id). The registry
+    stores only its SHA-256. A migration issues the new instance a new token
+    (ImportStateRequest.token) and this one stops working.
     """
     @_builtins.property
     def agent(self) -> Global___Agent:
@@ -791,6 +800,18 @@ class LaunchSpec(_message.Message):
     """LaunchSpec says how to start an agent process. The process must register
     itself under the agent id it is given in the MABEAM_AGENT_ID environment
     variable; MABEAM_REGISTRY and MABEAM_ETCD tell it where the mesh is.
+
+    Launching is not arbitrary: a registry runs the agent kinds of its operator's
+    catalog (`--agent-catalog FILE`, env MABEAM_AGENT_CATALOG). A free-form
+    `command` or `python_entry_point`, and a request's own `env` or
+    `working_dir`, are PERMISSION_DENIED unless that registry was started with
+    `--allow-argv` (env MABEAM_ALLOW_ARGV=1; development only). Refused requests
+    change nothing. The process gets a minimal environment: PATH, HOME, LANG,
+    LC_*, TZ of the registry, the MABEAM_* variables the supervisor sets (agent
+    id and token, where the mesh is, and with auth on MABEAM_TOKEN: a
+    credential of role agent for this agent id only), the kind's `env` and (only
+    with --allow-argv) this spec's `env`; nothing else of the registry's
+    environment.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -817,35 +838,59 @@ class LaunchSpec(_message.Message):
 
     COMMAND_FIELD_NUMBER: _builtins.int
     PYTHON_ENTRY_POINT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     WORKING_DIR_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
     python_entry_point: _builtins.str
     """A Python entry point "package.module:callable" run with the registry's
     own interpreter; the callable returns an Agent or an AgentHost.
+    Needs --allow-argv.
+    """
+    kind: _builtins.str
+    """A kind of the registry's agent catalog (1-64 characters of
+    [A-Za-z0-9._-]): the catalog's argv (or entry point), working directory
+    and environment, followed by `args`. A kind the catalog does not have is
+    NOT_FOUND.
     """
     working_dir: _builtins.str
-    """Working directory (empty = the registry's)."""
+    """Working directory (empty = the kind's, else the registry's). Needs
+    --allow-argv.
+    """
     @_builtins.property
     def command(self) -> Global___Command:
-        """A command line: argv[0] is looked up on PATH."""
+        """A command line: argv[0] is looked up on PATH. Needs --allow-argv."""
 
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Extra environment variables for the process."""
+        """Extra environment variables for the process. Needs --allow-argv (a kind's
+        environment is the catalog's).
+        """
+
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Extra arguments appended to a kind's argv (or passed to its entry point's
+        callable), only with `kind` (else INVALID_ARGUMENT). Each must be one the
+        kind's `allowed_args` allows: equal to an entry, or starting with an entry
+        that ends in "=" (the value after it is free); else PERMISSION_DENIED
+        naming the argument. At most 64, each at most 4096 characters.
+        """
 
     def __init__(
         self,
         *,
         command: Global___Command | None = ...,
         python_entry_point: _builtins.str = ...,
+        kind: _builtins.str = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         working_dir: _builtins.str = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "python_entry_point", b"python_entry_point", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "kind", b"kind", "python_entry_point", b"python_entry_point", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "env", b"env", "python_entry_point", b"python_entry_point", "target", b"target", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "env", b"env", "kind", b"kind", "python_entry_point", b"python_entry_point", "target", b"target", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["command", "python_entry_point"]  # noqa: Y015
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["command", "python_entry_point", "kind"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
 
@@ -956,6 +1001,7 @@ class StartAgentRequest(_message.Message):
     RESTART_POLICY_FIELD_NUMBER: _builtins.int
     START_TIMEOUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Required. The id the agent will register under."""
     request_id: _builtins.str
@@ -965,6 +1011,15 @@ class StartAgentRequest(_message.Message):
     outcome (its response or its error) without applying the call again; the
     same id with a different request is INVALID_ARGUMENT. The SDK sets one
     when the caller gives none (see docs/design.md, "Errors and retries").
+    The token is not part of the recorded outcome (no token is stored in the
+    clear): a replay answers a NEW token, which replaces the first answer's
+    (that one stops working; the one who resends lost it).
+    """
+    validate_only: _builtins.bool
+    """Check the request (agent id, launch spec against the catalog and
+    --allow-argv, restart policy, start timeout) and answer without starting
+    anything or writing anything: the response's agent is empty. The
+    orchestrator checks a worker pool's launch spec this way at BindVariable.
     """
     @_builtins.property
     def launch(self) -> Global___LaunchSpec:
@@ -988,10 +1043,11 @@ class StartAgentRequest(_message.Message):
         restart_policy: Global___RestartPolicy | None = ...,
         start_timeout: _duration_pb2.Duration | None = ...,
         request_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "launch", b"launch", "request_id", b"request_id", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "launch", b"launch", "request_id", b"request_id", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1006,9 +1062,12 @@ class StartAgentResponse(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     token: _builtins.str
-    """The agent's registration token, chosen by the supervisor and given to every
-    process it starts for the agent (MABEAM_AGENT_TOKEN). Keep it private: it is
-    needed to migrate or deregister the agent, and is never returned again.
+    """The caller's token for the agent: it migrates or deregisters it, across
+    restarts and failovers. Keep it private; it is never returned again (a
+    replay by request_id returns a new one and this one stops working). The
+    registry stores only its SHA-256. Each process the supervisor starts for
+    the agent gets a token of its own (MABEAM_AGENT_TOKEN), minted at that
+    start and stored as a SHA-256 too.
     """
     @_builtins.property
     def agent(self) -> Global___SupervisedAgent:

@@ -28,7 +28,7 @@ from mabeam.server import MeshServer
 from mabeam.services.orchestrator import variables, writes
 from mabeam.services.orchestrator.coordinate import Coordinator
 from mabeam.services.orchestrator.store import VariableStore
-from mabeam.v1 import common_pb2, coordination_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from mabeam.v1 import common_pb2, coordination_pb2, orchestrator_pb2, orchestrator_pb2_grpc, registry_pb2
 
 SERVICE_NAME = "mabeam.v1.OrchestratorService"
 ADAPT_INTERVAL = 1.0
@@ -253,8 +253,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             validate.identifier(pool.agent_id_prefix, "binding.worker_pool.agent_id_prefix")
             if pool.launch.WhichOneof("target") is None:
                 raise errors.InvalidArgument(
-                    "binding.worker_pool.launch", "give a command or a python_entry_point"
+                    "binding.worker_pool.launch", "give a kind of the registry's agent catalog"
                 )
+            await self._check_pool_launch(pool)
         protocols = await self.mesh.coordination.ListProtocols(
             coordination_pb2.ListProtocolsRequest(page_size=1000)
         )
@@ -266,6 +267,33 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         binding.updated_at.CopyFrom(_now())
         await self.store.put_binding(binding)
         return orchestrator_pb2.BindVariableResponse(binding=binding)
+
+    async def _check_pool_launch(self, pool: orchestrator_pb2.WorkerPool) -> None:
+        """The registry's own checks of the pool's workers (StartAgent with validate_only): nothing starts.
+
+        What a registry may launch is its catalog's business (--agent-catalog,
+        --allow-argv), so a pool it would refuse is refused now, at bind time,
+        with the registry's answer (PERMISSION_DENIED, NOT_FOUND for an unknown
+        kind, INVALID_ARGUMENT), not later when the pool is resized.
+        """
+        try:
+            await self.mesh.registry.StartAgent(
+                registry_pb2.StartAgentRequest(
+                    agent_id=f"{pool.agent_id_prefix}-1",
+                    launch=pool.launch,
+                    restart_policy=pool.restart_policy,
+                    validate_only=True,
+                )
+            )
+        except errors.InvalidArgument as exc:
+            field = exc.field or "launch"
+            raise errors.InvalidArgument(
+                f"binding.worker_pool.{field}", exc.message.removeprefix(f"{field}: ")
+            ) from None
+        except (errors.PermissionDenied, errors.NotFound) as exc:
+            raise type(exc)(
+                f"binding.worker_pool: {exc.message}", reason=exc.reason_value, metadata=exc.metadata
+            ) from None
 
     @idempotent(orchestrator_pb2.UnbindVariableResponse)
     async def UnbindVariable(

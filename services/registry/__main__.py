@@ -1,5 +1,13 @@
-"""`python -m mabeam.services.registry`: run one registry replica until SIGTERM/SIGINT."""
+"""`python -m mabeam.services.registry`: run one registry replica until SIGTERM/SIGINT.
 
+Beyond the mesh's flags, the registry takes what it may launch:
+``--agent-catalog FILE`` (env ``MABEAM_AGENT_CATALOG``), the agent kinds
+StartAgent and MigrateAgent may start, and ``--allow-argv`` (env
+``MABEAM_ALLOW_ARGV=1``), which also allows free-form commands and entry
+points: development only (see :mod:`mabeam.services.registry.catalog`).
+"""
+
+import argparse
 import os
 import sys
 
@@ -8,8 +16,34 @@ import sys
 # children exec at once.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
-from mabeam.runtime.service import run_service
-from mabeam.services.registry.server import build
+from mabeam.runtime.service import BuildFn, run_service
+from mabeam.services.registry import catalog
+from mabeam.services.registry.server import build, builder
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("launching agents")
+    g.add_argument(
+        "--agent-catalog",
+        metavar="FILE",
+        help=f"YAML catalog of the agent kinds StartAgent may launch (env {catalog.CATALOG_ENV})",
+    )
+    g.add_argument(
+        "--allow-argv",
+        action="store_true",
+        default=None,
+        help=f"also launch free-form commands and entry points: ANY program; development only "
+        f"(env {catalog.ALLOW_ARGV_ENV}=1)",
+    )
+
+
+def configure(args: argparse.Namespace) -> BuildFn:
+    """The build function of a registry with these flags over the environment (the catalog checked now)."""
+    env = os.environ
+    catalog_file = args.agent_catalog or env.get(catalog.CATALOG_ENV) or None
+    allow_argv = bool(args.allow_argv) or catalog.truthy(env.get(catalog.ALLOW_ARGV_ENV))
+    return builder(catalog.policy(catalog_file, allow_argv))
+
 
 if __name__ == "__main__":
-    sys.exit(run_service("registry", build))
+    sys.exit(run_service("registry", build, add_arguments=add_arguments, configure=configure))

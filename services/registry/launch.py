@@ -1,18 +1,24 @@
 """Launch specs and restart policies: checked when a request arrives, turned into a process here.
 
 A ``LaunchSpec`` (``StartAgent``, and ``MigrateAgent`` with a launch target)
-names either a command or a Python entry point. Everything the OS would
-refuse at exec time is refused by :func:`check_launch` first, as
-INVALID_ARGUMENT naming the field, so that the supervisor never learns of a
-bad spec from a failed start. :func:`launch_command` is the one place that
-says what a supervised process is given: its argv, the agent id, the token the
-supervisor chose, and the mesh's addresses.
+names a kind of the registry's agent catalog, or (only on a registry started
+with ``--allow-argv``) a command or a Python entry point; see
+:mod:`.catalog`. :func:`check_launch` refuses first what the OS would refuse
+at exec time (INVALID_ARGUMENT naming the field), then what the registry's
+:class:`~.catalog.LaunchPolicy` does not allow (PERMISSION_DENIED, or
+NOT_FOUND for an unknown kind), so that the supervisor never learns of a bad
+spec from a failed start and a refused request writes nothing.
+:func:`launch_command` is the one place that says what a supervised process
+is given: its argv, a minimal environment (:func:`child_environment`: never
+the registry's whole environment), the agent id, the token the supervisor
+chose, and the mesh's addresses.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,7 @@ from typing import Any
 from mabeam import errors
 from mabeam.config import MeshConfig
 from mabeam.runtime import process
+from mabeam.services.registry.catalog import LaunchPolicy, check_shape
 from mabeam.services.registry.restart_policy import RestartPolicy, Strategy
 from mabeam.v1 import registry_pb2
 
@@ -55,11 +62,25 @@ def policy_of(p: registry_pb2.RestartPolicy, present: bool = True) -> RestartPol
         raise errors.InvalidArgument(f"restart_policy.{field}", message) from None
 
 
-def check_launch(launch: registry_pb2.LaunchSpec) -> None:
+def check_launch(launch: registry_pb2.LaunchSpec, policy: LaunchPolicy, name: str = "launch") -> None:
+    """A launch spec this registry may start a process from, else the error that refuses it.
+
+    INVALID_ARGUMENT naming the field for what the OS would refuse; then the
+    policy's refusals (:meth:`.catalog.LaunchPolicy.resolve`): PERMISSION_DENIED
+    for a free-form launch without --allow-argv or an argument the kind does not
+    allow, NOT_FOUND for a kind the catalog lacks. Called before any write.
+    """
+    check_shape_of(launch)
+    policy.resolve(launch, name)
+
+
+def check_shape_of(launch: registry_pb2.LaunchSpec) -> None:
     """A launch spec the OS can start a process from, else INVALID_ARGUMENT naming the field."""
     target = launch.WhichOneof("target")
     if target is None:
-        raise errors.InvalidArgument("launch", "give a command or a python_entry_point")
+        raise errors.InvalidArgument(
+            "launch", "give a kind (or, with --allow-argv, a command or a python_entry_point)"
+        )
     if target == "command" and not launch.command.argv:
         raise errors.InvalidArgument("launch.command.argv", "must not be empty")
     if target == "python_entry_point" and not ENTRY_POINT_RE.match(launch.python_entry_point):
@@ -75,6 +96,7 @@ def check_launch(launch: registry_pb2.LaunchSpec) -> None:
             raise errors.InvalidArgument(f"launch.env[{name}]", "must not contain a NUL character")
     if "\x00" in launch.working_dir:
         raise errors.InvalidArgument("launch.working_dir", "must not contain a NUL character")
+    check_shape(launch)
 
 
 def start_timeout(record: registry_pb2.SupervisedAgent) -> float:
@@ -104,27 +126,48 @@ class Launch:
     log: Path  # its stdout and stderr (agent_log)
 
 
+# What a launched process takes of the registry's own environment: where
+# programs are, the user's home, locale and time zone. Nothing else (no
+# LD_PRELOAD, PYTHONPATH, credentials or the registry's MABEAM_* settings).
+PASSED_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ")
+
+
+def child_environment(parent: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The part of ``parent`` (default: this process's environment) a launched process gets."""
+    parent = os.environ if parent is None else parent
+    return {k: v for k, v in parent.items() if k in PASSED_ENV or k.startswith("LC_")}
+
+
 def launch_command(
     launch: registry_pb2.LaunchSpec,
     agent_id: str,
     token: str,
     registry_address: str,
     config: MeshConfig,
+    policy: LaunchPolicy,
     *,
+    credential: str | None = None,
     standby: bool = False,
 ) -> Launch:
     """The process of a supervised agent: its argv, and the environment that ties it to the mesh.
 
-    ``standby``: a migration target, served but not registered until its state
-    is imported (``MABEAM_STANDBY=1``).
+    The spec is resolved through ``policy`` again here (a record written under
+    another registry's policy is not run under this one: a MabeamError then).
+    The environment is :func:`child_environment`, then the kind's ``env`` (and,
+    with --allow-argv, the request's), then the MABEAM_* variables set here,
+    which nothing overrides. ``credential``: the bearer token the process
+    presents to the mesh (``MABEAM_TOKEN``; with auth on, the supervisor's
+    agent-role token for this agent id). ``standby``: a migration target,
+    served but not registered until its state is imported (``MABEAM_STANDBY=1``).
     """
-    if launch.WhichOneof("target") == "python_entry_point":
-        argv = process.python_module_argv("mabeam.run_agent", launch.python_entry_point)
+    resolved = policy.resolve(launch)
+    if resolved.python_entry_point:
+        argv = process.python_module_argv("mabeam.run_agent", resolved.python_entry_point, *resolved.args)
     else:
-        argv = list(launch.command.argv)
+        argv = list(resolved.argv)
     env = {
-        **os.environ,
-        **dict(launch.env),
+        **child_environment(),
+        **resolved.env,
         "MABEAM_AGENT_ID": agent_id,
         "MABEAM_AGENT_TOKEN": token,
         "MABEAM_REGISTRY": registry_address,
@@ -132,6 +175,10 @@ def launch_command(
         "MABEAM_PREFIX": config.prefix,
         "PYTHONUNBUFFERED": "1",
     }
+    if credential:
+        env["MABEAM_TOKEN"] = credential
+    if config.advertise_host:
+        env["MABEAM_ADVERTISE_HOST"] = config.advertise_host
     # etcd as the registry reaches it: with TLS, the same files (the SDK reads
     # these for discovery, as the services do), else an agent of a mesh on an
     # mTLS etcd could not use MABEAM_ETCD at all.
@@ -147,4 +194,4 @@ def launch_command(
     env.pop(process.READY_FILE_ENV, None)
     if standby:
         env["MABEAM_STANDBY"] = "1"
-    return Launch(argv, env, launch.working_dir or None, agent_log(agent_id, config))
+    return Launch(argv, env, resolved.working_dir, agent_log(agent_id, config))

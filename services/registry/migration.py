@@ -59,7 +59,7 @@ async def migrate_agent(
     """The RPC: run :func:`migrate` here, or on the replica that runs the agent's process."""
     agent_id = validate.identifier(request.agent_id, "agent_id")
     if request.WhichOneof("target") == "launch":
-        check_launch(request.launch)
+        check_launch(request.launch, sup.policy)  # before any write: a refused launch changes nothing
         record = sup.record(agent_id)
         if record is None or record.state not in ACTIVE:
             raise errors.FailedPrecondition(

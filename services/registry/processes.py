@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from google.protobuf import timestamp_pb2
 
+from mabeam import errors
 from mabeam.runtime import process
 from mabeam.services.registry import launch as launches
 from mabeam.services.registry.restart_policy import RestartTracker
@@ -69,19 +70,29 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
     tracker = RestartTracker(launches.policy_of(record.restart_policy))
     proc: subprocess.Popen[bytes] | None = None
     try:
+        # Its processes' credential, for as long as this replica runs the agent.
+        await sup.issue_credential(agent_id)
         while True:
             record = sup.record(agent_id)
             if record is None or record.state not in ACTIVE:
                 return
-            spec = sup.launch_of(record.launch, agent_id, await sup.secret(agent_id))
             # Read before the process starts: only a registration written after it counts.
             before = await sup.store.registration_mark(agent_id)
             started = now()
             try:
+                # Resolved through this replica's launch policy each time: a record
+                # written under another policy (a kind this catalog lacks, a
+                # free-form argv without --allow-argv) is not run here.
+                spec = sup.launch_of(record.launch, agent_id, await sup.secret(agent_id))
                 proc = spawn(spec)
             # ValueError: exec refuses the spec (e.g. a NUL byte in a record older than check_launch).
             except (OSError, ValueError) as exc:
                 await sup.write_retrying(agent_id, functools.partial(failed, reason=f"cannot start: {exc}"))
+                return
+            except errors.MabeamError as exc:
+                await sup.write_retrying(
+                    agent_id, functools.partial(failed, reason=f"cannot start: {exc.message}")
+                )
                 return
             sup.procs[agent_id] = proc
             pid = proc.pid
@@ -146,6 +157,7 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
         if proc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(_after_stop(sup, agent_id))
+        await asyncio.shield(sup.revoke_credential(agent_id))
 
 
 def spawn(spec: launches.Launch, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

@@ -34,13 +34,19 @@ class _Changed(Exception):
 async def start_agent(
     sup: Supervisor, request: registry_pb2.StartAgentRequest
 ) -> tuple[registry_pb2.SupervisedAgent, str]:
-    """Record the agent as supervised (with a fresh token); return once it runs, with the token."""
+    """Record the agent as supervised (with a fresh token); return once it runs, with the token.
+
+    With ``validate_only``: the checks alone, then an empty record and no token.
+    """
     agent_id = validate.identifier(request.agent_id, "agent_id")
-    check_launch(request.launch)
+    # Everything is checked before the first write: a refused launch leaves etcd as it was.
+    check_launch(request.launch, sup.policy)
     policy_of(request.restart_policy, request.HasField("restart_policy"))
     timeout = validate.seconds(
         request.start_timeout, "start_timeout", default=DEFAULT_START_TIMEOUT_S, minimum=0.1, maximum=600
     )
+    if request.validate_only:
+        return registry_pb2.SupervisedAgent(), ""
     existing, mod_revision = await sup.store.get_supervised(agent_id)
     if existing is not None:
         if existing.state in ACTIVE:

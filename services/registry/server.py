@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -22,13 +23,14 @@ from mabeam.runtime.cache import report_health
 from mabeam.runtime.etcd import UNREACHABLE, EtcdClient, WatchCompacted
 from mabeam.runtime.idempotency import idempotent
 from mabeam.server import MeshServer
-from mabeam.services.registry import auth_service, heartbeats, prober
+from mabeam.services.registry import auth_service, catalog, heartbeats, prober
 from mabeam.services.registry import supervisor as supervision
 from mabeam.services.registry.directory import DEFAULT_TTL, AgentDirectory, matches
 from mabeam.services.registry.store import RegistryStore, decode_agent, new_token
 from mabeam.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 SERVICE_NAME = "mabeam.v1.RegistryService"
+log = logging.getLogger("mabeam.registry")
 MIN_TTL, MAX_TTL = 1.0, 300.0
 
 
@@ -41,11 +43,13 @@ def _now() -> timestamp_pb2.Timestamp:
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     """mabeam.v1.RegistryService."""
 
-    def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
+    def __init__(
+        self, server: MeshServer, etcd: EtcdClient, policy: catalog.LaunchPolicy | None = None
+    ) -> None:
         self._server = server
         self.store = RegistryStore(etcd, server.config)
         self.directory = AgentDirectory(etcd, self.store)
-        self.supervisor = supervision.Supervisor(server, etcd, self.store, self.directory)
+        self.supervisor = supervision.Supervisor(server, etcd, self.store, self.directory, policy)
         # Heartbeats refresh agents' leases over shared streams, not a stream per beat.
         self.keepalives = self.store.keepalive_stream()
 
@@ -359,9 +363,33 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return await self.supervisor.migrate_agent(request)
 
 
-async def build(server: MeshServer, etcd: EtcdClient) -> None:
-    """Add the registry servicer to ``server`` (called by mabeam.runtime.service.start_service)."""
-    servicer = RegistryServicer(server, etcd)
+def builder(
+    policy: catalog.LaunchPolicy | None = None,
+) -> Callable[[MeshServer, EtcdClient], Awaitable[None]]:
+    """The build function of a registry that launches what ``policy`` allows (default: :func:`build`'s)."""
+
+    async def build_registry(server: MeshServer, etcd: EtcdClient) -> None:
+        await build(server, etcd, policy)
+
+    return build_registry
+
+
+async def build(server: MeshServer, etcd: EtcdClient, policy: catalog.LaunchPolicy | None = None) -> None:
+    """Add the registry servicer to ``server`` (called by mabeam.runtime.service.start_service).
+
+    ``policy``: what supervised agents may be launched from; default: the
+    catalog in ``$MABEAM_AGENT_CATALOG`` and ``$MABEAM_ALLOW_ARGV`` (a bad
+    catalog is a ConfigError naming the file, the kind and the problem).
+    """
+    if policy is None:
+        policy = catalog.policy_from_env()
+    if policy.allow_argv:
+        log.warning(
+            "registry: --allow-argv is ON: any caller allowed to StartAgent or MigrateAgent can run ANY "
+            "command on this host as this user; use it for development only and run an --agent-catalog instead"
+        )
+    log.info("registry: launching agents from %s", policy.where())
+    servicer = RegistryServicer(server, etcd, policy)
     await servicer.directory.start()
     server.on_stop(servicer.directory.stop)
     server.on_stop(servicer.keepalives.close)
@@ -386,4 +414,12 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     auth_service.add(server, etcd)
 
 
-__all__ = ["DEFAULT_TTL", "SERVICE_NAME", "UNREACHABLE", "AgentDirectory", "RegistryServicer", "build"]
+__all__ = [
+    "DEFAULT_TTL",
+    "SERVICE_NAME",
+    "UNREACHABLE",
+    "AgentDirectory",
+    "RegistryServicer",
+    "build",
+    "builder",
+]

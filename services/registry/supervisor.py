@@ -12,8 +12,8 @@ ownership (:meth:`Supervisor.write`), so a replica that lost its lease cannot
 overwrite the new owner's record, and it kills its children as soon as it
 learns that it lost the lease: an agent is not left running twice.
 
-The rest lives in modules of its own: :mod:`.launch` checks launch specs and
-builds a process's command, :mod:`.processes` runs one agent's process,
+The rest lives in modules of its own: :mod:`.catalog` says what may be launched,
+:mod:`.launch` checks launch specs and builds a process's command, :mod:`.processes` runs one agent's process,
 :mod:`.requests` serves StartAgent / StopAgent / RestartAgent, and
 :mod:`.migration` moves a live agent. :class:`Supervisor` is what the
 registry's servicer holds.
@@ -30,12 +30,15 @@ from typing import TYPE_CHECKING
 
 import stamina
 
+from mabeam import auth
 from mabeam.client import ChannelPool
 from mabeam.discovery import EndpointResolver
+from mabeam.runtime.auth import PrincipalStore
 from mabeam.runtime.cache import PrefixCache
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper
 from mabeam.server import MeshServer
 from mabeam.services.registry import migration, processes, requests
+from mabeam.services.registry.catalog import LaunchPolicy
 from mabeam.services.registry.launch import Launch, launch_command, policy_of
 from mabeam.services.registry.migration import migrate
 from mabeam.services.registry.processes import ACTIVE
@@ -56,9 +59,16 @@ class Supervisor:
     """One registry replica's share of the supervision work."""
 
     def __init__(
-        self, server: MeshServer, etcd: EtcdClient, store: RegistryStore, directory: AgentDirectory
+        self,
+        server: MeshServer,
+        etcd: EtcdClient,
+        store: RegistryStore,
+        directory: AgentDirectory,
+        policy: LaunchPolicy | None = None,
     ) -> None:
         self.server = server
+        # What this replica may launch (its agent catalog, --allow-argv); see .catalog.
+        self.policy = policy if policy is not None else LaunchPolicy()
         self.etcd = etcd
         self.store = store
         self.directory = directory
@@ -76,6 +86,11 @@ class Supervisor:
         # Old processes of migrated agents, stopped a little later (migration.retire).
         self.retiring: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
+        # With auth on, each agent run here holds a credential of its own (role
+        # agent, for its id only) for as long as this replica runs it: the
+        # MABEAM_TOKEN of its processes, never a token of the registry's.
+        self.principals = PrincipalStore(etcd, server.config)
+        self.credentials: dict[str, tuple[str, str]] = {}  # agent id -> (principal id, token)
         self.peers: EndpointResolver | None = None
         self.pool = ChannelPool(server.config.client_tls(), server.config.token)
 
@@ -102,6 +117,8 @@ class Supervisor:
         await asyncio.gather(*children.values(), return_exceptions=True)
         for task in list(self.retiring):
             task.cancel()
+        for agent_id in list(self.credentials):
+            await self.revoke_credential(agent_id)
         if self._keeper is not None:
             await self._keeper.revoke()
         if self.peers is not None:
@@ -231,12 +248,37 @@ class Supervisor:
         """The token the supervisor chose for the agent (given to every process it starts)."""
         return await self.store.supervised_token(agent_id)
 
+    async def issue_credential(self, agent_id: str) -> None:
+        """With auth on: mint the credential the processes of ``agent_id`` run here present (role agent,
+        that id only); :meth:`revoke_credential` when this replica no longer runs the agent."""
+        if not self.server.config.auth or agent_id in self.credentials:
+            return
+        record, token = await self.principals.mint(f"supervised:{agent_id}", auth.AGENT, agent_id)
+        self.credentials[agent_id] = (record.identity.principal_id, token)
+
+    async def revoke_credential(self, agent_id: str) -> None:
+        """Revoke the credential of ``agent_id`` minted here (best effort: it names one agent only)."""
+        held = self.credentials.pop(agent_id, None)
+        if held is not None:
+            try:
+                await self.principals.delete(held[0])
+            except Exception as exc:
+                log.warning("revoking the credential of %s failed: %s", agent_id, exc)
+
     def launch_of(
         self, launch: registry_pb2.LaunchSpec, agent_id: str, token: str, *, standby: bool = False
     ) -> Launch:
         """The process to start for ``agent_id`` from ``launch``, tied to this mesh."""
+        held = self.credentials.get(agent_id)
         return launch_command(
-            launch, agent_id, token, self.server.address, self.server.config, standby=standby
+            launch,
+            agent_id,
+            token,
+            self.server.address,
+            self.server.config,
+            self.policy,
+            credential=held[1] if held is not None else None,
+            standby=standby,
         )
 
 
