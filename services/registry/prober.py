@@ -53,7 +53,9 @@ class Prober:
         self._server = server
         self._store = store
         self._directory = directory
-        self._pool = ChannelPool(server.config.client_tls(), server.config.token)
+        # No token: health is open on every mesh server and agent, and an endpoint is whatever an agent
+        # registered, so a probe carrying the service token would hand it to anyone holding an agent token.
+        self._pool = ChannelPool(server.config.client_tls())
 
     async def run(self) -> None:
         """Probe while this replica leads the prober election; campaign again after losing it."""
