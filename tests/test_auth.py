@@ -37,6 +37,7 @@ from mabeam.v1 import (
     orchestrator_pb2,
     planner_pb2,
     registry_pb2,
+    registry_pb2_grpc,
 )
 
 StartService = Callable[..., Awaitable[MeshServer]]
@@ -298,7 +299,7 @@ async def test_an_agent_token_acts_only_for_its_ids(mesh: Mesh) -> None:
 
     # The same token registers, beats for and deregisters an id of its own: the refusals above were its scope.
     channel = mesh.channels["registry"]
-    stub = registry_pb2_grpc_stub(channel)
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
     md = auth.call_metadata(agent)
     reply = await stub.RegisterAgent(
         registry_pb2.RegisterAgentRequest(agent_id="w-1", endpoint="127.0.0.1:1", capabilities=["bid"]),
@@ -315,12 +316,6 @@ async def test_an_agent_token_acts_only_for_its_ids(mesh: Mesh) -> None:
         metadata=md,
         timeout=CALL_TIMEOUT,
     )
-
-
-def registry_pb2_grpc_stub(channel: aio.Channel) -> Any:
-    from mabeam.v1 import registry_pb2_grpc
-
-    return registry_pb2_grpc.RegistryServiceStub(channel)
 
 
 async def test_elevated_fields_need_an_admin(mesh: Mesh) -> None:
@@ -431,7 +426,7 @@ async def test_a_revoked_token_ends_the_streams_it_opened(service: StartService)
     channel = aio.insecure_channel(registry.address)
     queue: asyncio.Queue[registry_pb2.HeartbeatRequest | None] = asyncio.Queue()
     try:
-        stub = registry_pb2_grpc_stub(channel)
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
         agent = await create_token(channel, admin, "beats", auth.AGENT, "w-*")
         reader = await create_token(channel, admin, "watches", auth.READER)
         as_agent, as_reader = auth.call_metadata(agent.token), auth.call_metadata(reader.token)
@@ -521,7 +516,7 @@ async def recorder() -> AsyncIterator[tuple[Recorder, str]]:
 
 
 async def register_at(channel: aio.Channel, token: str, agent_id: str, endpoint: str) -> None:
-    await registry_pb2_grpc_stub(channel).RegisterAgent(
+    await registry_pb2_grpc.RegistryServiceStub(channel).RegisterAgent(
         registry_pb2.RegisterAgentRequest(agent_id=agent_id, endpoint=endpoint, capabilities=["bid"]),
         metadata=auth.call_metadata(token),
         timeout=CALL_TIMEOUT,
