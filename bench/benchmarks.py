@@ -115,9 +115,7 @@ async def supervised_restart(ctx: BenchContext) -> Result:
     by_hand: list[float] = []
     samples: list[float] = []
     try:
-        launch = registry_pb2.LaunchSpec(
-            command=registry_pb2.Command(argv=[sys.executable, WORKER, "--lease-ttl", "2"])
-        )
+        launch = registry_pb2.LaunchSpec(kind="worker", args=["--lease-ttl=2"])  # bench.core.BENCH_CATALOG
         policy = registry_pb2.RestartPolicy(max_restarts=rounds + 5)
         policy.period.FromSeconds(3600)
         start = registry_pb2.StartAgentRequest(agent_id="sup", launch=launch, restart_policy=policy)

@@ -11,9 +11,11 @@ etcd and the same machine, and cached for the run, so a benchmark's ratio is
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +31,14 @@ from mabeam.config import SERVICES, MeshConfig
 from mabeam.runtime import process
 from mabeam.runtime.etcd import EtcdClient, connect
 from mabeam.runtime.mesh import LocalMesh
+
+# The agent kinds the benchmark mesh's registry may launch (its --agent-catalog).
+BENCH_CATALOG = {
+    "worker": {
+        "argv": [sys.executable, str(Path(__file__).resolve().parent.parent / "examples" / "worker.py")],
+        "allowed_args": ["--lease-ttl="],
+    }
+}
 
 
 def summarize(samples: list[float]) -> dict[str, float | int]:
@@ -150,6 +160,9 @@ class BenchContext:
             )
             # Service leases of 2 s (goal_resume measures a planner replica's
             # lease lapsing); agents' leases are their own.
+            # The registry launches the worker as users' registries do: a kind of its catalog.
+            catalog_file = self.tmp / "agents.yaml"
+            catalog_file.write_text(json.dumps(BENCH_CATALOG))  # JSON is YAML
             self._mesh = LocalMesh(
                 config,
                 etcd_client_port=free_port(),
@@ -159,6 +172,7 @@ class BenchContext:
                 unsafe_no_fsync=True,
                 log_dir=self.tmp / "logs",
                 extra_env={"MABEAM_SERVICE_TTL": "2"},
+                agent_catalog=str(catalog_file),
             )
             await self._mesh.start()
             # Auth on, as users run it: this run's clients and agent hosts present the admin token.

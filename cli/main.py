@@ -55,7 +55,32 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=None,
         help="replicas of each service (default 1; 2 with --cluster); replica i listens on its port + 100*i",
     )
+    p.add_argument(
+        "--agent-catalog",
+        metavar="FILE",
+        default=None,
+        help="YAML catalog of the agent kinds the registry may launch (env MABEAM_AGENT_CATALOG)",
+    )
+    p.add_argument(
+        "--allow-argv",
+        action="store_true",
+        help="let the registry also launch free-form commands and entry points: ANY program; "
+        "development only (env MABEAM_ALLOW_ARGV=1)",
+    )
     p.set_defaults(func=_cmd_up)
+
+
+def _launch_settings(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """``--agent-catalog`` (absolute, its file checked now) and ``--allow-argv``, over their variables."""
+    from pathlib import Path
+
+    from mabeam.services.registry import catalog
+
+    raw = args.agent_catalog or os.environ.get(catalog.CATALOG_ENV) or None
+    path = str(Path(raw).expanduser().resolve()) if raw else None
+    if path is not None:
+        catalog.load(path)
+    return path, bool(args.allow_argv) or catalog.truthy(os.environ.get(catalog.ALLOW_ARGV_ENV))
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -75,9 +100,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
             raise ValueError(f"--etcd-members {members}, --replicas {replicas}: each is at least 1")
         if members > 1 and config.etcd_endpoints:
             raise ValueError("--etcd-members starts an embedded cluster: not with --etcd (an external one)")
+        # What the registry may launch, checked now (a bad catalog is one line naming file, kind, problem).
+        agent_catalog, allow_argv = _launch_settings(args)
     except (mesh_config.ConfigError, ValueError) as exc:
         print(f"mabeam up: {exc}", file=sys.stderr)
         return 2
+    if allow_argv:
+        print(
+            "mabeam up: WARNING: --allow-argv: any caller allowed to StartAgent can run ANY program on this "
+            "machine; use --agent-catalog FILE instead outside development",
+            file=sys.stderr,
+            flush=True,
+        )
     log_dir = config.data_dir.parent / "logs"
     mesh = LocalMesh(
         config,
@@ -86,6 +120,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         etcd_client_port=etcd_port,
         etcd_peer_port=peer_port,
         log_dir=log_dir,
+        agent_catalog=agent_catalog,
+        allow_argv=allow_argv,
     )
     # Check every port before starting anything: one clear line, no traceback.
     wanted = [

@@ -100,6 +100,10 @@ class LocalMesh:
     unsafe_no_fsync: bool = False
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # What the registry replicas may launch: --agent-catalog FILE, --allow-argv (see
+    # mabeam.services.registry.catalog); None / False leave it to MABEAM_AGENT_CATALOG / MABEAM_ALLOW_ARGV.
+    agent_catalog: str | None = None
+    allow_argv: bool = False
     etcd: EmbeddedEtcd | None = None
     etcd_cluster: EtcdCluster | None = None
     processes: list[ServiceProcess] = field(default_factory=list)
@@ -289,6 +293,11 @@ class LocalMesh:
             argv += ["--no-auth"]
         if self.config.insecure:
             argv += ["--insecure"]
+        if kind == "registry":
+            if self.agent_catalog:
+                argv += ["--agent-catalog", self.agent_catalog]
+            if self.allow_argv:
+                argv += ["--allow-argv"]
         if self.config.etcd_tls is not None:
             for flag, value in (
                 ("--etcd-ca", self.config.etcd_tls.ca_file),

@@ -296,3 +296,51 @@ def test_a_bad_catalog_stops_the_registry_at_start_with_one_line(tmp_path: Path)
     assert result.returncode == 2, result.stderr
     record = json.loads(result.stderr.strip().splitlines()[-1])
     assert record["message"] == f"mabeam registry: agent catalog {bad}: kind 'echo': argv must not be empty"
+
+
+async def test_local_mesh_passes_the_catalog_and_allow_argv_to_its_registries(
+    catalog_file: Path,
+    local_mesh: Callable[..., Awaitable[Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What `mabeam up --agent-catalog FILE [--allow-argv]` starts: registries launching what the flags say."""
+    monkeypatch.delenv("MABEAM_AGENT_CATALOG")  # from the flag only
+    mesh = await local_mesh(services=("registry",), agent_catalog=str(catalog_file))
+    client = await MeshClient.connect(registry=mesh.address("registry"))
+    try:
+        marker = tmp_path / "pwned"
+        with pytest.raises(errors.PermissionDenied, match="--allow-argv"):
+            await client.registry.StartAgent(
+                registry_pb2.StartAgentRequest(agent_id="evil", launch=attack(marker))
+            )
+        started = await start_worker(client, "via-up")
+        assert started.agent.state == registry_pb2.SUPERVISION_STATE_RUNNING
+        assert not marker.exists()
+        await stop(client, "via-up")
+    finally:
+        await client.close()
+
+
+def test_mabeam_up_refuses_a_bad_catalog_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("echo: {argv: [x], allowed_args: --v}\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mabeam.cli",
+            "up",
+            "--agent-catalog",
+            str(bad),
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"mabeam up: agent catalog {bad}: kind 'echo': allowed_args must be a list of strings"
+    )
