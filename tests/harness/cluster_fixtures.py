@@ -23,7 +23,9 @@ SERVICE_TTL = 2
 
 
 @pytest.fixture
-async def mesh_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[LocalMesh]]]:
+async def mesh_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[..., Awaitable[LocalMesh]]]:
     meshes: list[LocalMesh] = []
 
     async def start(
@@ -50,6 +52,8 @@ async def mesh_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
         )
         meshes.append(mesh)
         await mesh.start(timeout=60)
+        # Auth on, as users run it: the test and the processes it starts present the admin token.
+        monkeypatch.setenv("MABEAM_TOKEN", mesh.admin_token or "")
         return mesh
 
     yield start
