@@ -1,7 +1,10 @@
 """The ``mabeam`` command: ``up`` runs a mesh on this machine, ``bench`` measures it.
 
-Every subcommand takes the mesh flags of :mod:`mabeam.config` (and their
-``MABEAM_*`` variables).
+``up`` takes the mesh flags of :mod:`mabeam.config` (and their ``MABEAM_*``
+variables); the client subcommands take the connection flags of
+:mod:`mabeam.cli.flags`, before or after their names, and present a token
+(``--token-file``, ``$MABEAM_TOKEN``, ``$MABEAM_TOKEN_FILE``, or the admin
+token ``mabeam up`` wrote) without being asked.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             raise ValueError(f"--etcd-members {members}, --replicas {replicas}: each is at least 1")
         if members > 1 and config.etcd_endpoints:
             raise ValueError("--etcd-members starts an embedded cluster: not with --etcd (an external one)")
+        # Beyond loopback only with TLS and auth (or --insecure): one line, before anything starts.
+        config.check_exposure("the mesh")
         # What the registry may launch, checked now (a bad catalog is one line naming file, kind, problem).
         agent_catalog, allow_argv = _launch_settings(args)
     except (mesh_config.ConfigError, ValueError) as exc:
@@ -112,6 +117,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+    for warning in _risks(config):
+        print(f"mabeam up: WARNING: {warning}", file=sys.stderr, flush=True)
     log_dir = config.data_dir.parent / "logs"
     mesh = LocalMesh(
         config,
@@ -177,6 +184,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"{'PART':<{part_width}} {'SERVICE':<{width}} ENDPOINT")
         for part, name, endpoint in rows:
             print(f"{part:<{part_width}} {name:<{width}} {endpoint}")
+        if mesh.credentials is not None:
+            print(_token_line(mesh.credentials.admin_file, config.data_dir), flush=True)
         print(f"mesh healthy in {elapsed:.2f} s (logs: {log_dir}); Ctrl-C to stop", flush=True)
         # A service or etcd that dies is started again, and a line says so.
         mesh.watch(lambda line: print(line, flush=True))
@@ -187,6 +196,40 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _risks(config: mesh_config.MeshConfig) -> list[str]:
+    """What ``config`` leaves open, one sentence each, for people to read before anything starts."""
+    risks = []
+    if not config.auth:
+        risks.append(
+            "authentication is OFF (--no-auth / MABEAM_AUTH=off): any process that reaches "
+            f"{config.host} may call every RPC, StartAgent (which runs commands as you) included"
+        )
+    if config.insecure and not config.loopback_only and (config.tls is None or not config.auth):
+        missing = " and ".join(
+            n for n, on in (("TLS", config.tls is not None), ("auth", config.auth)) if not on
+        )
+        risks.append(
+            f"--insecure: listening on {config.host} beyond loopback without {missing}: "
+            "whoever reaches these ports can read the tokens on the wire"
+            + ("" if config.auth else " and call everything")
+        )
+    return risks
+
+
+def _token_line(admin_file: os.PathLike[str] | str, data_dir: os.PathLike[str] | str) -> str:
+    """Where the admin token is and how to use it, in one line; never the token itself."""
+    import shlex
+    from pathlib import Path
+
+    quoted = shlex.quote(str(admin_file))
+    found = os.environ.get("MABEAM_DATA_DIR") or str(Path.home() / ".mabeam" / "etcd")
+    if Path(found).expanduser().resolve() == Path(data_dir).resolve():
+        clients = "the mabeam CLI and SDK present it by themselves"
+    else:  # another --data-dir: default_token() would look in the default one
+        clients = f"for the mabeam CLI and SDK: export MABEAM_TOKEN_FILE={quoted}"
+    return f"admin token in {quoted} (mode 0600): {clients}; for grpcurl: export MABEAM_TOKEN=$(cat {quoted})"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -223,18 +266,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mabeam`` command."""
-    parser = argparse.ArgumentParser(prog="mabeam", description="mabeam: a multi-agent coordination mesh")
+    from mabeam.cli.flags import connection_flags
+
+    parser = argparse.ArgumentParser(
+        prog="mabeam",
+        description="mabeam: a multi-agent coordination mesh",
+        # Before the subcommand too: `mabeam --planner HOST:PORT goal run FILE`.
+        parents=[connection_flags(top=True)],
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
     _bench_parser(sub)
+    from mabeam.cli.auth import add_auth_parser
     from mabeam.cli.goal import add_goal_parser
     from mabeam.cli.ops import add_ops_parsers
     from mabeam.runtime.backup import add_backup_parsers
 
     add_goal_parser(sub)
     add_ops_parsers(sub)
+    add_auth_parser(sub)
     add_backup_parsers(sub)
     return parser
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``argv`` parsed, the connection flags merged wherever they were given (:func:`mabeam.cli.flags.resolve`)."""
+    from mabeam.cli.flags import resolve
+
+    return resolve(build_parser().parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,8 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # may run grpc threads; grpc's fork handlers only log noise there, and the
     # children exec at once.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(argv)
     return int(args.func(args))
 
 

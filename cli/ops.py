@@ -19,7 +19,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from mabeam import errors
-from mabeam.cli.flags import connection_flags
+from mabeam.cli.flags import connection_flags, one_line, token
 from mabeam.client import MeshClient, list_all
 from mabeam.config import DEFAULT_PORTS, SERVICE_NAMES
 from mabeam.health_check import check
@@ -39,9 +39,10 @@ def _address(args: argparse.Namespace, service: str) -> str:
 
 
 async def _connect(args: argparse.Namespace) -> MeshClient:
+    presented = token(args) or ""  # "": none found; the mesh then says UNAUTHENTICATED
     if args.etcd:
-        return await MeshClient.connect(etcd=args.etcd.split(","), prefix=args.prefix)
-    return await MeshClient.connect(**{s: _address(args, s) for s in DEFAULT_PORTS})
+        return await MeshClient.connect(etcd=args.etcd.split(","), prefix=args.prefix, token=presented)
+    return await MeshClient.connect(**{s: _address(args, s) for s in DEFAULT_PORTS}, token=presented)
 
 
 def _print(args: argparse.Namespace, doc: Any, table: Callable[[], None]) -> None:
@@ -290,7 +291,7 @@ def _run(command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]], args
     try:
         return asyncio.run(command(args))
     except errors.MabeamError as exc:
-        print(f"mabeam: {exc}", file=sys.stderr)
+        print(f"mabeam: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

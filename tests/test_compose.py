@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from harness.wait import eventually
+from mabeam.auth import read_token_file
 from mabeam.client import MeshClient
 from mabeam.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from mabeam.server import port_is_free
@@ -54,36 +55,81 @@ def test_compose_file_is_valid_and_waits_on_health() -> None:
     assert "version" not in raw
     config = compose_config()
     services = config["services"]
-    assert {"etcd", *SERVICES, "bidder-1", "worker-1"} <= set(services)
+    assert {"etcd", "credentials", *SERVICES, "bidder-1", "worker-1"} <= set(services)
     assert services["etcd"]["image"].startswith("quay.io/coreos/etcd:v3.5.")
     assert services["etcd"]["image"] != "quay.io/coreos/etcd:v3.5.1"
     for name, service in services.items():
+        if name == "credentials":  # a one-shot: the others wait for it to complete
+            continue
         assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
         if name != "etcd":
             assert "build" in service
-            conditions = {dep["condition"] for dep in service["depends_on"].values()}
-            assert conditions == {"service_healthy"}, name
+            conditions = {dep: d["condition"] for dep, d in service["depends_on"].items()}
+            assert conditions.pop("credentials") == "service_completed_successfully", name
+            assert set(conditions.values()) == {"service_healthy"}, name
+            mounts = {v["target"]: v for v in service["volumes"]}
+            assert mounts["/credentials"]["source"] == "credentials" and mounts["/credentials"]["read_only"]
+            assert service["environment"]["MABEAM_TOKEN_FILE"].startswith("/credentials/"), name
+        for port in service.get("ports", []):  # published on the host's loopback only
+            assert port["host_ip"] == "127.0.0.1", f"{name} publishes {port}"
+    for name in SERVICES:
+        assert len(services[name]["ports"]) == 1
+        assert services[name]["environment"]["MABEAM_TOKEN_FILE"] == "/credentials/service.token"
+    init = services["credentials"]
+    assert init["command"][:3] == ["mabeam", "auth", "init"] and init["restart"] == "no"
+    assert [v.get("read_only", False) for v in init["volumes"] if v["target"] == "/credentials"] == [False]
 
 
 def _local(
     command: list[str], env: dict[str, str], args: dict[str, str], values: dict[str, str] | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """The command and environment with ``args`` replaced in the command, ``values`` in the environment."""
-    argv = [sys.executable if part == "python" else args.get(part, part) for part in command]
+    """The command and environment with ``args`` replaced in the command, ``values`` in the environment.
+
+    ``python`` is this interpreter and ``mabeam`` its module; ``/credentials`` (the
+    volume) becomes ``values["/credentials"]`` wherever a path starts with it.
+    """
     values = values or {}
-    return argv, {**os.environ, **{k: values.get(v, v) for k, v in env.items()}}
+    volume = values.get("/credentials", "/credentials")
+
+    def path(text: str) -> str:
+        return volume + text.removeprefix("/credentials") if text.startswith("/credentials") else text
+
+    argv: list[str] = []
+    for part in command:
+        if part == "python":
+            argv.append(sys.executable)
+        elif part == "mabeam":
+            argv += [sys.executable, "-m", "mabeam.cli"]
+        else:
+            argv.append(path(args.get(part, part)))
+    # A token in the test's own environment must not stand in for the file the command names.
+    base = {k: v for k, v in os.environ.items() if k not in ("MABEAM_TOKEN", "MABEAM_TOKEN_FILE")}
+    return argv, {**base, **{k: path(values.get(v, v)) for k, v in env.items()}}
 
 
-async def test_every_command_in_the_file_runs_against_a_real_etcd(etcd: EmbeddedEtcd) -> None:
+async def test_every_command_in_the_file_runs_against_a_real_etcd(etcd: EmbeddedEtcd, tmp_path: Path) -> None:
     services = compose_config()["services"]
     prefix = f"/compose-{os.getpid()}"
     started: list[asyncio.subprocess.Process] = []
     addresses: dict[str, str] = {}
+    volume = tmp_path / "credentials"
+    # The one-shot first, as compose runs it: the tokens the others present.
+    init = services["credentials"]
+    argv, env = _local(
+        init["command"], {}, {"http://etcd:2379": etcd.endpoint}, {"/credentials": str(volume)}
+    )
+    env["MABEAM_PREFIX"] = prefix
+    made = await asyncio.create_subprocess_exec(*argv, env=env, cwd=ROOT, stdout=subprocess.PIPE)
+    out, _ = await asyncio.wait_for(made.communicate(), 60)
+    assert made.returncode == 0, out
+    for name in ("admin", "service", "agent"):
+        assert (volume / f"{name}.token").stat().st_mode & 0o777 == 0o600
+        assert f"{name} token: {volume / f'{name}.token'}" in out.decode()
     try:
         for name in SERVICES:
             spec = services[name]
             declared = spec["command"][spec["command"].index(f"--{name}-port") + 1]
-            values = {"http://etcd:2379": etcd.endpoint, name: "127.0.0.1"}
+            values = {"http://etcd:2379": etcd.endpoint, name: "127.0.0.1", "/credentials": str(volume)}
             # The port is picked here and bound by the service: another process
             # may take it in between, and the service then exits: try another one.
             for _ in range(3):
@@ -107,13 +153,20 @@ async def test_every_command_in_the_file_runs_against_a_real_etcd(etcd: Embedded
         for name in ("bidder-1", "worker-1"):
             spec = services[name]
             declared = spec["command"][spec["command"].index("--port") + 1]
-            values = {"registry:50051": addresses["registry"], "0.0.0.0": "127.0.0.1", name: "127.0.0.1"}
+            values = {
+                "registry:50051": addresses["registry"],
+                "0.0.0.0": "127.0.0.1",
+                name: "127.0.0.1",
+                "/credentials": str(volume),
+            }
             argv, env = _local(spec["command"], spec["environment"], {declared: "0"}, values)
             env["MABEAM_PREFIX"] = prefix
             started.append(
                 await asyncio.create_subprocess_exec(*argv, env=env, stdout=subprocess.DEVNULL, cwd=ROOT)
             )
-        client = await MeshClient.connect(registry=addresses["registry"])
+        client = await MeshClient.connect(
+            registry=addresses["registry"], token=read_token_file(volume / "admin.token")
+        )
 
         async def agents_registered() -> bool:
             page = await client.registry.ListAgents(registry_pb2.ListAgentsRequest())

@@ -62,24 +62,38 @@ class Up:
         self, proc: subprocess.Popen[str], ports: dict[str, int], output: list[str], log_dir: Path
     ) -> None:
         self.proc, self.ports, self.output, self.log_dir = proc, ports, output, log_dir
+        # The admin token `mabeam up --data-dir D` wrote into D, for the calls grpcurl makes.
+        self.token = (log_dir.parent / "etcd" / "admin.token").read_text().strip()
 
 
-def start_up(tmp_path: Path, extra: list[str] | None = None) -> tuple[subprocess.Popen[str], dict[str, int]]:
+# A user's own credentials must not leak into the `mabeam up` under test, nor into its clients.
+CLEAN_ENV = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("MABEAM_TOKEN", "MABEAM_TOKEN_FILE", "MABEAM_DATA_DIR", "MABEAM_AUTH", "MABEAM_INSECURE")
+}
+
+
+def start_up(
+    tmp_path: Path, extra: list[str] | None = None, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    """``mabeam up`` on free ports with its data in ``tmp_path/etcd`` (or, with ``env``, as ``env`` says)."""
     ports = {name: free_port() for name in DEFAULT_PORTS}
-    argv = [
-        sys.executable,
-        "-m",
-        "mabeam.cli",
-        "up",
-        "--data-dir",
-        str(tmp_path / "etcd"),
-        "--etcd-port",
-        str(free_port()),
-        "--etcd-peer-port",
-        str(free_port()),
-    ]
-    for name, port in ports.items():
-        argv += [f"--{name}-port", str(port)]
+    argv = [sys.executable, "-m", "mabeam.cli", "up"]
+    if env is None:
+        argv += [
+            "--data-dir",
+            str(tmp_path / "etcd"),
+            "--etcd-port",
+            str(free_port()),
+            "--etcd-peer-port",
+            str(free_port()),
+        ]
+        for name, port in ports.items():
+            argv += [f"--{name}-port", str(port)]
+    else:  # everything from the environment: no flag at all
+        env = {**env, "MABEAM_ETCD_PORT": str(free_port()), "MABEAM_ETCD_PEER_PORT": str(free_port())}
+        env.update({f"MABEAM_{name.upper()}_PORT": str(port) for name, port in ports.items()})
     proc = subprocess.Popen(
         argv + (extra or []),
         stdout=subprocess.PIPE,
@@ -87,6 +101,7 @@ def start_up(tmp_path: Path, extra: list[str] | None = None) -> tuple[subprocess
         stdin=subprocess.DEVNULL,
         text=True,
         cwd=tmp_path,
+        env=CLEAN_ENV if env is None else env,
     )
     return proc, ports
 
@@ -186,9 +201,88 @@ def test_readme_grpcurl_commands_work_as_written(up: Up) -> None:
             env={
                 **os.environ,
                 "PATH": os.path.dirname(grpcurl()) + os.pathsep + os.environ["PATH"],
+                # As the README says: export MABEAM_TOKEN=$(cat .../admin.token)
+                "MABEAM_TOKEN": up.token,
             },
         )
         assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
+
+
+def mabeam_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mabeam.cli", *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def test_up_writes_the_admin_token_and_the_cli_finds_it_by_itself(tmp_path: Path) -> None:
+    """Auth on by default, as simple as before: no flag, no variable for the token."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**CLEAN_ENV, "HOME": str(home)}  # the data directory: ~/.mabeam/etcd
+    proc, ports = start_up(tmp_path, env=env)
+    try:
+        output = read_until_healthy(proc, 45)
+        token_file = home / ".mabeam" / "etcd" / "admin.token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        said = [line for line in output if "admin token in" in line]
+        assert len(said) == 1, output
+        assert str(token_file) in said[0] and f"export MABEAM_TOKEN=$(cat {token_file})" in said[0]
+        assert "present it by themselves" in said[0]
+        assert token not in "".join(output)  # where it is, never what it is
+        # The CLI: only where the services are (the environment, as an operator's shell has it).
+        client_env = {**env, **{f"MABEAM_{k.upper()}": f"127.0.0.1:{p}" for k, p in ports.items()}}
+        status = mabeam_cli("status", env=client_env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.count("SERVING") == 4 and "agents=0" in status.stdout, status.stdout
+        whoami = mabeam_cli("auth", "whoami", env=client_env)
+        assert whoami.returncode == 0 and " admin" in whoami.stdout, whoami.stdout + whoami.stderr
+        # With no token to be found: one line saying what to set.
+        (home / ".mabeam" / "etcd" / "admin.token").rename(home / "elsewhere.token")
+        refused = mabeam_cli("vars", "get", "x", env=client_env)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        assert (
+            refused.stderr.startswith("mabeam: unauthenticated: ")
+            and "MABEAM_TOKEN or --token-file" in refused.stderr
+        )
+        # --token-file, before or after the subcommand.
+        for argv in (
+            ("--token-file", str(home / "elsewhere.token"), "auth", "whoami"),
+            ("auth", "whoami", "--token-file", str(home / "elsewhere.token")),
+        ):
+            found = mabeam_cli(*argv, env=client_env)
+            assert found.returncode == 0 and " admin" in found.stdout, found.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_up_without_auth_says_so_loudly(tmp_path: Path) -> None:
+    proc, ports = start_up(tmp_path, ["--no-auth"])
+    try:
+        output = read_until_healthy(proc, 45)
+        assert not any("admin token" in line for line in output)
+        assert not (tmp_path / "etcd" / "admin.token").exists()
+        # No token needed now: a plain grpcurl call goes through.
+        run_grpcurl(
+            "-plaintext", "-d", '{"name": "open/x", "value": {"number_value": 1}}',
+            f"127.0.0.1:{ports['orchestrator']}", "mabeam.v1.OrchestratorService/SetVariable",
+        )  # fmt: skip
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "mabeam up: WARNING: authentication is OFF" in err, err
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-auth"]])
+def test_up_beyond_loopback_without_tls_is_refused_in_one_line(tmp_path: Path, extra: list[str]) -> None:
+    proc, _ = start_up(tmp_path, ["--host", "0.0.0.0", *extra])
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, out + err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert err.startswith("mabeam up: the mesh would listen on 0.0.0.0 beyond loopback without TLS")
+    assert "--tls-cert" in err and "--insecure" in err and "--host 127.0.0.1" in err
+    assert not (tmp_path / "etcd").exists()  # refused before anything started
 
 
 def test_sigterm_stops_everything_it_started(up: Up) -> None:
@@ -299,7 +393,8 @@ def test_a_dead_etcd_is_restarted_and_said_so_in_one_line(up: Up) -> None:
     deadline = time.monotonic() + 30
     while True:
         result = subprocess.run(
-            [grpcurl(), "-plaintext", "-d", '{"name": "after/etcd", "value": {"number_value": 1}}', address,
+            [grpcurl(), "-plaintext", "-H", f"authorization: Bearer {up.token}",
+             "-d", '{"name": "after/etcd", "value": {"number_value": 1}}', address,
              "mabeam.v1.OrchestratorService/SetVariable"],
             capture_output=True, text=True, timeout=20,
         )  # fmt: skip
