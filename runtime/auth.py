@@ -43,6 +43,9 @@ class PrincipalRecord:
 
     identity: auth.Identity
     digest: str = ""
+    # For a service token: the digest of the credential derived from it for
+    # calls to agents (mabeam.auth.agent_call_token), which agents check.
+    agent_call_digest: str = ""
 
     def encode(self) -> bytes:
         i = self.identity
@@ -54,6 +57,8 @@ class PrincipalRecord:
         }
         if self.digest:
             doc["digest"] = self.digest
+        if self.agent_call_digest:
+            doc["agent_call_digest"] = self.agent_call_digest
         if i.subject:
             doc["subject"] = i.subject
         return json.dumps(doc, sort_keys=True).encode()
@@ -69,7 +74,13 @@ class PrincipalRecord:
             agent_pattern=str(doc.get("agent_pattern", "")),
             subject=str(doc.get("subject", "")),
         )
-        return PrincipalRecord(identity, str(doc.get("digest", "")))
+        return PrincipalRecord(identity, str(doc.get("digest", "")), str(doc.get("agent_call_digest", "")))
+
+
+def token_record(identity: auth.Identity, token: str) -> PrincipalRecord:
+    """What is stored for ``token``: digests only (for a service token, that of its agent-call credential too)."""
+    agent_call = auth.digest(auth.agent_call_token(token)) if identity.role == auth.SERVICE else ""
+    return PrincipalRecord(identity, auth.digest(token), agent_call)
 
 
 class PrincipalBook(auth.Verifier):
@@ -115,8 +126,12 @@ class PrincipalBook(auth.Verifier):
         return sorted((r for _, r in self.cache.items()), key=lambda r: r.identity.principal_id)
 
     def service_digests(self) -> list[str]:
-        """The digests of the service tokens: what agents check the mesh's calls against."""
-        return sorted(r.digest for r in self.records() if r.identity.role == auth.SERVICE and r.digest)
+        """What agents check the mesh's calls against: the digests of the credentials
+        derived from the service tokens (:func:`mabeam.auth.agent_call_token`), never
+        of a token the services accept."""
+        return sorted(
+            r.agent_call_digest for r in self.records() if r.identity.role == auth.SERVICE and r.agent_call_digest
+        )
 
 
 class PrincipalStore:
@@ -172,7 +187,7 @@ class PrincipalStore:
                 role=role,
                 agent_pattern=(agent_pattern or "*") if role == auth.AGENT else "",
             )
-            record = PrincipalRecord(identity, auth.digest(token))
+            record = token_record(identity, token)
             if await self.create(record):
                 return record, token
         raise errors.Internal("could not choose a free token id in 5 tries")
@@ -202,7 +217,7 @@ async def enroll(client: EtcdClient, config: MeshConfig, token: str, role: int, 
         raise errors.InvalidArgument("token", "not a mabeam token (mbt_<12 hex>_<43 characters>)")
     store = PrincipalStore(client, config)
     identity = auth.Identity(principal_id=token_id, name=name, role=role, agent_pattern="*" if role == auth.AGENT else "")
-    record = PrincipalRecord(identity, auth.digest(token))
+    record = token_record(identity, token)
     if await store.create(record):
         return record
     found = await store.get(token_id)

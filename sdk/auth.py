@@ -19,6 +19,7 @@ This module is part of the SDK: it imports no etcd client.
 
 from __future__ import annotations
 
+import base64
 import contextvars
 import hashlib
 import hmac
@@ -88,6 +89,28 @@ def token_id(token: str) -> str | None:
 def digest(token: str) -> str:
     """What the mesh stores and compares for a token: its SHA-256, hex."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def agent_call_token(service_token: str) -> str:
+    """The credential the mesh's services present to agents and protocol plugins, derived from the service token.
+
+    ``mbt_<the service token's id>_<HMAC-SHA256(service token, "mabeam agent call")>``:
+    an agent checks it against the digests the registry hands out, while the
+    services refuse it (its digest is not the service principal's), so an
+    endpoint that receives it learns nothing it could use against the mesh.
+    Every replica holding the service token derives the same one.
+    """
+    token_id_ = token_id(service_token)
+    if token_id_ is None:
+        raise ValueError("not a mabeam token")
+    mac = hmac.new(service_token.encode(), b"mabeam agent call", hashlib.sha256).digest()
+    return f"{TOKEN_PREFIX}{token_id_}_{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
+
+
+def agent_credential(config: Any) -> str | None:
+    """What a service presents to agents and plugins: the agent-call token of its service token (None without)."""
+    token = getattr(config, "token", None)
+    return agent_call_token(token) if token else None
 
 
 def certificate_principal_id(subject: str) -> str:

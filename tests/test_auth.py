@@ -545,14 +545,6 @@ async def test_health_probes_of_agent_endpoints_carry_no_credentials(
         await channel.close(None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known hole: the mesh calls agents with the service token itself, so an agent-role holder who "
-    "registers its own endpoint and is picked for a session learns a credential with ROLE_SERVICE "
-    "(StartAgent: any command on the registry's host). Agents need a credential of their own that the "
-    "services do not accept.",
-)
 async def test_an_agent_endpoint_never_receives_a_credential_the_mesh_accepts(
     service: StartService, recorder: tuple[Recorder, str]
 ) -> None:

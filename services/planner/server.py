@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from mabeam import errors, telemetry
+from mabeam.auth import agent_credential
 from mabeam.client import ChannelPool, MeshClient
 from mabeam.runtime import validate
 from mabeam.runtime.cache import PrefixCache, report_health
@@ -49,7 +50,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
         self._server = server
         self.store = GoalStore(etcd, server.config)
-        self.pool = ChannelPool(server.config.client_tls(), server.config.token)
+        self.pool = ChannelPool(server.config.client_tls(), agent_credential(server.config))
         self.goals: PrefixCache[planner_pb2.Goal] = PrefixCache(
             etcd, self.store.goals, lambda k, v: planner_pb2.Goal.FromString(v)
         )

@@ -6,13 +6,17 @@
    (supervised agents), a process this replica starts in standby
    (``MABEAM_STANDBY=1``: served, not registered). Its address comes from its
    ready file (:class:`mabeam.runtime.process.ReadyFile`), not from its output.
-3. Import: the new instance takes the state (``ImportState``); the SDK's state
-   envelope carries the registration token, so it takes the heartbeats over.
-4. Switch: the registration names the new endpoint, generation + 1, in one
-   transaction on the registration's create revision.
+3. Import: the new instance takes the state (``ImportState``) and a new
+   registration token, minted here (``ImportStateRequest.token``; the export
+   never carries a token), with which it takes the heartbeats over. Its hash
+   is stored first (``agent-tokens-moving/``), so its beats pass at once.
+4. Switch: the registration names the new endpoint, generation + 1, and the
+   new token's hash is the registration's, in one transaction on the
+   registration's create revision.
 5. Tell the old instance (``AgentMoved``): it forwards the calls it held, and
    every later one, to the new endpoint at once. An instance that does not
-   implement it answers UNIMPLEMENTED; that is not an error.
+   implement it answers UNIMPLEMENTED; that is not an error. Then the old
+   token stops working (until here its beats still pass).
 6. Stop the old process (supervised agents): supervision follows the new
    process, and the old one is stopped a second later, with its own grace.
 
@@ -37,6 +41,7 @@ from mabeam import errors
 from mabeam.runtime import process, validate
 from mabeam.services.registry.launch import check_launch, start_timeout
 from mabeam.services.registry.processes import ACTIVE, now, spawn
+from mabeam.services.registry.store import new_token
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, registry_pb2, registry_pb2_grpc
 
 if TYPE_CHECKING:
@@ -123,15 +128,20 @@ async def migrate(
         )
         new_proc: subprocess.Popen[bytes] | None = None
         try:
-            # 2. The new instance.
+            # 2. The new instance (a supervised one is started with the new token, too).
+            token = await sup.secret(agent_id) if launch is not None else new_token()
             if launch is not None:
-                target, new_proc = await _start_standby(sup, agent_id, launch)
+                target, new_proc = await _start_standby(sup, agent_id, launch, token)
             else:
                 target = request.target_endpoint
-            # 3. Import.
+            # 3. Import, with the new token, valid from now on.
+            if not await sup.store.begin_move(agent_id, agent.lease_id, create_revision, token):
+                raise errors.Aborted(f"agent {agent_id!r} re-registered during the migration; retry")
+            given = agent_pb2.ImportStateRequest(token=token)
+            given.MergeFrom(state)
             try:
                 await agent_pb2_grpc.AgentServiceStub(sup.pool.get(target)).ImportState(
-                    state, timeout=CALL_TIMEOUT_S
+                    given, timeout=CALL_TIMEOUT_S
                 )
             except grpc.RpcError as exc:
                 raise errors.FailedPrecondition(
@@ -142,24 +152,28 @@ async def migrate(
             moved.CopyFrom(agent)
             moved.endpoint = target
             moved.generation = agent.generation + 1
-            if not await sup.store.put_agent(moved, agent.lease_id, create_revision):
+            if not await sup.store.switch_agent(moved, create_revision, token):
                 raise errors.Aborted(f"agent {agent_id!r} re-registered during the migration; retry")
         except BaseException:
             # Give the old instance its state back so it resumes serving; stop what we started.
-            with contextlib.suppress(grpc.RpcError):
+            with contextlib.suppress(grpc.RpcError):  # no token: it keeps its own
                 await asyncio.shield(old.ImportState(state, timeout=CALL_TIMEOUT_S))
             if new_proc is not None:
                 await asyncio.shield(process.terminate(new_proc, 2.0))
             raise
         pause = time.monotonic() - started
 
-        # 5. Tell the old instance, which forwards what it held.
+        # 5. Tell the old instance, which forwards what it held (and stops beating).
         await _tell_moved(old, moved)
+        with contextlib.suppress(Exception):
+            await sup.store.end_move(agent_id)  # the old token stops working
 
         # 6. Supervision follows the new process; the old one is stopped.
         if old_proc is not None and new_proc is not None:
             await _replace_process(sup, agent_id, old_proc, new_proc, launch)
     finally:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(sup.store.end_move(agent_id))  # a failed move leaves no second token
         sup.moving.pop(agent_id, None)
         moving.set_result(None)
     response = registry_pb2.MigrateAgentResponse(
@@ -170,12 +184,12 @@ async def migrate(
 
 
 async def _start_standby(
-    sup: Supervisor, agent_id: str, launch: registry_pb2.LaunchSpec
+    sup: Supervisor, agent_id: str, launch: registry_pb2.LaunchSpec, token: str
 ) -> tuple[str, subprocess.Popen[bytes]]:
     """Start the agent's new process in standby; its address, from its ready file, and the process."""
     record = sup.record(agent_id)
     timeout = start_timeout(record) if record is not None else start_timeout(registry_pb2.SupervisedAgent())
-    spec = sup.launch_of(launch, agent_id, await sup.secret(agent_id), standby=True)
+    spec = sup.launch_of(launch, agent_id, token, standby=True)
     with process.ReadyFile() as ready:
         try:
             proc = spawn(spec, ready.env())  # its output to the agent's log
@@ -262,7 +276,7 @@ async def _hand_over(
     forwarded.ClearField("request_id")
     # The pool's channels carry the service's TLS (client certificate included) when it is on.
     try:
-        return await registry_pb2_grpc.RegistryServiceStub(sup.pool.get(address)).MigrateAgent(  # type: ignore[no-any-return]
+        return await registry_pb2_grpc.RegistryServiceStub(sup.peer_pool.get(address)).MigrateAgent(  # type: ignore[no-any-return]
             forwarded, timeout=HAND_OVER_TIMEOUT_S
         )
     except grpc.RpcError as exc:

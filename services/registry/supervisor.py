@@ -42,7 +42,7 @@ from mabeam.services.registry.catalog import LaunchPolicy
 from mabeam.services.registry.launch import Launch, launch_command, policy_of
 from mabeam.services.registry.migration import migrate
 from mabeam.services.registry.processes import ACTIVE
-from mabeam.services.registry.store import RegistryStore, decode_supervised
+from mabeam.services.registry.store import RegistryStore, decode_supervised, new_token
 from mabeam.v1 import registry_pb2
 
 if TYPE_CHECKING:
@@ -92,7 +92,9 @@ class Supervisor:
         self.principals = PrincipalStore(etcd, server.config)
         self.credentials: dict[str, tuple[str, str]] = {}  # agent id -> (principal id, token)
         self.peers: EndpointResolver | None = None
-        self.pool = ChannelPool(server.config.client_tls(), server.config.token)
+        # Agents get the agent-call credential; peer replicas (a migration handed over) the service token.
+        self.pool = ChannelPool(server.config.client_tls(), auth.agent_credential(server.config))
+        self.peer_pool = ChannelPool(server.config.client_tls(), server.config.token)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -124,6 +126,7 @@ class Supervisor:
         if self.peers is not None:
             await self.peers.stop()
         await self.pool.close()
+        await self.peer_pool.close()
         await self.records.stop()
         await self.owners.stop()
 
@@ -245,8 +248,15 @@ class Supervisor:
         await self.store.release_owner(agent_id, self.replica_id)
 
     async def secret(self, agent_id: str) -> str:
-        """The token the supervisor chose for the agent (given to every process it starts)."""
-        return await self.store.supervised_token(agent_id)
+        """A fresh token for a process this replica starts for the agent (MABEAM_AGENT_TOKEN).
+
+        Each start, restart, failover or migration target gets its own; only its
+        hash is stored (``process-tokens/<id>``), which lets the new process take
+        a live registration over. The previous process's token stops working then.
+        """
+        token = new_token()
+        await self.store.set_process_token(agent_id, token)
+        return token
 
     async def issue_credential(self, agent_id: str) -> None:
         """With auth on: mint the credential the processes of ``agent_id`` run here present (role agent,

@@ -22,11 +22,13 @@ SERVICE_TOKEN_ENV = "MABEAM_TEST_SERVICE_TOKEN"
 
 
 def agent_channel(address: str, **kwargs: Any) -> aio.Channel:
-    """A channel to an agent whose calls carry the test mesh's service token, as the services' calls do.
+    """A channel to an agent whose calls carry the credential the services present to agents.
 
-    Agents serve AgentService only to the mesh (docs/decisions.md, "Agents
-    accept only the mesh"): an admin token is refused there.
+    That is the agent-call token derived from the test mesh's service token
+    (:func:`mabeam.auth.agent_call_token`). Agents serve AgentService only to
+    the mesh (docs/decisions.md, "Agents accept only the mesh"): an admin
+    token, or the service token itself, is refused there.
     """
-    return aio.insecure_channel(
-        address, interceptors=auth.client_interceptors(os.environ.get(SERVICE_TOKEN_ENV)), **kwargs
-    )
+    service_token = os.environ.get(SERVICE_TOKEN_ENV)
+    token = auth.agent_call_token(service_token) if service_token else None
+    return aio.insecure_channel(address, interceptors=auth.client_interceptors(token), **kwargs)
