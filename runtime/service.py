@@ -107,6 +107,13 @@ async def start_service(
     if not config.etcd_endpoints:
         raise mesh_config.ConfigError(f"{kind}: no etcd endpoints: pass --etcd URL or set MABEAM_ETCD")
     config.check_exposure(f"the {kind} service")
+    if config.insecure and not config.loopback_only and (config.tls is None or not config.auth):
+        log.warning(
+            "%s: --insecure: listening on %s beyond loopback without %s; anyone who reaches it can read or act",
+            kind,
+            config.host,
+            " and ".join(w for w, on in (("TLS", config.tls is not None), ("auth", config.auth)) if not on),
+        )
     if not config.auth:
         log.warning("%s: authentication is OFF: any caller that reaches %s may do anything", kind, config.host)
     elif not config.token:

@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2
 from grpc import aio
 
 from harness.certs import make_certs
+from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
 from mabeam.cli.goal import load_goal
@@ -25,6 +26,7 @@ from mabeam.server import MeshServer
 from mabeam.tls import TLS
 from mabeam.v1 import (
     agent_pb2,
+    auth_pb2,
     common_pb2,
     coordination_pb2,
     planner_pb2,
@@ -35,6 +37,10 @@ from mabeam.v1 import (
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.timeout(60)
+
+
+async def not_(probe: Awaitable[bool]) -> bool:
+    return not await probe
 
 
 class Bidder(Agent):
@@ -82,6 +88,35 @@ async def test_mesh_with_mutual_tls(
         assert (
             list(session.outcome.winners) == ["s2"] and not session.excluded
         )  # coordination -> agents over mTLS
+
+        # With mutual TLS, a certificate is an identity only once an admin gives its subject a role.
+        by_cert = await MeshClient.connect(registry=registry.address, tls=client_tls, token="")
+        try:
+            with pytest.raises(errors.Unauthenticated, match="'client' holds no role"):
+                await by_cert.registry.ListAgents(registry_pb2.ListAgentsRequest())
+            granted = await client.auth.CreateToken(
+                auth_pb2.CreateTokenRequest(name="ops-cert", role=auth_pb2.ROLE_READER, certificate_subject="client")
+            )
+            assert not granted.token and granted.principal.certificate_subject == "client"
+
+            async def reads() -> bool:
+                try:
+                    await by_cert.registry.ListAgents(registry_pb2.ListAgentsRequest())
+                except errors.Unauthenticated:
+                    return False
+                return True
+
+            await eventually(reads, timeout=2, what="the certificate's role is known")
+            who = await by_cert.auth.WhoAmI(auth_pb2.WhoAmIRequest())
+            assert who.principal.role == auth_pb2.ROLE_READER and who.principal.certificate_subject == "client"
+            with pytest.raises(errors.PermissionDenied):  # a reader, not an agent
+                await by_cert.registry.RegisterAgent(
+                    registry_pb2.RegisterAgentRequest(agent_id="c1", endpoint="127.0.0.1:1")
+                )
+            await client.auth.RevokeToken(auth_pb2.RevokeTokenRequest(id=granted.principal.id))
+            await eventually(lambda: not_(reads()), timeout=2, what="the certificate's role revoked")
+        finally:
+            await by_cert.close()
 
         # A client without a certificate is refused, and so is a plaintext one.
         no_cert = await MeshClient.connect(registry=registry.address, tls=TLS(ca_file=pem["ca"]))
