@@ -4,16 +4,19 @@ Format (``docs/backup.md``)::
 
     {"format": "mabeam-backup", "version": 1, "prefix": "/mabeam",
      "created_at": "2026-11-24T16:00:00Z", "revision": 1234,
-     "counts": {"vars": 3, "bindings": 1, ...},
+     "counts": {"vars": 3, "bindings": 1, ...}, "left_out": ["agent-tokens", ...],
      "keys": [{"key": "vars/room/temp", "value": "<base64>"}, ...]}
 
-Every key under the mesh prefix that is not bound to a lease is kept: variables
-and their bindings, supervised agents' specs and tokens, registered protocols,
+Every key under the mesh prefix that is not bound to a lease is kept, except
+secrets (:data:`SECRET_KINDS`: token digests of agents and supervised agents,
+and everything under ``auth/``, the API tokens): variables and their
+bindings, supervised agents' specs, registered protocols,
 sessions with their transcripts, goals with their steps and events. What lives
 on a lease (registrations, endpoints, ephemeral variables, ownerships) belongs
 to live processes and comes back with them, so it is left out. Keys are stored
 relative to the prefix; ``restore`` writes them under its own prefix, into a
-mesh that holds nothing there yet (``--force`` to overwrite).
+mesh that holds nothing there yet (``--force`` to overwrite). The file is
+created with mode 0600 (it describes the whole mesh), never widened then narrowed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -34,6 +38,15 @@ from mabeam.runtime.etcd import EtcdClient, connect, snapshot
 FORMAT = "mabeam-backup"
 VERSION = 1
 TXN_OPS = 100
+# Kinds (first path element under the prefix) never written to a backup: token
+# digests, and the API tokens' principals (``auth/``). A restored mesh issues new ones.
+SECRET_KINDS = frozenset(
+    {"agent-tokens", "agent-tokens-moving", "supervised-tokens", "process-tokens", "auth"}
+)
+NOT_RESTORED = (
+    "tokens were not restored: supervised agents get new tokens when they are started, "
+    "and clients need new API tokens (mabeam auth create)"
+)
 
 
 class BackupError(ValueError):
@@ -50,7 +63,10 @@ async def dump(client: EtcdClient, prefix: str) -> dict[str, Any]:
         if int(kv.lease):
             continue
         relative = bytes(kv.key)[len(root) :].decode()
-        counts[relative.split("/", 1)[0]] += 1
+        kind = relative.split("/", 1)[0]
+        if kind in SECRET_KINDS:
+            continue
+        counts[kind] += 1
         keys.append({"key": relative, "value": base64.b64encode(bytes(kv.value)).decode()})
     return {
         "format": FORMAT,
@@ -61,6 +77,7 @@ async def dump(client: EtcdClient, prefix: str) -> dict[str, Any]:
         .replace("+00:00", "Z"),
         "revision": revision,
         "counts": dict(sorted(counts.items())),
+        "left_out": sorted(SECRET_KINDS),
         "keys": keys,
     }
 
@@ -84,7 +101,11 @@ def check(doc: Any) -> list[tuple[str, bytes]]:
 
 
 async def load(client: EtcdClient, prefix: str, pairs: list[tuple[str, bytes]], force: bool = False) -> int:
-    """Write ``pairs`` under ``prefix``; refuses a prefix that holds data unless ``force``."""
+    """Write ``pairs`` under ``prefix``; refuses a prefix that holds data unless ``force``.
+
+    Secrets (:data:`SECRET_KINDS`) an older backup may hold are not written.
+    """
+    pairs = [(k, v) for k, v in pairs if k.split("/", 1)[0] not in SECRET_KINDS]
     root = prefix.rstrip("/") + "/"
     existing, _ = await snapshot(client, root.encode())
     if existing and not force:
@@ -95,6 +116,22 @@ async def load(client: EtcdClient, prefix: str, pairs: list[tuple[str, bytes]], 
         ops = [client.transactions.put((root + k).encode(), v) for k, v in pairs[i : i + TXN_OPS]]
         await client.transaction(compare=[], success=ops, failure=[])
     return len(pairs)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` as a file created with mode 0600 (a temporary one beside it, then renamed over)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def add_backup_parsers(sub: Any) -> None:
@@ -124,12 +161,13 @@ def _main(args: argparse.Namespace) -> int:
         try:
             if args.command == "backup":
                 doc = await dump(client, args.prefix)
-                args.file.write_text(json.dumps(doc, indent=1))
+                write_private(args.file, json.dumps(doc, indent=1))
                 print(f"backup of {args.prefix}: {len(doc['keys'])} keys {doc['counts']} -> {args.file}")
             else:
                 pairs = check(json.loads(args.file.read_text()))
                 written = await load(client, args.prefix, pairs, args.force)
                 print(f"restored {written} keys into {args.prefix}")
+                print(NOT_RESTORED)
         finally:
             await client.close()
         return 0

@@ -41,6 +41,12 @@ Two ways to record an outcome:
   wide as one etcd write; it cannot be closed without the write's own
   transaction, hence the first way wherever a store allows it.
 
+Secrets are not recorded. A handler whose response carries one (a token)
+passes ``record_as`` (the response as recorded: the secret cleared) and
+``replayed`` (what a replay answers: typically a new secret, minted and
+stored as a hash, so the one who resends, who lost the first answer, gets a
+working one and the first one stops working), see :meth:`RequestLog.run`.
+
 Recorded errors are those that say the call was judged and not applied
 (NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, FAILED_PRECONDITION, ABORTED,
 OUT_OF_RANGE; another mesh service's error as this one answers it,
@@ -253,6 +259,8 @@ class RequestLog:
         *,
         atomic: bool = False,
         on_replay: Callable[[M, int], None] | None = None,
+        record_as: Callable[[M], M] | None = None,
+        replayed: Callable[[M], Awaitable[M]] | None = None,
     ) -> M:
         """Run ``work`` once per ``request.request_id`` within the window (no id: just run it).
 
@@ -260,7 +268,10 @@ class RequestLog:
         through :func:`current` (:meth:`Guard.txn_ops`); else the id is
         claimed first and the outcome recorded right after. ``on_replay``
         gets a replayed response and the record's revision, for
-        ``fill_revision`` records.
+        ``fill_revision`` records. ``record_as``: the response as it is
+        recorded (e.g. without its secret; atomic handlers record what they
+        pass to :meth:`Guard.txn_ops`); ``replayed``: turns a replayed response
+        into the answer (e.g. puts a new secret in).
         """
         request_id = check_request_id(request.request_id)
         if not request_id:
@@ -293,7 +304,9 @@ class RequestLog:
             record = json.loads(kv.value)
             self._check_same(record, fp, request_id, method)
             if record.get("state") == "done":
-                return self._replay(record, int(kv.mod_revision), response_type, on_replay)
+                return await _after(
+                    replayed, self._replay(record, int(kv.mod_revision), response_type, on_replay)
+                )
             # Pending: the first call with this id runs (here or on another replica).
             await asyncio.sleep(wait)
             wait = min(wait * 2, _WAIT_MAX_S)
@@ -305,7 +318,10 @@ class RequestLog:
             if exc.service:  # another mesh service's answer: recorded as this one answers it
                 exc = errors.from_downstream(exc)
             if isinstance(exc, RECORDED):
-                return await self._finish(key, fp, claim_revision, response_type, on_replay, error=exc)
+                return await _after(
+                    replayed,
+                    await self._finish(key, fp, claim_revision, response_type, on_replay, error=exc),
+                )
             if claim_revision:
                 with contextlib.suppress(Exception):
                     await self._release(key, claim_revision)
@@ -319,7 +335,10 @@ class RequestLog:
             _current.reset(token)
         if guard is not None and guard.recorded:
             return response
-        return await self._finish(key, fp, claim_revision, response_type, on_replay, response=response)
+        recorded = record_as(response) if record_as is not None else response
+        answer = await self._finish(key, fp, claim_revision, response_type, on_replay, response=recorded)
+        # Ours was recorded (answer is what we recorded): answer with the response itself.
+        return response if answer is recorded else await _after(replayed, answer)
 
     async def _release(self, key: bytes, claim_revision: int) -> None:
         """Remove this call's claim (nothing recorded): the id may be sent again."""
@@ -405,6 +424,11 @@ class RequestLog:
         if record.get("fill_revision") and on_replay is not None:
             on_replay(response, revision)
         return response
+
+
+async def _after(replayed: Callable[[M], Awaitable[M]] | None, response: M) -> M:
+    """A replayed response as answered (see ``replayed`` of :meth:`RequestLog.run`)."""
+    return await replayed(response) if replayed is not None else response
 
 
 def idempotent(

@@ -113,7 +113,11 @@ def _deadline_seconds(request: Any, default: float = 30.0) -> float:
     return default
 
 
+# The envelope ({"token", "state"}) older SDKs exported; still understood on import, never exported:
+# ExportState returns the state alone (STATE_CONTENT_TYPE), and the registry gives the new instance
+# its registration token (ImportStateRequest.token).
 MIGRATION_CONTENT_TYPE = "application/vnd.mabeam.migration+json"
+STATE_CONTENT_TYPE = "application/octet-stream"
 
 
 class _Migration:
@@ -297,8 +301,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             self._release(agent.agent_id, None)
             raise
         self.watch_migration(agent, migration)
-        envelope = json.dumps({"token": agent.token, "state": base64.b64encode(state).decode()}).encode()
-        return agent_pb2.ExportStateResponse(state=envelope, content_type=MIGRATION_CONTENT_TYPE)
+        # The state alone: never the registration token (the registry issues the new instance its own).
+        return agent_pb2.ExportStateResponse(state=state, content_type=STATE_CONTENT_TYPE)
 
     def watch_migration(self, agent: Agent, migration: _Migration, timeout: float = 60.0) -> None:
         """After ExportState: wait to be told how the move ended, and only in the end look once.
@@ -354,11 +358,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> agent_pb2.ImportStateResponse:
         agent = self._agent(request.agent_id)
         state = request.state
-        token = ""
-        if request.content_type == MIGRATION_CONTENT_TYPE:
+        token = request.token  # issued by the registry at migration; empty otherwise
+        if request.content_type == MIGRATION_CONTENT_TYPE:  # an older SDK's export
             try:
                 doc = json.loads(state)
-                token, state = str(doc["token"]), base64.b64decode(doc["state"])
+                token, state = token or str(doc["token"]), base64.b64decode(doc["state"])
             except (ValueError, KeyError, TypeError):
                 raise errors.InvalidArgument("state", "is not a migration envelope") from None
         await agent.import_state(state)

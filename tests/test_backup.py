@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import stat
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,12 +16,14 @@ from google.protobuf import struct_pb2
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
 from mabeam.config import MeshConfig
+from mabeam.runtime.backup import NOT_RESTORED, SECRET_KINDS
 from mabeam.runtime.embedded_etcd import EmbeddedEtcd
 from mabeam.runtime.etcd import EtcdClient, connect, snapshot
 from mabeam.server import MeshServer
-from mabeam.v1 import agent_pb2, common_pb2, coordination_pb2, orchestrator_pb2, planner_pb2
+from mabeam.v1 import agent_pb2, common_pb2, coordination_pb2, orchestrator_pb2, planner_pb2, registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
+WORKER = str(ROOT / "examples" / "worker.py")
 pytestmark = pytest.mark.timeout(90)
 
 
@@ -51,6 +55,10 @@ async def durable(client: EtcdClient, prefix: str) -> dict[bytes, bytes]:
     root = prefix.encode() + b"/"
     kvs, _ = await snapshot(client, root)
     return {bytes(kv.key)[len(root) :]: bytes(kv.value) for kv in kvs if not int(kv.lease)}
+
+
+def is_secret(relative_key: bytes) -> bool:
+    return relative_key.split(b"/", 1)[0].decode() in SECRET_KINDS
 
 
 async def test_backup_and_restore_round_trip(
@@ -93,6 +101,12 @@ async def test_backup_and_restore_round_trip(
         )
         goal = planner_pb2.GoalSpec(steps=[planner_pb2.StepSpec(step_id="s", capability="compute")])
         [e async for e in client.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal=goal))]
+        # A supervised agent (its record outlives it; its token digests are secrets).
+        launch = registry_pb2.LaunchSpec(command=registry_pb2.Command(argv=[sys.executable, WORKER]))
+        started = await client.registry.StartAgent(
+            registry_pb2.StartAgentRequest(agent_id="b-sup", launch=launch)
+        )
+        await client.registry.StopAgent(registry_pb2.StopAgentRequest(agent_id="b-sup"))
     finally:
         await client.close()
         await host.stop()
@@ -100,19 +114,31 @@ async def test_backup_and_restore_round_trip(
     backup = tmp_path / "mesh.json"
     code, _, err = await mabeam("backup", str(backup), "--etcd", endpoint, "--prefix", mesh_config.prefix)
     assert code == 0, err
-    doc = json.loads(backup.read_text())
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    text = backup.read_text()
+    doc = json.loads(text)
     assert doc["format"] == "mabeam-backup" and doc["version"] == 1
     assert {"vars", "bindings", "sessions", "session-rounds", "goals", "goal-steps", "goal-events"} <= set(
         doc["counts"]
     )
-    original = await durable(etcd_client, mesh_config.prefix)
+    assert "supervised" in doc["counts"] and not SECRET_KINDS & set(doc["counts"])
+    everything = await durable(etcd_client, mesh_config.prefix)
+    secrets = {v for k, v in everything.items() if is_secret(k)}
+    assert {b"supervised-tokens", b"process-tokens"} <= {k.split(b"/", 1)[0] for k in everything}
+    # No token and no token digest is in the file, neither as written nor in the base64 values.
+    values = [base64.b64decode(e["value"]) for e in doc["keys"]]
+    for secret in [*secrets, started.token.encode()]:
+        assert secret.decode() not in text and not any(secret in v for v in values)
+    assert not any(is_secret(e["key"].encode()) for e in doc["keys"])
+    original = {k: v for k, v in everything.items() if not is_secret(k)}
     assert len(doc["keys"]) == len(original)
 
     async with EmbeddedEtcd(unsafe_no_fsync=True) as fresh:
-        code, _out, err = await mabeam(
+        code, out, err = await mabeam(
             "restore", str(backup), "--etcd", fresh.endpoint, "--prefix", "/restored"
         )
         assert code == 0, err
+        assert NOT_RESTORED in out.splitlines()
         other = await connect([fresh.endpoint])
         try:
             assert await durable(other, "/restored") == original

@@ -841,9 +841,14 @@ async def test_process_and_dialing_rpcs_with_safe_targets(
         def may_change(request: Any, outcome: Outcome) -> Collection[bytes]:
             if outcome.code not in (None, FP):
                 return ()
-            # A StartAgent that passed validation made a supervised agent: its record and token.
+            # A StartAgent that passed validation made a supervised agent: its record and the
+            # digests of its caller's token and of its process's.
             if isinstance(request, registry_pb2.StartAgentRequest):
-                return {keys.supervised_agent(request.agent_id), keys.supervised_token(request.agent_id)}
+                return {
+                    keys.supervised_agent(request.agent_id),
+                    keys.supervised_token(request.agent_id),
+                    keys.process_token(request.agent_id),
+                }
             if isinstance(request, registry_pb2.RestartAgentRequest) and request.agent_id == "fz-live":
                 return {keys.supervised_agent("fz-live")} if outcome.code is None else ()
             assert outcome.code is not None, (

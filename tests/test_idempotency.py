@@ -187,15 +187,22 @@ async def test_the_other_services_answer_a_repeated_id_from_the_record(
         )
         first = await client.registry.RegisterAgent(register)
         again = await client.registry.RegisterAgent(register)
-        assert again == first and first.agent.generation == 1  # one registration, the same token
+        # One registration; its token is not recorded, so the replay answers a new one
+        # (the one who resends lost the first), and the first one stops working.
+        assert again.agent == first.agent and first.agent.generation == 1
+        assert again.token and again.token != first.token
+        with pytest.raises(errors.PermissionDenied):
+            await client.registry.DeregisterAgent(
+                registry_pb2.DeregisterAgentRequest(agent_id="a1", token=first.token)
+            )
         deregister = registry_pb2.DeregisterAgentRequest(
-            agent_id="a1", token=first.token, request_id="dereg-1"
+            agent_id="a1", token=again.token, request_id="dereg-1"
         )
         await client.registry.DeregisterAgent(deregister)
         await client.registry.DeregisterAgent(deregister)  # the first outcome, not NOT_FOUND
         with pytest.raises(errors.NotFound):
             await client.registry.DeregisterAgent(
-                registry_pb2.DeregisterAgentRequest(agent_id="a1", token=first.token)
+                registry_pb2.DeregisterAgentRequest(agent_id="a1", token=again.token)
             )
 
         # SubmitGoal without goal_id: refused while no agent can run the step, and a repeated id

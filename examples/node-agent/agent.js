@@ -29,10 +29,15 @@ function argValue(name, fallback) {
 
 const agentId = argValue("id", process.env.MABEAM_AGENT_ID || "node-agent");
 const registryAddress = argValue("registry", process.env.MABEAM_REGISTRY || "127.0.0.1:50051");
-const value = Number(argValue("value", "50"));
+let value = Number(argValue("value", "50"));
 const capabilities = (argValue("capabilities", "bid,compute") || "").split(",").filter(Boolean);
 const leaseTtl = Number(argValue("lease-ttl", "5"));
 const meshToken = (process.env.MABEAM_TOKEN || "").trim();
+// The registration token it heartbeats with: the one its supervisor gave it
+// (MABEAM_AGENT_TOKEN), then the registry's answer, then the one the registry
+// issues with ImportState when the agent migrates here. ExportState never
+// returns it: the state alone leaves this process.
+let registrationToken = process.env.MABEAM_AGENT_ID === agentId ? process.env.MABEAM_AGENT_TOKEN || "" : "";
 
 // What this agent presents to the registry.
 function credentials() {
@@ -134,6 +139,14 @@ const service = {
     callback(null, { state: Buffer.from(JSON.stringify({ value })), content_type: "application/json" });
   },
   ImportState(call, callback) {
+    const request = call.request;
+    try {
+      const state = JSON.parse(Buffer.from(request.state || []).toString() || "{}");
+      if (typeof state.value === "number") value = state.value;
+    } catch (e) {
+      return callback({ code: grpc.status.INVALID_ARGUMENT, details: "state is not this agent's JSON" });
+    }
+    if (request.token) registrationToken = request.token; // issued by the registry at migration
     callback(null, {});
   },
 };
@@ -146,7 +159,14 @@ server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (err, p
   const registry = new mabeam.RegistryService(registryAddress, grpc.credentials.createInsecure());
   const ttlSeconds = Math.max(1, Math.round(leaseTtl));
   registry.RegisterAgent(
-    { agent_id: agentId, endpoint, capabilities, labels: { language: "javascript" }, lease_ttl: { seconds: ttlSeconds } },
+    {
+      agent_id: agentId,
+      endpoint,
+      capabilities,
+      labels: { language: "javascript" },
+      lease_ttl: { seconds: ttlSeconds },
+      token: registrationToken,
+    },
     credentials(),
     (error, reply) => {
       if (error) {
@@ -154,21 +174,21 @@ server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (err, p
         process.exit(1);
       }
       learnDigests(reply.service_token_digests);
-      const token = reply.token;
+      registrationToken = reply.token;
       const beats = registry.Heartbeat(credentials());
       beats.on("error", (e) => {
         console.error(`heartbeat stream ended: ${e.details}`);
         process.exit(1);
       });
       beats.on("data", (answer) => learnDigests(answer.service_token_digests));
-      const beat = () => beats.write({ agent_id: agentId, token, load: { load: 0 } });
+      const beat = () => beats.write({ agent_id: agentId, token: registrationToken, load: { load: 0 } });
       beat();
       const timer = setInterval(beat, (reply.agent.lease_ttl.seconds * 1000) / 3);
       console.log(`mabeam agents serving on ${endpoint}: ${agentId}`);
       const stop = () => {
         clearInterval(timer);
         beats.end();
-        registry.DeregisterAgent({ agent_id: agentId, token }, credentials(), () => {
+        registry.DeregisterAgent({ agent_id: agentId, token: registrationToken }, credentials(), () => {
           server.forceShutdown();
           process.exit(0);
         });

@@ -961,7 +961,10 @@ class ExportStateResponse(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     state: _builtins.bytes
-    """The state, opaque to the mesh."""
+    """The agent's state alone, opaque to the mesh. Never a credential: the
+    registration token stays with the registry, which issues a new one to the
+    new instance (ImportStateRequest.token).
+    """
     content_type: _builtins.str
     """How the state is encoded, e.g. "application/json"."""
     def __init__(
@@ -987,22 +990,31 @@ class ImportStateRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent whose state is replaced."""
     state: _builtins.bytes
     """The state, as returned by ExportState."""
     content_type: _builtins.str
     """How the state is encoded."""
+    token: _builtins.str
+    """The registration token the new instance heartbeats with, issued by the
+    registry at migration (a fresh one: the old instance's token stops working
+    once the registration is switched). Empty when the caller is not the
+    registry, or when the registry gives a state back to the old instance
+    after a failed move (it keeps its own token).
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         state: _builtins.bytes = ...,
         content_type: _builtins.str = ...,
+        token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "content_type", b"content_type", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "content_type", b"content_type", "state", b"state", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -105,15 +105,22 @@ class HeartbeatStream:
         self._store = store
         self._directory = directory
         self._keepalives = keepalives
-        self._verified: dict[str, tuple[str, int, float]] = {}  # agent_id -> (token, lease, ttl)
+        # agent_id -> (token, lease, ttl, generation of the registration it was checked against)
+        self._verified: dict[str, tuple[str, int, float, int]] = {}
         self._last_put: dict[str, float] = {}
 
     async def beat(
         self, agent_id: str, token: str, reported: common_pb2.AgentLoad
     ) -> registry_pb2.HeartbeatResponse:
-        """One beat: check the token (once per stream), refresh the lease, store the load if due."""
+        """One beat: check the token (once per stream), refresh the lease, store the load if due.
+
+        Checked again when the registration's generation moved (a migration
+        switched its token, a take-over registered anew): an old token does not
+        keep working on a stream opened before.
+        """
         known = self._verified.get(agent_id)
-        if known is None or known[0] != token:
+        seen = self._directory.agents.get(self._store.keys.agent(agent_id))
+        if known is None or known[0] != token or (seen is not None and seen.generation != known[3]):
             agent, _ = await self._store.get_agent(agent_id)
             if agent is None:
                 raise errors.NotFound(
@@ -126,9 +133,9 @@ class HeartbeatStream:
                     f"wrong or missing token for agent {agent_id!r}", metadata={"agent_id": agent_id}
                 )
             ttl = agent.lease_ttl.seconds or DEFAULT_TTL
-            known = (token, agent.lease_id, float(ttl))
+            known = (token, agent.lease_id, float(ttl), agent.generation)
             self._verified[agent_id] = known
-        _, lease_id, ttl = known
+        _, lease_id, ttl, _ = known
         remaining = await self._keepalives.refresh(lease_id)
         if remaining <= 0:
             self._verified.pop(agent_id, None)

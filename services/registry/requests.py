@@ -65,8 +65,8 @@ async def start_agent(
         state=registry_pb2.SUPERVISION_STATE_STARTING,
     )
     record.start_timeout.FromNanoseconds(int(timeout * 1e9))
-    # The supervisor chooses the agent's token and gives it to every process it
-    # starts for the agent, so whoever started it can migrate or deregister it.
+    # The caller's token (only its hash is stored): it acts for the agent (migrate,
+    # deregister) across restarts. Each process gets a token of its own (Supervisor.secret).
     token = new_token()
     if not await sup.store.create_supervised(record, token, mod_revision):
         raise errors.Aborted(f"agent {agent_id!r} was started concurrently")

@@ -40,6 +40,14 @@ def _now() -> timestamp_pb2.Timestamp:
     return ts
 
 
+def _without_token(answer: registry_pb2.StartAgentResponse) -> registry_pb2.StartAgentResponse:
+    """The StartAgent answer as recorded by request_id: no token in etcd in the clear."""
+    recorded = registry_pb2.StartAgentResponse()
+    recorded.CopyFrom(answer)
+    recorded.token = ""
+    return recorded
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     """mabeam.v1.RegistryService."""
 
@@ -65,10 +73,29 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             registry_pb2.RegisterAgentResponse,
             lambda: self._register(request),
             atomic=True,
+            replayed=lambda answer: self._replayed_registration(request, answer),
         )
         # Current, not recorded: a replay gets the digests of today's service tokens.
         del answer.service_token_digests[:]
         answer.service_token_digests.extend(self._service_digests())
+        return answer
+
+    async def _replayed_registration(
+        self, request: registry_pb2.RegisterAgentRequest, answer: registry_pb2.RegisterAgentResponse
+    ) -> registry_pb2.RegisterAgentResponse:
+        """A replayed registration's answer: its token is not recorded, so give one again.
+
+        The caller's own token when it sent one (the same request, so the same
+        token); else a new one, made the registration's token if that
+        registration is still live (the first answer's token stops working:
+        whoever resends lost it). Empty when the registration is gone.
+        """
+        if request.token:
+            answer.token = request.token
+            return answer
+        token = new_token()
+        if await self.store.rotate_token(answer.agent.agent_id, answer.agent.lease_id, token):
+            answer.token = token
         return answer
 
     def _service_digests(self) -> list[str]:
@@ -122,7 +149,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if guard is not None:
             # The answer, known before the write: the agent as the directory shows it once
             # registered (its fresh load key says it beat at registration).
-            answer = registry_pb2.RegisterAgentResponse(token=token)
+            # Recorded without the token (no secret in etcd in the clear): see _replayed_registration.
+            answer = registry_pb2.RegisterAgentResponse()
             answer.agent.CopyFrom(agent)
             answer.agent.load.reported_at.CopyFrom(agent.registered_at)
             answer.agent.last_heartbeat_at.CopyFrom(agent.registered_at)
@@ -148,7 +176,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             with contextlib.suppress(Exception):
                 await self.store.revoke_lease(existing.lease_id)
         if answer is not None:
-            return answer  # what a resend with the same request_id gets
+            answer.token = token  # what was recorded has none; this caller gets it
+            return answer
         return registry_pb2.RegisterAgentResponse(agent=self.directory.view(agent), token=token)
 
     async def Heartbeat(
@@ -325,12 +354,31 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     # -- supervision --------------------------------------------------------
 
-    @idempotent(registry_pb2.StartAgentResponse)
     async def StartAgent(
         self, request: registry_pb2.StartAgentRequest, context: Any
     ) -> registry_pb2.StartAgentResponse:
+        return await self.store.requests.run(
+            "StartAgent",
+            request,
+            registry_pb2.StartAgentResponse,
+            lambda: self._start_agent(request),
+            record_as=_without_token,
+            replayed=self._replayed_start,
+        )
+
+    async def _start_agent(self, request: registry_pb2.StartAgentRequest) -> registry_pb2.StartAgentResponse:
         agent, token = await self.supervisor.start_agent(request)
         return registry_pb2.StartAgentResponse(agent=agent, token=token)
+
+    async def _replayed_start(
+        self, answer: registry_pb2.StartAgentResponse
+    ) -> registry_pb2.StartAgentResponse:
+        """A replayed StartAgent: its token is not recorded, so a new one replaces it (whoever resends lost it)."""
+        if answer.agent.agent_id:  # not a validate_only answer
+            token = new_token()
+            if await self.store.set_supervised_token(answer.agent.agent_id, token):
+                answer.token = token
+        return answer
 
     @idempotent(registry_pb2.StopAgentResponse)
     async def StopAgent(

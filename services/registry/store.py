@@ -5,15 +5,29 @@ key                             value                                    lease
 ==============================  =======================================  =========
 P/agents/<id>                   ``mabeam.v1.Agent`` (no load, no status)  the agent's
 P/agent-tokens/<id>             sha256 of the agent's token (hex)        the agent's
+P/agent-tokens-moving/<id>      sha256 (hex) of the other token valid    the agent's
+                                during a migration (the new instance's
+                                before the switch, the old one's until
+                                it was told that it moved)
 P/agent-load/<id>               ``mabeam.v1.AgentLoad`` + probe status   the agent's
 P/supervised/<id>               ``mabeam.v1.SupervisedAgent``            none
 P/supervisor-owner/<id>         id of the registry replica supervising   the replica's
-P/supervised-tokens/<id>        the token a supervised agent registers    none
-                                with (chosen by the supervisor)
+P/supervised-tokens/<id>        sha256 (hex) of the token StartAgent     none
+                                returned to its caller (a new one on a
+                                replayed StartAgent)
+P/process-tokens/<id>           sha256 (hex) of the token the agent's    none
+                                current process was given (a new one
+                                at each start, restart or migration)
 P/registry-prober/<lease>       candidates for the health prober         each candidate's
 P/requests/registry/<m>/<id>    outcome of a call by ``request_id``      the window's
-                                (:mod:`mabeam.runtime.idempotency`)
+                                (:mod:`mabeam.runtime.idempotency`),
+                                its token cleared
 ==============================  =======================================  =========
+
+No token is stored in the clear: only SHA-256 digests. A token acts for the
+agent (take a live registration over, heartbeat, deregister, migrate) when
+its digest is under ``agent-tokens/``, ``agent-tokens-moving/``,
+``supervised-tokens/`` or ``process-tokens/`` (:meth:`RegistryStore.token_matches`).
 
 Everything an agent registers is bound to its lease, so one lapse removes it
 whole. Writes that must not interleave (registration, take-over by token) are
@@ -88,9 +102,26 @@ class Keys:
     def supervised_agent(self, agent_id: str) -> bytes:
         return self.supervised + agent_id.encode()
 
+    def moving_token_hash(self, agent_id: str) -> bytes:
+        """The hash of the other token valid while the agent moves (see the module's table)."""
+        return self.config.key("agent-tokens-moving", agent_id)
+
     def supervised_token(self, agent_id: str) -> bytes:
-        """The token a supervised agent's processes register with (the supervisor chose it)."""
+        """The hash of the token StartAgent returned to its caller."""
         return self.config.key("supervised-tokens", agent_id)
+
+    def process_token(self, agent_id: str) -> bytes:
+        """The hash of the token the supervised agent's current process was given."""
+        return self.config.key("process-tokens", agent_id)
+
+    def token_keys(self, agent_id: str) -> tuple[bytes, ...]:
+        """Every key whose hash lets a token act for the agent."""
+        return (
+            self.token_hash(agent_id),
+            self.moving_token_hash(agent_id),
+            self.supervised_token(agent_id),
+            self.process_token(agent_id),
+        )
 
     def owner(self, agent_id: str) -> bytes:
         return self.owners + agent_id.encode()
@@ -174,7 +205,7 @@ class RegistryStore:
     async def create_supervised(
         self, record: registry_pb2.SupervisedAgent, token: str, expect_mod_revision: int
     ) -> bool:
-        """Put a new supervision record and the token its processes get, in one transaction.
+        """Put a new supervision record and the hash of the token StartAgent returns, in one transaction.
 
         Applies only if the record's mod revision is still ``expect_mod_revision``
         (0 = absent), so two StartAgent calls for one id cannot both win.
@@ -190,7 +221,7 @@ class RegistryStore:
             compare=[compare],
             success=[
                 c.transactions.put(key, record.SerializeToString()),
-                c.transactions.put(self.keys.supervised_token(record.agent_id), token.encode()),
+                c.transactions.put(self.keys.supervised_token(record.agent_id), token_hash(token)),
             ],
             failure=[],
         )
@@ -210,10 +241,80 @@ class RegistryStore:
         )
         return bool(ok)
 
-    async def supervised_token(self, agent_id: str) -> str:
-        """The token the supervisor chose for the agent ("" when there is none)."""
-        got = await self.client.get(self.keys.supervised_token(agent_id))
-        return bytes(got.value).decode() if got is not None else ""
+    async def set_supervised_token(self, agent_id: str, token: str) -> bool:
+        """Replace the hash of the StartAgent caller's token (a replayed StartAgent); False when not supervised."""
+        c = self.client
+        ok, _ = await c.transaction(
+            compare=[c.transactions.create(self.keys.supervised_agent(agent_id)) > 0],
+            success=[c.transactions.put(self.keys.supervised_token(agent_id), token_hash(token))],
+            failure=[],
+        )
+        return bool(ok)
+
+    async def set_process_token(self, agent_id: str, token: str) -> None:
+        """Record the hash of the token a process of the agent is started with (the last one wins)."""
+        await self.client.put(self.keys.process_token(agent_id), token_hash(token))
+
+    async def rotate_token(self, agent_id: str, lease_id: int, token: str) -> bool:
+        """Make ``token`` the registration's token, if the registration on ``lease_id`` is still there.
+
+        For a replayed RegisterAgent: the first answer's token is not kept, so
+        the one who resends gets a new one and the old one stops working.
+        """
+        c = self.client
+        key = self.keys.agent(agent_id)
+        got = await c.get(key)
+        if got is None or int(got.lease) != lease_id:
+            return False
+        ok, _ = await c.transaction(
+            compare=[c.transactions.mod(key) == got.mod_revision],
+            success=[c.transactions.put(self.keys.token_hash(agent_id), token_hash(token), lease=lease_id)],
+            failure=[],
+        )
+        return bool(ok)
+
+    async def begin_move(self, agent_id: str, lease_id: int, create_revision: int, token: str) -> bool:
+        """Let ``token`` (the new instance's) act for the agent too while it moves, on its registration's lease."""
+        c = self.client
+        ok, _ = await c.transaction(
+            compare=[c.transactions.create(self.keys.agent(agent_id)) == create_revision],
+            success=[
+                c.transactions.put(self.keys.moving_token_hash(agent_id), token_hash(token), lease=lease_id)
+            ],
+            failure=[],
+        )
+        return bool(ok)
+
+    async def switch_agent(self, agent: registry_pb2.Agent, create_revision: int, token: str) -> bool:
+        """The migration's switch, one transaction: the registration names the new instance, whose
+        token becomes the registration's; the old token stays valid (``agent-tokens-moving``) until
+        :meth:`end_move`, so the old instance's beats pass until it is told that it moved."""
+        c = self.client
+        key = self.keys.agent(agent.agent_id)
+        old = await c.get(self.keys.token_hash(agent.agent_id))
+        if old is None:
+            return False
+        ok, _ = await c.transaction(
+            compare=[
+                c.transactions.create(key) == create_revision,
+                c.transactions.mod(self.keys.token_hash(agent.agent_id)) == old.mod_revision,
+            ],
+            success=[
+                c.transactions.put(key, agent.SerializeToString(), lease=agent.lease_id),
+                c.transactions.put(
+                    self.keys.token_hash(agent.agent_id), token_hash(token), lease=agent.lease_id
+                ),
+                c.transactions.put(
+                    self.keys.moving_token_hash(agent.agent_id), bytes(old.value), lease=agent.lease_id
+                ),
+            ],
+            failure=[],
+        )
+        return bool(ok)
+
+    async def end_move(self, agent_id: str) -> None:
+        """The move is over (done or rolled back): only the registration's own token acts for it."""
+        await self.client.delete(self.keys.moving_token_hash(agent_id))
 
     async def owner_of(self, agent_id: str) -> str | None:
         """The registry replica that runs the supervised agent now (read from etcd, not a cache)."""
@@ -233,11 +334,20 @@ class RegistryStore:
         return LeaseKeeper(self.client, ttl)
 
     async def token_matches(self, agent_id: str, token: str) -> bool:
-        """True when ``token`` is the live registration's token."""
+        """True when ``token`` acts for the agent: its digest is under one of :meth:`Keys.token_keys`."""
         if not token:
             return False
-        got = await self.client.get(self.keys.token_hash(agent_id))
-        return got is not None and secrets.compare_digest(bytes(got.value), token_hash(token))
+        digest = token_hash(token)
+        c = self.client
+        _, responses = await c.transaction(
+            compare=[], success=[c.transactions.get(k) for k in self.keys.token_keys(agent_id)], failure=[]
+        )
+        found = False
+        for ranged in responses:
+            for value, _meta in ranged:
+                # Every digest is compared (constant time each), whatever matched before.
+                found = secrets.compare_digest(bytes(value), digest) or found
+        return found
 
     async def get_agent(self, agent_id: str) -> tuple[registry_pb2.Agent | None, int]:
         """The stored agent (strong read) and its key's create revision."""
