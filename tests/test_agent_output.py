@@ -167,7 +167,8 @@ async def test_a_service_and_its_agent_writing_mib_to_stdout_keep_working(
         assert registry_log.stat().st_size >= MIB * 2**20  # the service wrote it, and serves
         client = await MeshClient.connect(registry=mesh.address("registry"))
         try:
-            started = (await client.registry.StartAgent(worker_launch(), timeout=60)).agent
+            # The spew settings in the request: a launched agent gets none of the registry's environment.
+            started = (await client.registry.StartAgent(worker_launch(spew), timeout=60)).agent
             assert started.state == registry_pb2.SUPERVISION_STATE_RUNNING, started
             await check_agent_keeps_working(client, "chatty", tmp_path / "logs")
             listed = await client.registry.ListAgents(registry_pb2.ListAgentsRequest())

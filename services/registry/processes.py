@@ -87,9 +87,11 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
                 proc = spawn(spec)
             # ValueError: exec refuses the spec (e.g. a NUL byte in a record older than check_launch).
             except (OSError, ValueError) as exc:
+                await sup.revoke_credential(agent_id)
                 await sup.write_retrying(agent_id, functools.partial(failed, reason=f"cannot start: {exc}"))
                 return
             except errors.MabeamError as exc:
+                await sup.revoke_credential(agent_id)
                 await sup.write_retrying(
                     agent_id, functools.partial(failed, reason=f"cannot start: {exc.message}")
                 )
@@ -127,6 +129,9 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
             how = f"exit code {exit_code}" if sig is None else f"signal {sig}"
             if outcome == "timeout":
                 how = "did not register within the start timeout"
+            if decision.give_up or not decision.restart:
+                # No process of the agent runs here any more: its credential goes before its record says so.
+                await sup.revoke_credential(agent_id)
             if decision.give_up:
                 await sup.write_retrying(agent_id, functools.partial(failed, reason=decision.reason, how=how))
                 return
@@ -154,10 +159,10 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
         proc = sup.procs.pop(agent_id, proc)
         if proc is not None and proc.poll() is None:
             await asyncio.shield(process.terminate(proc, 5.0))
+        await asyncio.shield(sup.revoke_credential(agent_id))
         if proc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(_after_stop(sup, agent_id))
-        await asyncio.shield(sup.revoke_credential(agent_id))
 
 
 def spawn(spec: launches.Launch, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
