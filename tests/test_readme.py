@@ -65,9 +65,15 @@ async def test_example_agent_commands_register(service: Callable[..., Awaitable[
         await client.close()
 
 
-async def test_readme_supervision_recipes(service: Callable[..., Awaitable[MeshServer]]) -> None:
+async def test_readme_supervision_recipes(
+    service: Callable[..., Awaitable[MeshServer]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
 
+    # As the README runs it: the example catalog, no --allow-argv.
+    monkeypatch.setenv("MABEAM_AGENT_CATALOG", str(ROOT / "examples" / "agents.yaml"))
+    monkeypatch.delenv("MABEAM_ALLOW_ARGV", raising=False)
+    monkeypatch.chdir(ROOT)  # the catalog's argv is relative to the registry's working directory
     registry = await service("registry")
     grpcurl = shutil.which("grpcurl")
     assert grpcurl is not None

@@ -667,7 +667,11 @@ class WorkerPool(_message.Message):
     """Worker ids are "<agent_id_prefix>-<n>", n from 1."""
     @_builtins.property
     def launch(self) -> _registry_pb2.LaunchSpec:
-        """How each worker is started; MABEAM_AGENT_ID is set to <prefix>-<n>."""
+        """How each worker is started; MABEAM_AGENT_ID is set to <prefix>-<n>. A kind
+        of the registry's agent catalog (free-form argv only on a registry started
+        with --allow-argv): BindVariable asks the registry (StartAgent with
+        validate_only) and answers with its refusal, binding nothing.
+        """
 
     @_builtins.property
     def restart_policy(self) -> _registry_pb2.RestartPolicy:
