@@ -94,7 +94,9 @@ class PrincipalBook(auth.Verifier):
         self._subjects: dict[str, PrincipalRecord] = {}
         self.cache.add_listener(self._index)
 
-    def _index(self, kind: str, _key: bytes, old: PrincipalRecord | None, new: PrincipalRecord | None, _rev: int) -> None:
+    def _index(
+        self, kind: str, _key: bytes, old: PrincipalRecord | None, new: PrincipalRecord | None, _rev: int
+    ) -> None:
         if old is not None and old.identity.subject:
             self._subjects.pop(old.identity.subject, None)
         if new is not None and new.identity.subject:
@@ -130,7 +132,9 @@ class PrincipalBook(auth.Verifier):
         derived from the service tokens (:func:`mabeam.auth.agent_call_token`), never
         of a token the services accept."""
         return sorted(
-            r.agent_call_digest for r in self.records() if r.identity.role == auth.SERVICE and r.agent_call_digest
+            r.agent_call_digest
+            for r in self.records()
+            if r.identity.role == auth.SERVICE and r.agent_call_digest
         )
 
 
@@ -175,9 +179,7 @@ class PrincipalStore:
             return None
         return PrincipalRecord.decode(b"", bytes(kvs[0][0]))  # (value, metadata) pairs
 
-    async def mint(
-        self, name: str, role: int, agent_pattern: str = ""
-    ) -> tuple[PrincipalRecord, str]:
+    async def mint(self, name: str, role: int, agent_pattern: str = "") -> tuple[PrincipalRecord, str]:
         """A new token principal: ``(record, token)``; the token exists only in the answer."""
         for _ in range(5):
             token, token_id = auth.new_token()
@@ -192,7 +194,9 @@ class PrincipalStore:
                 return record, token
         raise errors.Internal("could not choose a free token id in 5 tries")
 
-    async def grant_subject(self, name: str, role: int, subject: str, agent_pattern: str = "") -> PrincipalRecord:
+    async def grant_subject(
+        self, name: str, role: int, subject: str, agent_pattern: str = ""
+    ) -> PrincipalRecord:
         """Give ``role`` to the client certificate ``subject``; ALREADY_EXISTS when it has one."""
         identity = auth.Identity(
             principal_id=auth.certificate_principal_id(subject),
@@ -216,7 +220,9 @@ async def enroll(client: EtcdClient, config: MeshConfig, token: str, role: int, 
     if token_id is None:
         raise errors.InvalidArgument("token", "not a mabeam token (mbt_<12 hex>_<43 characters>)")
     store = PrincipalStore(client, config)
-    identity = auth.Identity(principal_id=token_id, name=name, role=role, agent_pattern="*" if role == auth.AGENT else "")
+    identity = auth.Identity(
+        principal_id=token_id, name=name, role=role, agent_pattern="*" if role == auth.AGENT else ""
+    )
     record = token_record(identity, token)
     if await store.create(record):
         return record

@@ -115,7 +115,9 @@ async def start_service(
             " and ".join(w for w, on in (("TLS", config.tls is not None), ("auth", config.auth)) if not on),
         )
     if not config.auth:
-        log.warning("%s: authentication is OFF: any caller that reaches %s may do anything", kind, config.host)
+        log.warning(
+            "%s: authentication is OFF: any caller that reaches %s may do anything", kind, config.host
+        )
     elif not config.token:
         raise mesh_config.ConfigError(
             f"{kind}: auth is on and the service has no service token: pass --token-file "
@@ -132,7 +134,11 @@ async def start_service(
             if own is None or own.role != auth.SERVICE:
                 raise mesh_config.ConfigError(
                     f"{kind}: the token in --token-file (MABEAM_TOKEN_FILE) is "
-                    + ("not a service token" if own is not None else "unknown to this mesh (revoked, or another etcd prefix)")
+                    + (
+                        "not a service token"
+                        if own is not None
+                        else "unknown to this mesh (revoked, or another etcd prefix)"
+                    )
                     + ": `mabeam auth init` writes a valid one"
                 )
     except BaseException:

@@ -72,6 +72,7 @@ MAX_PATTERN = 128
 _NAME = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _PATTERN = re.compile(r"^[A-Za-z0-9._:*?-]{1,128}$")
 
+
 def role_name(role: int) -> str:
     """``"admin"`` for ``ROLE_ADMIN``, ..., ``"none"`` for an unknown value."""
     return ROLE_NAMES.get(role, "none")
@@ -85,7 +86,9 @@ def certificate_principal_id(subject: str) -> str:
 def check_name(name: str) -> str:
     """``name`` if it is 1-128 characters of [A-Za-z0-9._:@-], else INVALID_ARGUMENT."""
     if not _NAME.fullmatch(name):  # fullmatch: ``$`` alone lets a final newline through
-        raise errors.InvalidArgument("name", f"name {name[:40]!r}: 1-{MAX_NAME} characters of [A-Za-z0-9._:@-]")
+        raise errors.InvalidArgument(
+            "name", f"name {name[:40]!r}: 1-{MAX_NAME} characters of [A-Za-z0-9._:@-]"
+        )
     return name
 
 
@@ -93,7 +96,8 @@ def check_pattern(pattern: str) -> str:
     """An agent id glob of at most 128 characters of [A-Za-z0-9._:*?-], else INVALID_ARGUMENT."""
     if not _PATTERN.fullmatch(pattern):
         raise errors.InvalidArgument(
-            "agent_pattern", f"agent_pattern {pattern[:40]!r}: 1-{MAX_PATTERN} characters of [A-Za-z0-9._:*?-]"
+            "agent_pattern",
+            f"agent_pattern {pattern[:40]!r}: 1-{MAX_PATTERN} characters of [A-Za-z0-9._:*?-]",
         )
     return pattern
 
@@ -360,7 +364,9 @@ class Authorizer:
             raise errors.Unauthenticated("malformed authorization header: expected 'Bearer <token>'")
         token = token.strip()
         if token_id(token) is None:
-            raise errors.Unauthenticated("malformed token: a mabeam token looks like mbt_<12 hex>_<43 characters>")
+            raise errors.Unauthenticated(
+                "malformed token: a mabeam token looks like mbt_<12 hex>_<43 characters>"
+            )
         found = self.verifier.by_token(token)
         if found is None:
             raise errors.Unauthenticated("unknown or revoked token")
@@ -402,7 +408,9 @@ class Authorizer:
             raise errors.Unauthenticated(f"the credentials of {identity.name!r} changed during the call")
 
     @staticmethod
-    def _denied(method: str, identity: Identity, allowed: Iterable[int], what: str = "") -> errors.PermissionDenied:
+    def _denied(
+        method: str, identity: Identity, allowed: Iterable[int], what: str = ""
+    ) -> errors.PermissionDenied:
         names = sorted(role_name(r) for r in allowed if r != SERVICE)
         return errors.PermissionDenied(
             f"{role_name(identity.role)} {identity.name!r} may not call {method.rsplit('/', 1)[-1]}{what}: "

@@ -335,7 +335,10 @@ class MeshClient:
             client = ServiceClient(balancer, self._STUBS[service], f"mabeam.v1.{service.capitalize()}Service")
             setattr(self, service, cast(Any, client))
         if "registry" in balancers:
-            self.auth = cast(Any, ServiceClient(balancers["registry"], auth_pb2_grpc.AuthServiceStub, "mabeam.v1.AuthService"))
+            self.auth = cast(
+                Any,
+                ServiceClient(balancers["registry"], auth_pb2_grpc.AuthServiceStub, "mabeam.v1.AuthService"),
+            )
 
     @classmethod
     async def connect(

@@ -189,7 +189,9 @@ def add_mesh_arguments(parser: argparse.ArgumentParser, *, services: tuple[str, 
         default=None,
         help="accept calls without credentials (env MABEAM_AUTH=off); loopback only unless --insecure",
     )
-    g.add_argument("--token-file", help="file holding the token this process presents (env MABEAM_TOKEN_FILE)")
+    g.add_argument(
+        "--token-file", help="file holding the token this process presents (env MABEAM_TOKEN_FILE)"
+    )
     g.add_argument(
         "--insecure",
         action="store_true",

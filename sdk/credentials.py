@@ -146,11 +146,15 @@ def client_interceptors(token: str | None) -> list[Any]:
     base = _TokenInterceptor(token)
 
     class UU(aio.UnaryUnaryClientInterceptor):
-        async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        async def intercept_unary_unary(
+            self, continuation: Callable[..., Any], details: Any, request: Any
+        ) -> Any:
             return await continuation(base._details(details), request)
 
     class US(aio.UnaryStreamClientInterceptor):
-        async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        async def intercept_unary_stream(
+            self, continuation: Callable[..., Any], details: Any, request: Any
+        ) -> Any:
             return await continuation(base._details(details), request)
 
     class SU(aio.StreamUnaryClientInterceptor):

@@ -222,7 +222,6 @@ class Expect:
 ANY = Expect()
 
 
-
 def any_status(request: Any) -> Expect:
     return ANY
 
@@ -308,7 +307,9 @@ async def exercise(
             changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
             # An allowed key ending in "/" allows what is under it.
             unexpected = {
-                k for k in changed if not any(k == a or (a.endswith(b"/") and k.startswith(a)) for a in allowed)
+                k
+                for k in changed
+                if not any(k == a or (a.endswith(b"/") and k.startswith(a)) for a in allowed)
             }
             assert not unexpected, f"{what} -> {outcome.code} but changed etcd: {sorted(changed)}"
     return count
@@ -528,7 +529,9 @@ async def heartbeat(stub: registry_pb2_grpc.RegistryServiceStub, stream: list[An
     def run() -> Outcome:
         responses: list[Any] = []
         try:
-            for response in stub.Heartbeat(iter(stream), timeout=BOUND, metadata=auth.call_metadata(os.environ.get(auth.TOKEN_ENV))):
+            for response in stub.Heartbeat(
+                iter(stream), timeout=BOUND, metadata=auth.call_metadata(os.environ.get(auth.TOKEN_ENV))
+            ):
                 responses.append(response)
         except grpc.RpcError as exc:
             return Outcome.failed(exc, responses)

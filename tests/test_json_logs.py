@@ -69,7 +69,10 @@ def start_registry(etcd: str, log: Path, prefix: str) -> tuple[subprocess.Popen[
     argv = process.python_module_argv("mabeam.services.registry", "--etcd", etcd, "--port", "0")
     with open(log, "ab") as out:
         proc = process.spawn(
-            [*argv, "--prefix", prefix, "--no-auth"], env={**os.environ, **ready.env()}, stdout=out, stderr=out
+            [*argv, "--prefix", prefix, "--no-auth"],
+            env={**os.environ, **ready.env()},
+            stdout=out,
+            stderr=out,
         )
     return proc, ready
 

@@ -95,7 +95,9 @@ async def test_mesh_with_mutual_tls(
             with pytest.raises(errors.Unauthenticated, match="'client' holds no role"):
                 await by_cert.registry.ListAgents(registry_pb2.ListAgentsRequest())
             granted = await client.auth.CreateToken(
-                auth_pb2.CreateTokenRequest(name="ops-cert", role=auth_pb2.ROLE_READER, certificate_subject="client")
+                auth_pb2.CreateTokenRequest(
+                    name="ops-cert", role=auth_pb2.ROLE_READER, certificate_subject="client"
+                )
             )
             assert not granted.token and granted.principal.certificate_subject == "client"
 
@@ -108,7 +110,9 @@ async def test_mesh_with_mutual_tls(
 
             await eventually(reads, timeout=2, what="the certificate's role is known")
             who = await by_cert.auth.WhoAmI(auth_pb2.WhoAmIRequest())
-            assert who.principal.role == auth_pb2.ROLE_READER and who.principal.certificate_subject == "client"
+            assert (
+                who.principal.role == auth_pb2.ROLE_READER and who.principal.certificate_subject == "client"
+            )
             with pytest.raises(errors.PermissionDenied):  # a reader, not an agent
                 await by_cert.registry.RegisterAgent(
                     registry_pb2.RegisterAgentRequest(agent_id="c1", endpoint="127.0.0.1:1")

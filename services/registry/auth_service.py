@@ -30,13 +30,18 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self._book = book
         self._store = PrincipalStore(etcd, server.config)
 
-    async def CreateToken(self, request: auth_pb2.CreateTokenRequest, context: Any) -> auth_pb2.CreateTokenResponse:
+    async def CreateToken(
+        self, request: auth_pb2.CreateTokenRequest, context: Any
+    ) -> auth_pb2.CreateTokenResponse:
         name = auth.check_name(request.name)
         if request.role not in auth.ROLE_NAMES or request.role == auth_pb2.ROLE_UNSPECIFIED:
-            raise errors.InvalidArgument("role", "role: one of ROLE_ADMIN, ROLE_OPERATOR, ROLE_AGENT, ROLE_READER")
+            raise errors.InvalidArgument(
+                "role", "role: one of ROLE_ADMIN, ROLE_OPERATOR, ROLE_AGENT, ROLE_READER"
+            )
         if request.role == auth.SERVICE:
             raise errors.InvalidArgument(
-                "role", "ROLE_SERVICE is not granted over the API: `mabeam auth init` writes the service token"
+                "role",
+                "ROLE_SERVICE is not granted over the API: `mabeam auth init` writes the service token",
             )
         pattern = ""
         if request.agent_pattern:
@@ -47,28 +52,38 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             subject = request.certificate_subject
             if len(subject) > auth.MAX_SUBJECT or not subject.isprintable():
                 raise errors.InvalidArgument(
-                    "certificate_subject", f"certificate_subject: at most {auth.MAX_SUBJECT} printable characters"
+                    "certificate_subject",
+                    f"certificate_subject: at most {auth.MAX_SUBJECT} printable characters",
                 )
             record = await self._store.grant_subject(name, request.role, subject, pattern)
             log.info("role %s granted to certificate %r (%s)", auth.role_name(request.role), subject, name)
             return auth_pb2.CreateTokenResponse(principal=record.identity.to_proto())
         record, token = await self._store.mint(name, request.role, pattern)
         log.info(
-            "token %s created: name %r, role %s", record.identity.principal_id, name, auth.role_name(request.role)
+            "token %s created: name %r, role %s",
+            record.identity.principal_id,
+            name,
+            auth.role_name(request.role),
         )
         return auth_pb2.CreateTokenResponse(principal=record.identity.to_proto(), token=token)
 
-    async def ListTokens(self, request: auth_pb2.ListTokensRequest, context: Any) -> auth_pb2.ListTokensResponse:
+    async def ListTokens(
+        self, request: auth_pb2.ListTokensRequest, context: Any
+    ) -> auth_pb2.ListTokensResponse:
         size = validate.page_size(request.page_size)
         identities = [r.identity for r in self._book.records()]
         chunk, token = validate.page(identities, lambda i: i.principal_id, size, request.page_token, [])
         return auth_pb2.ListTokensResponse(principals=[i.to_proto() for i in chunk], next_page_token=token)
 
-    async def RevokeToken(self, request: auth_pb2.RevokeTokenRequest, context: Any) -> auth_pb2.RevokeTokenResponse:
+    async def RevokeToken(
+        self, request: auth_pb2.RevokeTokenRequest, context: Any
+    ) -> auth_pb2.RevokeTokenResponse:
         given = request.id.strip()
         principal_id = auth.token_id(given) or given
         if not principal_id or len(principal_id) > 64:
-            raise errors.InvalidArgument("id", "id: a principal id (mabeam auth list shows them), at most 64 characters")
+            raise errors.InvalidArgument(
+                "id", "id: a principal id (mabeam auth list shows them), at most 64 characters"
+            )
         caller = auth.current()
         if caller is not None and caller.principal_id == principal_id:
             raise errors.FailedPrecondition(
@@ -99,4 +114,6 @@ def add(server: MeshServer, etcd: EtcdClient) -> None:
     book = book_of(server)
     if book is None:
         return
-    server.add_service(SERVICE_NAME, auth_pb2_grpc.add_AuthServiceServicer_to_server, AuthServicer(book, etcd, server))
+    server.add_service(
+        SERVICE_NAME, auth_pb2_grpc.add_AuthServiceServicer_to_server, AuthServicer(book, etcd, server)
+    )
