@@ -188,12 +188,12 @@ class BenchContext:
         return self._etcd
 
     def service_metadata(self) -> tuple[tuple[str, str], ...]:
-        """The metadata the mesh's services present (its service token); none without auth."""
+        """The metadata the mesh's services present to agents (the agent-call token); none without auth."""
         assert self._mesh is not None, "mesh not started"
         credentials = self._mesh.credentials
         if credentials is None:
             return ()
-        return auth.call_metadata(auth.read_token_file(credentials.service_file))
+        return auth.call_metadata(auth.agent_call_token(auth.read_token_file(credentials.service_file)))
 
     def channel(self, address: str) -> aio.Channel:
         """A reused channel to ``address``."""
