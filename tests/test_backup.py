@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import stat
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import struct_pb2
 
+from harness.cli import mabeam
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
 from mabeam.config import MeshConfig
@@ -35,20 +35,6 @@ class Voter(Agent):
 
     async def execute_step(self, request: agent_pb2.ExecuteStepRequest) -> object:
         return {"ok": True}
-
-
-async def mabeam(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mabeam.cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def durable(client: EtcdClient, prefix: str) -> dict[bytes, bytes]:

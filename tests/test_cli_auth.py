@@ -4,34 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
+from harness.cli import mabeam
 from harness.wait import eventually
 from mabeam.cli.main import parse
 from mabeam.config import MeshConfig
 from mabeam.server import MeshServer
 
 pytestmark = pytest.mark.timeout(90)
-
-
-async def mabeam(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mabeam.cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_create_list_whoami_revoke(service: Callable[..., Awaitable[MeshServer]]) -> None:

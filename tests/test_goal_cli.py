@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.cli import mabeam as _mabeam
 from harness.wait import eventually
 from mabeam.client import MeshClient
 from mabeam.server import MeshServer
@@ -51,18 +52,7 @@ async def planner(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterato
 
 
 async def mabeam(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mabeam.cli",
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await _mabeam(*args, cwd=ROOT)
 
 
 async def test_goal_run_status_cancel(planner: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.cli import mabeam
 from harness.wait import eventually
 from mabeam.client import MeshClient
 from mabeam.server import MeshServer
@@ -48,20 +49,6 @@ async def flags(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[
     for b in bidders:
         b.terminate()
         await b.wait()
-
-
-async def mabeam(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mabeam.cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_status_agents_vars_auction_sessions(flags: list[str]) -> None:
