@@ -344,3 +344,82 @@ def test_mabeam_up_refuses_a_bad_catalog_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         f"mabeam up: agent catalog {bad}: kind 'echo': allowed_args must be a list of strings"
     )
+
+
+@pytest.mark.parametrize("caller", ["nobody", "operator"])
+async def test_the_shadowray_attack_by_a_stranger_or_an_operator_is_refused_even_with_allow_argv(
+    caller: str,
+    service: Callable[..., Awaitable[MeshServer]],
+    tmp_path: Path,
+    etcd_client: EtcdClient,
+    mesh_config: MeshConfig,
+) -> None:
+    """Even a registry that runs free-form argv (the test session's MABEAM_ALLOW_ARGV=1) launches
+    nothing for a caller without credentials or with an operator token: not through StartAgent,
+    not through MigrateAgent with a launch spec, not through a worker-pool binding."""
+    assert os.environ.get("MABEAM_ALLOW_ARGV") == "1"  # only auth stands in the way here
+    registry = await service("registry")
+    coordination = await service("coordination")
+    orchestrator = await service("orchestrator")
+    addresses = {
+        "registry": registry.address,
+        "coordination": coordination.address,
+        "orchestrator": orchestrator.address,
+    }
+    admin = await MeshClient.connect(**addresses)
+    token = ""
+    if caller == "operator":
+        token = (
+            await admin.auth.CreateToken(auth_pb2.CreateTokenRequest(name="ops", role=auth_pb2.ROLE_OPERATOR))
+        ).token
+    stranger = await MeshClient.connect(**addresses, token=token)
+    refused = errors.Unauthenticated if caller == "nobody" else errors.PermissionDenied
+    marker = tmp_path / "pwned"
+    try:
+        # A live supervised agent to aim MigrateAgent at (its token is known: the worst case).
+        target = await admin.registry.StartAgent(
+            registry_pb2.StartAgentRequest(
+                agent_id="victim",
+                launch=registry_pb2.LaunchSpec(command=registry_pb2.Command(argv=[sys.executable, WORKER])),
+            )
+        )
+        before = await supervised_keys(etcd_client, mesh_config)
+        with pytest.raises(refused):
+            await stranger.registry.StartAgent(
+                registry_pb2.StartAgentRequest(agent_id="evil", launch=attack(marker))
+            )
+        with pytest.raises(refused):
+            await stranger.registry.MigrateAgent(
+                registry_pb2.MigrateAgentRequest(agent_id="victim", token=target.token, launch=attack(marker))
+            )
+        with pytest.raises(refused):
+            await stranger.orchestrator.BindVariable(
+                orchestrator_pb2.BindVariableRequest(
+                    binding=orchestrator_pb2.OrchestrationBinding(
+                        variable="pool/size",
+                        protocol="consensus",
+                        participants=common_pb2.AgentSelector(capability="size"),
+                        kind=orchestrator_pb2.BINDING_KIND_RESOURCE_ALLOCATION,
+                        worker_pool=orchestrator_pb2.WorkerPool(
+                            launch=attack(marker), agent_id_prefix="pool"
+                        ),
+                    )
+                )
+            )
+        assert not (await admin.orchestrator.ListBindings(orchestrator_pb2.ListBindingsRequest())).bindings
+        assert await supervised_keys(etcd_client, mesh_config) == before
+        # A legitimate start after it registers: the supervisor had every chance to run the attack.
+        await admin.registry.StartAgent(
+            registry_pb2.StartAgentRequest(
+                agent_id="good",
+                launch=registry_pb2.LaunchSpec(command=registry_pb2.Command(argv=[sys.executable, WORKER])),
+            )
+        )
+        agent = (await admin.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="victim"))).agent
+        assert agent.generation == 1  # not migrated
+        assert not marker.exists()
+        for agent_id in ("victim", "good"):
+            await stop(admin, agent_id)
+    finally:
+        await stranger.close()
+        await admin.close()
