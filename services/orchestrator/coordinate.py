@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from google.protobuf import timestamp_pb2
 
 from mabeam import errors
-from mabeam.client import MeshClient
+from mabeam.client import MeshClient, list_all
 from mabeam.runtime import validate
 from mabeam.services.orchestrator import variables
 from mabeam.services.orchestrator.store import VariableStore
@@ -157,10 +157,13 @@ class Coordinator:
     async def _resize_pool(self, pool: orchestrator_pb2.WorkerPool, size: int) -> None:
         """Start or stop supervised workers <prefix>-1..n through the registry to reach ``size``."""
         registry = self.mesh.registry
-        listed = await registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest(page_size=1000))
+        # Every page: a pool past 1,000 supervised agents (or a mesh with more) is counted whole.
+        supervised = await list_all(
+            registry.ListSupervisedAgents, registry_pb2.ListSupervisedAgentsRequest(), "agents"
+        )
         running = {
             a.agent_id
-            for a in listed.agents
+            for a in supervised
             if a.agent_id.startswith(pool.agent_id_prefix + "-")
             and a.state
             in (
@@ -215,12 +218,12 @@ class Coordinator:
             var = await self.store.get(metric[4:])
             return variables.as_number(var.value) if var is not None else None
         selector = binding.participants
-        listed = await self.mesh.registry.ListAgents(
-            registry_pb2.ListAgentsRequest(
-                capability=selector.capability, labels=dict(selector.labels), page_size=1000
-            )
+        listed = await list_all(  # every page: a metric over all the agents, not the first 1,000
+            self.mesh.registry.ListAgents,
+            registry_pb2.ListAgentsRequest(capability=selector.capability, labels=dict(selector.labels)),
+            "agents",
         )
-        agents = [a for a in listed.agents if not selector.agent_ids or a.agent_id in selector.agent_ids]
+        agents = [a for a in listed if not selector.agent_ids or a.agent_id in selector.agent_ids]
         if not agents:
             return None
         if metric == "agents.load.mean":

@@ -19,7 +19,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from mabeam import errors
-from mabeam.client import MeshClient
+from mabeam.client import MeshClient, list_all
 from mabeam.runtime import idempotency, validate
 from mabeam.runtime.cache import PrefixCache, report_health
 from mabeam.runtime.etcd import EtcdClient, WatchCompacted
@@ -162,8 +162,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.prefix:
             variables.check_name(request.prefix, "prefix")
         relaxed = request.consistency == orchestrator_pb2.CONSISTENCY_RELAXED
-        found = await self.store.list_variables(request.prefix, relaxed=relaxed)
-        chunk, token = validate.page(found, lambda v: v.name, size, request.page_token, [request.prefix])
+        filters = [request.prefix]
+        after = validate.decode_page_token(request.page_token, filters)
+        chunk, next_after = await self.store.page_variables(request.prefix, after, size, relaxed=relaxed)
+        token = validate.encode_page_token(next_after, filters) if next_after is not None else ""
         return orchestrator_pb2.ListVariablesResponse(
             variables=chunk, next_page_token=token, possibly_stale=relaxed
         )
@@ -256,10 +258,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                     "binding.worker_pool.launch", "give a kind of the registry's agent catalog"
                 )
             await self._check_pool_launch(pool)
-        protocols = await self.mesh.coordination.ListProtocols(
-            coordination_pb2.ListProtocolsRequest(page_size=1000)
+        protocols = await list_all(
+            self.mesh.coordination.ListProtocols, coordination_pb2.ListProtocolsRequest(), "protocols"
         )
-        if binding.protocol not in {pr.name for pr in protocols.protocols}:
+        if binding.protocol not in {pr.name for pr in protocols}:
             raise errors.FailedPrecondition(
                 f"protocol {binding.protocol!r} is not known to the coordination service (see ListProtocols)",
                 reason=common_pb2.ERROR_REASON_PROTOCOL_NOT_FOUND,
@@ -308,8 +310,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.ListBindingsRequest, context: Any
     ) -> orchestrator_pb2.ListBindingsResponse:
         size = validate.page_size(request.page_size)
-        found = sorted(await self.store.list_bindings(), key=lambda b: b.variable)
-        chunk, token = validate.page(found, lambda b: b.variable, size, request.page_token, [])
+        after = validate.decode_page_token(request.page_token, [])
+        chunk, next_after = await self.store.page_bindings(after, size)
+        token = validate.encode_page_token(next_after, []) if next_after is not None else ""
         return orchestrator_pb2.ListBindingsResponse(bindings=chunk, next_page_token=token)
 
     @idempotent(orchestrator_pb2.CoordinateVariableResponse)

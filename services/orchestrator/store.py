@@ -29,6 +29,7 @@ import grpc
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, ResumingWatch, snapshot, while_leading
 from mabeam.runtime.idempotency import RequestLog, TxnOps
+from mabeam.runtime.paging import ScanStats, scan
 from mabeam.v1 import orchestrator_pb2
 
 
@@ -66,6 +67,7 @@ class VariableStore:
         self.leader = config.key("orchestrator-leader")
         # Calls' outcomes by request_id; compare-and-set and delete record theirs in their own transaction.
         self.requests = RequestLog(client, config, "orchestrator")
+        self.scans = ScanStats()  # what the list calls' range reads cost (tests read it)
 
     def key(self, name: str) -> bytes:
         return self.vars + name.encode()
@@ -189,10 +191,16 @@ class VariableStore:
             compare = [c.transactions.version(key) == expected_version, *compare]
         return await self._delete_if(name, compare, record)
 
-    async def list_variables(self, prefix: str, *, relaxed: bool = False) -> list[orchestrator_pb2.Variable]:
-        """The variables whose name starts with ``prefix``, by name."""
-        kvs, _ = await snapshot(self.client, self.key(prefix), serializable=relaxed)
-        return sorted((variable_from_kv(kv) for kv in kvs), key=lambda v: v.name)
+    async def page_variables(
+        self, prefix: str, after: str | None, size: int, *, relaxed: bool = False
+    ) -> tuple[list[orchestrator_pb2.Variable], str | None]:
+        """Up to ``size`` variables whose name starts with ``prefix``, by name, after the name
+        ``after``; and the name the next page continues after (None: last page). One range read
+        of ``size + 1`` keys (the prefix is the key range), not the whole prefix."""
+        kvs, next_after = await scan(
+            self.client, self.vars, after, size, narrow=prefix, serializable=relaxed, stats=self.scans
+        )
+        return [variable_from_kv(kv) for kv in kvs], next_after
 
     async def watch(
         self, prefix: str, after_revision: int = 0
@@ -271,6 +279,14 @@ class VariableStore:
         current = variable_from_kv(ranged_var[0][1]) if ranged_var else None
         revision = int(ranged_binding[0][1].mod_revision) if ranged_binding else 0
         return bool(ok), current, revision
+
+    async def page_bindings(
+        self, after: str | None, size: int
+    ) -> tuple[list[orchestrator_pb2.OrchestrationBinding], str | None]:
+        """Up to ``size`` bindings by variable after the variable ``after``, and where the next
+        page continues (None: last page). One range read of ``size + 1`` keys."""
+        kvs, next_after = await scan(self.client, self.bindings, after, size, stats=self.scans)
+        return [orchestrator_pb2.OrchestrationBinding.FromString(kv.value) for kv in kvs], next_after
 
     async def list_bindings(self) -> list[orchestrator_pb2.OrchestrationBinding]:
         """Every binding, in key order (strong read)."""

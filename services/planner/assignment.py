@@ -17,7 +17,7 @@ import stamina
 from google.protobuf import struct_pb2
 
 from mabeam import errors
-from mabeam.client import MeshClient
+from mabeam.client import MeshClient, list_all
 from mabeam.v1 import common_pb2, coordination_pb2, planner_pb2, registry_pb2
 
 CANDIDATES_TTL_S = 1.0
@@ -50,10 +50,10 @@ class Assigner:
         cached = self._candidates.get(capability)
         if cached is not None and time.monotonic() - cached[0] < CANDIDATES_TTL_S:
             return cached[1]
-        listed = await self.mesh.registry.ListAgents(
-            registry_pb2.ListAgentsRequest(capability=capability, page_size=1000)
+        listed = await list_all(  # every page: no silent cut at the first 1,000 capable agents
+            self.mesh.registry.ListAgents, registry_pb2.ListAgentsRequest(capability=capability), "agents"
         )
-        agents = [a for a in listed.agents if a.status != registry_pb2.AGENT_STATUS_NOT_SERVING]
+        agents = [a for a in listed if a.status != registry_pb2.AGENT_STATUS_NOT_SERVING]
         self._candidates[capability] = (time.monotonic(), agents)
         return agents
 

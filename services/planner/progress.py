@@ -40,7 +40,7 @@ class Event:
     fields: dict[str, Any]
 
 
-Put = tuple[bytes, bytes] | Event
+Put = tuple[bytes, bytes | None] | Event  # a value of None deletes the key
 
 
 def _no_header() -> dict[str, Any]:
@@ -97,7 +97,7 @@ class ProgressLog:
                 item = self._queue.popleft()
                 batch.append(item)
                 ops += len(item[0])
-            merged: dict[bytes, bytes] = {}
+            merged: dict[bytes, bytes | None] = {}
             for puts, _ in batch:
                 for put in puts:
                     if isinstance(put, Event):

@@ -82,11 +82,15 @@ class GoalRunner:
     def _step_put(self, step_id: str) -> tuple[bytes, bytes]:
         return self.store.step_key(self.goal_id, step_id), self.statuses[step_id].SerializeToString()
 
-    def _goal_put(self) -> tuple[bytes, bytes]:
+    def _goal_puts(self) -> list[Put]:
+        """The goal's summary and its index keys (``goal-order/``, ``goal-active/``: see the store)."""
         summary = planner_pb2.Goal()
         summary.CopyFrom(self.goal)
         del summary.steps[:]
-        return self.store.goal_key(self.goal_id), summary.SerializeToString()
+        return [
+            (self.store.goal_key(self.goal_id), summary.SerializeToString()),
+            *self.store.state_puts(summary),
+        ]
 
     # -- the run ----------------------------------------------------------------------
 
@@ -124,7 +128,7 @@ class GoalRunner:
         if resumed:
             self.goal.resumed_count += 1
         await self.progress.write(
-            [self._goal_put(), self.progress.event(planner_pb2.GOAL_EVENT_TYPE_GOAL_STARTED)]
+            [*self._goal_puts(), self.progress.event(planner_pb2.GOAL_EVENT_TYPE_GOAL_STARTED)]
         )
         deadline_at = self.goal.started_at.ToNanoseconds() / 1e9 + seconds(
             self.spec.deadline, DEFAULT_DEADLINE_S
@@ -232,7 +236,7 @@ class GoalRunner:
         self.goal.owner = ""
         self.goal.finished_at.CopyFrom(now_ts())
         await self.progress.write(
-            [self._goal_put(), self.progress.event(planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED, error=reason)]
+            [*self._goal_puts(), self.progress.event(planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED, error=reason)]
         )
         telemetry.instruments().goals.add(1, {"state": planner_pb2.GoalState.Name(self.goal.state)})
 

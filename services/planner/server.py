@@ -3,7 +3,9 @@
 Validation (:mod:`.dag`) happens before anything is stored. A submitted goal
 is run by whichever replica takes its owner key (:mod:`.runner`); every
 replica looks for goals that are pending or running without an owner (their
-replica died) and resumes them.
+replica died) and resumes them. A replica keeps in memory the unfinished
+goals only (a watch of the store's ``goal-active/`` index), never every goal
+ever submitted; ``ListGoals`` reads one bounded range of etcd per page.
 """
 
 from __future__ import annotations
@@ -51,9 +53,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         self._server = server
         self.store = GoalStore(etcd, server.config)
         self.pool = ChannelPool(server.config.client_tls(), agent_credential(server.config))
-        self.goals: PrefixCache[planner_pb2.Goal] = PrefixCache(
-            etcd, self.store.goals, lambda k, v: planner_pb2.Goal.FromString(v)
-        )
+        # Unfinished goals only: goal id's active-index key -> its state (pending or running).
+        self.active: PrefixCache[int] = PrefixCache(etcd, self.store.active, lambda k, v: int(v))
         self.owners: PrefixCache[bytes] = PrefixCache(etcd, self.store.owners, lambda k, v: bytes(v))
         self.cancels: PrefixCache[bytes] = PrefixCache(etcd, self.store.cancels, lambda k, v: bytes(v))
         self.runners: dict[str, tuple[GoalRunner | None, asyncio.Task[None]]] = {}
@@ -77,7 +78,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             token=config.token or "",
             etcd_tls=config.etcd_tls,
         )
-        for cache in (self.goals, self.owners, self.cancels):
+        await self.store.backfill_indexes()  # goals stored before the indexes: once per mesh
+        for cache in (self.active, self.owners, self.cancels):
             cache.add_listener(lambda *a: self._wake.set())
             await cache.start()
         self.cancels.add_listener(self._on_cancel)
@@ -92,7 +94,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         await asyncio.gather(*(t for _, t in runners.values()), return_exceptions=True)
         if self._keeper is not None:
             await self._keeper.revoke()
-        for cache in (self.goals, self.owners, self.cancels):
+        for cache in (self.active, self.owners, self.cancels):
             await cache.stop()
         if self._mesh is not None:
             await self._mesh.close()
@@ -133,17 +135,19 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             await self._keeper.start()
         now = time.monotonic()
         pending: set[str] = set()
-        for key, goal in list(self.goals.items()):
-            if goal.state not in ACTIVE or goal.goal_id in self.runners:
+        # The unfinished goals only (the active index): the pass costs what is running, not the history.
+        for key, state in list(self.active.items()):
+            goal_id = key[len(self.store.active) :].decode()
+            if state not in ACTIVE or goal_id in self.runners:
                 continue
-            if goal.state == planner_pb2.GOAL_STATE_PENDING:
-                pending.add(goal.goal_id)
-                if not self._pending_long_enough(goal.goal_id, self.goals.create_revision(key), now):
+            if state == planner_pb2.GOAL_STATE_PENDING:
+                pending.add(goal_id)
+                if not self._pending_long_enough(goal_id, self.active.create_revision(key), now):
                     continue  # the replica that took the submission starts it (and keeps its trace)
-            if self.owners.get(self.store.owner_key(goal.goal_id)) is not None:
+            if self.owners.get(self.store.owner_key(goal_id)) is not None:
                 continue
-            if await self.store.acquire_owner(goal.goal_id, self._server.instance_id, self._keeper.lease_id):
-                self._start_runner(goal.goal_id)
+            if await self.store.acquire_owner(goal_id, self._server.instance_id, self._keeper.lease_id):
+                self._start_runner(goal_id)
         for goal_id in self._first_seen.keys() - pending:
             del self._first_seen[goal_id]
 
@@ -165,6 +169,9 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         async def run() -> None:
             goal = await self.store.get(goal_id, with_steps=False)
             if goal is None or goal.state in FINISHED:
+                # An active-index key left behind (a backfill raced the goal's end): drop it.
+                await self.store.drop_active(goal_id)
+                await self.store.release_owner(goal_id, self._server.instance_id)
                 return
             runner = GoalRunner(self, goal, self._server.instance_id)
             self.runners[goal_id] = (runner, task)
@@ -272,14 +279,12 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         self, request: planner_pb2.ListGoalsRequest, context: Any
     ) -> planner_pb2.ListGoalsResponse:
         size = validate.page_size(request.page_size)
-        goals = [g for g in await self.store.list_goals() if not request.state or g.state == request.state]
-        goals.sort(key=lambda g: (-g.created_at.ToNanoseconds(), g.goal_id))
-
-        def key(g: planner_pb2.Goal) -> str:
-            return f"{(1 << 63) - g.created_at.ToNanoseconds():020d}/{g.goal_id}"
-
-        chunk, token = validate.page(goals, key, size, request.page_token, [request.state])
-        full = [await self.store.get(g.goal_id) or g for g in chunk]
+        filters = [request.state]
+        after = validate.decode_page_token(request.page_token, filters)
+        # One bounded range of the newest-first index per page (a state filter may give a short page).
+        goal_ids, next_after = await self.store.page_goal_ids(after, size, request.state)
+        full = [g for g in [await self.store.get(goal_id) for goal_id in goal_ids] if g is not None]
+        token = validate.encode_page_token(next_after, filters) if next_after is not None else ""
         return planner_pb2.ListGoalsResponse(goals=full, next_page_token=token)
 
     @idempotent(planner_pb2.CancelGoalResponse)
@@ -309,7 +314,7 @@ async def build(server: MeshServer, etcd: EtcdClient) -> None:
     await servicer.start()
     server.on_stop(servicer.stop)
     server.on_stop(servicer.store.requests.stop)
-    report_health(server, servicer.goals, servicer.owners, servicer.cancels)
+    report_health(server, servicer.active, servicer.owners, servicer.cancels)
     telemetry.observe(
         "mabeam.planner.running_goals", "goals this replica runs", lambda: len(servicer.runners)
     )

@@ -396,12 +396,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.ListSupervisedAgentsRequest, context: Any
     ) -> registry_pb2.ListSupervisedAgentsResponse:
         size = validate.page_size(request.page_size)
-        items = [
-            a
-            for a in self.supervisor.all()
-            if request.state == registry_pb2.SUPERVISION_STATE_UNSPECIFIED or a.state == request.state
-        ]
-        chunk, token = validate.page(items, lambda a: a.agent_id, size, request.page_token, [request.state])
+        filters = [request.state]
+        after = validate.decode_page_token(request.page_token, filters)
+        # From etcd, one bounded range per page (stopped and failed records are not cached: see supervisor).
+        chunk, next_after = await self.store.page_supervised(after, size, request.state)
+        token = validate.encode_page_token(next_after, filters) if next_after is not None else ""
         return registry_pb2.ListSupervisedAgentsResponse(agents=chunk, next_page_token=token)
 
     @idempotent(registry_pb2.MigrateAgentResponse)
@@ -456,7 +455,7 @@ async def build(server: MeshServer, etcd: EtcdClient, policy: catalog.LaunchPoli
         lambda: len({a.lease_id for _, a in directory.agents.items()}),
     )
     telemetry.observe(
-        "mabeam.registry.supervised", "supervised agents", lambda: len(servicer.supervisor.records)
+        "mabeam.registry.supervised", "active supervised agents", lambda: len(servicer.supervisor.records)
     )
     server.add_service(SERVICE_NAME, registry_pb2_grpc.add_RegistryServiceServicer_to_server, servicer)
     auth_service.add(server, etcd)

@@ -54,7 +54,15 @@ from mabeam.runtime.etcd import (
     while_leading,
 )
 from mabeam.runtime.idempotency import RequestLog, TxnOps
+from mabeam.runtime.paging import ScanStats, scan
 from mabeam.v1 import common_pb2, registry_pb2
+
+# Supervision records in these states are what a supervisor acts on (the rest are history).
+SUPERVISION_ACTIVE = (
+    registry_pb2.SUPERVISION_STATE_STARTING,
+    registry_pb2.SUPERVISION_STATE_RUNNING,
+    registry_pb2.SUPERVISION_STATE_RESTARTING,
+)
 
 
 def token_hash(token: str) -> bytes:
@@ -153,6 +161,13 @@ def decode_supervised(key: bytes, value: bytes) -> registry_pb2.SupervisedAgent 
         return None
 
 
+def decode_active_supervised(key: bytes, value: bytes) -> registry_pb2.SupervisedAgent | None:
+    """A record the supervisor acts on (starting, running, restarting); None (not cached) for the
+    stopped and failed: a supervisor's memory and passes are bounded by the active records."""
+    record = decode_supervised(key, value)
+    return record if record is not None and record.state in SUPERVISION_ACTIVE else None
+
+
 class RegistryStore:
     """Transactions on the registry's keys."""
 
@@ -160,6 +175,7 @@ class RegistryStore:
         self.client = client
         self.keys = Keys(config)
         self.requests = RequestLog(client, config, "registry")  # outcomes by request_id
+        self.scans = ScanStats()  # what ListSupervisedAgents' range reads cost (tests read it)
 
     async def register(
         self,
@@ -194,6 +210,25 @@ class RegistryStore:
         return bool(ok), int(revision)
 
     # -- supervision: desired state, its token, and which replica runs it --------------
+
+    async def page_supervised(
+        self, after: str | None, size: int, state: int = 0
+    ) -> tuple[list[registry_pb2.SupervisedAgent], str | None]:
+        """Up to ``size`` supervision records by agent id after ``after`` (with ``state``: in that
+        state only), and the id the next page continues after (None: last page).
+
+        Bounded range reads (:func:`mabeam.runtime.paging.scan`), not the whole prefix.
+        """
+
+        def keep(kv: Any) -> bool:
+            record = decode_supervised(kv.key, kv.value)
+            return record is not None and record.state == state
+
+        kvs, next_after = await scan(
+            self.client, self.keys.supervised, after, size, keep=keep if state else None, stats=self.scans
+        )
+        records = [decode_supervised(kv.key, kv.value) for kv in kvs]
+        return [r for r in records if r is not None], next_after
 
     async def get_supervised(self, agent_id: str) -> tuple[registry_pb2.SupervisedAgent | None, int]:
         """The agent's supervision record and its mod revision (None, 0 when it is not supervised)."""

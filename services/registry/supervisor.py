@@ -42,7 +42,7 @@ from mabeam.services.registry.catalog import LaunchPolicy
 from mabeam.services.registry.launch import Launch, launch_command, policy_of
 from mabeam.services.registry.migration import migrate
 from mabeam.services.registry.processes import ACTIVE
-from mabeam.services.registry.store import RegistryStore, decode_supervised, new_token
+from mabeam.services.registry.store import RegistryStore, decode_active_supervised, new_token
 from mabeam.v1 import registry_pb2
 
 if TYPE_CHECKING:
@@ -73,8 +73,11 @@ class Supervisor:
         self.store = store
         self.directory = directory
         self.replica_id = server.instance_id
+        # The active records only (starting, running, restarting): stopped and failed ones are
+        # history, read from etcd when asked for (ListSupervisedAgents pages through etcd), never
+        # held here nor rescanned by each pass.
         self.records: PrefixCache[registry_pb2.SupervisedAgent] = PrefixCache(
-            etcd, store.keys.supervised, decode_supervised
+            etcd, store.keys.supervised, decode_active_supervised
         )
         self.owners: PrefixCache[str] = PrefixCache(etcd, store.keys.owners, lambda k, v: bytes(v).decode())
         self._keeper: LeaseKeeper | None = None
@@ -132,15 +135,12 @@ class Supervisor:
 
     # -- what the servicer reads --------------------------------------------
 
-    def all(self) -> list[registry_pb2.SupervisedAgent]:
-        return [r for _, r in sorted(self.records.items())]
-
     async def is_supervised(self, agent_id: str) -> bool:
         record = self.record(agent_id)
         return record is not None and record.state in ACTIVE
 
     def record(self, agent_id: str) -> registry_pb2.SupervisedAgent | None:
-        """The agent's record as last seen (cache)."""
+        """The agent's record as last seen (cache), while it is active (None when stopped or failed)."""
         return self.records.get(self.store.keys.supervised_agent(agent_id))
 
     def owner(self, agent_id: str) -> str | None:
