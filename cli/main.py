@@ -41,6 +41,13 @@ def _up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="peer port of the embedded etcd (env MABEAM_ETCD_PEER_PORT, default 2380)",
     )
     p.add_argument(
+        "--etcd-quota-bytes",
+        default=None,
+        metavar="BYTES",
+        help="space quota of the embedded etcd: past it etcd refuses writes (NOSPACE); "
+        "a number, or with KiB/MiB/GiB (env MABEAM_ETCD_QUOTA_BYTES, default 2GiB)",
+    )
+    p.add_argument(
         "--cluster",
         action="store_true",
         help="the production topology on this machine: --etcd-members 3 --replicas 2",
@@ -97,6 +104,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         config = mesh_config.load(args)
         etcd_port = args.etcd_port or int(os.environ.get("MABEAM_ETCD_PORT") or 2379)
         peer_port = args.etcd_peer_port or int(os.environ.get("MABEAM_ETCD_PEER_PORT") or 2380)
+        quota = parse_bytes(args.etcd_quota_bytes or os.environ.get("MABEAM_ETCD_QUOTA_BYTES") or "2GiB")
         members = args.etcd_members or (3 if args.cluster else 1)
         replicas = args.replicas or (2 if args.cluster else 1)
         if members < 1 or replicas < 1:
@@ -126,6 +134,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         etcd_members=members,
         etcd_client_port=etcd_port,
         etcd_peer_port=peer_port,
+        etcd_quota_bytes=quota,
         log_dir=log_dir,
         agent_catalog=agent_catalog,
         allow_argv=allow_argv,
@@ -196,6 +205,32 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """``2GiB``, ``512MiB``, ``100MB``, ``2147483648`` as a positive number of bytes; ValueError otherwise."""
+    raw = text.strip().replace(" ", "")
+    digits = raw.rstrip("KMGiBkmgIb")
+    unit = raw[len(digits) :].upper()
+    try:
+        value = int(float(digits) * _UNITS[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"--etcd-quota-bytes {text!r}: a number of bytes, e.g. 2GiB or 2147483648") from None
+    if value <= 0:
+        raise ValueError(f"--etcd-quota-bytes {text!r}: the quota is a positive number of bytes")
+    return value
 
 
 def _risks(config: mesh_config.MeshConfig) -> list[str]:
@@ -279,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(sub)
     from mabeam.cli.auth import add_auth_parser
     from mabeam.cli.goal import add_goal_parser
+    from mabeam.cli.maintenance import add_maintenance_parser
     from mabeam.cli.ops import add_ops_parsers
     from mabeam.runtime.backup import add_backup_parsers
 
@@ -286,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ops_parsers(sub)
     add_auth_parser(sub)
     add_backup_parsers(sub)
+    add_maintenance_parser(sub)
     return parser
 
 

@@ -61,10 +61,16 @@ async def _count(list_call: Any, request: Any, field: str) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    from mabeam.cli.maintenance import etcd_report, etcd_settings, print_report
+    from mabeam.runtime.etcd.maintenance import STORE_HEALTH
+
     health = {}
     for service, name in SERVICE_NAMES.items():
         address = _address(args, service)
-        health[service] = {"address": address, "serving": await check(address, name)}
+        serving = await check(address, name)
+        # Whether etcd accepts this replica's writes (NOT_SERVING: etcd's NOSPACE alarm is active).
+        writable = await check(address, STORE_HEALTH) if serving else None
+        health[service] = {"address": address, "serving": serving, "store_writable": writable}
     counts: dict[str, int | None] = {}
     async with await _connect(args) as mesh:
         calls = {
@@ -85,16 +91,22 @@ async def _status(args: argparse.Namespace) -> int:
         }
         for what, (call, request, field, service) in calls.items():
             counts[what] = await _count(call, request, field) if health[service]["serving"] else None
-    doc = {"services": health, "counts": counts}
+    # etcd itself: --etcd, else MABEAM_ETCD, else `mabeam up`'s; best effort, it never blocks the rest.
+    etcd = await etcd_report(*etcd_settings(args))
+    doc = {"services": health, "counts": counts, "etcd": etcd}
 
     def table() -> None:
-        print(f"{'SERVICE':<14} {'ADDRESS':<22} STATE")
+        print(f"{'SERVICE':<14} {'ADDRESS':<22} {'STATE':<8} STORE")
         for service, h in health.items():
-            print(f"{service:<14} {h['address']:<22} {'SERVING' if h['serving'] else 'DOWN'}")
+            store = {True: "writable", False: "NOSPACE: writes refused", None: "?"}[h["store_writable"]]
+            print(f"{service:<14} {h['address']:<22} {'SERVING' if h['serving'] else 'DOWN':<8} {store}")
         print(" ".join(f"{k}={'?' if v is None else v}" for k, v in counts.items()))
+        print()
+        print_report(etcd)
 
     _print(args, doc, table)
-    return 0 if all(h["serving"] for h in health.values()) else 1
+    degraded = etcd["nospace"] or any(h["store_writable"] is False for h in health.values())
+    return 0 if all(h["serving"] for h in health.values()) and not degraded else 1
 
 
 async def _agents(args: argparse.Namespace) -> int:

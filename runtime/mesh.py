@@ -32,7 +32,7 @@ from mabeam.config import SERVICE_NAMES, SERVICES, MeshConfig
 from mabeam.runtime import auth as runtime_auth
 from mabeam.runtime import etcd as etcd_layer
 from mabeam.runtime import process
-from mabeam.runtime.embedded_etcd import EmbeddedEtcd, EtcdCluster
+from mabeam.runtime.embedded_etcd import DEFAULT_QUOTA_BYTES, EmbeddedEtcd, EtcdCluster
 
 # Replica n of a service on a fixed port listens on that port + n * REPLICA_PORT_STEP
 # (registry 50051, 50151, ...); etcd member n on its ports + n * ETCD_PORT_STEP.
@@ -98,6 +98,8 @@ class LocalMesh:
     etcd_client_port: int = 2379
     etcd_peer_port: int = 2380
     unsafe_no_fsync: bool = False
+    # The embedded etcd's space quota (``mabeam up --etcd-quota-bytes``); past it etcd refuses writes.
+    etcd_quota_bytes: int = DEFAULT_QUOTA_BYTES
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     # What the registry replicas may launch: --agent-catalog FILE, --allow-argv (see
@@ -171,6 +173,7 @@ class LocalMesh:
                     # Not the single member's directory: a cluster's data is its own.
                     base_dir=self.config.data_dir.with_name(self.config.data_dir.name + "-cluster"),
                     unsafe_no_fsync=self.unsafe_no_fsync,
+                    quota_backend_bytes=self.etcd_quota_bytes,
                     client_ports=self.etcd_ports(self.etcd_client_port) if fixed else (),
                     peer_ports=self.etcd_ports(self.etcd_peer_port) if fixed else (),
                 )
@@ -181,6 +184,7 @@ class LocalMesh:
                     client_port=self.etcd_client_port,
                     peer_port=self.etcd_peer_port,
                     unsafe_no_fsync=self.unsafe_no_fsync,
+                    quota_backend_bytes=self.etcd_quota_bytes,
                 )
                 await self.etcd.start()
             else:

@@ -26,6 +26,7 @@ from mabeam import config as mesh_config
 from mabeam.config import MeshConfig
 from mabeam.runtime import cache, endpoints, etcd, exporters, process
 from mabeam.runtime.auth import PrincipalBook
+from mabeam.runtime.etcd.maintenance import STORE_HEALTH
 from mabeam.server import MeshServer, announce_ready, serve_until_signalled
 
 BuildFn = Callable[[MeshServer, Any], Awaitable[None]]
@@ -147,14 +148,27 @@ async def start_service(
         with contextlib.suppress(Exception):
             await client.close()
         raise
+    # etcd's NOSPACE alarm, checked every few seconds and at once after a write
+    # refused for lack of space: the health name STORE_HEALTH says whether etcd
+    # accepts writes (docs/operations.md).
+    alarm_watch = etcd.AlarmWatch(client)
+
+    def map_error(exc: BaseException) -> errors.MabeamError | None:
+        mapped = etcd.to_mabeam_error(exc)
+        if isinstance(mapped, errors.ResourceExhausted):
+            alarm_watch.check_soon()
+        return mapped
+
     server = MeshServer(
         kind,
         config,
-        error_mapper=etcd.to_mabeam_error,
+        error_mapper=map_error,
         authorizer=auth.Authorizer(book) if book is not None else None,
     )
+    _report_store_health(server, alarm_watch)
 
     async def close_client() -> None:
+        await alarm_watch.stop()
         if book is not None:
             await book.stop()
         with contextlib.suppress(Exception):
@@ -168,10 +182,24 @@ async def start_service(
         await server.start(port)
         cache.republish_health(server)  # a cache that broke since build() makes it NOT_SERVING
         await endpoints.publish(server, client)
+        alarm_watch.start()
     except BaseException:
         await server.stop(0)
         raise
     return server
+
+
+def _report_store_health(server: MeshServer, watch: etcd.AlarmWatch) -> None:
+    """Keep ``server``'s health name STORE_HEALTH in step with etcd's NOSPACE alarm."""
+    pending: set[asyncio.Task[None]] = set()
+
+    def on_alarms(_active: object) -> None:
+        task = asyncio.get_running_loop().create_task(server.set_health(STORE_HEALTH, not watch.nospace))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    watch.add_listener(on_alarms)
+    on_alarms(())
 
 
 def run_service(

@@ -413,6 +413,13 @@ class MeshServer:
         for name in ("", *self._service_names):
             await self._health.set(name, status)
 
+    async def set_health(self, name: str, serving: bool) -> None:
+        """Report the health check name ``name`` alone (a signal of its own, e.g. ``mabeam.store``)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self._health.set(name, status)
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully; safe to call twice."""
         if self._stopped:

@@ -19,6 +19,9 @@ One module per job, all re-exported here (``from mabeam.runtime.etcd import X``)
   :func:`try_acquire` and :func:`release`: leadership by lease + lowest create
   revision, and exclusive ownership of a key bound to a lease.
 
+* :mod:`.maintenance` — :class:`AlarmWatch` (etcd's NOSPACE alarm, followed by
+  every service replica) and the upkeep behind ``mabeam maintenance``.
+
 The modules depend on each other in that order only (election on leases and
 watch, both on client).
 """
@@ -31,6 +34,7 @@ from mabeam.runtime.etcd.election import Election, ElectionLost, release, try_ac
 # re-exported explicitly (the redundant alias), __all__ kept as it was.
 from mabeam.runtime.etcd.election import while_leading as while_leading
 from mabeam.runtime.etcd.leases import KeepAliveStream, LeaseKeeper
+from mabeam.runtime.etcd.maintenance import AlarmWatch as AlarmWatch
 from mabeam.runtime.etcd.watch import ResumingWatch, WatchCompacted, WatchEvent, snapshot, snapshot_and_watch
 
 __all__ = [
