@@ -181,18 +181,20 @@ class _Proxy:
 
 
 async def test_a_cache_lists_again_when_its_watch_resumes_from_a_compacted_revision(
-    etcd: EmbeddedEtcd,
+    private_etcd: EmbeddedEtcd,
     mesh_config: MeshConfig,
     service: Callable[..., Awaitable[MeshServer]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The orchestrator's principals cache: cut from etcd, a token minted and the history compacted
-    meanwhile; once back, the cache's watch cannot resume, so it lists again and knows the token."""
+    meanwhile; once back, the cache's watch cannot resume, so it lists again and knows the token.
+    An etcd of its own: compacting the session's would cut other tests' history."""
     caplog.set_level(logging.WARNING, logger="mabeam.runtime.cache")
-    proxy = _Proxy("127.0.0.1", etcd.client_port)
+    proxy = _Proxy("127.0.0.1", private_etcd.client_port)
     await proxy.start()
-    direct = await connect([etcd.endpoint], timeout=5)
+    direct = await connect([private_etcd.endpoint], timeout=5)
     try:
+        await enrolled(dataclasses.replace(mesh_config, etcd_endpoints=(private_etcd.endpoint,)))
         config = dataclasses.replace(mesh_config, etcd_endpoints=(f"http://127.0.0.1:{proxy.port}",))
         orchestrator = await service("orchestrator", config)
         proxy.cut()
