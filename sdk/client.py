@@ -30,7 +30,6 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -40,7 +39,14 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc import aio
 
-from mabeam import auth, errors, telemetry
+from mabeam import auth, errors
+from mabeam._channels import (  # noqa: F401  (the pool's public home is mabeam.client)
+    CHANNEL_IDLE_TIMEOUT,
+    CHANNEL_OPTIONS,
+    KEEPALIVE_TIME_MS,
+    MAX_CHANNELS,
+    ChannelPool,
+)
 from mabeam.tls import TLS
 from mabeam.v1 import (
     auth_pb2_grpc,
@@ -54,81 +60,6 @@ if TYPE_CHECKING:
     from mabeam.discovery import EndpointResolver
 
 S = TypeVar("S")
-
-# Keep-alive pings find a dead peer (a vanished host sends no RST) on idle
-# channels too. Every 10 s is twice the interval the mesh's servers accept
-# (mabeam.server.MIN_PING_INTERVAL_MS); without max_pings_without_data=0 grpc
-# stops pinging an idle channel after two pings.
-KEEPALIVE_TIME_MS = 10_000
-
-CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-)
-
-
-class ChannelPool:
-    """One reused channel per address (fresh channels cost 2.2x a call), and its stubs.
-
-    ``token``, when given, is presented on every call (``authorization:
-    Bearer``): the caller's identity (see :mod:`mabeam.auth`).
-    """
-
-    def __init__(self, tls: TLS | None = None, token: str | None = None) -> None:
-        self._tls = tls
-        self._token_interceptors = auth.client_interceptors(token)
-        self._channels: dict[str, aio.Channel] = {}
-        self._stubs: dict[tuple[str, Callable[[aio.Channel], Any]], Any] = {}
-
-    def stub(self, address: str, stub_class: Callable[[aio.Channel], S]) -> S:
-        """The ``stub_class`` stub over the channel to ``address``, made once per channel.
-
-        A stub builds a callable per RPC of its service: calls on a hot path
-        (a step, a round, a probe) reuse it. Example::
-
-            stub = pool.stub("127.0.0.1:7001", agent_pb2_grpc.AgentServiceStub)
-        """
-        key = (address, stub_class)
-        stub = self._stubs.get(key)
-        if stub is None:
-            stub = stub_class(self.get(address))
-            self._stubs[key] = stub
-        return stub  # type: ignore[no-any-return]
-
-    def get(self, address: str) -> aio.Channel:
-        """The channel to ``address``, created on first use."""
-        channel = self._channels.get(address)
-        if channel is None:
-            options = list(CHANNEL_OPTIONS)
-            interceptors = [*telemetry.client_interceptors(), *self._token_interceptors]
-            if self._tls is not None:
-                if self._tls.server_name:
-                    options.append(("grpc.ssl_target_name_override", self._tls.server_name))
-                channel = aio.secure_channel(
-                    address, self._tls.channel_credentials(), options=options, interceptors=interceptors
-                )
-            else:
-                channel = aio.insecure_channel(address, options=options, interceptors=interceptors)
-            self._channels[address] = channel
-        return channel
-
-    async def discard(self, address: str) -> None:
-        """Close and forget the channel to ``address`` (its endpoint went away)."""
-        channel = self._channels.pop(address, None)
-        for key in [k for k in self._stubs if k[0] == address]:
-            del self._stubs[key]
-        if channel is not None:
-            await channel.close(None)
-
-    async def close(self) -> None:
-        """Close every channel; safe to call twice."""
-        channels, self._channels = list(self._channels.values()), {}
-        self._stubs = {}
-        await asyncio.gather(*(c.close(None) for c in channels), return_exceptions=True)
 
 
 class Balancer:

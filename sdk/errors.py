@@ -165,7 +165,13 @@ class Unavailable(MabeamError):
 
 
 class ResourceExhausted(MabeamError):
-    """etcd refused a write for lack of resources (its database is full: NOSPACE); the message says which."""
+    """A limit was reached; the message says which.
+
+    etcd refused a write for lack of resources (its database is full: NOSPACE;
+    reason STORE_EXHAUSTED), or a watch stream's consumer fell too far behind
+    and the server ended the stream (reason WATCH_QUEUE_FULL: watch again from
+    the last revision received).
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = common_pb2.ERROR_REASON_STORE_EXHAUSTED

@@ -90,6 +90,10 @@ class _Instruments:
             description="coordination sessions finished, by protocol and state",
         )
         self.goals = m.create_counter("mabeam.planner.goals", description="goals finished, by state")
+        self.watch_cut = m.create_counter(
+            "mabeam.watch.cut",
+            description="Watch* streams ended because their consumer fell behind the per-stream limit, by method",
+        )
 
 
 _instruments: _Instruments | None = None

@@ -117,6 +117,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ErrorInfo.metadata names the "method", the caller's "role" and the roles
     "allowed".
     """
+    ERROR_REASON_WATCH_QUEUE_FULL: _ErrorReason.ValueType  # 25
+    """A watch stream's consumer fell more than the server's per-stream limit
+    behind (4,096 events by default, MABEAM_WATCH_QUEUE_LIMIT), so the server
+    ended the stream rather than buffer without end (RESOURCE_EXHAUSTED; today
+    WatchAgents). ErrorInfo.metadata "limit" gives the limit. Watch again
+    with after_revision = the revision of the last event received: nothing
+    is missed or repeated.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the machine-readable reasons the mesh puts in
@@ -215,6 +223,14 @@ ERROR_REASON_NOT_AUTHORIZED: ErrorReason.ValueType  # 24
 token acts on an agent id outside its scope (PERMISSION_DENIED).
 ErrorInfo.metadata names the "method", the caller's "role" and the roles
 "allowed".
+"""
+ERROR_REASON_WATCH_QUEUE_FULL: ErrorReason.ValueType  # 25
+"""A watch stream's consumer fell more than the server's per-stream limit
+behind (4,096 events by default, MABEAM_WATCH_QUEUE_LIMIT), so the server
+ended the stream rather than buffer without end (RESOURCE_EXHAUSTED; today
+WatchAgents). ErrorInfo.metadata "limit" gives the limit. Watch again
+with after_revision = the revision of the last event received: nothing
+is missed or repeated.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -168,6 +168,9 @@ class CoordinationServiceServicer:
 
     def WatchSession(self, request, context):
         """WatchSession streams a session's rounds as they finish, then the session.
+        Rounds are read from etcd at the consumer's pace (gRPC flow control): a
+        slow consumer makes the server hold no more than one etcd watch response
+        and is never cut for being slow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

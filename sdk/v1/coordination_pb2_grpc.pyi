@@ -62,7 +62,11 @@ class CoordinationServiceStub:
     ListSessions: _grpc.UnaryUnaryMultiCallable[_coordination_pb2.ListSessionsRequest, _coordination_pb2.ListSessionsResponse]
     """ListSessions lists sessions, newest first, paged."""
     WatchSession: _grpc.UnaryStreamMultiCallable[_coordination_pb2.WatchSessionRequest, _coordination_pb2.WatchSessionResponse]
-    """WatchSession streams a session's rounds as they finish, then the session."""
+    """WatchSession streams a session's rounds as they finish, then the session.
+    Rounds are read from etcd at the consumer's pace (gRPC flow control): a
+    slow consumer makes the server hold no more than one etcd watch response
+    and is never cut for being slow.
+    """
 
 @_typing.type_check_only
 class CoordinationServiceAsyncStub(CoordinationServiceStub):
@@ -98,7 +102,11 @@ class CoordinationServiceAsyncStub(CoordinationServiceStub):
     ListSessions: _aio.UnaryUnaryMultiCallable[_coordination_pb2.ListSessionsRequest, _coordination_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """ListSessions lists sessions, newest first, paged."""
     WatchSession: _aio.UnaryStreamMultiCallable[_coordination_pb2.WatchSessionRequest, _coordination_pb2.WatchSessionResponse]  # type: ignore[assignment]
-    """WatchSession streams a session's rounds as they finish, then the session."""
+    """WatchSession streams a session's rounds as they finish, then the session.
+    Rounds are read from etcd at the consumer's pace (gRPC flow control): a
+    slow consumer makes the server hold no more than one etcd watch response
+    and is never cut for being slow.
+    """
 
 class CoordinationServiceServicer(metaclass=_abc_1.ABCMeta):
     """CoordinationService runs coordination sessions among agents: auctions,
@@ -191,6 +199,10 @@ class CoordinationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordination_pb2.WatchSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_coordination_pb2.WatchSessionResponse], _abc.AsyncIterator[_coordination_pb2.WatchSessionResponse]]:
-        """WatchSession streams a session's rounds as they finish, then the session."""
+        """WatchSession streams a session's rounds as they finish, then the session.
+        Rounds are read from etcd at the consumer's pace (gRPC flow control): a
+        slow consumer makes the server hold no more than one etcd watch response
+        and is never cut for being slow.
+        """
 
 def add_CoordinationServiceServicer_to_server(servicer: CoordinationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -126,7 +126,10 @@ class OrchestratorServiceServicer:
 
     def WatchVariables(self, request, context):
         """WatchVariables streams changes of the variables under a prefix,
-        resumable from a revision.
+        resumable from a revision. Changes are read from etcd at the consumer's
+        pace (gRPC flow control): a slow consumer makes the server hold no more
+        than one etcd watch response, is never cut for being slow and misses
+        nothing; the backlog stays in etcd's history.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,7 +50,10 @@ class OrchestratorServiceStub:
     """DeleteVariable removes a variable, optionally only at an expected version."""
     WatchVariables: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchVariablesRequest, _orchestrator_pb2.WatchVariablesResponse]
     """WatchVariables streams changes of the variables under a prefix,
-    resumable from a revision.
+    resumable from a revision. Changes are read from etcd at the consumer's
+    pace (gRPC flow control): a slow consumer makes the server hold no more
+    than one etcd watch response, is never cut for being slow and misses
+    nothing; the backlog stays in etcd's history.
     """
     BindVariable: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.BindVariableRequest, _orchestrator_pb2.BindVariableResponse]
     """BindVariable makes a variable an orchestration variable: its value is
@@ -91,7 +94,10 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """DeleteVariable removes a variable, optionally only at an expected version."""
     WatchVariables: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchVariablesRequest, _orchestrator_pb2.WatchVariablesResponse]  # type: ignore[assignment]
     """WatchVariables streams changes of the variables under a prefix,
-    resumable from a revision.
+    resumable from a revision. Changes are read from etcd at the consumer's
+    pace (gRPC flow control): a slow consumer makes the server hold no more
+    than one etcd watch response, is never cut for being slow and misses
+    nothing; the backlog stays in etcd's history.
     """
     BindVariable: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.BindVariableRequest, _orchestrator_pb2.BindVariableResponse]  # type: ignore[assignment]
     """BindVariable makes a variable an orchestration variable: its value is
@@ -159,7 +165,10 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.WatchVariablesResponse], _abc.AsyncIterator[_orchestrator_pb2.WatchVariablesResponse]]:
         """WatchVariables streams changes of the variables under a prefix,
-        resumable from a revision.
+        resumable from a revision. Changes are read from etcd at the consumer's
+        pace (gRPC flow control): a slow consumer makes the server hold no more
+        than one etcd watch response, is never cut for being slow and misses
+        nothing; the backlog stays in etcd's history.
         """
 
     @_abc_1.abstractmethod

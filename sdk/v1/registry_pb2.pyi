@@ -697,6 +697,9 @@ class WatchAgentsRequest(_message.Message):
     """Resume after this revision (the `revision` of the last event seen): no
     snapshot is sent, only changes after it. 0 = start with a snapshot. A
     revision that etcd has compacted away is OUT_OF_RANGE: start again with 0.
+    With a capability or labels filter, the removal of an agent last written
+    before after_revision is sent with only agent_id set (the server cannot
+    tell whether it matched); ignore removals of agents you do not hold.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:

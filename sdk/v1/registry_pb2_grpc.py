@@ -148,6 +148,12 @@ class RegistryServiceServicer:
     def WatchAgents(self, request, context):
         """WatchAgents streams the matching agents (a snapshot), then every change.
         Resumable: pass the last revision seen to receive only later changes.
+        A consumer that falls more than 4,096 events behind (the server's
+        per-stream limit, MABEAM_WATCH_QUEUE_LIMIT) has its stream ended with
+        RESOURCE_EXHAUSTED (reason WATCH_QUEUE_FULL, metadata "limit"): watch
+        again with after_revision = the revision of the last event received,
+        and every later change comes, once. A resumed stream reads etcd's
+        history at the consumer's pace and is never cut for being slow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

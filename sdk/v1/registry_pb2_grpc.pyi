@@ -61,6 +61,12 @@ class RegistryServiceStub:
     WatchAgents: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchAgentsRequest, _registry_pb2.WatchAgentsResponse]
     """WatchAgents streams the matching agents (a snapshot), then every change.
     Resumable: pass the last revision seen to receive only later changes.
+    A consumer that falls more than 4,096 events behind (the server's
+    per-stream limit, MABEAM_WATCH_QUEUE_LIMIT) has its stream ended with
+    RESOURCE_EXHAUSTED (reason WATCH_QUEUE_FULL, metadata "limit"): watch
+    again with after_revision = the revision of the last event received,
+    and every later change comes, once. A resumed stream reads etcd's
+    history at the consumer's pace and is never cut for being slow.
     """
     StartAgent: _grpc.UnaryUnaryMultiCallable[_registry_pb2.StartAgentRequest, _registry_pb2.StartAgentResponse]
     """StartAgent launches a supervised agent from a launch spec and keeps it
@@ -113,6 +119,12 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     WatchAgents: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchAgentsRequest, _registry_pb2.WatchAgentsResponse]  # type: ignore[assignment]
     """WatchAgents streams the matching agents (a snapshot), then every change.
     Resumable: pass the last revision seen to receive only later changes.
+    A consumer that falls more than 4,096 events behind (the server's
+    per-stream limit, MABEAM_WATCH_QUEUE_LIMIT) has its stream ended with
+    RESOURCE_EXHAUSTED (reason WATCH_QUEUE_FULL, metadata "limit"): watch
+    again with after_revision = the revision of the last event received,
+    and every later change comes, once. A resumed stream reads etcd's
+    history at the consumer's pace and is never cut for being slow.
     """
     StartAgent: _aio.UnaryUnaryMultiCallable[_registry_pb2.StartAgentRequest, _registry_pb2.StartAgentResponse]  # type: ignore[assignment]
     """StartAgent launches a supervised agent from a launch spec and keeps it
@@ -198,6 +210,12 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.WatchAgentsResponse], _abc.AsyncIterator[_registry_pb2.WatchAgentsResponse]]:
         """WatchAgents streams the matching agents (a snapshot), then every change.
         Resumable: pass the last revision seen to receive only later changes.
+        A consumer that falls more than 4,096 events behind (the server's
+        per-stream limit, MABEAM_WATCH_QUEUE_LIMIT) has its stream ended with
+        RESOURCE_EXHAUSTED (reason WATCH_QUEUE_FULL, metadata "limit"): watch
+        again with after_revision = the revision of the last event received,
+        and every later change comes, once. A resumed stream reads etcd's
+        history at the consumer's pace and is never cut for being slow.
         """
 
     @_abc_1.abstractmethod

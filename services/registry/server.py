@@ -9,7 +9,6 @@ transactions (:mod:`.store`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +21,7 @@ from mabeam.runtime import idempotency, validate
 from mabeam.runtime.cache import report_health
 from mabeam.runtime.etcd import UNREACHABLE, EtcdClient, WatchCompacted
 from mabeam.runtime.idempotency import idempotent
+from mabeam.runtime.watchqueue import BoundedQueue
 from mabeam.server import MeshServer
 from mabeam.services.registry import auth_service, catalog, heartbeats, prober
 from mabeam.services.registry import supervisor as supervision
@@ -266,7 +266,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> AsyncIterator[registry_pb2.WatchAgentsResponse]:
         if request.after_revision < 0:
             raise errors.InvalidArgument("after_revision", "must not be negative")
-        queue: asyncio.Queue[registry_pb2.WatchAgentsResponse] = asyncio.Queue()
+        # Bounded (mabeam.runtime.watchqueue): a consumer too far behind is cut, never buffered without end.
+        resume = "watch again with after_revision = the revision of the last event received"
+        queue: BoundedQueue[registry_pb2.WatchAgentsResponse] = BoundedQueue("WatchAgents", resume)
         cache = self.directory.agents
 
         def wanted(agent: registry_pb2.Agent | None) -> bool:
@@ -275,6 +277,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         def on_change(
             kind: str, key: bytes, old: registry_pb2.Agent | None, new: registry_pb2.Agent | None, rev: int
         ) -> None:
+            if queue.overflowed:  # cut: nothing more is kept for this stream
+                return
             if kind == "PUT" and wanted(new):
                 assert new is not None
                 etype = (
@@ -294,6 +298,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 )
 
         if request.after_revision:
+            # Pulled from etcd's history at the consumer's pace: nothing is queued here.
             async for event in self._resume(request, wanted):
                 yield event
             return
@@ -310,8 +315,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             yield registry_pb2.WatchAgentsResponse(
                 type=registry_pb2.AGENT_EVENT_TYPE_SNAPSHOT_DONE, revision=revision
             )
-            while True:
-                yield await queue.get()
+            async for event in queue:
+                yield event
         finally:
             cache.remove_listener(on_change)
 
@@ -319,30 +324,34 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.WatchAgentsRequest, wanted: Any
     ) -> AsyncIterator[registry_pb2.WatchAgentsResponse]:
         """Changes after a revision, straight from etcd's history."""
-        known: dict[bytes, registry_pb2.Agent] = {}
+        # Agents written since after_revision: the record if it matched, None if not.
+        known: dict[bytes, registry_pb2.Agent | None] = {}
         try:
             async for event in self.store.watch_agents(start_revision=request.after_revision + 1):
                 if event.kind == "PUT":
                     agent = decode_agent(event.key, event.value)
                     if not wanted(agent):
+                        known[event.key] = None
                         continue
                     assert agent is not None
+                    known[event.key] = agent
                     etype = (
                         registry_pb2.AGENT_EVENT_TYPE_ADDED
                         if event.version == 1
                         else registry_pb2.AGENT_EVENT_TYPE_UPDATED
                     )
-                    known[event.key] = agent
                     yield registry_pb2.WatchAgentsResponse(
                         type=etype, agent=self.directory.view(agent), revision=event.mod_revision
                     )
                 else:
+                    if event.key in known and known[event.key] is None:
+                        del known[event.key]  # it did not match
+                        continue
+                    # An agent written before after_revision is not known here: its removal
+                    # is sent (only agent_id set) rather than lost, as it may have matched.
                     old = known.pop(event.key, None) or registry_pb2.Agent(
                         agent_id=event.key[len(self.store.keys.agents) :].decode()
                     )
-                    if request.capability or request.labels:
-                        if not wanted(old if old.capabilities else None):
-                            continue
                     yield registry_pb2.WatchAgentsResponse(
                         type=registry_pb2.AGENT_EVENT_TYPE_REMOVED, agent=old, revision=event.mod_revision
                     )
