@@ -3,9 +3,9 @@
 One module per job, all re-exported here (``from mabeam.runtime.etcd import X``):
 
 * :mod:`.client` — :func:`connect` / :class:`EtcdClient`: aetcd's client over
-  several endpoints (``pick_first`` over the address list, so a dead member is
-  skipped and the next call goes to a live one) and TLS; :data:`UNREACHABLE`
-  and :func:`to_mabeam_error`. Its docstring says how etcd's failures surface.
+  several endpoints (one member at a time; a dead or stuck one is given up
+  for the next, see :mod:`.members`) and TLS; :data:`UNREACHABLE` and
+  :func:`to_mabeam_error`. Its docstring says how etcd's failures surface.
 * :mod:`.leases` — :class:`LeaseKeeper`: a lease kept alive by a background
   task; it says when the lease is lost instead of silently granting another
   (the owner decides what to redo). :class:`KeepAliveStream`: many leases
@@ -23,7 +23,8 @@ One module per job, all re-exported here (``from mabeam.runtime.etcd import X``)
   every service replica) and the upkeep behind ``mabeam maintenance``.
 
 The modules depend on each other in that order only (election on leases and
-watch, both on client).
+watch, both on client; client and leases on :mod:`.members`, which depends on
+none of them).
 """
 
 from mabeam.etcd_target import grpc_target

@@ -1,10 +1,11 @@
 """The etcd client of the mesh: aetcd's client over several endpoints, with TLS.
 
 aetcd talks to one endpoint and reopens a closed client on its next call;
-the mesh needs a client that fails over between members (``pick_first`` over
-the address list, so a dead member is skipped and the next call goes to a
-live one), speaks TLS, finds a dead connection in seconds, and stays closed
-once closed. The primitives of the other modules (leases, watches,
+the mesh needs a client that fails over between members, speaks TLS, finds a
+dead connection in seconds, and stays closed once closed. With several
+endpoints the client keeps a channel per member and talks to one at a time,
+moving to another when that one is down or stuck (frozen: it answers nothing
+for about a second), see :mod:`.members`; with one, grpc's channel does it all. The primitives of the other modules (leases, watches,
 elections) are built on :class:`EtcdClient`.
 
 How failures surface (aetcd maps grpc status codes to its exceptions):
@@ -21,7 +22,9 @@ How failures surface (aetcd maps grpc status codes to its exceptions):
 :data:`UNREACHABLE` lists these three: each means "etcd could not be reached
 or could not commit", never "the request was wrong". Without a ``timeout`` a
 call to a frozen etcd (SIGSTOP, or a dead host that sends no RST) waits until
-the channel's keepalive declares the connection dead, about 8 s.
+the channel's keepalive declares the connection dead, about 8 s, with one
+endpoint; with several, until the member is judged stuck (about 1 s), when a
+read is sent to another member and a write fails with ``ConnectionFailedError``.
 :func:`to_mabeam_error` puts them (and the requests etcd refused) in the
 mesh's error table.
 """
@@ -41,8 +44,9 @@ import grpc
 from grpc import aio
 
 from mabeam import errors
-from mabeam.etcd_target import open_channel
+from mabeam.etcd_target import _is_ip, open_channel
 from mabeam.etcd_target import split as grpc_target_check
+from mabeam.runtime.etcd.members import Member, Members, RoutedStub
 from mabeam.tls import TLS
 
 # One logger for the whole etcd layer, named as before the package was split,
@@ -120,10 +124,10 @@ class EtcdClient(aetcd.Client):
     Create it with :func:`connect`. All of aetcd's API is there (``get``,
     ``put``, ``transaction``, ``lease``, ``watch`` ...), plus :attr:`watchstub`
     for :class:`~mabeam.runtime.etcd.ResumingWatch` and :meth:`keepalive_once`
-    for :class:`~mabeam.runtime.etcd.LeaseKeeper`. Calls go to the first
-    endpoint that answers and move to the next when it dies; a call in flight
-    on the dead one fails with ``ConnectionFailedError`` and may be retried at
-    once.
+    for :class:`~mabeam.runtime.etcd.LeaseKeeper`. Calls go to one member
+    and move to the next when it dies or is judged stuck (:mod:`.members`); a
+    write in flight on that member fails with ``ConnectionFailedError`` and may
+    be retried at once, a read or a lease refresh is sent again by itself.
 
     Several endpoints given by host name are resolved once, at connect time.
     With TLS and several endpoints, every member's certificate must carry the
@@ -145,6 +149,7 @@ class EtcdClient(aetcd.Client):
     def _init_channel_attrs(self) -> None:
         super()._init_channel_attrs()
         self.watchstub = None
+        self._members: Members | None = None
 
     @property
     def closed(self) -> bool:
@@ -170,12 +175,15 @@ class EtcdClient(aetcd.Client):
             return
         self._is_connecting = True
         try:
-            self.channel = await open_channel(self.endpoints, self._tls, _CHANNEL_OPTIONS)
-            self.kvstub = aetcd.rpc.KVStub(self.channel)
-            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
-            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
-            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
-            self.watchstub = aetcd.rpc.WatchStub(self.channel)
+            if len(self.endpoints) > 1:
+                await self._open_members()
+            else:
+                self.channel = await open_channel(self.endpoints, self._tls, _CHANNEL_OPTIONS)
+                self.kvstub = aetcd.rpc.KVStub(self.channel)
+                self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+                self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+                self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+                self.watchstub = aetcd.rpc.WatchStub(self.channel)
             # aetcd's own watch API multiplexes all its watches on one stream.
             self._watcher = aetcd.watcher.Watcher(
                 self.watchstub, timeout=self._timeout, metadata=self.metadata
@@ -184,6 +192,37 @@ class EtcdClient(aetcd.Client):
         finally:
             self._is_connecting = False
 
+    async def _open_members(self) -> None:
+        """One channel per member, the calls routed to the one in use (see :mod:`.members`)."""
+        hosts, secure = grpc_target_check(self.endpoints)
+        options = list(_CHANNEL_OPTIONS)
+        if secure or self._tls is not None:
+            # As with one address list: every member's certificate is checked against one name.
+            named = [h for h, _ in hosts if not _is_ip(h)]
+            options.append(("grpc.ssl_target_name_override", named[0] if named else hosts[0][0]))
+        channels = [await open_channel([endpoint], self._tls, options) for endpoint in self.endpoints]
+        members = Members(
+            [Member(endpoint, channel) for endpoint, channel in zip(self.endpoints, channels, strict=True)],
+            metadata=self.metadata,
+        )
+        self._members = members
+        self.channel = channels[0]  # what aetcd's close() looks at; _members closes them all
+        self.kvstub = RoutedStub(members, "kvstub")
+        self.clusterstub = RoutedStub(members, "clusterstub")
+        self.leasestub = RoutedStub(members, "leasestub")
+        self.maintenancestub = RoutedStub(members, "maintenancestub")
+        self.watchstub = RoutedStub(members, "watchstub")
+        members.start()
+
+    def member(self) -> Member | None:
+        """The etcd member calls go to now (None with a single endpoint: grpc's channel picks)."""
+        return self._members.pick() if self._members is not None else None
+
+    @property
+    def member_switches(self) -> int:
+        """How many times a stuck member was given up for another (0 with a single endpoint)."""
+        return self._members.switches if self._members is not None else 0
+
     async def close(self) -> None:
         """Close the channel (calls in flight fail with CANCELLED); safe to call twice.
 
@@ -191,7 +230,10 @@ class EtcdClient(aetcd.Client):
         leak a channel nobody closes, so this one raises ClientClosedError instead.
         """
         self._closed = True
+        members, self._members = self._members, None
         await super().close()
+        if members is not None:
+            await members.close()
 
     async def keepalive_once(self, lease_id: int) -> int:
         """Refresh a lease once; its TTL after the refresh, 0 when etcd no longer knows it.
@@ -201,6 +243,8 @@ class EtcdClient(aetcd.Client):
         that looks open.
         """
         await self.connect()
+        if self._members is not None:
+            return await self._keepalive_once_routed(self._members, lease_id)
         assert self.leasestub is not None
         call = self.leasestub.LeaseKeepAlive(
             iter([aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id)]),
@@ -216,6 +260,34 @@ class EtcdClient(aetcd.Client):
             call.cancel()
         # The stream ended without an answer: that says nothing about the lease.
         raise aetcd.exceptions.ConnectionFailedError("etcd ended the lease keep-alive without an answer")
+
+    async def _keepalive_once_routed(self, members: Members, lease_id: int) -> int:
+        # Sent to the member in use; sent again to the next one only if that member is
+        # judged stuck meanwhile (a refresh is idempotent; a late one does no harm).
+        while True:
+            member = members.pick()
+            call = member.leasestub.LeaseKeepAlive(
+                iter([aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id)]),
+                timeout=self._timeout,
+                metadata=self.metadata,
+            )
+            member.calls.add(call)
+            try:
+                async for reply in call:
+                    member.heard()
+                    return int(reply.TTL)
+            except asyncio.CancelledError:
+                if member.stuck and not _cancelled_by_caller():
+                    continue
+                raise
+            except aio.AioRpcError as exc:
+                member.heard_error(exc)
+                members.failed(member, exc)
+                aetcd.exceptions._handle_exception(exc)
+            finally:
+                member.calls.discard(call)
+                call.cancel()
+            raise aetcd.exceptions.ConnectionFailedError("etcd ended the lease keep-alive without an answer")
 
 
 async def connect(

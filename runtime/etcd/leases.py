@@ -28,6 +28,14 @@ import stamina
 from grpc import aio
 
 from mabeam.runtime.etcd.client import UNREACHABLE, ClientClosedError, EtcdClient, _cancelled_by_caller, log
+from mabeam.runtime.etcd.members import LATE_TICK_S, TICK_S, Member
+
+# With several members: a stream with refreshes waiting that answered nothing for this
+# long, while its member answers other calls, is given up and its refreshes sent again
+# on a new stream (see _KeepAliveCall._supervise). A busy etcd answers every stream late,
+# but each keeps answering; a refresh a follower forwards to a frozen leader holds one
+# stream until the follower's request timeout (7 s), longer than an agent's lease.
+STREAM_STALL_S = 1.5
 
 
 class KeepAliveStream:
@@ -49,6 +57,14 @@ class KeepAliveStream:
     with ``keepalive_once``, a dead connection fails the call instead of
     leaving a stream that looks open.
 
+    With several members, refreshes do not fail for a member that stops
+    answering: when the client judges the member stuck, or when one stream
+    answered nothing for :data:`STREAM_STALL_S` while its member answers the
+    rest (a follower forwarding a refresh to a frozen leader), the refreshes
+    waiting on that stream are sent once more on a new one (to the member now
+    in use) and their callers get the first answer. A merely slow stream is
+    waited for: nothing is resent on a deadline.
+
     Example::
 
         refresher = KeepAliveStream(client)
@@ -68,15 +84,8 @@ class KeepAliveStream:
         """Refresh ``lease_id`` once; its TTL after the refresh, 0 when etcd no longer knows it."""
         if self._closed:
             raise ClientClosedError("keep-alive stream is closed")
-        slot = lease_id % len(self._streams)
-        stream = self._streams[slot]
-        if stream is None or stream.closed:
-            await self._client.connect()
-            stream = self._streams[slot]  # another refresh may have opened it meanwhile
-            if stream is None or stream.closed:
-                assert self._client.leasestub is not None
-                stream = _KeepAliveCall(self._client.leasestub, self._client.metadata)
-                self._streams[slot] = stream
+        await self._client.connect()
+        stream = self._stream_for(lease_id)
         answer = stream.send(lease_id)
         try:
             return await asyncio.wait_for(answer, self._timeout)
@@ -84,8 +93,42 @@ class KeepAliveStream:
             error = aetcd.exceptions.ConnectionTimeoutError(
                 f"etcd did not answer a lease keep-alive within {self._timeout:g} s"
             )
+            stream = self._stream_holding(answer) or stream
             stream.fail(error)
             raise error from None
+
+    def _stream_for(self, lease_id: int) -> _KeepAliveCall:
+        """The open stream of the lease's slot, to the member in use (opened if need be)."""
+        slot = lease_id % len(self._streams)
+        stream = self._streams[slot]
+        member = self._client.member()
+        if stream is not None and not stream.closed and stream.member is member:
+            return stream
+        if stream is not None and not stream.closed:
+            stream.retire()  # the client moved to another member: this one ends once answered
+        stub = member.leasestub if member is not None else self._client.leasestub
+        assert stub is not None
+        stream = _KeepAliveCall(stub, self._client.metadata, member, self._hand_over)
+        self._streams[slot] = stream
+        return stream
+
+    def _stream_holding(self, answer: asyncio.Future[int]) -> _KeepAliveCall | None:
+        for stream in self._streams:
+            if stream is not None and stream.holds(answer):
+                return stream
+        return None
+
+    def _hand_over(self, waiting: dict[int, deque[asyncio.Future[int]]]) -> None:
+        """Refreshes left unanswered on a member judged stuck: sent once more, to the member in use."""
+        if self._closed:
+            for answers in waiting.values():
+                for answer in answers:
+                    if not answer.done():
+                        answer.set_exception(ClientClosedError("keep-alive stream is closed"))
+                        answer.exception()
+            return
+        for lease_id, answers in waiting.items():
+            self._stream_for(lease_id).adopt(lease_id, answers)
 
     async def close(self) -> None:
         """Close every stream (refreshes in flight fail); safe to call twice."""
@@ -98,16 +141,36 @@ class KeepAliveStream:
 
 
 class _KeepAliveCall:
-    """One LeaseKeepAlive stream of a :class:`KeepAliveStream`, its requests paired with answers."""
+    """One LeaseKeepAlive stream of a :class:`KeepAliveStream`, its requests paired with answers.
 
-    def __init__(self, stub: Any, metadata: Any) -> None:
+    With several members (``member`` given), the stream is to that member;
+    when the client judges it stuck, the refreshes still waiting are handed
+    to ``hand_over`` (sent again elsewhere) instead of failing.
+    """
+
+    def __init__(
+        self,
+        stub: Any,
+        metadata: Any,
+        member: Member | None = None,
+        hand_over: Callable[[dict[int, deque[asyncio.Future[int]]]], None] | None = None,
+    ) -> None:
         self.closed = False
+        self.member = member
+        self._retiring = False
+        self._hand_over = hand_over
         self._queue: asyncio.Queue[int | None] = asyncio.Queue()
         # Per lease, the refreshes sent and not yet answered, oldest first:
         # etcd answers a stream's requests in order.
         self._waiting: dict[int, deque[asyncio.Future[int]]] = {}
         self._call = stub.LeaseKeepAlive(self._requests(), metadata=metadata)
         self.reader = asyncio.create_task(self._read(), name="etcd-lease-keepalive")
+        self._progress_at = asyncio.get_running_loop().time()  # last reply, or first request since
+        self._stuck_watch: asyncio.Task[None] | None = None
+        if member is not None:
+            self._stuck_watch = asyncio.create_task(
+                self._supervise(member), name="etcd-lease-keepalive-watch"
+            )
 
     async def _requests(self) -> Any:
         while True:
@@ -118,14 +181,67 @@ class _KeepAliveCall:
 
     def send(self, lease_id: int) -> asyncio.Future[int]:
         answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(lease_id, deque()).append(answer)
-        self._queue.put_nowait(lease_id)
+        self.adopt(lease_id, [answer])
         return answer
+
+    def adopt(self, lease_id: int, answers: Any) -> None:
+        """Send one refresh of ``lease_id`` per answer still awaited; its reply resolves it."""
+        for answer in answers:
+            if answer.done():
+                continue
+            if not self._waiting:
+                self._progress_at = asyncio.get_running_loop().time()
+            self._waiting.setdefault(lease_id, deque()).append(answer)
+            self._queue.put_nowait(lease_id)
+
+    def holds(self, answer: asyncio.Future[int]) -> bool:
+        return any(answer in answers for answers in self._waiting.values())
+
+    def retire(self) -> None:
+        """Send nothing more; end once every refresh sent was answered."""
+        self._retiring = True
+        if not self._waiting:
+            self.fail(aetcd.exceptions.ConnectionFailedError("lease keep-alive stream retired"))
+
+    async def _supervise(self, member: Member) -> None:
+        """Hand the refreshes waiting here over to another stream when the member is judged
+        stuck, or when this stream alone stopped answering while the member answers the rest
+        (a follower's refresh forwarded to a frozen leader holds up the whole stream: etcd
+        answers a stream's requests one after another)."""
+        loop = asyncio.get_running_loop()
+        expected = loop.time() + TICK_S
+        while not self.closed:
+            await asyncio.sleep(max(0.0, expected - loop.time()))
+            now = loop.time()
+            late = now - expected > LATE_TICK_S  # the loop stalled: answers may be unprocessed
+            expected = now + TICK_S
+            if self.closed:
+                return
+            if member.stuck:
+                why = f"etcd member {member.endpoint} stopped answering"
+            elif (
+                not late
+                and self._waiting
+                and now - self._progress_at >= STREAM_STALL_S
+                and now - member.heard_at < 1.0  # the member itself answers
+            ):
+                why = f"lease keep-alive stream to {member.endpoint} answered nothing for {now - self._progress_at:.2f} s"
+            else:
+                continue
+            waiting, self._waiting = self._waiting, {}
+            self.fail(aetcd.exceptions.ConnectionFailedError(why))
+            if waiting and self._hand_over is not None:
+                log.info("%s: %d lease refreshes sent again", why, sum(len(a) for a in waiting.values()))
+                self._hand_over(waiting)
+            return
 
     async def _read(self) -> None:
         error: Exception = aetcd.exceptions.ConnectionFailedError("etcd ended the lease keep-alive stream")
         try:
             async for reply in self._call:
+                if self.member is not None:
+                    self.member.heard()
+                    self._progress_at = self.member.heard_at
                 waiting = self._waiting.get(reply.ID)
                 if not waiting:
                     continue
@@ -134,7 +250,11 @@ class _KeepAliveCall:
                     del self._waiting[reply.ID]
                 if not answer.done():
                     answer.set_result(int(reply.TTL))
+                if self._retiring and not self._waiting:
+                    break
         except aio.AioRpcError as exc:
+            if self.member is not None:
+                self.member.heard_error(exc)
             try:
                 aetcd.exceptions._handle_exception(exc)
             except Exception as mapped:
@@ -152,6 +272,8 @@ class _KeepAliveCall:
         self.closed = True
         self._call.cancel()
         self._queue.put_nowait(None)
+        if self._stuck_watch is not None and self._stuck_watch is not asyncio.current_task():
+            self._stuck_watch.cancel()
         waiting, self._waiting = self._waiting, {}
         for answers in waiting.values():
             for answer in answers:
