@@ -35,7 +35,7 @@ from mabeam.services.coordination.engine import FINISH_MIN_S, FanOut, Session, f
 from mabeam.services.coordination.participants import resolve
 from mabeam.services.coordination.plugins import run_plugin
 from mabeam.services.coordination.protocols.errors import ProtocolParamError
-from mabeam.services.coordination.store import SessionStore, decode_protocol
+from mabeam.services.coordination.store import MAX_TRANSCRIPT_BYTES, SessionStore, decode_protocol
 from mabeam.v1 import (
     common_pb2,
     coordination_pb2,
@@ -155,6 +155,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
 
     async def start(self) -> None:
         await self.plugins.start()
+        await self.store.backfill_index()  # sessions stored before the index: once per mesh
         config = self._server.config
         self._mesh = await MeshClient.connect(
             etcd=list(config.etcd_endpoints),
@@ -470,24 +471,22 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         size = validate.page_size(request.page_size)
         after = request.started_after.ToNanoseconds() if request.HasField("started_after") else None
         before = request.started_before.ToNanoseconds() if request.HasField("started_before") else None
-        sessions = [
-            s
-            for s in await self.store.list_summaries()
-            if (not request.protocol or s.protocol == request.protocol)
-            and (after is None or s.started_at.ToNanoseconds() >= after)
-            and (before is None or s.started_at.ToNanoseconds() < before)
-        ]
-        # Newest first; the page key sorts the same way as a string.
-        sessions.sort(key=lambda s: (-s.started_at.ToNanoseconds(), s.session_id))
-
-        def key(s: coordination_pb2.Session) -> str:
-            return f"{(1 << 63) - s.started_at.ToNanoseconds():020d}/{s.session_id}"
-
+        # Newest first: the store reads one page of its time-ordered index (docs/decisions.md,
+        # "Paging that pages"); the token is the index position the next page starts after.
         filters = [request.protocol, after, before, request.view]
-        chunk, token = validate.page(sessions, key, size, request.page_token, filters)
+        position = validate.decode_page_token(request.page_token, filters)
+        chunk, following = await self.store.list_page(
+            size=size,
+            after=position,
+            protocol=request.protocol,
+            started_after_ns=after,
+            started_before_ns=before,
+        )
+        token = validate.encode_page_token(following, filters) if following is not None else ""
         if request.view == coordination_pb2.SESSION_VIEW_FULL:
+            budget = [MAX_TRANSCRIPT_BYTES]  # shared by the page's sessions
             for s in chunk:
-                s.rounds.extend(await self.store.get_rounds(s.session_id))
+                s.rounds.extend(await self.store.get_rounds(s.session_id, budget))
         return coordination_pb2.ListSessionsResponse(sessions=chunk, next_page_token=token)
 
     async def WatchSession(
