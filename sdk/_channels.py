@@ -43,7 +43,7 @@ MAX_CHANNELS = 1024
 
 
 class _InFlight:
-    """Calls in flight on one channel, counted by the channel's own interceptors."""
+    """Calls in flight on one channel, counted by the channel's wrapper (:class:`_Channel`)."""
 
     __slots__ = ("active",)
 
@@ -53,36 +53,70 @@ class _InFlight:
     def done(self, _call: Any) -> None:
         self.active -= 1
 
-    async def track(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        self.active += 1
-        try:
-            call = await continuation(details, request)
-        except BaseException:
-            self.active -= 1
-            raise
-        call.add_done_callback(self.done)
+
+def _with_token(metadata: Any, token: tuple[tuple[str, str], ...]) -> Any:
+    """``metadata`` plus the pool's ``authorization``, unless the caller passes one of its own."""
+    if metadata is None:
+        return token
+    pairs = tuple(metadata)
+    if any(key == "authorization" for key, _ in pairs):
+        return pairs
+    return pairs + token
+
+
+class _MultiCallable:
+    """A channel's callable for one method: adds the pool's token and counts the call while it runs.
+
+    Not a grpc interceptor: grpc.aio's interceptors wrap every call in an extra
+    task and cost about a tenth of a loopback call (measured: 776 µs plain,
+    859 µs through one interceptor, 816 µs with the metadata passed as here).
+    """
+
+    __slots__ = ("_calls", "_inner", "_token")
+
+    def __init__(self, inner: Any, token: tuple[tuple[str, str], ...], calls: _InFlight) -> None:
+        self._inner = inner
+        self._token = token
+        self._calls = calls
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._token:
+            kwargs["metadata"] = _with_token(kwargs.get("metadata"), self._token)
+        call = self._inner(*args, **kwargs)
+        self._calls.active += 1
+        call.add_done_callback(self._calls.done)
         return call
 
-    def interceptors(self) -> list[Any]:
-        track = self.track
 
-        class UU(aio.UnaryUnaryClientInterceptor):
-            async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-                return await track(continuation, details, request)
+class _Channel:
+    """An ``aio.Channel`` whose calls carry the pool's token and are counted (what the pool hands out).
 
-        class US(aio.UnaryStreamClientInterceptor):
-            async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-                return await track(continuation, details, request)
+    Stubs built on it (``AgentServiceStub(channel)``) and calls made through
+    :meth:`unary_unary` and friends go through :class:`_MultiCallable`;
+    everything else is the channel's own.
+    """
 
-        class SU(aio.StreamUnaryClientInterceptor):
-            async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-                return await track(continuation, details, requests)
+    __slots__ = ("_calls", "_channel", "_token")
 
-        class SS(aio.StreamStreamClientInterceptor):
-            async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-                return await track(continuation, details, requests)
+    def __init__(self, channel: aio.Channel, token: tuple[tuple[str, str], ...], calls: _InFlight) -> None:
+        self._channel = channel
+        self._token = token
+        self._calls = calls
 
-        return [UU(), US(), SU(), SS()]
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _MultiCallable(self._channel.unary_unary(*args, **kwargs), self._token, self._calls)
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _MultiCallable(self._channel.unary_stream(*args, **kwargs), self._token, self._calls)
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _MultiCallable(self._channel.stream_unary(*args, **kwargs), self._token, self._calls)
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _MultiCallable(self._channel.stream_stream(*args, **kwargs), self._token, self._calls)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
 
 
 class _Pooled:
@@ -90,7 +124,7 @@ class _Pooled:
 
     __slots__ = ("calls", "channel", "last_used", "stubs")
 
-    def __init__(self, channel: aio.Channel, calls: _InFlight, now: float) -> None:
+    def __init__(self, channel: Any, calls: _InFlight, now: float) -> None:
         self.channel = channel
         self.stubs: dict[Callable[[aio.Channel], Any], Any] = {}
         self.calls = calls
@@ -109,7 +143,8 @@ class ChannelPool:
     :data:`MAX_CHANNELS`, 1,024) the least recently used idle one is closed;
     its stubs go with it, and the next use opens a new one. A channel with a
     call in flight is never closed by either rule: each channel counts its
-    calls (an interceptor: started, done), so a long stream keeps its channel.
+    calls (started, done: the channel the pool hands out wraps each method's
+    callable, see :class:`_MultiCallable`), so a long stream keeps its channel.
     "Used" means taken from the pool (:meth:`get`, :meth:`stub`) or carrying
     a call; a caller keeping a stub or channel should take it again from the
     pool (a dict lookup) for calls more than ``idle_timeout`` apart. Idle
@@ -130,7 +165,7 @@ class ChannelPool:
         if idle_timeout <= 0 or max_channels < 1:
             raise ValueError("idle_timeout must be > 0 and max_channels >= 1")
         self._tls = tls
-        self._token_interceptors = auth.client_interceptors(token)
+        self._token = auth.call_metadata(token)
         self._channels: collections.OrderedDict[str, _Pooled] = collections.OrderedDict()
         self.idle_timeout = idle_timeout
         self.max_channels = max_channels
@@ -159,7 +194,7 @@ class ChannelPool:
 
     def get(self, address: str) -> aio.Channel:
         """The channel to ``address``, created on first use (or after it was closed as idle)."""
-        return self._take(address).channel
+        return self._take(address).channel  # type: ignore[no-any-return]
 
     def _take(self, address: str) -> _Pooled:
         now = self._clock()
@@ -176,7 +211,7 @@ class ChannelPool:
     def _open(self, address: str, now: float) -> _Pooled:
         calls = _InFlight()
         options = list(CHANNEL_OPTIONS)
-        interceptors = [*telemetry.client_interceptors(), *self._token_interceptors, *calls.interceptors()]
+        interceptors = telemetry.client_interceptors()
         if self._tls is not None:
             if self._tls.server_name:
                 options.append(("grpc.ssl_target_name_override", self._tls.server_name))
@@ -185,7 +220,7 @@ class ChannelPool:
             )
         else:
             channel = aio.insecure_channel(address, options=options, interceptors=interceptors)
-        pooled = self._channels[address] = _Pooled(channel, calls, now)
+        pooled = self._channels[address] = _Pooled(_Channel(channel, self._token, calls), calls, now)
         self._arm_timer()
         return pooled
 
