@@ -23,13 +23,10 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture
 async def full_etcd() -> AsyncIterator[EmbeddedEtcd]:
     """An etcd whose database may grow to 256 KiB only: a few writes raise the NOSPACE alarm."""
-    server = EmbeddedEtcd(unsafe_no_fsync=True, extra_args=["--quota-backend-bytes", str(256 * 1024)])
-    await server.start()
-    try:
+    async with EmbeddedEtcd(
+        unsafe_no_fsync=True, extra_args=["--quota-backend-bytes", str(256 * 1024)]
+    ) as server:
         yield server
-    finally:
-        await server.stop()
-        server.cleanup()
 
 
 async def test_a_write_to_a_full_etcd_is_resource_exhausted(

@@ -225,13 +225,8 @@ async def test_a_cache_lists_again_when_its_watch_resumes_from_a_compacted_revis
 @pytest.fixture
 async def tiny_etcd() -> AsyncIterator[EmbeddedEtcd]:
     """An etcd whose database may grow to 2 MiB: a dozen writes of 200 KB raise NOSPACE."""
-    server = EmbeddedEtcd(unsafe_no_fsync=True, quota_backend_bytes=TINY_QUOTA)
-    await server.start()
-    try:
+    async with EmbeddedEtcd(unsafe_no_fsync=True, quota_backend_bytes=TINY_QUOTA) as server:
         yield server
-    finally:
-        await server.stop()
-        server.cleanup()
 
 
 async def test_nospace_is_visible_and_recovered_without_a_restart(

@@ -19,13 +19,8 @@ from mabeam.runtime.etcd import EtcdClient, connect
 @pytest.fixture(scope="session")
 async def etcd() -> AsyncIterator[EmbeddedEtcd]:
     """One etcd for the whole session; fsync off, since its data dies with the session anyway."""
-    server = EmbeddedEtcd(unsafe_no_fsync=True)
-    await server.start()
-    try:
+    async with EmbeddedEtcd(unsafe_no_fsync=True) as server:
         yield server
-    finally:
-        await server.stop()
-        server.cleanup()
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +42,5 @@ def key_prefix() -> bytes:
 @pytest.fixture
 async def private_etcd() -> AsyncIterator[EmbeddedEtcd]:
     """An etcd of the test's own, for tests that stop, restart or freeze it."""
-    server = EmbeddedEtcd(unsafe_no_fsync=True)
-    await server.start()
-    try:
+    async with EmbeddedEtcd(unsafe_no_fsync=True) as server:
         yield server
-    finally:
-        await server.stop()
-        server.cleanup()
