@@ -17,9 +17,14 @@ from mabeam.runtime.etcd import EtcdClient, connect
 
 
 @pytest.fixture(scope="session")
-async def etcd() -> AsyncIterator[EmbeddedEtcd]:
-    """One etcd for the whole session; fsync off, since its data dies with the session anyway."""
-    async with EmbeddedEtcd(unsafe_no_fsync=True) as server:
+async def etcd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedEtcd]:
+    """One etcd for the whole session; fsync off, since its data dies with the session anyway.
+
+    Its log is kept under the session's base temporary directory
+    (``session-etcd.log``), so that an etcd that died mid-session can be read about afterwards.
+    """
+    log_file = tmp_path_factory.getbasetemp() / "session-etcd.log"
+    async with EmbeddedEtcd(unsafe_no_fsync=True, log_file=log_file) as server:
         yield server
 
 
