@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from harness.mesh_fixtures import enrolled
+from harness.wait import eventually
 from mabeam import errors
 from mabeam.client import MeshClient, list_all
 from mabeam.config import MeshConfig
@@ -33,7 +34,7 @@ from mabeam.services.coordination.store import SessionStore, split_round
 from mabeam.v1 import common_pb2, coordination_pb2
 from mabeam.v1.registry_pb2 import ListAgentsRequest
 
-HOST_SCRIPT = str(Path(__file__).resolve().parent / "harness" / "bidder_host.py")
+HOST_SCRIPT = str(Path(__file__).resolve().parent / "harness" / "load_host.py")
 
 
 def transcript(agents: int, number: int = 1) -> coordination_pb2.Round:
@@ -56,11 +57,11 @@ def transcript(agents: int, number: int = 1) -> coordination_pb2.Round:
 
 
 def spawn_host(registry: str, agents: int, log: Path) -> subprocess.Popen[bytes]:
-    """``agents`` light bidders on one AgentHost process (tests/harness/bidder_host.py)."""
+    """``agents`` light bidders (capability ``load``) on one AgentHost process with 60 s leases."""
     argv = [sys.executable, HOST_SCRIPT, "--registry", registry, "--count", str(agents)]
     with open(log, "wb") as err:
         return process.spawn(
-            [*argv, "--prefix", "big-"],
+            [*argv, "--prefix", "big-", "--groups", "1", "--lease-ttl", "60"],
             env={**os.environ, "MABEAM_LOG_LEVEL": "WARNING"},
             stdout=subprocess.PIPE,
             stderr=err,
@@ -152,10 +153,8 @@ async def test_a_write_that_fails_after_its_chunks_leaves_no_chunks_and_no_trans
     async def no_chunks() -> bool:
         return not await keys_under(etcd_client, store.chunks_prefix("lost"))
 
-    deadline = time.monotonic() + 5
-    while not await no_chunks():  # deleted in the background by the failed write
-        assert time.monotonic() < deadline, "unreferenced chunks were not deleted"
-        await asyncio.sleep(0.02)
+    # Deleted in the background by the failed write.
+    await eventually(no_chunks, timeout=5, interval=0.02, what="unreferenced chunks deleted")
     assert await store.get("lost", full=True) is None
 
 
@@ -258,11 +257,12 @@ async def test_a_sealed_bid_auction_among_ten_thousand_agents_is_stored_and_read
         line = (await asyncio.to_thread(host.stdout.readline)).decode(errors="replace")
         assert line.startswith("agents ready on "), log.read_text(errors="replace")[-2000:]
         # The registry's lookups are fed by a watch: wait until they list every agent.
-        deadline = time.monotonic() + 60
         request_all = ListAgentsRequest(capability="load")
-        while (listed := len(await list_all(client.registry.ListAgents, request_all, "agents"))) < agents:
-            assert time.monotonic() < deadline, f"the registry lists {listed} of the {agents} agents"
-            await asyncio.sleep(0.2)
+
+        async def all_listed() -> bool:
+            return len(await list_all(client.registry.ListAgents, request_all, "agents")) >= agents
+
+        await eventually(all_listed, timeout=60, interval=0.2, what=f"the registry lists all {agents} agents")
         registered = time.monotonic() - started
         request = coordination_pb2.RunAuctionRequest(
             settings=coordination_pb2.SessionSettings(

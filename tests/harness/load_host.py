@@ -1,7 +1,8 @@
 """An AgentHost process for the load test (``python tests/harness/load_host.py``).
 
 Serves ``--count`` agents ``<prefix><n>`` on one endpoint with the SDK's
-default lease TTL, registers them and prints ``agents ready on HOST:PORT``.
+default lease TTL (or ``--lease-ttl`` seconds: ten thousand agents on a slow
+machine keep 60 s leases with a few hundred refreshes a second), registers them and prints ``agents ready on HOST:PORT``.
 Agent n has the capabilities ``load`` and ``load-g<k>`` where k is its global
 index (``--first`` + n) modulo ``--groups``, so a group spans every host.
 Every agent bids in sealed-bid auctions, proposes in Contract Net (the
@@ -61,7 +62,9 @@ class LoadAgent(Agent):
 
 async def main(args: argparse.Namespace) -> None:
     agents = [LoadAgent(f"{args.prefix}{n:04d}", args.first + n, args.groups) for n in range(args.count)]
-    host = AgentHost(agents, registry=args.registry)
+    host = AgentHost(
+        agents, registry=args.registry, **({"lease_ttl": args.lease_ttl} if args.lease_ttl else {})
+    )
     await host.start()
     print(f"agents ready on {host.address}", flush=True)
     try:
@@ -86,4 +89,5 @@ if __name__ == "__main__":
     parser.add_argument("--first", type=int, default=0, help="global index of this host's first agent")
     parser.add_argument("--groups", type=int, default=10)
     parser.add_argument("--prefix", default="load-")
+    parser.add_argument("--lease-ttl", type=float, help="lease TTL of every agent (default: the SDK's)")
     asyncio.run(main(parser.parse_args()))

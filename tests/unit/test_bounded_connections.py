@@ -107,7 +107,10 @@ async def test_an_idle_channel_is_closed_and_opened_again_on_next_use() -> None:
         again = pool.get("127.0.0.1:1")  # opened again on its next use
         assert again is not first and len(pool) == 2
         assert pool.stub("127.0.0.1:1", Stub) is not stub  # its stubs went with it
-        await asyncio.sleep(0.05)  # the close runs as a task
+        # The close runs as a task: wait until the channel says it is shut down.
+        await eventually(
+            lambda: first.get_state() == grpc.ChannelConnectivity.SHUTDOWN, timeout=5, what="channel closed"
+        )
         with pytest.raises(Exception):  # a closed channel refuses calls  # noqa: B017
             await first.unary_unary("/x.Y/Z")(b"", timeout=1)
     finally:
