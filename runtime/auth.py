@@ -148,13 +148,13 @@ class PrincipalStore:
     def key(self, principal_id: str) -> bytes:
         return principals_prefix(self.config) + principal_id.encode()
 
-    async def create(self, record: PrincipalRecord) -> bool:
-        """Store ``record`` unless its id exists; False when it does."""
+    async def create(self, record: PrincipalRecord, lease: int | None = None) -> bool:
+        """Store ``record`` unless its id exists (False when it does); with ``lease``, it dies with it."""
         c = self.client
         key = self.key(record.identity.principal_id)
         ok, _ = await c.transaction(
             compare=[c.transactions.create(key) == 0],
-            success=[c.transactions.put(key, record.encode())],
+            success=[c.transactions.put(key, record.encode(), lease=lease)],
             failure=[],
         )
         return bool(ok)
@@ -179,8 +179,14 @@ class PrincipalStore:
             return None
         return PrincipalRecord.decode(b"", bytes(kvs[0][0]))  # (value, metadata) pairs
 
-    async def mint(self, name: str, role: int, agent_pattern: str = "") -> tuple[PrincipalRecord, str]:
-        """A new token principal: ``(record, token)``; the token exists only in the answer."""
+    async def mint(
+        self, name: str, role: int, agent_pattern: str = "", *, lease: int | None = None
+    ) -> tuple[PrincipalRecord, str]:
+        """A new token principal: ``(record, token)``; the token exists only in the answer.
+
+        With ``lease`` the principal dies with that lease (the credential a
+        replica hands its own child processes ends with the replica).
+        """
         for _ in range(5):
             token, token_id = auth.new_token()
             identity = auth.Identity(
@@ -190,7 +196,7 @@ class PrincipalStore:
                 agent_pattern=(agent_pattern or "*") if role == auth.AGENT else "",
             )
             record = token_record(identity, token)
-            if await self.create(record):
+            if await self.create(record, lease):
                 return record, token
         raise errors.Internal("could not choose a free token id in 5 tries")
 

@@ -423,3 +423,16 @@ async def test_the_shadowray_attack_by_a_stranger_or_an_operator_is_refused_even
     finally:
         await stranger.close()
         await admin.close()
+
+
+async def test_a_supervised_agents_credential_dies_with_the_registry_replica_that_minted_it(
+    strict: MeshClient, etcd_client: EtcdClient, mesh_config: MeshConfig
+) -> None:
+    """Bound to the replica's lease: a registry killed outright leaves no agent credential in etcd."""
+    await start_worker(strict, "k9")
+    records = await etcd_client.get_prefix(mesh_config.key("auth", "principals") + b"/")
+    (credential,) = [kv for kv in records if json.loads(kv.value)["name"] == "supervised:k9"]
+    assert credential.lease != 0
+    info = await etcd_client.get_lease_info(credential.lease)
+    assert 0 < info.TTL <= mesh_config.service_ttl
+    await stop(strict, "k9")

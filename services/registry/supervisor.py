@@ -260,10 +260,15 @@ class Supervisor:
 
     async def issue_credential(self, agent_id: str) -> None:
         """With auth on: mint the credential the processes of ``agent_id`` run here present (role agent,
-        that id only); :meth:`revoke_credential` when this replica no longer runs the agent."""
+        that id only, bound to this replica's lease); :meth:`revoke_credential` when this replica
+        no longer runs the agent."""
         if not self.server.config.auth or agent_id in self.credentials:
             return
-        record, token = await self.principals.mint(f"supervised:{agent_id}", auth.AGENT, agent_id)
+        # Bound to this replica's lease: a replica killed outright leaves no credential behind.
+        lease = self._keeper.lease_id if self._keeper is not None and self._keeper.lease_id else None
+        record, token = await self.principals.mint(
+            f"supervised:{agent_id}", auth.AGENT, agent_id, lease=lease
+        )
         self.credentials[agent_id] = (record.identity.principal_id, token)
 
     async def revoke_credential(self, agent_id: str) -> None:
