@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 from mabeam import errors
@@ -142,28 +144,34 @@ async def _status(args: argparse.Namespace) -> int:
     return 0 if reachable and not report["alarms"] else 1
 
 
-async def _compact(args: argparse.Namespace) -> int:
-    from mabeam.runtime.etcd import connect, maintenance
+@contextlib.asynccontextmanager
+async def _etcd(endpoints: list[str], tls: TLS | None, timeout: float) -> AsyncIterator[Any]:
+    """An etcd client for one command, closed when it is done."""
+    from mabeam.runtime.etcd import connect
 
-    endpoints, tls = etcd_settings(args)
-    client = await connect(endpoints, tls=tls, timeout=60)
+    client = await connect(endpoints, tls=tls, timeout=timeout)
     try:
-        revision = await maintenance.compact(client)
+        yield client
     finally:
         await client.close()
+
+
+async def _compact(args: argparse.Namespace) -> int:
+    from mabeam.runtime.etcd import maintenance
+
+    endpoints, tls = etcd_settings(args)
+    async with _etcd(endpoints, tls, 60) as client:
+        revision = await maintenance.compact(client)
     print(f"etcd: history compacted up to revision {revision}")
     return 0
 
 
 async def _defrag(args: argparse.Namespace) -> int:
-    from mabeam.runtime.etcd import connect, maintenance
+    from mabeam.runtime.etcd import maintenance
 
     endpoints, tls = etcd_settings(args)
-    client = await connect(endpoints, tls=tls, timeout=5)
-    try:
+    async with _etcd(endpoints, tls, 5) as client:
         listed = [m async for m in client.members()]
-    finally:
-        await client.close()
     given = {e.rstrip("/") for e in endpoints}
     for member in listed if len(listed) > len(endpoints) else []:
         urls = {str(u).rstrip("/") for u in member.client_urls}
@@ -181,14 +189,11 @@ async def _defrag(args: argparse.Namespace) -> int:
 
 
 async def _disarm(args: argparse.Namespace) -> int:
-    from mabeam.runtime.etcd import connect, maintenance
+    from mabeam.runtime.etcd import maintenance
 
     endpoints, tls = etcd_settings(args)
-    client = await connect(endpoints, tls=tls, timeout=10)
-    try:
+    async with _etcd(endpoints, tls, 10) as client:
         disarmed = await maintenance.disarm(client)
-    finally:
-        await client.close()
     if not disarmed:
         print("etcd: no NOSPACE alarm to disarm")
     for alarm in disarmed:
