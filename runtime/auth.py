@@ -92,6 +92,10 @@ class PrincipalBook(auth.Verifier):
         )
         self._prefix = principals_prefix(config)
         self._subjects: dict[str, PrincipalRecord] = {}
+        # Service principal id -> its agent-call digest, and their sorted list: what the
+        # registry hands agents on every heartbeat answer, kept current here, not rebuilt per beat.
+        self._service: dict[str, str] = {}
+        self._service_digests: list[str] = []
         self.cache.add_listener(self._index)
 
     def _index(
@@ -101,6 +105,14 @@ class PrincipalBook(auth.Verifier):
             self._subjects.pop(old.identity.subject, None)
         if new is not None and new.identity.subject:
             self._subjects[new.identity.subject] = new
+        changed = False
+        if old is not None and old.identity.role == auth.SERVICE:
+            changed = self._service.pop(old.identity.principal_id, None) is not None
+        if new is not None and new.identity.role == auth.SERVICE and new.agent_call_digest:
+            self._service[new.identity.principal_id] = new.agent_call_digest
+            changed = True
+        if changed:
+            self._service_digests = sorted(self._service.values())
 
     async def start(self) -> None:
         await self.cache.start()
@@ -130,12 +142,8 @@ class PrincipalBook(auth.Verifier):
     def service_digests(self) -> list[str]:
         """What agents check the mesh's calls against: the digests of the credentials
         derived from the service tokens (:func:`mabeam.auth.agent_call_token`), never
-        of a token the services accept."""
-        return sorted(
-            r.agent_call_digest
-            for r in self.records()
-            if r.identity.role == auth.SERVICE and r.agent_call_digest
-        )
+        of a token the services accept. Kept current by the watch; do not modify."""
+        return self._service_digests
 
 
 class PrincipalStore:
