@@ -98,6 +98,13 @@ class MeshConfig:
         """
         return self.tls
 
+    def agent_credential(self) -> str | None:
+        """What this service presents to agents and plugins: the agent-call token derived from its
+        service token (:func:`mabeam.credentials.agent_call_token`); None without a token."""
+        from mabeam.credentials import agent_call_token
+
+        return agent_call_token(self.token) if self.token else None
+
     @property
     def loopback_only(self) -> bool:
         """True when the bind address is a loopback address (nothing beyond this host can connect)."""

@@ -68,12 +68,6 @@ def agent_call_token(service_token: str) -> str:
     return f"{TOKEN_PREFIX}{token_id_}_{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
 
 
-def agent_credential(config: Any) -> str | None:
-    """What a service presents to agents and plugins: the agent-call token of its service token (None without)."""
-    token = getattr(config, "token", None)
-    return agent_call_token(token) if token else None
-
-
 def default_token(data_dir: Path | None = None, env: Mapping[str, str] | None = None) -> str | None:
     """The token a client presents when given none.
 

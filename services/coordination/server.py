@@ -23,7 +23,6 @@ import grpc
 from google.protobuf import json_format
 
 from mabeam import errors
-from mabeam.auth import agent_credential
 from mabeam.client import ChannelPool, MeshClient
 from mabeam.runtime import validate
 from mabeam.runtime.cache import PrefixCache, report_health
@@ -146,7 +145,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
     def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
         self._server = server
         self.store = SessionStore(etcd, server.config)
-        self.pool = ChannelPool(server.config.client_tls(), agent_credential(server.config))
+        self.pool = ChannelPool(server.config.client_tls(), server.config.agent_credential())
         self.fanout = FanOut(self.pool)
         self.plugins: PrefixCache[coordination_pb2.ProtocolInfo] = PrefixCache(
             etcd, self.store.protocols, decode_protocol

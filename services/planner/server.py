@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from mabeam import errors, telemetry
-from mabeam.auth import agent_credential
 from mabeam.client import ChannelPool, MeshClient
 from mabeam.runtime import validate
 from mabeam.runtime.cache import PrefixCache, report_health
@@ -52,7 +51,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
         self._server = server
         self.store = GoalStore(etcd, server.config)
-        self.pool = ChannelPool(server.config.client_tls(), agent_credential(server.config))
+        self.pool = ChannelPool(server.config.client_tls(), server.config.agent_credential())
         # Unfinished goals only: goal id's active-index key -> its state (pending or running).
         self.active: PrefixCache[int] = PrefixCache(etcd, self.store.active, lambda k, v: int(v))
         self.owners: PrefixCache[bytes] = PrefixCache(etcd, self.store.owners, lambda k, v: bytes(v))

@@ -96,7 +96,7 @@ class Supervisor:
         self.credentials: dict[str, tuple[str, str]] = {}  # agent id -> (principal id, token)
         self.peers: EndpointResolver | None = None
         # Agents get the agent-call credential; peer replicas (a migration handed over) the service token.
-        self.pool = ChannelPool(server.config.client_tls(), auth.agent_credential(server.config))
+        self.pool = ChannelPool(server.config.client_tls(), server.config.agent_credential())
         self.peer_pool = ChannelPool(server.config.client_tls(), server.config.token)
 
     # -- lifecycle ----------------------------------------------------------
