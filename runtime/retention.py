@@ -14,7 +14,9 @@ etcd; instead, everything a replica finishes within a *bucket* of time
 the period plus a bucket. Leases are never refreshed; they simply run out.
 
 :class:`Retention` is the setting per kind (flags and environment, e.g.
-``MABEAM_SESSION_RETENTION=7d``); :class:`ExpiryLeases` hands out the
+``MABEAM_SESSION_RETENTION=7d``, and an optional cap on how many are kept,
+``MABEAM_SESSION_RETENTION_COUNT``, which the elected replica of the service
+enforces by deleting the oldest); :class:`ExpiryLeases` hands out the
 current bucket's lease. ``0`` keeps finished objects for good (the lease is
 None: the finishing write binds nothing).
 
@@ -60,6 +62,17 @@ def parse_period(raw: str, name: str) -> int:
     return seconds
 
 
+MAX_COUNT = 10_000_000
+
+
+def parse_count(raw: str, name: str) -> int:
+    """A cap on finished objects kept: a whole number, 0 for none, at most ``MAX_COUNT``."""
+    text = raw.strip().replace("_", "")
+    if not text.isdigit() or int(text) > MAX_COUNT:
+        raise ConfigError(f"{name}={raw!r}: a whole number of objects, at most {MAX_COUNT:,} (0: no cap)")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class Retention:
     """How long finished objects of one kind are kept (``period_s``; 0 = for good)."""
@@ -67,6 +80,7 @@ class Retention:
     kind: str
     period_s: int
     bucket_s: int
+    max_count: int = 0  # keep at most this many finished objects (0: no cap), oldest deleted first
 
     @property
     def keeps_forever(self) -> bool:
@@ -84,15 +98,25 @@ class Retention:
         return f"{s} s"
 
     @staticmethod
-    def load(kind: str, env: Mapping[str, str], given: str | None = None) -> Retention:
-        """The retention of ``kind``: ``given`` (a flag), else ``MABEAM_<KIND>_RETENTION``, else the default.
+    def load(
+        kind: str, env: Mapping[str, str], given: str | None = None, given_count: str | None = None
+    ) -> Retention:
+        """The retention of ``kind``: ``given`` (a flag), else ``MABEAM_<KIND>_RETENTION``, else the default;
+        the cap ``given_count``, else ``MABEAM_<KIND>_RETENTION_COUNT``, else none.
 
         The bucket is a hundredth of the period, between 1 s and 1 h.
         """
         name = f"MABEAM_{kind.upper()}_RETENTION"
         raw = given if given is not None else env.get(name)
         period = parse_period(raw, name) if raw else DEFAULT_PERIODS[kind]
-        return Retention(kind, period, bucket_s=min(3_600, max(1, period // 100)))
+        count_name = f"{name}_COUNT"
+        raw_count = given_count if given_count is not None else env.get(count_name)
+        return Retention(
+            kind,
+            period,
+            bucket_s=min(3_600, max(1, period // 100)),
+            max_count=parse_count(raw_count, count_name) if raw_count else 0,
+        )
 
 
 class ExpiryLeases:
@@ -138,11 +162,22 @@ class ExpiryLeases:
 
 def expired_message(what: str, retention: Retention) -> str:
     """The NOT_FOUND text for an object that may have expired, e.g. a session id not in etcd."""
-    if retention.keeps_forever:
+    if retention.keeps_forever and not retention.max_count:
         return f"{what} not found"
-    return (
-        f"{what} not found: it never existed, or it finished more than {retention.describe()} ago (retention)"
-    )
+    reasons = []
+    if not retention.keeps_forever:
+        reasons.append(f"it finished more than {retention.describe()} ago")
+    if retention.max_count:
+        reasons.append(f"it was among the oldest beyond the {retention.max_count:,} kept")
+    return f"{what} not found: it never existed, or {' or '.join(reasons)} (retention)"
 
 
-__all__ = ["DEFAULT_PERIODS", "ExpiryLeases", "Retention", "expired_message", "parse_period"]
+__all__ = [
+    "DEFAULT_PERIODS",
+    "MAX_COUNT",
+    "ExpiryLeases",
+    "Retention",
+    "expired_message",
+    "parse_count",
+    "parse_period",
+]
