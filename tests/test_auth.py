@@ -210,6 +210,24 @@ async def mesh(
         ("agent-x", auth.AGENT, "x-*"),
     ):
         tokens[name] = (await create_token(channels["registry"], admin, f"test-{name}", role, pattern)).token
+    # Each replica learns a new token from its watch: wait until every one knows every token
+    # (a call is refused for its role, or passes, but is no longer UNAUTHENTICATED).
+    lists = {
+        "registry": method("RegistryService", "ListAgents"),
+        "orchestrator": method("OrchestratorService", "ListVariables"),
+        "coordination": method("CoordinationService", "ListSessions"),
+        "planner": method("PlannerService", "ListGoals"),
+    }
+
+    async def known_everywhere() -> bool:
+        for kind, m in lists.items():
+            for token in tokens.values():
+                outcome = await invoke(channels[kind], m, None, token)
+                if outcome.code == grpc.StatusCode.UNAUTHENTICATED:
+                    return False
+        return True
+
+    await eventually(known_everywhere, timeout=10, interval=0.05, what="every replica knows the test tokens")
     try:
         yield Mesh(mesh_config, servers, channels, etcd_client, admin, tokens)
     finally:
