@@ -121,13 +121,20 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
 def upkeep_args(
     quota_backend_bytes: int = DEFAULT_QUOTA_BYTES, compaction_retention: str = DEFAULT_COMPACTION_RETENTION
 ) -> list[str]:
-    """etcd's flags for periodic auto-compaction and an explicit space quota (compose.yaml has the same)."""
+    """etcd's flags for periodic auto-compaction, an explicit space quota and lease checkpoints
+    (compose.yaml has the same).
+
+    Lease checkpoints: the leader persists each lease's remaining TTL now and then, so a
+    change of leader does not reset it to the full TTL (the expiry leases of
+    :mod:`mabeam.runtime.retention` would otherwise be prolonged at every election).
+    """
     if quota_backend_bytes <= 0:
         raise ValueError(f"quota_backend_bytes {quota_backend_bytes}: a quota is a positive number of bytes")
     return [
         "--auto-compaction-mode", "periodic",
         "--auto-compaction-retention", compaction_retention,
         "--quota-backend-bytes", str(quota_backend_bytes),
+        "--experimental-enable-lease-checkpoint",
     ]  # fmt: skip
 
 

@@ -59,8 +59,11 @@ def test_every_etcd_the_mesh_starts_has_upkeep_flags() -> None:
     assert "--auto-compaction-mode periodic" in joined
     assert f"--auto-compaction-retention {DEFAULT_COMPACTION_RETENTION}" in joined
     assert f"--quota-backend-bytes {DEFAULT_QUOTA_BYTES}" in joined and DEFAULT_QUOTA_BYTES == 2 * 1024**3
+    # A leader change must not reset the retention's expiry leases to their full TTL.
+    assert "--experimental-enable-lease-checkpoint" in argv
     cluster = EtcdCluster(3, quota_backend_bytes=TINY_QUOTA)
     assert all(f"--quota-backend-bytes {TINY_QUOTA}" in " ".join(m._argv()) for m in cluster.members)
+    assert all("--experimental-enable-lease-checkpoint" in m._argv() for m in cluster.members)
     with pytest.raises(ValueError):
         upkeep_args(0)
     # compose's etcd: the same flags, the quota overridable by MABEAM_ETCD_QUOTA_BYTES.
@@ -69,6 +72,7 @@ def test_every_etcd_the_mesh_starts_has_upkeep_flags() -> None:
     assert "--auto-compaction-mode=periodic" in command
     assert f"--auto-compaction-retention={DEFAULT_COMPACTION_RETENTION}" in command
     assert f"--quota-backend-bytes=${{MABEAM_ETCD_QUOTA_BYTES:-{DEFAULT_QUOTA_BYTES}}}" in command
+    assert "--experimental-enable-lease-checkpoint" in command
 
 
 def test_up_takes_a_quota() -> None:
