@@ -373,6 +373,17 @@ async def test_the_shadowray_attack_by_a_stranger_or_an_operator_is_refused_even
             await admin.auth.CreateToken(auth_pb2.CreateTokenRequest(name="ops", role=auth_pb2.ROLE_OPERATOR))
         ).token
     stranger = await MeshClient.connect(**addresses, token=token)
+    if token:  # every service learns the new token from its watch: wait until both know it
+
+        async def known() -> bool:
+            try:
+                await stranger.registry.ListAgents(registry_pb2.ListAgentsRequest())
+                await stranger.orchestrator.ListVariables(orchestrator_pb2.ListVariablesRequest())
+            except errors.Unauthenticated:
+                return False
+            return True
+
+        await eventually(known, timeout=10, interval=0.05, what="the operator token known to every service")
     refused = errors.Unauthenticated if caller == "nobody" else errors.PermissionDenied
     marker = tmp_path / "pwned"
     try:
