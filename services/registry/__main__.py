@@ -5,6 +5,12 @@ Beyond the mesh's flags, the registry takes what it may launch:
 StartAgent and MigrateAgent may start, and ``--allow-argv`` (env
 ``MABEAM_ALLOW_ARGV=1``), which also allows free-form commands and entry
 points: development only (see :mod:`mabeam.services.registry.catalog`).
+
+And how long stopped and failed supervised records are kept:
+``--supervised-retention`` (env ``MABEAM_SUPERVISED_RETENTION``, e.g. 7d, 36h,
+0 = for good; default 7 days) and ``--supervised-retention-count`` (env
+``MABEAM_SUPERVISED_RETENTION_COUNT``, a cap on how many, 0 = none), see
+:mod:`mabeam.runtime.retention`.
 """
 
 import argparse
@@ -16,6 +22,7 @@ import sys
 # children exec at once.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
+from mabeam.runtime.retention import Retention
 from mabeam.runtime.service import BuildFn, run_service
 from mabeam.services.registry import catalog
 from mabeam.services.registry.server import build, builder
@@ -35,6 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"also launch free-form commands and entry points: ANY program; development only "
         f"(env {catalog.ALLOW_ARGV_ENV}=1)",
     )
+    r = parser.add_argument_group("retention")
+    r.add_argument(
+        "--supervised-retention",
+        metavar="PERIOD",
+        help="how long stopped and failed supervised records are kept, e.g. 7d, 36h, 90m, 600s, "
+        "0 = for good (env MABEAM_SUPERVISED_RETENTION; default 7d)",
+    )
+    r.add_argument(
+        "--supervised-retention-count",
+        metavar="N",
+        help="keep at most N stopped supervised records, the oldest deleted first "
+        "(env MABEAM_SUPERVISED_RETENTION_COUNT; default 0 = no cap)",
+    )
 
 
 def configure(args: argparse.Namespace) -> BuildFn:
@@ -42,7 +62,10 @@ def configure(args: argparse.Namespace) -> BuildFn:
     env = os.environ
     catalog_file = args.agent_catalog or env.get(catalog.CATALOG_ENV) or None
     allow_argv = bool(args.allow_argv) or catalog.truthy(env.get(catalog.ALLOW_ARGV_ENV))
-    return builder(catalog.policy(catalog_file, allow_argv))
+    retention = Retention.load(
+        "supervised", env, given=args.supervised_retention, given_count=args.supervised_retention_count
+    )
+    return builder(catalog.policy(catalog_file, allow_argv), retention)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import stamina
 
 from mabeam import errors
 from mabeam.runtime import validate
+from mabeam.runtime.retention import expired_message
 from mabeam.services.registry.launch import DEFAULT_START_TIMEOUT_S, check_launch, policy_of, seconds
 from mabeam.services.registry.processes import ACTIVE, RESTART_REQUESTED
 from mabeam.services.registry.store import new_token
@@ -131,7 +132,8 @@ async def _update_desired(
             with attempt:
                 record, mod_revision = await sup.store.get_supervised(agent_id)
                 if record is None:
-                    raise errors.NotFound(f"agent {agent_id!r} is not supervised (start it with StartAgent)")
+                    # Never supervised, or stopped and expired (retention): the message says both.
+                    raise errors.NotFound(expired_message(f"supervised agent {agent_id!r}", sup.retention))
                 change(record)
                 if not await sup.store.put_supervised_if(record, mod_revision):
                     raise _Changed

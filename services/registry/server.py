@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from mabeam.runtime import idempotency, validate
 from mabeam.runtime.cache import report_health
 from mabeam.runtime.etcd import UNREACHABLE, EtcdClient, WatchCompacted
 from mabeam.runtime.idempotency import idempotent
+from mabeam.runtime.retention import Retention
 from mabeam.runtime.watchqueue import BoundedQueue
 from mabeam.server import MeshServer
 from mabeam.services.registry import auth_service, catalog, heartbeats, prober
@@ -52,10 +54,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     """mabeam.v1.RegistryService."""
 
     def __init__(
-        self, server: MeshServer, etcd: EtcdClient, policy: catalog.LaunchPolicy | None = None
+        self,
+        server: MeshServer,
+        etcd: EtcdClient,
+        policy: catalog.LaunchPolicy | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._server = server
-        self.store = RegistryStore(etcd, server.config)
+        # Stopped and failed supervised records are kept for ``retention`` (runtime/retention.py).
+        self.store = RegistryStore(etcd, server.config, retention)
         self.directory = AgentDirectory(etcd, self.store)
         self.supervisor = supervision.Supervisor(server, etcd, self.store, self.directory, policy)
         # Heartbeats refresh agents' leases over shared streams, not a stream per beat.
@@ -420,32 +427,43 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
 
 def builder(
-    policy: catalog.LaunchPolicy | None = None,
+    policy: catalog.LaunchPolicy | None = None, retention: Retention | None = None
 ) -> Callable[[MeshServer, EtcdClient], Awaitable[None]]:
-    """The build function of a registry that launches what ``policy`` allows (default: :func:`build`'s)."""
+    """The build function of a registry that launches what ``policy`` allows and keeps stopped
+    supervised records for ``retention`` (defaults: :func:`build`'s)."""
 
     async def build_registry(server: MeshServer, etcd: EtcdClient) -> None:
-        await build(server, etcd, policy)
+        await build(server, etcd, policy, retention)
 
     return build_registry
 
 
-async def build(server: MeshServer, etcd: EtcdClient, policy: catalog.LaunchPolicy | None = None) -> None:
+async def build(
+    server: MeshServer,
+    etcd: EtcdClient,
+    policy: catalog.LaunchPolicy | None = None,
+    retention: Retention | None = None,
+) -> None:
     """Add the registry servicer to ``server`` (called by mabeam.runtime.service.start_service).
 
     ``policy``: what supervised agents may be launched from; default: the
     catalog in ``$MABEAM_AGENT_CATALOG`` and ``$MABEAM_ALLOW_ARGV`` (a bad
     catalog is a ConfigError naming the file, the kind and the problem).
+    ``retention``: how long stopped and failed supervised records are kept, and
+    how many; default: ``$MABEAM_SUPERVISED_RETENTION`` (7 days) and
+    ``$MABEAM_SUPERVISED_RETENTION_COUNT`` (no cap).
     """
     if policy is None:
         policy = catalog.policy_from_env()
+    if retention is None:
+        retention = Retention.load("supervised", os.environ)
     if policy.allow_argv:
         log.warning(
             "registry: --allow-argv is ON: any caller allowed to StartAgent or MigrateAgent can run ANY "
             "command on this host as this user; use it for development only and run an --agent-catalog instead"
         )
     log.info("registry: launching agents from %s", policy.where())
-    servicer = RegistryServicer(server, etcd, policy)
+    servicer = RegistryServicer(server, etcd, policy, retention)
     await servicer.directory.start()
     server.on_stop(servicer.directory.stop)
     server.on_stop(servicer.keepalives.close)

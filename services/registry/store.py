@@ -10,15 +10,29 @@ P/agent-tokens-moving/<id>      sha256 (hex) of the other token valid    the age
                                 before the switch, the old one's until
                                 it was told that it moved)
 P/agent-load/<id>               ``mabeam.v1.AgentLoad`` + probe status   the agent's
-P/supervised/<id>               ``mabeam.v1.SupervisedAgent``            none
+P/supervised/<id>               ``mabeam.v1.SupervisedAgent``            none while
+                                                                         active; once
+                                                                         STOPPED or
+                                                                         FAILED, the
+                                                                         "supervised"
+                                                                         expiry lease
+P/supervised-stopped/<t>/<id>   empty: newest-first index of the         the record's
+                                stopped and failed records, t =          expiry lease
+                                2^63 - stop time in ns (this replica's
+                                clock, %020d), for the count cap only
+P/supervised-stopped-at/<id>    t of the record's index key (so a        the record's
+                                StartAgent of a stopped record removes   expiry lease
+                                it, and the cap deletes only current
+                                entries)
 P/supervisor-owner/<id>         id of the registry replica supervising   the replica's
-P/supervised-tokens/<id>        sha256 (hex) of the token StartAgent     none
-                                returned to its caller (a new one on a
-                                replayed StartAgent)
-P/process-tokens/<id>           sha256 (hex) of the token the agent's    none
-                                current process was given (a new one
-                                at each start, restart or migration)
+P/supervised-tokens/<id>        sha256 (hex) of the token StartAgent     none (deleted
+                                returned to its caller (a new one on a   when the
+                                replayed StartAgent)                     record stops)
+P/process-tokens/<id>           sha256 (hex) of the token the agent's    none (deleted
+                                current process was given (a new one     when the
+                                at each start, restart or migration)     record stops)
 P/registry-prober/<lease>       candidates for the health prober         each candidate's
+P/registry-retention/<lease>    candidates for the supervised count cap  each candidate's
 P/requests/registry/<m>/<id>    outcome of a call by ``request_id``      the window's
                                 (:mod:`mabeam.runtime.idempotency`),
                                 its token cleared
@@ -32,15 +46,32 @@ its digest is under ``agent-tokens/``, ``agent-tokens-moving/``,
 Everything an agent registers is bound to its lease, so one lapse removes it
 whole. Writes that must not interleave (registration, take-over by token) are
 single transactions.
+
+Retention (:mod:`mabeam.runtime.retention`, kind ``supervised``): the write
+that makes a record STOPPED or FAILED (:meth:`RegistryStore.put_supervised_if`)
+puts it, its index key and its ``supervised-stopped-at`` on the current
+expiry lease and deletes its token digests (a stopped agent needs no
+credential), in one transaction; etcd deletes the rest when the lease runs
+out. Later writes of a stopped record keep its lease. StartAgent of a stopped
+record puts it again without a lease, removes its index entry and stores a
+new token digest. The count cap (``MABEAM_SUPERVISED_RETENTION_COUNT``) is
+enforced by one elected replica (:meth:`RegistryStore.prune_stopped`): it
+counts the index (count-only range) and deletes the oldest beyond the cap,
+every key of each, never an active record.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+import aetcd
+import grpc
+from aetcd import utils as aetcd_utils
 
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import (
@@ -55,6 +86,7 @@ from mabeam.runtime.etcd import (
 )
 from mabeam.runtime.idempotency import RequestLog, TxnOps
 from mabeam.runtime.paging import ScanStats, scan
+from mabeam.runtime.retention import ExpiryLeases, Retention
 from mabeam.v1 import common_pb2, registry_pb2
 
 # Supervision records in these states are what a supervisor acts on (the rest are history).
@@ -63,6 +95,20 @@ SUPERVISION_ACTIVE = (
     registry_pb2.SUPERVISION_STATE_RUNNING,
     registry_pb2.SUPERVISION_STATE_RESTARTING,
 )
+
+
+# The index of stopped records sorts newest first: t = STOP_ORDER - stop time in ns.
+STOP_ORDER = 2**63
+# The count cap: index keys examined per pass, oldest first (one small transaction per record).
+PRUNE_EXAMINED = 100
+
+
+def _lease_gone(exc: BaseException) -> bool:
+    """Whether etcd refused a write because a lease it was bound to is gone (it answers NOT_FOUND)."""
+    cause = exc.__cause__
+    if isinstance(cause, grpc.RpcError) and hasattr(cause, "code"):
+        return bool(cause.code() == grpc.StatusCode.NOT_FOUND)
+    return "lease not found" in str(exc)
 
 
 def token_hash(token: str) -> bytes:
@@ -135,8 +181,24 @@ class Keys:
         return self.owners + agent_id.encode()
 
     @property
+    def stopped(self) -> bytes:
+        """The newest-first index of stopped and failed records."""
+        return self.config.key("supervised-stopped") + b"/"
+
+    def stopped_entry(self, order: int, agent_id: str) -> bytes:
+        return self.stopped + f"{order:020d}/{agent_id}".encode()
+
+    def stopped_at(self, agent_id: str) -> bytes:
+        """The order (t) of the record's current index key."""
+        return self.config.key("supervised-stopped-at", agent_id)
+
+    @property
     def prober_election(self) -> bytes:
         return self.config.key("registry-prober")
+
+    @property
+    def retention_election(self) -> bytes:
+        return self.config.key("registry-retention")
 
 
 def decode_agent(key: bytes, value: bytes) -> registry_pb2.Agent | None:
@@ -171,9 +233,11 @@ def decode_active_supervised(key: bytes, value: bytes) -> registry_pb2.Supervise
 class RegistryStore:
     """Transactions on the registry's keys."""
 
-    def __init__(self, client: EtcdClient, config: MeshConfig) -> None:
+    def __init__(self, client: EtcdClient, config: MeshConfig, retention: Retention | None = None) -> None:
         self.client = client
         self.keys = Keys(config)
+        # Stopped and failed records go on these leases (default: 7 days, no cap).
+        self.expiry = ExpiryLeases(client, retention or Retention.load("supervised", {}))
         self.requests = RequestLog(client, config, "registry")  # outcomes by request_id
         self.scans = ScanStats()  # what ListSupervisedAgents' range reads cost (tests read it)
 
@@ -252,11 +316,22 @@ class RegistryStore:
             if expect_mod_revision
             else c.transactions.create(key) == 0
         )
+        unindex = []
+        if expect_mod_revision:
+            # A stopped record started again: off its expiry lease (a put without one) and out of the
+            # index. The pointer is current: it changes only with the record, whose revision is compared.
+            at = await c.get(self.keys.stopped_at(record.agent_id))
+            if at is not None:
+                unindex = [
+                    c.transactions.delete(self.keys.stopped_entry(int(bytes(at.value)), record.agent_id)),
+                    c.transactions.delete(self.keys.stopped_at(record.agent_id)),
+                ]
         ok, _ = await c.transaction(
             compare=[compare],
             success=[
                 c.transactions.put(key, record.SerializeToString()),
                 c.transactions.put(self.keys.supervised_token(record.agent_id), token_hash(token)),
+                *unindex,
             ],
             failure=[],
         )
@@ -265,16 +340,160 @@ class RegistryStore:
     async def put_supervised_if(
         self, record: registry_pb2.SupervisedAgent, mod_revision: int, *, owner: str | None = None
     ) -> bool:
-        """Replace the record if it is still at ``mod_revision`` (and, with ``owner``, while that replica owns it)."""
+        """Replace the record if it is still at ``mod_revision`` (and, with ``owner``, while that replica owns it).
+
+        A record that is STOPPED or FAILED goes on the expiry lease (see the module's docstring).
+        """
         c = self.client
         key = self.keys.supervised_agent(record.agent_id)
         compare = [c.transactions.mod(key) == mod_revision]
         if owner is not None:
             compare.append(c.transactions.value(self.keys.owner(record.agent_id)) == owner.encode())
+        if record.state not in SUPERVISION_ACTIVE:
+            return await self._put_stopped(record, mod_revision, compare)
         ok, _ = await c.transaction(
             compare=compare, success=[c.transactions.put(key, record.SerializeToString())], failure=[]
         )
         return bool(ok)
+
+    async def _put_stopped(
+        self, record: registry_pb2.SupervisedAgent, mod_revision: int, compare: list[Any]
+    ) -> bool:
+        """Write a stopped or failed record on its expiry lease, drop its token digests; one transaction.
+
+        The transition from an active record also writes its index entry (newest first) on the same
+        lease; a record already stopped keeps its lease and its entry.
+        """
+        c = self.client
+        agent_id = record.agent_id
+        key = self.keys.supervised_agent(agent_id)
+        got = await c.get(key)
+        if got is None or int(got.mod_revision) != mod_revision:
+            return False
+        before = decode_supervised(key, bytes(got.value))
+        keeps = before is not None and before.state not in SUPERVISION_ACTIVE
+        keeps = keeps and (bool(got.lease) or self.expiry.retention.keeps_forever)
+        for attempt in range(2):
+            ops = []
+            if keeps:
+                lease = int(got.lease) or None
+            else:
+                lease = await self.expiry.lease()
+                order = STOP_ORDER - time.time_ns()
+                ops = [
+                    c.transactions.put(self.keys.stopped_entry(order, agent_id), b"", lease=lease),
+                    c.transactions.put(self.keys.stopped_at(agent_id), b"%020d" % order, lease=lease),
+                ]
+            ops += [
+                c.transactions.put(key, record.SerializeToString(), lease=lease),
+                c.transactions.delete(self.keys.supervised_token(agent_id)),
+                c.transactions.delete(self.keys.process_token(agent_id)),
+            ]
+            try:
+                ok, _ = await c.transaction(compare=compare, success=ops, failure=[])
+                return bool(ok)
+            except Exception as exc:
+                if keeps and _lease_gone(exc):
+                    return False  # the record expired meanwhile: the caller reads again
+                if attempt or not _lease_gone(exc):
+                    raise
+                self.expiry.forget()  # the bucket's lease is gone (e.g. etcd restored): take another
+        return False
+
+    async def count_stopped(self) -> int:
+        """How many stopped and failed records the index holds (a count-only range: no key is sent)."""
+        prefix = self.keys.stopped
+        request = aetcd.rpc.RangeRequest(
+            key=prefix, range_end=aetcd_utils.prefix_range_end(prefix), count_only=True
+        )
+        return int((await self._range(request)).count)
+
+    async def oldest_stopped(self, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` index entries from the oldest: (agent id, order), one bounded range from the end."""
+        prefix = self.keys.stopped
+        request = aetcd.rpc.RangeRequest(
+            key=prefix,
+            range_end=aetcd_utils.prefix_range_end(prefix),
+            limit=limit,
+            keys_only=True,
+            sort_order=aetcd.rpc.RangeRequest.DESCEND,
+            sort_target=aetcd.rpc.RangeRequest.KEY,
+        )
+        entries = []
+        for kv in (await self._range(request)).kvs:
+            order, _, agent_id = bytes(kv.key)[len(prefix) :].decode().partition("/")
+            if order.isdigit() and agent_id:
+                entries.append((agent_id, int(order)))
+        return entries
+
+    async def _range(self, request: Any) -> Any:
+        c = self.client
+        await c.connect()
+        assert c.kvstub is not None
+        try:
+            return await c.kvstub.Range(request, timeout=c.timeout, metadata=c.metadata)
+        except grpc.aio.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)
+            raise
+
+    async def delete_stopped(self, agent_id: str, order: int) -> bool:
+        """Delete a stopped record and every key of it, if ``order`` is still its index entry and it is
+        still stopped or failed; a stale entry alone otherwise. True when a record was deleted."""
+        c = self.client
+        entry = self.keys.stopped_entry(order, agent_id)
+        at = await c.get(self.keys.stopped_at(agent_id))
+        got = await c.get(self.keys.supervised_agent(agent_id))
+        record = decode_supervised(b"", bytes(got.value)) if got is not None else None
+        if (
+            at is None
+            or bytes(at.value) != b"%020d" % order
+            or record is None
+            or record.state in SUPERVISION_ACTIVE
+        ):
+            # Not the record's current entry (it was started again, or is gone): the entry alone goes.
+            await c.delete(entry)
+            return False
+        assert got is not None
+        ok, _ = await c.transaction(
+            compare=[
+                c.transactions.mod(self.keys.supervised_agent(agent_id)) == int(got.mod_revision),
+                c.transactions.mod(self.keys.stopped_at(agent_id)) == int(at.mod_revision),
+            ],
+            success=[
+                c.transactions.delete(self.keys.supervised_agent(agent_id)),
+                c.transactions.delete(self.keys.stopped_at(agent_id)),
+                c.transactions.delete(entry),
+                c.transactions.delete(self.keys.supervised_token(agent_id)),
+                c.transactions.delete(self.keys.process_token(agent_id)),
+            ],
+            failure=[],
+        )
+        return bool(ok)
+
+    async def prune_stopped(self, max_count: int, examined: int = PRUNE_EXAMINED) -> int:
+        """Delete the oldest stopped records beyond ``max_count`` (at most ``examined`` entries a call);
+        how many records were deleted."""
+        excess = await self.count_stopped() - max_count
+        if max_count <= 0 or excess <= 0:
+            return 0
+        deleted = 0
+        for agent_id, order in await self.oldest_stopped(min(excess, examined)):
+            deleted += await self.delete_stopped(agent_id, order)
+        return deleted
+
+    async def while_leading_retention(
+        self, candidate_id: str, ttl: int, work: Callable[[], Awaitable[None]], interval: float
+    ) -> None:
+        """Run ``work`` every ``interval`` while this replica leads the supervised count cap's election."""
+        await while_leading(
+            self.client,
+            self.keys.retention_election,
+            candidate_id,
+            ttl,
+            work,
+            interval,
+            what="supervised retention cap",
+        )
 
     async def set_supervised_token(self, agent_id: str, token: str) -> bool:
         """Replace the hash of the StartAgent caller's token (a replayed StartAgent); False when not supervised."""

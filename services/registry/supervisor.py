@@ -36,6 +36,7 @@ from mabeam.discovery import EndpointResolver
 from mabeam.runtime.auth import PrincipalStore
 from mabeam.runtime.cache import PrefixCache
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper
+from mabeam.runtime.retention import Retention
 from mabeam.server import MeshServer
 from mabeam.services.registry import migration, processes, requests
 from mabeam.services.registry.catalog import LaunchPolicy
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
     from mabeam.services.registry.directory import AgentDirectory
 
 log = logging.getLogger("mabeam.registry.supervisor")
+
+# How often the elected replica enforces the count cap on stopped records (when there is one).
+PRUNE_INTERVAL_S = 30.0
 
 
 class _Conflict(Exception):
@@ -112,6 +116,8 @@ class Supervisor:
         self.peers = EndpointResolver(config.etcd_endpoints, config.prefix, "registry", tls=config.etcd_tls)
         await self.peers.start()
         self.server.spawn(self._reconcile_loop(), "supervisor")
+        if self.retention.max_count:
+            self.server.spawn(self._prune_loop(), "supervised-retention")
         self.server.on_stop(self.stop)
 
     async def stop(self) -> None:
@@ -132,6 +138,24 @@ class Supervisor:
         await self.peer_pool.close()
         await self.records.stop()
         await self.owners.stop()
+
+    @property
+    def retention(self) -> Retention:
+        """How long stopped and failed records are kept, and how many (MABEAM_SUPERVISED_RETENTION*)."""
+        return self.store.expiry.retention
+
+    async def _prune_loop(self) -> None:
+        """While elected (one replica of the mesh): delete the oldest stopped records beyond the cap."""
+        cap = self.retention.max_count
+
+        async def prune() -> None:
+            deleted = await self.store.prune_stopped(cap)
+            if deleted:
+                log.info("retention: deleted %d stopped supervised records beyond the %d kept", deleted, cap)
+
+        await self.store.while_leading_retention(
+            self.replica_id, self.server.config.service_ttl, prune, PRUNE_INTERVAL_S
+        )
 
     # -- what the servicer reads --------------------------------------------
 
