@@ -18,10 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from grpc import aio
 
@@ -100,26 +100,40 @@ class Result:
         return doc
 
 
-BenchFn = Callable[["BenchContext"], Awaitable[Result]]
+class Row(Protocol):
+    """What a benchmark returns: its row of the JSON document (:class:`Result`, or the soak's own)."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+BenchFn = Callable[["BenchContext"], Awaitable[Row]]
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    """A registered benchmark."""
+    """A registered benchmark.
+
+    ``default``: run when no name is given (the soak, which runs for minutes, is
+    run only by name); ``baselines``: the run measures the raw baselines for it.
+    """
 
     name: str
     fn: BenchFn
     description: str
+    default: bool = True
+    baselines: bool = True
 
 
 BENCHMARKS: dict[str, Benchmark] = {}
 
 
-def benchmark(name: str, description: str) -> Callable[[BenchFn], BenchFn]:
+def benchmark(
+    name: str, description: str, *, default: bool = True, baselines: bool = True
+) -> Callable[[BenchFn], BenchFn]:
     """Register ``fn`` as the benchmark ``name`` (listed in order of registration)."""
 
     def register(fn: BenchFn) -> BenchFn:
-        BENCHMARKS[name] = Benchmark(name, fn, description)
+        BENCHMARKS[name] = Benchmark(name, fn, description, default, baselines)
         return fn
 
     return register
@@ -128,8 +142,10 @@ def benchmark(name: str, description: str) -> Callable[[BenchFn], BenchFn]:
 class BenchContext:
     """The mesh, the raw ping server and the baselines of one run; started lazily."""
 
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, options: Mapping[str, Any] | None = None) -> None:
         self.quick = quick
+        # Settings of one benchmark given on the command line (``"soak"``: its SoakSettings).
+        self.options: Mapping[str, Any] = options or {}
         self._tmp = tempfile.TemporaryDirectory(prefix="mabeam-bench-")
         self._mesh: LocalMesh | None = None
         self._etcd: EtcdClient | None = None

@@ -12,10 +12,11 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
-from mabeam.bench import benchmarks  # noqa: F401  (registers the benchmarks)
+from mabeam.bench import benchmarks, soak  # noqa: F401  (registers the benchmarks)
 from mabeam.bench.core import BASELINES, BENCHMARKS, BenchContext
 
 
@@ -52,16 +53,20 @@ def machine() -> dict[str, Any]:
     }
 
 
-async def run(names: list[str], quick: bool) -> dict[str, Any]:
-    """Run the benchmarks named (all when empty) and the baselines they need."""
-    ctx = BenchContext(quick)
+async def run(names: list[str], quick: bool, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run the benchmarks named (the default ones when empty) and the baselines they need."""
+    ctx = BenchContext(quick, options)
     results: dict[str, Any] = {}
     started = time.monotonic()
+    chosen = names or [b.name for b in BENCHMARKS.values() if b.default]
     try:
-        for name in BASELINES:  # every run reports the raw baselines
-            print(f"baseline {name} ...", file=sys.stderr, flush=True)
-            await ctx.baseline(name)
-        for name in names or list(BENCHMARKS):
+        # Every run reports the raw baselines, unless it runs only benchmarks
+        # without a latency baseline (the soak).
+        if any(BENCHMARKS[name].baselines for name in chosen):
+            for name in BASELINES:
+                print(f"baseline {name} ...", file=sys.stderr, flush=True)
+                await ctx.baseline(name)
+        for name in chosen:
             print(f"bench {name} ...", file=sys.stderr, flush=True)
             results[name] = (await BENCHMARKS[name].fn(ctx)).to_json()
     finally:
@@ -75,17 +80,23 @@ async def run(names: list[str], quick: bool) -> dict[str, Any]:
     }
 
 
-def main(names: list[str], *, quick: bool = False, list_only: bool = False) -> int:
-    """Entry point of ``mabeam bench``."""
+def main(
+    names: list[str],
+    *,
+    quick: bool = False,
+    list_only: bool = False,
+    options: Mapping[str, Any] | None = None,
+) -> int:
+    """Entry point of ``mabeam bench``; ``options`` are benchmarks' own settings (``"soak"``)."""
     if list_only:
         for bench in BENCHMARKS.values():
-            print(f"{bench.name:<20} {bench.description}")
+            print(f"{bench.name:<20} {bench.description}{'' if bench.default else ' (only by name)'}")
         return 0
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         known = ", ".join(BENCHMARKS) or "(none yet)"
         print(f"mabeam bench: unknown benchmark {', '.join(unknown)}; known: {known}", file=sys.stderr)
         return 2
-    document = asyncio.run(run(names, quick))
+    document = asyncio.run(run(names, quick, options))
     print(json.dumps(document, indent=2))
     return 0

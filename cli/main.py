@@ -290,13 +290,33 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions: under two minutes")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    soak = p.add_argument_group("soak (mabeam bench soak; defaults: 30m, 12m, 1000; with --quick 90s, 20s)")
+    soak.add_argument("--duration", help="how long the soak runs: 600s, 30m, 2h")
+    soak.add_argument("--retention", help="the retention of sessions, goals and stopped supervised records")
+    soak.add_argument("--agents", type=int, help="agents on the soak's AgentHost")
+    soak.add_argument("--sample-every", help="seconds between samples (default: a sixtieth of the duration)")
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from mabeam.bench import runner
+    from mabeam.bench.soak import SoakSettings
 
-    return runner.main(args.names, quick=args.quick, list_only=args.list)
+    options: dict[str, SoakSettings] = {}
+    given = (args.duration, args.retention, args.agents, args.sample_every)
+    if any(v is not None for v in given):
+        if "soak" not in args.names:
+            print(
+                "mabeam bench: --duration, --retention, --agents, --sample-every are the soak's",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        options["soak"] = SoakSettings.parse(*given, quick=args.quick)
+    except mesh_config.ConfigError as exc:
+        print(f"mabeam bench soak: {exc}", file=sys.stderr)
+        return 2
+    return runner.main(args.names, quick=args.quick, list_only=args.list, options=options)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ NAMES = [
     "agent_removal",
     "supervised_restart",
     "goal_resume",
+    "soak",
 ]
 
 
@@ -62,3 +63,44 @@ async def test_quick_run_prints_the_document() -> None:
 async def test_unknown_benchmark_is_refused() -> None:
     code, _, err = await run("nope")
     assert code == 2 and "nope" in err and "lookup" in err
+
+
+async def test_short_soak_reports_flat_series_and_no_errors() -> None:
+    """The CI version of the soak: every kind of load ran, no error, samples over time, finished work expired."""
+    code, out, err = await run(
+        "soak", "--duration", "30s", "--retention", "8s", "--agents", "200", "--sample-every", "3s"
+    )
+    assert code == 0, err[-3000:]
+    doc = json.loads(out)
+    assert doc["baselines"] == {}  # the soak alone needs no latency baseline
+    row = doc["benchmarks"]["soak"]
+    assert row["errors"] == 0, row["error_messages"]
+    assert row["goal"] == "ratio <= 1.05" and row["window_start_s"] == 9
+    ops = row["operations"]
+    for kind in ("auction_10", "auction_100", "auction_200", "goal", "cas", "watch", "watch_events"):
+        assert ops.get(kind, 0) > 0, (kind, ops)
+    samples = row["samples"]
+    times = [s["t_s"] for s in samples]
+    assert len(samples) >= 8 and times == sorted(times) and times[-1] >= 29, times
+    for sample in samples:
+        assert sample["etcd_db_size_bytes"] > 0 and sample["etcd_keys"] >= 3 * 200  # 3 keys per agent
+        assert sample["etcd_watchers"] > 0 and sample["etcd_watch_streams"] > 0
+        assert {"etcd", "registry-0", "orchestrator-0", "coordination-0", "planner-0", "agent_host"} <= set(
+            sample["rss_bytes"]
+        )
+    db = row["series"]["etcd_db_size_bytes"]
+    assert row["ratio"] == pytest.approx(db["end"] / db["start"], rel=1e-3)
+    assert row["key_ratio"] is not None and set(row["rss_ratio"]) >= {"etcd", "registry-0"}
+    assert all(v is not None for v in row["rss_ratio"].values())
+    # Finished sessions and goals are deleted after the retention: far fewer left than were run.
+    keys = row["etcd_keys_by_prefix"]
+    auctions = sum(n for kind, n in ops.items() if kind.startswith("auction_"))
+    assert keys["sessions"]["end"] < auctions / 2, (keys["sessions"], auctions)
+    assert keys["goals"]["end"] < ops["goal"] / 2, (keys["goals"], ops["goal"])
+
+
+async def test_soak_flags_are_checked() -> None:
+    code, out, err = await run("soak", "--duration", "5x")
+    assert code == 2 and out == "" and "--duration" in err
+    code, _, err = await run("lookup", "--retention", "10s")
+    assert code == 2 and "soak" in err
