@@ -2,18 +2,25 @@
 
 Format (``docs/backup.md``)::
 
-    {"format": "mabeam-backup", "version": 1, "prefix": "/mabeam",
+    {"format": "mabeam-backup", "version": 2, "prefix": "/mabeam",
      "created_at": "2026-11-24T16:00:00Z", "revision": 1234,
      "counts": {"vars": 3, "bindings": 1, ...}, "left_out": ["agent-tokens", ...],
-     "keys": [{"key": "vars/room/temp", "value": "<base64>"}, ...]}
+     "keys": [{"key": "vars/room/temp", "value": "<base64>"},
+              {"key": "sessions/s1", "value": "<base64>", "ttl": 86000}, ...]}
 
 Every key under the mesh prefix that is not bound to a lease is kept, except
 secrets (:data:`SECRET_KINDS`: token digests of agents and supervised agents,
 and everything under ``auth/``, the API tokens): variables and their
 bindings, supervised agents' specs, registered protocols,
-sessions with their transcripts, goals with their steps and events. What lives
-on a lease (registrations, endpoints, ephemeral variables, ownerships) belongs
-to live processes and comes back with them, so it is left out. Keys are stored
+sessions with their transcripts, goals with their steps and events. Finished
+objects of the retained kinds (:data:`RETAINED_KINDS`: sessions, goals,
+stopped supervised records) live on expiry leases (:mod:`mabeam.runtime.retention`)
+and are kept too, each with its lease's remaining time to live (``ttl``, in
+seconds, asked of etcd once per lease); ``restore`` grants one lease per
+distinct ``ttl`` and puts those keys on it, so they expire when they would
+have. Anything else on a lease (registrations, endpoints, ephemeral
+variables, ownerships) belongs to live processes and comes back with them, so
+it is left out. Version 1 files (no ``ttl``) are still read. Keys are stored
 relative to the prefix; ``restore`` writes them under its own prefix, into a
 mesh that holds nothing there yet (``--force`` to overwrite). The file is
 created with mode 0600 (it describes the whole mesh), never widened then narrowed.
@@ -31,17 +38,34 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mabeam.runtime.etcd import EtcdClient, connect, snapshot
 
 FORMAT = "mabeam-backup"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # the versions restore reads (1: no "ttl" field)
 TXN_OPS = 100
 # Kinds (first path element under the prefix) never written to a backup: token
 # digests, and the API tokens' principals (``auth/``). A restored mesh issues new ones.
 SECRET_KINDS = frozenset(
     {"agent-tokens", "agent-tokens-moving", "supervised-tokens", "process-tokens", "auth"}
+)
+# Kinds whose finished objects live on expiry leases: kept even when leased, with their remaining TTL.
+RETAINED_KINDS = frozenset(
+    {
+        "sessions",
+        "session-index",
+        "session-rounds",
+        "session-chunks",
+        "goals",
+        "goal-steps",
+        "goal-events",
+        "goal-order",
+        "supervised",
+        "supervised-stopped",
+        "supervised-stopped-at",
+    }
 )
 NOT_RESTORED = (
     "tokens were not restored: supervised agents get new tokens when they are started, "
@@ -57,17 +81,24 @@ async def dump(client: EtcdClient, prefix: str) -> dict[str, Any]:
     """The durable state under ``prefix`` as a backup document."""
     root = prefix.rstrip("/") + "/"
     kvs, revision = await snapshot(client, root.encode())
-    keys = []
+    keys: list[dict[str, Any]] = []
     counts: collections.Counter[str] = collections.Counter()
+    ttls: dict[int, int] = {}  # lease -> remaining seconds (-1: gone), asked once per lease
     for kv in kvs:
-        if int(kv.lease):
-            continue
         relative = bytes(kv.key)[len(root) :].decode()
         kind = relative.split("/", 1)[0]
-        if kind in SECRET_KINDS:
+        lease = int(kv.lease)
+        if kind in SECRET_KINDS or (lease and kind not in RETAINED_KINDS):
             continue
+        entry: dict[str, Any] = {"key": relative, "value": base64.b64encode(bytes(kv.value)).decode()}
+        if lease:
+            if lease not in ttls:
+                ttls[lease] = int((await client.get_lease_info(lease, keys=False)).TTL)
+            if ttls[lease] <= 0:
+                continue  # expiring right now
+            entry["ttl"] = ttls[lease]
         counts[kind] += 1
-        keys.append({"key": relative, "value": base64.b64encode(bytes(kv.value)).decode()})
+        keys.append(entry)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -82,40 +113,63 @@ async def dump(client: EtcdClient, prefix: str) -> dict[str, Any]:
     }
 
 
-def check(doc: Any) -> list[tuple[str, bytes]]:
-    """The (relative key, value) pairs of a backup document; BackupError when it is not one."""
+class Entry(NamedTuple):
+    """One key of a backup: relative key, value, and the seconds it has left (None: kept for good)."""
+
+    key: str
+    value: bytes
+    ttl: int | None = None
+
+
+def check(doc: Any) -> list[Entry]:
+    """The entries of a backup document (version 1 or 2); BackupError when it is not one."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise BackupError('not a mabeam backup (no "format": "mabeam-backup")')
-    if doc.get("version") != VERSION:
-        raise BackupError(f"backup version {doc.get('version')!r}; this mabeam reads version {VERSION}")
-    pairs = []
+    if doc.get("version") not in READS:
+        raise BackupError(
+            f"backup version {doc.get('version')!r}; this mabeam reads versions {', '.join(map(str, READS))}"
+        )
+    entries = []
     for i, entry in enumerate(doc.get("keys", [])):
         try:
             key, value = str(entry["key"]), base64.b64decode(entry["value"], validate=True)
-        except (KeyError, TypeError, ValueError):
+            ttl = entry.get("ttl")
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise BackupError(f'keys[{i}] is not {{"key": ..., "value": <base64>}}') from None
         if not key or key.startswith("/"):
             raise BackupError(f"keys[{i}]: {key!r} is not a key relative to the prefix")
-        pairs.append((key, value))
-    return pairs
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
+            raise BackupError(f"keys[{i}]: ttl {ttl!r} is not a positive number of seconds")
+        entries.append(Entry(key, value, ttl))
+    return entries
 
 
-async def load(client: EtcdClient, prefix: str, pairs: list[tuple[str, bytes]], force: bool = False) -> int:
-    """Write ``pairs`` under ``prefix``; refuses a prefix that holds data unless ``force``.
+async def load(client: EtcdClient, prefix: str, entries: list[Entry], force: bool = False) -> int:
+    """Write ``entries`` under ``prefix``; refuses a prefix that holds data unless ``force``.
 
-    Secrets (:data:`SECRET_KINDS`) an older backup may hold are not written.
+    Entries with a ``ttl`` go on a lease granted for it (one per distinct ttl), so they expire
+    when they would have in the saved mesh. Secrets (:data:`SECRET_KINDS`) an older backup may
+    hold are not written.
     """
-    pairs = [(k, v) for k, v in pairs if k.split("/", 1)[0] not in SECRET_KINDS]
+    entries = [e for e in entries if e.key.split("/", 1)[0] not in SECRET_KINDS]
     root = prefix.rstrip("/") + "/"
     existing, _ = await snapshot(client, root.encode())
     if existing and not force:
         raise BackupError(
             f"{prefix} already holds {len(existing)} keys: restore into an empty mesh (or --force)"
         )
-    for i in range(0, len(pairs), TXN_OPS):
-        ops = [client.transactions.put((root + k).encode(), v) for k, v in pairs[i : i + TXN_OPS]]
+    leases: dict[int, int] = {}
+    for ttl in sorted({e.ttl for e in entries if e.ttl is not None}):
+        leases[ttl] = int((await client.lease(ttl)).id)
+    for i in range(0, len(entries), TXN_OPS):
+        ops = [
+            client.transactions.put(
+                (root + e.key).encode(), e.value, lease=leases[e.ttl] if e.ttl is not None else None
+            )
+            for e in entries[i : i + TXN_OPS]
+        ]
         await client.transaction(compare=[], success=ops, failure=[])
-    return len(pairs)
+    return len(entries)
 
 
 def write_private(path: Path, text: str) -> None:
