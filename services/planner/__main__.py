@@ -1,5 +1,14 @@
-"""`python -m mabeam.services.planner`: run one planner replica until SIGTERM/SIGINT."""
+"""`python -m mabeam.services.planner`: run one planner replica until SIGTERM/SIGINT.
 
+Beyond the mesh's flags, the planner takes how long finished goals are kept:
+``--goal-retention`` (env ``MABEAM_GOAL_RETENTION``: 7d, 36h, 90m, 600s; 0 keeps
+them for good; default 7 days) and ``--goal-retention-count`` (env
+``MABEAM_GOAL_RETENTION_COUNT``: keep at most this many finished goals, the
+oldest deleted first; 0, the default, for no cap). See
+:mod:`mabeam.runtime.retention`.
+"""
+
+import argparse
 import os
 import sys
 
@@ -8,8 +17,33 @@ import sys
 # children exec at once.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
-from mabeam.runtime.service import run_service
-from mabeam.services.planner.server import build
+from mabeam.runtime.retention import Retention
+from mabeam.runtime.service import BuildFn, run_service
+from mabeam.services.planner.server import build, builder
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("retention of finished goals")
+    g.add_argument(
+        "--goal-retention",
+        metavar="PERIOD",
+        help="keep finished goals this long, then etcd deletes them: 7d, 36h, 90m, 600s; 0 keeps them "
+        "for good (env MABEAM_GOAL_RETENTION; default 7d)",
+    )
+    g.add_argument(
+        "--goal-retention-count",
+        metavar="N",
+        help="keep at most N finished goals, the oldest deleted first; 0: no cap "
+        "(env MABEAM_GOAL_RETENTION_COUNT; default 0)",
+    )
+
+
+def configure(args: argparse.Namespace) -> BuildFn:
+    """The build function of a planner with these flags over the environment (checked now)."""
+    return builder(
+        Retention.load("goal", os.environ, given=args.goal_retention, given_count=args.goal_retention_count)
+    )
+
 
 if __name__ == "__main__":
-    sys.exit(run_service("planner", build))
+    sys.exit(run_service("planner", build, add_arguments=add_arguments, configure=configure))

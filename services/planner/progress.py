@@ -5,7 +5,8 @@ goes through its :class:`ProgressLog`: the writes asked for while one
 transaction is in flight are merged into the next (at most MAX_TXN_OPS keys),
 each transaction checks that this replica still owns the goal, and events get
 their sequence numbers in the order the writes were asked for, so a follower
-sees them in sequence.
+sees them in sequence. The write that finishes a goal is bound to its expiry
+lease (``write(..., lease=)``: :mod:`mabeam.runtime.retention`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from mabeam.services.planner.store import GoalStore
+from mabeam.services.planner.store import GoalStore, LeaseNotFound
 from mabeam.v1 import planner_pb2
 
 START_WRITE_DELAY_S = 0.05
@@ -66,7 +67,9 @@ class ProgressLog:
         self.owner = owner
         self.seq = 0
         self._header = header
-        self._queue: collections.deque[tuple[list[Put], asyncio.Future[None]]] = collections.deque()
+        self._queue: collections.deque[tuple[list[Put], asyncio.Future[None], int | None]] = (
+            collections.deque()
+        )
         self._flusher: asyncio.Future[None] | None = None
 
     def event(self, etype: int, **fields: Any) -> Event:
@@ -77,28 +80,33 @@ class ProgressLog:
         """``puts`` written after START_WRITE_DELAY_S unless settled or cancelled first."""
         return DelayedWrite(self, puts)
 
-    async def write(self, puts: Sequence[Put]) -> None:
+    async def write(self, puts: Sequence[Put], lease: int | None = None) -> None:
         """Write ``puts`` (with the writes queued meanwhile: group commit), checking ownership.
 
         Writes are applied in the order they were asked for, and events are
-        numbered in that order, so a follower sees them in sequence.
+        numbered in that order, so a follower sees them in sequence. ``lease``
+        (the finishing write's expiry lease) binds every put of the transaction
+        that carries them; :class:`LeaseNotFound` when etcd no longer knows it
+        (nothing was written, and no sequence number used).
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((list(puts), done))
+        self._queue.append((list(puts), done, lease))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush())
         await done
 
     async def _flush(self) -> None:
         while self._queue:
-            batch: list[tuple[list[Put], asyncio.Future[None]]] = []
+            batch: list[tuple[list[Put], asyncio.Future[None], int | None]] = []
             ops = 0
             while self._queue and (not batch or ops + len(self._queue[0][0]) <= MAX_TXN_OPS):
                 item = self._queue.popleft()
                 batch.append(item)
                 ops += len(item[0])
             merged: dict[bytes, bytes | None] = {}
-            for puts, _ in batch:
+            lease = next((item[2] for item in batch if item[2] is not None), None)
+            seq_before = self.seq
+            for puts, _, _ in batch:
                 for put in puts:
                     if isinstance(put, Event):
                         self.seq += 1
@@ -115,13 +123,19 @@ class ProgressLog:
                         merged.pop(put[0], None)  # the later value of a key wins, in its place
                         merged[put[0]] = put[1]
             try:
-                ok = await self.store.write(self.owner, self.goal_id, list(merged.items()))
+                ok = await self.store.write(self.owner, self.goal_id, list(merged.items()), lease)
+            except LeaseNotFound as exc:
+                self.seq = seq_before  # nothing was written: the events are numbered again
+                for _, fut, _ in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
             except BaseException as exc:
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 raise
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     if ok:
                         fut.set_result(None)

@@ -11,6 +11,12 @@ progress event (:mod:`.progress`, group commit). A runner that
 starts on a goal another replica left behind keeps the steps that succeeded
 and runs the rest; the idempotency key ``<goal>/<step>`` lets agents drop a
 step that was in flight when the owner died.
+
+Finishing binds the goal to its expiry lease (retention): every step status
+and event is put again bound to it (:meth:`GoalStore.rebind`), then the
+finishing write (summary, ``goal-order/`` key, last event) is bound to it. A
+runner that resumes a goal whose owner died in between first puts those keys
+again without a lease (:meth:`GoalStore.unbind`), then finishes it again.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from mabeam import errors, telemetry
 from mabeam.services.planner import dag
 from mabeam.services.planner.assignment import Assigner
 from mabeam.services.planner.progress import OwnershipLost, ProgressLog, Put, now_ts
-from mabeam.services.planner.store import GoalStore
+from mabeam.services.planner.store import GoalStore, LeaseNotFound
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, planner_pb2
 
 if TYPE_CHECKING:
@@ -119,6 +125,8 @@ class GoalRunner:
                 planner_pb2.STEP_STATE_SKIPPED,
             ):
                 status.state = planner_pb2.STEP_STATE_PENDING
+        if resumed and await self.store.unbind(self.owner, self.goal_id) is None:
+            raise OwnershipLost(self.goal_id)
         self.progress.seq = await self.store.last_seq(self.goal_id)
         self.done_count = len(self.outputs)
         self.goal.state = planner_pb2.GOAL_STATE_RUNNING
@@ -235,9 +243,25 @@ class GoalRunner:
         self.goal.error = reason
         self.goal.owner = ""
         self.goal.finished_at.CopyFrom(now_ts())
-        await self.progress.write(
-            [*self._goal_puts(), self.progress.event(planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED, error=reason)]
-        )
+        expiry = self.planner.expiry
+        for attempt in range(3):
+            lease = await expiry.lease()  # None: finished goals are kept for good
+            try:
+                # First the keys written while it ran, then the finishing write, on the same lease.
+                if lease is not None and await self.store.rebind(self.owner, self.goal_id, lease) is None:
+                    raise OwnershipLost(self.goal_id)
+                await self.progress.write(
+                    [
+                        *self._goal_puts(),
+                        self.progress.event(planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED, error=reason),
+                    ],
+                    lease=lease,
+                )
+                break
+            except LeaseNotFound:
+                expiry.forget()  # etcd lost the bucket's lease: another, and the keys bound again
+                if attempt == 2:
+                    raise
         telemetry.instruments().goals.add(1, {"state": planner_pb2.GoalState.Name(self.goal.state)})
 
     # -- one step ---------------------------------------------------------------------

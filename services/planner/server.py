@@ -6,6 +6,14 @@ replica looks for goals that are pending or running without an owner (their
 replica died) and resumes them. A replica keeps in memory the unfinished
 goals only (a watch of the store's ``goal-active/`` index), never every goal
 ever submitted; ``ListGoals`` reads one bounded range of etcd per page.
+
+Finished goals are kept for the goal retention (``--goal-retention``,
+``MABEAM_GOAL_RETENTION``, default 7 days; :mod:`mabeam.runtime.retention`),
+then etcd deletes them (expiry leases: see the store). A goal id not in etcd
+is ``NOT_FOUND`` saying it may have expired. With a count cap
+(``--goal-retention-count``, ``MABEAM_GOAL_RETENTION_COUNT``), one replica
+(an etcd election) deletes the oldest finished goals beyond it every
+TRIM_INTERVAL_S.
 """
 
 from __future__ import annotations
@@ -13,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from mabeam import errors, telemetry
@@ -24,6 +33,7 @@ from mabeam.runtime import validate
 from mabeam.runtime.cache import PrefixCache, report_health
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper
 from mabeam.runtime.idempotency import idempotent
+from mabeam.runtime.retention import ExpiryLeases, Retention, expired_message
 from mabeam.server import MeshServer
 from mabeam.services.planner import dag
 from mabeam.services.planner.progress import now_ts
@@ -39,18 +49,24 @@ FINISHED = (planner_pb2.GOAL_STATE_SUCCEEDED, planner_pb2.GOAL_STATE_FAILED, pla
 # counted on this replica's monotonic clock from when it first saw the goal: a
 # goal's created_at was written by another host's clock, never compared here.
 ADOPT_AFTER_S = 2.0
+# How often the elected replica enforces the count cap of finished goals (when there is one).
+TRIM_INTERVAL_S = 30.0
 
 
-def _not_found(goal_id: str) -> errors.NotFound:
-    return errors.NotFound(f"goal {goal_id!r} does not exist", reason=common_pb2.ERROR_REASON_GOAL_NOT_FOUND)
+def _not_found(goal_id: str, retention: Retention) -> errors.NotFound:
+    return errors.NotFound(
+        expired_message(f"goal {goal_id!r}", retention), reason=common_pb2.ERROR_REASON_GOAL_NOT_FOUND
+    )
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     """mabeam.v1.PlannerService."""
 
-    def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
+    def __init__(self, server: MeshServer, etcd: EtcdClient, retention: Retention | None = None) -> None:
         self._server = server
         self.store = GoalStore(etcd, server.config)
+        self.retention = retention if retention is not None else Retention.load("goal", os.environ)
+        self.expiry = ExpiryLeases(etcd, self.retention)  # finished goals' keys are bound to its leases
         self.pool = ChannelPool(server.config.client_tls(), server.config.agent_credential())
         # Unfinished goals only: goal id's active-index key -> its state (pending or running).
         self.active: PrefixCache[int] = PrefixCache(etcd, self.store.active, lambda k, v: int(v))
@@ -98,6 +114,23 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         if self._mesh is not None:
             await self._mesh.close()
         await self.pool.close()
+
+    async def run_retention(self) -> None:
+        """While leading (etcd election): delete the oldest finished goals beyond the count cap."""
+        await self.store.while_leading_retention(
+            self._server.instance_id, self._server.config.service_ttl, self.trim_once, TRIM_INTERVAL_S
+        )
+
+    async def trim_once(self) -> int:
+        """One pass of the count cap (bounded: see :meth:`GoalStore.trim`); how many goals it deleted."""
+        deleted = await self.store.trim(self.retention.max_count)
+        if deleted:
+            log.info(
+                "goal retention: deleted the %d oldest finished goals beyond %d",
+                deleted,
+                self.retention.max_count,
+            )
+        return deleted
 
     def cancel_reason(self, goal_id: str) -> str:
         reason = self.cancels.get(self.store.cancel_key(goal_id))
@@ -255,13 +288,14 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         else:
             goal_id = validate.identifier(request.goal_id, "goal_id")
             if await self.store.get(goal_id, with_steps=False) is None:
-                raise _not_found(goal_id)
+                raise _not_found(goal_id, self.retention)
         events, revision = await self.store.events_so_far(goal_id)
         for event in events:
             yield event
             if event.type == planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED:
                 return
-        async with contextlib.aclosing(self.store.follow_events(goal_id, revision + 1)) as following:
+        after = events[-1].sequence if events else 0
+        async with contextlib.aclosing(self.store.follow_events(goal_id, revision + 1, after)) as following:
             async for event in following:
                 yield event
                 if event.type == planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED:
@@ -271,7 +305,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         goal_id = validate.identifier(request.goal_id, "goal_id")
         goal = await self.store.get(goal_id)
         if goal is None:
-            raise _not_found(goal_id)
+            raise _not_found(goal_id, self.retention)
         return planner_pb2.GetGoalResponse(goal=goal)
 
     async def ListGoals(
@@ -293,7 +327,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         goal_id = validate.identifier(request.goal_id, "goal_id")
         goal = await self.store.get(goal_id, with_steps=False)
         if goal is None:
-            raise _not_found(goal_id)
+            raise _not_found(goal_id, self.retention)
         if goal.state in FINISHED:
             return planner_pb2.CancelGoalResponse(goal=await self.store.get(goal_id))
         await self.store.request_cancel(goal_id, request.reason or "on request")
@@ -307,10 +341,25 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         return planner_pb2.CancelGoalResponse(goal=await self.store.get(goal_id))
 
 
-async def build(server: MeshServer, etcd: EtcdClient) -> None:
-    """Add the planner servicer to ``server`` (called by mabeam.runtime.service.start_service)."""
-    servicer = PlannerServicer(server, etcd)
+def builder(retention: Retention | None = None) -> Callable[[MeshServer, EtcdClient], Awaitable[None]]:
+    """The build function of a planner keeping finished goals for ``retention`` (default: :func:`build`'s)."""
+
+    async def build_planner(server: MeshServer, etcd: EtcdClient) -> None:
+        await build(server, etcd, retention)
+
+    return build_planner
+
+
+async def build(server: MeshServer, etcd: EtcdClient, retention: Retention | None = None) -> None:
+    """Add the planner servicer to ``server`` (called by mabeam.runtime.service.start_service).
+
+    ``retention``: how long finished goals are kept; default ``$MABEAM_GOAL_RETENTION`` (and
+    ``$MABEAM_GOAL_RETENTION_COUNT``), else 7 days.
+    """
+    servicer = PlannerServicer(server, etcd, retention)
     await servicer.start()
+    if servicer.retention.max_count:
+        server.spawn(servicer.run_retention(), "goal-retention")
     server.on_stop(servicer.stop)
     server.on_stop(servicer.store.requests.stop)
     report_health(server, servicer.active, servicer.owners, servicer.cancels)

@@ -1,23 +1,29 @@
 """The planner's etcd keyspace (under the mesh prefix P).
 
-==============================  ====================================================  =============
+==============================  ====================================================  ==================
 key                             value                                                 lease
-==============================  ====================================================  =============
-P/goals/<id>                    ``mabeam.v1.Goal`` without step statuses (summary)  none
-P/goal-steps/<id>/<step>        ``mabeam.v1.StepStatus``                              none
-P/goal-events/<id>/<seq:010d>   ``mabeam.v1.ExecuteGoalResponse``                     none
+==============================  ====================================================  ==================
+P/goals/<id>                    ``mabeam.v1.Goal`` without step statuses (summary)  none; expiry once
+                                                                                      finished (below)
+P/goal-steps/<id>/<step>        ``mabeam.v1.StepStatus``                              none; expiry once
+                                                                                      finished
+P/goal-events/<id>/<seq:010d>   ``mabeam.v1.ExecuteGoalResponse``                     none; expiry once
+                                                                                      finished
 P/goal-owner/<id>               id of the planner replica running the goal            the replica's
-P/goal-cancel/<id>              why the goal was cancelled                             none
-P/goal-order/<o>/<id>           the goal's state (``GoalState`` number, decimal);     none
-                                ``<o>`` = 2^63 - created_at in ns, 20 digits: key
+P/goal-cancel/<id>              why the goal was cancelled (deleted when it           none
+                                finishes)
+P/goal-order/<o>/<id>           the goal's state (``GoalState`` number, decimal);     none; expiry once
+                                ``<o>`` = 2^63 - created_at in ns, 20 digits: key     finished
                                 order is newest first (what ListGoals pages over)
 P/goal-active/<id>              the goal's state while it is pending or running;      none
                                 deleted when it finishes (what replicas watch)
 P/goal-index-version            "1" once goals stored before the two indexes have     none
                                 their index keys (:meth:`GoalStore.backfill_indexes`)
+P/goal-retention-leader/<l>     candidates of the election of the replica that        the candidate's
+                                enforces the count cap (:meth:`GoalStore.trim`)
 P/requests/planner/<m>/<id>     outcome of a call by ``request_id``                   the window's
                                 (:mod:`mabeam.runtime.idempotency`)
-==============================  ====================================================  =============
+==============================  ====================================================  ==================
 
 The two indexes keep the planner's memory and its lists bounded: every
 replica watches ``goal-active/`` (unfinished goals only), not ``goals/``
@@ -30,20 +36,74 @@ Step statuses have keys of their own so that finishing one step of a
 1,000-step goal writes that step, not the whole goal. Every write of the
 runner checks in the same transaction that its replica still owns the goal,
 so a replica that lost its lease cannot overwrite the one that resumed it.
+
+Retention (:mod:`mabeam.runtime.retention`, ``--goal-retention``,
+``MABEAM_GOAL_RETENTION``, default 7 days): a finished goal's keys are bound
+to an *expiry lease*, so etcd deletes them itself when the period is over.
+A goal's life is unbounded, so its steps and events are written without a
+lease while it runs; when it finishes, the runner first puts every step
+status and event again bound to the expiry lease (:meth:`GoalStore.rebind`,
+transactions of at most 120 operations and 1 MiB, guarded by ownership),
+then writes the goal's summary, ``goal-order/`` key and last events bound to
+it, in the transaction that finishes the goal. A replica that dies in between
+leaves an unfinished goal: the replica that resumes it first puts the keys
+bound to a lease again without one (:meth:`GoalStore.unbind`), then finishes
+it again. With a count cap (``MABEAM_GOAL_RETENTION_COUNT``), the replica
+that leads ``goal-retention-leader/`` deletes the oldest finished goals
+beyond it (:meth:`GoalStore.trim`): every key of each, never an unfinished one.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import aetcd
+import aetcd.exceptions
+import aetcd.rpc
+import aetcd.utils
+import grpc
+from grpc import aio
+
 from mabeam.config import MeshConfig
-from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, ResumingWatch, snapshot, try_acquire
+from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, ResumingWatch, snapshot, try_acquire, while_leading
 from mabeam.runtime.idempotency import RequestLog
 from mabeam.runtime.paging import ScanStats, scan
 from mabeam.v1 import planner_pb2
 
 FINISHED = (planner_pb2.GOAL_STATE_SUCCEEDED, planner_pb2.GOAL_STATE_FAILED, planner_pb2.GOAL_STATE_CANCELLED)
+_FINISHED_VALUES = {str(int(s)).encode() for s in FINISHED}
+# One rebinding transaction: at most this many puts and about this many bytes (etcd: 128 ops, 1.5 MiB).
+REBIND_TXN_OPS = 120
+REBIND_TXN_BYTES = 1 << 20
+# The count cap's work per pass: goals deleted, and goal-order keys examined, at most.
+TRIM_BATCH = 100
+TRIM_MAX_EXAMINED = 2_000
+
+
+class LeaseNotFound(Exception):
+    """A write bound to an expiry lease etcd no longer knows: forget it and write again."""
+
+    def __init__(self, lease: int) -> None:
+        super().__init__(f"lease {lease} not found")
+        self.lease = lease
+
+
+def _etcd_code(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code etcd answered, from the grpc error that aetcd's exception wraps."""
+    cause = exc.__cause__
+    return cause.code() if isinstance(cause, grpc.RpcError) and hasattr(cause, "code") else None
+
+
+@dataclass
+class TrimStats:
+    """What the count cap's passes did (tests and the curious read it)."""
+
+    passes: int = 0
+    deleted: int = 0
+    counts: int = 0  # count-only range reads
+    examined: int = 0  # goal-order keys read
 
 
 def order_suffix(goal: planner_pb2.Goal) -> str:
@@ -64,6 +124,8 @@ class GoalStore:
         self.order = config.key("goal-order") + b"/"
         self.active = config.key("goal-active") + b"/"
         self.index_version = config.key("goal-index-version")
+        self.retention_leader = config.key("goal-retention-leader")
+        self.trims = TrimStats()
         self.scans = ScanStats()  # what ListGoals' range reads cost (tests read it)
         self.requests = RequestLog(client, config, "planner")  # outcomes by request_id
 
@@ -141,16 +203,108 @@ class GoalStore:
         kvs, _ = await snapshot(self.client, self.events_prefix(goal_id))
         return max((int(kv.key.rsplit(b"/", 1)[1]) for kv in kvs), default=0)
 
-    async def write(self, owner: str, goal_id: str, puts: Sequence[tuple[bytes, bytes | None]]) -> bool:
-        """Put every key (delete those whose value is None) only while ``owner`` owns the goal."""
+    async def write(
+        self,
+        owner: str,
+        goal_id: str,
+        puts: Sequence[tuple[bytes, bytes | None]],
+        lease: int | None = None,
+    ) -> bool:
+        """Put every key (delete those whose value is None) only while ``owner`` owns the goal.
+
+        ``lease``: the puts are bound to it (the expiry lease of a finishing goal);
+        :class:`LeaseNotFound` when etcd no longer knows it.
+        """
         c = self.client
         ops: list[Any] = [
-            c.transactions.delete(k) if v is None else c.transactions.put(k, v) for k, v in puts
+            c.transactions.delete(k) if v is None else c.transactions.put(k, v, lease=lease) for k, v in puts
         ]
-        ok, _ = await c.transaction(
-            compare=[c.transactions.value(self.owner_key(goal_id)) == owner.encode()], success=ops, failure=[]
-        )
+        return await self._guarded(owner, goal_id, ops, lease)
+
+    async def _guarded(self, owner: str, goal_id: str, ops: list[Any], lease: int | None) -> bool:
+        c = self.client
+        try:
+            ok, _ = await c.transaction(
+                compare=[c.transactions.value(self.owner_key(goal_id)) == owner.encode()],
+                success=ops,
+                failure=[],
+            )
+        except aetcd.exceptions.ClientError as exc:
+            # etcd answers NOT_FOUND to a put bound to a lease it does not know.
+            if lease and _etcd_code(exc) == grpc.StatusCode.NOT_FOUND:
+                raise LeaseNotFound(lease) from exc
+            raise
         return bool(ok)
+
+    async def _range(
+        self, start: bytes, end: bytes, limit: int = 0, *, count_only: bool = False, keys_only: bool = False
+    ) -> Any:
+        """One etcd range read (``limit`` 0: no limit): the reply, with ``kvs``, ``more`` and ``count``."""
+        c = self.client
+        await c.connect()
+        assert c.kvstub is not None
+        request = aetcd.rpc.RangeRequest(
+            key=start, range_end=end, limit=limit, count_only=count_only, keys_only=keys_only
+        )
+        try:
+            return await c.kvstub.Range(request, timeout=c.timeout, metadata=c.metadata)
+        except aio.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)
+            raise
+
+    async def _pages(self, prefix: bytes, size: int) -> AsyncIterator[list[Any]]:
+        """The key-values under ``prefix`` in bounded range reads of ``size`` keys."""
+        end = aetcd.utils.prefix_range_end(prefix)
+        start = prefix
+        while True:
+            reply = await self._range(start, end, size)
+            if reply.kvs:
+                yield list(reply.kvs)
+            if not reply.more or not reply.kvs:
+                return
+            start = bytes(reply.kvs[-1].key) + b"\x00"
+
+    async def _reput(self, owner: str, goal_id: str, lease: int | None) -> int | None:
+        """Put every step status and event of the goal again, bound to ``lease`` (None: to no lease);
+        only keys not bound to it already. How many were put, None when ``owner`` lost the goal."""
+        c = self.client
+        want = lease or 0
+        moved = 0
+        for prefix in (self.steps_prefix(goal_id), self.events_prefix(goal_id)):
+            async for kvs in self._pages(prefix, REBIND_TXN_OPS):
+                ops: list[Any] = []
+                size = 0
+                for kv in kvs:
+                    if int(kv.lease) == want:
+                        continue
+                    value = bytes(kv.value)
+                    if ops and size + len(kv.key) + len(value) > REBIND_TXN_BYTES:
+                        if not await self._guarded(owner, goal_id, ops, lease):
+                            return None
+                        moved += len(ops)
+                        ops, size = [], 0
+                    ops.append(c.transactions.put(bytes(kv.key), value, lease=lease))
+                    size += len(kv.key) + len(value)
+                if ops:
+                    if not await self._guarded(owner, goal_id, ops, lease):
+                        return None
+                    moved += len(ops)
+        return moved
+
+    async def rebind(self, owner: str, goal_id: str, lease: int) -> int | None:
+        """Before a goal's finishing write: bind its step statuses and events to the expiry ``lease``.
+
+        Transactions of at most REBIND_TXN_OPS puts and about REBIND_TXN_BYTES, each
+        guarded by ``owner``'s ownership as the runner's writes are; keys already on
+        ``lease`` are skipped (idempotent). Returns how many keys were put (None: the
+        goal is no longer ``owner``'s); :class:`LeaseNotFound` when etcd lost the lease.
+        """
+        return await self._reput(owner, goal_id, lease)
+
+    async def unbind(self, owner: str, goal_id: str) -> int | None:
+        """When a goal is resumed: put its step statuses and events bound to a lease (a replica that
+        died while finishing it had rebound them) again without one, so none expires while it runs."""
+        return await self._reput(owner, goal_id, None)
 
     async def page_goal_ids(
         self, after: str | None, size: int, state: int = 0
@@ -236,13 +390,112 @@ class GoalStore:
         return [planner_pb2.ExecuteGoalResponse.FromString(kv.value) for kv in kvs], revision
 
     async def follow_events(
-        self, goal_id: str, start_revision: int
+        self, goal_id: str, start_revision: int, after_seq: int = 0
     ) -> AsyncIterator[planner_pb2.ExecuteGoalResponse]:
-        """The goal's progress events written from ``start_revision`` on, as they come."""
+        """The goal's progress events written from ``start_revision`` on, as they come, each once:
+        only those whose sequence number is above ``after_seq`` and the last one yielded (a finishing
+        goal puts its events again, bound to its expiry lease: those puts are not new events)."""
+        last = after_seq
         # Closed on the way out: a watch left behind keeps its etcd stream open (one per call).
         async with ResumingWatch(
             self.client, self.events_prefix(goal_id), start_revision=start_revision
         ) as watch:
             async for change in watch:
-                if change.kind == "PUT":
-                    yield planner_pb2.ExecuteGoalResponse.FromString(change.value)
+                if change.kind != "PUT":
+                    continue
+                seq = int(bytes(change.key).rsplit(b"/", 1)[1])
+                if seq <= last:
+                    continue
+                last = seq
+                yield planner_pb2.ExecuteGoalResponse.FromString(change.value)
+
+    # -- the count cap ----------------------------------------------------------------
+
+    async def count(self, prefix: bytes, start: bytes | None = None, end: bytes | None = None) -> int:
+        """How many keys are in ``[start, end)`` (default: under ``prefix``): a count-only range read."""
+        self.trims.counts += 1
+        reply = await self._range(
+            start or prefix, end or aetcd.utils.prefix_range_end(prefix), count_only=True
+        )
+        return int(reply.count)
+
+    async def _tail_start(self, end: bytes, most: int) -> bytes:
+        """The ``goal-order/`` key from which at most ``most`` keys remain before ``end`` (as many as
+        possible): a bisection on the order number by count-only reads, never a read of the keys."""
+        if await self.count(self.order, self.order, end) <= most:
+            return self.order
+        lo, hi = 0, 1 << 64  # count([order + lo, end)) > most; count([order + hi, end)) <= most
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            n = await self.count(self.order, self.order + f"{mid:020d}".encode(), end)
+            if n > most:
+                lo = mid
+            else:
+                hi = mid
+        return self.order + f"{hi:020d}".encode()
+
+    async def trim(self, keep: int) -> int:
+        """Delete the oldest finished goals beyond the ``keep`` newest finished ones (every key of
+        each); never an unfinished goal. Bounded per call: at most TRIM_BATCH goals deleted and about
+        TRIM_MAX_EXAMINED ``goal-order/`` keys read. Returns how many goals were deleted.
+
+        The oldest goals are at the end of the newest-first ``goal-order/``: windows of at most
+        TRIM_BATCH keys are taken from its end backwards (:meth:`_tail_start`), oldest first.
+        """
+        self.trims.passes += 1
+        finished = await self.count(self.order) - await self.count(self.active)
+        excess = min(finished - keep, TRIM_BATCH)
+        deleted, examined = 0, 0
+        end = aetcd.utils.prefix_range_end(self.order)
+        while excess > deleted and examined < TRIM_MAX_EXAMINED:
+            start = await self._tail_start(end, TRIM_BATCH)
+            reply = await self._range(start, end, TRIM_BATCH + 1)
+            kvs = list(reply.kvs)
+            if not kvs:
+                # More than TRIM_BATCH goals share the order number just below ``start``: take some.
+                number = int(start[len(self.order) :].decode())
+                if number == 0:
+                    break
+                start = self.order + f"{number - 1:020d}".encode()
+                kvs = list((await self._range(start, end, TRIM_BATCH)).kvs)
+                if not kvs:
+                    break
+            examined += len(kvs)
+            self.trims.examined += len(kvs)
+            for kv in reversed(kvs):  # oldest first
+                if bytes(kv.value) not in _FINISHED_VALUES:
+                    continue  # pending or running: never deleted
+                if await self._delete_goal(bytes(kv.key), bytes(kv.value)):
+                    deleted += 1
+                    if deleted >= excess:
+                        break
+            end = bytes(kvs[0].key)
+        self.trims.deleted += deleted
+        return deleted
+
+    async def _delete_goal(self, order_key: bytes, state: bytes) -> bool:
+        """Every key of one finished goal, in one transaction guarded by its ``goal-order/`` key still
+        saying it finished (so a goal is deleted once, and never one that is not finished)."""
+        c = self.client
+        goal_id = order_key.rsplit(b"/", 1)[1].decode()
+        steps, events = self.steps_prefix(goal_id), self.events_prefix(goal_id)
+        ok, _ = await c.transaction(
+            compare=[c.transactions.value(order_key) == state],
+            success=[
+                c.transactions.delete(order_key),
+                c.transactions.delete(self.goal_key(goal_id)),
+                c.transactions.delete(steps, aetcd.utils.prefix_range_end(steps)),
+                c.transactions.delete(events, aetcd.utils.prefix_range_end(events)),
+                c.transactions.delete(self.cancel_key(goal_id)),
+            ],
+            failure=[],
+        )
+        return bool(ok)
+
+    async def while_leading_retention(
+        self, candidate_id: str, ttl: int, work: Callable[[], Awaitable[object]], interval: float
+    ) -> None:
+        """Run ``work`` every ``interval`` while this replica leads the goal retention election."""
+        await while_leading(
+            self.client, self.retention_leader, candidate_id, ttl, work, interval, what="goal retention"
+        )
