@@ -1,5 +1,14 @@
-"""`python -m mabeam.services.coordination`: run one coordination replica until SIGTERM/SIGINT."""
+"""`python -m mabeam.services.coordination`: run one coordination replica until SIGTERM/SIGINT.
 
+Beyond the mesh's flags, how long finished sessions are kept:
+``--session-retention`` (env ``MABEAM_SESSION_RETENTION``: ``7d``, ``36h``,
+``90m``, ``600s``; ``0`` keeps them for good; default 7 days) and
+``--session-retention-count`` (env ``MABEAM_SESSION_RETENTION_COUNT``: keep at
+most this many, the oldest finished deleted first; 0, the default: no cap).
+See :mod:`mabeam.services.coordination.store` and docs/operations.md.
+"""
+
+import argparse
 import os
 import sys
 
@@ -8,8 +17,35 @@ import sys
 # children exec at once.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
-from mabeam.runtime.service import run_service
-from mabeam.services.coordination.server import build
+from mabeam.runtime.retention import Retention
+from mabeam.runtime.service import BuildFn, run_service
+from mabeam.services.coordination.server import build, builder
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("retention of finished sessions")
+    g.add_argument(
+        "--session-retention",
+        metavar="PERIOD",
+        help="keep finished sessions this long: 7d, 36h, 90m, 600s; 0 keeps them for good "
+        "(env MABEAM_SESSION_RETENTION; default 7d)",
+    )
+    g.add_argument(
+        "--session-retention-count",
+        metavar="N",
+        help="keep at most N finished sessions, the oldest deleted first; 0: no cap "
+        "(env MABEAM_SESSION_RETENTION_COUNT; default 0)",
+    )
+
+
+def configure(args: argparse.Namespace) -> BuildFn:
+    """The build function of a coordination service with these flags over the environment."""
+    return builder(
+        Retention.load(
+            "session", os.environ, given=args.session_retention, given_count=args.session_retention_count
+        )
+    )
+
 
 if __name__ == "__main__":
-    sys.exit(run_service("coordination", build))
+    sys.exit(run_service("coordination", build, add_arguments=add_arguments, configure=configure))

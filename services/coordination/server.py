@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +29,7 @@ from mabeam.runtime import validate
 from mabeam.runtime.cache import PrefixCache, report_health
 from mabeam.runtime.etcd import EtcdClient
 from mabeam.runtime.idempotency import idempotent
+from mabeam.runtime.retention import Retention, expired_message
 from mabeam.server import MeshServer
 from mabeam.services.coordination import runs
 from mabeam.services.coordination.engine import FINISH_MIN_S, FanOut, Session, finish_reserve
@@ -46,6 +48,8 @@ from mabeam.v1 import (
 SERVICE_NAME = "mabeam.v1.CoordinationService"
 PROTOCOL_NAME_RE = re.compile(r"^[a-z0-9_]{1,64}\Z")
 ONE_SHOT = {"first_price", "vickrey", "contract_net", "call_market", "consensus"}
+# How often the elected replica enforces MABEAM_SESSION_RETENTION_COUNT (when set).
+PRUNE_INTERVAL_S = 30.0
 
 AUCTIONS = {
     coordination_pb2.AUCTION_TYPE_FIRST_PRICE: "first_price",
@@ -142,9 +146,10 @@ def within_deadline(
 class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
     """mabeam.v1.CoordinationService."""
 
-    def __init__(self, server: MeshServer, etcd: EtcdClient) -> None:
+    def __init__(self, server: MeshServer, etcd: EtcdClient, retention: Retention | None = None) -> None:
         self._server = server
-        self.store = SessionStore(etcd, server.config)
+        self.retention = retention if retention is not None else Retention.load("session", os.environ)
+        self.store = SessionStore(etcd, server.config, retention=self.retention)
         self.pool = ChannelPool(server.config.client_tls(), server.config.agent_credential())
         self.fanout = FanOut(self.pool)
         self.plugins: PrefixCache[coordination_pb2.ProtocolInfo] = PrefixCache(
@@ -307,6 +312,18 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         await session.finish(outcome)
         return session
 
+    # -- retention ---------------------------------------------------------------------
+
+    async def run_pruner(self) -> None:
+        """While leading (etcd election), delete the oldest finished sessions beyond the count cap."""
+        await self.store.while_leading_pruner(
+            self._server.instance_id, self._server.config.service_ttl, self.prune_once, PRUNE_INTERVAL_S
+        )
+
+    async def prune_once(self) -> int:
+        """One tick of the count cap: at most PRUNE_EXAMINED sessions examined."""
+        return await self.store.prune_oldest(self.retention.max_count)
+
     # -- RPCs ------------------------------------------------------------------------
 
     @within_deadline(coordination_pb2.RunAuctionResponse)
@@ -450,6 +467,14 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             )
         return coordination_pb2.UnregisterProtocolResponse()
 
+    def _not_found(self, session_id: str) -> errors.NotFound:
+        """A session id not in etcd: it never existed, or retention deleted it (the message says which
+        retention: the period, the count cap)."""
+        return errors.NotFound(
+            expired_message(f"session {session_id!r}", self.retention),
+            reason=common_pb2.ERROR_REASON_SESSION_NOT_FOUND,
+        )
+
     async def GetSession(
         self, request: coordination_pb2.GetSessionRequest, context: Any
     ) -> coordination_pb2.GetSessionResponse:
@@ -458,10 +483,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             request.session_id, full=request.view != coordination_pb2.SESSION_VIEW_BASIC
         )
         if session is None:
-            raise errors.NotFound(
-                f"session {request.session_id!r} does not exist",
-                reason=common_pb2.ERROR_REASON_SESSION_NOT_FOUND,
-            )
+            raise self._not_found(request.session_id)
         return coordination_pb2.GetSessionResponse(session=session)
 
     async def ListSessions(
@@ -495,10 +517,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         rounds, finished, revision = await self.store.rounds_so_far(request.session_id)
         summary = await self.store.get(request.session_id, full=False)
         if summary is None:
-            raise errors.NotFound(
-                f"session {request.session_id!r} does not exist",
-                reason=common_pb2.ERROR_REASON_SESSION_NOT_FOUND,
-            )
+            raise self._not_found(request.session_id)
         for record in rounds:
             yield coordination_pb2.WatchSessionResponse(
                 type=coordination_pb2.SESSION_EVENT_TYPE_ROUND, round=record
@@ -517,12 +536,27 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         )
 
 
-async def build(server: MeshServer, etcd: EtcdClient) -> None:
-    """Add the coordination servicer to ``server`` (called by mabeam.runtime.service.start_service)."""
-    servicer = CoordinationServicer(server, etcd)
+def builder(retention: Retention) -> Callable[[MeshServer, EtcdClient], Awaitable[None]]:
+    """The build function of a coordination service keeping finished sessions as ``retention`` says."""
+
+    async def build_coordination(server: MeshServer, etcd: EtcdClient) -> None:
+        await build(server, etcd, retention)
+
+    return build_coordination
+
+
+async def build(server: MeshServer, etcd: EtcdClient, retention: Retention | None = None) -> None:
+    """Add the coordination servicer to ``server`` (called by mabeam.runtime.service.start_service).
+
+    ``retention``: of finished sessions; default: ``$MABEAM_SESSION_RETENTION`` (7 days) and
+    ``$MABEAM_SESSION_RETENTION_COUNT`` (no cap). With a cap, one elected replica enforces it.
+    """
+    servicer = CoordinationServicer(server, etcd, retention)
     await servicer.start()
     server.on_stop(servicer.stop)
     server.on_stop(servicer.store.requests.stop)
+    if servicer.retention.max_count:
+        server.spawn(servicer.run_pruner(), "session retention")
     report_health(server, servicer.plugins)
     server.add_service(
         SERVICE_NAME, coordination_pb2_grpc.add_CoordinationServiceServicer_to_server, servicer

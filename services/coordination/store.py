@@ -1,24 +1,44 @@
 """The coordination service's etcd keyspace (under the mesh prefix P).
 
-=======================================  ==========================================================
-key                                      value
-=======================================  ==========================================================
-P/sessions/<id>                          ``mabeam.v1.Session`` without rounds (summary)
-P/session-index/<t:020d>/<id>            the session's protocol name; ``t`` = 2^63 - started_at in
+=======================================  ==========================================================  ==========
+key                                      value                                                       lease
+=======================================  ==========================================================  ==========
+P/sessions/<id>                          ``mabeam.v1.Session`` without rounds (summary)              R, then E
+P/session-index/<t:020d>/<id>            the session's protocol name; ``t`` = 2^63 - started_at in   R, then E
                                          ns, so a range read lists sessions newest first
-P/session-index-version                  ``1``: sessions stored before the index have their keys
+P/session-index-version                  ``1``: sessions stored before the index have their keys     none
                                          (:meth:`SessionStore.backfill_index`, once per mesh)
-P/session-rounds/<id>/<n:06d>            round n's manifest: its chunk count (4 bytes, big endian)
-                                         then ``mabeam.v1.Round`` without entries (a round stored
-                                         before chunking: the whole ``Round``, read as is)
-P/session-rounds/<id>/~end               empty: the session is finished (for watchers)
-P/session-chunks/<id>/<n:06d>/<k:06d>    chunk k of round n: a serialized ``mabeam.v1.Round``
-                                         cut between top-level fields (its entries); the chunks
+P/session-rounds/<id>/<n:06d>            round n's manifest: its chunk count (4 bytes, big endian)   R (rounds
+                                         then ``mabeam.v1.Round`` without entries (a round stored    written as
+                                         before chunking: the whole ``Round``, read as is)           they end),
+                                                                                                     E (at the
+                                                                                                     finish)
+P/session-rounds/<id>/~end               empty: the session is finished (for watchers)               E
+P/session-chunks/<id>/<n:06d>/<k:06d>    chunk k of round n: a serialized ``mabeam.v1.Round``        as its
+                                         cut between top-level fields (its entries); the chunks      manifest
                                          concatenated in order parse as the whole round
-P/protocols/<name>                       ``mabeam.v1.ProtocolInfo`` of a registered protocol
-P/requests/coordination/<m>/<id>         outcome of a call by ``request_id``, on the window's
+P/session-retention/<lease>              candidates for the count cap's pruner (election)            candidate's
+P/protocols/<name>                       ``mabeam.v1.ProtocolInfo`` of a registered protocol         none
+P/requests/coordination/<m>/<id>         outcome of a call by ``request_id``, on the window's        window's
                                          lease (:mod:`mabeam.runtime.idempotency`)
-=======================================  ==========================================================
+=======================================  ==========================================================  ==========
+
+Leases (retention, :mod:`mabeam.runtime.retention`; ``MABEAM_SESSION_RETENTION``,
+default 7 days): **E** is the *expiry lease* of the current bucket (TTL the
+period plus a bucket): the transaction that finishes a session (its summary,
+index key, end marker, the rounds not written yet and their chunks) binds
+them to it, so etcd deletes the session at least the period after it
+finished, without a scan. **R** is the *running lease* (TTL the period, a
+bucket and :data:`RUNNING_EXTRA_S`), for what is written while a session
+runs (its claim, the rounds of an iterative session as they end): a session
+lasts at most 600 s, so those keys too are kept at least the period after
+the finish; the finish puts the summary and index key again, on E. A
+session that never finishes (its replica died and nobody ended it) is gone
+when R runs out. With the period ``0`` nothing is bound (kept for good). A
+write whose lease etcd no longer knows is written again, whole, on a new
+lease (once). The cap ``MABEAM_SESSION_RETENTION_COUNT`` is enforced by one
+elected replica (:meth:`SessionStore.prune_oldest`): it deletes the oldest
+finished sessions, every key of each, never a running one.
 
 Every etcd request stays within etcd's limits (``--max-txn-ops`` 128 and
 ``--max-request-bytes`` 1.5 MiB by default): a transaction carries at most
@@ -46,19 +66,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
 import aetcd.utils
+import grpc
 from grpc import aio
 
 from mabeam import errors
 from mabeam.config import MeshConfig
-from mabeam.runtime.etcd import EtcdClient, ResumingWatch
+from mabeam.runtime.etcd import EtcdClient, ResumingWatch, while_leading
 from mabeam.runtime.idempotency import RequestLog
+from mabeam.runtime.retention import ExpiryLeases, Retention
 from mabeam.v1 import coordination_pb2
 
 END_MARKER = b"~end"
@@ -75,6 +97,14 @@ LIST_MAX_EXAMINED = 2000
 MAX_TRANSCRIPT_BYTES = 48 * 1024 * 1024
 _CHUNK_READ = 8  # chunks per range read (at most 3 MiB)
 _INVERT = 1 << 63
+# The running lease outlives the expiry lease by this much: a session's deadline is at most
+# 600 s (server.py) plus the least time its finish gets; a minute of slack beyond.
+RUNNING_EXTRA_S = 660
+# The count cap's pruner: index keys examined per tick (oldest first), sessions per transaction
+# (4 operations and a compare each: 64 operations).
+PRUNE_EXAMINED = 100
+PRUNE_PER_TXN = 16
+_RUNNING_STATES = (coordination_pb2.SESSION_STATE_UNSPECIFIED, coordination_pb2.SESSION_STATE_RUNNING)
 _COUNT = struct.Struct(">I")
 
 
@@ -86,8 +116,22 @@ def _too_large() -> errors.FailedPrecondition:
     )
 
 
+def _lease_gone(exc: BaseException) -> bool:
+    """Whether etcd refused a write because a lease it was bound to is gone (it answers NOT_FOUND)."""
+    cause = exc.__cause__
+    if isinstance(cause, grpc.RpcError) and hasattr(cause, "code"):
+        return bool(cause.code() == grpc.StatusCode.NOT_FOUND)
+    return "lease not found" in str(exc)
+
+
 class SessionStore:
-    """Reads and writes sessions and registered protocols."""
+    """Reads and writes sessions and registered protocols.
+
+    ``retention``: how long finished sessions are kept (default: 7 days, the
+    default of ``MABEAM_SESSION_RETENTION``); the store binds the leases
+    itself, so every caller of :meth:`create`, :meth:`put_round` and
+    :meth:`finish` gets them.
+    """
 
     def __init__(
         self,
@@ -98,8 +142,15 @@ class SessionStore:
         txn_max_bytes: int = TXN_MAX_BYTES,
         chunk_bytes: int = CHUNK_BYTES,
         list_max_examined: int = LIST_MAX_EXAMINED,
+        retention: Retention | None = None,
     ) -> None:
         self.client = client
+        self.retention = retention if retention is not None else Retention.load("session", {})
+        r = self.retention
+        self.expiry = ExpiryLeases(client, r)  # what a finish writes
+        running = r if r.keeps_forever else Retention(r.kind, r.period_s + RUNNING_EXTRA_S, r.bucket_s)
+        self.running = ExpiryLeases(client, running)  # what is written while a session runs
+        self.pruner_election = config.key("session-retention")
         self.sessions = config.key("sessions") + b"/"
         self.index = config.key("session-index") + b"/"
         self.index_version = config.key("session-index-version")
@@ -134,23 +185,34 @@ class SessionStore:
         """Claim the session id (False when it exists already)."""
         c = self.client
         key = self.session_key(session.session_id)
-        ok, _ = await c.transaction(
-            compare=[c.transactions.create(key) == 0],
-            success=[
-                c.transactions.put(key, _summary(session).SerializeToString()),
-                c.transactions.put(self.index_key(session), session.protocol.encode()),
-            ],
-            failure=[],
-        )
-        return bool(ok)
+        for attempt in range(2):
+            lease = await self.running.lease()
+            try:
+                ok, _ = await c.transaction(
+                    compare=[c.transactions.create(key) == 0],
+                    success=[
+                        c.transactions.put(key, _summary(session).SerializeToString(), lease=lease),
+                        c.transactions.put(self.index_key(session), session.protocol.encode(), lease=lease),
+                    ],
+                    failure=[],
+                )
+            except aetcd.exceptions.ClientError as exc:
+                if attempt or lease is None or not _lease_gone(exc):
+                    raise
+                self.running.forget()  # etcd lost the lease (e.g. restored from a backup): a new one
+                continue
+            return bool(ok)
+        raise AssertionError("unreachable")
 
     async def put_round(self, session_id: str, record: coordination_pb2.Round) -> None:
         manifest, chunks = self._round_puts(session_id, record)
-        await self._write_chunked(session_id, [record.number], chunks, [manifest])
+        await self._write_chunked(session_id, [record.number], chunks, [manifest], self.running)
 
     async def finish(
         self, session: coordination_pb2.Session, rounds: Sequence[coordination_pb2.Round]
     ) -> None:
+        """Write the finished session: ``rounds`` not written yet, its summary, index key and end
+        marker, all bound to the expiry lease (the summary and index key put again if claimed)."""
         sid = session.session_id
         final: list[tuple[bytes, bytes]] = [
             (self.session_key(sid), _summary(session).SerializeToString()),
@@ -162,7 +224,7 @@ class SessionStore:
             final.append(manifest)
             chunks += puts
         final.append((self.rounds_prefix(sid) + END_MARKER, b""))
-        await self._write_chunked(sid, [r.number for r in rounds], chunks, final)
+        await self._write_chunked(sid, [r.number for r in rounds], chunks, final, self.expiry)
 
     def _round_puts(
         self, session_id: str, record: coordination_pb2.Round
@@ -193,9 +255,11 @@ class SessionStore:
             size += cost
         return out
 
-    async def _txn_puts(self, puts: Sequence[tuple[bytes, bytes]]) -> None:
+    async def _txn_puts(self, puts: Sequence[tuple[bytes, bytes]], lease: int | None = None) -> None:
         c = self.client
-        await c.transaction(compare=[], success=[c.transactions.put(k, v) for k, v in puts], failure=[])
+        await c.transaction(
+            compare=[], success=[c.transactions.put(k, v, lease=lease) for k, v in puts], failure=[]
+        )
 
     async def _write_chunked(
         self,
@@ -203,11 +267,32 @@ class SessionStore:
         numbers: Sequence[int],
         chunks: Sequence[tuple[bytes, bytes]],
         final: Sequence[tuple[bytes, bytes]],
+        leases: ExpiryLeases,
     ) -> None:
-        """Write ``chunks`` then ``final`` (the manifests that point at them) within etcd's limits."""
+        """Write ``chunks`` then ``final`` (the manifests that point at them) within etcd's limits,
+        every key on one lease of ``leases``; a lease etcd no longer knows: all of it again, once,
+        on a new lease (the keys put on the lost one are gone with it)."""
+        for attempt in range(2):
+            lease = await leases.lease()
+            try:
+                await self._write_chunked_on(session_id, numbers, chunks, final, lease)
+                return
+            except aetcd.exceptions.ClientError as exc:
+                if attempt or lease is None or not _lease_gone(exc):
+                    raise
+                leases.forget()
+
+    async def _write_chunked_on(
+        self,
+        session_id: str,
+        numbers: Sequence[int],
+        chunks: Sequence[tuple[bytes, bytes]],
+        final: Sequence[tuple[bytes, bytes]],
+        lease: int | None,
+    ) -> None:
         together = self.batches([*chunks, *final])
         if len(together) == 1:
-            await self._txn_puts(together[0])  # all of it in one transaction
+            await self._txn_puts(together[0], lease)  # all of it in one transaction
             return
         last = self.batches(final)
         if len(last) != 1:
@@ -217,9 +302,11 @@ class SessionStore:
             )
         try:
             for batch in self.batches(chunks):
-                await self._txn_puts(batch)
-            await self._txn_puts(last[0])
-        except BaseException:
+                await self._txn_puts(batch, lease)
+            await self._txn_puts(last[0], lease)
+        except BaseException as exc:
+            if isinstance(exc, aetcd.exceptions.ClientError) and lease is not None and _lease_gone(exc):
+                raise  # written again whole on a new lease: no cleanup racing that write
             # Unreferenced chunks are deleted, unless their manifest was written after all.
             cleanup = asyncio.ensure_future(self._drop_orphans(session_id, numbers))
             cleanup.add_done_callback(_retrieved)
@@ -433,6 +520,128 @@ class SessionStore:
             )
             out += [coordination_pb2.Session.FromString(r[0][0]) for r in responses if r]
         return out
+
+    # -- the count cap -----------------------------------------------------------------
+
+    async def count_indexed(self) -> int:
+        """How many sessions ``session-index/`` holds (finished and running): one count-only range."""
+        c = self.client
+        await c.connect()
+        assert c.kvstub is not None
+        request = aetcd.rpc.RangeRequest(
+            key=self.index, range_end=aetcd.utils.prefix_range_end(self.index), count_only=True
+        )
+        try:
+            reply = await c.kvstub.Range(request, timeout=c.timeout, metadata=c.metadata)
+        except aio.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)
+            raise
+        return int(reply.count)
+
+    async def _oldest(self, before: bytes, limit: int) -> Any:
+        """Up to ``limit`` index keys before ``before`` (exclusive), the oldest first: they are at
+        the end of the newest-first index; one range read from its end."""
+        c = self.client
+        await c.connect()
+        assert c.kvstub is not None
+        request = aetcd.rpc.RangeRequest(
+            key=self.index,
+            range_end=before,
+            limit=limit,
+            keys_only=True,
+            sort_order=aetcd.rpc.RangeRequest.DESCEND,
+            sort_target=aetcd.rpc.RangeRequest.KEY,
+        )
+        try:
+            return await c.kvstub.Range(request, timeout=c.timeout, metadata=c.metadata)
+        except aio.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)
+            raise
+
+    async def prune_oldest(self, keep: int, examine: int = PRUNE_EXAMINED) -> int:
+        """Delete the oldest finished sessions beyond ``keep``; returns how many it deleted.
+
+        One count-only range of ``session-index/`` (finished and running
+        sessions), then its oldest keys, at most ``examine`` of them, read from
+        the end of the index. Each one's record is read: a finished session
+        (a terminal state) is deleted whole (record, index key, the
+        ``session-rounds/<id>/`` and ``session-chunks/<id>/`` prefixes), a few
+        per transaction, each guarded by its record's revision; a running one
+        is never deleted and is not counted against the cap (an index key
+        without a record, left half-deleted, goes too). So the newest ``keep``
+        sessions stay, and running sessions older than those besides; the
+        rest goes over as many calls as it takes.
+        """
+        c = self.client
+        excess = await self.count_indexed() - keep
+        deleted = examined = 0
+        before = aetcd.utils.prefix_range_end(self.index)
+        while excess > 0 and examined < examine:
+            reply = await self._oldest(before, min(excess, examine - examined))
+            keys = [kv.key for kv in reply.kvs]
+            if not keys:
+                break
+            examined += len(keys)
+            before = keys[-1]
+            doomed: list[tuple[str, bytes, int]] = []  # (session id, index key, record mod revision)
+            for at in range(0, len(keys), self.txn_max_ops):
+                part = keys[at : at + self.txn_max_ops]
+                ids = [k.rsplit(b"/", 1)[1].decode() for k in part]
+                _, responses = await c.transaction(
+                    compare=[], success=[c.transactions.get(self.session_key(i)) for i in ids], failure=[]
+                )
+                for sid, key, got in zip(ids, part, responses, strict=True):
+                    if not got:
+                        doomed.append((sid, key, 0))  # no record: a leftover index key
+                        continue
+                    value, meta = got[0]
+                    if coordination_pb2.Session.FromString(value).state in _RUNNING_STATES:
+                        excess -= 1  # kept, and not counted against the cap
+                        continue
+                    doomed.append((sid, key, int(meta.mod_revision)))
+            doomed = doomed[: max(excess, 0)]
+            for at in range(0, len(doomed), PRUNE_PER_TXN):
+                deleted += await self._delete_sessions(doomed[at : at + PRUNE_PER_TXN])
+            excess -= len(doomed)
+        return deleted
+
+    async def _delete_sessions(self, doomed: Sequence[tuple[str, bytes, int]]) -> int:
+        """Delete these sessions whole, in one transaction guarded by each record's revision (0: the
+        record must not exist); when a guard fails (a record changed meanwhile), one at a time."""
+        c = self.client
+        t = c.transactions
+
+        def compare(sid: str, revision: int) -> Any:
+            key = self.session_key(sid)
+            return t.mod(key) == revision if revision else t.create(key) == 0
+
+        def deletes(sid: str, index_key: bytes) -> list[Any]:
+            rounds, chunks = self.rounds_prefix(sid), self.chunks_prefix(sid)
+            return [
+                t.delete(self.session_key(sid)),
+                t.delete(index_key),
+                t.delete(rounds, aetcd.utils.prefix_range_end(rounds)),
+                t.delete(chunks, aetcd.utils.prefix_range_end(chunks)),
+            ]
+
+        ok, _ = await c.transaction(
+            compare=[compare(sid, rev) for sid, _, rev in doomed],
+            success=[op for sid, key, _ in doomed for op in deletes(sid, key)],
+            failure=[],
+        )
+        if ok:
+            return len(doomed)
+        if len(doomed) == 1:
+            return 0
+        return sum([await self._delete_sessions([one]) for one in doomed])
+
+    async def while_leading_pruner(
+        self, candidate_id: str, ttl: int, work: Callable[[], Awaitable[object]], interval: float
+    ) -> None:
+        """Run ``work`` every ``interval`` while this replica leads the count cap's election."""
+        await while_leading(
+            self.client, self.pruner_election, candidate_id, ttl, work, interval, what="session retention"
+        )
 
     async def put_protocol(self, info: coordination_pb2.ProtocolInfo, replace: bool) -> bool:
         c = self.client
