@@ -15,18 +15,27 @@ made while they run) have until the deadline less a reserve
 (:func:`finish_reserve`) kept for writing the outcome, and that last write has
 until the deadline (at least :data:`FINISH_MIN_S`). A session whose outcome
 cannot be stored in time answers DEADLINE_EXCEEDED (:meth:`Session.finish`).
+
+A session whose record is written before its end (:meth:`Session.claim`:
+iterative ones, and any with an explicit id) is marked in flight on this
+replica (an owner key on the replica's lease, a running key) and unmarked
+after its outcome is written, so that another replica ends it if this one
+dies (:mod:`.orphans`). If this replica's lease is lost meanwhile, its next
+round or its outcome answers ABORTED and writes nothing (another replica
+ends it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -36,6 +45,10 @@ from mabeam.client import ChannelPool
 from mabeam.services.coordination.store import SessionStore
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, coordination_pb2
 
+if TYPE_CHECKING:
+    from mabeam.runtime.etcd import LeaseKeeper
+
+log = logging.getLogger("mabeam.coordination.engine")
 BATCH_GRACE_S = 0.5
 # Kept at the end of a session's deadline for writing its outcome (at most; a
 # fifth of a short deadline), and the least time that write gets.
@@ -270,6 +283,34 @@ class Session:
         self._unsaved_rounds: list[coordination_pb2.Round] = []
         # The round being sent: its number and the agents asked (named if the deadline cuts it).
         self._in_flight: tuple[int, list[str]] | None = None
+        # The lease of this replica the session's owner key is on (None: not marked in flight).
+        self._keeper: LeaseKeeper | None = None
+
+    async def claim(self, keeper: LeaseKeeper | None = None) -> bool:
+        """Write the session's record before its rounds; False when its id exists already.
+
+        With ``keeper`` the session is also marked in flight on this replica
+        (its owner key on ``keeper``'s lease, its running key: :mod:`.orphans`),
+        in the same transaction.
+        """
+        if keeper is None:
+            return await self.store.create(self.proto)
+        claimed = await self.store.create(
+            self.proto, owner=self.proto.coordinator_id, owner_lease=keeper.lease_id
+        )
+        if claimed:
+            self._keeper = keeper
+        return claimed
+
+    def check_owned(self) -> None:
+        """ABORTED when this replica lost the lease the session's owner key was on."""
+        if self._keeper is not None and self._keeper.lost.is_set():
+            raise errors.Aborted(
+                f"session {self.session_id}: coordination replica {self.proto.coordinator_id} lost its "
+                "etcd lease while the session ran; another replica ends it (ABANDONED), "
+                "see GetSession",
+                metadata={"session_id": self.session_id},
+            )
 
     @property
     def session_id(self) -> str:
@@ -325,6 +366,7 @@ class Session:
         round asks them all the same); the engine sets the agent, session,
         round and deadline of each copy.
         """
+        self.check_owned()
         number = self.proto.round_count + 1
         self.proto.round_count = number
         timeout = max(min(self.round_timeout_s, self.remaining()), 0.001)
@@ -382,8 +424,11 @@ class Session:
         Returns the session without its rounds (:attr:`rounds`; see :meth:`answer`).
         The write has until the deadline (at least FINISH_MIN_S); a session
         whose outcome cannot be stored by then raises DeadlineExceeded naming it
-        (its record, if one was claimed, may still say RUNNING).
+        (its record, if one was claimed, may still say RUNNING). A session marked
+        in flight is unmarked after its outcome is written; one whose replica lost
+        its lease raises ABORTED instead, writing nothing.
         """
+        self.check_owned()
         self.proto.outcome.CopyFrom(outcome)
         if state is None:
             state = (
@@ -402,6 +447,13 @@ class Session:
                 f"outcome could be stored; it is not recorded (outcome: {outcome.reason or 'none'})",
                 metadata={"session_id": self.session_id},
             ) from None
+        if self._keeper is not None:
+            try:
+                async with asyncio.timeout(max(self.deadline - time.monotonic(), FINISH_MIN_S)):
+                    await self.store.drop_in_flight(self.session_id, self.proto.coordinator_id)
+            except Exception as exc:  # TimeoutError too
+                # The outcome is stored; a replica that finds the keys left ends nothing (it is finished).
+                log.warning("session %s: its in-flight keys are left (%s)", self.session_id, exc)
         telemetry.instruments().sessions.add(
             1,
             {"protocol": self.proto.protocol, "state": coordination_pb2.SessionState.Name(self.proto.state)},

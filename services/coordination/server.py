@@ -33,6 +33,7 @@ from mabeam.runtime.retention import Retention, expired_message
 from mabeam.server import MeshServer
 from mabeam.services.coordination import runs
 from mabeam.services.coordination.engine import FINISH_MIN_S, FanOut, Session, finish_reserve
+from mabeam.services.coordination.orphans import Orphans
 from mabeam.services.coordination.participants import resolve
 from mabeam.services.coordination.plugins import run_plugin
 from mabeam.services.coordination.protocols.errors import ProtocolParamError
@@ -150,6 +151,8 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         self._server = server
         self.retention = retention if retention is not None else Retention.load("session", os.environ)
         self.store = SessionStore(etcd, server.config, retention=self.retention)
+        # Sessions of a replica that died are ended by another (docs/decisions.md, "No orphaned sessions").
+        self.orphans = Orphans(self.store, server.instance_id, server.config.service_ttl)
         self.pool = ChannelPool(server.config.client_tls(), server.config.agent_credential())
         self.fanout = FanOut(self.pool)
         self.plugins: PrefixCache[coordination_pb2.ProtocolInfo] = PrefixCache(
@@ -168,8 +171,10 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             token=config.token or "",
             etcd_tls=config.etcd_tls,
         )
+        await self.orphans.start()
 
     async def stop(self) -> None:
+        await self.orphans.stop()
         await self.plugins.stop()
         if self._mesh is not None:
             await self._mesh.close()
@@ -263,7 +268,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             # iterative session need it to exist while it runs.
             try:
                 async with asyncio.timeout(max(session.remaining(), 0.001)):
-                    claimed = await self.store.create(session.proto)
+                    claimed = await session.claim(await self.orphans.current_keeper())
             except TimeoutError:
                 raise errors.DeadlineExceeded(
                     f"the session's deadline ({deadline:g} s) passed while session "

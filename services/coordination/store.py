@@ -17,6 +17,11 @@ P/session-rounds/<id>/~end               empty: the session is finished (for wat
 P/session-chunks/<id>/<n:06d>/<k:06d>    chunk k of round n: a serialized ``mabeam.v1.Round``        as its
                                          cut between top-level fields (its entries); the chunks      manifest
                                          concatenated in order parse as the whole round
+P/session-owner/<id>                     id of the replica running the session (one whose record     the owner
+                                         is written before its end); deleted when it finishes        replica's
+                                         (:mod:`.orphans` ends it when the lease takes it)
+P/session-running/<id>                   id of the replica that started it: the session is           none
+                                         unfinished (deleted after its finish)
 P/session-retention/<lease>              candidates for the count cap's pruner (election)            candidate's
 P/protocols/<name>                       ``mabeam.v1.ProtocolInfo`` of a registered protocol         none
 P/requests/coordination/<m>/<id>         outcome of a call by ``request_id``, on the window's        window's
@@ -78,8 +83,9 @@ from grpc import aio
 
 from mabeam import errors
 from mabeam.config import MeshConfig
-from mabeam.runtime.etcd import EtcdClient, ResumingWatch, while_leading
+from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, ResumingWatch, while_leading
 from mabeam.runtime.idempotency import RequestLog
+from mabeam.runtime.paging import scan
 from mabeam.runtime.retention import ExpiryLeases, Retention
 from mabeam.v1 import coordination_pb2
 
@@ -157,6 +163,8 @@ class SessionStore:
         self.rounds = config.key("session-rounds") + b"/"
         self.chunks = config.key("session-chunks") + b"/"
         self.protocols = config.key("protocols") + b"/"
+        self.session_owners = config.key("session-owner") + b"/"  # sessions in flight (.orphans)
+        self.sessions_running = config.key("session-running") + b"/"
         self.requests = RequestLog(client, config, "coordination")  # outcomes by request_id
         self.txn_max_ops = txn_max_ops
         self.txn_max_bytes = txn_max_bytes
@@ -181,8 +189,15 @@ class SessionStore:
 
     # -- writing -----------------------------------------------------------------------
 
-    async def create(self, session: coordination_pb2.Session) -> bool:
-        """Claim the session id (False when it exists already)."""
+    async def create(
+        self, session: coordination_pb2.Session, *, owner: str = "", owner_lease: int = 0
+    ) -> bool:
+        """Claim the session id (False when it exists already).
+
+        With ``owner`` (a replica id) the session is also marked in flight on
+        that replica in the same transaction: ``session-owner/<id>`` on
+        ``owner_lease`` and ``session-running/<id>`` (:mod:`.orphans`).
+        """
         c = self.client
         key = self.session_key(session.session_id)
         for attempt in range(2):
@@ -193,6 +208,7 @@ class SessionStore:
                     success=[
                         c.transactions.put(key, _summary(session).SerializeToString(), lease=lease),
                         c.transactions.put(self.index_key(session), session.protocol.encode(), lease=lease),
+                        *self._in_flight_puts(session.session_id, owner, owner_lease),
                     ],
                     failure=[],
                 )
@@ -654,6 +670,87 @@ class SessionStore:
 
     async def delete_protocol(self, name: str) -> bool:
         return bool(await self.client.delete(self.protocols + name.encode()))
+
+    # -- sessions in flight: owner and running keys (what :mod:`.orphans` follows) ------
+
+    def owner_key(self, session_id: str) -> bytes:
+        return self.session_owners + session_id.encode()
+
+    def running_key(self, session_id: str) -> bytes:
+        return self.sessions_running + session_id.encode()
+
+    def _in_flight_puts(self, session_id: str, owner: str, owner_lease: int) -> list[Any]:
+        if not owner:
+            return []
+        c = self.client
+        return [
+            c.transactions.put(self.owner_key(session_id), owner.encode(), lease=owner_lease),
+            c.transactions.put(self.running_key(session_id), owner.encode()),
+        ]
+
+    def owner_lease_keeper(self, ttl: int) -> LeaseKeeper:
+        """A lease for this replica's ``session-owner/`` keys, kept alive while it runs (started by its owner)."""
+        return LeaseKeeper(self.client, ttl)
+
+    async def drop_in_flight(self, session_id: str, owner: str) -> None:
+        """The session finished: delete its running key, and its owner key if ``owner`` holds it."""
+        c = self.client
+        running = c.transactions.delete(self.running_key(session_id))
+        await c.transaction(
+            compare=[c.transactions.value(self.owner_key(session_id)) == owner.encode()],
+            success=[running, c.transactions.delete(self.owner_key(session_id))],
+            failure=[running],
+        )
+
+    async def claim_orphan(self, session_id: str, owner: str, owner_lease: int) -> str | None:
+        """Take the owner key of a session still marked running whose owner key is gone.
+
+        One transaction, so that one replica at most wins; the key is put on
+        ``owner_lease`` (a claimant that dies leaves it to the next). Returns
+        the replica the running key names (the one that ran it); None when the
+        session is not marked running any more or another replica holds it.
+        """
+        c = self.client
+        running, owned = self.running_key(session_id), self.owner_key(session_id)
+        ok, replies = await c.transaction(
+            compare=[c.transactions.create(running) > 0, c.transactions.create(owned) == 0],
+            success=[
+                c.transactions.put(owned, owner.encode(), lease=owner_lease),
+                c.transactions.get(running),
+            ],
+            failure=[],
+        )
+        if not ok:
+            return None
+        got = replies[1] if len(replies) > 1 else []
+        return bytes(got[0][0]).decode() if got else ""
+
+    async def round_count(self, session_id: str) -> int:
+        """How many round manifests the session has (one keys-only range read)."""
+        prefix = self.rounds_prefix(session_id)
+        reply = await self._range(prefix, aetcd.utils.prefix_range_end(prefix), keys_only=True)
+        return sum(1 for kv in reply.kvs if not kv.key.endswith(END_MARKER))
+
+    async def page_running(self, after: str | None, size: int) -> tuple[list[str], str | None]:
+        """Up to ``size`` ids of sessions marked running, after the id ``after``, and the id the
+        next page starts after (None: the last page). One bounded range read."""
+        kvs, following = await scan(self.client, self.sessions_running, after, size)
+        return [bytes(kv.key[len(self.sessions_running) :]).decode() for kv in kvs], following
+
+    async def current_revision(self) -> int:
+        """etcd's revision now (a watch from the next one misses nothing written later)."""
+        end = aetcd.utils.prefix_range_end(self.sessions_running)
+        return int((await self._range(self.sessions_running, end, 1, keys_only=True)).header.revision)
+
+    async def owner_deletes(self, start_revision: int) -> AsyncIterator[str]:
+        """Ids of sessions whose owner key is deleted from ``start_revision`` on, as it happens
+        (a session finished, or its replica's lease ran out). Raises WatchCompacted when that
+        revision was compacted away (read ``session-running/`` again)."""
+        prefix = self.session_owners
+        async with ResumingWatch(self.client, prefix, start_revision=start_revision) as watch:
+            async for event in watch:
+                if event.kind == "DELETE":
+                    yield event.key[len(prefix) :].decode()
 
 
 def _summary(session: coordination_pb2.Session) -> coordination_pb2.Session:
