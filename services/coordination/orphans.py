@@ -15,7 +15,7 @@ P/session-running/<id>      id of the replica that started it                   
 
 The session deletes both after its outcome is written (:meth:`.engine.Session.finish`).
 When its replica dies, etcd deletes the owner key with the replica's lease
-(``--service-ttl``, MABEAM_SERVICE_TTL, default 5 s), and the running key
+(``MABEAM_SERVICE_TTL``, default 5 s), and the running key
 stays: that pair is an orphan.
 
 Every replica watches ``session-owner/`` for deletions (no election: each
