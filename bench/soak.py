@@ -24,8 +24,9 @@ the errors so far: etcd's database size (and the part in use) and revision
 (Maintenance Status), the key count under the mesh prefix and per first path
 segment (a keys-only range, paged), etcd's open watches and watch streams
 (``etcd_debugging_mvcc_watcher_total``, ``etcd_debugging_mvcc_watch_stream_total``
-from its ``/metrics``), and the RSS of every process (etcd, each service,
-the AgentHost, this driver) with psutil.
+from its ``/metrics``, with the raft entries it applied and the snapshots it
+saved), and the RSS of every process (etcd, each service, the AgentHost,
+this driver) with psutil.
 
 The flatness window starts after the first retention window plus one
 retention bucket (:class:`mabeam.runtime.retention.Retention`), at the first
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import re
@@ -86,9 +88,16 @@ WATCH_LIFE_S = (2.0, 8.0)
 # After an error a loop waits this long before its next operation (no hot loop on a dead service).
 ERROR_PAUSE_S = 0.2
 KEY_PAGE = 5000
-_METRIC = re.compile(
-    rb"^(etcd_debugging_mvcc_watcher_total|etcd_debugging_mvcc_watch_stream_total)\s+(\S+)", re.M
-)
+# etcd's /metrics: open watches and watch streams; raft entries applied and snapshots saved (its
+# raft log is kept in memory until a snapshot, every 100,000 entries by default: its RSS before
+# the first snapshot is not comparable with after).
+_METRICS = {
+    b"etcd_debugging_mvcc_watcher_total": "etcd_watchers",
+    b"etcd_debugging_mvcc_watch_stream_total": "etcd_watch_streams",
+    b"etcd_server_proposals_applied_total": "etcd_raft_applied",
+    b"etcd_debugging_snap_save_total_duration_seconds_count": "etcd_snapshots",
+}
+_METRIC = re.compile(rb"^(" + b"|".join(_METRICS) + rb")\s+(\S+)", re.M)
 
 
 @dataclass(frozen=True)
@@ -221,6 +230,13 @@ class SoakResult:
         verdicts = {name: flat(doc) for name, doc in checked.items()}
         errors = sum(self.errors.values())
         notes = list(self.notes)
+        first_snapshot = next((x["t_s"] for x in samples if (x.get("etcd_snapshots") or 0) > 0), None)
+        if first_snapshot is None or first_snapshot > window:
+            when = "never" if first_snapshot is None else f"at {first_snapshot:.0f} s"
+            notes.append(
+                f"etcd saved its first snapshot {when}, after the window opened: until then its RSS"
+                " holds its raft log (--snapshot-count, 100,000 entries)"
+            )
         if any(v is None for v in verdicts.values()):
             notes.append(
                 f"the window opens at {window:.0f} s (retention {s.retention_s} s + bucket {s.bucket_s} s);"
@@ -263,7 +279,7 @@ def _metrics(endpoint: str) -> dict[str, int]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(url.rstrip("/") + "/metrics", timeout=5) as reply:
         body = reply.read()
-    return {m.group(1).decode(): int(float(m.group(2))) for m in _METRIC.finditer(body)}
+    return {_METRICS[m.group(1)]: int(float(m.group(2))) for m in _METRIC.finditer(body)}
 
 
 async def _keys_by_prefix(client: EtcdClient, prefix: str) -> Counter[str]:
@@ -392,7 +408,7 @@ class SoakRun:
 
         assert self.client is not None
         rng = random.Random(1)
-        for i in range(sys.maxsize):
+        for i in itertools.count():
             size = min(AUCTION_SIZES[i % len(AUCTION_SIZES)], len(self.agent_ids))
             if size >= len(self.agent_ids):
                 selector = common_pb2.AgentSelector(capability="soak")
@@ -423,7 +439,7 @@ class SoakRun:
         from mabeam.v1 import planner_pb2
 
         assert self.client is not None
-        for i in range(sys.maxsize):
+        for i in itertools.count():
             steps = [
                 planner_pb2.StepSpec(step_id="a", capability="soak"),
                 planner_pb2.StepSpec(step_id="b", capability="soak", depends_on=["a"]),
@@ -448,7 +464,7 @@ class SoakRun:
 
         assert self.client is not None
         versions = [0] * VARIABLES
-        for i in range(sys.maxsize):
+        for i in itertools.count():
             n = i % VARIABLES
             try:
                 reply = await self.client.orchestrator.SetVariable(
@@ -518,8 +534,10 @@ class SoakRun:
             "etcd_revision": status.revision,
             "etcd_keys": sum(keys.values()),
             "etcd_keys_by_prefix": dict(sorted(keys.items())),
-            "etcd_watchers": metrics.get("etcd_debugging_mvcc_watcher_total"),
-            "etcd_watch_streams": metrics.get("etcd_debugging_mvcc_watch_stream_total"),
+            "etcd_watchers": metrics.get("etcd_watchers"),
+            "etcd_watch_streams": metrics.get("etcd_watch_streams"),
+            "etcd_raft_applied": metrics.get("etcd_raft_applied"),
+            "etcd_snapshots": metrics.get("etcd_snapshots"),
             "rss_bytes": rss,
             "operations": sum(self.operations.values()),
             "errors": sum(self.errors.values()),
@@ -565,8 +583,8 @@ class SoakRun:
         try:
             done, _ = await asyncio.wait([*loads, sampler], timeout=max(0.0, deadline - time.monotonic()))
             for task in done:  # a load loop never ends by itself: one that did raised
-                if task is not sampler and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                if task is not sampler:
+                    task.result()  # raises what ended it
         finally:
             for task in [*loads, sampler]:
                 task.cancel()

@@ -85,6 +85,7 @@ async def test_short_soak_reports_flat_series_and_no_errors() -> None:
     for sample in samples:
         assert sample["etcd_db_size_bytes"] > 0 and sample["etcd_keys"] >= 3 * 200  # 3 keys per agent
         assert sample["etcd_watchers"] > 0 and sample["etcd_watch_streams"] > 0
+        assert sample["etcd_raft_applied"] > 0 and sample["etcd_snapshots"] is not None
         assert {"etcd", "registry-0", "orchestrator-0", "coordination-0", "planner-0", "agent_host"} <= set(
             sample["rss_bytes"]
         )
