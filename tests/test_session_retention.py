@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,7 @@ from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient
+from mabeam.runtime.retention import Retention
 from mabeam.server import MeshServer
 from mabeam.services.coordination import server as coordination_server
 from mabeam.services.coordination import store as session_store
@@ -362,3 +365,63 @@ async def test_a_lease_etcd_lost_is_replaced_and_the_session_is_written_whole(
         for key, lease in (await session_keys(etcd_client, mesh_config, sid)).items():
             assert lease not in (finishing, *running), key
             assert (await etcd_client.get_lease_info(lease)).TTL > 3_600, key
+
+
+class Counting(session_store.SessionStore):
+    """A store counting its range reads (the keys each returned) and its count-only ranges."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: list[int] = []
+        self.counts = 0
+
+    async def _range(self, start: bytes, end: bytes, limit: int = 0, **kw: Any) -> Any:
+        assert limit, "an unbounded range read"
+        reply = await super()._range(start, end, limit, **kw)
+        self.reads.append(len(reply.kvs))
+        return reply
+
+    async def count_indexed(self, start: bytes | None = None, end: bytes | None = None) -> int:
+        self.counts += 1
+        return await super().count_indexed(start, end)
+
+
+async def test_the_pruner_finds_the_oldest_with_bounded_reads_and_keeps_the_newest(
+    etcd_client: EtcdClient, key_prefix: bytes
+) -> None:
+    """300 sessions (some started in the same nanosecond, spread over days): each tick examines at
+    most 100, reads at most 4 x 100 + 1 keys a range, and the 50 newest are left."""
+    config = MeshConfig(prefix=key_prefix.decode().rstrip("/"))
+    store = Counting(etcd_client, config, retention=Retention("session", 0, 1))
+    base = time.time_ns() - 10 * 86_400 * 10**9
+    started: dict[str, int] = {}
+    for n in range(300):
+        at = base + (n // 3) * 7_919_000_000 + (n % 3 == 2) * 1  # pairs share a nanosecond
+        session = coordination_pb2.Session(
+            session_id=f"s{n:03d}", protocol="vickrey", state=coordination_pb2.SESSION_STATE_DECIDED
+        )
+        session.started_at.FromNanoseconds(at)
+        started[session.session_id] = at
+        await store.finish(session, [])
+    running = coordination_pb2.Session(
+        session_id="old-running", protocol="english", state=coordination_pb2.SESSION_STATE_RUNNING
+    )
+    running.started_at.FromNanoseconds(base - 1)
+    assert await store.create(running)
+    ticks = []
+    while True:
+        store.reads.clear()
+        store.counts = 0
+        deleted = await store.prune_oldest(50)
+        if not deleted:
+            break
+        ticks.append(deleted)
+        print(
+            f"\npruner tick: {deleted} deleted, {len(store.reads)} range reads (most keys {max(store.reads)}), {store.counts} count-only"
+        )
+        assert max(store.reads) <= 4 * 100 + 1 and store.counts < 150, (store.reads, store.counts)
+    assert ticks == [99, 99, 52], ticks  # the running one is the oldest: examined each tick, kept
+    page, _ = await store.list_page(size=100, after=None)
+    newest = sorted(started, key=lambda s: (-started[s], s))[:50]
+    assert [s.session_id for s in page] == [*newest, "old-running"]
+    assert await store.count_indexed() == 51
