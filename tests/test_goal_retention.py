@@ -286,8 +286,7 @@ async def test_the_count_cap_keeps_the_newest_finished_goals_and_every_unfinishe
             page = await client.planner.ListGoals(planner_pb2.ListGoalsRequest(page_size=50))
             return [g.goal_id for g in page.goals]
 
-        newest_first = [*reversed(finished[4:]), middle, *reversed(finished[:4]), oldest]
-        assert await listed() == newest_first
+        # (The cap may already be at work while they finish.) The newest first: f6, f5, f4, middle.
         expected = [*reversed(finished[4:]), middle, oldest]
         await eventually(
             lambda: _equals(listed(), expected),
@@ -309,3 +308,26 @@ async def test_the_count_cap_keeps_the_newest_finished_goals_and_every_unfinishe
 
 async def _equals(got: Awaitable[list[str]], expected: list[str]) -> bool:
     return await got == expected
+
+
+async def test_a_finish_whose_expiry_lease_etcd_lost_is_written_again_on_a_new_lease(
+    service: Callable[..., Awaitable[MeshServer]],
+    mesh_config: MeshConfig,
+    etcd_client: EtcdClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MABEAM_GOAL_RETENTION", "1h")  # a bucket of 36 s: the next goal reuses the lease
+    async with open_mesh(service, mesh_config) as (client, _, _, config):
+        first = (await run(client, spec(3)))[-1].goal_id
+        (lease,) = set((await goal_keys(etcd_client, config, first)).values())
+        await etcd_client.revoke_lease(lease)  # etcd lost it (revoked, or a restore)
+        events = await run(client, spec(3))
+        goal_id = events[-1].goal_id
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        got = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id))).goal
+        assert got.state == planner_pb2.GOAL_STATE_SUCCEEDED
+        keys = await goal_keys(etcd_client, config, goal_id)
+        leases = set(keys.values())
+        assert len(leases) == 1 and lease not in leases and 0 not in leases, keys
+        assert sum(1 for k in keys if b"/goal-events/" in k) == len(events)
+        assert int((await etcd_client.get_lease_info(leases.pop())).TTL) > 3_000
