@@ -32,7 +32,9 @@ coordinator running it died; the transcript ends where it stopped" — with
 the reason naming the replica, through the store's ``finish`` (so the end
 marker is written, WatchSession streams end, and retention applies). Then
 its in-flight keys are deleted. A deadline that passed meanwhile changes
-nothing: the session is ended the same way.
+nothing: the session is ended the same way. A deletion is told once, so an
+attempt that fails (etcd out of reach) is tried again, 0.2 s doubling to 5 s,
+until it is done or another replica holds the session.
 
 At start, and when the watch's revision was compacted away (events lost),
 the replica pages through ``session-running/`` (:data:`PAGE` ids a range
@@ -86,6 +88,7 @@ class Orphans:
         self._task: asyncio.Task[None] | None = None
         self._ending: dict[str, asyncio.Task[None]] = {}
         self._gate = asyncio.Semaphore(CONCURRENCY)
+        self._renewing = asyncio.Lock()
 
     async def start(self) -> None:
         self.keeper = self.store.owner_lease_keeper(self.ttl)
@@ -104,13 +107,18 @@ class Orphans:
     async def current_keeper(self) -> LeaseKeeper:
         """The lease new sessions' owner keys go on (a new one when the last was lost)."""
         assert self.keeper is not None, "Orphans.start() first"
-        if self.keeper.lost.is_set():
-            log.warning("coordination replica %s lost its etcd lease; taking a new one", self.replica_id)
-            old, self.keeper = self.keeper, self.store.owner_lease_keeper(self.ttl)
-            with contextlib.suppress(Exception):
-                await old.stop()
-            await self.keeper.start()
-        return self.keeper
+        if not self.keeper.lost.is_set():
+            return self.keeper
+        async with self._renewing:  # sessions starting at once take one new lease, not one each
+            if self.keeper.lost.is_set():
+                log.warning("coordination replica %s lost its etcd lease; taking a new one", self.replica_id)
+                old = self.keeper
+                keeper = self.store.owner_lease_keeper(self.ttl)
+                await keeper.start()
+                self.keeper = keeper
+                with contextlib.suppress(Exception):
+                    await old.stop()
+            return self.keeper
 
     # -- following deletions -------------------------------------------------------
 
@@ -150,22 +158,33 @@ class Orphans:
         task.add_done_callback(lambda _: self._ending.pop(session_id, None))
 
     async def _end(self, session_id: str) -> None:
-        async with self._gate:
-            try:
-                await self.end(session_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Our claim (if taken) stays on our lease: it lapses with us, or the next sweep's
-                # claim is ours already and fails; the compaction / restart sweep tries again.
-                log.warning("ending orphaned session %s failed: %s", session_id, exc)
+        """Claim ``session_id`` and end it, tried again (0.2 s doubling to 5 s) until done: an
+        owner key's deletion is told once, so an etcd error must not leave the orphan running."""
+        wait = 0.2
+        claim: tuple[LeaseKeeper, str] | None = None  # the lease our claim is on, the replica it ran on
+        while True:
+            async with self._gate:
+                try:
+                    if claim is None or claim[0].lost.is_set():
+                        keeper = await self.current_keeper()
+                        ran_on = await self.store.claim_orphan(session_id, self.replica_id, keeper.lease_id)
+                        if ran_on is None:
+                            return  # finished (its keys are gone), or another replica holds it
+                        claim = (keeper, ran_on)
+                    await self.abandon(session_id, claim[1])
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning(
+                        "ending orphaned session %s failed (%s); again in %.1f s", session_id, exc, wait
+                    )
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 5.0)
 
-    async def end(self, session_id: str) -> bool:
-        """End ``session_id`` if it is an orphan this replica can claim; True when it was ended here."""
-        keeper = await self.current_keeper()
-        ran_on = await self.store.claim_orphan(session_id, self.replica_id, keeper.lease_id)
-        if ran_on is None:
-            return False  # finished (keys gone), or another replica holds it
+    async def abandon(self, session_id: str, ran_on: str) -> bool:
+        """End a session this replica claimed (its owner key is ours): ABANDONED unless it finished
+        meanwhile; then its in-flight keys go. True when it was ended here."""
         session = await self.store.get(session_id, full=False)
         if session is None or session.state != RUNNING:
             # Finished before its keys were deleted (or its record expired): only the keys are left.
