@@ -206,15 +206,19 @@ class SoakResult:
         }
         # The revision grows with every write: its rate in each half of the window instead.
         revision: dict[str, Any] = {"end": samples[-1]["etcd_revision"] if samples else None}
+        load: dict[str, Any] = {}
         inside = [x for x in samples if x["t_s"] >= window]
         if len(inside) >= 3:
             mid = inside[len(inside) // 2]
 
-            def rate(a: dict[str, Any], b: dict[str, Any]) -> float:
-                return round((b["etcd_revision"] - a["etcd_revision"]) / max(1e-9, b["t_s"] - a["t_s"]), 1)
+            def rate(a: dict[str, Any], b: dict[str, Any], what: str) -> float:
+                return round((b[what] - a[what]) / max(1e-9, b["t_s"] - a["t_s"]), 1)
 
-            revision["writes_per_s_first_half"] = rate(inside[0], mid)
-            revision["writes_per_s_second_half"] = rate(mid, inside[-1])
+            revision["writes_per_s_first_half"] = rate(inside[0], mid, "etcd_revision")
+            revision["writes_per_s_second_half"] = rate(mid, inside[-1], "etcd_revision")
+            # What is kept is rate x retention: a load that slowed keeps less (not a leak fixed).
+            load["operations_per_s_first_half"] = rate(inside[0], mid, "operations")
+            load["operations_per_s_second_half"] = rate(mid, inside[-1], "operations")
         series["etcd_revision"] = revision
 
         # Flat: every series within the goal. Watches may legitimately be 0 -> 0.
@@ -232,9 +236,11 @@ class SoakResult:
         notes = list(self.notes)
         first_snapshot = next((x["t_s"] for x in samples if (x.get("etcd_snapshots") or 0) > 0), None)
         if first_snapshot is None or first_snapshot > window:
-            when = "never" if first_snapshot is None else f"at {first_snapshot:.0f} s"
+            when = (
+                "no snapshot" if first_snapshot is None else f"its first snapshot at {first_snapshot:.0f} s"
+            )
             notes.append(
-                f"etcd saved its first snapshot {when}, after the window opened: until then its RSS"
+                f"etcd saved {when}, not before the window opened: until a snapshot its RSS"
                 " holds its raft log (--snapshot-count, 100,000 entries)"
             )
         if any(v is None for v in verdicts.values()):
@@ -263,6 +269,7 @@ class SoakResult:
             "operations": dict(sorted(self.operations.items())),
             "operations_total": sum(self.operations.values()),
             "operations_per_s": round(sum(self.operations.values()) / max(1e-9, self.elapsed_s), 1),
+            "window_load": load,
             "errors": errors,
             "errors_by_kind": dict(sorted(self.errors.items())),
             "error_messages": self.error_messages,
