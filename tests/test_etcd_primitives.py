@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -469,3 +470,32 @@ async def test_leadership_is_lost_when_etcd_is_down_longer_than_the_ttl(private_
         await election.resign()
         await client.close()
     assert not _our_tasks("election-solo", "lease-keeper-")
+
+
+async def test_cancelled_read_only_transactions_leave_etcd_running(private_etcd: EmbeddedEtcd) -> None:
+    """etcd 3.5.1 panics and exits when a read-only Txn is cancelled while applied (etcd #14110):
+    600 such transactions cut off after 2 ms killed it. The etcd layer sends them as ranges at one
+    revision instead: same answers, and a cancelled one just fails."""
+    client = await connect([private_etcd.endpoint])
+    t = client.transactions
+    try:
+        for start in range(0, 4000, 100):
+            await client.transaction(
+                [], [t.put(f"/ro/{i:06d}".encode(), b"x" * 2000) for i in range(start, start + 100)], []
+            )
+        ok, replies = await client.transaction([], [t.get(b"/ro/000007"), t.get(b"/ro/", b"/ro0")], [])
+        assert ok and [v for v, _ in replies[0]] == [b"x" * 2000] and len(replies[1]) == 4000
+        assert replies[0][0][1].mod_revision == replies[1][7][1].mod_revision
+
+        async def cut_off() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.transaction([], [t.get(b"/ro/", b"/ro0")] * 2, []), 0.002)
+
+        for _ in range(30):
+            await asyncio.gather(*(cut_off() for _ in range(20)))
+        assert await client.get(b"/ro/000001") is not None
+        assert private_etcd.pid is not None, "etcd exited"
+        with pytest.raises(ValueError, match="read-only"):
+            await client.transaction([t.version(b"/ro/000001") > 0], [t.get(b"/ro/000001")], [])
+    finally:
+        await client.close()

@@ -41,6 +41,7 @@ import aetcd.exceptions
 import aetcd.rpc
 import aetcd.watcher
 import grpc
+from aetcd import rtypes
 from grpc import aio
 
 from mabeam import errors
@@ -234,6 +235,46 @@ class EtcdClient(aetcd.Client):
         await super().close()
         if members is not None:
             await members.close()
+
+    async def transaction(self, compare: Any, success: Any = None, failure: Any = None) -> Any:
+        """aetcd's ``transaction``, except that a read-only one is sent as ranges.
+
+        etcd before 3.5.5 (the embedded one is 3.5.1) panics and exits when a
+        read-only ``Txn`` (only ranges, in both branches) is cancelled while it
+        is applied: "unexpected error during txn" (etcd issue #14110, fixed by
+        PR #14178). A deadline or a member given up cancels calls, so such a
+        transaction here is sent as one ``Range`` per get instead, the later
+        ones at the revision the first was read at: the same consistent view,
+        and a cancelled range just fails. A read-only transaction with
+        comparisons has no such equivalent and is refused (ValueError).
+        """
+        success, failure = list(success or []), list(failure or [])
+        if not all(isinstance(op, aetcd.transactions.Get) for op in (*success, *failure)):
+            return await super().transaction(compare, success=success, failure=failure)
+        if compare:
+            raise ValueError(
+                "a read-only etcd transaction with comparisons (etcd 3.5.1 may panic when one is "
+                "cancelled, etcd #14110): read with ranges, or write something in the transaction"
+            )
+        return True, await self._ranges_at_one_revision(success)
+
+    async def _ranges_at_one_revision(self, gets: list[Any]) -> list[list[tuple[bytes, Any]]]:
+        """Each get as a ``Range``, the first at the current revision, the others at that one."""
+        await self.connect()
+        assert self.kvstub is not None
+        responses: list[list[tuple[bytes, Any]]] = []
+        revision: int | None = None
+        for op in gets:
+            request = self._build_get_range_request(op.key, op.range_end, revision=revision)
+            try:
+                reply = await self.kvstub.Range(request, timeout=self._timeout, metadata=self.metadata)
+            except aio.AioRpcError as exc:
+                aetcd.exceptions._handle_exception(exc)  # raises aetcd's error for it, as aetcd's calls do
+                raise
+            if revision is None:
+                revision = int(reply.header.revision)
+            responses.append([(kv.value, rtypes.Get(reply.header, kv)) for kv in reply.kvs])
+        return responses
 
     async def keepalive_once(self, lease_id: int) -> int:
         """Refresh a lease once; its TTL after the refresh, 0 when etcd no longer knows it.
