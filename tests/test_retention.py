@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+from pathlib import Path
+
 import pytest
 
 from harness.wait import eventually
@@ -64,3 +68,20 @@ async def test_objects_finished_in_one_bucket_share_a_lease_and_vanish_after_the
 async def test_kept_for_good_means_no_lease(etcd_client: EtcdClient) -> None:
     expiry = ExpiryLeases(etcd_client, Retention("goal", period_s=0, bucket_s=1))
     assert await expiry.lease() is None
+
+
+def test_the_readme_retention_command_sets_what_the_services_read() -> None:
+    """The README's Retention example: every variable it sets is one the services read, as it says."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Retention", 1)[1].split("\n## ", 1)[0]
+    (command,) = re.findall(r"```\n(MABEAM_.*?)\n```", section)
+    words = shlex.split(command)
+    env = dict(w.split("=", 1) for w in words if "=" in w)
+    assert words[len(env) :] == ["mabeam", "up"]
+    assert Retention.load("session", env).period_s == 36 * 3_600
+    assert Retention.load("session", env).max_count == 100_000
+    assert Retention.load("goal", env).period_s == 3 * 86_400
+    known = {
+        f"MABEAM_{k.upper()}_RETENTION{s}" for k in ("session", "goal", "supervised") for s in ("", "_COUNT")
+    }
+    assert set(env) <= known, set(env) - known
