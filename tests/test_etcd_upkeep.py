@@ -39,6 +39,7 @@ from mabeam.runtime.auth import PrincipalStore
 from mabeam.runtime.embedded_etcd import (
     DEFAULT_COMPACTION_RETENTION,
     DEFAULT_QUOTA_BYTES,
+    SNAPSHOT_COUNT,
     EmbeddedEtcd,
     EtcdCluster,
     upkeep_args,
@@ -61,6 +62,8 @@ def test_every_etcd_the_mesh_starts_has_upkeep_flags() -> None:
     assert f"--quota-backend-bytes {DEFAULT_QUOTA_BYTES}" in joined and DEFAULT_QUOTA_BYTES == 2 * 1024**3
     # A leader change must not reset the retention's expiry leases to their full TTL.
     assert "--experimental-enable-lease-checkpoint" in argv
+    # Its raft log is held in memory until a snapshot: one every SNAPSHOT_COUNT entries bounds it.
+    assert f"--snapshot-count {SNAPSHOT_COUNT}" in joined and SNAPSHOT_COUNT == 10_000
     cluster = EtcdCluster(3, quota_backend_bytes=TINY_QUOTA)
     assert all(f"--quota-backend-bytes {TINY_QUOTA}" in " ".join(m._argv()) for m in cluster.members)
     assert all("--experimental-enable-lease-checkpoint" in m._argv() for m in cluster.members)
@@ -73,6 +76,7 @@ def test_every_etcd_the_mesh_starts_has_upkeep_flags() -> None:
     assert f"--auto-compaction-retention={DEFAULT_COMPACTION_RETENTION}" in command
     assert f"--quota-backend-bytes=${{MABEAM_ETCD_QUOTA_BYTES:-{DEFAULT_QUOTA_BYTES}}}" in command
     assert "--experimental-enable-lease-checkpoint" in command
+    assert f"--snapshot-count={SNAPSHOT_COUNT}" in command
 
 
 def test_up_takes_a_quota() -> None:
