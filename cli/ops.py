@@ -117,11 +117,16 @@ async def _agents(args: argparse.Namespace) -> int:
     agents = list(page.agents)
 
     def table() -> None:
-        print(f"{'AGENT':<24} {'STATUS':<12} {'ENDPOINT':<22} {'LOAD':>5} CAPABILITIES")
+        print(
+            f"{'AGENT':<24} {'STATUS':<12} {'NODE':<16} {'ENDPOINT':<22} {'LOAD':>5} {'MEM MiB':>8} CAPABILITIES"
+        )
         for a in agents:
             status = registry_pb2.AgentStatus.Name(a.status).removeprefix("AGENT_STATUS_")
+            # The supervisor's measure when there is one, else what the agent reported.
+            memory = (a.measured.memory_bytes or a.load.memory_bytes) / (1 << 20)
             print(
-                f"{a.agent_id:<24} {status:<12} {a.endpoint:<22} {a.load.load:>5.2f} {','.join(a.capabilities)}"
+                f"{a.agent_id:<24} {status:<12} {a.node or '-':<16} {a.endpoint:<22} {a.load.load:>5.2f} "
+                f"{memory:>8.1f} {','.join(a.capabilities)}"
             )
 
     _print(args, [_dict(a) for a in agents], table)

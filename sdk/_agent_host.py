@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import stamina
 from google.protobuf import duration_pb2
 
-from mabeam import auth, errors
+from mabeam import _usage, auth, errors
 from mabeam._agent_service import AgentServicer
 from mabeam._heartbeat_stats import HeartbeatStats
 from mabeam.client import ChannelPool, MeshClient, list_all
@@ -137,6 +137,9 @@ class AgentHost:
         self._register_slots = asyncio.Semaphore(REGISTER_CONCURRENCY)
         self._stopped = False
         self.heartbeat_stats = HeartbeatStats()
+        # The node it declares at registration, and its process's RSS and CPU on the beats (mabeam._usage).
+        self.node = _usage.node_name()
+        self._usage = _usage.ProcessUsage()
 
     def add(self, agent: Agent, *, register: bool = True) -> None:
         """Host ``agent``. With ``register=False`` it is served but not registered:
@@ -199,6 +202,7 @@ class AgentHost:
             resources=agent.resources,
             lease_ttl=ttl,
             token=agent.token,
+            node=self.node,
         )
         # A registry that is not up yet (containers starting together) is waited
         # for, with back-off, for up to REGISTER_PATIENCE_S.
@@ -234,10 +238,12 @@ class AgentHost:
         while True:
             started = time.monotonic()
             agents = list(self.agents.values())
+            rss, cpu = self._usage.sample()  # the process's, once a round
             for i, agent in enumerate(agents, 1):
                 if agent.token and agent.agent_id not in self._missing:
+                    load = _usage.fill(agent.load(), rss, cpu, shared=len(agents) > 1)
                     beat = registry_pb2.HeartbeatRequest(
-                        agent_id=agent.agent_id, token=agent.token, load=agent.load()
+                        agent_id=agent.agent_id, token=agent.token, load=load
                     )
                     self.heartbeat_stats.beat_sent(agent.agent_id)
                     yield beat

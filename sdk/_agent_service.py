@@ -106,6 +106,32 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+def _plan_response(answer: Any) -> agent_pb2.PlanResponse:
+    """What :meth:`Agent.plan` returned as a PlanResponse (dicts, PlannedStep messages or one)."""
+    if isinstance(answer, agent_pb2.PlanResponse):
+        return answer
+    steps: list[agent_pb2.PlannedStep] = []
+    for i, item in enumerate(answer or ()):
+        if isinstance(item, agent_pb2.PlannedStep):
+            steps.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise errors.Internal(f"plan step {i} is a {type(item).__name__}, not a dict or PlannedStep")
+        step = agent_pb2.PlannedStep(
+            step_id=str(item.get("step_id", "")),
+            capability=str(item.get("capability", "")),
+            depends_on=[str(d) for d in item.get("depends_on", ())],
+            expandable=bool(item.get("expandable", False)),
+            max_attempts=int(item.get("max_attempts", 0)),
+        )
+        if "input" in item:
+            step.input.CopyFrom(to_value(item["input"]))
+        if item.get("timeout"):
+            step.timeout.FromNanoseconds(int(float(item["timeout"]) * 1e9))
+        steps.append(step)
+    return agent_pb2.PlanResponse(steps=steps)
+
+
 def _deadline_seconds(request: Any, default: float = 30.0) -> float:
     if request.HasField("deadline"):
         remaining = request.deadline.seconds + request.deadline.nanos / 1e9 - time.time()
@@ -284,6 +310,55 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
         key = f"{request.agent_id}/{request.idempotency_key}" if request.idempotency_key else ""
         return await self._steps.run(key, step)
+
+    async def Plan(self, request: agent_pb2.PlanRequest, context: Any) -> agent_pb2.PlanResponse:
+        target = await self._route(request.agent_id)
+        if isinstance(target, str):
+            return await self._forward_stub(target).Plan(  # type: ignore[no-any-return]
+                request, timeout=_deadline_seconds(request), metadata=_passed_on(context)
+            )
+        target.in_flight += 1
+        try:
+            answer = await asyncio.wait_for(target.plan(request), _deadline_seconds(request))
+        finally:
+            target.in_flight -= 1
+        return _plan_response(answer)
+
+    async def Deliver(self, request: agent_pb2.DeliverRequest, context: Any) -> agent_pb2.DeliverResponse:
+        """Put a message in the agent's bounded inbox (:mod:`mabeam._inbox`); forwarded after a move."""
+        target = await self._route(request.agent_id)
+        if isinstance(target, str):
+            return await self._forward_stub(target).Deliver(  # type: ignore[no-any-return]
+                request, timeout=10.0, metadata=_passed_on(context)
+            )
+        return agent_pb2.DeliverResponse(duplicate=target.inbox.offer(request.message))
+
+    async def DeliverBatch(
+        self, request: agent_pb2.DeliverBatchRequest, context: Any
+    ) -> agent_pb2.DeliverBatchResponse:
+        """One message for many agents of this host: one entry each, in order (no task per agent)."""
+        entries: list[agent_pb2.DeliverBatchEntry] = []
+        for delivery in request.deliveries:
+            agent_id = delivery.agent_id
+            try:
+                agent = self._host.agents.get(agent_id)
+                if agent is None or agent_id in self.migrations:
+                    reply = await self.Deliver(delivery, context)
+                    entries.append(agent_pb2.DeliverBatchEntry(agent_id=agent_id, duplicate=reply.duplicate))
+                else:
+                    duplicate = agent.inbox.offer(delivery.message)
+                    entries.append(agent_pb2.DeliverBatchEntry(agent_id=agent_id, duplicate=duplicate))
+            except Exception as exc:
+                err = to_mabeam_error(exc)
+                entries.append(
+                    agent_pb2.DeliverBatchEntry(
+                        agent_id=agent_id,
+                        error=agent_pb2.AgentError(
+                            code=errors.status_code_number(err.code), message=err.message
+                        ),
+                    )
+                )
+        return agent_pb2.DeliverBatchResponse(entries=entries)
 
     async def ExportState(
         self, request: agent_pb2.ExportStateRequest, context: Any

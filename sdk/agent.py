@@ -57,7 +57,8 @@ class Agent:
     """Base class of Python agents.
 
     Override :meth:`coordinate` (protocol messages: bids, votes, demands, ...),
-    :meth:`execute_step` (planner steps) and, for migration,
+    :meth:`execute_step` (planner steps), :meth:`plan` (planning agents:
+    an objective's steps, an expandable step's sub-steps) and, for migration,
     :meth:`export_state` / :meth:`import_state`. Class attributes
     ``capabilities`` and ``labels`` declare what the agent offers; the
     constructor may override them per instance.
@@ -100,6 +101,18 @@ class Agent:
     async def execute_step(self, request: agent_pb2.ExecuteStepRequest) -> Any:
         """Run one goal step and return its output (anything JSON-able)."""
         raise errors.Unimplemented(f"agent {self.agent_id!r} does not execute steps")
+
+    async def plan(self, request: agent_pb2.PlanRequest) -> Any:
+        """Plan an objective (``request.step_id`` empty) or expand a step into sub-steps.
+
+        Return the steps: a list of dicts with ``step_id``, ``capability`` and
+        optionally ``input`` (JSON-able), ``depends_on`` (ids in the same
+        plan), ``expandable``, ``timeout`` (seconds) and ``max_attempts``; or
+        ``agent_pb2.PlannedStep`` messages; or an ``agent_pb2.PlanResponse``.
+        At most ``request.max_steps`` of them. The default does not plan
+        (``UNIMPLEMENTED``, as an agent without the Plan handler answers).
+        """
+        raise errors.Unimplemented(f"agent {self.agent_id!r} does not plan")
 
     async def export_state(self) -> bytes:
         """The agent's state, for migration (default: no state)."""

@@ -239,6 +239,7 @@ POLICY: dict[str, Rule] = {
             "ExportState": MESH_ONLY,
             "ImportState": MESH_ONLY,
             "AgentMoved": MESH_ONLY,
+            "Plan": MESH_ONLY,
         },
     ),
     **_service("ProtocolPluginService", {"Describe": MESH_ONLY, "Advance": MESH_ONLY}),

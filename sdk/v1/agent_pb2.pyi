@@ -1088,3 +1088,168 @@ class AgentMovedResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentMovedResponse: _TypeAlias = AgentMovedResponse  # noqa: Y015
+
+@_typing.final
+class PlanRequest(_message.Message):
+    """PlanRequest asks an agent to plan an objective or to expand a step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DependencyOutputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _struct_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _struct_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    GOAL_ID_FIELD_NUMBER: _builtins.int
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    DEPENDENCY_OUTPUTS_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    MAX_STEPS_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The planning agent (an endpoint may host many agents)."""
+    goal_id: _builtins.str
+    """The goal being planned."""
+    step_id: _builtins.str
+    """Empty when planning the goal's objective; the id of the expandable step
+    when expanding one (its sub-steps' ids are prefixed "<step_id>:" by the
+    planner).
+    """
+    capability: _builtins.str
+    """The objective's capability, or the expandable step's."""
+    depth: _builtins.int
+    """0 for the objective; 1 + the depth of the step being expanded otherwise."""
+    max_steps: _builtins.int
+    """The most steps the answer may hold (more is refused, naming the limit)."""
+    @_builtins.property
+    def input(self) -> _struct_pb2.Value:
+        """The objective's input, or the expandable step's input."""
+
+    @_builtins.property
+    def dependency_outputs(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
+        """When expanding: outputs of the steps the expandable step depends on."""
+
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """The answer must come before this instant."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        goal_id: _builtins.str = ...,
+        step_id: _builtins.str = ...,
+        capability: _builtins.str = ...,
+        input: _struct_pb2.Value | None = ...,
+        dependency_outputs: _abc.Mapping[_builtins.str, _struct_pb2.Value] | None = ...,
+        depth: _builtins.int = ...,
+        max_steps: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "input", b"input"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capability", b"capability", "deadline", b"deadline", "dependency_outputs", b"dependency_outputs", "depth", b"depth", "goal_id", b"goal_id", "input", b"input", "max_steps", b"max_steps", "step_id", b"step_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanRequest: _TypeAlias = PlanRequest  # noqa: Y015
+
+@_typing.final
+class PlannedStep(_message.Message):
+    """PlannedStep is one step of a plan, as a StepSpec of mabeam.v1.PlannerService."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    EXPANDABLE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    step_id: _builtins.str
+    """Required. Unique within the plan: 1-128 characters of [A-Za-z0-9._:-]
+    (an expansion's "<step_id>:" prefix included).
+    """
+    capability: _builtins.str
+    """Required. The capability an agent needs to run the step."""
+    expandable: _builtins.bool
+    """The step is expanded by Plan on an agent of its capability instead of run."""
+    max_attempts: _builtins.int
+    """Attempts before the step fails (0 = the goal's max_attempts)."""
+    @_builtins.property
+    def input(self) -> _struct_pb2.Value:
+        """The step's input, passed to its agent as given."""
+
+    @_builtins.property
+    def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other steps of the same plan that must succeed first. In an expansion,
+        a sub-step with no dependency inside the plan gets the expanded step's
+        dependencies.
+        """
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Deadline of one attempt (default 30 s)."""
+
+    def __init__(
+        self,
+        *,
+        step_id: _builtins.str = ...,
+        capability: _builtins.str = ...,
+        input: _struct_pb2.Value | None = ...,
+        depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        expandable: _builtins.bool = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        max_attempts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "depends_on", b"depends_on", "expandable", b"expandable", "input", b"input", "max_attempts", b"max_attempts", "step_id", b"step_id", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlannedStep: _TypeAlias = PlannedStep  # noqa: Y015
+
+@_typing.final
+class PlanResponse(_message.Message):
+    """PlanResponse is a plan: a dependency graph of steps."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlannedStep]:
+        """The steps; at least one, at most the request's max_steps."""
+
+    def __init__(
+        self,
+        *,
+        steps: _abc.Iterable[Global___PlannedStep] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanResponse: _TypeAlias = PlanResponse  # noqa: Y015

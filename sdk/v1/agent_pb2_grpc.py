@@ -68,6 +68,11 @@ class AgentServiceStub:
                 request_serializer=mabeam_dot_v1_dot_agent__pb2.AgentMovedRequest.SerializeToString,
                 response_deserializer=mabeam_dot_v1_dot_agent__pb2.AgentMovedResponse.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/mabeam.v1.AgentService/Plan',
+                request_serializer=mabeam_dot_v1_dot_agent__pb2.PlanRequest.SerializeToString,
+                response_deserializer=mabeam_dot_v1_dot_agent__pb2.PlanResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -136,6 +141,20 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """Plan asks a planning agent for the steps that reach an objective (a goal
+        submitted with GoalSpec.objective: `step_id` empty, depth 0) or that
+        replace an expandable step (`step_id` set, depth >= 1). The planner
+        validates the answer as it validates a submitted goal (unique well-formed
+        step ids, known dependencies, no cycle, live capabilities) and records it
+        in the goal; an invalid plan fails the goal (objective) or the step
+        (expansion) with the reason. Optional: an agent that does not plan
+        answers UNIMPLEMENTED, and a goal or step that needs it fails saying so.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +187,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.AgentMoved,
                     request_deserializer=mabeam_dot_v1_dot_agent__pb2.AgentMovedRequest.FromString,
                     response_serializer=mabeam_dot_v1_dot_agent__pb2.AgentMovedResponse.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=mabeam_dot_v1_dot_agent__pb2.PlanRequest.FromString,
+                    response_serializer=mabeam_dot_v1_dot_agent__pb2.PlanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -336,6 +360,33 @@ class AgentService:
             '/mabeam.v1.AgentService/AgentMoved',
             mabeam_dot_v1_dot_agent__pb2.AgentMovedRequest.SerializeToString,
             mabeam_dot_v1_dot_agent__pb2.AgentMovedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mabeam.v1.AgentService/Plan',
+            mabeam_dot_v1_dot_agent__pb2.PlanRequest.SerializeToString,
+            mabeam_dot_v1_dot_agent__pb2.PlanResponse.FromString,
             options,
             channel_credentials,
             insecure,

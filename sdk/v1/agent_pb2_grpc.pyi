@@ -71,6 +71,16 @@ class AgentServiceStub:
     the registry when it supervises it, or left as it is otherwise. An
     instance that did not export the agent answers OK and does nothing.
     """
+    Plan: _grpc.UnaryUnaryMultiCallable[_agent_pb2.PlanRequest, _agent_pb2.PlanResponse]
+    """Plan asks a planning agent for the steps that reach an objective (a goal
+    submitted with GoalSpec.objective: `step_id` empty, depth 0) or that
+    replace an expandable step (`step_id` set, depth >= 1). The planner
+    validates the answer as it validates a submitted goal (unique well-formed
+    step ids, known dependencies, no cycle, live capabilities) and records it
+    in the goal; an invalid plan fails the goal (objective) or the step
+    (expansion) with the reason. Optional: an agent that does not plan
+    answers UNIMPLEMENTED, and a goal or step that needs it fails saying so.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -114,6 +124,16 @@ class AgentServiceAsyncStub(AgentServiceStub):
     instance that answers UNIMPLEMENTED (or not at all) is simply stopped by
     the registry when it supervises it, or left as it is otherwise. An
     instance that did not export the agent answers OK and does nothing.
+    """
+    Plan: _aio.UnaryUnaryMultiCallable[_agent_pb2.PlanRequest, _agent_pb2.PlanResponse]  # type: ignore[assignment]
+    """Plan asks a planning agent for the steps that reach an objective (a goal
+    submitted with GoalSpec.objective: `step_id` empty, depth 0) or that
+    replace an expandable step (`step_id` set, depth >= 1). The planner
+    validates the answer as it validates a submitted goal (unique well-formed
+    step ids, known dependencies, no cycle, live capabilities) and records it
+    in the goal; an invalid plan fails the goal (objective) or the step
+    (expansion) with the reason. Optional: an agent that does not plan
+    answers UNIMPLEMENTED, and a goal or step that needs it fails saying so.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -191,6 +211,22 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         instance that answers UNIMPLEMENTED (or not at all) is simply stopped by
         the registry when it supervises it, or left as it is otherwise. An
         instance that did not export the agent answers OK and does nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def Plan(
+        self,
+        request: _agent_pb2.PlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.PlanResponse, _abc.Awaitable[_agent_pb2.PlanResponse]]:
+        """Plan asks a planning agent for the steps that reach an objective (a goal
+        submitted with GoalSpec.objective: `step_id` empty, depth 0) or that
+        replace an expandable step (`step_id` set, depth >= 1). The planner
+        validates the answer as it validates a submitted goal (unique well-formed
+        step ids, known dependencies, no cycle, live capabilities) and records it
+        in the goal; an invalid plan fails the goal (objective) or the step
+        (expansion) with the reason. Optional: an agent that does not plan
+        answers UNIMPLEMENTED, and a goal or step that needs it fails saying so.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mabeam/v1/common.proto\x12\tmabeam.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x01\n\x05Value\x12\x16\n\x0cnumber_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x15\n\x0b\x62ytes_value\x18\x05 \x01(\x0cH\x00\x12/\n\x0cstruct_value\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x30\n\nlist_value\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.ListValueH\x00\x42\x06\n\x04kind\"v\n\tAgentLoad\x12\x0c\n\x04load\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cqueue_length\x18\x03 \x01(\r\x12/\n\x0breported_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8f\x01\n\tResources\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x30\n\x06\x63ustom\x18\x03 \x03(\x0b\x32 .mabeam.v1.Resources.CustomEntry\x1a-\n\x0b\x43ustomEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xaf\x01\n\rAgentSelector\x12\x11\n\tagent_ids\x18\x01 \x03(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x34\n\x06labels\x18\x03 \x03(\x0b\x32$.mabeam.v1.AgentSelector.LabelsEntry\x12\x12\n\nmax_agents\x18\x04 \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x91\x07\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12 \n\x1c\x45RROR_REASON_AGENT_NOT_FOUND\x10\x02\x12)\n%ERROR_REASON_AGENT_ALREADY_REGISTERED\x10\x03\x12\x1f\n\x1b\x45RROR_REASON_TOKEN_MISMATCH\x10\x04\x12!\n\x1d\x45RROR_REASON_VERSION_MISMATCH\x10\x05\x12#\n\x1f\x45RROR_REASON_VARIABLE_NOT_FOUND\x10\x06\x12#\n\x1f\x45RROR_REASON_PROTOCOL_NOT_FOUND\x10\x07\x12\"\n\x1e\x45RROR_REASON_SESSION_NOT_FOUND\x10\x08\x12\x1f\n\x1b\x45RROR_REASON_GOAL_NOT_FOUND\x10\t\x12\x1d\n\x19\x45RROR_REASON_INVALID_PLAN\x10\n\x12!\n\x1d\x45RROR_REASON_NO_CAPABLE_AGENT\x10\x0b\x12\"\n\x1e\x45RROR_REASON_STORE_UNAVAILABLE\x10\x0c\x12 \n\x1c\x45RROR_REASON_NOT_IMPLEMENTED\x10\r\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_EXISTS\x10\x0e\x12$\n ERROR_REASON_FAILED_PRECONDITION\x10\x0f\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\x10\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x11\x12\x1e\n\x1a\x45RROR_REASON_TYPE_MISMATCH\x10\x12\x12$\n ERROR_REASON_CONSTRAINT_VIOLATED\x10\x13\x12 \n\x1c\x45RROR_REASON_STORE_EXHAUSTED\x10\x14\x12$\n ERROR_REASON_SERVICE_UNAVAILABLE\x10\x15\x12\"\n\x1e\x45RROR_REASON_DEPENDENCY_FAILED\x10\x16\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x17\x12\x1f\n\x1b\x45RROR_REASON_NOT_AUTHORIZED\x10\x18\x12!\n\x1d\x45RROR_REASON_WATCH_QUEUE_FULL\x10\x19\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mabeam/v1/common.proto\x12\tmabeam.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x01\n\x05Value\x12\x16\n\x0cnumber_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x15\n\x0b\x62ytes_value\x18\x05 \x01(\x0cH\x00\x12/\n\x0cstruct_value\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x30\n\nlist_value\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.ListValueH\x00\x42\x06\n\x04kind\"\xa4\x01\n\tAgentLoad\x12\x0c\n\x04load\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cqueue_length\x18\x03 \x01(\r\x12/\n\x0breported_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63pu_fraction\x18\x05 \x01(\x01\x12\x16\n\x0eshared_process\x18\x06 \x01(\x08\"\x8f\x01\n\tResources\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x30\n\x06\x63ustom\x18\x03 \x03(\x0b\x32 .mabeam.v1.Resources.CustomEntry\x1a-\n\x0b\x43ustomEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xaf\x01\n\rAgentSelector\x12\x11\n\tagent_ids\x18\x01 \x03(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x34\n\x06labels\x18\x03 \x03(\x0b\x32$.mabeam.v1.AgentSelector.LabelsEntry\x12\x12\n\nmax_agents\x18\x04 \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x91\x07\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12 \n\x1c\x45RROR_REASON_AGENT_NOT_FOUND\x10\x02\x12)\n%ERROR_REASON_AGENT_ALREADY_REGISTERED\x10\x03\x12\x1f\n\x1b\x45RROR_REASON_TOKEN_MISMATCH\x10\x04\x12!\n\x1d\x45RROR_REASON_VERSION_MISMATCH\x10\x05\x12#\n\x1f\x45RROR_REASON_VARIABLE_NOT_FOUND\x10\x06\x12#\n\x1f\x45RROR_REASON_PROTOCOL_NOT_FOUND\x10\x07\x12\"\n\x1e\x45RROR_REASON_SESSION_NOT_FOUND\x10\x08\x12\x1f\n\x1b\x45RROR_REASON_GOAL_NOT_FOUND\x10\t\x12\x1d\n\x19\x45RROR_REASON_INVALID_PLAN\x10\n\x12!\n\x1d\x45RROR_REASON_NO_CAPABLE_AGENT\x10\x0b\x12\"\n\x1e\x45RROR_REASON_STORE_UNAVAILABLE\x10\x0c\x12 \n\x1c\x45RROR_REASON_NOT_IMPLEMENTED\x10\r\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_EXISTS\x10\x0e\x12$\n ERROR_REASON_FAILED_PRECONDITION\x10\x0f\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\x10\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x11\x12\x1e\n\x1a\x45RROR_REASON_TYPE_MISMATCH\x10\x12\x12$\n ERROR_REASON_CONSTRAINT_VIOLATED\x10\x13\x12 \n\x1c\x45RROR_REASON_STORE_EXHAUSTED\x10\x14\x12$\n ERROR_REASON_SERVICE_UNAVAILABLE\x10\x15\x12\"\n\x1e\x45RROR_REASON_DEPENDENCY_FAILED\x10\x16\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x17\x12\x1f\n\x1b\x45RROR_REASON_NOT_AUTHORIZED\x10\x18\x12!\n\x1d\x45RROR_REASON_WATCH_QUEUE_FULL\x10\x19\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,18 +37,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESOURCES_CUSTOMENTRY']._serialized_options = b'8\001'
   _globals['_AGENTSELECTOR_LABELSENTRY']._loaded_options = None
   _globals['_AGENTSELECTOR_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ERRORREASON']._serialized_start=776
-  _globals['_ERRORREASON']._serialized_end=1689
+  _globals['_ERRORREASON']._serialized_start=823
+  _globals['_ERRORREASON']._serialized_end=1736
   _globals['_VALUE']._serialized_start=101
   _globals['_VALUE']._serialized_end=329
-  _globals['_AGENTLOAD']._serialized_start=331
-  _globals['_AGENTLOAD']._serialized_end=449
-  _globals['_RESOURCES']._serialized_start=452
-  _globals['_RESOURCES']._serialized_end=595
-  _globals['_RESOURCES_CUSTOMENTRY']._serialized_start=550
-  _globals['_RESOURCES_CUSTOMENTRY']._serialized_end=595
-  _globals['_AGENTSELECTOR']._serialized_start=598
-  _globals['_AGENTSELECTOR']._serialized_end=773
-  _globals['_AGENTSELECTOR_LABELSENTRY']._serialized_start=728
-  _globals['_AGENTSELECTOR_LABELSENTRY']._serialized_end=773
+  _globals['_AGENTLOAD']._serialized_start=332
+  _globals['_AGENTLOAD']._serialized_end=496
+  _globals['_RESOURCES']._serialized_start=499
+  _globals['_RESOURCES']._serialized_end=642
+  _globals['_RESOURCES_CUSTOMENTRY']._serialized_start=597
+  _globals['_RESOURCES_CUSTOMENTRY']._serialized_end=642
+  _globals['_AGENTSELECTOR']._serialized_start=645
+  _globals['_AGENTSELECTOR']._serialized_end=820
+  _globals['_AGENTSELECTOR_LABELSENTRY']._serialized_start=775
+  _globals['_AGENTSELECTOR_LABELSENTRY']._serialized_end=820
 # @@protoc_insertion_point(module_scope)

@@ -298,6 +298,8 @@ class AgentLoad(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     QUEUE_LENGTH_FIELD_NUMBER: _builtins.int
     REPORTED_AT_FIELD_NUMBER: _builtins.int
+    CPU_FRACTION_FIELD_NUMBER: _builtins.int
+    SHARED_PROCESS_FIELD_NUMBER: _builtins.int
     load: _builtins.float
     """Load in [0, 1] where 1 means saturated; values above 1 mean overloaded.
     Used by least-loaded assignment.
@@ -306,6 +308,17 @@ class AgentLoad(_message.Message):
     """Resident memory of the agent process in bytes (0 = not reported)."""
     queue_length: _builtins.int
     """Number of messages waiting in the agent's queue."""
+    cpu_fraction: _builtins.float
+    """CPU used by the agent process, as a fraction of one core averaged since
+    the previous report (1.0 = one core busy; above 1 on several cores;
+    0 = not reported). The Python SDK reports its process's figure.
+    """
+    shared_process: _builtins.bool
+    """True when memory_bytes and cpu_fraction are those of a process shared
+    with other agents (an AgentHost serving several agents reports its
+    process's figures on each of them: it cannot measure per agent); do not
+    add them up per agent.
+    """
     @_builtins.property
     def reported_at(self) -> _timestamp_pb2.Timestamp:
         """When the agent measured these figures (set by the registry to its receive
@@ -319,10 +332,12 @@ class AgentLoad(_message.Message):
         memory_bytes: _builtins.int = ...,
         queue_length: _builtins.int = ...,
         reported_at: _timestamp_pb2.Timestamp | None = ...,
+        cpu_fraction: _builtins.float = ...,
+        shared_process: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reported_at", b"reported_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "memory_bytes", b"memory_bytes", "queue_length", b"queue_length", "reported_at", b"reported_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_fraction", b"cpu_fraction", "load", b"load", "memory_bytes", b"memory_bytes", "queue_length", b"queue_length", "reported_at", b"reported_at", "shared_process", b"shared_process"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -166,6 +166,18 @@ class _GoalEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GoalEve
     """The step was skipped or cancelled."""
     GOAL_EVENT_TYPE_GOAL_FINISHED: _GoalEventType.ValueType  # 8
     """The goal finished; `goal_state` says how. Last event."""
+    GOAL_EVENT_TYPE_GOAL_PLANNED: _GoalEventType.ValueType  # 9
+    """The objective was planned: `agent_id` planned it, `steps_total` counts
+    the plan's steps, `output` lists their ids.
+    """
+    GOAL_EVENT_TYPE_STEP_EXPANDED: _GoalEventType.ValueType  # 10
+    """An expandable step was replaced by a sub-plan: `step_id` is the step,
+    `agent_id` the agent that planned it, `output` lists the added steps' ids.
+    """
+    GOAL_EVENT_TYPE_AGENT_STARTED: _GoalEventType.ValueType  # 11
+    """The planner started an agent for a step (may_start_agents): `agent_id`
+    is the agent started, `step_id` the step that needed it.
+    """
 
 class GoalEventType(_GoalEventType, metaclass=_GoalEventTypeEnumTypeWrapper):
     """GoalEventType says what happened."""
@@ -192,6 +204,18 @@ GOAL_EVENT_TYPE_STEP_CANCELLED: GoalEventType.ValueType  # 7
 """The step was skipped or cancelled."""
 GOAL_EVENT_TYPE_GOAL_FINISHED: GoalEventType.ValueType  # 8
 """The goal finished; `goal_state` says how. Last event."""
+GOAL_EVENT_TYPE_GOAL_PLANNED: GoalEventType.ValueType  # 9
+"""The objective was planned: `agent_id` planned it, `steps_total` counts
+the plan's steps, `output` lists their ids.
+"""
+GOAL_EVENT_TYPE_STEP_EXPANDED: GoalEventType.ValueType  # 10
+"""An expandable step was replaced by a sub-plan: `step_id` is the step,
+`agent_id` the agent that planned it, `output` lists the added steps' ids.
+"""
+GOAL_EVENT_TYPE_AGENT_STARTED: GoalEventType.ValueType  # 11
+"""The planner started an agent for a step (may_start_agents): `agent_id`
+is the agent started, `step_id` the step that needed it.
+"""
 Global___GoalEventType: _TypeAlias = GoalEventType  # noqa: Y015
 
 @_typing.final
@@ -207,6 +231,7 @@ class StepSpec(_message.Message):
     STRATEGY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    EXPANDABLE_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """Required. Unique within the goal: 1-128 characters of [A-Za-z0-9._:-]."""
     capability: _builtins.str
@@ -216,6 +241,18 @@ class StepSpec(_message.Message):
     max_attempts: _builtins.int
     """Attempts before the step fails, each on another agent when one exists
     (0 = the goal's max_attempts).
+    """
+    expandable: _builtins.bool
+    """Expandable: when the step is ready, an agent of its capability is asked
+    for a plan (AgentService.Plan) instead of running it; the plan's steps
+    (ids "<step_id>:<sub-step id>") are added to the goal, each with no
+    dependency in the plan depending on this step's dependencies, and the
+    step succeeds when they all have, its output a struct of the outputs of
+    the plan's last steps (those nothing in the plan depends on) by id. A
+    plan holds at most 100 steps, expansions nest at most 3 deep and a goal
+    grows to at most 1,000 steps: beyond, or an invalid plan, or an agent
+    answering UNIMPLEMENTED, the step fails naming why. Each expansion is a
+    STEP_EXPANDED event and an entry of Goal.plan.expansions.
     """
     @_builtins.property
     def input(self) -> _struct_pb2.Value:
@@ -241,14 +278,47 @@ class StepSpec(_message.Message):
         strategy: Global___AssignmentStrategy.ValueType = ...,
         timeout: _duration_pb2.Duration | None = ...,
         max_attempts: _builtins.int = ...,
+        expandable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "depends_on", b"depends_on", "input", b"input", "max_attempts", b"max_attempts", "step_id", b"step_id", "strategy", b"strategy", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "depends_on", b"depends_on", "expandable", b"expandable", "input", b"input", "max_attempts", b"max_attempts", "step_id", b"step_id", "strategy", b"strategy", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StepSpec: _TypeAlias = StepSpec  # noqa: Y015
+
+@_typing.final
+class Objective(_message.Message):
+    """Objective is a goal stated as what to reach, for a planning agent to plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    capability: _builtins.str
+    """Required. The capability of the planning agent asked (AgentService.Plan):
+    1-128 characters. No live agent with it is FAILED_PRECONDITION at submission.
+    """
+    @_builtins.property
+    def input(self) -> _struct_pb2.Value:
+        """What the planning agent is given (PlanRequest.input); at most 64 KiB
+        serialized, else INVALID_ARGUMENT.
+        """
+
+    def __init__(
+        self,
+        *,
+        capability: _builtins.str = ...,
+        input: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "input", b"input"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Objective: _TypeAlias = Objective  # noqa: Y015
 
 @_typing.final
 class GoalSpec(_message.Message):
@@ -283,6 +353,8 @@ class GoalSpec(_message.Message):
     MAX_PARALLELISM_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    MAY_START_AGENTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for people."""
     strategy: Global___AssignmentStrategy.ValueType
@@ -291,9 +363,21 @@ class GoalSpec(_message.Message):
     """At most this many steps run at once (default 16, at most 1024)."""
     max_attempts: _builtins.int
     """Default attempts per step (default 3)."""
+    may_start_agents: _builtins.bool
+    """The planner may start agents this goal needs: a step whose capability no
+    live agent offers, but which a kind of the registry's launch catalog
+    provides (a kind whose name is the capability), makes the planner start
+    one through the registry (StartAgent, restart policy temporary, with the
+    planner's service credentials), wait for it to register, run the step
+    and stop it once it has been idle for the planner's idle time
+    (MABEAM_PLANNER_AGENT_IDLE, default 60 s). Without it such a step is
+    FAILED_PRECONDITION at submission, as before.
+    """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepSpec]:
-        """Required. The steps; at least one."""
+        """Required unless `objective` is given: the steps; at least one, at most
+        1,000. With an objective, empty at submission; the plan once made.
+        """
 
     @_builtins.property
     def deadline(self) -> _duration_pb2.Duration:
@@ -302,6 +386,17 @@ class GoalSpec(_message.Message):
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels for people and filters."""
+
+    @_builtins.property
+    def objective(self) -> Global___Objective:
+        """Instead of steps (giving both is INVALID_ARGUMENT): the goal's objective.
+        When the goal starts, an agent of objective.capability is asked for a plan
+        (AgentService.Plan, depth 0, at most 1,000 steps); the plan is validated
+        as submitted steps are, then becomes `steps` (so the goal's step
+        statuses follow it) and is recorded in Goal.plan, with a GOAL_PLANNED
+        event. An invalid plan, or none (UNIMPLEMENTED, an error, the deadline),
+        fails the goal with the reason.
+        """
 
     def __init__(
         self,
@@ -313,14 +408,86 @@ class GoalSpec(_message.Message):
         max_parallelism: _builtins.int = ...,
         max_attempts: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        objective: Global___Objective | None = ...,
+        may_start_agents: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "objective", b"objective"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "labels", b"labels", "max_attempts", b"max_attempts", "max_parallelism", b"max_parallelism", "name", b"name", "steps", b"steps", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "labels", b"labels", "max_attempts", b"max_attempts", "max_parallelism", b"max_parallelism", "may_start_agents", b"may_start_agents", "name", b"name", "objective", b"objective", "steps", b"steps", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GoalSpec: _TypeAlias = GoalSpec  # noqa: Y015
+
+@_typing.final
+class GoalPlan(_message.Message):
+    """GoalPlan records how a goal's steps were planned."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    EXPANSIONS_FIELD_NUMBER: _builtins.int
+    STARTED_AGENTS_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent that planned the objective (empty when steps were submitted)."""
+    @_builtins.property
+    def expansions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Expansion]:
+        """The expansions of expandable steps, in the order they happened."""
+
+    @_builtins.property
+    def started_agents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Agents the planner started for the goal (may_start_agents), by agent id."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        expansions: _abc.Iterable[Global___Expansion] | None = ...,
+        started_agents: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "expansions", b"expansions", "started_agents", b"started_agents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoalPlan: _TypeAlias = GoalPlan  # noqa: Y015
+
+@_typing.final
+class Expansion(_message.Message):
+    """Expansion is one expandable step replaced by a sub-plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    STEP_IDS_FIELD_NUMBER: _builtins.int
+    step_id: _builtins.str
+    """The expanded step."""
+    agent_id: _builtins.str
+    """The agent that planned it."""
+    depth: _builtins.int
+    """1 for a step of the goal, 2 for a step of an expansion, ... (at most 3)."""
+    @_builtins.property
+    def step_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the steps the expansion added to the goal."""
+
+    def __init__(
+        self,
+        *,
+        step_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        depth: _builtins.int = ...,
+        step_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "depth", b"depth", "step_id", b"step_id", "step_ids", b"step_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Expansion: _TypeAlias = Expansion  # noqa: Y015
 
 @_typing.final
 class StepAttempt(_message.Message):
@@ -434,6 +601,7 @@ class Goal(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     RESUMED_COUNT_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
     goal_id: _builtins.str
     """The goal's id."""
     state: Global___GoalState.ValueType
@@ -464,6 +632,10 @@ class Goal(_message.Message):
     def finished_at(self) -> _timestamp_pb2.Timestamp:
         """When it finished."""
 
+    @_builtins.property
+    def plan(self) -> Global___GoalPlan:
+        """How its steps were planned: by a planning agent (objective), expansions."""
+
     def __init__(
         self,
         *,
@@ -477,10 +649,11 @@ class Goal(_message.Message):
         owner: _builtins.str = ...,
         error: _builtins.str = ...,
         resumed_count: _builtins.int = ...,
+        plan: Global___GoalPlan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "plan", b"plan", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "goal_id", b"goal_id", "owner", b"owner", "resumed_count", b"resumed_count", "spec", b"spec", "started_at", b"started_at", "state", b"state", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "goal_id", b"goal_id", "owner", b"owner", "plan", b"plan", "resumed_count", b"resumed_count", "spec", b"spec", "started_at", b"started_at", "state", b"state", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

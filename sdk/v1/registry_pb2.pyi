@@ -197,6 +197,8 @@ class Agent(_message.Message):
     LAST_HEARTBEAT_AT_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     SUPERVISED_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    MEASURED_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Unique id of the agent in the mesh: 1-128 characters of [A-Za-z0-9._:-]."""
     endpoint: _builtins.str
@@ -211,6 +213,12 @@ class Agent(_message.Message):
     """
     supervised: _builtins.bool
     """True when the registry's supervisor started this agent."""
+    node: _builtins.str
+    """The node the agent's process runs on, as it declared at registration
+    (RegisterAgentRequest.node; the Python SDK declares $MABEAM_NODE_NAME,
+    else the host name; a supervised agent's process is given the node of
+    the registry replica that runs it). Empty when not declared.
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What the agent can do, e.g. ["bid", "summarize"]."""
@@ -239,6 +247,15 @@ class Agent(_message.Message):
     def last_heartbeat_at(self) -> _timestamp_pb2.Timestamp:
         """When the last heartbeat arrived."""
 
+    @_builtins.property
+    def measured(self) -> _common_pb2.AgentLoad:
+        """What the supervisor measured of the agent's process (supervised agents
+        only; unset otherwise): memory_bytes (RSS) and cpu_fraction, sampled by
+        the registry replica that runs the process about every 2 s and stored
+        when they moved (1 MiB, 0.05 of a core) or every lease TTL/2. Unlike
+        `load`, these do not depend on the agent reporting itself.
+        """
+
     def __init__(
         self,
         *,
@@ -255,10 +272,12 @@ class Agent(_message.Message):
         last_heartbeat_at: _timestamp_pb2.Timestamp | None = ...,
         generation: _builtins.int = ...,
         supervised: _builtins.bool = ...,
+        node: _builtins.str = ...,
+        measured: _common_pb2.AgentLoad | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_at", b"last_heartbeat_at", "lease_ttl", b"lease_ttl", "load", b"load", "registered_at", b"registered_at", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_at", b"last_heartbeat_at", "lease_ttl", b"lease_ttl", "load", b"load", "measured", b"measured", "registered_at", b"registered_at", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "endpoint", b"endpoint", "generation", b"generation", "labels", b"labels", "last_heartbeat_at", b"last_heartbeat_at", "lease_id", b"lease_id", "lease_ttl", b"lease_ttl", "load", b"load", "registered_at", b"registered_at", "resources", b"resources", "status", b"status", "supervised", b"supervised"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "endpoint", b"endpoint", "generation", b"generation", "labels", b"labels", "last_heartbeat_at", b"last_heartbeat_at", "lease_id", b"lease_id", "lease_ttl", b"lease_ttl", "load", b"load", "measured", b"measured", "node", b"node", "registered_at", b"registered_at", "resources", b"resources", "status", b"status", "supervised", b"supervised"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -298,6 +317,7 @@ class RegisterAgentRequest(_message.Message):
     LEASE_TTL_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Required. Unique id: 1-128 characters of [A-Za-z0-9._:-]."""
     endpoint: _builtins.str
@@ -319,6 +339,10 @@ class RegisterAgentRequest(_message.Message):
     a NEW token that replaces the first answer's (which stops working; the
     one who resends is the one who lost that answer), or an empty token when
     that registration is gone.
+    """
+    node: _builtins.str
+    """Optional. The node the agent runs on (Agent.node): 1-128 characters of
+    [A-Za-z0-9._:-], else INVALID_ARGUMENT. Empty = not declared.
     """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -347,10 +371,11 @@ class RegisterAgentRequest(_message.Message):
         lease_ttl: _duration_pb2.Duration | None = ...,
         token: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_ttl", b"lease_ttl", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "endpoint", b"endpoint", "labels", b"labels", "lease_ttl", b"lease_ttl", "request_id", b"request_id", "resources", b"resources", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "endpoint", b"endpoint", "labels", b"labels", "lease_ttl", b"lease_ttl", "node", b"node", "request_id", b"request_id", "resources", b"resources", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -940,6 +965,9 @@ class SupervisedAgent(_message.Message):
     LAST_EXIT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     START_TIMEOUT_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    MEASURED_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent's id."""
     state: Global___SupervisionState.ValueType
@@ -954,6 +982,11 @@ class SupervisedAgent(_message.Message):
     """How the last process ended, e.g. "exit code 1", "signal 9"."""
     reason: _builtins.str
     """Why the agent is FAILED or STOPPED, for people."""
+    node: _builtins.str
+    """The node the agent runs on: set by the replica that starts its process
+    (its own node). Before that, the node StartAgent chose for it; empty for
+    records written before nodes existed (any replica may run those).
+    """
     @_builtins.property
     def launch(self) -> Global___LaunchSpec:
         """How it is started."""
@@ -970,6 +1003,18 @@ class SupervisedAgent(_message.Message):
     def start_timeout(self) -> _duration_pb2.Duration:
         """How long each start may take until the agent registers."""
 
+    @_builtins.property
+    def placement(self) -> Global___Placement:
+        """Where the agent may run, as StartAgent asked (empty = anywhere)."""
+
+    @_builtins.property
+    def measured(self) -> _common_pb2.AgentLoad:
+        """What the supervisor last measured of the process (memory_bytes,
+        cpu_fraction, reported_at; see Agent.measured). Stored with the
+        registration, not here: this field is unset in records and filled in
+        by ListSupervisedAgents from the registration.
+        """
+
     def __init__(
         self,
         *,
@@ -984,14 +1029,213 @@ class SupervisedAgent(_message.Message):
         last_exit: _builtins.str = ...,
         reason: _builtins.str = ...,
         start_timeout: _duration_pb2.Duration | None = ...,
+        node: _builtins.str = ...,
+        placement: Global___Placement | None = ...,
+        measured: _common_pb2.AgentLoad | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch", "measured", b"measured", "placement", b"placement", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "last_exit", b"last_exit", "launch", b"launch", "pid", b"pid", "reason", b"reason", "restart_count", b"restart_count", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout", "started_at", b"started_at", "state", b"state", "supervisor_id", b"supervisor_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "last_exit", b"last_exit", "launch", b"launch", "measured", b"measured", "node", b"node", "pid", b"pid", "placement", b"placement", "reason", b"reason", "restart_count", b"restart_count", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout", "started_at", b"started_at", "state", b"state", "supervisor_id", b"supervisor_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SupervisedAgent: _TypeAlias = SupervisedAgent  # noqa: Y015
+
+@_typing.final
+class Placement(_message.Message):
+    """Placement says on which nodes a supervised agent may run. A node is what a
+    registry replica declares it runs on (--node-name and --node-label of the
+    registry, env MABEAM_NODE_NAME and MABEAM_NODE_LABELS; ListNodes). Only a
+    replica of an eligible node starts the agent's process, also after a
+    failover; with no eligible live node the agent waits (STARTING) until one
+    comes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NodeSelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NODE_FIELD_NUMBER: _builtins.int
+    NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """Only the node of this name: 1-128 characters of [A-Za-z0-9._:-], else
+    INVALID_ARGUMENT. Empty = any node the selector allows.
+    """
+    @_builtins.property
+    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only nodes carrying all these labels (exact match), e.g. {"zone": "a"}.
+        At most 16 entries, keys and values at most 128 characters.
+        """
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "node_selector", b"node_selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Placement: _TypeAlias = Placement  # noqa: Y015
+
+@_typing.final
+class Node(_message.Message):
+    """Node is a machine (or any named place) where registry replicas run and
+    start supervised agents.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    REPLICA_IDS_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    SUPERVISED_AGENTS_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The node's name (unique in the mesh; replicas of one name are one node)."""
+    supervised_agents: _builtins.int
+    """Active supervised agents placed on the node."""
+    memory_bytes: _builtins.int
+    """Sum of the memory the supervisor measured of those agents' processes."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The node's labels, e.g. {"zone": "a"} (those of its first replica, by id)."""
+
+    @_builtins.property
+    def replica_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The live registry replicas on the node."""
+
+    @_builtins.property
+    def capacity(self) -> _common_pb2.Resources:
+        """What the node has: cpu = logical cores, memory_bytes = physical memory."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        replica_ids: _abc.Iterable[_builtins.str] | None = ...,
+        capacity: _common_pb2.Resources | None = ...,
+        supervised_agents: _builtins.int = ...,
+        memory_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "labels", b"labels", "memory_bytes", b"memory_bytes", "name", b"name", "replica_ids", b"replica_ids", "supervised_agents", b"supervised_agents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class ListNodesRequest(_message.Message):
+    """ListNodesRequest lists the nodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NodeSelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only nodes carrying all these labels (exact match)."""
+
+    def __init__(
+        self,
+        *,
+        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_selector", b"node_selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesRequest: _TypeAlias = ListNodesRequest  # noqa: Y015
+
+@_typing.final
+class ListNodesResponse(_message.Message):
+    """ListNodesResponse returns the nodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]:
+        """The nodes, by name."""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___Node] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
 
 @_typing.final
 class StartAgentRequest(_message.Message):
@@ -1005,6 +1249,7 @@ class StartAgentRequest(_message.Message):
     START_TIMEOUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Required. The id the agent will register under."""
     request_id: _builtins.str
@@ -1038,6 +1283,16 @@ class StartAgentRequest(_message.Message):
         start counts as a crash.
         """
 
+    @_builtins.property
+    def placement(self) -> Global___Placement:
+        """Optional. Where the agent may run (see Placement). The registry chooses
+        the least-loaded eligible live node (least memory in use against its
+        capacity, then fewest supervised agents, then name) and records it in
+        SupervisedAgent.node; a replica of that node starts the process. No live
+        node eligible: FAILED_PRECONDITION naming the placement. Invalid:
+        INVALID_ARGUMENT naming the field.
+        """
+
     def __init__(
         self,
         *,
@@ -1047,10 +1302,11 @@ class StartAgentRequest(_message.Message):
         start_timeout: _duration_pb2.Duration | None = ...,
         request_id: _builtins.str = ...,
         validate_only: _builtins.bool = ...,
+        placement: Global___Placement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch", "placement", b"placement", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "launch", b"launch", "request_id", b"request_id", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout", "validate_only", b"validate_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "launch", b"launch", "placement", b"placement", "request_id", b"request_id", "restart_policy", b"restart_policy", "start_timeout", b"start_timeout", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

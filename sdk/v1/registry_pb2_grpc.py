@@ -93,6 +93,11 @@ class RegistryServiceStub:
                 request_serializer=mabeam_dot_v1_dot_registry__pb2.MigrateAgentRequest.SerializeToString,
                 response_deserializer=mabeam_dot_v1_dot_registry__pb2.MigrateAgentResponse.FromString,
                 _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/mabeam.v1.RegistryService/ListNodes',
+                request_serializer=mabeam_dot_v1_dot_registry__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=mabeam_dot_v1_dot_registry__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -198,6 +203,16 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNodes(self, request, context):
+        """ListNodes returns the nodes that live registry replicas run on (each
+        replica publishes its node on its lease: a node whose replicas are all
+        gone is not listed), in name order, with what runs there and how much
+        memory it uses. At most 1,000 nodes (the rest are left out).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -255,6 +270,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.MigrateAgent,
                     request_deserializer=mabeam_dot_v1_dot_registry__pb2.MigrateAgentRequest.FromString,
                     response_serializer=mabeam_dot_v1_dot_registry__pb2.MigrateAgentResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=mabeam_dot_v1_dot_registry__pb2.ListNodesRequest.FromString,
+                    response_serializer=mabeam_dot_v1_dot_registry__pb2.ListNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -558,6 +578,33 @@ class RegistryService:
             '/mabeam.v1.RegistryService/MigrateAgent',
             mabeam_dot_v1_dot_registry__pb2.MigrateAgentRequest.SerializeToString,
             mabeam_dot_v1_dot_registry__pb2.MigrateAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mabeam.v1.RegistryService/ListNodes',
+            mabeam_dot_v1_dot_registry__pb2.ListNodesRequest.SerializeToString,
+            mabeam_dot_v1_dot_registry__pb2.ListNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

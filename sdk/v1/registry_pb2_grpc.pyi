@@ -85,6 +85,12 @@ class RegistryServiceStub:
     start (or take) the new instance, import, switch the registration, stop
     the old one. Callers see one agent throughout.
     """
+    ListNodes: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListNodesRequest, _registry_pb2.ListNodesResponse]
+    """ListNodes returns the nodes that live registry replicas run on (each
+    replica publishes its node on its lease: a node whose replicas are all
+    gone is not listed), in name order, with what runs there and how much
+    memory it uses. At most 1,000 nodes (the rest are left out).
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -142,6 +148,12 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """MigrateAgent moves a live agent to a new instance: export its state,
     start (or take) the new instance, import, switch the registration, stop
     the old one. Callers see one agent throughout.
+    """
+    ListNodes: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListNodesRequest, _registry_pb2.ListNodesResponse]  # type: ignore[assignment]
+    """ListNodes returns the nodes that live registry replicas run on (each
+    replica publishes its node on its lease: a node whose replicas are all
+    gone is not listed), in name order, with what runs there and how much
+    memory it uses. At most 1,000 nodes (the rest are left out).
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -263,6 +275,18 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         """MigrateAgent moves a live agent to a new instance: export its state,
         start (or take) the new instance, import, switch the registration, stop
         the old one. Callers see one agent throughout.
+        """
+
+    @_abc_1.abstractmethod
+    def ListNodes(
+        self,
+        request: _registry_pb2.ListNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListNodesResponse, _abc.Awaitable[_registry_pb2.ListNodesResponse]]:
+        """ListNodes returns the nodes that live registry replicas run on (each
+        replica publishes its node on its lease: a node whose replicas are all
+        gone is not listed), in name order, with what runs there and how much
+        memory it uses. At most 1,000 nodes (the rest are left out).
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,6 +25,17 @@ CANDIDATES_TTL_S = 1.0
 AUCTION_TRIES = 5
 
 
+def pressure(agent: registry_pb2.Agent) -> tuple[float, int, int, str]:
+    """Least-loaded order, smallest first: the higher of the reported load and the memory in use
+    against the memory the agent declared (``resources.memory_bytes``; the supervisor's measure
+    ``measured`` when there is one, else what the agent reported), then queue length, then memory
+    in use, then id."""
+    memory = int(agent.measured.memory_bytes or agent.load.memory_bytes)
+    declared = int(agent.resources.memory_bytes)
+    used = memory / declared if declared else 0.0
+    return (max(agent.load.load, used), agent.load.queue_length, memory, agent.agent_id)
+
+
 @dataclass
 class Assignment:
     agent_id: str
@@ -78,7 +89,7 @@ class Assigner:
         if strategy == planner_pb2.ASSIGNMENT_STRATEGY_FIRST_FIT:
             chosen = min(fresh, key=lambda a: a.agent_id)
         else:
-            chosen = min(fresh, key=lambda a: (a.load.load, a.load.queue_length, a.agent_id))
+            chosen = min(fresh, key=pressure)
         return Assignment(chosen.agent_id, chosen.endpoint)
 
     async def _auction(

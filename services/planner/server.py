@@ -51,6 +51,8 @@ FINISHED = (planner_pb2.GOAL_STATE_SUCCEEDED, planner_pb2.GOAL_STATE_FAILED, pla
 ADOPT_AFTER_S = 2.0
 # How often the elected replica enforces the count cap of finished goals (when there is one).
 TRIM_INTERVAL_S = 30.0
+# An objective's input, serialized, at most (it is stored with the goal and sent to the planning agent).
+MAX_OBJECTIVE_INPUT_BYTES = 64 * 1024
 
 
 def _not_found(goal_id: str, retention: Retention) -> errors.NotFound:
@@ -217,6 +219,27 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
 
     # -- RPCs ----------------------------------------------------------------------------
 
+    async def _validate_objective(self, spec: planner_pb2.GoalSpec) -> None:
+        """A goal given as an objective: its planning agent's capability must be live."""
+        if spec.steps:
+            raise errors.InvalidArgument("goal.objective", "give steps or an objective, not both")
+        objective = spec.objective
+        if not objective.capability or len(objective.capability) > 128:
+            raise errors.InvalidArgument("goal.objective.capability", "required, 1-128 characters")
+        if objective.input.ByteSize() > MAX_OBJECTIVE_INPUT_BYTES:
+            raise errors.InvalidArgument(
+                "goal.objective.input", f"at most {MAX_OBJECTIVE_INPUT_BYTES} bytes serialized"
+            )
+        listed = await self.mesh.registry.ListAgents(
+            registry_pb2.ListAgentsRequest(capability=objective.capability, page_size=1)
+        )
+        if not listed.agents:
+            raise errors.FailedPrecondition(
+                f"objective needs capability {objective.capability!r} (a planning agent), "
+                "which no live agent offers",
+                reason=common_pb2.ERROR_REASON_NO_CAPABLE_AGENT,
+            )
+
     async def _validate(self, spec: planner_pb2.GoalSpec) -> None:
         steps = [dag.StepSpec(s.step_id, s.capability, tuple(s.depends_on)) for s in spec.steps]
         for i, s in enumerate(spec.steps):
@@ -225,6 +248,9 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         if spec.max_parallelism > 1024:
             raise errors.InvalidArgument("goal.max_parallelism", "at most 1024")
         validate.seconds(spec.deadline, "goal.deadline", default=600, minimum=0.001, maximum=7 * 86400)
+        if spec.HasField("objective"):
+            await self._validate_objective(spec)
+            return
         try:
             dag.validate(steps)
             live: set[str] = set()

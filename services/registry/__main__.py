@@ -11,6 +11,11 @@ And how long stopped and failed supervised records are kept:
 0 = for good; default 7 days) and ``--supervised-retention-count`` (env
 ``MABEAM_SUPERVISED_RETENTION_COUNT``, a cap on how many, 0 = none), see
 :mod:`mabeam.runtime.retention`.
+
+And the node it runs on (:mod:`mabeam.services.registry.nodes`):
+``--node-name NAME`` (env ``MABEAM_NODE_NAME``; default the host name) and
+``--node-label KEY=VALUE``, repeatable (env ``MABEAM_NODE_LABELS=zone=a,rack=3``).
+StartAgent's placement chooses among the nodes of the live replicas.
 """
 
 import argparse
@@ -24,7 +29,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 from mabeam.runtime.retention import Retention
 from mabeam.runtime.service import BuildFn, run_service
-from mabeam.services.registry import catalog
+from mabeam.services.registry import catalog, nodes
 from mabeam.services.registry.server import build, builder
 
 
@@ -41,6 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"also launch free-form commands and entry points: ANY program; development only "
         f"(env {catalog.ALLOW_ARGV_ENV}=1)",
+    )
+    n = parser.add_argument_group("node")
+    n.add_argument(
+        "--node-name",
+        metavar="NAME",
+        help=f"the node this replica runs on (env {nodes.NODE_NAME_ENV}; default the host name)",
+    )
+    n.add_argument(
+        "--node-label",
+        metavar="KEY=VALUE",
+        action="append",
+        help=f"a label of the node, e.g. zone=a; repeatable (env {nodes.NODE_LABELS_ENV}=zone=a,rack=3)",
     )
     r = parser.add_argument_group("retention")
     r.add_argument(
@@ -65,7 +82,8 @@ def configure(args: argparse.Namespace) -> BuildFn:
     retention = Retention.load(
         "supervised", env, given=args.supervised_retention, given_count=args.supervised_retention_count
     )
-    return builder(catalog.policy(catalog_file, allow_argv), retention)
+    node = nodes.NodeSpec.load(env, args.node_name, args.node_label)
+    return builder(catalog.policy(catalog_file, allow_argv), retention, node)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The registry's directory of agents: a watch-fed view of registrations and loads.
 
 Lookups (GetAgent, ListAgents, WatchAgents snapshots), the supervisor and the
-health prober read agents here, with no etcd read per call: two
-:class:`~mabeam.runtime.cache.PrefixCache` follow ``P/agents/`` and
-``P/agent-load/`` (:mod:`.store`).
+health prober read agents here, with no etcd read per call: three
+:class:`~mabeam.runtime.cache.PrefixCache` follow ``P/agents/``,
+``P/agent-load/`` and ``P/agent-measured/`` (what supervisors measured of
+their agents' processes) (:mod:`.store`).
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ class AgentDirectory:
     def __init__(self, etcd: EtcdClient, store: RegistryStore) -> None:
         self.agents: PrefixCache[registry_pb2.Agent] = PrefixCache(etcd, store.keys.agents, decode_agent)
         self.loads: PrefixCache[common_pb2.AgentLoad] = PrefixCache(etcd, store.keys.loads, decode_load)
+        self.measured: PrefixCache[common_pb2.AgentLoad] = PrefixCache(etcd, store.keys.measured, decode_load)
         self._store = store
         # capability ("" = every agent) -> agent_id -> agent, kept by the cache
         # listener, and the sorted lists derived from it (dropped on change).
         self._index: dict[str, dict[str, registry_pb2.Agent]] = {"": {}}
         self._sorted: dict[str, list[registry_pb2.Agent]] = {}
-        self._views: dict[str, tuple[Any, Any, registry_pb2.Agent]] = {}
+        self._views: dict[str, tuple[Any, Any, Any, registry_pb2.Agent]] = {}
         # agent_id -> time.monotonic() when this replica last saw a beat stored: the
         # stored reported_at is another replica's clock, never compared with ours.
         self._beat_seen: dict[str, float] = {}
@@ -83,10 +85,16 @@ class AgentDirectory:
     async def start(self) -> None:
         await self.agents.start()
         await self.loads.start()
+        await self.measured.start()
 
     async def stop(self) -> None:
         await self.agents.stop()
         await self.loads.stop()
+        await self.measured.stop()
+
+    def measured_of(self, agent_id: str) -> common_pb2.AgentLoad | None:
+        """What the supervisor last measured of the agent's process (None: not supervised, or not yet)."""
+        return self.measured.get(self._store.keys.measured_of(agent_id))
 
     def view(self, agent: registry_pb2.Agent) -> registry_pb2.Agent:
         """The agent as callers see it: with its latest load and a status.
@@ -95,18 +103,21 @@ class AgentDirectory:
         only the time-dependent status is set again.
         """
         load = self.loads.get(self._store.keys.load(agent.agent_id))
+        measured = self.measured_of(agent.agent_id)
         cached = self._views.get(agent.agent_id)
-        if cached is not None and cached[0] is agent and cached[1] is load:
-            out = cached[2]
+        if cached is not None and cached[0] is agent and cached[1] is load and cached[2] is measured:
+            out = cached[3]
         else:
             out = registry_pb2.Agent()
             out.CopyFrom(agent)
             if load is not None:
                 out.load.CopyFrom(load)
                 out.last_heartbeat_at.CopyFrom(load.reported_at)
+            if measured is not None:
+                out.measured.CopyFrom(measured)
             if len(self._views) > 4 * len(self.agents) + 1024:
                 self._views.clear()
-            self._views[agent.agent_id] = (agent, load, out)
+            self._views[agent.agent_id] = (agent, load, measured, out)
         out.status = self.status(out)  # type: ignore[assignment]
         return out
 

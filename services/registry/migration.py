@@ -39,6 +39,7 @@ import grpc
 
 from mabeam import errors
 from mabeam.runtime import process, validate
+from mabeam.services.registry import nodes
 from mabeam.services.registry.launch import check_launch, start_timeout
 from mabeam.services.registry.processes import ACTIVE, now, spawn
 from mabeam.services.registry.store import new_token
@@ -192,7 +193,9 @@ async def _start_standby(
     spec = sup.launch_of(launch, agent_id, token, standby=True)
     with process.ReadyFile() as ready:
         try:
-            proc = spawn(spec, ready.env())  # its output to the agent's log
+            proc = spawn(
+                spec, {**ready.env(), nodes.NODE_NAME_ENV: sup.node.name}
+            )  # its output to the agent's log
         except (OSError, ValueError) as exc:  # the old process keeps serving
             raise errors.FailedPrecondition(f"cannot start the new instance of {agent_id!r}: {exc}") from None
         try:

@@ -27,6 +27,7 @@ from google.protobuf import timestamp_pb2
 from mabeam import errors
 from mabeam.runtime import process
 from mabeam.services.registry import launch as launches
+from mabeam.services.registry import nodes, usage
 from mabeam.services.registry.restart_policy import RestartTracker
 from mabeam.v1 import registry_pb2
 
@@ -69,6 +70,8 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
         return
     tracker = RestartTracker(launches.policy_of(record.restart_policy))
     proc: subprocess.Popen[bytes] | None = None
+    # RSS and CPU of the agent's process, sampled while it runs here (see .usage).
+    measuring = asyncio.create_task(usage.measure(sup, agent_id), name=f"measure:{agent_id}")
     try:
         # Its processes' credential, for as long as this replica runs the agent.
         await sup.issue_credential(agent_id)
@@ -84,7 +87,8 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
                 # written under another policy (a kind this catalog lacks, a
                 # free-form argv without --allow-argv) is not run here.
                 spec = sup.launch_of(record.launch, agent_id, await sup.secret(agent_id))
-                proc = spawn(spec)
+                # The process declares the node it runs on: this replica's.
+                proc = spawn(spec, {nodes.NODE_NAME_ENV: sup.node.name})
             # ValueError: exec refuses the spec (e.g. a NUL byte in a record older than check_launch).
             except (OSError, ValueError) as exc:
                 await sup.revoke_credential(agent_id)
@@ -102,6 +106,7 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
             def starting(r: registry_pb2.SupervisedAgent, pid: int = pid, started: Any = started) -> None:
                 r.state = registry_pb2.SUPERVISION_STATE_STARTING
                 r.pid = pid
+                r.node = sup.node.name
                 r.started_at.CopyFrom(started)
 
             if not await sup.write_retrying(agent_id, starting):
@@ -155,6 +160,7 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
             await sup.write_retrying(agent_id, restarting)
             await asyncio.sleep(decision.delay_s)
     finally:
+        measuring.cancel()
         # The current process, which a migration may have replaced since ``proc`` was set.
         proc = sup.procs.pop(agent_id, proc)
         if proc is not None and proc.poll() is None:

@@ -19,6 +19,7 @@ import stamina
 from mabeam import errors
 from mabeam.runtime import validate
 from mabeam.runtime.retention import expired_message
+from mabeam.services.registry import nodes
 from mabeam.services.registry.launch import DEFAULT_START_TIMEOUT_S, check_launch, policy_of, seconds
 from mabeam.services.registry.processes import ACTIVE, RESTART_REQUESTED
 from mabeam.services.registry.store import new_token
@@ -46,6 +47,7 @@ async def start_agent(
     timeout = validate.seconds(
         request.start_timeout, "start_timeout", default=DEFAULT_START_TIMEOUT_S, minimum=0.1, maximum=600
     )
+    nodes.check_placement(request.placement)
     if request.validate_only:
         return registry_pb2.SupervisedAgent(), ""
     existing, mod_revision = await sup.store.get_supervised(agent_id)
@@ -64,6 +66,9 @@ async def start_agent(
         launch=request.launch,
         restart_policy=request.restart_policy,
         state=registry_pb2.SUPERVISION_STATE_STARTING,
+        placement=request.placement,
+        # The least-loaded live node the placement allows; a replica of it starts the process.
+        node=sup.place(request.placement),
     )
     record.start_timeout.FromNanoseconds(int(timeout * 1e9))
     # The caller's token (only its hash is stored): it acts for the agent (migrate,

@@ -25,7 +25,7 @@ from mabeam.runtime.idempotency import idempotent
 from mabeam.runtime.retention import Retention
 from mabeam.runtime.watchqueue import BoundedQueue
 from mabeam.server import MeshServer
-from mabeam.services.registry import auth_service, catalog, heartbeats, prober
+from mabeam.services.registry import auth_service, catalog, heartbeats, nodes, prober
 from mabeam.services.registry import supervisor as supervision
 from mabeam.services.registry.directory import DEFAULT_TTL, AgentDirectory, matches
 from mabeam.services.registry.store import RegistryStore, decode_agent, new_token
@@ -59,12 +59,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         etcd: EtcdClient,
         policy: catalog.LaunchPolicy | None = None,
         retention: Retention | None = None,
+        node: nodes.NodeSpec | None = None,
     ) -> None:
         self._server = server
         # Stopped and failed supervised records are kept for ``retention`` (runtime/retention.py).
         self.store = RegistryStore(etcd, server.config, retention)
         self.directory = AgentDirectory(etcd, self.store)
-        self.supervisor = supervision.Supervisor(server, etcd, self.store, self.directory, policy)
+        self.supervisor = supervision.Supervisor(server, etcd, self.store, self.directory, policy, node)
         # Heartbeats refresh agents' leases over shared streams, not a stream per beat.
         self.keepalives = self.store.keepalive_stream()
 
@@ -124,6 +125,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         for name, value in request.resources.custom.items():
             validate.finite(value, f"resources.custom[{name}]", minimum=0)
         validate.finite(request.resources.cpu, "resources.cpu", minimum=0)
+        if request.node:
+            validate.identifier(request.node, "node")
 
         existing, create_revision = await self.store.get_agent(agent_id)
         generation = 1
@@ -148,6 +151,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             lease_ttl=duration_pb2.Duration(seconds=max(int(lease.ttl), 1)),
             registered_at=_now(),
             generation=generation,
+            node=request.node,
             supervised=await self.supervisor.is_supervised(agent_id),
         )
         guard = idempotency.current()
@@ -416,8 +420,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         after = validate.decode_page_token(request.page_token, filters)
         # From etcd, one bounded range per page (stopped and failed records are not cached: see supervisor).
         chunk, next_after = await self.store.page_supervised(after, size, request.state)
+        for record in chunk:
+            measured = self.directory.measured_of(record.agent_id)
+            if measured is not None:
+                record.measured.CopyFrom(measured)
         token = validate.encode_page_token(next_after, filters) if next_after is not None else ""
         return registry_pb2.ListSupervisedAgentsResponse(agents=chunk, next_page_token=token)
+
+    async def ListNodes(
+        self, request: registry_pb2.ListNodesRequest, context: Any
+    ) -> registry_pb2.ListNodesResponse:
+        wanted = registry_pb2.Placement(node_selector=request.node_selector)
+        nodes.check_placement(wanted, "request")
+        listed = [n for n in self.supervisor.list_nodes() if nodes.eligible(wanted, n.name, n.labels)]
+        return registry_pb2.ListNodesResponse(nodes=listed[: nodes.MAX_NODES])
 
     @idempotent(registry_pb2.MigrateAgentResponse)
     async def MigrateAgent(
@@ -427,13 +443,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
 
 def builder(
-    policy: catalog.LaunchPolicy | None = None, retention: Retention | None = None
+    policy: catalog.LaunchPolicy | None = None,
+    retention: Retention | None = None,
+    node: nodes.NodeSpec | None = None,
 ) -> Callable[[MeshServer, EtcdClient], Awaitable[None]]:
-    """The build function of a registry that launches what ``policy`` allows and keeps stopped
-    supervised records for ``retention`` (defaults: :func:`build`'s)."""
+    """The build function of a registry that launches what ``policy`` allows, keeps stopped
+    supervised records for ``retention`` and runs on ``node`` (defaults: :func:`build`'s)."""
 
     async def build_registry(server: MeshServer, etcd: EtcdClient) -> None:
-        await build(server, etcd, policy, retention)
+        await build(server, etcd, policy, retention, node)
 
     return build_registry
 
@@ -443,6 +461,7 @@ async def build(
     etcd: EtcdClient,
     policy: catalog.LaunchPolicy | None = None,
     retention: Retention | None = None,
+    node: nodes.NodeSpec | None = None,
 ) -> None:
     """Add the registry servicer to ``server`` (called by mabeam.runtime.service.start_service).
 
@@ -452,6 +471,8 @@ async def build(
     ``retention``: how long stopped and failed supervised records are kept, and
     how many; default: ``$MABEAM_SUPERVISED_RETENTION`` (7 days) and
     ``$MABEAM_SUPERVISED_RETENTION_COUNT`` (no cap).
+    ``node``: the node this replica runs on; default ``$MABEAM_NODE_NAME``
+    (else the host name) and ``$MABEAM_NODE_LABELS`` (:mod:`.nodes`).
     """
     if policy is None:
         policy = catalog.policy_from_env()
@@ -463,7 +484,10 @@ async def build(
             "command on this host as this user; use it for development only and run an --agent-catalog instead"
         )
     log.info("registry: launching agents from %s", policy.where())
-    servicer = RegistryServicer(server, etcd, policy, retention)
+    if node is None:
+        node = nodes.NodeSpec.load(os.environ)
+    log.info("registry: on node %s %s", node.name, dict(node.labels))
+    servicer = RegistryServicer(server, etcd, policy, retention, node)
     await servicer.directory.start()
     server.on_stop(servicer.directory.stop)
     server.on_stop(servicer.keepalives.close)

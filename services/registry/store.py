@@ -32,6 +32,10 @@ P/process-tokens/<id>           sha256 (hex) of the token the agent's    none (d
                                 current process was given (a new one     when the
                                 at each start, restart or migration)     record stops)
 P/registry-prober/<lease>       candidates for the health prober         each candidate's
+P/registry-nodes/<replica>      ``mabeam.v1.Node``: the node a live      the replica's
+                                replica runs on (name, labels, capacity)
+P/agent-measured/<id>           ``mabeam.v1.AgentLoad``: RSS and CPU the the agent's
+                                supervisor measured of its process
 P/registry-retention/<lease>    candidates for the supervised count cap  each candidate's
 P/requests/registry/<m>/<id>    outcome of a call by ``request_id``      the window's
                                 (:mod:`mabeam.runtime.idempotency`),
@@ -199,6 +203,22 @@ class Keys:
     @property
     def retention_election(self) -> bytes:
         return self.config.key("registry-retention")
+
+    @property
+    def nodes(self) -> bytes:
+        """The node each live registry replica runs on (:mod:`.nodes`), one key per replica."""
+        return self.config.key("registry-nodes") + b"/"
+
+    def node(self, replica_id: str) -> bytes:
+        return self.nodes + replica_id.encode()
+
+    @property
+    def measured(self) -> bytes:
+        """What the supervisor measured of each supervised agent's process."""
+        return self.config.key("agent-measured") + b"/"
+
+    def measured_of(self, agent_id: str) -> bytes:
+        return self.measured + agent_id.encode()
 
 
 def decode_agent(key: bytes, value: bytes) -> registry_pb2.Agent | None:
@@ -630,6 +650,25 @@ class RegistryStore:
             failure=[],
         )
         return bool(ok)
+
+    async def put_measured(self, agent_id: str, measured: common_pb2.AgentLoad, lease_id: int) -> bool:
+        """Store what the supervisor measured of the agent's process, only while it is registered on that lease."""
+        c = self.client
+        key = self.keys.agent(agent_id)
+        ok, _ = await c.transaction(
+            compare=[c.transactions.create(key) > 0],
+            success=[
+                c.transactions.put(
+                    self.keys.measured_of(agent_id), measured.SerializeToString(), lease=lease_id
+                )
+            ],
+            failure=[],
+        )
+        return bool(ok)
+
+    async def put_node(self, replica_id: str, node: registry_pb2.Node, lease_id: int) -> None:
+        """Publish the node this replica runs on, on the replica's lease (it goes with the replica)."""
+        await self.client.put(self.keys.node(replica_id), node.SerializeToString(), lease=lease_id)
 
     async def put_agent(self, agent: registry_pb2.Agent, lease_id: int, create_revision: int) -> bool:
         """Replace the agent record in place (same registration)."""

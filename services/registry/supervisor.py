@@ -12,6 +12,10 @@ ownership (:meth:`Supervisor.write`), so a replica that lost its lease cannot
 overwrite the new owner's record, and it kills its children as soon as it
 learns that it lost the lease: an agent is not left running twice.
 
+Each replica runs on a node (:mod:`.nodes`) and publishes it on its lease;
+it takes only the agents whose placement allows its node and that were placed
+on it (or whose node has no live replica left).
+
 The rest lives in modules of its own: :mod:`.catalog` says what may be launched,
 :mod:`.launch` checks launch specs and builds a process's command, :mod:`.processes` runs one agent's process,
 :mod:`.requests` serves StartAgent / StopAgent / RestartAgent, and
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import stamina
 
-from mabeam import auth
+from mabeam import auth, errors
 from mabeam.client import ChannelPool
 from mabeam.discovery import EndpointResolver
 from mabeam.runtime.auth import PrincipalStore
@@ -38,7 +42,7 @@ from mabeam.runtime.cache import PrefixCache
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper
 from mabeam.runtime.retention import Retention
 from mabeam.server import MeshServer
-from mabeam.services.registry import migration, processes, requests
+from mabeam.services.registry import migration, nodes, processes, requests
 from mabeam.services.registry.catalog import LaunchPolicy
 from mabeam.services.registry.launch import Launch, launch_command, policy_of
 from mabeam.services.registry.migration import migrate
@@ -69,8 +73,11 @@ class Supervisor:
         store: RegistryStore,
         directory: AgentDirectory,
         policy: LaunchPolicy | None = None,
+        node: nodes.NodeSpec | None = None,
     ) -> None:
         self.server = server
+        # The node this replica runs on (published on its lease under P/registry-nodes/).
+        self.node = node if node is not None else nodes.NodeSpec()
         # What this replica may launch (its agent catalog, --allow-argv); see .catalog.
         self.policy = policy if policy is not None else LaunchPolicy()
         self.etcd = etcd
@@ -84,6 +91,8 @@ class Supervisor:
             etcd, store.keys.supervised, decode_active_supervised
         )
         self.owners: PrefixCache[str] = PrefixCache(etcd, store.keys.owners, lambda k, v: bytes(v).decode())
+        self.nodes: PrefixCache[registry_pb2.Node] = PrefixCache(etcd, store.keys.nodes, _decode_node)
+        self._published_on = 0  # the lease this replica's node was last published on
         self._keeper: LeaseKeeper | None = None
         self._children: dict[str, asyncio.Task[None]] = {}
         # The process each agent run here has now (a migration replaces it) ...
@@ -108,10 +117,13 @@ class Supervisor:
     async def start(self) -> None:
         await self.records.start()
         await self.owners.start()
+        await self.nodes.start()
         self.records.add_listener(lambda *a: self.wake.set())
         self.owners.add_listener(lambda *a: self.wake.set())
+        self.nodes.add_listener(lambda *a: self.wake.set())
         self._keeper = self.store.lease_keeper(self.server.config.service_ttl)
         await self._keeper.start()
+        await self._publish_node()
         config = self.server.config
         self.peers = EndpointResolver(config.etcd_endpoints, config.prefix, "registry", tls=config.etcd_tls)
         await self.peers.start()
@@ -138,6 +150,7 @@ class Supervisor:
         await self.peer_pool.close()
         await self.records.stop()
         await self.owners.stop()
+        await self.nodes.stop()
 
     @property
     def retention(self) -> Retention:
@@ -175,6 +188,39 @@ class Supervisor:
         """This replica runs the agent's process now."""
         task = self._children.get(agent_id)
         return task is not None and not task.done()
+
+    # -- nodes ----------------------------------------------------------------
+
+    async def _publish_node(self) -> None:
+        """Publish this replica's node on its lease (again after the lease was renewed)."""
+        assert self._keeper is not None
+        lease = self._keeper.lease_id
+        if lease and lease != self._published_on:
+            await self.store.put_node(self.replica_id, nodes.published(self.node, self.replica_id), lease)
+            self._published_on = lease
+
+    def live_node_names(self) -> set[str]:
+        return {n.name for _, n in self.nodes.items()}
+
+    def list_nodes(self) -> list[registry_pb2.Node]:
+        """The live nodes, by name, with the active supervised agents placed on each."""
+        records = [r for _, r in self.records.items()]
+        memory = {}
+        for r in records:
+            measured = self.directory.measured_of(r.agent_id)
+            if measured is not None:
+                memory[r.agent_id] = int(measured.memory_bytes)
+        return nodes.aggregate((n for _, n in self.nodes.items()), records, memory)
+
+    def place(self, placement: registry_pb2.Placement) -> str:
+        """The least-loaded live node the placement allows (FAILED_PRECONDITION naming it if none)."""
+        chosen = nodes.choose(self.list_nodes(), placement)
+        if chosen is None:
+            raise errors.FailedPrecondition(
+                f"no live registry node fits the placement ({nodes.describe(placement)}); "
+                f"nodes: {', '.join(sorted(self.live_node_names())) or 'none'}"
+            )
+        return chosen.name
 
     # -- the RPCs (their code is in requests.py and migration.py) -----------
 
@@ -220,12 +266,16 @@ class Supervisor:
             await asyncio.gather(*children.values(), return_exceptions=True)
             self._keeper = self.store.lease_keeper(self.server.config.service_ttl)
             await self._keeper.start()
+        await self._publish_node()
+        live_nodes = self.live_node_names()
         for _key, record in list(self.records.items()):
             agent_id = record.agent_id
             owner = self.owner(agent_id)
             running_here = self.runs_here(agent_id)
             if record.state in ACTIVE and not running_here:
-                if owner is None or owner == self.replica_id:
+                if owner == self.replica_id or (
+                    owner is None and nodes.may_run(record, self.node, live_nodes)
+                ):
                     if await self.store.acquire_owner(agent_id, self.replica_id, self._keeper.lease_id):
                         self._children[agent_id] = asyncio.create_task(
                             processes.supervise(self, agent_id), name=f"supervise:{agent_id}"
@@ -319,6 +369,13 @@ class Supervisor:
             credential=held[1] if held is not None else None,
             standby=standby,
         )
+
+
+def _decode_node(key: bytes, value: bytes) -> registry_pb2.Node | None:
+    try:
+        return registry_pb2.Node.FromString(value)
+    except Exception:
+        return None
 
 
 __all__ = ["Supervisor", "migrate", "policy_of"]
