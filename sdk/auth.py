@@ -178,6 +178,7 @@ POLICY: dict[str, Rule] = {
             "RestartAgent": OPERATE,
             "ListSupervisedAgents": READ,
             "MigrateAgent": Rule(_AGENT_SELF, scoped=True, elevated=("launch",)),
+            "ListNodes": READ,
         },
     ),
     **_service(
