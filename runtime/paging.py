@@ -11,11 +11,22 @@ token resumes after the last key examined (AIP-158 allows short pages). See
 
 Page tokens are :func:`mabeam.runtime.validate.encode_page_token` of the key's
 suffix under the prefix, bound to the request's filter.
+
+The retention pruners want the other end: :func:`last_keys` finds the last
+``limit`` keys of a range (the oldest of a newest-first index) without reading
+the range. etcd drops the ``limit`` of a sorted range (a descending read
+fetches every key and value of the range from its backend, sorts them, then
+truncates), so it uses count-only ranges (etcd counts in its in-memory index,
+reads no value and sends no key) to bisect the key space for a point with
+between ``limit`` and ``2 * limit`` keys after it (at least
+:data:`MIN_TAIL`), then one ascending read of those: at most
+``max(2 * limit, MIN_TAIL) + 1`` keys come back. See ``docs/decisions.md``,
+"The oldest keys of an index".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +37,12 @@ from grpc import aio
 from mabeam.runtime.etcd import EtcdClient
 
 MAX_EXAMINED = 5000  # keys one filtered list call reads at most before answering a short page
+# last_keys: the bisection's probes at most (each halves an interval of the key space: enough for
+# keys that first differ 250 bytes past their shared prefix); past it, bounded reads to the end.
+MAX_PROBES = 2000
+# last_keys reads a tail of at least this many keys when asked for fewer: a few dozen keys are
+# cheaper than the probes it takes to split keys that differ only in their last bytes.
+MIN_TAIL = 64
 
 
 @dataclass
@@ -36,6 +53,7 @@ class ScanStats:
     keys: int = 0
     largest: int = 0  # the most keys one range read returned
     limits: list[int] = field(default_factory=list)  # the last few limits asked
+    counts: int = 0  # count-only range reads (no key returned)
 
     def count(self, limit: int, returned: int) -> None:
         self.ranges += 1
@@ -51,12 +69,15 @@ async def read_range(
     limit: int,
     *,
     serializable: bool = False,
+    keys_only: bool = False,
     stats: ScanStats | None = None,
 ) -> tuple[list[Any], bool]:
     """At most ``limit`` key-values in ``[start, end)`` by key, and whether more keys follow."""
     await client.connect()
     assert client.kvstub is not None
-    request = aetcd.rpc.RangeRequest(key=start, range_end=end, limit=limit, serializable=serializable)
+    request = aetcd.rpc.RangeRequest(
+        key=start, range_end=end, limit=limit, serializable=serializable, keys_only=keys_only
+    )
     try:
         reply = await client.kvstub.Range(request, timeout=client.timeout, metadata=client.metadata)
     except aio.AioRpcError as exc:
@@ -113,3 +134,136 @@ async def scan(
 
 def _suffix(prefix: bytes, kv: Any) -> str:
     return bytes(kv.key[len(prefix) :]).decode()
+
+
+async def count_range(client: EtcdClient, start: bytes, end: bytes, *, stats: ScanStats | None = None) -> int:
+    """How many keys are in ``[start, end)``: a count-only range (etcd sends no key)."""
+    await client.connect()
+    assert client.kvstub is not None
+    request = aetcd.rpc.RangeRequest(key=start, range_end=end, count_only=True)
+    try:
+        reply = await client.kvstub.Range(request, timeout=client.timeout, metadata=client.metadata)
+    except aio.AioRpcError as exc:
+        aetcd.exceptions._handle_exception(exc)
+        raise
+    if stats is not None:
+        stats.counts += 1
+    return int(reply.count)
+
+
+Count = Callable[[bytes, bytes], Awaitable[int]]
+Read = Callable[[bytes, bytes, int], Awaitable[Sequence[Any]]]
+
+
+async def last_keys(
+    client: EtcdClient,
+    start: bytes,
+    end: bytes | None,
+    limit: int,
+    *,
+    keys_only: bool = False,
+    slack: int = 2,
+    stats: ScanStats | None = None,
+    count: Count | None = None,
+    read: Read | None = None,
+) -> list[Any]:
+    """The last ``limit`` key-values of ``[start, end)`` in key order (fewer when the range holds
+    fewer); ``end`` None: the range of the prefix ``start``. Bounded reads only.
+
+    One count-only range of the whole; when it holds more than ``most = max(slack * limit,
+    MIN_TAIL)`` keys, the shared prefix of its keys (one read of one key, and count-only ranges
+    bisecting its length), then a bisection of the key space after that prefix by count-only
+    ranges of ``[probe, end)`` until one holds between ``limit`` and ``most`` keys; those are read
+    in one ascending range. At most ``most + 1`` keys are returned by etcd in all; the count-only
+    ranges are a few per byte the keys of the range's tail differ in (30 to 40 for 3,000 or 30,000
+    keys named by a 20-digit time). etcd 3.5 still walks its in-memory index over the span of each
+    range (it counts the total even of a limited one), so the server's work grows with the range,
+    but it reads no value from its backend, sorts nothing and holds no copy (a sorted range does
+    all three). The reads are not at one revision: a key written or deleted meanwhile may make
+    the answer a little short or not quite the last (callers check what they act on again).
+
+    ``count(start, end)`` and ``read(start, end, limit)`` replace the etcd reads (a store that
+    counts its reads); by default they are :func:`count_range` and :func:`read_range`.
+    """
+    if limit <= 0:
+        return []
+    if end is None:
+        end = aetcd_utils.prefix_range_end(start)
+
+    async def default_count(a: bytes, b: bytes) -> int:
+        return await count_range(client, a, b, stats=stats)
+
+    async def default_read(a: bytes, b: bytes, n: int) -> Sequence[Any]:
+        return (await read_range(client, a, b, n, keys_only=keys_only, stats=stats))[0]
+
+    count = count or default_count
+    read = read or default_read
+    most = max(max(slack, 1) * limit, MIN_TAIL)
+    total = await count(start, end)
+    if total == 0:
+        return []
+    if total <= most:
+        return list(await read(start, end, total))[-limit:]
+    first = await read(start, end, 1)
+    if not first:
+        return []  # deleted meanwhile
+    lo, hi = await _shared_prefix_range(bytes(first[0].key), start, end, count)
+    for _ in range(MAX_PROBES):
+        mid = _between(lo, hi)
+        n = await count(mid, end)
+        if limit <= n <= most:
+            return list(await read(mid, end, n))[-limit:]
+        if n > most:
+            lo = mid
+        else:
+            hi = mid
+    # Not split by MAX_PROBES (keys alike for hundreds of bytes): bounded reads from lo to the end.
+    kept: list[Any] = []
+    while True:
+        kvs = list(await read(lo, end, most))
+        kept = (kept + kvs)[-limit:]
+        if len(kvs) < most:
+            return kept
+        lo = bytes(kvs[-1].key) + b"\0"
+
+
+async def _shared_prefix_range(key: bytes, start: bytes, end: bytes, count: Count) -> tuple[bytes, bytes]:
+    """The narrowest ``[lo, hi)`` within ``[start, end)`` holding all its keys that is the range of
+    a prefix of ``key``, its first key: count-only ranges of what is above the prefix's range (empty
+    when it holds: cheap for etcd) bisecting the prefix's length."""
+
+    def span(m: int) -> tuple[bytes, bytes]:
+        if m == 0:
+            return start, end
+        prefix = key[:m].rstrip(b"\xff")  # the keys starting with key[:m] (0xff...: to the end)
+        high = prefix[:-1] + bytes([prefix[-1] + 1]) if prefix else end
+        return max(start, key[:m]), min(end, high)
+
+    shared = 0  # every key of [start, end) starts with key[:shared]; what start and end share, first
+    while shared < min(len(start), len(end)) and start[shared] == end[shared]:
+        shared += 1
+    good, bad = min(shared, len(key)), len(key) + 1
+    while bad - good > 1:
+        m = (good + bad) // 2
+        # ``key`` is the first key: none is below the prefix's range; are some above it?
+        above = span(m)[1]
+        if above >= end or await count(above, end) == 0:
+            good = m
+        else:
+            bad = m
+    return span(good)
+
+
+def _between(lo: bytes, hi: bytes) -> bytes:
+    """A key strictly between ``lo`` and ``hi`` (``lo < hi``), halving the interval: the keys as
+    base-256 fractions, padded with zero bytes; one more byte when they are adjacent at a width."""
+    width = max(len(lo), len(hi)) + 1
+    while True:
+        a = int.from_bytes(lo.ljust(width, b"\0"), "big")
+        b = int.from_bytes(hi.ljust(width, b"\0"), "big")
+        if a == b:  # hi is lo and zero bytes: the only keys between are lo and zero bytes
+            return lo + b"\0"
+        mid = (a + b) // 2
+        if mid > a:
+            return mid.to_bytes(width, "big")
+        width += 1

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient, list_all
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, connect
-from mabeam.runtime.paging import ScanStats
+from mabeam.runtime.paging import ScanStats, last_keys
 from mabeam.server import MeshServer
 from mabeam.services.orchestrator import server as orchestrator_server
 from mabeam.services.orchestrator.coordinate import Coordinator
@@ -313,3 +314,72 @@ async def _when(assigner: Assigner, count: int) -> list[registry_pb2.Agent] | No
     assigner._candidates.clear()
     agents = await assigner.candidates("count")
     return agents if len(agents) == count else None
+
+
+# -- the last keys of a range (what the retention pruners delete first) ---------------------------
+
+
+async def _put_all(client: EtcdClient, keys: list[bytes]) -> None:
+    for at in range(0, len(keys), 100):
+        await client.transaction(
+            compare=[],
+            success=[client.transactions.put(k, b"v" + k[-4:]) for k in keys[at : at + 100]],
+            failure=[],
+        )
+
+
+async def test_last_keys_reads_a_bounded_tail_of_a_few_thousand_keys(
+    etcd_client: EtcdClient, key_prefix: bytes
+) -> None:
+    """3,000 keys of a newest-first index (20-digit positions over days, some sharing one; ids
+    after them): the last N in key order, exactly, for N from 1 to past the whole; etcd returns
+    at most 2 N + 1 keys in all, and a few dozen count-only ranges."""
+    index = key_prefix + b"index/"
+    base = (1 << 63) - 1_764_000_000 * 10**9
+    keys = sorted(
+        index + f"{base - (n // 3) * 86_400_000_000 // 1000 - (n % 3 == 0) * n:020d}/s{n:05d}".encode()
+        for n in range(3000)
+    )
+    await _put_all(etcd_client, keys)
+    try:
+        for limit in (1, 7, 100, 1000, 2999, 3000, 5000):
+            stats = ScanStats()
+            got = await last_keys(etcd_client, index, None, limit, stats=stats)
+            assert [bytes(kv.key) for kv in got] == keys[-limit:], limit
+            assert all(bytes(kv.value) == b"v" + bytes(kv.key)[-4:] for kv in got)
+            print(f"\nlast {limit}: {stats.ranges} reads, {stats.keys} keys, {stats.counts} count-only")
+            assert stats.keys <= max(2 * min(limit, 3000), 64) + 1, (limit, stats)
+            assert stats.counts <= 100, (limit, stats)
+        # A range that ends before the index does (the pruner's next window), keys only.
+        before = keys[2000]
+        stats = ScanStats()
+        got = await last_keys(etcd_client, index, before, 100, keys_only=True, stats=stats)
+        assert [bytes(kv.key) for kv in got] == keys[1900:2000]
+        assert all(not kv.value for kv in got)
+        assert stats.keys <= 201, stats
+        assert await last_keys(etcd_client, key_prefix + b"empty/", None, 10) == []
+    finally:
+        await etcd_client.delete_prefix(key_prefix)
+
+
+async def test_last_keys_of_arbitrary_bytes(etcd_client: EtcdClient, key_prefix: bytes) -> None:
+    """Keys of any bytes (0x00 and 0xff in them, one a prefix of another): still exactly the last N."""
+    rng = random.Random(7)
+    suffixes = {
+        bytes(rng.choice((0, 1, 0x30, 0x7F, 0xFE, 0xFF)) for _ in range(rng.randint(1, 12)))
+        for _ in range(600)
+    }
+    suffixes |= {b"\xff" * 3, b"\xff" * 4, b"\x00", b"\x00\x00"}
+    keys = sorted(key_prefix + s for s in suffixes)
+    await _put_all(etcd_client, keys)
+    try:
+        for limit in (1, 5, 50, 290):
+            stats = ScanStats()
+            got = await last_keys(etcd_client, key_prefix, None, limit, keys_only=True, stats=stats)
+            assert [bytes(kv.key) for kv in got] == keys[-limit:], limit
+            assert stats.keys <= max(2 * limit, 64) + 1, (limit, stats)
+        middle = keys[len(keys) // 2]
+        got = await last_keys(etcd_client, key_prefix, middle, 20, keys_only=True)
+        assert [bytes(kv.key) for kv in got] == keys[len(keys) // 2 - 20 : len(keys) // 2]
+    finally:
+        await etcd_client.delete_prefix(key_prefix)

@@ -85,7 +85,7 @@ from mabeam import errors
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, ResumingWatch, while_leading
 from mabeam.runtime.idempotency import RequestLog
-from mabeam.runtime.paging import scan
+from mabeam.runtime.paging import last_keys, scan
 from mabeam.runtime.retention import ExpiryLeases, Retention
 from mabeam.v1 import coordination_pb2
 
@@ -557,70 +557,16 @@ class SessionStore:
             raise
         return int(reply.count)
 
-    def _at(self, position: int) -> bytes:
-        """The first index key a session at ``position`` (2^63 - started_at in ns) could have."""
-        return self.index + f"{position:020d}/".encode()
-
-    async def _oldest(self, before: bytes, limit: int) -> list[bytes]:
-        """Up to ``limit`` index keys just before ``before`` (exclusive), the oldest first.
-
-        They are at the end of the newest-first index. etcd drops the limit of
-        a sorted range (it reads the whole range, sorts, then truncates), so no
-        descending range: the last key's position is bisected with ranges of
-        one key (each a successor lookup in etcd's index), then the tail is
-        widened from there, doubling, with count-only ranges of the tail only,
-        until it holds ``limit`` keys (narrowed by bisection if it overshoots
-        ``4 * limit``), and read in key order: at most ``4 * limit + 1`` keys,
-        keys only. About a hundred small requests; none reads the whole index.
-        """
-
-        async def first_from(position: int) -> bytes | None:
-            reply = await self._range(self._at(position), before, 1, keys_only=True)
-            return bytes(reply.kvs[0].key) if reply.kvs else None
-
-        newest = await first_from(0)
-        if newest is None:
-            return []
-        lo, hi = self._position(newest), _INVERT + 1  # a key at or after lo; none at or after hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if await first_from(mid) is None:
-                hi = mid
-            else:
-                lo = mid
-        start, floor = lo, self._position(newest)
-        below, above = start, _INVERT + 1  # the tail from `below` is wide enough, from `above` not (yet)
-        count = await self.count_indexed(self._at(start), before)
-        step = 1
-        while count < limit and below > floor:
-            above, below = below, max(floor, start - step)
-            count = await self.count_indexed(self._at(below), before)
-            step *= 2
-        while count > 4 * limit and above - below > 1:
-            mid = (below + above) // 2
-            n = await self.count_indexed(self._at(mid), before)
-            if n >= limit:
-                below, count = mid, n
-            else:
-                above = mid
-        keys: list[bytes] = []
-        at = self._at(below)
-        while True:  # one read, unless more than 4 * limit sessions started in the same nanosecond
-            reply = await self._range(at, before, 4 * limit + 1, keys_only=True)
-            keys = (keys + [kv.key for kv in reply.kvs])[-limit:]
-            if not reply.more or not reply.kvs:
-                return keys[::-1]
-            at = reply.kvs[-1].key + b"\0"
-
-    def _position(self, index_key: bytes) -> int:
-        return int(index_key[len(self.index) : len(self.index) + 20])
+    async def _read_keys(self, start: bytes, end: bytes, limit: int) -> list[Any]:
+        return list((await self._range(start, end, limit, keys_only=True)).kvs)
 
     async def prune_oldest(self, keep: int, examine: int = PRUNE_EXAMINED) -> int:
         """Delete the oldest finished sessions beyond ``keep``; returns how many it deleted.
 
         One count-only range of ``session-index/`` (finished and running
         sessions), then its oldest keys, at most ``examine`` of them, from the
-        end of the index (:meth:`_oldest`: bounded reads, no sorted range). Each one's record is read: a finished session
+        end of the index (:func:`mabeam.runtime.paging.last_keys`: count-only
+        ranges and one bounded read, no sorted range). Each one's record is read: a finished session
         (a terminal state) is deleted whole (record, index key, the
         ``session-rounds/<id>/`` and ``session-chunks/<id>/`` prefixes), a few
         per transaction, each guarded by its record's revision; a running one
@@ -634,7 +580,15 @@ class SessionStore:
         deleted = examined = 0
         before = aetcd.utils.prefix_range_end(self.index)
         while excess > 0 and examined < examine:
-            keys = await self._oldest(before, min(excess, examine - examined))
+            tail = await last_keys(
+                c,
+                self.index,
+                before,
+                min(excess, examine - examined),
+                count=self.count_indexed,
+                read=self._read_keys,
+            )
+            keys = [bytes(kv.key) for kv in reversed(tail)]  # the oldest first
             if not keys:
                 break
             examined += len(keys)

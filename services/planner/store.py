@@ -69,7 +69,7 @@ from grpc import aio
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, ResumingWatch, snapshot, try_acquire, while_leading
 from mabeam.runtime.idempotency import RequestLog
-from mabeam.runtime.paging import ScanStats, scan
+from mabeam.runtime.paging import ScanStats, last_keys, scan
 from mabeam.v1 import planner_pb2
 
 FINISHED = (planner_pb2.GOAL_STATE_SUCCEEDED, planner_pb2.GOAL_STATE_FAILED, planner_pb2.GOAL_STATE_CANCELLED)
@@ -419,20 +419,13 @@ class GoalStore:
         )
         return int(reply.count)
 
-    async def _tail_start(self, end: bytes, most: int) -> bytes:
-        """The ``goal-order/`` key from which at most ``most`` keys remain before ``end`` (as many as
-        possible): a bisection on the order number by count-only reads, never a read of the keys."""
-        if await self.count(self.order, self.order, end) <= most:
-            return self.order
-        lo, hi = 0, 1 << 64  # count([order + lo, end)) > most; count([order + hi, end)) <= most
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            n = await self.count(self.order, self.order + f"{mid:020d}".encode(), end)
-            if n > most:
-                lo = mid
-            else:
-                hi = mid
-        return self.order + f"{hi:020d}".encode()
+    async def _count(self, start: bytes, end: bytes) -> int:
+        return await self.count(self.order, start, end)
+
+    async def _read(self, start: bytes, end: bytes, limit: int) -> list[Any]:
+        kvs = list((await self._range(start, end, limit)).kvs)
+        self.trims.examined += len(kvs)
+        return kvs
 
     async def trim(self, keep: int) -> int:
         """Delete the oldest finished goals beyond the ``keep`` newest finished ones (every key of
@@ -440,7 +433,8 @@ class GoalStore:
         TRIM_MAX_EXAMINED ``goal-order/`` keys read. Returns how many goals were deleted.
 
         The oldest goals are at the end of the newest-first ``goal-order/``: windows of at most
-        TRIM_BATCH keys are taken from its end backwards (:meth:`_tail_start`), oldest first.
+        TRIM_BATCH keys are taken from its end backwards (:func:`mabeam.runtime.paging.last_keys`:
+        count-only ranges and one bounded ascending read each), oldest first.
         """
         self.trims.passes += 1
         finished = await self.count(self.order) - await self.count(self.active)
@@ -448,20 +442,12 @@ class GoalStore:
         deleted, examined = 0, 0
         end = aetcd.utils.prefix_range_end(self.order)
         while excess > deleted and examined < TRIM_MAX_EXAMINED:
-            start = await self._tail_start(end, TRIM_BATCH)
-            reply = await self._range(start, end, TRIM_BATCH + 1)
-            kvs = list(reply.kvs)
+            kvs = await last_keys(
+                self.client, self.order, end, TRIM_BATCH, count=self._count, read=self._read
+            )
             if not kvs:
-                # More than TRIM_BATCH goals share the order number just below ``start``: take some.
-                number = int(start[len(self.order) :].decode())
-                if number == 0:
-                    break
-                start = self.order + f"{number - 1:020d}".encode()
-                kvs = list((await self._range(start, end, TRIM_BATCH)).kvs)
-                if not kvs:
-                    break
+                break
             examined += len(kvs)
-            self.trims.examined += len(kvs)
             for kv in reversed(kvs):  # oldest first
                 if bytes(kv.value) not in _FINISHED_VALUES:
                     continue  # pending or running: never deleted

@@ -89,7 +89,7 @@ from mabeam.runtime.etcd import (
     while_leading,
 )
 from mabeam.runtime.idempotency import RequestLog, TxnOps
-from mabeam.runtime.paging import ScanStats, scan
+from mabeam.runtime.paging import ScanStats, last_keys, scan
 from mabeam.runtime.retention import ExpiryLeases, Retention
 from mabeam.v1 import common_pb2, registry_pb2
 
@@ -260,6 +260,7 @@ class RegistryStore:
         self.expiry = ExpiryLeases(client, retention or Retention.load("supervised", {}))
         self.requests = RequestLog(client, config, "registry")  # outcomes by request_id
         self.scans = ScanStats()  # what ListSupervisedAgents' range reads cost (tests read it)
+        self.prunes = ScanStats()  # what the count cap's reads of the index cost
 
     async def register(
         self,
@@ -429,18 +430,14 @@ class RegistryStore:
         return int((await self._range(request)).count)
 
     async def oldest_stopped(self, limit: int) -> list[tuple[str, int]]:
-        """Up to ``limit`` index entries from the oldest: (agent id, order), one bounded range from the end."""
+        """Up to ``limit`` index entries from the oldest: (agent id, order). The oldest are at the end
+        of the newest-first index: :func:`mabeam.runtime.paging.last_keys` (count-only ranges and
+        one bounded ascending read; a descending range would read the whole index in etcd)."""
         prefix = self.keys.stopped
-        request = aetcd.rpc.RangeRequest(
-            key=prefix,
-            range_end=aetcd_utils.prefix_range_end(prefix),
-            limit=limit,
-            keys_only=True,
-            sort_order=aetcd.rpc.RangeRequest.DESCEND,
-            sort_target=aetcd.rpc.RangeRequest.KEY,
-        )
         entries = []
-        for kv in (await self._range(request)).kvs:
+        for kv in reversed(
+            await last_keys(self.client, prefix, None, limit, keys_only=True, stats=self.prunes)
+        ):
             order, _, agent_id = bytes(kv.key)[len(prefix) :].decode().partition("/")
             if order.isdigit() and agent_id:
                 entries.append((agent_id, int(order)))
