@@ -3,6 +3,9 @@ SDK's own figures on its heartbeats, and least-loaded assignment that weighs mem
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,6 +22,8 @@ from mabeam.server import MeshServer
 from mabeam.v1 import agent_pb2, common_pb2, planner_pb2, registry_pb2
 
 pytestmark = pytest.mark.timeout(90)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MiB = 1 << 20
 
@@ -125,6 +130,45 @@ async def test_sdk_reports_its_process_memory_flagged_shared_on_a_host_of_many(
     finally:
         await many.stop()
         await alone.stop()
+        await client.close()
+
+
+async def test_javascript_agent_reports_process_memory_usage(
+    service: Callable[..., Awaitable[MeshServer]],
+) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not installed (the cross-language agent needs it)")
+    registry = await service("registry")
+    js = await asyncio.create_subprocess_exec(
+        node,
+        "examples/node-agent/agent.js",
+        "--id",
+        "js-mem",
+        "--registry",
+        registry.address,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "MABEAM_NODE_NAME": "js-node"},
+    )
+    client = await MeshClient.connect(registry=registry.address)
+    try:
+
+        async def reported() -> bool:
+            try:
+                agent = await get_agent(client, "js-mem")
+            except Exception:
+                return False
+            return agent.load.memory_bytes > 10 * MiB
+
+        # process.memoryUsage().rss of a node process running grpc-js is tens of MiB.
+        await eventually(reported, timeout=20, what="the JavaScript agent's RSS in its beats")
+        agent = await get_agent(client, "js-mem")
+        assert agent.load.memory_bytes < 2048 * MiB and agent.load.cpu_fraction >= 0
+        assert agent.node == "js-node"
+    finally:
+        js.terminate()
+        await js.wait()
         await client.close()
 
 

@@ -16,6 +16,7 @@
 "use strict";
 
 const crypto = require("crypto");
+const os = require("os");
 const path = require("path");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
@@ -166,6 +167,8 @@ server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (err, p
       labels: { language: "javascript" },
       lease_ttl: { seconds: ttlSeconds },
       token: registrationToken,
+      // The node it runs on: the one its supervisor gave it, else the host name.
+      node: (process.env.MABEAM_NODE_NAME || os.hostname()).replace(/[^A-Za-z0-9._:-]/g, "-").slice(0, 128),
     },
     credentials(),
     (error, reply) => {
@@ -181,7 +184,20 @@ server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (err, p
         process.exit(1);
       });
       beats.on("data", (answer) => learnDigests(answer.service_token_digests));
-      const beat = () => beats.write({ agent_id: agentId, token: registrationToken, load: { load: 0 } });
+      // Each beat carries the process's resident memory (process.memoryUsage().rss) and its CPU
+      // use since the previous beat as a fraction of one core (process.cpuUsage()).
+      let lastCpu = process.cpuUsage();
+      let lastAt = process.hrtime.bigint();
+      const measured = () => {
+        const cpu = process.cpuUsage(lastCpu);
+        const now = process.hrtime.bigint();
+        const elapsedUs = Number(now - lastAt) / 1000;
+        lastCpu = process.cpuUsage();
+        lastAt = now;
+        const fraction = elapsedUs > 0 ? (cpu.user + cpu.system) / elapsedUs : 0;
+        return { load: 0, memory_bytes: String(process.memoryUsage().rss), cpu_fraction: fraction };
+      };
+      const beat = () => beats.write({ agent_id: agentId, token: registrationToken, load: measured() });
       beat();
       const timer = setInterval(beat, (reply.agent.lease_ttl.seconds * 1000) / 3);
       console.log(`mabeam agents serving on ${endpoint}: ${agentId}`);
