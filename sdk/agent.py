@@ -49,8 +49,10 @@ from mabeam._agent_host import AGENT_SERVICE, AgentHost
 from mabeam._agent_service import MIGRATION_CONTENT_TYPE, AgentServicer
 from mabeam._eager import run_eagerly
 from mabeam._heartbeat_stats import HeartbeatStats, percentile
+from mabeam._inbox import INBOX_SIZE, Inbox
 from mabeam._values import from_value, to_value
-from mabeam.v1 import agent_pb2, common_pb2
+from mabeam.client import MeshClient
+from mabeam.v1 import agent_pb2, common_pb2, messaging_pb2
 
 
 class Agent:
@@ -66,6 +68,8 @@ class Agent:
 
     capabilities: ClassVar[Sequence[str]] = ()
     labels: ClassVar[Mapping[str, str]] = {}
+    # Messages the inbox holds before Deliver answers RESOURCE_EXHAUSTED (see mabeam._inbox).
+    inbox_size: ClassVar[int] = INBOX_SIZE
 
     def __init__(
         self,
@@ -90,6 +94,7 @@ class Agent:
             os.environ.get("MABEAM_AGENT_TOKEN", "") if os.environ.get("MABEAM_AGENT_ID") == agent_id else ""
         )
         self.host: AgentHost | None = None
+        self._inbox: Inbox | None = None
 
     async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
         """Answer one protocol message. The default declines every request."""
@@ -120,6 +125,58 @@ class Agent:
 
     async def import_state(self, state: bytes) -> None:
         """Replace the agent's state with an exported one (default: nothing to do)."""
+
+    # -- messages and topics (MessagingService) ---------------------------------------
+
+    async def on_message(self, message: agent_pb2.AgentMessage) -> None:
+        """Handle one message sent to this agent or published to a topic it subscribes to.
+
+        Messages are handed over one at a time, in the order the inbox took
+        them (``message.topic`` is empty for a direct Send). The payload is
+        ``message.json`` (a Struct) or ``message.any`` (a typed message).
+        An agent that does not override this takes no messages: Deliver
+        answers UNIMPLEMENTED.
+        """
+        raise errors.Unimplemented(f"agent {self.agent_id!r} takes no messages")
+
+    @property
+    def takes_messages(self) -> bool:
+        """True when this agent's class overrides :meth:`on_message`."""
+        return type(self).on_message is not Agent.on_message
+
+    @property
+    def inbox(self) -> Inbox:
+        """The agent's bounded inbox (created at its first message)."""
+        if self._inbox is None:
+            self._inbox = Inbox(self, type(self).inbox_size)
+        return self._inbox
+
+    def _messaging(self, mesh: MeshClient | None) -> Any:
+        client = mesh or (self.host.client if self.host is not None else None)
+        messaging = getattr(client, "messaging", None)
+        if messaging is None:
+            raise ValueError(
+                "no MessagingService to subscribe with: serve the agent with etcd= (discovery) "
+                "or pass mesh=MeshClient.connect(coordination=...)"
+            )
+        return messaging
+
+    async def subscribe(self, topic: str, *, mesh: MeshClient | None = None) -> None:
+        """Subscribe this agent to ``topic`` (through ``mesh``, else its host's client).
+
+        The subscription lives on the agent's registration lease: it goes when
+        the registration goes, and a registration made again needs it again.
+        """
+        await self._messaging(mesh).Subscribe(
+            messaging_pb2.SubscribeRequest(agent_id=self.agent_id, topic=topic)
+        )
+
+    async def unsubscribe(self, topic: str, *, mesh: MeshClient | None = None) -> bool:
+        """Take this agent off ``topic``; False when it was not subscribed."""
+        reply = await self._messaging(mesh).Unsubscribe(
+            messaging_pb2.UnsubscribeRequest(agent_id=self.agent_id, topic=topic)
+        )
+        return bool(reply.removed)
 
     def load(self) -> common_pb2.AgentLoad:
         """What the next heartbeat reports; by default the calls in flight."""

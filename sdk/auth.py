@@ -149,6 +149,7 @@ _OPERATE = frozenset({ADMIN, OPERATOR, SERVICE})
 _ADMINISTER = frozenset({ADMIN, SERVICE})
 _AGENT_SELF = frozenset({ADMIN, AGENT, SERVICE})
 _MESH = frozenset({SERVICE})
+_SEND = frozenset({ADMIN, OPERATOR, AGENT, SERVICE})
 
 READ = Rule(_READ)
 OPERATE = Rule(_OPERATE)
@@ -211,6 +212,18 @@ POLICY: dict[str, Rule] = {
             "WatchSession": READ,
         },
     ),
+    # Served by the coordination service's processes. Send/Publish: an agent sends as itself only
+    # (message.sender_id, checked by the service); Subscribe/Unsubscribe: an agent for its own ids.
+    **_service(
+        "MessagingService",
+        {
+            "Send": Rule(_SEND),
+            "Publish": Rule(_SEND),
+            "Subscribe": Rule(_SEND, scoped=True),
+            "Unsubscribe": Rule(_SEND, scoped=True),
+            "ListSubscriptions": READ,
+        },
+    ),
     **_service(
         "PlannerService",
         {
@@ -241,6 +254,8 @@ POLICY: dict[str, Rule] = {
             "ImportState": MESH_ONLY,
             "AgentMoved": MESH_ONLY,
             "Plan": MESH_ONLY,
+            "Deliver": MESH_ONLY,
+            "DeliverBatch": MESH_ONLY,
         },
     ),
     **_service("ProtocolPluginService", {"Describe": MESH_ONLY, "Advance": MESH_ONLY}),

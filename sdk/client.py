@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
-from google.protobuf import descriptor_pool
+from google.protobuf import any_pb2, descriptor_pool, message, struct_pb2
 from grpc import aio
 
 from mabeam import auth, errors
@@ -49,8 +49,11 @@ from mabeam._channels import (  # noqa: F401  (the pool's public home is mabeam.
 )
 from mabeam.tls import TLS
 from mabeam.v1 import (
+    agent_pb2,
     auth_pb2_grpc,
     coordination_pb2_grpc,
+    messaging_pb2,
+    messaging_pb2_grpc,
     orchestrator_pb2_grpc,
     planner_pb2_grpc,
     registry_pb2_grpc,
@@ -247,6 +250,8 @@ class MeshClient:
     planner: planner_pb2_grpc.PlannerServiceAsyncStub
     # Token management and WhoAmI, served by the registry's replicas.
     auth: auth_pb2_grpc.AuthServiceAsyncStub
+    # Messages and topics, served by the coordination service's replicas.
+    messaging: messaging_pb2_grpc.MessagingServiceAsyncStub
 
     _STUBS: dict[str, Callable[[aio.Channel], Any]] = {
         "registry": registry_pb2_grpc.RegistryServiceStub,
@@ -269,6 +274,15 @@ class MeshClient:
             self.auth = cast(
                 Any,
                 ServiceClient(balancers["registry"], auth_pb2_grpc.AuthServiceStub, "mabeam.v1.AuthService"),
+            )
+        if "coordination" in balancers:
+            self.messaging = cast(
+                Any,
+                ServiceClient(
+                    balancers["coordination"],
+                    messaging_pb2_grpc.MessagingServiceStub,
+                    "mabeam.v1.MessagingService",
+                ),
             )
 
     @classmethod
@@ -321,6 +335,51 @@ class MeshClient:
                 balancers[service] = Balancer(service, pool, addresses, resolver)
         return cls(pool, balancers, closers)
 
+    # -- messages and topics -----------------------------------------------------------
+
+    async def send(
+        self,
+        payload: Mapping[str, Any] | message.Message,
+        *,
+        to: str = "",
+        capability: str = "",
+        sender: str = "client",
+        message_id: str | None = None,
+        timeout: float = 5.0,
+        attempts: int = 3,
+    ) -> messaging_pb2.SendResponse:
+        """Send ``payload`` (a JSON-able dict, or any protobuf message: packed in an Any) to agent
+        ``to``, or to the least-loaded agent offering ``capability``.
+
+        At-least-once: on UNAVAILABLE or DEADLINE_EXCEEDED it is sent again with the
+        same ``message_id`` (a UUID unless given), up to ``attempts`` calls; the agent
+        drops a copy it has seen. Other errors are raised at once (see MessagingService.Send).
+        """
+        request = messaging_pb2.SendRequest(
+            agent_id=to, capability=capability, message=agent_message(payload, sender, message_id)
+        )
+        request.timeout.FromNanoseconds(int(timeout * 1e9))
+        return await _resending(self.messaging.Send, request, attempts)  # type: ignore[no-any-return]
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Mapping[str, Any] | message.Message,
+        *,
+        sender: str = "client",
+        message_id: str | None = None,
+        timeout: float = 5.0,
+        attempts: int = 3,
+    ) -> messaging_pb2.PublishResponse:
+        """Publish ``payload`` to every subscriber of ``topic``; the answer counts delivered,
+        duplicates, dropped (inbox full) and failed subscribers. Resent as :meth:`send` is
+        when the call itself fails (subscribers that had it count as duplicates)."""
+        request = messaging_pb2.PublishRequest(
+            topic=topic, message=agent_message(payload, sender, message_id)
+        )
+        request.timeout.FromNanoseconds(int(timeout * 1e9))
+        return await _resending(self.messaging.Publish, request, attempts)  # type: ignore[no-any-return]
+
     async def close(self) -> None:
         """Close channels, discovery watches and the etcd connection; safe twice."""
         if self._closed:
@@ -339,3 +398,31 @@ class MeshClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def agent_message(
+    payload: Mapping[str, Any] | message.Message, sender: str, message_id: str | None = None
+) -> agent_pb2.AgentMessage:
+    """An AgentMessage carrying ``payload``: a dict as its ``json`` Struct, a protobuf message
+    packed in its ``any``; ``message_id`` a UUID unless given."""
+    out = agent_pb2.AgentMessage(message_id=message_id or str(uuid.uuid4()), sender_id=sender)
+    if isinstance(payload, struct_pb2.Struct):
+        out.json.CopyFrom(payload)
+    elif isinstance(payload, message.Message):
+        packed = any_pb2.Any()
+        packed.Pack(payload)
+        out.any.CopyFrom(packed)
+    else:
+        out.json.update(dict(payload))
+    return out
+
+
+async def _resending(call: Callable[[Any], Awaitable[Any]], request: Any, attempts: int) -> Any:
+    """``call(request)``, sent again (the same message_id) after UNAVAILABLE or DEADLINE_EXCEEDED."""
+    for attempt in range(max(1, attempts)):
+        try:
+            return await call(request)
+        except (errors.Unavailable, errors.DeadlineExceeded):
+            if attempt + 1 >= max(1, attempts):
+                raise
+    raise AssertionError("unreachable")

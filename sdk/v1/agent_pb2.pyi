@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
@@ -1253,3 +1254,195 @@ class PlanResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlanResponse: _TypeAlias = PlanResponse  # noqa: Y015
+
+@_typing.final
+class AgentMessage(_message.Message):
+    """AgentMessage is a message from one party of the mesh to an agent
+    (MessagingService). Its serialized size is at most 65,536 bytes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    SENDER_ID_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    ANY_FIELD_NUMBER: _builtins.int
+    JSON_FIELD_NUMBER: _builtins.int
+    SENT_AT_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The sender's dedupe key: 1-128 characters of [A-Za-z0-9._:-], chosen by
+    the sender (the SDK uses a UUID). A sender that resends a message (after
+    a timeout or UNAVAILABLE) keeps its message_id, and an agent that saw it
+    within its dedupe window does not handle it twice.
+    """
+    sender_id: _builtins.str
+    """Who sends it: an agent id, or any name of the same syntax for a client.
+    A caller with the agent role may only send as an agent id it may act for.
+    """
+    topic: _builtins.str
+    """The topic it was published to; empty for a message sent with Send."""
+    @_builtins.property
+    def any(self) -> _any_pb2.Any:
+        """A typed payload (its type_url names the message type)."""
+
+    @_builtins.property
+    def json(self) -> _struct_pb2.Struct:
+        """A JSON object."""
+
+    @_builtins.property
+    def sent_at(self) -> _timestamp_pb2.Timestamp:
+        """When the messaging service accepted it (set by the service)."""
+
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        sender_id: _builtins.str = ...,
+        topic: _builtins.str = ...,
+        any: _any_pb2.Any | None = ...,
+        json: _struct_pb2.Struct | None = ...,
+        sent_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["any", b"any", "json", b"json", "payload", b"payload", "sent_at", b"sent_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["any", b"any", "json", b"json", "message_id", b"message_id", "payload", b"payload", "sender_id", b"sender_id", "sent_at", b"sent_at", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["any", "json"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+
+Global___AgentMessage: _TypeAlias = AgentMessage  # noqa: Y015
+
+@_typing.final
+class DeliverRequest(_message.Message):
+    """DeliverRequest hands one message to one agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent the message is for (an endpoint may host many agents)."""
+    @_builtins.property
+    def message(self) -> Global___AgentMessage:
+        """The message."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        message: Global___AgentMessage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverRequest: _TypeAlias = DeliverRequest  # noqa: Y015
+
+@_typing.final
+class DeliverResponse(_message.Message):
+    """DeliverResponse acknowledges a message: it is in the agent's inbox."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    duplicate: _builtins.bool
+    """True when the agent had received this sender_id and message_id already
+    (within its dedupe window); it was not queued again.
+    """
+    def __init__(
+        self,
+        *,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverResponse: _TypeAlias = DeliverResponse  # noqa: Y015
+
+@_typing.final
+class DeliverBatchRequest(_message.Message):
+    """DeliverBatchRequest carries one message for many agents of one host."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliverRequest]:
+        """One delivery per agent, each with its own agent_id."""
+
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___DeliverRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverBatchRequest: _TypeAlias = DeliverBatchRequest  # noqa: Y015
+
+@_typing.final
+class DeliverBatchResponse(_message.Message):
+    """DeliverBatchResponse answers a DeliverBatchRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliverBatchEntry]:
+        """One entry per delivery, in the order of the deliveries."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___DeliverBatchEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverBatchResponse: _TypeAlias = DeliverBatchResponse  # noqa: Y015
+
+@_typing.final
+class DeliverBatchEntry(_message.Message):
+    """DeliverBatchEntry is one agent's result inside a DeliverBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent of the matching delivery."""
+    duplicate: _builtins.bool
+    """As DeliverResponse.duplicate (when there is no error)."""
+    @_builtins.property
+    def error(self) -> Global___AgentError:
+        """Set when the delivery failed, as a Deliver call would have (e.g.
+        RESOURCE_EXHAUSTED: the inbox is full; UNIMPLEMENTED: no messages taken).
+        """
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        error: Global___AgentError | None = ...,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "duplicate", b"duplicate", "error", b"error"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverBatchEntry: _TypeAlias = DeliverBatchEntry  # noqa: Y015

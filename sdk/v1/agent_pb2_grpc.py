@@ -73,6 +73,16 @@ class AgentServiceStub:
                 request_serializer=mabeam_dot_v1_dot_agent__pb2.PlanRequest.SerializeToString,
                 response_deserializer=mabeam_dot_v1_dot_agent__pb2.PlanResponse.FromString,
                 _registered_method=True)
+        self.Deliver = channel.unary_unary(
+                '/mabeam.v1.AgentService/Deliver',
+                request_serializer=mabeam_dot_v1_dot_agent__pb2.DeliverRequest.SerializeToString,
+                response_deserializer=mabeam_dot_v1_dot_agent__pb2.DeliverResponse.FromString,
+                _registered_method=True)
+        self.DeliverBatch = channel.unary_unary(
+                '/mabeam.v1.AgentService/DeliverBatch',
+                request_serializer=mabeam_dot_v1_dot_agent__pb2.DeliverBatchRequest.SerializeToString,
+                response_deserializer=mabeam_dot_v1_dot_agent__pb2.DeliverBatchResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -155,6 +165,32 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Deliver(self, request, context):
+        """Deliver hands one message (MessagingService.Send or Publish) to an agent.
+        OK means the message is in the agent's inbox, or was already received
+        (the same sender_id and message_id within the agent's dedupe window:
+        `duplicate` is set and it is not handed over again). The inbox is bounded:
+        a full one answers RESOURCE_EXHAUSTED and the message is not kept (Send
+        fails with that code; Publish counts it as dropped for that subscriber).
+        The agent handles its inbox in arrival order, one message at a time.
+        Optional: an agent that takes no messages answers UNIMPLEMENTED (Send is
+        then FAILED_PRECONDITION naming the agent; Publish counts it as failed).
+        A message of more than 65,536 bytes is INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeliverBatch(self, request, context):
+        """DeliverBatch carries one message for many agents of one host in one call
+        and returns one entry per delivery, in the same order; each entry is what
+        Deliver would have answered for it. Optional: a host that answers
+        UNIMPLEMENTED gets one Deliver call per agent instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +228,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Plan,
                     request_deserializer=mabeam_dot_v1_dot_agent__pb2.PlanRequest.FromString,
                     response_serializer=mabeam_dot_v1_dot_agent__pb2.PlanResponse.SerializeToString,
+            ),
+            'Deliver': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deliver,
+                    request_deserializer=mabeam_dot_v1_dot_agent__pb2.DeliverRequest.FromString,
+                    response_serializer=mabeam_dot_v1_dot_agent__pb2.DeliverResponse.SerializeToString,
+            ),
+            'DeliverBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeliverBatch,
+                    request_deserializer=mabeam_dot_v1_dot_agent__pb2.DeliverBatchRequest.FromString,
+                    response_serializer=mabeam_dot_v1_dot_agent__pb2.DeliverBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +433,60 @@ class AgentService:
             '/mabeam.v1.AgentService/Plan',
             mabeam_dot_v1_dot_agent__pb2.PlanRequest.SerializeToString,
             mabeam_dot_v1_dot_agent__pb2.PlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deliver(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mabeam.v1.AgentService/Deliver',
+            mabeam_dot_v1_dot_agent__pb2.DeliverRequest.SerializeToString,
+            mabeam_dot_v1_dot_agent__pb2.DeliverResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeliverBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mabeam.v1.AgentService/DeliverBatch',
+            mabeam_dot_v1_dot_agent__pb2.DeliverBatchRequest.SerializeToString,
+            mabeam_dot_v1_dot_agent__pb2.DeliverBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

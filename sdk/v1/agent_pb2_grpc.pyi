@@ -81,6 +81,24 @@ class AgentServiceStub:
     (expansion) with the reason. Optional: an agent that does not plan
     answers UNIMPLEMENTED, and a goal or step that needs it fails saying so.
     """
+    Deliver: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeliverRequest, _agent_pb2.DeliverResponse]
+    """Deliver hands one message (MessagingService.Send or Publish) to an agent.
+    OK means the message is in the agent's inbox, or was already received
+    (the same sender_id and message_id within the agent's dedupe window:
+    `duplicate` is set and it is not handed over again). The inbox is bounded:
+    a full one answers RESOURCE_EXHAUSTED and the message is not kept (Send
+    fails with that code; Publish counts it as dropped for that subscriber).
+    The agent handles its inbox in arrival order, one message at a time.
+    Optional: an agent that takes no messages answers UNIMPLEMENTED (Send is
+    then FAILED_PRECONDITION naming the agent; Publish counts it as failed).
+    A message of more than 65,536 bytes is INVALID_ARGUMENT.
+    """
+    DeliverBatch: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeliverBatchRequest, _agent_pb2.DeliverBatchResponse]
+    """DeliverBatch carries one message for many agents of one host in one call
+    and returns one entry per delivery, in the same order; each entry is what
+    Deliver would have answered for it. Optional: a host that answers
+    UNIMPLEMENTED gets one Deliver call per agent instead.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -134,6 +152,24 @@ class AgentServiceAsyncStub(AgentServiceStub):
     in the goal; an invalid plan fails the goal (objective) or the step
     (expansion) with the reason. Optional: an agent that does not plan
     answers UNIMPLEMENTED, and a goal or step that needs it fails saying so.
+    """
+    Deliver: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeliverRequest, _agent_pb2.DeliverResponse]  # type: ignore[assignment]
+    """Deliver hands one message (MessagingService.Send or Publish) to an agent.
+    OK means the message is in the agent's inbox, or was already received
+    (the same sender_id and message_id within the agent's dedupe window:
+    `duplicate` is set and it is not handed over again). The inbox is bounded:
+    a full one answers RESOURCE_EXHAUSTED and the message is not kept (Send
+    fails with that code; Publish counts it as dropped for that subscriber).
+    The agent handles its inbox in arrival order, one message at a time.
+    Optional: an agent that takes no messages answers UNIMPLEMENTED (Send is
+    then FAILED_PRECONDITION naming the agent; Publish counts it as failed).
+    A message of more than 65,536 bytes is INVALID_ARGUMENT.
+    """
+    DeliverBatch: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeliverBatchRequest, _agent_pb2.DeliverBatchResponse]  # type: ignore[assignment]
+    """DeliverBatch carries one message for many agents of one host in one call
+    and returns one entry per delivery, in the same order; each entry is what
+    Deliver would have answered for it. Optional: a host that answers
+    UNIMPLEMENTED gets one Deliver call per agent instead.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -227,6 +263,36 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         in the goal; an invalid plan fails the goal (objective) or the step
         (expansion) with the reason. Optional: an agent that does not plan
         answers UNIMPLEMENTED, and a goal or step that needs it fails saying so.
+        """
+
+    @_abc_1.abstractmethod
+    def Deliver(
+        self,
+        request: _agent_pb2.DeliverRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.DeliverResponse, _abc.Awaitable[_agent_pb2.DeliverResponse]]:
+        """Deliver hands one message (MessagingService.Send or Publish) to an agent.
+        OK means the message is in the agent's inbox, or was already received
+        (the same sender_id and message_id within the agent's dedupe window:
+        `duplicate` is set and it is not handed over again). The inbox is bounded:
+        a full one answers RESOURCE_EXHAUSTED and the message is not kept (Send
+        fails with that code; Publish counts it as dropped for that subscriber).
+        The agent handles its inbox in arrival order, one message at a time.
+        Optional: an agent that takes no messages answers UNIMPLEMENTED (Send is
+        then FAILED_PRECONDITION naming the agent; Publish counts it as failed).
+        A message of more than 65,536 bytes is INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def DeliverBatch(
+        self,
+        request: _agent_pb2.DeliverBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.DeliverBatchResponse, _abc.Awaitable[_agent_pb2.DeliverBatchResponse]]:
+        """DeliverBatch carries one message for many agents of one host in one call
+        and returns one entry per delivery, in the same order; each entry is what
+        Deliver would have answered for it. Optional: a host that answers
+        UNIMPLEMENTED gets one Deliver call per agent instead.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -31,13 +31,14 @@ from mabeam.runtime.etcd import EtcdClient
 from mabeam.runtime.idempotency import idempotent
 from mabeam.runtime.retention import Retention, expired_message
 from mabeam.server import MeshServer
-from mabeam.services.coordination import runs
+from mabeam.services.coordination import messaging, runs
 from mabeam.services.coordination.engine import FINISH_MIN_S, FanOut, Session, finish_reserve
 from mabeam.services.coordination.orphans import Orphans
 from mabeam.services.coordination.participants import resolve
 from mabeam.services.coordination.plugins import run_plugin
 from mabeam.services.coordination.protocols.errors import ProtocolParamError
 from mabeam.services.coordination.store import MAX_TRANSCRIPT_BYTES, SessionStore, decode_protocol
+from mabeam.services.coordination.subscriptions.store import SubscriptionStore
 from mabeam.v1 import (
     common_pb2,
     coordination_pb2,
@@ -566,3 +567,5 @@ async def build(server: MeshServer, etcd: EtcdClient, retention: Retention | Non
     server.add_service(
         SERVICE_NAME, coordination_pb2_grpc.add_CoordinationServiceServicer_to_server, servicer
     )
+    # MessagingService shares the process, its channels to the agents and its etcd client.
+    await messaging.build(server, SubscriptionStore(etcd, server.config), servicer.pool)

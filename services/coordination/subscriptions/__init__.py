@@ -1,0 +1,1 @@
+"""Topic subscriptions of MessagingService (:mod:`mabeam.services.coordination.messaging`): the etcd keyspace in :mod:`.store`."""

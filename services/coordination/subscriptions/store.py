@@ -1,0 +1,139 @@
+"""The etcd keyspace of topic subscriptions (MessagingService; under the mesh prefix P).
+
+==============================  ==============================================  =====================
+key                             value                                           lease
+==============================  ==============================================  =====================
+P/subscriptions/<topic>/<id>    empty: agent <id> is subscribed to the topic    the agent's
+                                                                                registration lease
+P/subscribed/<id>/<topic>       empty: the same subscription, indexed by agent  the agent's
+                                                                                registration lease
+==============================  ==============================================  =====================
+
+The lease is read from the registry's ``P/agents/<id>`` key
+(:mod:`mabeam.services.registry.store`), so a subscription vanishes with the
+registration it was made on. Each write is one transaction of two puts (or
+two deletes) and one compare; reads are single ranges (the subscribers of a
+topic: at most the per-topic cap, keys only) or one page of
+:func:`mabeam.runtime.paging.scan`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aetcd
+import aetcd.exceptions
+import aetcd.rpc
+import aetcd.utils
+from grpc import aio
+
+from mabeam.config import MeshConfig
+from mabeam.runtime.etcd import EtcdClient
+from mabeam.runtime.paging import scan
+
+
+class SubscriptionStore:
+    """Topic subscriptions, each under two keys (by topic, by agent) on the agent's registration lease.
+
+    The lease is read from the registry's ``P/agents/<id>`` key and the keys
+    are put in one transaction that checks that key is unchanged, so a
+    subscription never outlives the registration it was made on: etcd
+    deletes it with the agent's lease (lapsed or revoked at deregistration).
+    """
+
+    def __init__(self, client: EtcdClient, config: MeshConfig) -> None:
+        self.client = client
+        self.agents = config.key("agents") + b"/"
+        self.by_topic = config.key("subscriptions") + b"/"
+        self.by_agent = config.key("subscribed") + b"/"
+
+    def topic_key(self, topic: str, agent_id: str) -> bytes:
+        return self.by_topic + f"{topic}/{agent_id}".encode()
+
+    def agent_key(self, agent_id: str, topic: str) -> bytes:
+        return self.by_agent + f"{agent_id}/{topic}".encode()
+
+    async def _range(self, start: bytes, *, count_only: bool = False, limit: int = 0) -> Any:
+        c = self.client
+        await c.connect()
+        assert c.kvstub is not None
+        request = aetcd.rpc.RangeRequest(
+            key=start,
+            range_end=aetcd.utils.prefix_range_end(start),
+            count_only=count_only,
+            keys_only=True,
+            limit=limit,
+        )
+        try:
+            return await c.kvstub.Range(request, timeout=c.timeout, metadata=c.metadata)
+        except aio.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)
+            raise
+
+    async def subscribe(self, agent_id: str, topic: str, *, max_per_agent: int, max_per_topic: int) -> str:
+        """Subscribe; answers "ok", or why not: "not registered", "no lease", "agent full", "topic full".
+
+        A new subscription must stay within the caps (two count-only ranges);
+        subscribing again only puts the keys again (on the current lease).
+        """
+        c = self.client
+        for _ in range(3):  # the registration changed between the read and the write: read again
+            got = await c.get(self.agents + agent_id.encode())
+            if got is None:
+                return "not registered"
+            lease = int(got.lease)
+            if not lease:
+                return "no lease"
+            if await c.get(self.topic_key(topic, agent_id)) is None:
+                mine = await self._range(self.by_agent + f"{agent_id}/".encode(), count_only=True)
+                if int(mine.count) >= max_per_agent:
+                    return "agent full"
+                theirs = await self._range(self.by_topic + f"{topic}/".encode(), count_only=True)
+                if int(theirs.count) >= max_per_topic:
+                    return "topic full"
+            ok, _ = await c.transaction(
+                compare=[c.transactions.mod(self.agents + agent_id.encode()) == int(got.mod_revision)],
+                success=[
+                    c.transactions.put(self.topic_key(topic, agent_id), b"", lease=lease),
+                    c.transactions.put(self.agent_key(agent_id, topic), b"", lease=lease),
+                ],
+                failure=[],
+            )
+            if ok:
+                return "ok"
+        return "not registered"
+
+    async def unsubscribe(self, agent_id: str, topic: str) -> bool:
+        """Delete both keys of a subscription (one transaction); False when there was none."""
+        c = self.client
+        key = self.topic_key(topic, agent_id)
+        ok, _ = await c.transaction(
+            compare=[c.transactions.create(key) > 0],
+            success=[c.transactions.delete(key), c.transactions.delete(self.agent_key(agent_id, topic))],
+            failure=[c.transactions.delete(self.agent_key(agent_id, topic))],
+        )
+        return bool(ok)
+
+    async def subscribers(self, topic: str, limit: int) -> list[str]:
+        """The agent ids subscribed to ``topic`` (at most ``limit``; one keys-only range)."""
+        prefix = self.by_topic + f"{topic}/".encode()
+        reply = await self._range(prefix, limit=limit)
+        return [bytes(kv.key[len(prefix) :]).decode() for kv in reply.kvs]
+
+    async def list_page(
+        self, topic: str, agent_id: str, after: str | None, size: int
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        """One page of (topic, agent_id), by topic then agent; and the position the next page
+        starts after (None: the last page). By agent alone, the agent's index is read."""
+        if agent_id and not topic:
+            kvs, following = await scan(self.client, self.by_agent, after, size, narrow=f"{agent_id}/")
+            pairs = [bytes(kv.key[len(self.by_agent) :]).decode().split("/", 1) for kv in kvs]
+            return [(t, a) for a, t in pairs], following
+        exact = self.topic_key(topic, agent_id) if agent_id else b""
+        keep: Callable[[Any], bool] | None = (lambda kv: bytes(kv.key) == exact) if agent_id else None
+        kvs, following = await scan(
+            self.client, self.by_topic, after, size, narrow=f"{topic}/" if topic else "", keep=keep
+        )
+        pairs = [bytes(kv.key[len(self.by_topic) :]).decode().split("/", 1) for kv in kvs]
+        return [(t, a) for t, a in pairs], following

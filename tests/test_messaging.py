@@ -1,0 +1,254 @@
+"""Messages and topics end to end: MessagingService on a real coordination service, real registry, real etcd.
+
+What a user relies on: a message sent to an agent reaches its ``on_message``,
+in the order sent, once (a resend with the same message_id is dropped); a
+capability reaches its least-loaded agent; a topic reaches every subscriber,
+batched per host, with counts of what was delivered, dropped (a full inbox)
+and failed; a subscription goes with its agent; bad input is refused naming
+the field; an agent token acts for its own ids only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from harness.wait import eventually
+from mabeam import errors
+from mabeam.agent import Agent, AgentHost
+from mabeam.client import MeshClient, agent_message
+from mabeam.server import MeshServer
+from mabeam.v1 import agent_pb2, auth_pb2, common_pb2, messaging_pb2, registry_pb2
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Listener(Agent):
+    """Records every message it handles."""
+
+    capabilities = ("listen",)
+
+    def __init__(self, agent_id: str, load: float = 0.0) -> None:
+        super().__init__(agent_id)
+        self.got: list[agent_pb2.AgentMessage] = []
+        self.reported = load
+
+    async def on_message(self, message: agent_pb2.AgentMessage) -> None:
+        self.got.append(message)
+
+    def load(self) -> common_pb2.AgentLoad:
+        return common_pb2.AgentLoad(load=self.reported)
+
+
+class Blocked(Listener):
+    """Holds its first message until released: its inbox (of one) fills behind it."""
+
+    inbox_size = 1
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(agent_id)
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def on_message(self, message: agent_pb2.AgentMessage) -> None:
+        self.started.set()
+        await self.release.wait()
+        await super().on_message(message)
+
+
+class Deaf(Agent):
+    """Takes no messages (no on_message)."""
+
+    capabilities = ("deaf",)
+
+
+@pytest.fixture
+async def mesh(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[tuple[MeshClient, MeshServer]]:
+    registry = await service("registry")
+    coordination = await service("coordination")
+    client = await MeshClient.connect(registry=registry.address, coordination=coordination.address)
+    yield client, registry
+    await client.close()
+
+
+def texts(agent: Listener) -> list[str]:
+    return [m.json["n"] if "n" in m.json else "" for m in agent.got]  # type: ignore[misc]
+
+
+async def test_send_reaches_on_message_in_order_once(mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = mesh
+    agent = Listener("m1")
+    async with AgentHost([agent], registry=registry.address):
+        for n in range(20):
+            reply = await client.send({"n": n}, to="m1", sender="tester")
+            assert reply.agent_id == "m1" and not reply.duplicate
+        await eventually(lambda: len(agent.got) == 20, what="20 messages handled")
+        assert texts(agent) == list(range(20))  # the order sent, one after another
+        first = agent.got[0]
+        assert first.sender_id == "tester" and first.topic == "" and first.HasField("sent_at")
+
+        # A resend (same message_id) is acknowledged as a duplicate and not handed over again.
+        again = await client.send({"n": 99}, to="m1", sender="tester", message_id="fixed-1")
+        dup = await client.send({"n": 99}, to="m1", sender="tester", message_id="fixed-1")
+        assert not again.duplicate and dup.duplicate
+        # The same id from another sender is another message.
+        other = await client.send({"n": 99}, to="m1", sender="someone-else", message_id="fixed-1")
+        assert not other.duplicate
+        await eventually(lambda: len(agent.got) == 22, what="22 messages handled")
+        await asyncio.sleep(0)
+        assert [m.sender_id for m in agent.got[20:]] == ["tester", "someone-else"]
+
+        # A typed payload travels as an Any.
+        await client.send(registry_pb2.GetAgentRequest(agent_id="typed"), to="m1")
+        await eventually(lambda: len(agent.got) == 23, what="the typed message")
+        unpacked = registry_pb2.GetAgentRequest()
+        assert agent.got[-1].any.Unpack(unpacked) and unpacked.agent_id == "typed"
+
+
+async def test_a_capability_reaches_the_least_loaded_agent(mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = mesh
+    busy, idle = Listener("busy", load=0.9), Listener("idle", load=0.1)
+    async with AgentHost([busy, idle], registry=registry.address, lease_ttl=1.5):
+
+        async def loads_reported() -> bool:
+            agents = (
+                await client.registry.ListAgents(registry_pb2.ListAgentsRequest(capability="listen"))
+            ).agents
+            return {a.agent_id: round(a.load.load, 1) for a in agents} == {"busy": 0.9, "idle": 0.1}
+
+        await eventually(loads_reported, timeout=10, what="both loads in the registry")
+        for n in range(5):
+            reply = await client.send({"n": n}, capability="listen")
+            assert reply.agent_id == "idle"
+        await eventually(lambda: len(idle.got) == 5)
+        assert busy.got == []
+
+
+async def test_send_refuses_what_it_cannot_deliver(mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = mesh
+    async with AgentHost([Listener("m1"), Deaf("deaf-1")], registry=registry.address):
+        with pytest.raises(errors.NotFound, match="'ghost' is not registered"):
+            await client.send({"n": 1}, to="ghost")
+        with pytest.raises(errors.FailedPrecondition, match="'deaf-1' takes no messages"):
+            await client.send({"n": 1}, to="deaf-1")
+        with pytest.raises(errors.FailedPrecondition, match="no live agent offers capability 'nobody'"):
+            await client.send({"n": 1}, capability="nobody")
+        with pytest.raises(errors.InvalidArgument, match="exactly one of agent_id and capability"):
+            await client.send({"n": 1}, to="m1", capability="listen")
+        with pytest.raises(errors.InvalidArgument, match="over the limit of 65536"):
+            await client.send({"blob": "x" * 70_000}, to="m1")
+        with pytest.raises(errors.InvalidArgument, match=r"message\.sender_id"):
+            await client.send({"n": 1}, to="m1", sender="bad sender")
+        empty = messaging_pb2.SendRequest(
+            agent_id="m1", message=agent_pb2.AgentMessage(message_id="x", sender_id="s")
+        )
+        with pytest.raises(errors.InvalidArgument, match=r"message\.payload"):
+            await client.messaging.Send(empty)
+        with pytest.raises(errors.InvalidArgument, match="topic"):
+            await client.publish("no/slashes", {"n": 1})
+        with pytest.raises(errors.NotFound, match="not registered"):
+            await client.messaging.Subscribe(messaging_pb2.SubscribeRequest(agent_id="ghost", topic="t"))
+
+
+async def test_publish_reaches_every_subscriber_and_counts_drops(mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = mesh
+    listeners = [Listener(f"sub-{i:03d}") for i in range(60)]
+    blocked, deaf = Blocked("blocked"), Deaf("deaf-1")
+    agents: list[Agent] = [*listeners, blocked, deaf]
+    async with AgentHost(agents, registry=registry.address):
+        for a in agents:
+            await client.messaging.Subscribe(
+                messaging_pb2.SubscribeRequest(agent_id=a.agent_id, topic="news")
+            )
+        await client.messaging.Subscribe(messaging_pb2.SubscribeRequest(agent_id="sub-000", topic="news"))
+
+        first = await client.publish("news", {"n": 1}, sender="press")
+        assert (first.subscribers, first.delivered, first.dropped, first.failed) == (62, 61, 0, 1)
+        assert [(f.agent_id, f.code) for f in first.failures] == [("deaf-1", 12)]  # UNIMPLEMENTED
+        await asyncio.wait_for(blocked.started.wait(), 5)  # holds message 1; its inbox is empty again
+
+        second = await client.publish("news", {"n": 2}, sender="press")  # fills the blocked inbox
+        assert (second.delivered, second.dropped) == (61, 0)
+        third = await client.publish("news", {"n": 3}, sender="press")
+        assert (third.delivered, third.dropped, third.failed) == (60, 1, 1)
+        assert {f.agent_id: f.code for f in third.failures} == {"blocked": 8, "deaf-1": 12}
+
+        # A resend of the third publish: the subscribers that had it answer duplicate,
+        # the blocked one (its inbox still full) drops it again.
+        again = await client.publish("news", {"n": 3}, sender="press", message_id=third_id(listeners[0]))
+        assert (again.delivered, again.duplicates, again.dropped) == (60, 60, 1)
+
+        blocked.release.set()
+        await eventually(lambda: all(len(a.got) == 3 for a in listeners), what="3 messages each")
+        assert all(texts(a) == [1, 2, 3] for a in listeners)
+        assert all(m.topic == "news" for m in listeners[0].got)
+        await eventually(lambda: texts(blocked) == [1, 2], what="the blocked agent's two messages")
+
+
+def third_id(agent: Listener) -> str:
+    return agent.got[2].message_id if len(agent.got) > 2 else ""
+
+
+async def test_subscriptions_are_listed_by_page_and_go_with_their_agent(
+    mesh: tuple[MeshClient, MeshServer],
+) -> None:
+    client, registry = mesh
+    agents = [Listener(f"a{i}") for i in range(5)]
+    host = AgentHost(agents, registry=registry.address)
+    await host.start()
+    try:
+        for a in agents:
+            await a.subscribe("alpha", mesh=client)
+        await agents[0].subscribe("beta", mesh=client)
+        seen: list[tuple[str, str]] = []
+        token = ""
+        while True:
+            page = await client.messaging.ListSubscriptions(
+                messaging_pb2.ListSubscriptionsRequest(page_size=2, page_token=token)
+            )
+            assert len(page.subscriptions) <= 2
+            seen += [(s.topic, s.agent_id) for s in page.subscriptions]
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == [("alpha", f"a{i}") for i in range(5)] + [("beta", "a0")]
+        mine = await client.messaging.ListSubscriptions(messaging_pb2.ListSubscriptionsRequest(agent_id="a0"))
+        assert [(s.topic, s.agent_id) for s in mine.subscriptions] == [("alpha", "a0"), ("beta", "a0")]
+        assert await agents[1].unsubscribe("alpha", mesh=client) is True
+        assert await agents[1].unsubscribe("alpha", mesh=client) is False
+    finally:
+        await host.stop()  # deregisters: the registration's lease is revoked
+
+    async def none_left() -> bool:
+        page = await client.messaging.ListSubscriptions(messaging_pb2.ListSubscriptionsRequest())
+        return not page.subscriptions
+
+    await eventually(none_left, what="the subscriptions gone with their agents")
+    reply = await client.publish("alpha", {"n": 1})
+    assert reply.subscribers == 0 and reply.delivered == 0
+
+
+async def test_an_agent_token_acts_for_its_own_ids_only(mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = mesh
+    made = await client.auth.CreateToken(
+        auth_pb2.CreateTokenRequest(name="agents-a", role=auth_pb2.ROLE_AGENT, agent_pattern="a-*")
+    )
+    async with AgentHost([Listener("a-1"), Listener("b-1")], registry=registry.address):
+        coordination = client._balancers["coordination"].addresses()
+        agent = await MeshClient.connect(coordination=coordination, token=made.token)
+        try:
+            await agent.messaging.Subscribe(messaging_pb2.SubscribeRequest(agent_id="a-1", topic="t"))
+            with pytest.raises(errors.PermissionDenied):
+                await agent.messaging.Subscribe(messaging_pb2.SubscribeRequest(agent_id="b-1", topic="t"))
+            sent = await agent.send({"n": 1}, to="b-1", sender="a-1")
+            assert sent.agent_id == "b-1"
+            with pytest.raises(errors.PermissionDenied):
+                await agent.send({"n": 1}, to="a-1", sender="b-1")
+            with pytest.raises(errors.PermissionDenied):
+                await agent.messaging.Publish(
+                    messaging_pb2.PublishRequest(topic="t", message=agent_message({"n": 1}, "intruder"))
+                )
+        finally:
+            await agent.close()
