@@ -39,6 +39,9 @@ class BenchAgent(Agent):
     async def execute_step(self, request: agent_pb2.ExecuteStepRequest) -> Any:
         return {"ok": True}
 
+    async def on_message(self, message: agent_pb2.AgentMessage) -> None:
+        """Takes every message (publish_1000) and does nothing with it."""
+
 
 async def main(args: argparse.Namespace) -> None:
     agents = [

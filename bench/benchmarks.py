@@ -216,6 +216,55 @@ for _n in (10, 100, 1000):
     _auction(_n)
 
 
+@benchmark(
+    "publish_1000",
+    "Publish to a topic of 1,000 subscribers on one AgentHost, through the messaging service "
+    "(subscribers read from etcd, batched DeliverBatch per host)",
+)
+async def publish_1000(ctx: BenchContext) -> Result:
+    n = 1000
+    mesh = await ctx.mesh()
+    await ctx.agent_host(n, prefix="pub-", capability="publish1000")
+    client = await MeshClient.connect(
+        registry=mesh.address("registry"), coordination=mesh.address("coordination")
+    )
+    from mabeam.v1 import messaging_pb2
+
+    try:
+        ids = [f"pub-{i:05d}" for i in range(n)]  # as bench.agent_host names them
+        for start in range(0, n, 50):  # subscribe 50 at a time
+            await asyncio.gather(
+                *(
+                    client.messaging.Subscribe(messaging_pb2.SubscribeRequest(agent_id=a, topic="bench"))
+                    for a in ids[start : start + 50]
+                )
+            )
+        counter = itertools.count()
+
+        async def publish() -> None:
+            reply = await client.publish("bench", {"n": next(counter)}, sender="bench", timeout=30)
+            if reply.delivered != n:
+                raise RuntimeError(
+                    f"publish_1000: {reply.delivered} delivered, {reply.dropped} dropped, {reply.failed} failed"
+                )
+
+        rounds = ctx.n(200, 40)
+        samples, fans = await interleaved(publish, await ctx.fanout_fn(n), n=rounds, warmup=3)
+    finally:
+        await client.close()
+    baseline = await ctx.baseline("ping") + statistics.median(fans)
+    return Result(
+        samples,
+        f"raw ping + raw fan-out of {n} pings (interleaved)",
+        baseline,
+        goal="ratio <= 1.3 (batched per host)",
+        extra={
+            "fanout_median_s": statistics.median(fans),
+            "deliveries_per_s": n / statistics.median(samples),
+        },
+    )
+
+
 async def _orchestrator_client(ctx: BenchContext) -> MeshClient:
     mesh = await ctx.mesh()
     return await MeshClient.connect(orchestrator=mesh.address("orchestrator"))
