@@ -227,8 +227,9 @@ POLICY: dict[str, Rule] = {
     **_service(
         "PlannerService",
         {
-            "SubmitGoal": OPERATE,
-            "ExecuteGoal": OPERATE,
+            # Starting agents is an admin's (StartAgent): so is a goal that lets the planner start them.
+            "SubmitGoal": Rule(_OPERATE, elevated=("goal.may_start_agents",)),
+            "ExecuteGoal": Rule(_OPERATE, elevated=("goal.may_start_agents",)),
             "GetGoal": READ,
             "ListGoals": READ,
             "CancelGoal": OPERATE,

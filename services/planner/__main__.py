@@ -5,7 +5,10 @@ Beyond the mesh's flags, the planner takes how long finished goals are kept:
 them for good; default 7 days) and ``--goal-retention-count`` (env
 ``MABEAM_GOAL_RETENTION_COUNT``: keep at most this many finished goals, the
 oldest deleted first; 0, the default, for no cap). See
-:mod:`mabeam.runtime.retention`.
+:mod:`mabeam.runtime.retention`. ``--agent-idle`` (env
+``MABEAM_PLANNER_AGENT_IDLE``, seconds, default 60): how long an agent the
+planner started for a goal (``may_start_agents``) may run no step before the
+planner stops it (:mod:`.launcher`).
 """
 
 import argparse
@@ -19,6 +22,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 from mabeam.runtime.retention import Retention
 from mabeam.runtime.service import BuildFn, run_service
+from mabeam.services.planner.launcher import idle_seconds
 from mabeam.services.planner.server import build, builder
 
 
@@ -37,11 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(env MABEAM_GOAL_RETENTION_COUNT; default 0)",
     )
 
+    a = parser.add_argument_group("agents the planner starts (goals with may_start_agents)")
+    a.add_argument(
+        "--agent-idle",
+        metavar="SECONDS",
+        help="stop an agent the planner started once it has run no step for this long "
+        "(env MABEAM_PLANNER_AGENT_IDLE; default 60)",
+    )
+
 
 def configure(args: argparse.Namespace) -> BuildFn:
     """The build function of a planner with these flags over the environment (checked now)."""
     return builder(
-        Retention.load("goal", os.environ, given=args.goal_retention, given_count=args.goal_retention_count)
+        Retention.load("goal", os.environ, given=args.goal_retention, given_count=args.goal_retention_count),
+        idle_seconds(os.environ, args.agent_idle),
     )
 
 

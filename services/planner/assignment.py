@@ -68,6 +68,10 @@ class Assigner:
         self._candidates[capability] = (time.monotonic(), agents)
         return agents
 
+    def forget(self, capability: str) -> None:
+        """Drop the cached candidates of ``capability`` (an agent was just started for it)."""
+        self._candidates.pop(capability, None)
+
     async def assign(
         self, spec: planner_pb2.StepSpec, excluded: set[str], in_flight: planner_pb2.StepAttempt | None = None
     ) -> Assignment | None:

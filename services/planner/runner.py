@@ -33,7 +33,7 @@ from google.protobuf import struct_pb2
 
 from mabeam import errors, telemetry
 from mabeam.services.planner import dag
-from mabeam.services.planner.assignment import Assigner
+from mabeam.services.planner.assignment import Assigner, Assignment
 from mabeam.services.planner.progress import OwnershipLost, ProgressLog, Put, now_ts
 from mabeam.services.planner.store import GoalStore, LeaseNotFound
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, planner_pb2
@@ -299,11 +299,47 @@ class GoalRunner:
                     raise
         telemetry.instruments().goals.add(1, {"state": planner_pb2.GoalState.Name(self.goal.state)})
 
+    # -- agents the planner starts (GoalSpec.may_start_agents) ---------------------------
+
+    async def _assign(
+        self,
+        spec: planner_pb2.StepSpec,
+        excluded: set[str],
+        in_flight: planner_pb2.StepAttempt | None = None,
+    ) -> Assignment | None:
+        """The assigner's choice; when nobody offers the capability and the goal may, an agent started for it."""
+        assignment = await self.assigner.assign(spec, excluded, in_flight)
+        if assignment is not None or not self.spec.may_start_agents:
+            return assignment
+        launcher = self.planner.launcher
+        if not await launcher.can_start(spec.capability):
+            return None
+        agent_id = await launcher.start(spec.capability)
+        if agent_id not in self.goal.plan.started_agents:
+            self.goal.plan.started_agents.append(agent_id)
+            await self.progress.write(
+                [
+                    *self._goal_puts(),
+                    self.progress.event(
+                        planner_pb2.GOAL_EVENT_TYPE_AGENT_STARTED, step_id=spec.step_id, agent_id=agent_id
+                    ),
+                ]
+            )
+        self.assigner.forget(spec.capability)
+        return await self.assigner.assign(spec, excluded)
+
+    async def _startable(self, capabilities: set[str]) -> set[str]:
+        """Which of ``capabilities`` the planner may start an agent for (the goal allows it, a catalog kind)."""
+        if not self.spec.may_start_agents:
+            return set()
+        return {c for c in capabilities if await self.planner.launcher.can_start(c)}
+
     # -- planning agents -----------------------------------------------------------------
 
     async def _live(self, capabilities: set[str]) -> set[str]:
-        """Which of ``capabilities`` a live agent offers now."""
-        return {c for c in capabilities if await self.assigner.candidates(c)}
+        """Which of ``capabilities`` a live agent offers now (or, when the goal may, the planner can start)."""
+        live = {c for c in capabilities if await self.assigner.candidates(c)}
+        return live | await self._startable(capabilities - live)
 
     async def _ask_plan(
         self,
@@ -321,7 +357,7 @@ class GoalRunner:
         probe = planner_pb2.StepSpec(step_id=step_id or "plan", capability=capability)
         for _ in range(max(1, attempts)):
             try:
-                assignment = await self.assigner.assign(probe, excluded)
+                assignment = await self._assign(probe, excluded)
             except errors.MabeamError as exc:
                 raise PlanInvalid(f"no agent to plan: {exc.message}") from None
             if assignment is None or assignment.agent_id in excluded:
@@ -536,7 +572,7 @@ class GoalRunner:
         continued: planner_pb2.StepAttempt | None = None
         while True:
             try:
-                assignment = await self.assigner.assign(spec, excluded, in_flight)
+                assignment = await self._assign(spec, excluded, in_flight)
             except errors.MabeamError as exc:
                 assignment, why = None, exc.message
             else:
@@ -603,6 +639,7 @@ class GoalRunner:
                 int((time.time() + timeout) * 1e9), 1_000_000_000
             )
             stub = self.planner.pool.stub(assignment.endpoint, agent_pb2_grpc.AgentServiceStub)
+            self.planner.launcher.use(assignment.agent_id)
             try:
                 reply = await stub.ExecuteStep(request, timeout=timeout)
                 error = ""
@@ -611,6 +648,8 @@ class GoalRunner:
             except BaseException:
                 started.cancel()
                 raise
+            finally:
+                self.planner.launcher.release(assignment.agent_id)
             await started.settle()
             record.finished_at.CopyFrom(now_ts())
             if not error:

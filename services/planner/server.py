@@ -36,6 +36,7 @@ from mabeam.runtime.idempotency import idempotent
 from mabeam.runtime.retention import ExpiryLeases, Retention, expired_message
 from mabeam.server import MeshServer
 from mabeam.services.planner import dag
+from mabeam.services.planner.launcher import Launcher, idle_seconds
 from mabeam.services.planner.progress import now_ts
 from mabeam.services.planner.runner import GoalRunner
 from mabeam.services.planner.store import GoalStore
@@ -64,7 +65,13 @@ def _not_found(goal_id: str, retention: Retention) -> errors.NotFound:
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     """mabeam.v1.PlannerService."""
 
-    def __init__(self, server: MeshServer, etcd: EtcdClient, retention: Retention | None = None) -> None:
+    def __init__(
+        self,
+        server: MeshServer,
+        etcd: EtcdClient,
+        retention: Retention | None = None,
+        agent_idle_s: float | None = None,
+    ) -> None:
         self._server = server
         self.store = GoalStore(etcd, server.config)
         self.retention = retention if retention is not None else Retention.load("goal", os.environ)
@@ -80,6 +87,12 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         self._keeper: LeaseKeeper | None = None
         self._mesh: MeshClient | None = None
         self._wake = asyncio.Event()
+        # Agents started for goals that may start them (GoalSpec.may_start_agents), stopped once idle.
+        self.launcher = Launcher(
+            lambda: self.mesh,
+            server.instance_id,
+            agent_idle_s if agent_idle_s is not None else idle_seconds(os.environ),
+        )
 
     @property
     def mesh(self) -> MeshClient:
@@ -103,12 +116,14 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         self._keeper = self.store.lease_keeper(config.service_ttl)
         await self._keeper.start()
         self._server.spawn(self._adopt_loop(), "goal-adoption")
+        self._server.spawn(self.launcher.run(), "idle-agents")
 
     async def stop(self) -> None:
         runners, self.runners = self.runners, {}
         for _, task in runners.values():
             task.cancel()
         await asyncio.gather(*(t for _, t in runners.values()), return_exceptions=True)
+        await self.launcher.stop_all()
         if self._keeper is not None:
             await self._keeper.revoke()
         for cache in (self.active, self.owners, self.cancels):
@@ -233,7 +248,9 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         listed = await self.mesh.registry.ListAgents(
             registry_pb2.ListAgentsRequest(capability=objective.capability, page_size=1)
         )
-        if not listed.agents:
+        if not listed.agents and not (
+            spec.may_start_agents and await self.launcher.can_start(objective.capability)
+        ):
             raise errors.FailedPrecondition(
                 f"objective needs capability {objective.capability!r} (a planning agent), "
                 "which no live agent offers",
@@ -258,7 +275,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                 listed = await self.mesh.registry.ListAgents(
                     registry_pb2.ListAgentsRequest(capability=capability, page_size=1)
                 )
-                if listed.agents:
+                if listed.agents or (spec.may_start_agents and await self.launcher.can_start(capability)):
                     live.add(capability)
             dag.validate(steps, live)
         except dag.GoalInvalid as exc:
@@ -367,22 +384,31 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         return planner_pb2.CancelGoalResponse(goal=await self.store.get(goal_id))
 
 
-def builder(retention: Retention | None = None) -> Callable[[MeshServer, EtcdClient], Awaitable[None]]:
-    """The build function of a planner keeping finished goals for ``retention`` (default: :func:`build`'s)."""
+def builder(
+    retention: Retention | None = None, agent_idle_s: float | None = None
+) -> Callable[[MeshServer, EtcdClient], Awaitable[None]]:
+    """The build function of a planner keeping finished goals for ``retention`` (default: :func:`build`'s)
+    and stopping the agents it started once idle for ``agent_idle_s``."""
 
     async def build_planner(server: MeshServer, etcd: EtcdClient) -> None:
-        await build(server, etcd, retention)
+        await build(server, etcd, retention, agent_idle_s)
 
     return build_planner
 
 
-async def build(server: MeshServer, etcd: EtcdClient, retention: Retention | None = None) -> None:
+async def build(
+    server: MeshServer,
+    etcd: EtcdClient,
+    retention: Retention | None = None,
+    agent_idle_s: float | None = None,
+) -> None:
     """Add the planner servicer to ``server`` (called by mabeam.runtime.service.start_service).
 
     ``retention``: how long finished goals are kept; default ``$MABEAM_GOAL_RETENTION`` (and
-    ``$MABEAM_GOAL_RETENTION_COUNT``), else 7 days.
+    ``$MABEAM_GOAL_RETENTION_COUNT``), else 7 days. ``agent_idle_s``: how long an agent the planner
+    started stays idle before it is stopped; default ``$MABEAM_PLANNER_AGENT_IDLE``, else 60 s.
     """
-    servicer = PlannerServicer(server, etcd, retention)
+    servicer = PlannerServicer(server, etcd, retention, agent_idle_s)
     await servicer.start()
     if servicer.retention.max_count:
         server.spawn(servicer.run_retention(), "goal-retention")

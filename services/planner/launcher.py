@@ -1,0 +1,189 @@
+"""Agents the planner starts for goals that may (``GoalSpec.may_start_agents``), and stops when idle.
+
+A step whose capability no live agent offers, in a goal that allows it, makes
+the planner ask the registry to start an agent of the launch catalog's kind
+named like the capability (``StartAgent``, ``LaunchSpec.kind``, restart policy
+temporary), with the planner's service credentials; the registry runs the
+catalog's process (its ``LaunchPolicy`` decides, as for any caller) and
+answers once the agent has registered. The planner then waits until the
+registry's listing shows the agent and runs the step on it.
+
+The replica that started an agent keeps it while steps run on it and stops
+it (``StopAgent``) once it has been idle for the idle time
+(``MABEAM_PLANNER_AGENT_IDLE``, seconds, default 60; ``--agent-idle``). A
+replica that stops stops the agents it started. Steps of one capability
+started at once share one start. The agents started are recorded in
+``Goal.plan.started_agents`` and as ``AGENT_STARTED`` events.
+
+Known limit: which replica started which agent is held in memory; agents
+started by a replica that dies are not stopped by another (they stay
+supervised, restart policy temporary, and show in ``mabeam agents``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from google.protobuf import duration_pb2
+
+from mabeam import errors
+from mabeam.client import MeshClient
+from mabeam.config import ConfigError
+from mabeam.v1 import registry_pb2
+
+log = logging.getLogger("mabeam.planner.launcher")
+
+IDLE_ENV = "MABEAM_PLANNER_AGENT_IDLE"
+DEFAULT_IDLE_S = 60.0
+# How long the registry may take to see the started agent register (StartAgent's start_timeout).
+START_TIMEOUT_S = 20.0
+# After StartAgent answered: how long the registry's listing may take to show the agent.
+LISTED_WITHIN_S = 10.0
+# Agents one replica keeps started at once, at most (a bounded table; beyond, starts are refused).
+MAX_STARTED = 256
+
+
+def idle_seconds(environ: dict[str, str] | os._Environ[str], given: str | None = None) -> float:
+    """The idle time: ``given`` (a flag) over ``$MABEAM_PLANNER_AGENT_IDLE`` over 60 s; 0.1-86400 s."""
+    raw = given if given is not None else environ.get(IDLE_ENV)
+    if raw is None or raw == "":
+        return DEFAULT_IDLE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{IDLE_ENV}: {raw!r} is not a number of seconds") from None
+    if not 0.1 <= value <= 86400:
+        raise ConfigError(f"{IDLE_ENV}: {value} s is outside 0.1-86400 s")
+    return value
+
+
+@dataclass
+class Started:
+    """An agent this replica started: how many steps use it, since when it is idle."""
+
+    agent_id: str
+    capability: str
+    in_use: int = 0
+    idle_since: float = 0.0
+
+
+class Launcher:
+    """Starts catalog agents for capabilities nobody offers; stops them once idle."""
+
+    def __init__(self, mesh: Callable[[], MeshClient], instance_id: str, idle_s: float) -> None:
+        self._mesh = mesh
+        self.instance_id = instance_id
+        self.idle_s = idle_s
+        self.started: dict[str, Started] = {}
+        self._starting: dict[str, asyncio.Future[str]] = {}
+
+    @property
+    def mesh(self) -> MeshClient:
+        return self._mesh()
+
+    async def can_start(self, capability: str) -> bool:
+        """True when the registry's catalog has a kind named ``capability`` (StartAgent validate_only)."""
+        try:
+            await self.mesh.registry.StartAgent(
+                self._request(capability, "planner-check", validate_only=True)
+            )
+        except (errors.NotFound, errors.InvalidArgument, errors.PermissionDenied):
+            return False
+        return True
+
+    def _request(
+        self, capability: str, agent_id: str, *, validate_only: bool = False
+    ) -> registry_pb2.StartAgentRequest:
+        return registry_pb2.StartAgentRequest(
+            agent_id=agent_id,
+            launch=registry_pb2.LaunchSpec(kind=capability),
+            restart_policy=registry_pb2.RestartPolicy(strategy=registry_pb2.RESTART_STRATEGY_TEMPORARY),
+            start_timeout=duration_pb2.Duration(seconds=int(START_TIMEOUT_S)),
+            validate_only=validate_only,
+        )
+
+    async def start(self, capability: str) -> str:
+        """Start one agent of kind ``capability`` (shared by concurrent callers); its id once listed."""
+        pending = self._starting.get(capability)
+        if pending is None:
+            pending = asyncio.ensure_future(self._start(capability))
+            self._starting[capability] = pending
+            pending.add_done_callback(lambda _: self._starting.pop(capability, None))
+        return await asyncio.shield(pending)
+
+    async def _start(self, capability: str) -> str:
+        if len(self.started) >= MAX_STARTED:
+            raise errors.ResourceExhausted(
+                f"this planner replica runs {MAX_STARTED} agents it started; at most"
+            )
+        agent_id = f"{capability[:80]}-{uuid.uuid4().hex[:10]}"
+        await self.mesh.registry.StartAgent(self._request(capability, agent_id))
+        self.started[agent_id] = Started(agent_id, capability, idle_since=time.monotonic())
+        deadline = time.monotonic() + LISTED_WITHIN_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(errors.NotFound):
+                got = await self.mesh.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent_id))
+                if got.agent.agent_id == agent_id:
+                    log.info("started agent %s for capability %r", agent_id, capability)
+                    return agent_id
+            await asyncio.sleep(0.05)
+        raise errors.DeadlineExceeded(f"agent {agent_id!r} started but not listed within {LISTED_WITHIN_S} s")
+
+    def use(self, agent_id: str) -> None:
+        """A step starts on ``agent_id`` (no-op for agents this replica did not start)."""
+        entry = self.started.get(agent_id)
+        if entry is not None:
+            entry.in_use += 1
+
+    def release(self, agent_id: str) -> None:
+        """A step ended on ``agent_id``: it is idle from now when no other step uses it."""
+        entry = self.started.get(agent_id)
+        if entry is not None:
+            entry.in_use = max(0, entry.in_use - 1)
+            entry.idle_since = time.monotonic()
+
+    async def stop_idle(self) -> list[str]:
+        """Stop the agents idle for the idle time; their ids."""
+        now = time.monotonic()
+        idle = [e for e in self.started.values() if e.in_use == 0 and now - e.idle_since >= self.idle_s]
+        stopped: list[str] = []
+        for entry in idle:
+            if await self._stop(entry.agent_id):
+                stopped.append(entry.agent_id)
+        return stopped
+
+    async def _stop(self, agent_id: str) -> bool:
+        try:
+            await self.mesh.registry.StopAgent(registry_pb2.StopAgentRequest(agent_id=agent_id))
+        except errors.NotFound:
+            pass  # gone already
+        except errors.MabeamError as exc:
+            log.info("stopping idle agent %s failed (tried again): %s", agent_id, exc.message)
+            return False
+        self.started.pop(agent_id, None)
+        log.info("stopped agent %s (idle %.1f s)", agent_id, self.idle_s)
+        return True
+
+    async def run(self) -> None:
+        """Stop idle agents, checking a few times per idle time."""
+        while True:
+            await asyncio.sleep(max(0.05, min(self.idle_s / 4, 5.0)))
+            try:
+                await self.stop_idle()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("idle agents pass failed: %s", exc)
+
+    async def stop_all(self) -> None:
+        """The replica stops: stop every agent it started."""
+        for agent_id in list(self.started):
+            with contextlib.suppress(Exception):
+                await self._stop(agent_id)
