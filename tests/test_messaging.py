@@ -11,7 +11,10 @@ the field; an agent token acts for its own ids only.
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +25,7 @@ from mabeam.client import MeshClient, agent_message
 from mabeam.server import MeshServer
 from mabeam.v1 import agent_pb2, auth_pb2, common_pb2, messaging_pb2, registry_pb2
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -252,3 +256,49 @@ async def test_an_agent_token_acts_for_its_own_ids_only(mesh: tuple[MeshClient, 
                 )
         finally:
             await agent.close()
+
+
+async def test_a_javascript_agent_takes_messages_and_topics(mesh: tuple[MeshClient, MeshServer]) -> None:
+    """examples/node-agent/agent.js implements Deliver (not DeliverBatch: the service falls back)."""
+    client, registry = mesh
+    node = shutil.which("node")
+    if node is None or not (ROOT / "node_modules" / "@grpc" / "grpc-js").exists():
+        pytest.fail("node and @grpc/grpc-js are needed (run `npm ci`)")
+    js = await asyncio.create_subprocess_exec(
+        node,
+        "examples/node-agent/agent.js",
+        "--id",
+        "js-1",
+        "--registry",
+        registry.address,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    python = Listener("py-1")
+    try:
+        assert js.stdout is not None
+        line = await asyncio.wait_for(js.stdout.readline(), 20)
+        assert b"serving on" in line, line
+        async with AgentHost([python], registry=registry.address):
+            for agent_id in ("js-1", "py-1"):
+                await client.messaging.Subscribe(
+                    messaging_pb2.SubscribeRequest(agent_id=agent_id, topic="mixed")
+                )
+            sent = await client.send(
+                {"n": 1, "words": ["a", "b"]}, to="js-1", sender="tester", message_id="m-1"
+            )
+            again = await client.send(
+                {"n": 1, "words": ["a", "b"]}, to="js-1", sender="tester", message_id="m-1"
+            )
+            assert sent.agent_id == "js-1" and not sent.duplicate and again.duplicate
+            published = await client.publish("mixed", {"n": 2}, sender="tester")
+            assert (published.subscribers, published.delivered, published.failed) == (2, 2, 0)
+            printed = [await asyncio.wait_for(js.stdout.readline(), 10) for _ in range(2)]
+            assert printed[0].decode().startswith("message - from tester: ")
+            assert json.loads(printed[0].decode().split(": ", 1)[1]) == {"n": 1, "words": ["a", "b"]}
+            assert printed[1].decode().startswith("message mixed from tester: ")
+            assert json.loads(printed[1].decode().split(": ", 1)[1]) == {"n": 2}
+            await eventually(lambda: texts(python) == [2], what="the Python subscriber's message")
+    finally:
+        js.terminate()
+        await js.wait()

@@ -4,7 +4,8 @@
 //
 // It serves mabeam.v1.AgentService (bids its value in sealed-bid auctions,
 // proposes its value as its cost in Contract Net, executes `compute` steps by
-// summing numbers), registers with the registry, and keeps its lease alive
+// summing numbers, prints each message it is sent or a topic it is subscribed
+// to brings: `message <topic> from <sender>: <json>`), registers with the registry, and keeps its lease alive
 // over a Heartbeat stream. Ctrl-C (SIGINT/SIGTERM) deregisters it.
 //
 // With auth on, it presents $MABEAM_TOKEN (an agent, operator or admin token)
@@ -98,6 +99,22 @@ function numbers(value) {
   return [];
 }
 
+// The messages taken (insertion-ordered: the oldest is dropped first).
+const seenMessages = new Set();
+
+// A google.protobuf.Value (protobufjs's camelCase form) as plain JSON.
+function plain(value) {
+  if (!value) return null;
+  if (value.kind === "structValue") {
+    const out = {};
+    for (const [k, v] of Object.entries((value.structValue && value.structValue.fields) || {})) out[k] = plain(v);
+    return out;
+  }
+  if (value.kind === "listValue") return value.listValue.values.map(plain);
+  if (value.kind === "nullValue") return null;
+  return value[value.kind];
+}
+
 const service = {
   Coordinate(call, callback) {
     const request = call.request;
@@ -149,6 +166,25 @@ const service = {
     }
     if (request.token) registrationToken = request.token; // issued by the registry at migration
     callback(null, {});
+  },
+  // A message (MessagingService.Send or Publish): handled at once, so in arrival order and with no
+  // inbox to fill; a (sender_id, message_id) among the last 4,096 taken is a duplicate, not handled again.
+  Deliver(call, callback) {
+    const request = call.request;
+    if (request.agent_id !== agentId) {
+      return callback({ code: grpc.status.NOT_FOUND, details: `agent ${request.agent_id} is not hosted here` });
+    }
+    const message = request.message || {};
+    const key = `${message.sender_id}\u0000${message.message_id}`;
+    if (seenMessages.has(key)) return callback(null, { duplicate: true });
+    seenMessages.add(key);
+    if (seenMessages.size > 4096) seenMessages.delete(seenMessages.values().next().value);
+    const payload = message.payload === "json" ? plain({ kind: "structValue", structValue: message.json }) : message.any;
+    console.log(`message ${message.topic || "-"} from ${message.sender_id}: ${JSON.stringify(payload)}`);
+    callback(null, { duplicate: false });
+  },
+  DeliverBatch(call, callback) {
+    callback({ code: grpc.status.UNIMPLEMENTED, details: "one agent here: use Deliver" });
   },
 };
 
