@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from google.protobuf import struct_pb2
 
+from harness.channels import agent_channel
 from harness.cli import mabeam
 from harness.wait import eventually
 from mabeam import errors
 from mabeam.client import MeshClient
 from mabeam.config import MeshConfig
+from mabeam.runtime.process import pid_alive
 from mabeam.runtime.service import start_service
 from mabeam.server import MeshServer
 from mabeam.services.registry.nodes import NodeSpec
 from mabeam.services.registry.server import builder
-from mabeam.v1 import registry_pb2
+from mabeam.v1 import agent_pb2, agent_pb2_grpc, registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "examples" / "worker.py")
@@ -160,3 +165,109 @@ async def test_agent_placed_anywhere_moves_to_a_live_node_when_its_node_goes(
         assert [n.name for n in nodes] == ["node-a"]
     finally:
         await client.close()
+
+
+async def test_supervised_agent_migrates_to_another_node_with_its_state(
+    replicas: dict[str, MeshServer],
+) -> None:
+    # Asked of node-a's replica, which runs the agent: node-b's replica starts the new instance.
+    client = await MeshClient.connect(registry=replicas["node-a"].address)
+    try:
+        started = await client.registry.StartAgent(
+            registry_pb2.StartAgentRequest(
+                agent_id="mover", launch=LAUNCH, placement=registry_pb2.Placement(node="node-a")
+            )
+        )
+        old_pid, token = started.agent.pid, started.token
+        assert started.agent.node == "node-a"
+        old = (await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="mover"))).agent
+        assert old.node == "node-a"
+        async with agent_channel(old.endpoint) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            for _ in range(5):
+                await stub.ExecuteStep(
+                    agent_pb2.ExecuteStepRequest(agent_id="mover", capability="count"), timeout=10
+                )
+
+        with pytest.raises(errors.InvalidArgument, match="placement"):
+            await client.registry.MigrateAgent(
+                registry_pb2.MigrateAgentRequest(
+                    agent_id="mover",
+                    token=token,
+                    target_endpoint="127.0.0.1:1",
+                    placement=registry_pb2.Placement(node="node-b"),
+                )
+            )
+        with pytest.raises(errors.FailedPrecondition, match="zone=c"):
+            await client.registry.MigrateAgent(
+                registry_pb2.MigrateAgentRequest(
+                    agent_id="mover",
+                    token=token,
+                    launch=LAUNCH,
+                    placement=registry_pb2.Placement(node_selector={"zone": "c"}),
+                )
+            )
+        moved = await client.registry.MigrateAgent(
+            registry_pb2.MigrateAgentRequest(
+                agent_id="mover",
+                token=token,
+                launch=LAUNCH,
+                placement=registry_pb2.Placement(node_selector={"zone": "b"}),
+            )
+        )
+        assert moved.agent.generation == 2 and moved.agent.endpoint != old.endpoint
+        assert moved.agent.node == "node-b"
+
+        async def on_b() -> bool:
+            page = await client.registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest())
+            record = {a.agent_id: a for a in page.agents}["mover"]
+            return (
+                record.node == "node-b"
+                and record.supervisor_id == replicas["node-b"].instance_id
+                and record.state == registry_pb2.SUPERVISION_STATE_RUNNING
+                and record.pid not in (0, old_pid)
+                and record.placement.node == "node-b"
+            )
+
+        await eventually(on_b, timeout=15, what="node-b's replica supervises the moved agent")
+        await eventually(lambda: not pid_alive(old_pid), timeout=15, what="node-a stopped the old process")
+        # The state came along: the counter goes on from 5.
+        async with agent_channel(moved.agent.endpoint) as channel:
+            reply = await agent_pb2_grpc.AgentServiceStub(channel).ExecuteStep(
+                agent_pb2.ExecuteStepRequest(agent_id="mover", capability="count", input=_number(0)),
+                timeout=10,
+            )
+        assert reply.output.struct_value["count"] == 5
+        # The new process keeps the registration alive (its beats pass) after the old one is gone.
+        page = await client.registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest())
+        record = {a.agent_id: a for a in page.agents}["mover"]
+        got = (await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="mover"))).agent
+        assert got.endpoint == moved.agent.endpoint and got.status == registry_pb2.AGENT_STATUS_SERVING
+
+        async def beats_after_the_move() -> bool:
+            now = (await client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="mover"))).agent
+            return now.last_heartbeat_at.ToNanoseconds() > got.last_heartbeat_at.ToNanoseconds()
+
+        await eventually(beats_after_the_move, timeout=10, what="the new process heartbeats")
+        # node-b's supervisor restarts it there after a crash.
+        os.kill(record.pid, signal.SIGKILL)
+
+        async def restarted_on_b() -> bool:
+            page = await client.registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest())
+            r = {a.agent_id: a for a in page.agents}["mover"]
+            return (
+                r.state == registry_pb2.SUPERVISION_STATE_RUNNING
+                and r.pid not in (0, record.pid)
+                and r.supervisor_id == replicas["node-b"].instance_id
+            )
+
+        await eventually(restarted_on_b, timeout=20, what="restarted on node-b after a crash")
+        await client.registry.StopAgent(registry_pb2.StopAgentRequest(agent_id="mover"))
+    finally:
+        await client.close()
+
+
+def _number(n: float) -> struct_pb2.Value:
+    value = struct_pb2.Value()
+    value.number_value = n
+    return value

@@ -1533,6 +1533,7 @@ class MigrateAgentRequest(_message.Message):
     TARGET_ENDPOINT_FIELD_NUMBER: _builtins.int
     LAUNCH_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent to move."""
     token: _builtins.str
@@ -1555,6 +1556,20 @@ class MigrateAgentRequest(_message.Message):
         supervisor takes it over).
         """
 
+    @_builtins.property
+    def placement(self) -> Global___Placement:
+        """Optional, only with `launch` (else INVALID_ARGUMENT): the node the new
+        instance starts on, the least-loaded live node the placement allows (as
+        StartAgent's). On the node that runs the agent now, the move is as
+        without it; on another, the call is handed to a registry replica of that
+        node, which starts the new instance, takes the agent's supervision over
+        (the old node's replica stops the old process) and records this
+        placement, its `node` set to the node chosen, as the agent's: the agent
+        stays on that node (if its replicas all go, it waits for one). No live
+        node fits: FAILED_PRECONDITION naming the placement. The agent's
+        registration keeps the declared node of the process (Agent.node).
+        """
+
     def __init__(
         self,
         *,
@@ -1563,10 +1578,11 @@ class MigrateAgentRequest(_message.Message):
         target_endpoint: _builtins.str = ...,
         launch: Global___LaunchSpec | None = ...,
         request_id: _builtins.str = ...,
+        placement: Global___Placement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch", "target", b"target", "target_endpoint", b"target_endpoint"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch", "placement", b"placement", "target", b"target", "target_endpoint", b"target_endpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "launch", b"launch", "request_id", b"request_id", "target", b"target", "target_endpoint", b"target_endpoint", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "launch", b"launch", "placement", b"placement", "request_id", b"request_id", "target", b"target", "target_endpoint", b"target_endpoint", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["target_endpoint", "launch"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015

@@ -64,6 +64,13 @@ async def migrate_agent(
 ) -> registry_pb2.MigrateAgentResponse:
     """The RPC: run :func:`migrate` here, or on the replica that runs the agent's process."""
     agent_id = validate.identifier(request.agent_id, "agent_id")
+    adopt_from: str | None = None
+    if request.HasField("placement"):
+        if request.WhichOneof("target") != "launch":
+            raise errors.InvalidArgument(
+                "placement", "is only for a move with a launch spec (supervised agents)"
+            )
+        nodes.check_placement(request.placement)
     if request.WhichOneof("target") == "launch":
         check_launch(request.launch, sup.policy)  # before any write: a refused launch changes nothing
         record = sup.record(agent_id)
@@ -74,18 +81,31 @@ async def migrate_agent(
         if not await sup.store.token_matches(agent_id, request.token):
             raise errors.PermissionDenied(f"wrong or missing token for agent {agent_id!r}")
         owner = sup.owner(agent_id)
-        if owner is not None and owner != sup.replica_id:
+        owner_node = sup.node_of_replica(owner) if owner is not None else None
+        target_node = sup.place(request.placement) if request.HasField("placement") else owner_node
+        if target_node is not None and target_node != owner_node:
+            if target_node != sup.node.name:
+                # Another node: a replica of it starts the new instance and takes the agent over.
+                return await _hand_over(sup, sup.replica_on(target_node), request, node=target_node)
+            if owner is None:
+                raise errors.FailedPrecondition(f"agent {agent_id!r} is not running anywhere yet; retry")
+            adopt_from = owner
+        elif owner is not None and owner != sup.replica_id:
             return await _hand_over(sup, owner, request)
     # Shielded: a caller that goes away does not leave a half-done move behind.
-    moving = asyncio.ensure_future(migrate(sup, request))
+    moving = asyncio.ensure_future(migrate(sup, request, adopt_from=adopt_from))
     moving.add_done_callback(lambda t: t.cancelled() or t.exception())
     return await asyncio.shield(moving)
 
 
 async def migrate(
-    sup: Supervisor, request: registry_pb2.MigrateAgentRequest
+    sup: Supervisor, request: registry_pb2.MigrateAgentRequest, *, adopt_from: str | None = None
 ) -> registry_pb2.MigrateAgentResponse:
-    """Move the agent; see the module's docstring for the steps."""
+    """Move the agent; see the module's docstring for the steps.
+
+    ``adopt_from``: the replica (on another node) that runs the agent now; the new instance starts
+    here and this replica takes the agent's supervision over from it (:meth:`Supervisor.adopt`).
+    """
     agent_id = validate.identifier(request.agent_id, "agent_id")
     agent, create_revision = await sup.store.get_agent(agent_id)
     if agent is None:
@@ -97,9 +117,10 @@ async def migrate(
     launch = request.launch if request.WhichOneof("target") == "launch" else None
     old_proc: subprocess.Popen[bytes] | None = None
     if launch is not None:
-        old_proc = sup.procs.get(agent_id)
-        if old_proc is None or not sup.runs_here(agent_id):
-            raise errors.FailedPrecondition(f"agent {agent_id!r} is not running here yet; retry")
+        if adopt_from is None:  # else the process runs on another node, whose replica stops it
+            old_proc = sup.procs.get(agent_id)
+            if old_proc is None or not sup.runs_here(agent_id):
+                raise errors.FailedPrecondition(f"agent {agent_id!r} is not running here yet; retry")
     elif request.WhichOneof("target") != "target_endpoint":
         raise errors.InvalidArgument(
             "target_endpoint", "give the host:port of a running instance, or a launch spec"
@@ -131,6 +152,8 @@ async def migrate(
         try:
             # 2. The new instance (a supervised one is started with the new token, too).
             token = await sup.secret(agent_id) if launch is not None else new_token()
+            if adopt_from is not None:
+                await sup.issue_credential(agent_id)  # the credential its processes here present
             if launch is not None:
                 target, new_proc = await _start_standby(sup, agent_id, launch, token)
             else:
@@ -153,6 +176,8 @@ async def migrate(
             moved.CopyFrom(agent)
             moved.endpoint = target
             moved.generation = agent.generation + 1
+            # A process started here runs on this node; of a caller's instance the node is not known.
+            moved.node = sup.node.name if launch is not None else ""
             if not await sup.store.switch_agent(moved, create_revision, token):
                 raise errors.Aborted(f"agent {agent_id!r} re-registered during the migration; retry")
         except BaseException:
@@ -161,6 +186,8 @@ async def migrate(
                 await asyncio.shield(old.ImportState(state, timeout=CALL_TIMEOUT_S))
             if new_proc is not None:
                 await asyncio.shield(process.terminate(new_proc, 2.0))
+            if adopt_from is not None:
+                await asyncio.shield(sup.revoke_credential(agent_id))
             raise
         pause = time.monotonic() - started
 
@@ -172,6 +199,8 @@ async def migrate(
         # 6. Supervision follows the new process; the old one is stopped.
         if old_proc is not None and new_proc is not None:
             await _replace_process(sup, agent_id, old_proc, new_proc, launch)
+        elif adopt_from is not None and new_proc is not None and launch is not None:
+            await _take_over(sup, agent_id, adopt_from, new_proc, launch, request.placement)
     finally:
         with contextlib.suppress(Exception):
             await asyncio.shield(sup.store.end_move(agent_id))  # a failed move leaves no second token
@@ -258,25 +287,59 @@ async def _replace_process(
     retire.add_done_callback(sup.retiring.discard)
 
 
+async def _take_over(
+    sup: Supervisor,
+    agent_id: str,
+    old_owner: str,
+    new: subprocess.Popen[bytes],
+    launch: registry_pb2.LaunchSpec,
+    placement: registry_pb2.Placement,
+) -> None:
+    """The new process runs on this node: take the agent's supervision over from ``old_owner``,
+    whose replica then stops the old process (it no longer owns the agent)."""
+    pid, started, node = new.pid, now(), sup.node.name
+
+    def switched(r: registry_pb2.SupervisedAgent) -> None:
+        r.launch.CopyFrom(launch)
+        r.pid = pid
+        r.started_at.CopyFrom(started)
+        r.node = node
+        r.placement.CopyFrom(placement)  # where it may run from now on
+
+    if not await sup.adopt(agent_id, old_owner, new, switched):
+        # The old owner lost the agent meanwhile (died, stopped it): whoever supervises it now
+        # starts it again; this process is not ours to keep.
+        log.warning(
+            "taking %s over from %s failed: it changed hands; stopping the new process", agent_id, old_owner
+        )
+        await process.terminate(new, 2.0)
+        await sup.revoke_credential(agent_id)
+
+
 async def _retire(proc: subprocess.Popen[bytes]) -> None:
     await asyncio.sleep(RETIRE_AFTER_S)
     await process.terminate(proc, 5.0)
 
 
 async def _hand_over(
-    sup: Supervisor, owner: str, request: registry_pb2.MigrateAgentRequest
+    sup: Supervisor, owner: str, request: registry_pb2.MigrateAgentRequest, *, node: str | None = None
 ) -> registry_pb2.MigrateAgentResponse:
-    """The replica ``owner`` runs the agent's process, so it moves it: pass the call on."""
+    """The replica ``owner`` runs the agent's process (or, with ``node``, is a replica of the node
+    the new instance goes to), so it moves it: pass the call on."""
     address = sup.peers.address_of(owner) if sup.peers is not None else None
     if address is None:
         raise errors.service_unavailable(
-            "registry", f"the registry replica supervising {request.agent_id!r} is not reachable"
+            "registry",
+            f"the registry replica {owner!r} that would move {request.agent_id!r} is not reachable",
         )
     # Without its request_id: this replica holds the id's claim and records the
     # outcome; the owner, seeing the same id pending, would wait for it forever.
     forwarded = registry_pb2.MigrateAgentRequest()
     forwarded.CopyFrom(request)
     forwarded.ClearField("request_id")
+    if node is not None:
+        # The node chosen here, named: the replica there does not choose again.
+        forwarded.placement.node = node
     # The pool's channels carry the service's TLS (client certificate included) when it is on.
     try:
         return await registry_pb2_grpc.RegistryServiceStub(sup.peer_pool.get(address)).MigrateAgent(  # type: ignore[no-any-return]

@@ -63,8 +63,11 @@ def running(r: registry_pb2.SupervisedAgent) -> None:
     r.state, r.reason = registry_pb2.SUPERVISION_STATE_RUNNING, ""
 
 
-async def supervise(sup: Supervisor, agent_id: str) -> None:
-    """Run one agent's process for as long as this replica owns it (cancelled when it no longer does)."""
+async def supervise(sup: Supervisor, agent_id: str, adopted: subprocess.Popen[bytes] | None = None) -> None:
+    """Run one agent's process for as long as this replica owns it (cancelled when it no longer does).
+
+    ``adopted``: a process already serving the agent (a migration from another node started it
+    here); it is watched first instead of starting one."""
     record = sup.record(agent_id)
     if record is None:
         return
@@ -79,39 +82,48 @@ async def supervise(sup: Supervisor, agent_id: str) -> None:
             record = sup.record(agent_id)
             if record is None or record.state not in ACTIVE:
                 return
-            # Read before the process starts: only a registration written after it counts.
-            before = await sup.store.registration_mark(agent_id)
-            started = now()
-            try:
-                # Resolved through this replica's launch policy each time: a record
-                # written under another policy (a kind this catalog lacks, a
-                # free-form argv without --allow-argv) is not run here.
-                spec = sup.launch_of(record.launch, agent_id, await sup.secret(agent_id))
-                # The process declares the node it runs on: this replica's.
-                proc = spawn(spec, {nodes.NODE_NAME_ENV: sup.node.name})
-            # ValueError: exec refuses the spec (e.g. a NUL byte in a record older than check_launch).
-            except (OSError, ValueError) as exc:
-                await sup.revoke_credential(agent_id)
-                await sup.write_retrying(agent_id, functools.partial(failed, reason=f"cannot start: {exc}"))
-                return
-            except errors.MabeamError as exc:
-                await sup.revoke_credential(agent_id)
-                await sup.write_retrying(
-                    agent_id, functools.partial(failed, reason=f"cannot start: {exc.message}")
+            if adopted is not None:
+                # Migrated here from another node: the process serves and is registered already.
+                proc, adopted = adopted, None
+                outcome: Outcome = "registered"
+            else:
+                # Read before the process starts: only a registration written after it counts.
+                before = await sup.store.registration_mark(agent_id)
+                started = now()
+                try:
+                    # Resolved through this replica's launch policy each time: a record
+                    # written under another policy (a kind this catalog lacks, a
+                    # free-form argv without --allow-argv) is not run here.
+                    spec = sup.launch_of(record.launch, agent_id, await sup.secret(agent_id))
+                    # The process declares the node it runs on: this replica's.
+                    proc = spawn(spec, {nodes.NODE_NAME_ENV: sup.node.name})
+                # ValueError: exec refuses the spec (e.g. a NUL byte in a record older than check_launch).
+                except (OSError, ValueError) as exc:
+                    await sup.revoke_credential(agent_id)
+                    await sup.write_retrying(
+                        agent_id, functools.partial(failed, reason=f"cannot start: {exc}")
+                    )
+                    return
+                except errors.MabeamError as exc:
+                    await sup.revoke_credential(agent_id)
+                    await sup.write_retrying(
+                        agent_id, functools.partial(failed, reason=f"cannot start: {exc.message}")
+                    )
+                    return
+                sup.procs[agent_id] = proc
+                pid = proc.pid
+
+                def starting(r: registry_pb2.SupervisedAgent, pid: int = pid, started: Any = started) -> None:
+                    r.state = registry_pb2.SUPERVISION_STATE_STARTING
+                    r.pid = pid
+                    r.node = sup.node.name
+                    r.started_at.CopyFrom(started)
+
+                if not await sup.write_retrying(agent_id, starting):
+                    return
+                outcome = await _await_registration(
+                    sup, agent_id, proc, before, launches.start_timeout(record)
                 )
-                return
-            sup.procs[agent_id] = proc
-            pid = proc.pid
-
-            def starting(r: registry_pb2.SupervisedAgent, pid: int = pid, started: Any = started) -> None:
-                r.state = registry_pb2.SUPERVISION_STATE_STARTING
-                r.pid = pid
-                r.node = sup.node.name
-                r.started_at.CopyFrom(started)
-
-            if not await sup.write_retrying(agent_id, starting):
-                return
-            outcome = await _await_registration(sup, agent_id, proc, before, launches.start_timeout(record))
             if outcome == "registered":
                 await sup.write_retrying(agent_id, running)
                 outcome = await _await_exit_or_restart(sup, agent_id, proc)

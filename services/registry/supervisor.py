@@ -200,7 +200,24 @@ class Supervisor:
             self._published_on = lease
 
     def live_node_names(self) -> set[str]:
-        return {n.name for _, n in self.nodes.items()}
+        return {n.name for n in self._replica_nodes()}
+
+    def _replica_nodes(self) -> list[registry_pb2.Node]:
+        """Each live replica's node, this replica's own included before its key is seen."""
+        found = [n for _, n in self.nodes.items()]
+        if not any(self.replica_id in n.replica_ids for n in found):
+            found.append(nodes.published(self.node, self.replica_id))
+        return found
+
+    def node_of_replica(self, replica_id: str) -> str | None:
+        return next((n.name for n in self._replica_nodes() if replica_id in n.replica_ids), None)
+
+    def replica_on(self, node: str) -> str:
+        """A live replica of ``node`` (the first by id; UNAVAILABLE when none is left)."""
+        ids = sorted(r for n in self._replica_nodes() if n.name == node for r in n.replica_ids)
+        if not ids:
+            raise errors.service_unavailable("registry", f"no live registry replica on node {node!r}")
+        return ids[0]
 
     def list_nodes(self) -> list[registry_pb2.Node]:
         """The live nodes, by name, with the active supervised agents placed on each."""
@@ -210,7 +227,7 @@ class Supervisor:
             measured = self.directory.measured_of(r.agent_id)
             if measured is not None:
                 memory[r.agent_id] = int(measured.memory_bytes)
-        return nodes.aggregate((n for _, n in self.nodes.items()), records, memory)
+        return nodes.aggregate(self._replica_nodes(), records, memory)
 
     def place(self, placement: registry_pb2.Placement) -> str:
         """The least-loaded live node the placement allows (FAILED_PRECONDITION naming it if none)."""
@@ -270,6 +287,8 @@ class Supervisor:
         live_nodes = self.live_node_names()
         for _key, record in list(self.records.items()):
             agent_id = record.agent_id
+            if agent_id in self.moving:
+                continue  # a migration here decides (it may be taking the agent over from another node)
             owner = self.owner(agent_id)
             running_here = self.runs_here(agent_id)
             if record.state in ACTIVE and not running_here:
@@ -316,6 +335,26 @@ class Supervisor:
                         return False
                     raise _Conflict
         return False
+
+    async def adopt(
+        self,
+        agent_id: str,
+        old_owner: str,
+        proc: subprocess.Popen[bytes],
+        change: Callable[[registry_pb2.SupervisedAgent], None],
+    ) -> bool:
+        """Take the supervision of ``agent_id`` over from ``old_owner`` (a migration to this node):
+        its owner key, then ``proc`` as its process, then ``change`` on its record. False (nothing
+        taken) when ``old_owner`` no longer holds it."""
+        assert self._keeper is not None
+        if not await self.store.move_owner(agent_id, old_owner, self.replica_id, self._keeper.lease_id):
+            return False
+        self.procs[agent_id] = proc
+        self._children[agent_id] = asyncio.create_task(
+            processes.supervise(self, agent_id, adopted=proc), name=f"supervise:{agent_id}"
+        )
+        await self.write_retrying(agent_id, change)
+        return True
 
     async def release(self, agent_id: str) -> None:
         """Give the ownership of ``agent_id`` up (another replica may take it)."""
