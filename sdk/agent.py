@@ -179,8 +179,10 @@ class Agent:
         return bool(reply.removed)
 
     def load(self) -> common_pb2.AgentLoad:
-        """What the next heartbeat reports; by default the calls in flight."""
-        return common_pb2.AgentLoad(load=min(1.0, self.in_flight / 16.0), queue_length=self.in_flight)
+        """What the next heartbeat reports; by default the calls in flight and the messages waiting
+        in the inbox (a capability Send picks the least loaded)."""
+        waiting = self.in_flight + (len(self._inbox) if self._inbox is not None else 0)
+        return common_pb2.AgentLoad(load=min(1.0, waiting / 16.0), queue_length=waiting)
 
     async def serve(
         self,

@@ -175,6 +175,8 @@ async def test_publish_reaches_every_subscriber_and_counts_drops(mesh: tuple[Mes
 
         second = await client.publish("news", {"n": 2}, sender="press")  # fills the blocked inbox
         assert (second.delivered, second.dropped) == (61, 0)
+        # The default load counts the message being handled and the one waiting.
+        assert Agent.load(blocked).queue_length == 2
         third = await client.publish("news", {"n": 3}, sender="press")
         assert (third.delivered, third.dropped, third.failed) == (60, 1, 1)
         assert {f.agent_id: f.code for f in third.failures} == {"blocked": 8, "deaf-1": 12}
