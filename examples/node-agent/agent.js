@@ -7,6 +7,8 @@
 // summing numbers, prints each message it is sent or a topic it is subscribed
 // to brings: `message <topic> from <sender>: <json>`), registers with the registry, and keeps its lease alive
 // over a Heartbeat stream. Ctrl-C (SIGINT/SIGTERM) deregisters it.
+// With the capability `plan-sum` (--capabilities bid,compute,plan-sum) it is a planning agent:
+// Plan turns {"values": [numbers]} into one `compute` step per number and a `total`.
 //
 // With auth on, it presents $MABEAM_TOKEN (an agent, operator or admin token)
 // to the registry as `authorization: Bearer`, and serves AgentService only to
@@ -152,6 +154,33 @@ const service = {
         },
       },
     });
+  },
+  // Plan (a planning agent, when it has the capability `plan-sum`): the objective's input, or an
+  // expandable step's, {"values": [numbers]} becomes one `compute` step per number and a `total`
+  // step that depends on them all (it sums their outputs). Without `plan-sum` it does not plan.
+  Plan(call, callback) {
+    const request = call.request;
+    if (request.agent_id !== agentId) {
+      return callback({ code: grpc.status.NOT_FOUND, details: `agent ${request.agent_id} is not hosted here` });
+    }
+    if (!capabilities.includes("plan-sum")) {
+      return callback({ code: grpc.status.UNIMPLEMENTED, details: `agent ${agentId} does not plan` });
+    }
+    const values = numbers(request.input);
+    if (!values.length || values.length + 1 > request.max_steps) {
+      return callback({
+        code: grpc.status.INVALID_ARGUMENT,
+        details: `input.values: 1 to ${request.max_steps - 1} numbers to plan, got ${values.length}`,
+      });
+    }
+    const steps = values.map((v, i) => ({ step_id: `part${i}`, capability: "compute", input: { numberValue: v } }));
+    steps.push({
+      step_id: "total",
+      capability: "compute",
+      input: { numberValue: 0 },
+      depends_on: steps.map((s) => s.step_id),
+    });
+    callback(null, { steps });
   },
   ExportState(call, callback) {
     callback(null, { state: Buffer.from(JSON.stringify({ value })), content_type: "application/json" });
