@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import functools
 import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -32,7 +29,8 @@ from mabeam.runtime.idempotency import idempotent
 from mabeam.runtime.retention import Retention, expired_message
 from mabeam.server import MeshServer
 from mabeam.services.coordination import messaging, runs
-from mabeam.services.coordination.engine import FINISH_MIN_S, FanOut, Session, finish_reserve
+from mabeam.services.coordination.deadlines import current_call, deadline_s, within_deadline
+from mabeam.services.coordination.engine import FanOut, Session, finish_reserve
 from mabeam.services.coordination.orphans import Orphans
 from mabeam.services.coordination.participants import resolve
 from mabeam.services.coordination.plugins import run_plugin
@@ -72,77 +70,6 @@ TIES = {
 
 def _param_error(exc: ProtocolParamError) -> errors.InvalidArgument:
     return errors.InvalidArgument(exc.field, exc.message)
-
-
-def _deadline_s(settings: coordination_pb2.SessionSettings) -> float:
-    return validate.seconds(settings.deadline, "settings.deadline", default=10.0, minimum=0.01, maximum=600)
-
-
-@dataclass
-class _Call:
-    """One Run* call: when it began, and the session's answer or why it has none."""
-
-    started: float
-    session: coordination_pb2.Session | None = None
-    error: errors.MabeamError | None = None
-
-
-_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("coordination_call", default=None)
-R = TypeVar("R")
-
-
-def _background_done(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved: a call given up on is not an unhandled error
-
-
-def within_deadline(
-    response_type: Callable[[], R],
-) -> Callable[[Callable[[Any, Any, Any], Awaitable[R]]], Callable[[Any, Any, Any], Awaitable[R]]]:
-    """Bound a Run* call by its session's deadline, what wraps the session included.
-
-    The session's own waits are bounded inside (:meth:`CoordinationServicer._session`);
-    this bounds what surrounds it, e.g. the request_id's record in etcd
-    (:func:`mabeam.runtime.idempotency.idempotent`, which it must wrap). The
-    session's time counts from here. At the deadline (and ``FINISH_MIN_S``)
-    the call answers: the session if it was stored (only its request record
-    is late), else the session's own DEADLINE_EXCEEDED, else one naming the
-    wait; the work left is cancelled in the background.
-    """
-
-    def wrap(fn: Callable[[Any, Any, Any], Awaitable[R]]) -> Callable[[Any, Any, Any], Awaitable[R]]:
-        @functools.wraps(fn)
-        async def handler(self: Any, request: Any, context: Any) -> R:
-            deadline = _deadline_s(request.settings)
-            call = _Call(time.monotonic())
-            token = _CALL.set(call)
-            try:
-                task = asyncio.ensure_future(fn(self, request, context))  # with the call in its context
-            finally:
-                _CALL.reset(token)
-            try:
-                done, _ = await asyncio.wait({task}, timeout=deadline + FINISH_MIN_S)
-            except asyncio.CancelledError:
-                task.cancel()
-                raise
-            if done:
-                return task.result()
-            task.cancel()
-            task.add_done_callback(_background_done)
-            if call.session is not None:
-                response = response_type()
-                response.session.CopyFrom(call.session)  # type: ignore[attr-defined]
-                return response
-            if call.error is not None:
-                raise call.error
-            raise errors.DeadlineExceeded(
-                f"the session's deadline ({deadline:g} s) passed while etcd did not answer "
-                "(the session's or its request_id's record); it may have run"
-            )
-
-        return handler
-
-    return wrap
 
 
 class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
@@ -193,7 +120,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         """Run a session and fill ``out`` (a response's session) as ``settings.view`` asks."""
         if settings.view not in coordination_pb2.SessionView.values():
             raise errors.InvalidArgument("settings.view", f"unknown view {settings.view}")
-        call = _CALL.get()
+        call = current_call()
         try:
             session = await self._session(settings, protocol, params)
         except errors.DeadlineExceeded as exc:
@@ -208,12 +135,12 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         self, settings: coordination_pb2.SessionSettings, protocol: str, params: dict[str, Any]
     ) -> Session:
         """Run a session within its deadline: lookups, claim, rounds and the outcome's write."""
-        call = _CALL.get()
+        call = current_call()
         started = call.started if call is not None else time.monotonic()
         selector = settings.participants
         if not selector.agent_ids and not selector.capability and not selector.labels:
             raise errors.InvalidArgument("settings.participants", "give agent ids or a capability")
-        deadline = _deadline_s(settings)
+        deadline = deadline_s(settings)
         round_timeout = validate.seconds(
             settings.round_timeout, "settings.round_timeout", default=2.0, minimum=0.001, maximum=600
         )

@@ -1,0 +1,77 @@
+"""The coordination store's shared part: the session keys' builders and one range read.
+
+The key table is :mod:`.store`'s docstring. :class:`SessionKeys` is the base
+of :class:`.store.SessionStore` and of its parts in modules of their own
+(:mod:`.store_pruning`: the count cap; :mod:`.store_in_flight`: the
+sessions in flight, what :mod:`.orphans` follows); the store sets the
+attributes it declares.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import aetcd
+import aetcd.exceptions
+import aetcd.rpc
+import grpc
+from grpc import aio
+
+from mabeam.runtime.etcd import EtcdClient
+
+END_MARKER = b"~end"  # P/session-rounds/<id>/~end: the session is finished
+CHUNK_COUNT = struct.Struct(">I")  # a round manifest's first bytes: how many chunks it has
+
+
+def lease_gone(exc: BaseException) -> bool:
+    """Whether etcd refused a write because a lease it was bound to is gone (it answers NOT_FOUND)."""
+    cause = exc.__cause__
+    if isinstance(cause, grpc.RpcError) and hasattr(cause, "code"):
+        return bool(cause.code() == grpc.StatusCode.NOT_FOUND)
+    return "lease not found" in str(exc)
+
+
+class SessionKeys:
+    """Key builders of the session keyspace, and the range read its stores share."""
+
+    client: EtcdClient
+    sessions: bytes
+    index: bytes
+    rounds: bytes
+    chunks: bytes
+    session_owners: bytes
+    sessions_running: bytes
+    pruner_election: bytes
+    txn_max_ops: int
+    txn_max_bytes: int
+    chunk_bytes: int
+
+    def session_key(self, session_id: str) -> bytes:
+        return self.sessions + session_id.encode()
+
+    def rounds_prefix(self, session_id: str) -> bytes:
+        return self.rounds + session_id.encode() + b"/"
+
+    def round_key(self, session_id: str, number: int) -> bytes:
+        return self.rounds_prefix(session_id) + f"{number:06d}".encode()
+
+    def chunks_prefix(self, session_id: str, number: int | None = None) -> bytes:
+        prefix = self.chunks + session_id.encode() + b"/"
+        return prefix if number is None else prefix + f"{number:06d}/".encode()
+
+    async def _range(
+        self, start: bytes, end: bytes, limit: int = 0, *, keys_only: bool = False, revision: int = 0
+    ) -> Any:
+        """One etcd range read (``limit`` 0: no limit): the reply, with ``kvs``, ``more`` and the header."""
+        c = self.client
+        await c.connect()
+        assert c.kvstub is not None
+        request = aetcd.rpc.RangeRequest(
+            key=start, range_end=end, limit=limit, keys_only=keys_only, revision=revision
+        )
+        try:
+            return await c.kvstub.Range(request, timeout=c.timeout, metadata=c.metadata)
+        except aio.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)
+            raise
