@@ -16,14 +16,16 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc import aio
 
 from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient, agent_message
 from mabeam.server import MeshServer
-from mabeam.v1 import agent_pb2, auth_pb2, common_pb2, messaging_pb2, registry_pb2
+from mabeam.v1 import agent_pb2, agent_pb2_grpc, auth_pb2, common_pb2, messaging_pb2, registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(60)
@@ -304,3 +306,63 @@ async def test_a_javascript_agent_takes_messages_and_topics(mesh: tuple[MeshClie
     finally:
         js.terminate()
         await js.wait()
+
+
+class CountingHost(agent_pb2_grpc.AgentServiceServicer):
+    """A bare AgentService endpoint that takes every message and counts the calls (optionally no batches)."""
+
+    def __init__(self, batches: bool) -> None:
+        self.batches = batches
+        self.batch_calls = 0
+        self.deliver_calls = 0
+
+    async def Deliver(
+        self, request: agent_pb2.DeliverRequest, context: aio.ServicerContext
+    ) -> agent_pb2.DeliverResponse:
+        self.deliver_calls += 1
+        return agent_pb2.DeliverResponse()
+
+    async def DeliverBatch(
+        self, request: agent_pb2.DeliverBatchRequest, context: aio.ServicerContext
+    ) -> agent_pb2.DeliverBatchResponse:
+        self.batch_calls += 1
+        if not self.batches:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no batches here")
+        return agent_pb2.DeliverBatchResponse(
+            entries=[agent_pb2.DeliverBatchEntry(agent_id=d.agent_id) for d in request.deliveries]
+        )
+
+
+async def test_a_topic_goes_to_each_host_in_one_batch_or_one_call_per_agent(
+    mesh: tuple[MeshClient, MeshServer],
+) -> None:
+    client, _ = mesh
+    batching, single = CountingHost(batches=True), CountingHost(batches=False)
+    servers = []
+    try:
+        for prefix, host, count in (("batch", batching, 3), ("single", single, 2)):
+            server = aio.server()
+            agent_pb2_grpc.add_AgentServiceServicer_to_server(host, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            servers.append(server)
+            for i in range(count):
+                request = registry_pb2.RegisterAgentRequest(
+                    agent_id=f"{prefix}-{i}", endpoint=f"127.0.0.1:{port}"
+                )
+                request.lease_ttl.FromSeconds(30)
+                await client.registry.RegisterAgent(request)
+                await client.messaging.Subscribe(
+                    messaging_pb2.SubscribeRequest(agent_id=f"{prefix}-{i}", topic="counted")
+                )
+        first = await client.publish("counted", {"n": 1})
+        assert (first.subscribers, first.delivered) == (5, 5)
+        assert (batching.batch_calls, batching.deliver_calls) == (1, 0)  # three agents, one call
+        assert (single.batch_calls, single.deliver_calls) == (1, 2)  # refused, then one each
+        second = await client.publish("counted", {"n": 2})
+        assert second.delivered == 5
+        assert (batching.batch_calls, batching.deliver_calls) == (2, 0)
+        assert (single.batch_calls, single.deliver_calls) == (1, 4)  # the refusal is remembered
+    finally:
+        for server in servers:
+            await server.stop(0)
