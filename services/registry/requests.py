@@ -5,6 +5,10 @@ change the agent's record in etcd (a transaction on its revision), wake the
 reconcile loop, and read the record until the replica that owns the agent
 (:mod:`.processes`) reports the state asked for, or a failure, or the
 deadline passes.
+
+StartAgent also places the agent: the least-loaded live node its placement
+allows is recorded in the record's ``node`` (:meth:`.supervisor.Supervisor.place`),
+and only a replica of that node starts the process (:mod:`.nodes`).
 """
 
 from __future__ import annotations
