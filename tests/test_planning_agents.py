@@ -6,17 +6,23 @@ AgentHost; auth is on (the harness's tokens).
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf import struct_pb2
 
+from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost, from_value, to_value
 from mabeam.client import MeshClient
 from mabeam.server import MeshServer
-from mabeam.v1 import agent_pb2, planner_pb2
+from mabeam.v1 import agent_pb2, planner_pb2, registry_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -289,3 +295,77 @@ async def test_expansions_nest_at_most_three_deep(
     assert f"step {deepest!r} failed" in goal.error
     assert states["after"].state == planner_pb2.STEP_STATE_SKIPPED
     assert len([e for e in events if e.type == planner_pb2.GOAL_EVENT_TYPE_STEP_EXPANDED]) == 3
+
+
+async def test_the_javascript_agent_plans_an_objective(mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = mesh
+    node = shutil.which("node")
+    if node is None or not (ROOT / "node_modules" / "@grpc" / "grpc-js").exists():
+        pytest.fail("node and @grpc/grpc-js are needed (npm ci)")
+    js = await asyncio.create_subprocess_exec(
+        node,
+        "examples/node-agent/agent.js",
+        "--id",
+        "js-planner",
+        "--capabilities",
+        "compute,plan-sum",
+        "--registry",
+        registry.address,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+
+        async def registered() -> bool:
+            listed = await client.registry.ListAgents(registry_pb2.ListAgentsRequest(capability="plan-sum"))
+            return any(a.agent_id == "js-planner" for a in listed.agents)
+
+        await eventually(registered, timeout=20, what="the JavaScript agent registered")
+        spec = planner_pb2.GoalSpec(objective=objective("plan-sum", {"values": [1, 2, 4]}))
+        goal, events = await run(client, spec)
+        assert goal.state == planner_pb2.GOAL_STATE_SUCCEEDED, goal.error
+        assert goal.plan.agent_id == "js-planner"
+        assert [s.step_id for s in goal.spec.steps] == ["part0", "part1", "part2", "total"]
+        assert list(goal.spec.steps[3].depends_on) == ["part0", "part1", "part2"]
+        # The JavaScript agent ran the steps too (its only "compute" peer): total = 1 + 2 + 4.
+        assert from_value(goal.steps[3].output)["sum"] == 7.0
+        assert {s.agent_id for s in goal.steps} == {"js-planner"}
+        assert any(e.type == planner_pb2.GOAL_EVENT_TYPE_GOAL_PLANNED for e in events)
+        # Asked for more steps than it may give, it refuses and the goal fails saying so.
+        spec = planner_pb2.GoalSpec(objective=objective("plan-sum", {"values": []}), max_attempts=1)
+        goal, _ = await run(client, spec)
+        assert goal.state == planner_pb2.GOAL_STATE_FAILED and "INVALID_ARGUMENT" in goal.error
+    finally:
+        js.terminate()
+        await js.wait()
+
+
+def readme_planner() -> type[Agent]:
+    """The README's planning agent, as written there."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Planning agents") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n", section.index("```python"))]
+    scope: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    planner: type[Agent] = scope["TripPlanner"]
+    return planner
+
+
+async def test_the_readme_planning_agent_plans(
+    mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
+) -> None:
+    client, _ = mesh
+
+    class Computer(Worker):
+        capabilities = ("compute",)
+
+    await hosted(readme_planner()("trip-planner"), Computer("computer-1"))
+    goal, _ = await run(client, planner_pb2.GoalSpec(objective=objective("plan-trip", {"legs": 3})))
+    assert goal.state == planner_pb2.GOAL_STATE_SUCCEEDED, goal.error
+    assert [s.step_id for s in goal.spec.steps] == ["leg0", "leg1", "leg2", "total"]
+    assert from_value(goal.steps[3].output) == 3.0  # 0 + 1 + 2
+
+
+def test_the_readme_javascript_command_is_the_one_tested() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "node examples/node-agent/agent.js --id js-planner --capabilities compute,plan-sum" in readme

@@ -12,6 +12,17 @@ starts on a goal another replica left behind keeps the steps that succeeded
 and runs the rest; the idempotency key ``<goal>/<step>`` lets agents drop a
 step that was in flight when the owner died.
 
+A goal given as an objective is planned first: an agent of the objective's
+capability answers ``AgentService.Plan``, the plan is validated as submitted
+steps are and becomes the goal's ``spec.steps`` (``Goal.plan`` says who
+planned; a ``GOAL_PLANNED`` event). An expandable step is expanded when ready
+(its agent's plan: sub-steps ``<step>:<id>`` appended to ``spec.steps``, the
+step then depending on the sub-plan's last steps and succeeding with their
+outputs; bounded by MAX_EXPANSION_STEPS, MAX_EXPANSION_DEPTH, MAX_GOAL_STEPS;
+``STEP_EXPANDED`` events, ``Goal.plan.expansions``). With
+``may_start_agents``, a step nobody can run gets an agent started for it
+(:mod:`.launcher`).
+
 Finishing binds the goal to its expiry lease (retention): every step status
 and event is put again bound to it (:meth:`GoalStore.rebind`), then the
 finishing write (summary, ``goal-order/`` key, last event) is bound to it. A
