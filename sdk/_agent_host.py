@@ -231,6 +231,8 @@ class AgentHost:
                     raise
         self.verifier.update(reply.service_token_digests)
         agent.token = reply.token
+        if agent.topics:  # registered anew: its subscriptions went with the old lease
+            self.spawn(agent.resubscribe(), name=f"resubscribe:{agent.agent_id}")
         return reply.agent
 
     async def _beats_stream(self) -> AsyncIterator[registry_pb2.HeartbeatRequest]:

@@ -40,6 +40,7 @@ batches, idempotent steps, migration), :mod:`mabeam._heartbeat_stats`
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -53,6 +54,8 @@ from mabeam._inbox import INBOX_SIZE, Inbox
 from mabeam._values import from_value, to_value
 from mabeam.client import MeshClient
 from mabeam.v1 import agent_pb2, common_pb2, messaging_pb2
+
+log = logging.getLogger("mabeam.agent")
 
 
 class Agent:
@@ -95,6 +98,9 @@ class Agent:
         )
         self.host: AgentHost | None = None
         self._inbox: Inbox | None = None
+        # Topics subscribed through subscribe(), with the client used: made again by the host when
+        # it registers the agent anew (the subscriptions lived on the lease that lapsed).
+        self.topics: dict[str, Any] = {}
 
     async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
         """Answer one protocol message. The default declines every request."""
@@ -165,17 +171,28 @@ class Agent:
         """Subscribe this agent to ``topic`` (through ``mesh``, else its host's client).
 
         The subscription lives on the agent's registration lease: it goes when
-        the registration goes, and a registration made again needs it again.
+        the registration goes. The topic is remembered, and the host subscribes
+        again (with the same client) when it registers the agent anew after its
+        lease lapsed (:meth:`resubscribe`).
         """
-        await self._messaging(mesh).Subscribe(
-            messaging_pb2.SubscribeRequest(agent_id=self.agent_id, topic=topic)
-        )
+        messaging = self._messaging(mesh)
+        await messaging.Subscribe(messaging_pb2.SubscribeRequest(agent_id=self.agent_id, topic=topic))
+        self.topics[topic] = messaging
+
+    async def resubscribe(self) -> None:
+        """Subscribe again to every topic :meth:`subscribe` remembers (a failure is logged, not raised)."""
+        for topic, messaging in list(self.topics.items()):
+            try:
+                await messaging.Subscribe(messaging_pb2.SubscribeRequest(agent_id=self.agent_id, topic=topic))
+            except errors.MabeamError as exc:
+                log.warning("agent %s: subscribing again to %r failed: %s", self.agent_id, topic, exc)
 
     async def unsubscribe(self, topic: str, *, mesh: MeshClient | None = None) -> bool:
         """Take this agent off ``topic``; False when it was not subscribed."""
         reply = await self._messaging(mesh).Unsubscribe(
             messaging_pb2.UnsubscribeRequest(agent_id=self.agent_id, topic=topic)
         )
+        self.topics.pop(topic, None)
         return bool(reply.removed)
 
     def load(self) -> common_pb2.AgentLoad:

@@ -24,6 +24,8 @@ from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient, agent_message
+from mabeam.config import MeshConfig
+from mabeam.runtime import etcd as mabeam_etcd
 from mabeam.server import MeshServer
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, auth_pb2, common_pb2, messaging_pb2, registry_pb2
 
@@ -366,3 +368,49 @@ async def test_a_topic_goes_to_each_host_in_one_batch_or_one_call_per_agent(
     finally:
         for server in servers:
             await server.stop(0)
+
+
+async def test_a_subscription_goes_with_the_lease_and_comes_back_with_the_registration(
+    mesh: tuple[MeshClient, MeshServer], mesh_config: MeshConfig
+) -> None:
+    """The registration's lease is revoked behind the host's back: the subscription goes with it,
+    and the host, registering the agent anew, subscribes it again."""
+    client, registry = mesh
+    agent = Listener("phoenix")
+    etcd = await mabeam_etcd.connect(mesh_config.etcd_endpoints)
+    host = AgentHost(
+        [agent],
+        registry=registry.address,
+        etcd=list(mesh_config.etcd_endpoints),
+        prefix=mesh_config.prefix,
+        lease_ttl=1.5,
+    )
+    await host.start()
+    try:
+        await agent.subscribe("rebirth")  # through the host's client (coordination found in etcd)
+
+        async def subscribed() -> bool:
+            page = await client.messaging.ListSubscriptions(
+                messaging_pb2.ListSubscriptionsRequest(topic="rebirth")
+            )
+            return [s.agent_id for s in page.subscriptions] == ["phoenix"]
+
+        assert await subscribed()
+        got = await etcd.get(mesh_config.key("agents", "phoenix"))
+        assert got is not None
+        old_lease = int(got.lease)
+        await etcd.revoke_lease(old_lease)
+        assert not await subscribed()  # gone with the lease, at once
+
+        async def registered_anew() -> bool:
+            now = await etcd.get(mesh_config.key("agents", "phoenix"))
+            return now is not None and int(now.lease) != old_lease
+
+        await eventually(registered_anew, timeout=15, what="the agent registered anew")
+        await eventually(subscribed, timeout=10, what="the subscription made again")
+        reply = await client.publish("rebirth", {"n": 7})
+        assert reply.delivered == 1
+        await eventually(lambda: texts(agent) == [7], what="the message after the rebirth")
+    finally:
+        await host.stop()
+        await etcd.close()
