@@ -34,6 +34,7 @@ from mabeam.v1 import (
     auth_pb2_grpc,
     common_pb2,
     coordination_pb2,
+    messaging_pb2,
     orchestrator_pb2,
     planner_pb2,
     registry_pb2,
@@ -48,11 +49,12 @@ HOSTS = {
     "AuthService": "registry",
     "OrchestratorService": "orchestrator",
     "CoordinationService": "coordination",
+    "MessagingService": "coordination",
     "PlannerService": "planner",
 }
 # Served by agents and protocol plugins, not by the mesh's servers (tests/unit covers their rules).
 ELSEWHERE = {"AgentService", "ProtocolPluginService"}
-MODULES = (auth_pb2, coordination_pb2, orchestrator_pb2, planner_pb2, registry_pb2)
+MODULES = (auth_pb2, coordination_pb2, messaging_pb2, orchestrator_pb2, planner_pb2, registry_pb2)
 CALL_TIMEOUT = 10.0
 
 
