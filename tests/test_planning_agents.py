@@ -7,7 +7,9 @@ AgentHost; auth is on (the harness's tokens).
 from __future__ import annotations
 
 import asyncio
+import collections
 import shutil
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost, from_value, to_value
 from mabeam.client import MeshClient
+from mabeam.runtime.mesh import LocalMesh
 from mabeam.server import MeshServer
 from mabeam.v1 import agent_pb2, planner_pb2, registry_pb2
 
@@ -369,3 +372,95 @@ async def test_the_readme_planning_agent_plans(
 def test_the_readme_javascript_command_is_the_one_tested() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "node examples/node-agent/agent.js --id js-planner --capabilities compute,plan-sum" in readme
+
+
+class SlowWorker(Worker):
+    """A Worker that takes 0.2 s a step."""
+
+    async def execute_step(self, request: agent_pb2.ExecuteStepRequest) -> Any:
+        await asyncio.sleep(0.2)
+        return await super().execute_step(request)
+
+
+@pytest.mark.slow
+async def test_a_planned_and_expanded_goal_resumes_without_planning_again(
+    local_mesh: Callable[..., Awaitable[LocalMesh]],
+) -> None:
+    mesh = await local_mesh(
+        services=("registry", "coordination", "planner"), replicas=2, extra_env={"MABEAM_SERVICE_TTL": "2"}
+    )
+    registry, planners = mesh.addresses("registry"), [p for p in mesh.processes if p.kind == "planner"]
+
+    def plan(request: agent_pb2.PlanRequest) -> Any:
+        if request.step_id:  # the expandable step: a chain of 8
+            return [
+                {
+                    "step_id": f"c{i}",
+                    "capability": "add",
+                    "input": 1,
+                    "depends_on": [f"c{i - 1}"] if i else [],
+                }
+                for i in range(8)
+            ]
+        return [
+            {"step_id": "first", "capability": "add", "input": 1},
+            {"step_id": "chain", "capability": "trip", "depends_on": ["first"], "expandable": True},
+            {"step_id": "last", "capability": "add", "input": 0, "depends_on": ["chain"]},
+        ]
+
+    planner, worker = Planner("planner-1", answer=plan), SlowWorker("worker-1")
+    host = AgentHost([planner, worker], registry=registry)
+    await host.start()
+    client = await MeshClient.connect(registry=registry, planner=[p.address for p in planners])
+    try:
+        spec = planner_pb2.GoalSpec(objective=objective("trip", {}))
+        await client.planner.SubmitGoal(planner_pb2.SubmitGoalRequest(goal=spec, goal_id="planned"))
+
+        async def expanded_and_going() -> bool:
+            goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id="planned"))).goal
+            done = {s.step_id for s in goal.steps if s.state == planner_pb2.STEP_STATE_SUCCEEDED}
+            return len(goal.plan.expansions) == 1 and {"chain:c0", "chain:c1"} <= done
+
+        await eventually(expanded_and_going, timeout=20, what="the plan expanded and two sub-steps done")
+        goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id="planned"))).goal
+        owner = next(p for p in planners if f"-{p.pid}-" in goal.owner)
+        owner.proc.send_signal(signal.SIGKILL)
+        owner.proc.wait()
+        survivor = next(p for p in planners if p is not owner)
+        follow = await MeshClient.connect(planner=survivor.address)
+        events = [
+            e async for e in follow.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal_id="planned"))
+        ]
+        final = (await follow.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id="planned"))).goal
+        await follow.close()
+    finally:
+        await client.close()
+        await host.stop()
+    assert final.state == planner_pb2.GOAL_STATE_SUCCEEDED, final.error
+    assert final.resumed_count >= 1 and events[-1].type == planner_pb2.GOAL_EVENT_TYPE_GOAL_FINISHED
+    # The survivor ran the recorded plan: nobody was asked to plan again.
+    assert [(r.step_id, r.depth) for r in planner.requests] == [("", 0), ("chain", 1)]
+    assert len(final.plan.expansions) == 1 and final.plan.agent_id == "planner-1"
+    # Each step ran once (a step in flight at the kill is answered from its idempotency key).
+    assert collections.Counter(worker.ran) == {"first": 1, "last": 1, **{f"chain:c{i}": 1 for i in range(8)}}
+    # first = 1; c0 = 1 + 1; each next adds 1: c7 = 9; chain = {c7: 9}; last = 9.
+    assert from_value({s.step_id: s for s in final.steps}["last"].output) == 9.0
+
+
+async def test_an_expansion_beyond_its_size_fails_the_step_naming_the_limit(
+    mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
+) -> None:
+    client, _ = mesh
+    many = [{"step_id": f"s{i}", "capability": "add"} for i in range(101)]
+    big = Planner("planner-1", answer=lambda r: many)
+    await hosted(big, Worker("worker-1"))
+    spec = planner_pb2.GoalSpec(
+        steps=[planner_pb2.StepSpec(step_id="huge", capability="trip", expandable=True)], max_attempts=1
+    )
+    goal, events = await run(client, spec)
+    assert goal.state == planner_pb2.GOAL_STATE_FAILED
+    (request,) = big.requests
+    assert request.max_steps == 100  # the agent was told the limit
+    assert "has 101 steps; at most 100" in goal.steps[0].error
+    assert not goal.plan.expansions and len(goal.spec.steps) == 1
+    assert not [e for e in events if e.type == planner_pb2.GOAL_EVENT_TYPE_STEP_EXPANDED]
