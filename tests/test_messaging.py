@@ -143,6 +143,10 @@ async def test_send_refuses_what_it_cannot_deliver(mesh: tuple[MeshClient, MeshS
             await client.send({"n": 1}, to="deaf-1")
         with pytest.raises(errors.FailedPrecondition, match="no live agent offers capability 'nobody'"):
             await client.send({"n": 1}, capability="nobody")
+        with pytest.raises(errors.FailedPrecondition, match="no live agent offers capability 'a/b c'"):
+            await client.send({"n": 1}, capability="a/b c")  # any capability the registry takes
+        with pytest.raises(errors.InvalidArgument, match=r"capability: must be 1-128 characters \(got 129\)"):
+            await client.send({"n": 1}, capability="x" * 129)
         with pytest.raises(errors.InvalidArgument, match="exactly one of agent_id and capability"):
             await client.send({"n": 1}, to="m1", capability="listen")
         with pytest.raises(errors.InvalidArgument, match="over the limit of 65536"):

@@ -256,7 +256,10 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
                 ) from None
             recipient = Recipient(found.agent.agent_id, found.agent.endpoint)
         else:
-            validate.identifier(request.capability, "capability")
+            if len(request.capability) > 128:  # what the registry takes: any 1-128 characters
+                raise errors.InvalidArgument(
+                    "capability", f"must be 1-128 characters (got {len(request.capability)})"
+                )
             recipient = await self._pick(request.capability)
         message = agent_pb2.AgentMessage()
         message.CopyFrom(request.message)
