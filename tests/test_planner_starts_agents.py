@@ -11,6 +11,7 @@ examples/worker.py process.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import from_value, to_value
 from mabeam.client import MeshClient
+from mabeam.config import MeshConfig
+from mabeam.runtime.etcd import EtcdClient
+from mabeam.runtime.mesh import LocalMesh
 from mabeam.server import MeshServer
 from mabeam.services.planner.launcher import idle_seconds
 from mabeam.v1 import auth_pb2, planner_pb2, registry_pb2
@@ -138,3 +142,58 @@ def test_the_idle_time_setting() -> None:
         idle_seconds({"MABEAM_PLANNER_AGENT_IDLE": "soon"})
     with pytest.raises(Exception, match="outside"):
         idle_seconds({"MABEAM_PLANNER_AGENT_IDLE": "0"})
+
+
+@pytest.mark.slow
+async def test_the_agents_of_a_planner_replica_that_dies_are_stopped_by_another(
+    tmp_path: Path,
+    local_mesh: Callable[..., Awaitable[LocalMesh]],
+    etcd_client: EtcdClient,
+    mesh_config: MeshConfig,
+) -> None:
+    catalog = tmp_path / "agents.yaml"
+    catalog.write_text(json.dumps({"compute": {"argv": [sys.executable, WORKER]}}))
+    mesh = await local_mesh(
+        services=("registry", "coordination", "planner"),
+        replicas=2,
+        extra_env={
+            "MABEAM_SERVICE_TTL": "2",
+            "MABEAM_AGENT_CATALOG": str(catalog),
+            "MABEAM_PLANNER_AGENT_IDLE": "3",
+        },
+    )
+    registry = mesh.addresses("registry")
+    planners = [p for p in mesh.processes if p.kind == "planner"]
+    client = await MeshClient.connect(registry=registry, planner=[p.address for p in planners])
+    try:
+        spec = planner_pb2.GoalSpec(
+            may_start_agents=True,
+            steps=[planner_pb2.StepSpec(step_id="a", capability="compute", input=to_value(1))],
+        )
+        events = [e async for e in client.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal=spec))]
+        assert events[-1].goal_state == planner_pb2.GOAL_STATE_SUCCEEDED, events[-1].error
+        (agent_id,) = [e.agent_id for e in events if e.type == planner_pb2.GOAL_EVENT_TYPE_AGENT_STARTED]
+        # The replica that keeps it is named by its claim; it dies before the idle time is up.
+        claim = await etcd_client.get(mesh_config.key("planner-agent-claims") + b"/" + agent_id.encode())
+        assert claim is not None
+        keeper = next(p for p in planners if f"-{p.pid}-" in claim.value.decode())
+        keeper.proc.send_signal(signal.SIGKILL)
+        keeper.proc.wait()
+        assert agent_id in await listed(client, "compute")
+
+        # The other replica adopts it once the claim's lease lapsed, and stops it after the idle time.
+        async def gone() -> bool:
+            return agent_id not in await listed(client, "compute")
+
+        await eventually(gone, timeout=30, what="the orphaned agent stopped by the surviving replica")
+
+        async def forgotten() -> bool:
+            return await etcd_client.get(mesh_config.key("planner-agents") + b"/" + agent_id.encode()) is None
+
+        await eventually(forgotten, what="its record deleted once stopped")
+        # The survivor stopped it through the registry: its supervised record says so.
+        supervised = await client.registry.ListSupervisedAgents(registry_pb2.ListSupervisedAgentsRequest())
+        (record,) = [a for a in supervised.agents if a.agent_id == agent_id]
+        assert record.state == registry_pb2.SUPERVISION_STATE_STOPPED
+    finally:
+        await client.close()

@@ -15,9 +15,12 @@ replica that stops stops the agents it started. Steps of one capability
 started at once share one start. The agents started are recorded in
 ``Goal.plan.started_agents`` and as ``AGENT_STARTED`` events.
 
-Known limit: which replica started which agent is held in memory; agents
-started by a replica that dies are not stopped by another (they stay
-supervised, restart policy temporary, and show in ``mabeam agents``).
+Which replica keeps which agent is in etcd (see the store's key table): the
+agent's record (``planner-agents/<id>``, no lease) is written before
+``StartAgent`` with the replica's claim (``planner-agent-claims/<id>``, on
+the replica's lease). When a replica dies its claims go with its lease, and
+another replica's idle pass adopts the unclaimed agents (idle from then) and
+stops them after the idle time.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from google.protobuf import duration_pb2
 from mabeam import errors
 from mabeam.client import MeshClient
 from mabeam.config import ConfigError
+from mabeam.services.planner.store import GoalStore
 from mabeam.v1 import registry_pb2
 
 log = logging.getLogger("mabeam.planner.launcher")
@@ -77,9 +81,18 @@ class Started:
 class Launcher:
     """Starts catalog agents for capabilities nobody offers; stops them once idle."""
 
-    def __init__(self, mesh: Callable[[], MeshClient], instance_id: str, idle_s: float) -> None:
+    def __init__(
+        self,
+        mesh: Callable[[], MeshClient],
+        store: GoalStore,
+        instance_id: str,
+        lease: Callable[[], int],
+        idle_s: float,
+    ) -> None:
         self._mesh = mesh
+        self.store = store
         self.instance_id = instance_id
+        self._lease = lease  # the replica's lease (claims are bound to it)
         self.idle_s = idle_s
         self.started: dict[str, Started] = {}
         self._starting: dict[str, asyncio.Future[str]] = {}
@@ -124,7 +137,14 @@ class Launcher:
                 f"this planner replica runs {MAX_STARTED} agents it started; at most"
             )
         agent_id = f"{capability[:80]}-{uuid.uuid4().hex[:10]}"
-        await self.mesh.registry.StartAgent(self._request(capability, agent_id))
+        # Recorded first: a replica that dies right after StartAgent leaves an agent another adopts.
+        await self.store.record_started(agent_id, capability, self.instance_id, self._lease())
+        try:
+            await self.mesh.registry.StartAgent(self._request(capability, agent_id))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.store.drop_started(agent_id)
+            raise
         self.started[agent_id] = Started(agent_id, capability, idle_since=time.monotonic())
         deadline = time.monotonic() + LISTED_WITHIN_S
         while time.monotonic() < deadline:
@@ -167,15 +187,34 @@ class Launcher:
         except errors.MabeamError as exc:
             log.info("stopping idle agent %s failed (tried again): %s", agent_id, exc.message)
             return False
+        await self.store.drop_started(agent_id)
         self.started.pop(agent_id, None)
         log.info("stopped agent %s (idle %.1f s)", agent_id, self.idle_s)
         return True
 
+    async def adopt(self) -> list[str]:
+        """Claim the started agents nobody keeps (their replica died): idle from now; their ids."""
+        adopted: list[str] = []
+        room = MAX_STARTED - len(self.started)
+        if room <= 0:
+            return adopted
+        for agent_id, capability in await self.store.unclaimed_started(room):
+            if agent_id in self.started:
+                continue
+            if await self.store.claim_started(agent_id, self.instance_id, self._lease()):
+                self.started[agent_id] = Started(agent_id, capability, idle_since=time.monotonic())
+                adopted.append(agent_id)
+                log.info(
+                    "adopted agent %s (capability %r): its planner replica is gone", agent_id, capability
+                )
+        return adopted
+
     async def run(self) -> None:
-        """Stop idle agents, checking a few times per idle time."""
+        """Adopt agents whose replica died and stop idle agents, a few times per idle time."""
         while True:
             await asyncio.sleep(max(0.05, min(self.idle_s / 4, 5.0)))
             try:
+                await self.adopt()
                 await self.stop_idle()
             except asyncio.CancelledError:
                 raise

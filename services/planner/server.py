@@ -90,9 +90,15 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         # Agents started for goals that may start them (GoalSpec.may_start_agents), stopped once idle.
         self.launcher = Launcher(
             lambda: self.mesh,
+            self.store,
             server.instance_id,
+            self._lease_id,
             agent_idle_s if agent_idle_s is not None else idle_seconds(os.environ),
         )
+
+    def _lease_id(self) -> int:
+        assert self._keeper is not None
+        return self._keeper.lease_id
 
     @property
     def mesh(self) -> MeshClient:

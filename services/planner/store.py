@@ -23,6 +23,10 @@ P/goal-retention-leader/<l>     candidates of the election of the replica that  
                                 enforces the count cap (:meth:`GoalStore.trim`)
 P/requests/planner/<m>/<id>     outcome of a call by ``request_id``                   the window's
                                 (:mod:`mabeam.runtime.idempotency`)
+P/planner-agents/<agent>        capability of an agent a planner replica started      none; deleted when
+                                for a goal (:mod:`.launcher`)                         it is stopped
+P/planner-agent-claims/<agent>  id of the replica that keeps that agent (stops it     the replica's
+                                once idle); an agent with no claim is adopted
 ==============================  ====================================================  ==================
 
 The two indexes keep the planner's memory and its lists bounded: every
@@ -125,6 +129,8 @@ class GoalStore:
         self.active = config.key("goal-active") + b"/"
         self.index_version = config.key("goal-index-version")
         self.retention_leader = config.key("goal-retention-leader")
+        self.started_agents = config.key("planner-agents") + b"/"
+        self.agent_claims = config.key("planner-agent-claims") + b"/"
         self.trims = TrimStats()
         self.scans = ScanStats()  # what ListGoals' range reads cost (tests read it)
         self.requests = RequestLog(client, config, "planner")  # outcomes by request_id
@@ -372,6 +378,51 @@ class GoalStore:
             success=[c.transactions.delete(self.owner_key(goal_id))],
             failure=[],
         )
+
+    # -- agents the planner started (:mod:`.launcher`) ------------------------------------
+
+    async def record_started(self, agent_id: str, capability: str, owner: str, lease_id: int) -> None:
+        """Before starting it: the agent, and ``owner``'s claim on it bound to ``lease_id``."""
+        c, t = self.client, self.client.transactions
+        await c.transaction(
+            compare=[],
+            success=[
+                t.put(self.started_agents + agent_id.encode(), capability.encode()),
+                t.put(self.agent_claims + agent_id.encode(), owner.encode(), lease=lease_id),
+            ],
+            failure=[],
+        )
+
+    async def claim_started(self, agent_id: str, owner: str, lease_id: int) -> bool:
+        """Take an unclaimed started agent for ``owner`` (True when it is ours)."""
+        return await try_acquire(self.client, self.agent_claims + agent_id.encode(), owner, lease_id)
+
+    async def drop_started(self, agent_id: str) -> None:
+        """The agent was stopped (or never started): its record and claim go."""
+        c, t = self.client, self.client.transactions
+        await c.transaction(
+            compare=[],
+            success=[
+                t.delete(self.started_agents + agent_id.encode()),
+                t.delete(self.agent_claims + agent_id.encode()),
+            ],
+            failure=[],
+        )
+
+    async def unclaimed_started(self, most: int) -> list[tuple[str, str]]:
+        """(agent id, capability) of started agents nobody claims (their replica's lease went); two bounded reads."""
+        started = await self._range(
+            self.started_agents, aetcd.utils.prefix_range_end(self.started_agents), most
+        )
+        claims = await self._range(
+            self.agent_claims, aetcd.utils.prefix_range_end(self.agent_claims), most, keys_only=True
+        )
+        claimed = {bytes(kv.key)[len(self.agent_claims) :] for kv in claims.kvs}
+        return [
+            (bytes(kv.key)[len(self.started_agents) :].decode(), bytes(kv.value).decode())
+            for kv in started.kvs
+            if bytes(kv.key)[len(self.started_agents) :] not in claimed
+        ]
 
     async def request_cancel(self, goal_id: str, reason: str) -> bool:
         """Ask the goal's runner (whichever replica it is on) to cancel it; False when it is not
