@@ -464,3 +464,15 @@ async def test_an_expansion_beyond_its_size_fails_the_step_naming_the_limit(
     assert "has 101 steps; at most 100" in goal.steps[0].error
     assert not goal.plan.expansions and len(goal.spec.steps) == 1
     assert not [e for e in events if e.type == planner_pb2.GOAL_EVENT_TYPE_STEP_EXPANDED]
+
+
+def test_a_goal_file_may_give_an_objective(tmp_path: Path) -> None:
+    from mabeam.cli.goal import load_goal
+
+    path = tmp_path / "trip.yaml"
+    path.write_text(
+        "name: trip\nmay_start_agents: true\nobjective: {capability: plan-trip, input: {legs: 3}}\n"
+    )
+    spec = load_goal(path)
+    assert spec.objective.capability == "plan-trip" and from_value(spec.objective.input) == {"legs": 3.0}
+    assert spec.may_start_agents and not spec.steps

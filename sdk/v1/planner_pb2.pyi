@@ -375,8 +375,9 @@ class GoalSpec(_message.Message):
     """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepSpec]:
-        """Required unless `objective` is given: the steps; at least one, at most
-        1,000. With an objective, empty at submission; the plan once made.
+        """Required unless `objective` is given: the steps; at least one. With an
+        objective, empty at submission, then the plan once made. Expansions
+        append their sub-steps here (a goal grows to at most 1,000 steps so).
         """
 
     @_builtins.property
