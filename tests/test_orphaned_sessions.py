@@ -196,6 +196,36 @@ async def test_a_session_that_finishes_leaves_no_in_flight_key(
         await host.stop()
 
 
+async def test_a_replica_whose_session_was_taken_over_records_nothing(
+    service: Callable[..., Awaitable[MeshServer]], mesh_config: MeshConfig, etcd_client: EtcdClient
+) -> None:
+    """A replica that lost its session to another (its lease lapsed while it ran, another replica
+    ended the session) does not overwrite what that replica wrote: its call answers ABORTED."""
+    registry = await service("registry")
+    coordination = await service("coordination")
+    host = AgentHost([SlowBidder("b1", 3, 0.2), SlowBidder("b2", 6, 0.2)], registry=registry.address)
+    await host.start()
+    client = await MeshClient.connect(registry=registry.address, coordination=coordination.address)
+    try:
+        run = asyncio.create_task(client.coordination.RunAuction(english("taken-1", 30)))
+        owner = mesh_config.key("session-owner") + b"/taken-1"
+        await eventually(lambda: etcd_client.get(owner), timeout=10, what="the owner key")
+        # What another replica's claim leaves: the owner key names it (on a lease of its own).
+        lease = await etcd_client.lease(30)
+        await etcd_client.put(owner, b"another-replica", lease=lease.id)
+        with pytest.raises(errors.Aborted, match="ended by another coordination replica"):
+            await run
+        record = await etcd_client.get(mesh_config.key("sessions") + b"/taken-1")
+        assert record is not None
+        assert (
+            coordination_pb2.Session.FromString(record.value).state == coordination_pb2.SESSION_STATE_RUNNING
+        )
+        await lease.revoke()
+    finally:
+        await client.close()
+        await host.stop()
+
+
 async def test_a_replica_starting_ends_sessions_left_running_without_an_owner(
     service: Callable[..., Awaitable[MeshServer]], mesh_config: MeshConfig, etcd_client: EtcdClient
 ) -> None:

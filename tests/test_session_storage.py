@@ -85,11 +85,13 @@ class Counted(SessionStore):
         self.ranges: list[int] = []  # the limit of each range read
         self.fail_final = False
 
-    async def _txn_puts(self, puts: Sequence[tuple[bytes, bytes]], lease: int | None = None) -> None:
+    async def _txn_puts(
+        self, puts: Sequence[tuple[bytes, bytes]], lease: int | None = None, guard: Sequence[Any] = ()
+    ) -> bool:
         self.txns.append((len(puts), sum(len(k) + len(v) for k, v in puts)))
         if self.fail_final and any(k.endswith(b"~end") for k, _ in puts):
             raise errors.Unavailable("etcd went away before the session's record")
-        await super()._txn_puts(puts, lease)
+        return await super()._txn_puts(puts, lease, guard)
 
     async def _range(self, start: bytes, end: bytes, limit: int = 0, **kw: Any) -> Any:
         self.ranges.append(limit)

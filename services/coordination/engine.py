@@ -440,7 +440,8 @@ class Session:
         self.proto.finished_at.CopyFrom(now_ts())
         try:
             async with asyncio.timeout(max(self.deadline - time.monotonic(), FINISH_MIN_S)):
-                await self.store.finish(self.proto, self._unsaved_rounds)
+                owner = self.proto.coordinator_id if self._keeper is not None else None
+                await self.store.finish(self.proto, self._unsaved_rounds, owner=owner)
         except TimeoutError:
             raise errors.DeadlineExceeded(
                 f"session {self.session_id} reached its deadline ({self.deadline_s:g} s) before its "

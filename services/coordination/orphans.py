@@ -195,7 +195,7 @@ class Orphans:
         session.outcome.CopyFrom(coordination_pb2.Outcome(decided=False, reason=reason_for(replica)))
         session.round_count = await self.store.round_count(session_id)
         session.finished_at.GetCurrentTime()
-        await self.store.finish(session, [])
+        await self.store.finish(session, [], owner=self.replica_id)  # the owner key is ours now
         await self.store.drop_in_flight(session_id, self.replica_id)
         self.ended += 1
         log.warning(

@@ -208,10 +208,17 @@ class SessionStore(SessionChunks, SessionPruning, SessionsInFlight):
         await self._write_chunked(session_id, [record.number], chunks, [manifest], self.running)
 
     async def finish(
-        self, session: coordination_pb2.Session, rounds: Sequence[coordination_pb2.Round]
+        self,
+        session: coordination_pb2.Session,
+        rounds: Sequence[coordination_pb2.Round],
+        *,
+        owner: str | None = None,
     ) -> None:
         """Write the finished session: ``rounds`` not written yet, its summary, index key and end
-        marker, all bound to the expiry lease (the summary and index key put again if claimed)."""
+        marker, all bound to the expiry lease (the summary and index key put again if claimed).
+
+        ``owner``: a session marked in flight is written only while its owner key names this
+        replica; else ABORTED (another replica ended it when this one's lease lapsed)."""
         sid = session.session_id
         final: list[tuple[bytes, bytes]] = [
             (self.session_key(sid), _summary(session).SerializeToString()),
@@ -223,7 +230,7 @@ class SessionStore(SessionChunks, SessionPruning, SessionsInFlight):
             final.append(manifest)
             chunks += puts
         final.append((self.rounds_prefix(sid) + END_MARKER, b""))
-        await self._write_chunked(sid, [r.number for r in rounds], chunks, final, self.expiry)
+        await self._write_chunked(sid, [r.number for r in rounds], chunks, final, self.expiry, owner)
 
     # -- reading -----------------------------------------------------------------------
 

@@ -56,6 +56,9 @@ class SessionKeys:
     def round_key(self, session_id: str, number: int) -> bytes:
         return self.rounds_prefix(session_id) + f"{number:06d}".encode()
 
+    def owner_key(self, session_id: str) -> bytes:
+        return self.session_owners + session_id.encode()
+
     def chunks_prefix(self, session_id: str, number: int | None = None) -> bytes:
         prefix = self.chunks + session_id.encode() + b"/"
         return prefix if number is None else prefix + f"{number:06d}/".encode()

@@ -60,11 +60,15 @@ class SessionChunks(SessionKeys):
             size += cost
         return out
 
-    async def _txn_puts(self, puts: Sequence[tuple[bytes, bytes]], lease: int | None = None) -> None:
+    async def _txn_puts(
+        self, puts: Sequence[tuple[bytes, bytes]], lease: int | None = None, guard: Sequence[Any] = ()
+    ) -> bool:
+        """Put ``puts`` in one transaction, if every comparison of ``guard`` holds (False if not)."""
         c = self.client
-        await c.transaction(
-            compare=[], success=[c.transactions.put(k, v, lease=lease) for k, v in puts], failure=[]
+        ok, _ = await c.transaction(
+            compare=list(guard), success=[c.transactions.put(k, v, lease=lease) for k, v in puts], failure=[]
         )
+        return bool(ok)
 
     async def _write_chunked(
         self,
@@ -73,14 +77,23 @@ class SessionChunks(SessionKeys):
         chunks: Sequence[tuple[bytes, bytes]],
         final: Sequence[tuple[bytes, bytes]],
         leases: ExpiryLeases,
+        owner: str | None = None,
     ) -> None:
         """Write ``chunks`` then ``final`` (the manifests that point at them) within etcd's limits,
         every key on one lease of ``leases``; a lease etcd no longer knows: all of it again, once,
-        on a new lease (the keys put on the lost one are gone with it)."""
+        on a new lease (the keys put on the lost one are gone with it).
+
+        With ``owner``, ``final`` is written only while the session's owner key names ``owner``:
+        a replica whose session was ended by another (its lease lapsed) overwrites nothing and
+        gets ABORTED."""
+        guard = []
+        if owner is not None:
+            c = self.client
+            guard = [c.transactions.value(self.owner_key(session_id)) == owner.encode()]
         for attempt in range(2):
             lease = await leases.lease()
             try:
-                await self._write_chunked_on(session_id, numbers, chunks, final, lease)
+                await self._write_chunked_on(session_id, numbers, chunks, final, lease, guard)
                 return
             except aetcd.exceptions.ClientError as exc:
                 if attempt or lease is None or not lease_gone(exc):
@@ -94,10 +107,12 @@ class SessionChunks(SessionKeys):
         chunks: Sequence[tuple[bytes, bytes]],
         final: Sequence[tuple[bytes, bytes]],
         lease: int | None,
+        guard: Sequence[Any] = (),
     ) -> None:
         together = self.batches([*chunks, *final])
         if len(together) == 1:
-            await self._txn_puts(together[0], lease)  # all of it in one transaction
+            if not await self._txn_puts(together[0], lease, guard):  # all of it in one transaction
+                raise _taken_over(session_id)
             return
         last = self.batches(final)
         if len(last) != 1:
@@ -108,7 +123,8 @@ class SessionChunks(SessionKeys):
         try:
             for batch in self.batches(chunks):
                 await self._txn_puts(batch, lease)
-            await self._txn_puts(last[0], lease)
+            if not await self._txn_puts(last[0], lease, guard):
+                raise _taken_over(session_id)
         except BaseException as exc:
             if isinstance(exc, aetcd.exceptions.ClientError) and lease is not None and lease_gone(exc):
                 raise  # written again whole on a new lease: no cleanup racing that write
@@ -126,6 +142,14 @@ class SessionChunks(SessionKeys):
                 success=[c.transactions.delete(prefix, aetcd.utils.prefix_range_end(prefix))],
                 failure=[],
             )
+
+
+def _taken_over(session_id: str) -> errors.MabeamError:
+    return errors.Aborted(
+        f"session {session_id} was ended by another coordination replica (this one's lease lapsed "
+        "while it ran): its outcome is not recorded",
+        metadata={"session_id": session_id},
+    )
 
 
 def split_round(data: bytes, budget: int) -> list[bytes]:

@@ -21,9 +21,6 @@ from mabeam.services.coordination.store_base import END_MARKER, SessionKeys
 class SessionsInFlight(SessionKeys):
     """Owner and running keys of the sessions being run (a part of :class:`.store.SessionStore`)."""
 
-    def owner_key(self, session_id: str) -> bytes:
-        return self.session_owners + session_id.encode()
-
     def running_key(self, session_id: str) -> bytes:
         return self.sessions_running + session_id.encode()
 
