@@ -1,6 +1,7 @@
 """Paging that pages: one bounded etcd range read per page, not the whole prefix.
 
-The stores (only they call etcd) list their keys with :func:`scan`: a range
+Every range read of the stores is :func:`range_reply` (one ``RangeRequest``, aetcd's
+errors); the stores (only they call etcd) list their keys with :func:`scan`: a range
 read from the key after the page token's to the prefix's range end, sorted by
 key, with ``limit = page_size + 1`` (the extra key says whether a next page
 exists). A filter that cannot be pushed into the key range (``keep``) is
@@ -62,6 +63,38 @@ class ScanStats:
         self.limits = [*self.limits[-15:], limit]
 
 
+async def range_reply(
+    client: EtcdClient,
+    start: bytes,
+    end: bytes,
+    limit: int = 0,
+    *,
+    serializable: bool = False,
+    keys_only: bool = False,
+    count_only: bool = False,
+    revision: int = 0,
+) -> Any:
+    """One etcd range read of ``[start, end)`` (``limit`` 0: no limit; ``revision`` 0: the latest):
+    etcd's reply, with ``kvs``, ``more``, ``count`` and the header. aetcd's errors as its own calls
+    raise them. Every range read of the stores goes through here."""
+    await client.connect()
+    assert client.kvstub is not None
+    request = aetcd.rpc.RangeRequest(
+        key=start,
+        range_end=end,
+        limit=limit,
+        serializable=serializable,
+        keys_only=keys_only,
+        count_only=count_only,
+        revision=revision,
+    )
+    try:
+        return await client.kvstub.Range(request, timeout=client.timeout, metadata=client.metadata)
+    except aio.AioRpcError as exc:
+        aetcd.exceptions._handle_exception(exc)
+        raise
+
+
 async def read_range(
     client: EtcdClient,
     start: bytes,
@@ -73,16 +106,7 @@ async def read_range(
     stats: ScanStats | None = None,
 ) -> tuple[list[Any], bool]:
     """At most ``limit`` key-values in ``[start, end)`` by key, and whether more keys follow."""
-    await client.connect()
-    assert client.kvstub is not None
-    request = aetcd.rpc.RangeRequest(
-        key=start, range_end=end, limit=limit, serializable=serializable, keys_only=keys_only
-    )
-    try:
-        reply = await client.kvstub.Range(request, timeout=client.timeout, metadata=client.metadata)
-    except aio.AioRpcError as exc:
-        aetcd.exceptions._handle_exception(exc)
-        raise
+    reply = await range_reply(client, start, end, limit, serializable=serializable, keys_only=keys_only)
     if stats is not None:
         stats.count(limit, len(reply.kvs))
     return list(reply.kvs), bool(reply.more)
@@ -138,14 +162,7 @@ def _suffix(prefix: bytes, kv: Any) -> str:
 
 async def count_range(client: EtcdClient, start: bytes, end: bytes, *, stats: ScanStats | None = None) -> int:
     """How many keys are in ``[start, end)``: a count-only range (etcd sends no key)."""
-    await client.connect()
-    assert client.kvstub is not None
-    request = aetcd.rpc.RangeRequest(key=start, range_end=end, count_only=True)
-    try:
-        reply = await client.kvstub.Range(request, timeout=client.timeout, metadata=client.metadata)
-    except aio.AioRpcError as exc:
-        aetcd.exceptions._handle_exception(exc)
-        raise
+    reply = await range_reply(client, start, end, count_only=True)
     if stats is not None:
         stats.counts += 1
     return int(reply.count)

@@ -12,13 +12,10 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import aetcd
-import aetcd.exceptions
-import aetcd.rpc
 import grpc
-from grpc import aio
 
 from mabeam.runtime.etcd import EtcdClient
+from mabeam.runtime.paging import range_reply
 
 END_MARKER = b"~end"  # P/session-rounds/<id>/~end: the session is finished
 CHUNK_COUNT = struct.Struct(">I")  # a round manifest's first bytes: how many chunks it has
@@ -67,14 +64,4 @@ class SessionKeys:
         self, start: bytes, end: bytes, limit: int = 0, *, keys_only: bool = False, revision: int = 0
     ) -> Any:
         """One etcd range read (``limit`` 0: no limit): the reply, with ``kvs``, ``more`` and the header."""
-        c = self.client
-        await c.connect()
-        assert c.kvstub is not None
-        request = aetcd.rpc.RangeRequest(
-            key=start, range_end=end, limit=limit, keys_only=keys_only, revision=revision
-        )
-        try:
-            return await c.kvstub.Range(request, timeout=c.timeout, metadata=c.metadata)
-        except aio.AioRpcError as exc:
-            aetcd.exceptions._handle_exception(exc)
-            raise
+        return await range_reply(self.client, start, end, limit, keys_only=keys_only, revision=revision)

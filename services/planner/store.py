@@ -68,12 +68,11 @@ import aetcd.exceptions
 import aetcd.rpc
 import aetcd.utils
 import grpc
-from grpc import aio
 
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, ResumingWatch, snapshot, try_acquire, while_leading
 from mabeam.runtime.idempotency import RequestLog
-from mabeam.runtime.paging import ScanStats, last_keys, scan
+from mabeam.runtime.paging import ScanStats, last_keys, range_reply, scan
 from mabeam.v1 import planner_pb2
 
 FINISHED = (planner_pb2.GOAL_STATE_SUCCEEDED, planner_pb2.GOAL_STATE_FAILED, planner_pb2.GOAL_STATE_CANCELLED)
@@ -246,17 +245,7 @@ class GoalStore:
         self, start: bytes, end: bytes, limit: int = 0, *, count_only: bool = False, keys_only: bool = False
     ) -> Any:
         """One etcd range read (``limit`` 0: no limit): the reply, with ``kvs``, ``more`` and ``count``."""
-        c = self.client
-        await c.connect()
-        assert c.kvstub is not None
-        request = aetcd.rpc.RangeRequest(
-            key=start, range_end=end, limit=limit, count_only=count_only, keys_only=keys_only
-        )
-        try:
-            return await c.kvstub.Range(request, timeout=c.timeout, metadata=c.metadata)
-        except aio.AioRpcError as exc:
-            aetcd.exceptions._handle_exception(exc)
-            raise
+        return await range_reply(self.client, start, end, limit, count_only=count_only, keys_only=keys_only)
 
     async def _pages(self, prefix: bytes, size: int) -> AsyncIterator[list[Any]]:
         """The key-values under ``prefix`` in bounded range reads of ``size`` keys."""

@@ -26,11 +26,10 @@ import aetcd
 import aetcd.exceptions
 import aetcd.rpc
 import aetcd.utils
-from grpc import aio
 
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient
-from mabeam.runtime.paging import scan
+from mabeam.runtime.paging import range_reply, scan
 
 
 class SubscriptionStore:
@@ -55,21 +54,15 @@ class SubscriptionStore:
         return self.by_agent + f"{agent_id}/{topic}".encode()
 
     async def _range(self, start: bytes, *, count_only: bool = False, limit: int = 0) -> Any:
-        c = self.client
-        await c.connect()
-        assert c.kvstub is not None
-        request = aetcd.rpc.RangeRequest(
-            key=start,
-            range_end=aetcd.utils.prefix_range_end(start),
+        """The keys under the prefix ``start`` (``limit`` 0: all), or only their count."""
+        return await range_reply(
+            self.client,
+            start,
+            aetcd.utils.prefix_range_end(start),
+            limit,
             count_only=count_only,
             keys_only=True,
-            limit=limit,
         )
-        try:
-            return await c.kvstub.Range(request, timeout=c.timeout, metadata=c.metadata)
-        except aio.AioRpcError as exc:
-            aetcd.exceptions._handle_exception(exc)
-            raise
 
     async def subscribe(self, agent_id: str, topic: str, *, max_per_agent: int, max_per_topic: int) -> str:
         """Subscribe; answers "ok", or why not: "not registered", "no lease", "agent full", "topic full".
