@@ -24,11 +24,30 @@ from typing import Any
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
+import grpc
 import stamina
 from grpc import aio
 
 from mabeam.runtime.etcd.client import UNREACHABLE, ClientClosedError, EtcdClient, _cancelled_by_caller, log
 from mabeam.runtime.etcd.members import LATE_TICK_S, TICK_S, Member
+
+
+class LeaseNotFound(Exception):
+    """A write bound to a lease etcd does not know (it lapsed or was never granted): forget it and write again."""
+
+    def __init__(self, lease: int) -> None:
+        super().__init__(f"lease {lease} not found")
+        self.lease = lease
+
+
+def raise_if_lease_unknown(exc: BaseException, lease: int | None) -> None:
+    """Raise :class:`LeaseNotFound` from ``exc`` (an aetcd error of a write bound to ``lease``) when
+    etcd answered NOT_FOUND: what it answers to a put bound to a lease it does not know."""
+    cause = exc.__cause__
+    code = cause.code() if isinstance(cause, grpc.RpcError) and hasattr(cause, "code") else None
+    if lease and code == grpc.StatusCode.NOT_FOUND:
+        raise LeaseNotFound(lease) from exc
+
 
 # With several members: a stream with refreshes waiting that answered nothing for this
 # long, while its member answers other calls, is given up and its refreshes sent again

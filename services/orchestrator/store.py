@@ -24,10 +24,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aetcd.exceptions
-import grpc
 
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, ResumingWatch, snapshot, while_leading
+from mabeam.runtime.etcd.leases import LeaseNotFound as LeaseNotFound  # re-exported: writers catch it
+from mabeam.runtime.etcd.leases import raise_if_lease_unknown
 from mabeam.runtime.idempotency import RequestLog, TxnOps
 from mabeam.runtime.paging import ScanStats, scan
 from mabeam.v1 import orchestrator_pb2
@@ -40,20 +41,6 @@ def variable_from_kv(kv: Any) -> orchestrator_pb2.Variable:
     var.mod_revision = int(kv.mod_revision)
     var.lease_id = int(kv.lease)
     return var
-
-
-class LeaseNotFound(Exception):
-    """A write bound to a lease etcd does not know (it lapsed or was never granted)."""
-
-    def __init__(self, lease: int) -> None:
-        super().__init__(f"lease {lease} not found")
-        self.lease = lease
-
-
-def _etcd_code(exc: BaseException) -> grpc.StatusCode | None:
-    """The status code etcd answered, from the grpc error that aetcd's exception wraps."""
-    cause = exc.__cause__
-    return cause.code() if isinstance(cause, grpc.RpcError) and hasattr(cause, "code") else None
 
 
 class VariableStore:
@@ -114,9 +101,7 @@ class VariableStore:
                 failure=[c.transactions.get(key)],
             )
         except aetcd.exceptions.ClientError as exc:
-            # etcd answers NOT_FOUND to a put bound to a lease it does not know.
-            if lease and _etcd_code(exc) == grpc.StatusCode.NOT_FOUND:
-                raise LeaseNotFound(lease) from exc
+            raise_if_lease_unknown(exc, lease)
             raise
         ranged = responses[-1] if responses else []
         current = variable_from_kv(ranged[0][1]) if ranged else None

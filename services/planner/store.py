@@ -67,10 +67,11 @@ import aetcd
 import aetcd.exceptions
 import aetcd.rpc
 import aetcd.utils
-import grpc
 
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, LeaseKeeper, ResumingWatch, snapshot, try_acquire, while_leading
+from mabeam.runtime.etcd.leases import LeaseNotFound as LeaseNotFound  # re-exported: writers catch it
+from mabeam.runtime.etcd.leases import raise_if_lease_unknown
 from mabeam.runtime.idempotency import RequestLog
 from mabeam.runtime.paging import ScanStats, last_keys, range_reply, scan
 from mabeam.v1 import planner_pb2
@@ -83,20 +84,6 @@ REBIND_TXN_BYTES = 1 << 20
 # The count cap's work per pass: goals deleted, and goal-order keys examined, at most.
 TRIM_BATCH = 100
 TRIM_MAX_EXAMINED = 2_000
-
-
-class LeaseNotFound(Exception):
-    """A write bound to an expiry lease etcd no longer knows: forget it and write again."""
-
-    def __init__(self, lease: int) -> None:
-        super().__init__(f"lease {lease} not found")
-        self.lease = lease
-
-
-def _etcd_code(exc: BaseException) -> grpc.StatusCode | None:
-    """The status code etcd answered, from the grpc error that aetcd's exception wraps."""
-    cause = exc.__cause__
-    return cause.code() if isinstance(cause, grpc.RpcError) and hasattr(cause, "code") else None
 
 
 @dataclass
@@ -235,9 +222,7 @@ class GoalStore:
                 failure=[],
             )
         except aetcd.exceptions.ClientError as exc:
-            # etcd answers NOT_FOUND to a put bound to a lease it does not know.
-            if lease and _etcd_code(exc) == grpc.StatusCode.NOT_FOUND:
-                raise LeaseNotFound(lease) from exc
+            raise_if_lease_unknown(exc, lease)
             raise
         return bool(ok)
 
