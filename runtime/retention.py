@@ -13,7 +13,7 @@ etcd; instead, everything a replica finishes within a *bucket* of time
 ``period_s + bucket_s``: an object is kept at least the period and at most
 the period plus a bucket. Leases are never refreshed; they simply run out.
 
-:class:`Retention` is the setting per kind (flags and environment, e.g.
+:class:`Retention` is the setting per kind (flags, :func:`add_flags` and :func:`from_flags`, and environment, e.g.
 ``MABEAM_SESSION_RETENTION=7d``, and an optional cap on how many are kept,
 ``MABEAM_SESSION_RETENTION_COUNT``, which the elected replica of the service
 enforces by deleting the oldest); :class:`ExpiryLeases` hands out the
@@ -31,6 +31,7 @@ most a bucket later unless etcd was restarted in between.
 
 from __future__ import annotations
 
+import argparse
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -44,6 +45,12 @@ DEFAULT_PERIODS: dict[str, int] = {
     "session": 7 * 86_400,
     "goal": 7 * 86_400,
     "supervised": 7 * 86_400,
+}
+# What each kind's flags keep, in their help.
+KEPT: dict[str, str] = {
+    "session": "finished sessions",
+    "goal": "finished goals",
+    "supervised": "stopped and failed supervised records",
 }
 # etcd's largest lease TTL is about 285 years; a period beyond ten years is a typo.
 MAX_PERIOD_S = 10 * 365 * 86_400
@@ -117,6 +124,36 @@ class Retention:
             bucket_s=min(3_600, max(1, period // 100)),
             max_count=parse_count(raw_count, count_name) if raw_count else 0,
         )
+
+
+def add_flags(parser: argparse.ArgumentParser, kind: str) -> None:
+    """``--<kind>-retention PERIOD`` and ``--<kind>-retention-count N`` in a group of their own;
+    :func:`from_flags` reads them."""
+    name, kept = f"MABEAM_{kind.upper()}_RETENTION", KEPT[kind]
+    default = DEFAULT_PERIODS[kind]
+    default_text = f"{default // 86_400}d" if default % 86_400 == 0 else f"{default}s"
+    g = parser.add_argument_group(f"retention of {kept}")
+    g.add_argument(
+        f"--{kind}-retention",
+        metavar="PERIOD",
+        help=f"keep {kept} this long, then etcd deletes them: 7d, 36h, 90m, 600s; 0 keeps them "
+        f"for good (env {name}; default {default_text})",
+    )
+    g.add_argument(
+        f"--{kind}-retention-count",
+        metavar="N",
+        help=f"keep at most N {kept}, the oldest deleted first; 0: no cap (env {name}_COUNT; default 0)",
+    )
+
+
+def from_flags(kind: str, args: argparse.Namespace, env: Mapping[str, str]) -> Retention:
+    """The retention of ``kind`` from the flags :func:`add_flags` added, over ``env``."""
+    return Retention.load(
+        kind,
+        env,
+        given=getattr(args, f"{kind}_retention"),
+        given_count=getattr(args, f"{kind}_retention_count"),
+    )
 
 
 class ExpiryLeases:

@@ -17,34 +17,18 @@ import sys
 # children exec at once.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
-from mabeam.runtime.retention import Retention
+from mabeam.runtime import retention
 from mabeam.runtime.service import BuildFn, run_service
 from mabeam.services.coordination.server import build, builder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("retention of finished sessions")
-    g.add_argument(
-        "--session-retention",
-        metavar="PERIOD",
-        help="keep finished sessions this long: 7d, 36h, 90m, 600s; 0 keeps them for good "
-        "(env MABEAM_SESSION_RETENTION; default 7d)",
-    )
-    g.add_argument(
-        "--session-retention-count",
-        metavar="N",
-        help="keep at most N finished sessions, the oldest deleted first; 0: no cap "
-        "(env MABEAM_SESSION_RETENTION_COUNT; default 0)",
-    )
+    retention.add_flags(parser, "session")
 
 
 def configure(args: argparse.Namespace) -> BuildFn:
     """The build function of a coordination service with these flags over the environment."""
-    return builder(
-        Retention.load(
-            "session", os.environ, given=args.session_retention, given_count=args.session_retention_count
-        )
-    )
+    return builder(retention.from_flags("session", args, os.environ))
 
 
 if __name__ == "__main__":

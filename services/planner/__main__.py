@@ -20,26 +20,14 @@ import sys
 # children exec at once.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
-from mabeam.runtime.retention import Retention
+from mabeam.runtime import retention
 from mabeam.runtime.service import BuildFn, run_service
 from mabeam.services.planner.launcher import idle_seconds
 from mabeam.services.planner.server import build, builder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("retention of finished goals")
-    g.add_argument(
-        "--goal-retention",
-        metavar="PERIOD",
-        help="keep finished goals this long, then etcd deletes them: 7d, 36h, 90m, 600s; 0 keeps them "
-        "for good (env MABEAM_GOAL_RETENTION; default 7d)",
-    )
-    g.add_argument(
-        "--goal-retention-count",
-        metavar="N",
-        help="keep at most N finished goals, the oldest deleted first; 0: no cap "
-        "(env MABEAM_GOAL_RETENTION_COUNT; default 0)",
-    )
+    retention.add_flags(parser, "goal")
 
     a = parser.add_argument_group("agents the planner starts (goals with may_start_agents)")
     a.add_argument(
@@ -53,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def configure(args: argparse.Namespace) -> BuildFn:
     """The build function of a planner with these flags over the environment (checked now)."""
     return builder(
-        Retention.load("goal", os.environ, given=args.goal_retention, given_count=args.goal_retention_count),
+        retention.from_flags("goal", args, os.environ),
         idle_seconds(os.environ, args.agent_idle),
     )
 

@@ -27,7 +27,7 @@ import sys
 # children exec at once.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
-from mabeam.runtime.retention import Retention
+from mabeam.runtime import retention
 from mabeam.runtime.service import BuildFn, run_service
 from mabeam.services.registry import catalog, nodes
 from mabeam.services.registry.server import build, builder
@@ -59,19 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         help=f"a label of the node, e.g. zone=a; repeatable (env {nodes.NODE_LABELS_ENV}=zone=a,rack=3)",
     )
-    r = parser.add_argument_group("retention")
-    r.add_argument(
-        "--supervised-retention",
-        metavar="PERIOD",
-        help="how long stopped and failed supervised records are kept, e.g. 7d, 36h, 90m, 600s, "
-        "0 = for good (env MABEAM_SUPERVISED_RETENTION; default 7d)",
-    )
-    r.add_argument(
-        "--supervised-retention-count",
-        metavar="N",
-        help="keep at most N stopped supervised records, the oldest deleted first "
-        "(env MABEAM_SUPERVISED_RETENTION_COUNT; default 0 = no cap)",
-    )
+    retention.add_flags(parser, "supervised")
 
 
 def configure(args: argparse.Namespace) -> BuildFn:
@@ -79,11 +67,9 @@ def configure(args: argparse.Namespace) -> BuildFn:
     env = os.environ
     catalog_file = args.agent_catalog or env.get(catalog.CATALOG_ENV) or None
     allow_argv = bool(args.allow_argv) or catalog.truthy(env.get(catalog.ALLOW_ARGV_ENV))
-    retention = Retention.load(
-        "supervised", env, given=args.supervised_retention, given_count=args.supervised_retention_count
-    )
+    kept = retention.from_flags("supervised", args, env)
     node = nodes.NodeSpec.load(env, args.node_name, args.node_label)
-    return builder(catalog.policy(catalog_file, allow_argv), retention, node)
+    return builder(catalog.policy(catalog_file, allow_argv), kept, node)
 
 
 if __name__ == "__main__":
