@@ -41,6 +41,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mabeam import auth, errors, telemetry
 from mabeam import config as mesh_config
+from mabeam.client import MeshClient
 from mabeam.config import MeshConfig
 
 log = logging.getLogger("mabeam.server")
@@ -338,6 +339,18 @@ class MeshServer:
     def grpc_server(self) -> aio.Server:
         """The underlying grpc.aio server."""
         return self._server
+
+    async def connect_mesh(self) -> MeshClient:
+        """A client of the other services as this server: found through its etcd, with its client
+        TLS and its token (the caller closes it)."""
+        config = self.config
+        return await MeshClient.connect(
+            etcd=list(config.etcd_endpoints),
+            prefix=config.prefix,
+            tls=config.client_tls(),
+            token=config.token or "",
+            etcd_tls=config.etcd_tls,
+        )
 
     def add_service(self, full_name: str, add_fn: Callable[[Any, aio.Server], None], servicer: Any) -> None:
         """Serve ``servicer`` (added with the generated ``add_..._to_server``) as ``full_name``."""

@@ -203,14 +203,7 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
         self._mesh: MeshClient | None = None
 
     async def start(self) -> None:
-        config = self._server.config
-        self._mesh = await MeshClient.connect(
-            etcd=list(config.etcd_endpoints),
-            prefix=config.prefix,
-            tls=config.client_tls(),
-            token=config.token or "",
-            etcd_tls=config.etcd_tls,
-        )
+        self._mesh = await self._server.connect_mesh()
 
     async def stop(self) -> None:
         if self._mesh is not None:

@@ -91,14 +91,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
     async def start(self) -> None:
         await self.plugins.start()
         await self.store.backfill_index()  # sessions stored before the index: once per mesh
-        config = self._server.config
-        self._mesh = await MeshClient.connect(
-            etcd=list(config.etcd_endpoints),
-            prefix=config.prefix,
-            tls=config.client_tls(),
-            token=config.token or "",
-            etcd_tls=config.etcd_tls,
-        )
+        self._mesh = await self._server.connect_mesh()
         await self.orphans.start()
 
     async def stop(self) -> None:

@@ -65,14 +65,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def start(self) -> None:
         await self.bindings.start()
-        config = self._server.config
-        self._mesh = await MeshClient.connect(
-            etcd=list(config.etcd_endpoints),
-            prefix=config.prefix,
-            tls=config.client_tls(),
-            token=config.token or "",
-            etcd_tls=config.etcd_tls,
-        )
+        self._mesh = await self._server.connect_mesh()
 
     async def stop(self) -> None:
         await self.bindings.stop()

@@ -107,13 +107,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
 
     async def start(self) -> None:
         config = self._server.config
-        self._mesh = await MeshClient.connect(
-            etcd=list(config.etcd_endpoints),
-            prefix=config.prefix,
-            tls=config.client_tls(),
-            token=config.token or "",
-            etcd_tls=config.etcd_tls,
-        )
+        self._mesh = await self._server.connect_mesh()
         await self.store.backfill_indexes()  # goals stored before the indexes: once per mesh
         for cache in (self.active, self.owners, self.cancels):
             cache.add_listener(lambda *a: self._wake.set())
