@@ -310,11 +310,17 @@ class Planning:
 
     async def _join(self, step_id: str) -> bool:
         """An expanded step whose plan's last steps succeeded: it succeeds, their outputs its output."""
-        status = self.statuses[step_id]
         output = struct_pb2.Value()
         for d in self.specs[step_id].depends_on:
             if d.startswith(f"{step_id}:"):
                 output.struct_value.fields[d[len(step_id) + 1 :]].CopyFrom(self.outputs[d])
+        await self._succeeded(step_id, output, self.statuses[step_id].agent_id)
+        return True
+
+    async def _succeeded(self, step_id: str, output: struct_pb2.Value, agent_id: str, **event: Any) -> None:
+        """``step_id`` succeeded with ``output``: its status, the goal's outputs and count of done
+        steps, and the write of its status with the STEP_SUCCEEDED event (``event``: more fields)."""
+        status = self.statuses[step_id]
         status.state = planner_pb2.STEP_STATE_SUCCEEDED
         status.output.CopyFrom(output)
         self.outputs[step_id] = output
@@ -325,9 +331,9 @@ class Planning:
                 self.progress.event(
                     planner_pb2.GOAL_EVENT_TYPE_STEP_SUCCEEDED,
                     step_id=step_id,
-                    agent_id=status.agent_id,
+                    agent_id=agent_id,
                     output=output,
+                    **event,
                 ),
             ]
         )
-        return True

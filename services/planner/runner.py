@@ -402,22 +402,7 @@ class GoalRunner(Planning):
             await started.settle()
             record.finished_at.CopyFrom(now_ts())
             if not error:
-                status.state = planner_pb2.STEP_STATE_SUCCEEDED
-                status.output.CopyFrom(reply.output)
-                self.outputs[step_id] = reply.output
-                self.done_count += 1
-                await self.progress.write(
-                    [
-                        self._step_put(step_id),
-                        self.progress.event(
-                            planner_pb2.GOAL_EVENT_TYPE_STEP_SUCCEEDED,
-                            step_id=step_id,
-                            agent_id=assignment.agent_id,
-                            attempt=attempt,
-                            output=reply.output,
-                        ),
-                    ]
-                )
+                await self._succeeded(step_id, reply.output, assignment.agent_id, attempt=attempt)
                 return True
             record.error = error
             excluded.add(assignment.agent_id)
