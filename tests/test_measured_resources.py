@@ -3,11 +3,9 @@ SDK's own figures on its heartbeats, and least-loaded assignment that weighs mem
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shutil
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import psutil
 import pytest
 from google.protobuf import struct_pb2
 
+from harness.node_agent import start_node_agent
 from harness.wait import eventually
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
@@ -136,20 +135,9 @@ async def test_sdk_reports_its_process_memory_flagged_shared_on_a_host_of_many(
 async def test_javascript_agent_reports_process_memory_usage(
     service: Callable[..., Awaitable[MeshServer]],
 ) -> None:
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not installed (the cross-language agent needs it)")
     registry = await service("registry")
-    js = await asyncio.create_subprocess_exec(
-        node,
-        "examples/node-agent/agent.js",
-        "--id",
-        "js-mem",
-        "--registry",
-        registry.address,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "MABEAM_NODE_NAME": "js-node"},
+    js = await start_node_agent(
+        "--id", "js-mem", registry=registry.address, env={**os.environ, "MABEAM_NODE_NAME": "js-node"}
     )
     client = await MeshClient.connect(registry=registry.address)
     try:
@@ -186,18 +174,6 @@ class Light(Agent):
 
     async def execute_step(self, request: agent_pb2.ExecuteStepRequest) -> Any:
         return {"agent": self.agent_id}
-
-
-@pytest.fixture
-async def planner_mesh(
-    service: Callable[..., Awaitable[MeshServer]],
-) -> AsyncIterator[tuple[MeshClient, MeshServer]]:
-    registry = await service("registry")
-    await service("coordination")
-    planner = await service("planner")
-    client = await MeshClient.connect(registry=registry.address, planner=planner.address)
-    yield client, registry
-    await client.close()
 
 
 async def test_least_loaded_assignment_weighs_memory_against_declared_capacity(

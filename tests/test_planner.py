@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
+from harness.planners import kill_owner_and_follow
 from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost, from_value
@@ -78,16 +79,6 @@ class Adder(Agent):
         return {"sum": total, "agent": self.agent_id}
 
 
-@pytest.fixture
-async def mesh(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[tuple[MeshClient, MeshServer]]:
-    registry = await service("registry")
-    await service("coordination")
-    planner = await service("planner")
-    client = await MeshClient.connect(registry=registry.address, planner=planner.address)
-    yield client, registry
-    await client.close()
-
-
 async def host_of(registry: MeshServer, *agents: Agent) -> AgentHost:
     host = AgentHost(list(agents), registry=registry.address)
     await host.start()
@@ -102,8 +93,10 @@ async def run_goal(
     return goal, events
 
 
-async def test_diamond_runs_in_parallel_and_feeds_outputs(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_diamond_runs_in_parallel_and_feeds_outputs(
+    planner_mesh: tuple[MeshClient, MeshServer],
+) -> None:
+    client, registry = planner_mesh
     host = await host_of(registry, Adder("w1", delay=0.3), Adder("w2", delay=0.3))
     try:
         spec = planner_pb2.GoalSpec(
@@ -148,12 +141,12 @@ async def test_diamond_runs_in_parallel_and_feeds_outputs(mesh: tuple[MeshClient
     ],
 )
 async def test_invalid_goals_are_refused_before_anything_runs(
-    mesh: tuple[MeshClient, MeshServer],
+    planner_mesh: tuple[MeshClient, MeshServer],
     steps: list[planner_pb2.StepSpec],
     code: type[errors.MabeamError],
     message: str,
 ) -> None:
-    client, registry = mesh
+    client, registry = planner_mesh
     host = await host_of(registry, Adder("w1"))
     try:
         with pytest.raises(code, match=message):
@@ -165,8 +158,8 @@ async def test_invalid_goals_are_refused_before_anything_runs(
         await host.stop()
 
 
-async def test_failed_step_is_retried_on_another_agent(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_failed_step_is_retried_on_another_agent(planner_mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = planner_mesh
     bad, good = Adder("a-bad", fail=True), Adder("b-good")
     host = await host_of(registry, bad, good)
     try:
@@ -181,9 +174,9 @@ async def test_failed_step_is_retried_on_another_agent(mesh: tuple[MeshClient, M
 
 
 async def test_step_failing_everywhere_fails_the_goal_and_skips_dependents(
-    mesh: tuple[MeshClient, MeshServer],
+    planner_mesh: tuple[MeshClient, MeshServer],
 ) -> None:
-    client, registry = mesh
+    client, registry = planner_mesh
     host = await host_of(registry, Adder("x", fail=True))
     try:
         goal, _ = await run_goal(
@@ -197,8 +190,10 @@ async def test_step_failing_everywhere_fails_the_goal_and_skips_dependents(
     assert len(goal.steps[0].attempts) == 2
 
 
-async def test_assignment_by_auction_records_winner_and_price(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_assignment_by_auction_records_winner_and_price(
+    planner_mesh: tuple[MeshClient, MeshServer],
+) -> None:
+    client, registry = planner_mesh
     host = await host_of(registry, Adder("cheap", cost=2), Adder("dear", cost=9))
     try:
         goal, _ = await run_goal(
@@ -215,8 +210,8 @@ async def test_assignment_by_auction_records_winner_and_price(mesh: tuple[MeshCl
     )
 
 
-async def test_cancel_stops_a_running_goal(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_cancel_stops_a_running_goal(planner_mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = planner_mesh
     host = await host_of(registry, Adder("slow", delay=2))
     try:
         submitted = (
@@ -243,8 +238,8 @@ async def test_cancel_stops_a_running_goal(mesh: tuple[MeshClient, MeshServer]) 
     assert {s.state for s in cancelled.steps} == {planner_pb2.STEP_STATE_CANCELLED}
 
 
-async def test_goal_deadline(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_goal_deadline(planner_mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = planner_mesh
     host = await host_of(registry, Adder("slow", delay=5))
     try:
         spec = planner_pb2.GoalSpec(steps=[step("a")], deadline=duration_pb2.Duration(nanos=300_000_000))
@@ -254,8 +249,8 @@ async def test_goal_deadline(mesh: tuple[MeshClient, MeshServer]) -> None:
     assert goal.state == planner_pb2.GOAL_STATE_FAILED and "deadline" in goal.error
 
 
-async def test_wide_fan_out_and_long_chain(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_wide_fan_out_and_long_chain(planner_mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = planner_mesh
     host = await host_of(registry, *(Adder(f"w{i}") for i in range(4)))
     try:
         fan = [step("root", data=1)] + [step(f"f{i}", data=1, deps=("root",)) for i in range(499)]
@@ -268,8 +263,8 @@ async def test_wide_fan_out_and_long_chain(mesh: tuple[MeshClient, MeshServer]) 
     assert len(outputs) == 1000 and outputs["f498"] == 2 and outputs["c499"] == 500
 
 
-async def test_step_deadline(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_step_deadline(planner_mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = planner_mesh
     host = await host_of(registry, Adder("slow", delay=3))
     try:
         spec = planner_pb2.GoalSpec(
@@ -282,8 +277,8 @@ async def test_step_deadline(mesh: tuple[MeshClient, MeshServer]) -> None:
     assert "DEADLINE_EXCEEDED" in goal.steps[0].error
 
 
-async def test_unknown_goal(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, _ = mesh
+async def test_unknown_goal(planner_mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, _ = planner_mesh
     with pytest.raises(errors.NotFound):
         await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id="nope"))
     with pytest.raises(errors.NotFound):
@@ -293,8 +288,10 @@ async def test_unknown_goal(mesh: tuple[MeshClient, MeshServer]) -> None:
 
 
 @pytest.mark.slow
-async def test_step_whose_agent_dies_is_retried_elsewhere(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_step_whose_agent_dies_is_retried_elsewhere(
+    planner_mesh: tuple[MeshClient, MeshServer],
+) -> None:
+    client, registry = planner_mesh
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, WORKER, "--id", "a-doomed", "--registry", registry.address),
         stdout=subprocess.DEVNULL,
@@ -372,17 +369,7 @@ async def test_killed_planner_replica_is_resumed_without_rerunning_steps(
             return sum(s.state == planner_pb2.STEP_STATE_SUCCEEDED for s in goal.steps) >= 3
 
         await eventually(some_done, timeout=15, what="a few steps done")
-        goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id="resumable"))).goal
-        owner = next(p for p in planners if f"-{p.pid}-" in goal.owner)
-        owner.proc.send_signal(signal.SIGKILL)
-        owner.proc.wait()
-        survivor = next(p for p in planners if p is not owner)
-        follow = await MeshClient.connect(planner=survivor.address)
-        events = [
-            e async for e in follow.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal_id="resumable"))
-        ]
-        final = (await follow.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id="resumable"))).goal
-        await follow.close()
+        events, final = await kill_owner_and_follow(client, planners, "resumable")
     finally:
         await client.close()
         await host.stop()
@@ -417,11 +404,11 @@ async def _state(client: MeshClient, goal_id: str) -> planner_pb2.Goal:
 
 
 async def test_an_orphaned_goal_is_adopted_within_its_bound_whatever_the_clock_that_wrote_it(
-    mesh: tuple[MeshClient, MeshServer], etcd_client: Any, mesh_config: Any
+    planner_mesh: tuple[MeshClient, MeshServer], etcd_client: Any, mesh_config: Any
 ) -> None:
     from mabeam.services.planner.server import ADOPT_AFTER_S
 
-    client, registry = mesh
+    client, registry = planner_mesh
     host = await host_of(registry, Adder("skew-1"))
     try:
         # Written by a replica whose clock runs an hour ahead: "created in the future".

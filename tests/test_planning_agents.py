@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import shutil
-import signal
+from asyncio.subprocess import DEVNULL
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import pytest
 from google.protobuf import struct_pb2
 
+from harness.node_agent import start_node_agent
+from harness.planners import kill_owner_and_follow
 from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost, from_value, to_value
@@ -105,21 +106,13 @@ class Splitter(Agent):
 
 
 @pytest.fixture
-async def mesh(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[tuple[MeshClient, MeshServer]]:
-    registry = await service("registry")
-    await service("coordination")
-    planner = await service("planner")
-    client = await MeshClient.connect(registry=registry.address, planner=planner.address)
-    yield client, registry
-    await client.close()
-
-
-@pytest.fixture
-async def hosted(mesh: tuple[MeshClient, MeshServer]) -> AsyncIterator[Callable[..., Awaitable[AgentHost]]]:
+async def hosted(
+    planner_mesh: tuple[MeshClient, MeshServer],
+) -> AsyncIterator[Callable[..., Awaitable[AgentHost]]]:
     hosts: list[AgentHost] = []
 
     async def start(*agents: Agent) -> AgentHost:
-        host = AgentHost(list(agents), registry=mesh[1].address)
+        host = AgentHost(list(agents), registry=planner_mesh[1].address)
         await host.start()
         hosts.append(host)
         return host
@@ -146,9 +139,9 @@ def ids(value: struct_pb2.Value) -> list[str]:
 
 
 async def test_an_objective_is_planned_by_an_agent_recorded_and_run(
-    mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
+    planner_mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
 ) -> None:
-    client, _ = mesh
+    client, _ = planner_mesh
     planner, worker = Planner("planner-1"), Worker("worker-1")
     await hosted(planner, worker)
     goal, events = await run(
@@ -179,9 +172,9 @@ async def test_an_objective_is_planned_by_an_agent_recorded_and_run(
 
 
 async def test_an_invalid_plan_fails_the_goal_and_runs_nothing(
-    mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
+    planner_mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
 ) -> None:
-    client, _ = mesh
+    client, _ = planner_mesh
     cyclic = [
         {"step_id": "a", "capability": "add", "depends_on": ["b"]},
         {"step_id": "b", "capability": "add", "depends_on": ["a"]},
@@ -204,9 +197,9 @@ async def test_an_invalid_plan_fails_the_goal_and_runs_nothing(
 
 
 async def test_an_agent_that_does_not_plan_fails_the_goal_saying_so(
-    mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
+    planner_mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
 ) -> None:
-    client, _ = mesh
+    client, _ = planner_mesh
     await hosted(Worker("worker-1"))
     goal, _ = await run(client, planner_pb2.GoalSpec(objective=objective("add", {}), max_attempts=1))
     assert goal.state == planner_pb2.GOAL_STATE_FAILED
@@ -214,9 +207,9 @@ async def test_an_agent_that_does_not_plan_fails_the_goal_saying_so(
 
 
 async def test_bad_objectives_are_refused_at_submission(
-    mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
+    planner_mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
 ) -> None:
-    client, _ = mesh
+    client, _ = planner_mesh
     await hosted(Worker("worker-1"), Planner("planner-1"))
     submit = client.planner.SubmitGoal
     both = planner_pb2.GoalSpec(
@@ -236,9 +229,9 @@ async def test_bad_objectives_are_refused_at_submission(
 
 
 async def test_an_expandable_step_is_replaced_by_its_agents_plan(
-    mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
+    planner_mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
 ) -> None:
-    client, _ = mesh
+    client, _ = planner_mesh
     splitter, worker = Splitter("splitter-1"), Worker("worker-1")
     await hosted(splitter, worker)
     spec = planner_pb2.GoalSpec(
@@ -276,9 +269,9 @@ async def test_an_expandable_step_is_replaced_by_its_agents_plan(
 
 
 async def test_expansions_nest_at_most_three_deep(
-    mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
+    planner_mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
 ) -> None:
-    client, _ = mesh
+    client, _ = planner_mesh
     splitter = Splitter("splitter-1", nest=True)
     await hosted(splitter, Worker("worker-1"))
     spec = planner_pb2.GoalSpec(
@@ -300,22 +293,10 @@ async def test_expansions_nest_at_most_three_deep(
     assert len([e for e in events if e.type == planner_pb2.GOAL_EVENT_TYPE_STEP_EXPANDED]) == 3
 
 
-async def test_the_javascript_agent_plans_an_objective(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
-    node = shutil.which("node")
-    if node is None or not (ROOT / "node_modules" / "@grpc" / "grpc-js").exists():
-        pytest.fail("node and @grpc/grpc-js are needed (npm ci)")
-    js = await asyncio.create_subprocess_exec(
-        node,
-        "examples/node-agent/agent.js",
-        "--id",
-        "js-planner",
-        "--capabilities",
-        "compute,plan-sum",
-        "--registry",
-        registry.address,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL,
+async def test_the_javascript_agent_plans_an_objective(planner_mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = planner_mesh
+    js = await start_node_agent(
+        "--id", "js-planner", "--capabilities", "compute,plan-sum", registry=registry.address, stdout=DEVNULL
     )
     try:
 
@@ -355,9 +336,9 @@ def readme_planner() -> type[Agent]:
 
 
 async def test_the_readme_planning_agent_plans(
-    mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
+    planner_mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
 ) -> None:
-    client, _ = mesh
+    client, _ = planner_mesh
 
     class Computer(Worker):
         capabilities = ("compute",)
@@ -422,17 +403,7 @@ async def test_a_planned_and_expanded_goal_resumes_without_planning_again(
             return len(goal.plan.expansions) == 1 and {"chain:c0", "chain:c1"} <= done
 
         await eventually(expanded_and_going, timeout=20, what="the plan expanded and two sub-steps done")
-        goal = (await client.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id="planned"))).goal
-        owner = next(p for p in planners if f"-{p.pid}-" in goal.owner)
-        owner.proc.send_signal(signal.SIGKILL)
-        owner.proc.wait()
-        survivor = next(p for p in planners if p is not owner)
-        follow = await MeshClient.connect(planner=survivor.address)
-        events = [
-            e async for e in follow.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal_id="planned"))
-        ]
-        final = (await follow.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id="planned"))).goal
-        await follow.close()
+        events, final = await kill_owner_and_follow(client, planners, "planned")
     finally:
         await client.close()
         await host.stop()
@@ -448,9 +419,9 @@ async def test_a_planned_and_expanded_goal_resumes_without_planning_again(
 
 
 async def test_an_expansion_beyond_its_size_fails_the_step_naming_the_limit(
-    mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
+    planner_mesh: tuple[MeshClient, MeshServer], hosted: Callable[..., Awaitable[AgentHost]]
 ) -> None:
-    client, _ = mesh
+    client, _ = planner_mesh
     many = [{"step_id": f"s{i}", "capability": "add"} for i in range(101)]
     big = Planner("planner-1", answer=lambda r: many)
     await hosted(big, Worker("worker-1"))

@@ -4,6 +4,8 @@
   to the test, so tests never see each other's state.
 * ``service``: a factory starting a service in-process (fast; the same
   ``start_service`` the entry points use) and stopping it after the test.
+* ``planner_mesh``: a registry, coordination and planner in-process, and a
+  client of the registry and planner (with the registry's server).
 * ``local_mesh``: a factory for a LocalMesh (services as subprocesses).
 
 A dead endpoint is :func:`harness.ports.closed_port`; a port picked free for a
@@ -21,6 +23,7 @@ import pytest
 
 from harness.channels import SERVICE_TOKEN_ENV
 from mabeam.auth import read_token_file
+from mabeam.client import MeshClient
 from mabeam.config import SERVICES, MeshConfig
 from mabeam.runtime.auth import bootstrap
 from mabeam.runtime.etcd import connect
@@ -98,6 +101,20 @@ async def service(mesh_config: MeshConfig) -> AsyncIterator[Callable[..., Awaita
     yield start
     for server in reversed(started):
         await server.stop(0)
+
+
+@pytest.fixture
+async def planner_mesh(
+    service: Callable[..., Awaitable[MeshServer]],
+) -> AsyncIterator[tuple[MeshClient, MeshServer]]:
+    """A registry, a coordination service and a planner in-process; a client of the registry and
+    the planner, and the registry's server."""
+    registry = await service("registry")
+    await service("coordination")
+    planner = await service("planner")
+    client = await MeshClient.connect(registry=registry.address, planner=planner.address)
+    yield client, registry
+    await client.close()
 
 
 @pytest.fixture
