@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import grpc
 import pytest
 from grpc import aio
 
+from harness.node_agent import start_node_agent
 from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
@@ -271,19 +271,7 @@ async def test_an_agent_token_acts_for_its_own_ids_only(mesh: tuple[MeshClient, 
 async def test_a_javascript_agent_takes_messages_and_topics(mesh: tuple[MeshClient, MeshServer]) -> None:
     """examples/node-agent/agent.js implements Deliver (not DeliverBatch: the service falls back)."""
     client, registry = mesh
-    node = shutil.which("node")
-    if node is None or not (ROOT / "node_modules" / "@grpc" / "grpc-js").exists():
-        pytest.fail("node and @grpc/grpc-js are needed (run `npm ci`)")
-    js = await asyncio.create_subprocess_exec(
-        node,
-        "examples/node-agent/agent.js",
-        "--id",
-        "js-1",
-        "--registry",
-        registry.address,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-    )
+    js = await start_node_agent("--id", "js-1", registry=registry.address)
     python = Listener("py-1")
     try:
         assert js.stdout is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 from grpc import aio
 
 from harness.channels import agent_channel, mesh_channel
+from harness.node_agent import start_node_agent
 from harness.wait import eventually
 from mabeam import auth, errors
 from mabeam.agent import Agent, AgentHost, from_value
@@ -40,26 +40,10 @@ class PyBidder(Agent):
 
 @pytest.fixture
 async def mesh(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[MeshClient]:
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not installed (the cross-language agent needs it)")
-    if not (ROOT / "node_modules" / "@grpc" / "grpc-js").exists():
-        pytest.fail("@grpc/grpc-js is not installed: run `npm ci` (.ci/run does)")
     registry = await service("registry")
     coordination = await service("coordination")
     planner = await service("planner")
-    js = await asyncio.create_subprocess_exec(
-        node,
-        "examples/node-agent/agent.js",
-        "--id",
-        "a-node",
-        "--value",
-        "99",
-        "--registry",
-        registry.address,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-    )
+    js = await start_node_agent("--id", "a-node", "--value", "99", registry=registry.address)
     host = AgentHost([PyBidder("py-1", 40), PyBidder("py-2", 70)], registry=registry.address)
     await host.start()
     client = await MeshClient.connect(
