@@ -95,17 +95,8 @@ class Malformed(Trader):
 
 
 @pytest.fixture
-async def mesh(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[tuple[MeshClient, MeshServer]]:
-    registry = await service("registry")
-    coordination = await service("coordination")
-    client = await MeshClient.connect(registry=registry.address, coordination=coordination.address)
-    yield client, registry
-    await client.close()
-
-
-@pytest.fixture
-async def traders(mesh: tuple[MeshClient, MeshServer]) -> AsyncIterator[dict[str, Trader]]:
-    _, registry = mesh
+async def traders(coordination_mesh: tuple[MeshClient, MeshServer]) -> AsyncIterator[dict[str, Trader]]:
+    _, registry = coordination_mesh
     agents = {
         "t10": Trader("t10", 10, "yes"),
         "t20": Trader("t20", 20, "no"),
@@ -129,9 +120,9 @@ def settings(
 
 
 async def test_vickrey_with_slow_malformed_and_dead_agents(
-    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+    coordination_mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
 ) -> None:
-    client, registry = mesh
+    client, registry = coordination_mesh
     bad = AgentHost([Slow("slow", 99), Malformed("nan", 99)], registry=registry.address)
     await bad.start()
     await client.registry.RegisterAgent(
@@ -171,9 +162,9 @@ async def test_vickrey_with_slow_malformed_and_dead_agents(
 
 
 async def test_first_price_by_capability(
-    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+    coordination_mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
 ) -> None:
-    client, _ = mesh
+    client, _ = coordination_mesh
     reply = await client.coordination.RunAuction(
         coordination_pb2.RunAuctionRequest(
             settings=settings(capability="trade"),
@@ -187,9 +178,9 @@ async def test_first_price_by_capability(
 
 
 async def test_the_answer_carries_the_transcript_unless_the_basic_view_is_asked(
-    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+    coordination_mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
 ) -> None:
-    client, _ = mesh
+    client, _ = coordination_mesh
 
     async def auction(view: int) -> coordination_pb2.Session:
         s = settings(capability="trade")
@@ -218,9 +209,9 @@ async def test_the_answer_carries_the_transcript_unless_the_basic_view_is_asked(
 
 
 async def test_reserve_not_met_is_no_decision(
-    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+    coordination_mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
 ) -> None:
-    client, _ = mesh
+    client, _ = coordination_mesh
     reply = await client.coordination.RunAuction(
         coordination_pb2.RunAuctionRequest(
             settings=settings(capability="trade"),
@@ -236,9 +227,9 @@ async def test_reserve_not_met_is_no_decision(
 
 
 async def test_english_auction_streams_its_rounds(
-    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+    coordination_mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
 ) -> None:
-    client, _ = mesh
+    client, _ = coordination_mesh
     request = coordination_pb2.RunAuctionRequest(
         settings=settings("t10", "t20", "t30"),
         type=coordination_pb2.AUCTION_TYPE_ENGLISH,
@@ -269,8 +260,10 @@ async def test_english_auction_streams_its_rounds(
     )
 
 
-async def test_dutch_auction(mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]) -> None:
-    client, _ = mesh
+async def test_dutch_auction(
+    coordination_mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+) -> None:
+    client, _ = coordination_mesh
     reply = await client.coordination.RunAuction(
         coordination_pb2.RunAuctionRequest(
             settings=settings("t10", "t20", "t30"),
@@ -285,9 +278,9 @@ async def test_dutch_auction(mesh: tuple[MeshClient, MeshServer], traders: dict[
 
 
 async def test_consensus_majority_supermajority_and_malformed_vote(
-    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+    coordination_mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
 ) -> None:
-    client, registry = mesh
+    client, registry = coordination_mesh
     reply = await client.coordination.RunConsensus(
         coordination_pb2.RunConsensusRequest(
             settings=settings("t10", "t20", "t30"),
@@ -336,9 +329,9 @@ async def test_consensus_majority_supermajority_and_malformed_vote(
 
 
 async def test_tatonnement_converges_to_the_symmetric_equilibrium(
-    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+    coordination_mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
 ) -> None:
-    client, _ = mesh
+    client, _ = coordination_mesh
     reply = await client.coordination.RunMarket(
         coordination_pb2.RunMarketRequest(
             settings=settings("t10", "t20", "t30"),
@@ -369,8 +362,8 @@ async def test_tatonnement_converges_to_the_symmetric_equilibrium(
     )
 
 
-async def test_call_market_and_contract_net(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_call_market_and_contract_net(coordination_mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = coordination_mesh
     agents = [
         Trader("b1", 12, side=agent_pb2.ORDER_SIDE_BUY),
         Trader("b2", 8, side=agent_pb2.ORDER_SIDE_BUY),
@@ -459,9 +452,9 @@ def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
     ],
 )
 async def test_bad_parameters_name_the_field(
-    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader], request_: Any, field: str
+    coordination_mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader], request_: Any, field: str
 ) -> None:
-    client, _ = mesh
+    client, _ = coordination_mesh
     method = {
         coordination_pb2.RunAuctionRequest: client.coordination.RunAuction,
         coordination_pb2.RunConsensusRequest: client.coordination.RunConsensus,
@@ -475,9 +468,9 @@ async def test_bad_parameters_name_the_field(
 
 
 async def test_unknown_protocol_and_session(
-    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+    coordination_mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
 ) -> None:
-    client, _ = mesh
+    client, _ = coordination_mesh
     with pytest.raises(errors.NotFound, match="nope"):
         await client.coordination.Run(coordination_pb2.RunRequest(settings=settings("t10"), protocol="nope"))
     with pytest.raises(errors.NotFound):
@@ -520,9 +513,9 @@ class HighestNumber(protocol_plugin_pb2_grpc.ProtocolPluginServiceServicer):
 
 
 async def test_registered_protocol_runs_among_real_agents(
-    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+    coordination_mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
 ) -> None:
-    client, _ = mesh
+    client, _ = coordination_mesh
     server = aio.server()
     protocol_plugin_pb2_grpc.add_ProtocolPluginServiceServicer_to_server(HighestNumber(), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -557,8 +550,8 @@ async def test_registered_protocol_runs_among_real_agents(
         await server.stop(0)
 
 
-async def test_session_never_outlives_its_deadline(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_session_never_outlives_its_deadline(coordination_mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = coordination_mesh
     host = AgentHost([Slow("s1", 1), Slow("s2", 2)], registry=registry.address)
     await host.start()
     try:
@@ -584,8 +577,8 @@ class Quick(Agent):
         return agent_pb2.CoordinationResponse(bid=agent_pb2.Bid(amount=float(self.agent_id[1:])))
 
 
-async def test_a_thousand_agents_on_one_host(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_a_thousand_agents_on_one_host(coordination_mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = coordination_mesh
     host = AgentHost([Quick(f"q{i:04d}") for i in range(1000)], registry=registry.address, lease_ttl=30)
     await host.start()
     try:
@@ -610,8 +603,8 @@ class Paced(Trader):
         return await super().coordinate(request)
 
 
-async def test_agent_killed_mid_session_is_left_out(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_agent_killed_mid_session_is_left_out(coordination_mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = coordination_mesh
     rival = AgentHost([Paced("rival", 500)], registry=registry.address)
     await rival.start()
     proc = await asyncio.create_subprocess_exec(
@@ -675,9 +668,9 @@ async def _rounds(client: MeshClient, session_id: str) -> AsyncIterator[int]:
 
 
 async def test_list_sessions_filters_and_pages(
-    mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
+    coordination_mesh: tuple[MeshClient, MeshServer], traders: dict[str, Trader]
 ) -> None:
-    client, _ = mesh
+    client, _ = coordination_mesh
     for i in range(5):
         await client.coordination.RunAuction(
             coordination_pb2.RunAuctionRequest(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -72,21 +71,14 @@ class Deaf(Agent):
     capabilities = ("deaf",)
 
 
-@pytest.fixture
-async def mesh(service: Callable[..., Awaitable[MeshServer]]) -> AsyncIterator[tuple[MeshClient, MeshServer]]:
-    registry = await service("registry")
-    coordination = await service("coordination")
-    client = await MeshClient.connect(registry=registry.address, coordination=coordination.address)
-    yield client, registry
-    await client.close()
-
-
 def texts(agent: Listener) -> list[str]:
     return [m.json["n"] if "n" in m.json else "" for m in agent.got]  # type: ignore[misc]
 
 
-async def test_send_reaches_on_message_in_order_once(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_send_reaches_on_message_in_order_once(
+    coordination_mesh: tuple[MeshClient, MeshServer],
+) -> None:
+    client, registry = coordination_mesh
     agent = Listener("m1")
     async with AgentHost([agent], registry=registry.address):
         for n in range(20):
@@ -115,8 +107,10 @@ async def test_send_reaches_on_message_in_order_once(mesh: tuple[MeshClient, Mes
         assert agent.got[-1].any.Unpack(unpacked) and unpacked.agent_id == "typed"
 
 
-async def test_a_capability_reaches_the_least_loaded_agent(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_a_capability_reaches_the_least_loaded_agent(
+    coordination_mesh: tuple[MeshClient, MeshServer],
+) -> None:
+    client, registry = coordination_mesh
     busy, idle = Listener("busy", load=0.9), Listener("idle", load=0.1)
     async with AgentHost([busy, idle], registry=registry.address, lease_ttl=1.5):
 
@@ -134,8 +128,8 @@ async def test_a_capability_reaches_the_least_loaded_agent(mesh: tuple[MeshClien
         assert busy.got == []
 
 
-async def test_send_refuses_what_it_cannot_deliver(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_send_refuses_what_it_cannot_deliver(coordination_mesh: tuple[MeshClient, MeshServer]) -> None:
+    client, registry = coordination_mesh
     async with AgentHost([Listener("m1"), Deaf("deaf-1")], registry=registry.address):
         with pytest.raises(errors.NotFound, match="'ghost' is not registered"):
             await client.send({"n": 1}, to="ghost")
@@ -164,8 +158,10 @@ async def test_send_refuses_what_it_cannot_deliver(mesh: tuple[MeshClient, MeshS
             await client.messaging.Subscribe(messaging_pb2.SubscribeRequest(agent_id="ghost", topic="t"))
 
 
-async def test_publish_reaches_every_subscriber_and_counts_drops(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_publish_reaches_every_subscriber_and_counts_drops(
+    coordination_mesh: tuple[MeshClient, MeshServer],
+) -> None:
+    client, registry = coordination_mesh
     listeners = [Listener(f"sub-{i:03d}") for i in range(60)]
     blocked, deaf = Blocked("blocked"), Deaf("deaf-1")
     agents: list[Agent] = [*listeners, blocked, deaf]
@@ -206,9 +202,9 @@ def third_id(agent: Listener) -> str:
 
 
 async def test_subscriptions_are_listed_by_page_and_go_with_their_agent(
-    mesh: tuple[MeshClient, MeshServer],
+    coordination_mesh: tuple[MeshClient, MeshServer],
 ) -> None:
-    client, registry = mesh
+    client, registry = coordination_mesh
     agents = [Listener(f"a{i}") for i in range(5)]
     host = AgentHost(agents, registry=registry.address)
     await host.start()
@@ -244,8 +240,10 @@ async def test_subscriptions_are_listed_by_page_and_go_with_their_agent(
     assert reply.subscribers == 0 and reply.delivered == 0
 
 
-async def test_an_agent_token_acts_for_its_own_ids_only(mesh: tuple[MeshClient, MeshServer]) -> None:
-    client, registry = mesh
+async def test_an_agent_token_acts_for_its_own_ids_only(
+    coordination_mesh: tuple[MeshClient, MeshServer],
+) -> None:
+    client, registry = coordination_mesh
     made = await client.auth.CreateToken(
         auth_pb2.CreateTokenRequest(name="agents-a", role=auth_pb2.ROLE_AGENT, agent_pattern="a-*")
     )
@@ -268,9 +266,11 @@ async def test_an_agent_token_acts_for_its_own_ids_only(mesh: tuple[MeshClient, 
             await agent.close()
 
 
-async def test_a_javascript_agent_takes_messages_and_topics(mesh: tuple[MeshClient, MeshServer]) -> None:
+async def test_a_javascript_agent_takes_messages_and_topics(
+    coordination_mesh: tuple[MeshClient, MeshServer],
+) -> None:
     """examples/node-agent/agent.js implements Deliver (not DeliverBatch: the service falls back)."""
-    client, registry = mesh
+    client, registry = coordination_mesh
     js = await start_node_agent("--id", "js-1", registry=registry.address)
     python = Listener("py-1")
     try:
@@ -328,9 +328,9 @@ class CountingHost(agent_pb2_grpc.AgentServiceServicer):
 
 
 async def test_a_topic_goes_to_each_host_in_one_batch_or_one_call_per_agent(
-    mesh: tuple[MeshClient, MeshServer],
+    coordination_mesh: tuple[MeshClient, MeshServer],
 ) -> None:
-    client, _ = mesh
+    client, _ = coordination_mesh
     batching, single = CountingHost(batches=True), CountingHost(batches=False)
     servers = []
     try:
@@ -363,11 +363,11 @@ async def test_a_topic_goes_to_each_host_in_one_batch_or_one_call_per_agent(
 
 
 async def test_a_subscription_goes_with_the_lease_and_comes_back_with_the_registration(
-    mesh: tuple[MeshClient, MeshServer], mesh_config: MeshConfig
+    coordination_mesh: tuple[MeshClient, MeshServer], mesh_config: MeshConfig
 ) -> None:
     """The registration's lease is revoked behind the host's back: the subscription goes with it,
     and the host, registering the agent anew, subscribes it again."""
-    client, registry = mesh
+    client, registry = coordination_mesh
     agent = Listener("phoenix")
     etcd = await mabeam_etcd.connect(mesh_config.etcd_endpoints)
     host = AgentHost(

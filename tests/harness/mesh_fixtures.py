@@ -4,6 +4,8 @@
   to the test, so tests never see each other's state.
 * ``service``: a factory starting a service in-process (fast; the same
   ``start_service`` the entry points use) and stopping it after the test.
+* ``coordination_mesh``: a registry and coordination in-process, and a client
+  of both (with the registry's server).
 * ``planner_mesh``: a registry, coordination and planner in-process, and a
   client of the registry and planner (with the registry's server).
 * ``local_mesh``: a factory for a LocalMesh (services as subprocesses).
@@ -101,6 +103,18 @@ async def service(mesh_config: MeshConfig) -> AsyncIterator[Callable[..., Awaita
     yield start
     for server in reversed(started):
         await server.stop(0)
+
+
+@pytest.fixture
+async def coordination_mesh(
+    service: Callable[..., Awaitable[MeshServer]],
+) -> AsyncIterator[tuple[MeshClient, MeshServer]]:
+    """A registry and a coordination service in-process; a client of both, and the registry's server."""
+    registry = await service("registry")
+    coordination = await service("coordination")
+    client = await MeshClient.connect(registry=registry.address, coordination=coordination.address)
+    yield client, registry
+    await client.close()
 
 
 @pytest.fixture
