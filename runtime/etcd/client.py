@@ -259,22 +259,25 @@ class EtcdClient(aetcd.Client):
         return True, await self._ranges_at_one_revision(success)
 
     async def _ranges_at_one_revision(self, gets: list[Any]) -> list[list[tuple[bytes, Any]]]:
-        """Each get as a ``Range``, the first at the current revision, the others at that one."""
+        """Each get as a ``Range``: the first at the current revision, the others at that one, at once."""
         await self.connect()
         assert self.kvstub is not None
-        responses: list[list[tuple[bytes, Any]]] = []
-        revision: int | None = None
-        for op in gets:
+        stub = self.kvstub
+
+        async def one(op: Any, revision: int | None) -> Any:
             request = self._build_get_range_request(op.key, op.range_end, revision=revision)
             try:
-                reply = await self.kvstub.Range(request, timeout=self._timeout, metadata=self.metadata)
+                return await stub.Range(request, timeout=self._timeout, metadata=self.metadata)
             except aio.AioRpcError as exc:
                 aetcd.exceptions._handle_exception(exc)  # raises aetcd's error for it, as aetcd's calls do
                 raise
-            if revision is None:
-                revision = int(reply.header.revision)
-            responses.append([(kv.value, rtypes.Get(reply.header, kv)) for kv in reply.kvs])
-        return responses
+
+        if not gets:
+            return []
+        first = await one(gets[0], None)
+        rest = await asyncio.gather(*(one(op, int(first.header.revision)) for op in gets[1:]))
+        replies = [first, *rest]
+        return [[(kv.value, rtypes.Get(reply.header, kv)) for kv in reply.kvs] for reply in replies]
 
     async def keepalive_once(self, lease_id: int) -> int:
         """Refresh a lease once; its TTL after the refresh, 0 when etcd no longer knows it.
