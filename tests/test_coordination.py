@@ -702,6 +702,26 @@ async def test_list_sessions_filters_and_pages(
     with pytest.raises(errors.InvalidArgument) as info:
         await client.coordination.ListSessions(coordination_pb2.ListSessionsRequest(page_size=-3))
     assert info.value.field == "page_size"
+    # An agent's coordination history: the sessions it was invited to, newest first, paged.
+    history = await client.coordination.ListSessions(coordination_pb2.ListSessionsRequest(participant="t30"))
+    assert [s.session_id for s in history.sessions] == [everything[0].session_id]
+    assert not history.next_page_token
+    seen, token = [], ""
+    while True:
+        page = await client.coordination.ListSessions(
+            coordination_pb2.ListSessionsRequest(participant="t20", page_size=2, page_token=token)
+        )
+        assert all("t20" in s.participants for s in page.sessions)
+        seen += [s.session_id for s in page.sessions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [s.session_id for s in everything if s.protocol == "first_price"]
+    nobody = await client.coordination.ListSessions(coordination_pb2.ListSessionsRequest(participant="t99"))
+    assert not nobody.sessions and not nobody.next_page_token
+    with pytest.raises(errors.InvalidArgument) as info:
+        await client.coordination.ListSessions(coordination_pb2.ListSessionsRequest(participant="not an id"))
+    assert info.value.field == "participant"
 
 
 async def test_a_session_whose_outcome_cannot_be_stored_ends_at_its_deadline(

@@ -236,6 +236,32 @@ async def test_list_sessions_reads_one_page_and_a_filter_examines_a_bounded_numb
     assert seen == ["s25", "s20", "s15", "s10", "s05", "s00"] and calls >= 5
 
 
+async def test_a_participant_filter_reads_a_bounded_number_of_summaries(
+    etcd_client: EtcdClient, key_prefix: bytes
+) -> None:
+    """An agent's history: sessions it took part in (or was excluded from), at most
+    ``participant_max_examined`` summaries read a call; short pages, every match once."""
+    config = MeshConfig(prefix=key_prefix.decode().rstrip("/"))
+    store = Counted(etcd_client, config, participant_max_examined=5)
+    base = time.time_ns()
+    for n in range(20):  # a7 takes part in every fourth, and is excluded from s10
+        session = summary(f"s{n:02d}", "first_price", base + n * 1_000_000)
+        session.participants.extend(["a1", "a7"] if n % 4 == 0 else ["a1", "a2"])
+        if n == 10:
+            session.excluded.add(agent_id="a7", reason=coordination_pb2.EXCLUSION_REASON_TIMEOUT)
+        await store.finish(session, [])
+    seen: list[str] = []
+    after: str | None = None
+    while True:
+        store.ranges.clear()
+        page, after = await store.list_page(size=2, after=after, participant="a7")
+        assert sum(store.ranges) <= 5, store.ranges  # index keys read, hence summaries read
+        seen += [s.session_id for s in page]
+        if after is None:
+            break
+    assert seen == ["s16", "s12", "s10", "s08", "s04", "s00"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_a_sealed_bid_auction_among_ten_thousand_agents_is_stored_and_readable(

@@ -1335,6 +1335,7 @@ class ListSessionsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
+    PARTICIPANT_FIELD_NUMBER: _builtins.int
     protocol: _builtins.str
     """Only sessions of this protocol (empty = any)."""
     page_size: _builtins.int
@@ -1343,6 +1344,12 @@ class ListSessionsRequest(_message.Message):
     """The next_page_token of the previous page."""
     view: Global___SessionView.ValueType
     """How much of each session (default BASIC)."""
+    participant: _builtins.str
+    """Only sessions this agent was invited to (a participant, or excluded from it):
+    the agent's coordination history. An agent id (INVALID_ARGUMENT otherwise).
+    Checked on the sessions' summaries, at most 200 of them per call: a page may
+    come back short with a next_page_token that goes on from there.
+    """
     @_builtins.property
     def started_after(self) -> _timestamp_pb2.Timestamp:
         """Only sessions started at or after this instant."""
@@ -1360,10 +1367,11 @@ class ListSessionsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         view: Global___SessionView.ValueType = ...,
+        participant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["started_after", b"started_after", "started_before", b"started_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "protocol", b"protocol", "started_after", b"started_after", "started_before", b"started_before", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "participant", b"participant", "protocol", b"protocol", "started_after", b"started_after", "started_before", b"started_before", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -420,7 +420,11 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         before = request.started_before.ToNanoseconds() if request.HasField("started_before") else None
         # Newest first: the store reads one page of its time-ordered index (docs/decisions.md,
         # "Paging that pages"); the token is the index position the next page starts after.
+        if request.participant:
+            validate.identifier(request.participant, "participant")
         filters = [request.protocol, after, before, request.view]
+        if request.participant:  # tokens of lists without it stay what they were
+            filters.append(request.participant)
         position = validate.decode_page_token(request.page_token, filters)
         chunk, following = await self.store.list_page(
             size=size,
@@ -428,6 +432,7 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             protocol=request.protocol,
             started_after_ns=after,
             started_before_ns=before,
+            participant=request.participant,
         )
         token = validate.encode_page_token(following, filters) if following is not None else ""
         if request.view == coordination_pb2.SESSION_VIEW_FULL:

@@ -108,6 +108,9 @@ TXN_MAX_OPS = 64
 TXN_MAX_BYTES = 1024 * 1024
 # ListSessions: the most index keys one call reads when a filter is not in the key (a short page then).
 LIST_MAX_EXAMINED = 2000
+# Summaries a participant filter reads per ListSessions call (a summary names every
+# participant: a 10,000-agent auction's is ~100 KB).
+PARTICIPANT_MAX_EXAMINED = 200
 # GetSession / ListSessions FULL: the most transcript bytes one answer carries (gRPC's limit
 # in the mesh is 64 MiB); a larger transcript is read round by round with WatchSession.
 MAX_TRANSCRIPT_BYTES = 48 * 1024 * 1024
@@ -144,6 +147,7 @@ class SessionStore(SessionChunks, SessionPruning, SessionsInFlight):
         txn_max_bytes: int = TXN_MAX_BYTES,
         chunk_bytes: int = CHUNK_BYTES,
         list_max_examined: int = LIST_MAX_EXAMINED,
+        participant_max_examined: int = PARTICIPANT_MAX_EXAMINED,
         retention: Retention | None = None,
     ) -> None:
         self.client = client
@@ -166,6 +170,7 @@ class SessionStore(SessionChunks, SessionPruning, SessionsInFlight):
         self.txn_max_bytes = txn_max_bytes
         self.chunk_bytes = chunk_bytes
         self.list_max_examined = list_max_examined
+        self.participant_max_examined = participant_max_examined
 
     def index_key(self, session: coordination_pb2.Session) -> bytes:
         return self.index + index_position(session).encode()
@@ -322,6 +327,7 @@ class SessionStore(SessionChunks, SessionPruning, SessionsInFlight):
         protocol: str = "",
         started_after_ns: int | None = None,
         started_before_ns: int | None = None,
+        participant: str = "",
     ) -> tuple[list[coordination_pb2.Session], str | None]:
         """One page of summaries, newest first, and where the next page starts (None: the last page).
 
@@ -329,7 +335,10 @@ class SessionStore(SessionChunks, SessionPruning, SessionsInFlight):
         filter is checked on each key's value. Reads ``size + 1`` keys (no
         protocol filter: one range read), or successive ranges until the page
         is full or :attr:`list_max_examined` keys were read: the page may then
-        be short, and the next starts after the last key examined.
+        be short, and the next starts after the last key examined. The
+        participant filter (an agent invited or excluded) is checked on the
+        summaries themselves: at most :attr:`participant_max_examined` of them
+        are read per call, with the same short-page rule.
         """
         start = self.index
         if started_before_ns is not None:
@@ -341,22 +350,34 @@ class SessionStore(SessionChunks, SessionPruning, SessionsInFlight):
             end = min(end, self.index + f"{_INVERT - started_after_ns + 1:020d}/".encode())
         found: list[bytes] = []  # index keys of the page, and one more if there is a next page
         examined = 0
+        read: dict[str, coordination_pb2.Session] = {}  # summaries read for the participant filter
         last: bytes | None = None
         exhausted = False
         while len(found) <= size and start < end:
             want = size + 1 - len(found)
-            if protocol:
-                want = min(max(want, 100), self.list_max_examined - examined)
+            if protocol or participant:
+                budget = self.list_max_examined - examined
+                if participant:
+                    budget = min(budget, self.participant_max_examined - len(read))
+                want = min(max(want, 100), budget)
                 if want <= 0:
                     break
             reply = await self._range(start, end, want)
             examined += len(reply.kvs)
+            if participant:
+                ids = [
+                    _session_of(kv.key) for kv in reply.kvs if not protocol or kv.value == protocol.encode()
+                ]
+                read.update((s.session_id, s) for s in await self._summaries(ids))
             for kv in reply.kvs:
                 last = kv.key
-                if not protocol or kv.value == protocol.encode():
-                    found.append(kv.key)
-                    if len(found) > size:
-                        break
+                if protocol and kv.value != protocol.encode():
+                    continue
+                if participant and not _took_part(read.get(_session_of(kv.key)), participant):
+                    continue
+                found.append(kv.key)
+                if len(found) > size:
+                    break
             if not reply.more:
                 exhausted = True
                 break
@@ -371,8 +392,10 @@ class SessionStore(SessionChunks, SessionPruning, SessionsInFlight):
             following = None
         else:
             following = last[len(self.index) :].decode()  # a short page: the cap was reached
-        summaries = await self._summaries([key.rsplit(b"/", 1)[1].decode() for key in page])
-        return summaries, following
+        ids = [_session_of(key) for key in page]
+        if participant:
+            return [read[i] for i in ids], following
+        return await self._summaries(ids), following
 
     async def backfill_index(self) -> int:
         """Give sessions stored before ``session-index/`` existed their index keys.
@@ -460,3 +483,15 @@ def decode_protocol(key: bytes, value: bytes) -> coordination_pb2.ProtocolInfo |
         return coordination_pb2.ProtocolInfo.FromString(value)
     except Exception:
         return None
+
+
+def _session_of(index_key: bytes) -> str:
+    """The session id an index key ends with."""
+    return bytes(index_key).rsplit(b"/", 1)[1].decode()
+
+
+def _took_part(session: coordination_pb2.Session | None, agent_id: str) -> bool:
+    """Whether ``agent_id`` was invited to ``session`` (a participant, or excluded from it)."""
+    if session is None:  # expired between the index read and the summary's
+        return False
+    return agent_id in session.participants or any(e.agent_id == agent_id for e in session.excluded)
