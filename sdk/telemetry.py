@@ -89,6 +89,29 @@ class _Instruments:
             "mabeam.coordination.sessions",
             description="coordination sessions finished, by protocol and state",
         )
+        self.session_duration = m.create_histogram(
+            "mabeam.coordination.session.duration",
+            unit="s",
+            description="how long a finished session ran (its replica's monotonic clock), by protocol and state",
+        )
+        self.session_participants = m.create_histogram(
+            "mabeam.coordination.session.participants",
+            description="agents invited to a finished session, by protocol",
+        )
+        self.exclusions = m.create_counter(
+            "mabeam.coordination.exclusions",
+            description="agents excluded from sessions, by protocol and reason",
+        )
+        self.variable_coordinations = m.create_counter(
+            "mabeam.orchestrator.coordinations",
+            description="variables coordinated (CoordinateVariable, CoordinateSystem, adaptation), by trigger "
+            "and result (written, not_written, failed)",
+        )
+        self.variable_coordination_duration = m.create_histogram(
+            "mabeam.orchestrator.coordination.duration",
+            unit="s",
+            description="time to coordinate a variable (the protocol's run and the write), by trigger",
+        )
         self.goals = m.create_counter("mabeam.planner.goals", description="goals finished, by state")
         self.watch_cut = m.create_counter(
             "mabeam.watch.cut",

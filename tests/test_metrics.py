@@ -19,7 +19,7 @@ from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
 from mabeam.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from mabeam.server import MeshServer, port_is_free
-from mabeam.v1 import agent_pb2, common_pb2, coordination_pb2, planner_pb2, registry_pb2
+from mabeam.v1 import agent_pb2, common_pb2, coordination_pb2, orchestrator_pb2, planner_pb2, registry_pb2
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,13 +52,20 @@ class Worker(Agent):
         return {"ok": True}
 
 
+class Failing(Worker):
+    """Answers every protocol message with an error: excluded from the session."""
+
+    async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
+        raise RuntimeError("no bids here")
+
+
 async def test_the_mesh_reports_its_numbers(
     reader: InMemoryMetricReader, service: Callable[..., Awaitable[MeshServer]]
 ) -> None:
     registry = await service("registry")
     coordination = await service("coordination")
     planner = await service("planner")
-    host = AgentHost([Worker("m1"), Worker("m2")], registry=registry.address)
+    host = AgentHost([Worker("m1"), Worker("m2"), Failing("m3")], registry=registry.address)
     await host.start()
     client = await MeshClient.connect(
         registry=registry.address, coordination=coordination.address, planner=planner.address
@@ -92,6 +99,54 @@ async def test_the_mesh_reports_its_numbers(
     )
     assert any(p.attributes == {"state": "GOAL_STATE_SUCCEEDED"} for p in found["mabeam.planner.goals"])
     assert "mabeam.registry.agents" in found and "mabeam.registry.leases" in found
+    # Coordination telemetry: duration and participants by protocol, exclusions by reason.
+    decided = {"protocol": "first_price", "state": "SESSION_STATE_DECIDED"}
+    assert any(
+        p.attributes == decided and p.count >= 1 for p in found["mabeam.coordination.session.duration"]
+    )
+    sizes = [
+        p
+        for p in found["mabeam.coordination.session.participants"]
+        if p.attributes == {"protocol": "first_price"}
+    ]
+    assert sizes and sizes[0].max == 3
+    assert any(
+        p.attributes == {"protocol": "first_price", "reason": "EXCLUSION_REASON_ERROR"} and p.value >= 1
+        for p in found["mabeam.coordination.exclusions"]
+    ), found["mabeam.coordination.exclusions"]
+
+
+async def test_coordinating_a_variable_is_counted_by_trigger_and_result(
+    reader: InMemoryMetricReader, service: Callable[..., Awaitable[MeshServer]]
+) -> None:
+    registry = await service("registry")
+    coordination = await service("coordination")
+    orchestrator = await service("orchestrator")
+    client = await MeshClient.connect(
+        registry=registry.address, coordination=coordination.address, orchestrator=orchestrator.address
+    )
+    try:
+        binding = orchestrator_pb2.OrchestrationBinding(
+            variable="metered/v",
+            protocol="consensus",
+            participants=common_pb2.AgentSelector(capability="nobody"),
+        )
+        await client.orchestrator.BindVariable(orchestrator_pb2.BindVariableRequest(binding=binding))
+        result = await client.orchestrator.CoordinateVariable(
+            orchestrator_pb2.CoordinateVariableRequest(variable="metered/v")
+        )
+        assert not result.result.applied  # nobody to decide: not written
+    finally:
+        await client.close()
+    found = points(reader)
+    assert any(
+        p.attributes == {"trigger": "call", "result": "not_written"} and p.value >= 1
+        for p in found["mabeam.orchestrator.coordinations"]
+    )
+    assert any(
+        p.attributes == {"trigger": "call"} and p.count >= 1
+        for p in found["mabeam.orchestrator.coordination.duration"]
+    )
 
 
 async def test_prometheus_endpoint_and_trace_ids_in_logs(etcd: EmbeddedEtcd) -> None:

@@ -137,6 +137,8 @@ async def test_readme_coordination_recipes(service: Callable[..., Awaitable[Mesh
             assert proc.returncode == 0, f"{command}: {out.decode()}{err.decode()}"
             if "RunAuction" in recipe or "RunConsensus" in recipe:
                 assert b"SESSION_STATE_DECIDED" in out, out.decode()
+            if '"participant"' in recipe:  # the auction above invited bidder-1
+                assert b'"vickrey"' in out and b"bidder-1" in out, out.decode()
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -262,7 +262,8 @@ class Session:
         self.endpoint_of = {p.agent_id: p.endpoint for p in participants}
         # ``started``: time.monotonic() when the call began (lookups count against the deadline).
         self.deadline_s = deadline_s
-        self.deadline = (time.monotonic() if started is None else started) + deadline_s
+        self.started = time.monotonic() if started is None else started
+        self.deadline = self.started + deadline_s
         self.reserve = finish_reserve(deadline_s)
         self.round_timeout_s = round_timeout_s
         self.stream_rounds = stream_rounds
@@ -455,10 +456,7 @@ class Session:
             except Exception as exc:  # TimeoutError too
                 # The outcome is stored; a replica that finds the keys left ends nothing (it is finished).
                 log.warning("session %s: its in-flight keys are left (%s)", self.session_id, exc)
-        telemetry.instruments().sessions.add(
-            1,
-            {"protocol": self.proto.protocol, "state": coordination_pb2.SessionState.Name(self.proto.state)},
-        )
+        record_finished(self.proto, time.monotonic() - self.started)
         return self.proto
 
     def answer(self, out: coordination_pb2.Session, view: int) -> None:
@@ -469,3 +467,16 @@ class Session:
         out.CopyFrom(self.proto)
         if view != coordination_pb2.SESSION_VIEW_BASIC:
             out.rounds.extend(self.rounds)
+
+
+def record_finished(session: coordination_pb2.Session, seconds: float) -> None:
+    """The metrics of a finished session: count and duration by protocol and state, its
+    participants, and its exclusions by reason."""
+    meters = telemetry.instruments()
+    labels = {"protocol": session.protocol, "state": coordination_pb2.SessionState.Name(session.state)}
+    meters.sessions.add(1, labels)
+    meters.session_duration.record(seconds, labels)
+    meters.session_participants.record(len(session.participants), {"protocol": session.protocol})
+    for exclusion in session.excluded:
+        reason = coordination_pb2.ExclusionReason.Name(exclusion.reason)
+        meters.exclusions.add(1, {"protocol": session.protocol, "reason": reason})

@@ -56,6 +56,7 @@ import asyncio
 import contextlib
 import logging
 
+from mabeam import telemetry
 from mabeam.runtime.etcd import LeaseKeeper, WatchCompacted
 from mabeam.services.coordination.store import SessionStore
 from mabeam.v1 import coordination_pb2
@@ -198,6 +199,9 @@ class Orphans:
         await self.store.finish(session, [], owner=self.replica_id)  # the owner key is ours now
         await self.store.drop_in_flight(session_id, self.replica_id)
         self.ended += 1
+        telemetry.instruments().sessions.add(
+            1, {"protocol": session.protocol, "state": coordination_pb2.SessionState.Name(session.state)}
+        )
         log.warning(
             "session %s (%s) ended ABANDONED: replica %s stopped while it ran",
             session_id,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 from google.protobuf import timestamp_pb2
 
-from mabeam import errors
+from mabeam import errors, telemetry
 from mabeam.client import MeshClient, list_all
 from mabeam.runtime import validate
 from mabeam.services.orchestrator import variables
@@ -61,16 +61,26 @@ class Coordinator:
         return self._mesh()
 
     async def coordinate(
-        self, binding: orchestrator_pb2.OrchestrationBinding
+        self, binding: orchestrator_pb2.OrchestrationBinding, trigger: str = "call"
     ) -> orchestrator_pb2.VariableCoordination:
         """Run a binding's protocol and write its outcome with compare-and-set.
 
         Raises NotFound when the variable is not bound, or was unbound before
-        the outcome could be written (then nothing is written).
+        the outcome could be written (then nothing is written). ``trigger``
+        (``call``, ``system``, ``adaptation``) labels the metrics.
         """
         lock = self._coordinating.setdefault(binding.variable, asyncio.Lock())
-        async with lock:
-            return await self._coordinate(binding)
+        started = time.monotonic()
+        result = "failed"
+        try:
+            async with lock:
+                done = await self._coordinate(binding)
+            result = "written" if done.applied else "not_written"
+            return done
+        finally:
+            meters = telemetry.instruments()
+            meters.variable_coordinations.add(1, {"trigger": trigger, "result": result})
+            meters.variable_coordination_duration.record(time.monotonic() - started, {"trigger": trigger})
 
     async def _coordinate(
         self, binding: orchestrator_pb2.OrchestrationBinding
@@ -148,7 +158,7 @@ class Coordinator:
             binding: orchestrator_pb2.OrchestrationBinding,
         ) -> orchestrator_pb2.VariableCoordination:
             try:
-                return await self.coordinate(binding)
+                return await self.coordinate(binding, "system")
             except errors.NotFound as exc:
                 return orchestrator_pb2.VariableCoordination(variable=binding.variable, reason=exc.message)
 
@@ -208,7 +218,7 @@ class Coordinator:
                     "adapting %s: %s = %g crossed %g", binding.variable, rule.metric, value, rule.threshold
                 )
                 try:
-                    await self.coordinate(binding)
+                    await self.coordinate(binding, "adaptation")
                 except errors.NotFound:
                     log.info("%s was unbound while adapting; nothing written", binding.variable)
 
