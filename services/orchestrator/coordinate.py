@@ -55,6 +55,9 @@ class Coordinator:
         self._mesh = mesh
         self._writer = writer
         self._coordinating: dict[str, asyncio.Lock] = {}
+        # variable -> (the binding's last_coordinated_at as last seen, this process's monotonic
+        # time when it was first seen so): cooldowns are counted on this host's clock only.
+        self._last_seen: dict[str, tuple[int, float]] = {}
 
     @property
     def mesh(self) -> MeshClient:
@@ -200,17 +203,15 @@ class Coordinator:
 
     async def adapt_once(self, bindings: Iterable[orchestrator_pb2.OrchestrationBinding]) -> None:
         """One pass of the adaptation loop: re-coordinate the bindings whose metric crosses its threshold."""
+        bindings = list(bindings)
+        for gone in self._last_seen.keys() - {b.variable for b in bindings}:
+            del self._last_seen[gone]  # unbound: forgotten (bounded by the bindings that exist)
         for binding in bindings:
             if not binding.HasField("adaptation"):
                 continue
             rule = binding.adaptation
             cooldown = validate.seconds(rule.cooldown, "cooldown", default=10.0)
-            last = (
-                binding.last_coordinated_at.ToNanoseconds() / 1e9
-                if binding.HasField("last_coordinated_at")
-                else 0.0
-            )
-            if time.time() - last < cooldown:
+            if self._cooling(binding, cooldown):
                 continue
             value = await self._metric(binding)
             if value is not None and variables.metric_crosses(value, rule):
@@ -221,6 +222,24 @@ class Coordinator:
                     await self.coordinate(binding, "adaptation")
                 except errors.NotFound:
                     log.info("%s was unbound while adapting; nothing written", binding.variable)
+
+    def _cooling(self, binding: orchestrator_pb2.OrchestrationBinding, cooldown: float) -> bool:
+        """Whether ``binding`` was coordinated less than ``cooldown`` s ago, by this host's clock.
+
+        ``last_coordinated_at`` is written by whichever replica coordinated, with its own
+        wall clock: it is compared only with itself. A change of it is timed when this
+        process first sees it; one this process has not seen change since it started
+        leading counts as just coordinated (a new leader waits one cooldown); a binding
+        never coordinated is not cooling.
+        """
+        if not binding.HasField("last_coordinated_at"):
+            return False
+        stamp = binding.last_coordinated_at.ToNanoseconds()
+        now = time.monotonic()
+        seen = self._last_seen.get(binding.variable)
+        if seen is None or seen[0] != stamp:
+            seen = self._last_seen[binding.variable] = (stamp, now)
+        return now - seen[1] < cooldown
 
     async def _metric(self, binding: orchestrator_pb2.OrchestrationBinding) -> float | None:
         metric = binding.adaptation.metric
