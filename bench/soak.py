@@ -28,8 +28,13 @@ from its ``/metrics``, with the raft entries it applied and the snapshots it
 saved), and the RSS of every process (etcd, each service, the AgentHost,
 this driver) with psutil.
 
-The flatness window starts after the first retention window plus one
-retention bucket (:class:`mabeam.runtime.retention.Retention`), at the first
+The flatness window starts once both what the mesh keeps and what etcd
+keeps of its history are in their steady state: after the first retention
+window plus one retention bucket (:class:`mabeam.runtime.retention.Retention`)
+and then two of etcd's compaction periods (its periodic compactor keeps
+between one and two periods of history: the first 30-minute run, with
+compaction at half the retention and the window at the retention, saw the
+database still growing until the second compaction after it), at the first
 sample from then on. Per series the row gives the value there (``start``), at
 the end (``end``), ``ratio`` = end / start and the largest value in the
 window; its own ``ratio`` is the database size's, with the goal ``ratio <=
@@ -120,13 +125,15 @@ class SoakSettings:
 
     @property
     def window_start_s(self) -> int:
-        """Where the flatness window opens: the first retention window plus one bucket."""
-        return self.retention_s + self.bucket_s
+        """Where the flatness window opens: the first retention window plus one bucket, then two
+        compaction periods (etcd's history reaches its steady band of one to two periods)."""
+        return self.retention_s + self.bucket_s + 2 * self.compaction_retention_s
 
     @property
     def compaction_retention_s(self) -> int:
-        """etcd's auto-compaction keeps this much history: half the retention (history at most a retention)."""
-        return max(1, self.retention_s // 2)
+        """etcd's periodic auto-compaction period: a quarter of the retention (it keeps one to two
+        periods of history, at most half a retention)."""
+        return max(1, self.retention_s // 4)
 
     @staticmethod
     def parse(
@@ -144,6 +151,11 @@ class SoakSettings:
             raise ConfigError(f"--duration {duration}: at least 10s")
         if settings.retention_s < 1:
             raise ConfigError(f"--retention {retention}: at least 1s (a soak needs a retention)")
+        if settings.duration_s <= settings.window_start_s:
+            raise ConfigError(
+                f"--duration {duration or settings.duration_s}: longer than where flatness is measured from, "
+                f"{settings.window_start_s} s (retention + bucket + two etcd compaction periods)"
+            )
         if not 10 <= settings.agents <= 10_000:
             raise ConfigError(f"--agents {agents}: between 10 and 10000")
         return settings
@@ -241,7 +253,7 @@ class SoakResult:
             )
             notes.append(
                 f"etcd saved {when}, not before the window opened: until a snapshot its RSS"
-                " holds its raft log (--snapshot-count, 100,000 entries)"
+                " holds its raft log (--snapshot-count, 10,000 entries)"
             )
         if any(v is None for v in verdicts.values()):
             notes.append(
@@ -258,7 +270,8 @@ class SoakResult:
             "request_record_window_s": WINDOW_S,
             "sample_every_s": s.every_s,
             "window_start_s": window,
-            "baseline": "the same series at the first sample after the first retention window (+ one bucket)",
+            "baseline": "the same series at the first sample after the first retention window (+ one bucket) "
+            "and two etcd compaction periods",
             "ratio": series["etcd_db_size_bytes"]["ratio"],
             "goal": GOAL,
             "key_ratio": series["etcd_keys"]["ratio"],

@@ -75,7 +75,9 @@ async def test_short_soak_reports_flat_series_and_no_errors() -> None:
     assert doc["baselines"] == {}  # the soak alone needs no latency baseline
     row = doc["benchmarks"]["soak"]
     assert row["errors"] == 0, row["error_messages"]
-    assert row["goal"] == "ratio <= 1.05" and row["window_start_s"] == 9
+    assert (
+        row["goal"] == "ratio <= 1.05" and row["window_start_s"] == 8 + 1 + 2 * 2
+    )  # retention + bucket + two compaction periods
     ops = row["operations"]
     for kind in ("auction_10", "auction_100", "auction_200", "goal", "cas", "watch", "watch_events"):
         assert ops.get(kind, 0) > 0, (kind, ops)
@@ -105,3 +107,6 @@ async def test_soak_flags_are_checked() -> None:
     assert code == 2 and out == "" and "--duration" in err
     code, _, err = await run("lookup", "--retention", "10s")
     assert code == 2 and "soak" in err
+    # A run that ends before the flatness window opens would measure nothing.
+    code, _, err = await run("soak", "--duration", "15m", "--retention", "12m")
+    assert code == 2 and "1087 s" in err, err
