@@ -21,6 +21,7 @@ NAMES = [
     "agent_removal",
     "supervised_restart",
     "goal_resume",
+    "publish_1000",
     "soak",
 ]
 
