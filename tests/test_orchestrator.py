@@ -527,6 +527,55 @@ async def test_adaptation_rule_recoordinates_when_the_metric_crosses(
     ).variable.version == first.version
 
 
+async def test_adaptation_metrics_over_any_heartbeat_field_and_session_outcomes(
+    mesh: tuple[MeshClient, MeshServer], voters: None
+) -> None:
+    """A rule on the agents' memory (which the SDK reports by itself) fires; one on the
+    consensus sessions' decided share fires once there is a finished consensus; a metric
+    outside the grammar is refused naming the field."""
+    o = mesh[0].orchestrator
+
+    def bound(
+        variable: str, metric: str, comparison: int, threshold: float
+    ) -> orchestrator_pb2.OrchestrationBinding:
+        return orchestrator_pb2.OrchestrationBinding(
+            variable=variable,
+            protocol="consensus",
+            participants=common_pb2.AgentSelector(capability="decide"),
+            parameters=params({"question": "t?", "options": ["18", "21"]}),
+            adaptation=orchestrator_pb2.AdaptationRule(
+                metric=metric,
+                comparison=comparison,
+                threshold=threshold,
+                cooldown=duration_pb2.Duration(seconds=60),
+            ),
+        )
+
+    with pytest.raises(errors.InvalidArgument) as info:
+        await o.BindVariable(
+            orchestrator_pb2.BindVariableRequest(
+                binding=bound("x", "agents.color.mean", orchestrator_pb2.COMPARISON_ABOVE, 0)
+            )
+        )
+    assert (
+        info.value.field == "binding.adaptation.metric" and "agents.<field>.<aggregate>" in info.value.message
+    )
+    memory = bound("by-memory", "agents.memory_bytes.max", orchestrator_pb2.COMPARISON_ABOVE, 1_000_000)
+    outcomes = bound("by-outcomes", "sessions:consensus.decided_ratio", orchestrator_pb2.COMPARISON_BELOW, 2)
+    for binding in (memory, outcomes):
+        await o.BindVariable(orchestrator_pb2.BindVariableRequest(binding=binding))
+
+    async def decided(name: str) -> bool:
+        try:
+            await o.GetVariable(orchestrator_pb2.GetVariableRequest(name=name))
+        except errors.NotFound:
+            return False
+        return True
+
+    await eventually(lambda: decided("by-memory"), timeout=15, what="adapted on the agents' memory")
+    await eventually(lambda: decided("by-outcomes"), timeout=15, what="adapted on the sessions' outcomes")
+
+
 class HeldVoter(Agent):
     """Votes "21" once told to: the test unbinds the variable while the vote is held."""
 

@@ -584,8 +584,14 @@ class AdaptationRule(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     COOLDOWN_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
-    """The metric: "agents.load.mean", "agents.load.max", "agents.queue.mean"
-    (over the participants' heartbeats) or "var:<name>" (a numeric variable).
+    """The metric, else INVALID_ARGUMENT naming the grammar:
+    "agents.<field>.<aggregate>" over the participants' latest heartbeats, any
+    numeric field of AgentLoad (load, queue_length — "queue" too —, memory_bytes,
+    cpu_fraction) with mean, max, min or sum (e.g. "agents.load.mean",
+    "agents.memory_bytes.max"); "var:<name>" (a numeric variable); or
+    "sessions:<protocol>.<statistic>" over that protocol's 20 latest finished
+    sessions: decided_ratio (the share decided), excluded_mean or
+    participants_mean.
     """
     comparison: Global___Comparison.ValueType
     """How the metric is compared."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import time
 from collections.abc import Callable, Iterable
 
@@ -242,10 +241,16 @@ class Coordinator:
         return now - seen[1] < cooldown
 
     async def _metric(self, binding: orchestrator_pb2.OrchestrationBinding) -> float | None:
-        metric = binding.adaptation.metric
-        if metric.startswith("var:"):
-            var = await self.store.get(metric[4:])
+        kind, subject, statistic = variables.parse_metric(binding.adaptation.metric)
+        if kind == "var":
+            var = await self.store.get(subject)
             return variables.as_number(var.value) if var is not None else None
+        if kind == "sessions":
+            page = await self.mesh.coordination.ListSessions(
+                coordination_pb2.ListSessionsRequest(protocol=subject, page_size=variables.SESSIONS_LOOKED_AT)
+            )
+            finished = [s for s in page.sessions if s.state != coordination_pb2.SESSION_STATE_RUNNING]
+            return variables.session_statistic(finished, statistic)
         selector = binding.participants
         listed = await list_all(  # every page: a metric over all the agents, not the first 1,000
             self.mesh.registry.ListAgents,
@@ -253,10 +258,4 @@ class Coordinator:
             "agents",
         )
         agents = [a for a in listed if not selector.agent_ids or a.agent_id in selector.agent_ids]
-        if not agents:
-            return None
-        if metric == "agents.load.mean":
-            return statistics.fmean(a.load.load for a in agents)
-        if metric == "agents.load.max":
-            return max(a.load.load for a in agents)
-        return statistics.fmean(a.load.queue_length for a in agents)
+        return variables.aggregate([float(getattr(a.load, subject)) for a in agents], statistic)

@@ -227,14 +227,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise errors.InvalidArgument("binding.participants", "give agent ids or a capability")
         if binding.HasField("adaptation"):
             rule = binding.adaptation
-            if not (
-                rule.metric in ("agents.load.mean", "agents.load.max", "agents.queue.mean")
-                or rule.metric.startswith("var:")
-            ):
-                raise errors.InvalidArgument(
-                    "binding.adaptation.metric",
-                    "use agents.load.mean, agents.load.max, agents.queue.mean or var:<name>",
-                )
+            variables.parse_metric(rule.metric, "binding.adaptation.metric")
             if rule.comparison == orchestrator_pb2.COMPARISON_UNSPECIFIED:
                 raise errors.InvalidArgument("binding.adaptation.comparison", "choose ABOVE or BELOW")
             validate.finite(rule.threshold, "binding.adaptation.threshold")

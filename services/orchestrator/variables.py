@@ -134,3 +134,59 @@ def metric_crosses(value: float, rule: orchestrator_pb2.AdaptationRule) -> bool:
     if rule.comparison == orchestrator_pb2.COMPARISON_BELOW:
         return value < rule.threshold
     return False
+
+
+# -- adaptation metrics ------------------------------------------------------------------
+#
+# ``agents.<field>.<aggregate>`` over the participants' latest heartbeats (any numeric
+# field of mabeam.v1.AgentLoad), ``var:<name>`` (a numeric variable), or
+# ``sessions:<protocol>.<statistic>`` over that protocol's latest finished sessions.
+
+AGENT_FIELDS = {"load": "load", "queue": "queue_length", "queue_length": "queue_length",
+                "memory_bytes": "memory_bytes", "cpu_fraction": "cpu_fraction"}  # fmt: skip
+AGGREGATES = ("mean", "max", "min", "sum")
+SESSION_STATISTICS = ("decided_ratio", "excluded_mean", "participants_mean")
+SESSIONS_LOOKED_AT = 20  # the latest finished sessions a sessions: metric is computed over
+PROTOCOL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+METRIC_HELP = (
+    "use agents.<field>.<aggregate> (field: load, queue_length, memory_bytes, cpu_fraction; aggregate: "
+    "mean, max, min, sum), var:<name>, or sessions:<protocol>.<decided_ratio|excluded_mean|participants_mean>"
+)
+
+
+def parse_metric(metric: str, field: str = "metric") -> tuple[str, str, str]:
+    """``(kind, subject, statistic)``: ``("agents", "load", "mean")``, ``("var", name, "")`` or
+    ``("sessions", protocol, "decided_ratio")``; INVALID_ARGUMENT naming ``field`` otherwise."""
+    if metric.startswith("var:"):
+        return "var", check_name(metric[4:], field), ""
+    if metric.startswith("sessions:"):
+        protocol, _, statistic = metric[len("sessions:") :].rpartition(".")
+        if PROTOCOL_RE.match(protocol) and statistic in SESSION_STATISTICS:
+            return "sessions", protocol, statistic
+        raise InvalidArgument(field, f"{metric[:300]!r}: {METRIC_HELP}")
+    parts = metric.split(".")
+    if len(parts) == 3 and parts[0] == "agents" and parts[1] in AGENT_FIELDS and parts[2] in AGGREGATES:
+        return "agents", AGENT_FIELDS[parts[1]], parts[2]
+    raise InvalidArgument(field, f"{metric[:300]!r}: {METRIC_HELP}")
+
+
+def aggregate(values: list[float], how: str) -> float | None:
+    """``mean``, ``max``, ``min`` or ``sum`` of ``values`` (None when there are none)."""
+    if not values:
+        return None
+    if how == "mean":
+        return math.fsum(values) / len(values)
+    if how == "sum":
+        return math.fsum(values)
+    return max(values) if how == "max" else min(values)
+
+
+def session_statistic(sessions: list[coordination_pb2.Session], statistic: str) -> float | None:
+    """A statistic over finished sessions: the share decided, or the mean excluded or invited."""
+    if not sessions:
+        return None
+    if statistic == "decided_ratio":
+        return sum(1 for s in sessions if s.outcome.decided) / len(sessions)
+    if statistic == "excluded_mean":
+        return sum(len(s.excluded) for s in sessions) / len(sessions)
+    return sum(len(s.participants) for s in sessions) / len(sessions)

@@ -40,3 +40,33 @@ def test_constraints() -> None:
 def test_bad_names(name: str) -> None:
     with pytest.raises(InvalidArgument):
         variables.check_name(name)
+
+
+def test_adaptation_metrics_name_any_heartbeat_field_a_variable_or_session_outcomes() -> None:
+    assert variables.parse_metric("agents.load.mean") == ("agents", "load", "mean")
+    assert variables.parse_metric("agents.queue.mean") == ("agents", "queue_length", "mean")  # the old name
+    assert variables.parse_metric("agents.memory_bytes.max") == ("agents", "memory_bytes", "max")
+    assert variables.parse_metric("agents.cpu_fraction.sum") == ("agents", "cpu_fraction", "sum")
+    assert variables.parse_metric("var:room/temp") == ("var", "room/temp", "")
+    assert variables.parse_metric("sessions:first_price.decided_ratio") == (
+        "sessions",
+        "first_price",
+        "decided_ratio",
+    )
+    for bad in ("agents.load", "agents.color.mean", "agents.load.median", "var:", "sessions:x", "load", ""):
+        with pytest.raises(InvalidArgument) as info:
+            variables.parse_metric(bad, "binding.adaptation.metric")
+        assert info.value.field == "binding.adaptation.metric"
+    assert variables.aggregate([1.0, 2.0, 6.0], "mean") == 3.0
+    assert variables.aggregate([1.0, 2.0, 6.0], "sum") == 9.0
+    assert variables.aggregate([1.0, 2.0, 6.0], "min") == 1.0
+    assert variables.aggregate([], "max") is None
+    decided = coordination_pb2.Session(
+        participants=["a", "b"], outcome=coordination_pb2.Outcome(decided=True)
+    )
+    undecided = coordination_pb2.Session(participants=["a", "b", "c", "d"])
+    undecided.excluded.add(agent_id="c")
+    assert variables.session_statistic([decided, undecided], "decided_ratio") == 0.5
+    assert variables.session_statistic([decided, undecided], "excluded_mean") == 0.5
+    assert variables.session_statistic([decided, undecided], "participants_mean") == 3.0
+    assert variables.session_statistic([], "decided_ratio") is None
