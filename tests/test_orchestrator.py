@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from grpc import aio
 
 from harness.wait import eventually
 from mabeam import errors
@@ -22,7 +23,15 @@ from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, snapshot
 from mabeam.runtime.mesh import LocalMesh
 from mabeam.server import MeshServer
-from mabeam.v1 import agent_pb2, common_pb2, orchestrator_pb2, registry_pb2
+from mabeam.v1 import (
+    agent_pb2,
+    common_pb2,
+    coordination_pb2,
+    orchestrator_pb2,
+    protocol_plugin_pb2,
+    protocol_plugin_pb2_grpc,
+    registry_pb2,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "examples" / "worker.py")
@@ -574,6 +583,90 @@ async def test_adaptation_metrics_over_any_heartbeat_field_and_session_outcomes(
 
     await eventually(lambda: decided("by-memory"), timeout=15, what="adapted on the agents' memory")
     await eventually(lambda: decided("by-outcomes"), timeout=15, what="adapted on the sessions' outcomes")
+
+
+class FromContext(protocol_plugin_pb2_grpc.ProtocolPluginServiceServicer):
+    """A plugin protocol that decides ten times the value that triggered the adaptation."""
+
+    def __init__(self) -> None:
+        self.contexts: list[dict[str, Any]] = []
+
+    async def Describe(self, request: Any, context: Any) -> protocol_plugin_pb2.DescribeResponse:
+        return protocol_plugin_pb2.DescribeResponse(description="ten times the trigger's value")
+
+    async def Advance(
+        self, request: protocol_plugin_pb2.AdvanceRequest, context: Any
+    ) -> protocol_plugin_pb2.AdvanceResponse:
+        got = json_format.MessageToDict(request.context)
+        self.contexts.append(got)
+        return protocol_plugin_pb2.AdvanceResponse(
+            outcome=coordination_pb2.Outcome(decided=True, decision=f"{got['value'] * 10:g}")
+        )
+
+
+async def test_an_adaptation_gives_its_trigger_to_a_plugin_that_computes_the_value(
+    mesh: tuple[MeshClient, MeshServer], voters: None
+) -> None:
+    client = mesh[0]
+    o = client.orchestrator
+    plugin = FromContext()
+    server = aio.server()
+    protocol_plugin_pb2_grpc.add_ProtocolPluginServiceServicer_to_server(plugin, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        await client.coordination.RegisterProtocol(
+            coordination_pb2.RegisterProtocolRequest(name="from_context", endpoint=f"127.0.0.1:{port}")
+        )
+        binding = orchestrator_pb2.OrchestrationBinding(
+            variable="scaled",
+            protocol="consensus",  # what CoordinateVariable runs; the rule runs the plugin
+            participants=common_pb2.AgentSelector(capability="decide"),
+            parameters=params({"question": "t?", "options": ["18", "21"]}),
+            adaptation=orchestrator_pb2.AdaptationRule(
+                metric="agents.load.max",
+                comparison=orchestrator_pb2.COMPARISON_BELOW,
+                threshold=5,
+                cooldown=duration_pb2.Duration(seconds=60),
+                protocol="from_context",
+            ),
+        )
+        await o.BindVariable(orchestrator_pb2.BindVariableRequest(binding=binding))
+
+        async def scaled() -> orchestrator_pb2.Variable | None:
+            try:
+                return (await o.GetVariable(orchestrator_pb2.GetVariableRequest(name="scaled"))).variable
+            except errors.NotFound:
+                return None
+
+        variable = await eventually(scaled, timeout=15, what="the plugin decided the variable")
+        value = variable.value.number_value
+        trigger = plugin.contexts[0]
+        assert trigger["trigger"] == "adaptation" and trigger["metric"] == "agents.load.max"
+        assert trigger["comparison"] == "COMPARISON_BELOW" and trigger["threshold"] == 5
+        assert value == pytest.approx(trigger["value"] * 10)
+        assert set(trigger["loads"]) >= {"v1", "v2"}, trigger  # the participants' loads by id
+        session_id = variable.decided_by_session
+        session = (
+            await client.coordination.GetSession(coordination_pb2.GetSessionRequest(session_id=session_id))
+        ).session
+        assert session.protocol == "from_context" and session.context["metric"] == "agents.load.max"
+        # A context over 64 KiB is refused up front, naming the field.
+        big = struct_pb2.Struct()
+        big.update({"blob": "x" * (65 * 1024)})
+        with pytest.raises(errors.InvalidArgument) as info:
+            await client.coordination.Run(
+                coordination_pb2.RunRequest(
+                    settings=coordination_pb2.SessionSettings(
+                        participants=common_pb2.AgentSelector(capability="decide")
+                    ),
+                    protocol="from_context",
+                    context=big,
+                )
+            )
+        assert info.value.field == "context" and "65536" in info.value.message
+    finally:
+        await server.stop(0)
 
 
 class HeldVoter(Agent):

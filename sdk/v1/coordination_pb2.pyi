@@ -662,6 +662,7 @@ class RunRequest(_message.Message):
     PROTOCOL_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     protocol: _builtins.str
     """Required. The protocol's name, as listed by ListProtocols."""
     request_id: _builtins.str
@@ -680,6 +681,16 @@ class RunRequest(_message.Message):
     def parameters(self) -> _struct_pb2.Struct:
         """The protocol's parameters, by the names ListProtocols gives."""
 
+    @_builtins.property
+    def context(self) -> _struct_pb2.Struct:
+        """Optional. What caused this run, for the protocol to use: an adaptation rule
+        passes its trigger ({"trigger": "adaptation", "metric", "value",
+        "threshold", "comparison", and for an agents.* metric "loads": {agent id:
+        its load}}). At most 64 KiB serialized (INVALID_ARGUMENT naming context).
+        Kept on the session (Session.context) and given to a plugin protocol with
+        every AdvanceRequest; built-in protocols ignore it.
+        """
+
     def __init__(
         self,
         *,
@@ -687,10 +698,11 @@ class RunRequest(_message.Message):
         protocol: _builtins.str = ...,
         parameters: _struct_pb2.Struct | None = ...,
         request_id: _builtins.str = ...,
+        context: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "settings", b"settings"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "parameters", b"parameters", "settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "protocol", b"protocol", "request_id", b"request_id", "settings", b"settings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "parameters", b"parameters", "protocol", b"protocol", "request_id", b"request_id", "settings", b"settings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -964,6 +976,7 @@ class Session(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     COORDINATOR_ID_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session's id."""
     protocol: _builtins.str
@@ -1002,6 +1015,10 @@ class Session(_message.Message):
     def finished_at(self) -> _timestamp_pb2.Timestamp:
         """When it finished (unset while running)."""
 
+    @_builtins.property
+    def context(self) -> _struct_pb2.Struct:
+        """What caused the run (RunRequest.context), when the caller said."""
+
     def __init__(
         self,
         *,
@@ -1017,10 +1034,11 @@ class Session(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         coordinator_id: _builtins.str = ...,
+        context: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "outcome", b"outcome", "parameters", b"parameters", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "finished_at", b"finished_at", "outcome", b"outcome", "parameters", b"parameters", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_id", b"coordinator_id", "excluded", b"excluded", "finished_at", b"finished_at", "outcome", b"outcome", "parameters", b"parameters", "participants", b"participants", "protocol", b"protocol", "round_count", b"round_count", "rounds", b"rounds", "session_id", b"session_id", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "coordinator_id", b"coordinator_id", "excluded", b"excluded", "finished_at", b"finished_at", "outcome", b"outcome", "parameters", b"parameters", "participants", b"participants", "protocol", b"protocol", "round_count", b"round_count", "rounds", b"rounds", "session_id", b"session_id", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,23 +29,23 @@ from mabeam.v1 import common_pb2 as mabeam_dot_v1_dot_common__pb2
 from mabeam.v1 import registry_pb2 as mabeam_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmabeam/v1/orchestrator.proto\x12\tmabeam.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16mabeam/v1/common.proto\x1a\x18mabeam/v1/registry.proto\"\xfd\x01\n\x08Variable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.mabeam.v1.Value\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x14\n\x0cmod_revision\x18\x04 \x01(\x03\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08lease_id\x18\x07 \x01(\x03\x12\x0e\n\x06writer\x18\x08 \x01(\t\x12\x1a\n\x12\x64\x65\x63ided_by_session\x18\t \x01(\t\"\x9b\x02\n\x12SetVariableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.mabeam.v1.Value\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.mabeam.v1.WriteMode\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08lease_id\x18\x06 \x01(\x03\x12\x0e\n\x06writer\x18\x07 \x01(\t\x12\x19\n\x11require_same_type\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\tB\x13\n\x11_expected_version\"]\n\x13SetVariableResponse\x12%\n\x08variable\x18\x01 \x01(\x0b\x32\x13.mabeam.v1.Variable\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"O\n\x12GetVariableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x16.mabeam.v1.Consistency\"T\n\x13GetVariableResponse\x12%\n\x08variable\x18\x01 \x01(\x0b\x32\x13.mabeam.v1.Variable\x12\x16\n\x0epossibly_stale\x18\x02 \x01(\x08\"z\n\x14ListVariablesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12+\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x16.mabeam.v1.Consistency\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"p\n\x15ListVariablesResponse\x12&\n\tvariables\x18\x01 \x03(\x0b\x32\x13.mabeam.v1.Variable\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x16\n\x0epossibly_stale\x18\x03 \x01(\x08\"m\n\x15\x44\x65leteVariableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x03 \x01(\tB\x13\n\x11_expected_version\"\x18\n\x16\x44\x65leteVariableResponse\"?\n\x15WatchVariablesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\"}\n\x16WatchVariablesResponse\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.mabeam.v1.VariableEventType\x12%\n\x08variable\x18\x02 \x01(\x0b\x32\x13.mabeam.v1.Variable\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x8b\x01\n\x0e\x41\x64\x61ptationRule\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12)\n\ncomparison\x18\x02 \x01(\x0e\x32\x15.mabeam.v1.Comparison\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12+\n\x08\x63ooldown\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x7f\n\x0b\x43onstraints\x12\x10\n\x03min\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12(\n\x0e\x61llowed_values\x18\x03 \x03(\x0b\x32\x10.mabeam.v1.Value\x12\x12\n\nmax_agents\x18\x04 \x01(\rB\x06\n\x04_minB\x06\n\x04_max\"~\n\nWorkerPool\x12%\n\x06launch\x18\x01 \x01(\x0b\x32\x15.mabeam.v1.LaunchSpec\x12\x17\n\x0f\x61gent_id_prefix\x18\x02 \x01(\t\x12\x30\n\x0erestart_policy\x18\x03 \x01(\x0b\x32\x18.mabeam.v1.RestartPolicy\"\xae\x03\n\x14OrchestrationBinding\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\x0cparticipants\x18\x04 \x01(\x0b\x32\x18.mabeam.v1.AgentSelector\x12-\n\nadaptation\x18\x05 \x01(\x0b\x32\x19.mabeam.v1.AdaptationRule\x12+\n\x0b\x63onstraints\x18\x06 \x01(\x0b\x32\x16.mabeam.v1.Constraints\x12$\n\x04kind\x18\x07 \x01(\x0e\x32\x16.mabeam.v1.BindingKind\x12*\n\x0bworker_pool\x18\x08 \x01(\x0b\x32\x15.mabeam.v1.WorkerPool\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13last_coordinated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x13\x42indVariableRequest\x12\x30\n\x07\x62inding\x18\x01 \x01(\x0b\x32\x1f.mabeam.v1.OrchestrationBinding\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"H\n\x14\x42indVariableResponse\x12\x30\n\x07\x62inding\x18\x01 \x01(\x0b\x32\x1f.mabeam.v1.OrchestrationBinding\"=\n\x15UnbindVariableRequest\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x18\n\x16UnbindVariableResponse\"<\n\x13ListBindingsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x14ListBindingsResponse\x12\x31\n\x08\x62indings\x18\x01 \x03(\x0b\x32\x1f.mabeam.v1.OrchestrationBinding\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb3\x01\n\x14VariableCoordination\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\'\n\rdecided_value\x18\x05 \x01(\x0b\x32\x10.mabeam.v1.Value\x12+\n\x0evariable_after\x18\x06 \x01(\x0b\x32\x13.mabeam.v1.Variable\"A\n\x19\x43oordinateVariableRequest\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"M\n\x1a\x43oordinateVariableResponse\x12/\n\x06result\x18\x01 \x01(\x0b\x32\x1f.mabeam.v1.VariableCoordination\"=\n\x17\x43oordinateSystemRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"L\n\x18\x43oordinateSystemResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.mabeam.v1.VariableCoordination*[\n\x0b\x43onsistency\x12\x1b\n\x17\x43ONSISTENCY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43ONSISTENCY_STRONG\x10\x01\x12\x17\n\x13\x43ONSISTENCY_RELAXED\x10\x02*^\n\tWriteMode\x12\x1a\n\x16WRITE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11WRITE_MODE_STRONG\x10\x01\x12\x1e\n\x1aWRITE_MODE_LAST_WRITE_WINS\x10\x02*u\n\x11VariableEventType\x12#\n\x1fVARIABLE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17VARIABLE_EVENT_TYPE_PUT\x10\x01\x12\x1e\n\x1aVARIABLE_EVENT_TYPE_DELETE\x10\x02*m\n\x0b\x42indingKind\x12\x1c\n\x18\x42INDING_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42INDING_KIND_PARAMETER\x10\x01\x12$\n BINDING_KIND_RESOURCE_ALLOCATION\x10\x02*T\n\nComparison\x12\x1a\n\x16\x43OMPARISON_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPARISON_ABOVE\x10\x01\x12\x14\n\x10\x43OMPARISON_BELOW\x10\x02\x32\xee\x06\n\x13OrchestratorService\x12L\n\x0bSetVariable\x12\x1d.mabeam.v1.SetVariableRequest\x1a\x1e.mabeam.v1.SetVariableResponse\x12L\n\x0bGetVariable\x12\x1d.mabeam.v1.GetVariableRequest\x1a\x1e.mabeam.v1.GetVariableResponse\x12R\n\rListVariables\x12\x1f.mabeam.v1.ListVariablesRequest\x1a .mabeam.v1.ListVariablesResponse\x12U\n\x0e\x44\x65leteVariable\x12 .mabeam.v1.DeleteVariableRequest\x1a!.mabeam.v1.DeleteVariableResponse\x12W\n\x0eWatchVariables\x12 .mabeam.v1.WatchVariablesRequest\x1a!.mabeam.v1.WatchVariablesResponse0\x01\x12O\n\x0c\x42indVariable\x12\x1e.mabeam.v1.BindVariableRequest\x1a\x1f.mabeam.v1.BindVariableResponse\x12U\n\x0eUnbindVariable\x12 .mabeam.v1.UnbindVariableRequest\x1a!.mabeam.v1.UnbindVariableResponse\x12O\n\x0cListBindings\x12\x1e.mabeam.v1.ListBindingsRequest\x1a\x1f.mabeam.v1.ListBindingsResponse\x12\x61\n\x12\x43oordinateVariable\x12$.mabeam.v1.CoordinateVariableRequest\x1a%.mabeam.v1.CoordinateVariableResponse\x12[\n\x10\x43oordinateSystem\x12\".mabeam.v1.CoordinateSystemRequest\x1a#.mabeam.v1.CoordinateSystemResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmabeam/v1/orchestrator.proto\x12\tmabeam.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16mabeam/v1/common.proto\x1a\x18mabeam/v1/registry.proto\"\xfd\x01\n\x08Variable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.mabeam.v1.Value\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x14\n\x0cmod_revision\x18\x04 \x01(\x03\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08lease_id\x18\x07 \x01(\x03\x12\x0e\n\x06writer\x18\x08 \x01(\t\x12\x1a\n\x12\x64\x65\x63ided_by_session\x18\t \x01(\t\"\x9b\x02\n\x12SetVariableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.mabeam.v1.Value\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.mabeam.v1.WriteMode\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08lease_id\x18\x06 \x01(\x03\x12\x0e\n\x06writer\x18\x07 \x01(\t\x12\x19\n\x11require_same_type\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\tB\x13\n\x11_expected_version\"]\n\x13SetVariableResponse\x12%\n\x08variable\x18\x01 \x01(\x0b\x32\x13.mabeam.v1.Variable\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"O\n\x12GetVariableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x16.mabeam.v1.Consistency\"T\n\x13GetVariableResponse\x12%\n\x08variable\x18\x01 \x01(\x0b\x32\x13.mabeam.v1.Variable\x12\x16\n\x0epossibly_stale\x18\x02 \x01(\x08\"z\n\x14ListVariablesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12+\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x16.mabeam.v1.Consistency\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"p\n\x15ListVariablesResponse\x12&\n\tvariables\x18\x01 \x03(\x0b\x32\x13.mabeam.v1.Variable\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x16\n\x0epossibly_stale\x18\x03 \x01(\x08\"m\n\x15\x44\x65leteVariableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x03 \x01(\tB\x13\n\x11_expected_version\"\x18\n\x16\x44\x65leteVariableResponse\"?\n\x15WatchVariablesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\"}\n\x16WatchVariablesResponse\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.mabeam.v1.VariableEventType\x12%\n\x08variable\x18\x02 \x01(\x0b\x32\x13.mabeam.v1.Variable\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x9d\x01\n\x0e\x41\x64\x61ptationRule\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12)\n\ncomparison\x18\x02 \x01(\x0e\x32\x15.mabeam.v1.Comparison\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12+\n\x08\x63ooldown\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08protocol\x18\x05 \x01(\t\"\x7f\n\x0b\x43onstraints\x12\x10\n\x03min\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12(\n\x0e\x61llowed_values\x18\x03 \x03(\x0b\x32\x10.mabeam.v1.Value\x12\x12\n\nmax_agents\x18\x04 \x01(\rB\x06\n\x04_minB\x06\n\x04_max\"~\n\nWorkerPool\x12%\n\x06launch\x18\x01 \x01(\x0b\x32\x15.mabeam.v1.LaunchSpec\x12\x17\n\x0f\x61gent_id_prefix\x18\x02 \x01(\t\x12\x30\n\x0erestart_policy\x18\x03 \x01(\x0b\x32\x18.mabeam.v1.RestartPolicy\"\xae\x03\n\x14OrchestrationBinding\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\x0cparticipants\x18\x04 \x01(\x0b\x32\x18.mabeam.v1.AgentSelector\x12-\n\nadaptation\x18\x05 \x01(\x0b\x32\x19.mabeam.v1.AdaptationRule\x12+\n\x0b\x63onstraints\x18\x06 \x01(\x0b\x32\x16.mabeam.v1.Constraints\x12$\n\x04kind\x18\x07 \x01(\x0e\x32\x16.mabeam.v1.BindingKind\x12*\n\x0bworker_pool\x18\x08 \x01(\x0b\x32\x15.mabeam.v1.WorkerPool\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13last_coordinated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x13\x42indVariableRequest\x12\x30\n\x07\x62inding\x18\x01 \x01(\x0b\x32\x1f.mabeam.v1.OrchestrationBinding\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"H\n\x14\x42indVariableResponse\x12\x30\n\x07\x62inding\x18\x01 \x01(\x0b\x32\x1f.mabeam.v1.OrchestrationBinding\"=\n\x15UnbindVariableRequest\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x18\n\x16UnbindVariableResponse\"<\n\x13ListBindingsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x14ListBindingsResponse\x12\x31\n\x08\x62indings\x18\x01 \x03(\x0b\x32\x1f.mabeam.v1.OrchestrationBinding\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb3\x01\n\x14VariableCoordination\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\'\n\rdecided_value\x18\x05 \x01(\x0b\x32\x10.mabeam.v1.Value\x12+\n\x0evariable_after\x18\x06 \x01(\x0b\x32\x13.mabeam.v1.Variable\"A\n\x19\x43oordinateVariableRequest\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"M\n\x1a\x43oordinateVariableResponse\x12/\n\x06result\x18\x01 \x01(\x0b\x32\x1f.mabeam.v1.VariableCoordination\"=\n\x17\x43oordinateSystemRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"L\n\x18\x43oordinateSystemResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.mabeam.v1.VariableCoordination*[\n\x0b\x43onsistency\x12\x1b\n\x17\x43ONSISTENCY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43ONSISTENCY_STRONG\x10\x01\x12\x17\n\x13\x43ONSISTENCY_RELAXED\x10\x02*^\n\tWriteMode\x12\x1a\n\x16WRITE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11WRITE_MODE_STRONG\x10\x01\x12\x1e\n\x1aWRITE_MODE_LAST_WRITE_WINS\x10\x02*u\n\x11VariableEventType\x12#\n\x1fVARIABLE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17VARIABLE_EVENT_TYPE_PUT\x10\x01\x12\x1e\n\x1aVARIABLE_EVENT_TYPE_DELETE\x10\x02*m\n\x0b\x42indingKind\x12\x1c\n\x18\x42INDING_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42INDING_KIND_PARAMETER\x10\x01\x12$\n BINDING_KIND_RESOURCE_ALLOCATION\x10\x02*T\n\nComparison\x12\x1a\n\x16\x43OMPARISON_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPARISON_ABOVE\x10\x01\x12\x14\n\x10\x43OMPARISON_BELOW\x10\x02\x32\xee\x06\n\x13OrchestratorService\x12L\n\x0bSetVariable\x12\x1d.mabeam.v1.SetVariableRequest\x1a\x1e.mabeam.v1.SetVariableResponse\x12L\n\x0bGetVariable\x12\x1d.mabeam.v1.GetVariableRequest\x1a\x1e.mabeam.v1.GetVariableResponse\x12R\n\rListVariables\x12\x1f.mabeam.v1.ListVariablesRequest\x1a .mabeam.v1.ListVariablesResponse\x12U\n\x0e\x44\x65leteVariable\x12 .mabeam.v1.DeleteVariableRequest\x1a!.mabeam.v1.DeleteVariableResponse\x12W\n\x0eWatchVariables\x12 .mabeam.v1.WatchVariablesRequest\x1a!.mabeam.v1.WatchVariablesResponse0\x01\x12O\n\x0c\x42indVariable\x12\x1e.mabeam.v1.BindVariableRequest\x1a\x1f.mabeam.v1.BindVariableResponse\x12U\n\x0eUnbindVariable\x12 .mabeam.v1.UnbindVariableRequest\x1a!.mabeam.v1.UnbindVariableResponse\x12O\n\x0cListBindings\x12\x1e.mabeam.v1.ListBindingsRequest\x1a\x1f.mabeam.v1.ListBindingsResponse\x12\x61\n\x12\x43oordinateVariable\x12$.mabeam.v1.CoordinateVariableRequest\x1a%.mabeam.v1.CoordinateVariableResponse\x12[\n\x10\x43oordinateSystem\x12\".mabeam.v1.CoordinateSystemRequest\x1a#.mabeam.v1.CoordinateSystemResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mabeam.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONSISTENCY']._serialized_start=3278
-  _globals['_CONSISTENCY']._serialized_end=3369
-  _globals['_WRITEMODE']._serialized_start=3371
-  _globals['_WRITEMODE']._serialized_end=3465
-  _globals['_VARIABLEEVENTTYPE']._serialized_start=3467
-  _globals['_VARIABLEEVENTTYPE']._serialized_end=3584
-  _globals['_BINDINGKIND']._serialized_start=3586
-  _globals['_BINDINGKIND']._serialized_end=3695
-  _globals['_COMPARISON']._serialized_start=3697
-  _globals['_COMPARISON']._serialized_end=3781
+  _globals['_CONSISTENCY']._serialized_start=3296
+  _globals['_CONSISTENCY']._serialized_end=3387
+  _globals['_WRITEMODE']._serialized_start=3389
+  _globals['_WRITEMODE']._serialized_end=3483
+  _globals['_VARIABLEEVENTTYPE']._serialized_start=3485
+  _globals['_VARIABLEEVENTTYPE']._serialized_end=3602
+  _globals['_BINDINGKIND']._serialized_start=3604
+  _globals['_BINDINGKIND']._serialized_end=3713
+  _globals['_COMPARISON']._serialized_start=3715
+  _globals['_COMPARISON']._serialized_end=3799
   _globals['_VARIABLE']._serialized_start=189
   _globals['_VARIABLE']._serialized_end=442
   _globals['_SETVARIABLEREQUEST']._serialized_start=445
@@ -69,35 +69,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHVARIABLESRESPONSE']._serialized_start=1432
   _globals['_WATCHVARIABLESRESPONSE']._serialized_end=1557
   _globals['_ADAPTATIONRULE']._serialized_start=1560
-  _globals['_ADAPTATIONRULE']._serialized_end=1699
-  _globals['_CONSTRAINTS']._serialized_start=1701
-  _globals['_CONSTRAINTS']._serialized_end=1828
-  _globals['_WORKERPOOL']._serialized_start=1830
-  _globals['_WORKERPOOL']._serialized_end=1956
-  _globals['_ORCHESTRATIONBINDING']._serialized_start=1959
-  _globals['_ORCHESTRATIONBINDING']._serialized_end=2389
-  _globals['_BINDVARIABLEREQUEST']._serialized_start=2391
-  _globals['_BINDVARIABLEREQUEST']._serialized_end=2482
-  _globals['_BINDVARIABLERESPONSE']._serialized_start=2484
-  _globals['_BINDVARIABLERESPONSE']._serialized_end=2556
-  _globals['_UNBINDVARIABLEREQUEST']._serialized_start=2558
-  _globals['_UNBINDVARIABLEREQUEST']._serialized_end=2619
-  _globals['_UNBINDVARIABLERESPONSE']._serialized_start=2621
-  _globals['_UNBINDVARIABLERESPONSE']._serialized_end=2645
-  _globals['_LISTBINDINGSREQUEST']._serialized_start=2647
-  _globals['_LISTBINDINGSREQUEST']._serialized_end=2707
-  _globals['_LISTBINDINGSRESPONSE']._serialized_start=2709
-  _globals['_LISTBINDINGSRESPONSE']._serialized_end=2807
-  _globals['_VARIABLECOORDINATION']._serialized_start=2810
-  _globals['_VARIABLECOORDINATION']._serialized_end=2989
-  _globals['_COORDINATEVARIABLEREQUEST']._serialized_start=2991
-  _globals['_COORDINATEVARIABLEREQUEST']._serialized_end=3056
-  _globals['_COORDINATEVARIABLERESPONSE']._serialized_start=3058
-  _globals['_COORDINATEVARIABLERESPONSE']._serialized_end=3135
-  _globals['_COORDINATESYSTEMREQUEST']._serialized_start=3137
-  _globals['_COORDINATESYSTEMREQUEST']._serialized_end=3198
-  _globals['_COORDINATESYSTEMRESPONSE']._serialized_start=3200
-  _globals['_COORDINATESYSTEMRESPONSE']._serialized_end=3276
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=3784
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=4662
+  _globals['_ADAPTATIONRULE']._serialized_end=1717
+  _globals['_CONSTRAINTS']._serialized_start=1719
+  _globals['_CONSTRAINTS']._serialized_end=1846
+  _globals['_WORKERPOOL']._serialized_start=1848
+  _globals['_WORKERPOOL']._serialized_end=1974
+  _globals['_ORCHESTRATIONBINDING']._serialized_start=1977
+  _globals['_ORCHESTRATIONBINDING']._serialized_end=2407
+  _globals['_BINDVARIABLEREQUEST']._serialized_start=2409
+  _globals['_BINDVARIABLEREQUEST']._serialized_end=2500
+  _globals['_BINDVARIABLERESPONSE']._serialized_start=2502
+  _globals['_BINDVARIABLERESPONSE']._serialized_end=2574
+  _globals['_UNBINDVARIABLEREQUEST']._serialized_start=2576
+  _globals['_UNBINDVARIABLEREQUEST']._serialized_end=2637
+  _globals['_UNBINDVARIABLERESPONSE']._serialized_start=2639
+  _globals['_UNBINDVARIABLERESPONSE']._serialized_end=2663
+  _globals['_LISTBINDINGSREQUEST']._serialized_start=2665
+  _globals['_LISTBINDINGSREQUEST']._serialized_end=2725
+  _globals['_LISTBINDINGSRESPONSE']._serialized_start=2727
+  _globals['_LISTBINDINGSRESPONSE']._serialized_end=2825
+  _globals['_VARIABLECOORDINATION']._serialized_start=2828
+  _globals['_VARIABLECOORDINATION']._serialized_end=3007
+  _globals['_COORDINATEVARIABLEREQUEST']._serialized_start=3009
+  _globals['_COORDINATEVARIABLEREQUEST']._serialized_end=3074
+  _globals['_COORDINATEVARIABLERESPONSE']._serialized_start=3076
+  _globals['_COORDINATEVARIABLERESPONSE']._serialized_end=3153
+  _globals['_COORDINATESYSTEMREQUEST']._serialized_start=3155
+  _globals['_COORDINATESYSTEMREQUEST']._serialized_end=3216
+  _globals['_COORDINATESYSTEMRESPONSE']._serialized_start=3218
+  _globals['_COORDINATESYSTEMRESPONSE']._serialized_end=3294
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=3802
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=4680
 # @@protoc_insertion_point(module_scope)

@@ -583,6 +583,7 @@ class AdaptationRule(_message.Message):
     COMPARISON_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
     COOLDOWN_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     """The metric, else INVALID_ARGUMENT naming the grammar:
     "agents.<field>.<aggregate>" over the participants' latest heartbeats, any
@@ -597,6 +598,12 @@ class AdaptationRule(_message.Message):
     """How the metric is compared."""
     threshold: _builtins.float
     """The threshold."""
+    protocol: _builtins.str
+    """Optional. The protocol to run when the rule fires, instead of the
+    binding's (a built-in or a registered one, e.g. a plugin that computes the
+    new value from the context the run is given: RunRequest.context).
+    CoordinateVariable and CoordinateSystem still run the binding's protocol.
+    """
     @_builtins.property
     def cooldown(self) -> _duration_pb2.Duration:
         """At least this long between two adaptations (default 10 s)."""
@@ -608,10 +615,11 @@ class AdaptationRule(_message.Message):
         comparison: Global___Comparison.ValueType = ...,
         threshold: _builtins.float = ...,
         cooldown: _duration_pb2.Duration | None = ...,
+        protocol: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cooldown", b"cooldown"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "cooldown", b"cooldown", "metric", b"metric", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "cooldown", b"cooldown", "metric", b"metric", "protocol", b"protocol", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

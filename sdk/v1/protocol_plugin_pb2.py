@@ -27,7 +27,7 @@ from mabeam.v1 import agent_pb2 as mabeam_dot_v1_dot_agent__pb2
 from mabeam.v1 import coordination_pb2 as mabeam_dot_v1_dot_coordination__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmabeam/v1/protocol_plugin.proto\x12\tmabeam.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15mabeam/v1/agent.proto\x1a\x1cmabeam/v1/coordination.proto\"\x11\n\x0f\x44\x65scribeRequest\"l\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x30\n\nparameters\x18\x02 \x03(\x0b\x32\x1c.mabeam.v1.ProtocolParameter\x12\x11\n\titerative\x18\x03 \x01(\x08\"{\n\x0bPluginReply\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1f.mabeam.v1.CoordinationResponse\x12\'\n\texclusion\x18\x03 \x01(\x0b\x32\x14.mabeam.v1.Exclusion\"\xc7\x01\n\x0e\x41\x64vanceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cparticipants\x18\x03 \x03(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\'\n\x07replies\x18\x05 \x03(\x0b\x32\x16.mabeam.v1.PluginReply\x12&\n\x05state\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"i\n\x0f\x41\x64vanceResponse\x12\'\n\x05round\x18\x01 \x01(\x0b\x32\x16.mabeam.v1.PluginRoundH\x00\x12%\n\x07outcome\x18\x02 \x01(\x0b\x32\x12.mabeam.v1.OutcomeH\x00\x42\x06\n\x04next\"\x93\x01\n\x0bPluginRound\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.mabeam.v1.CoordinationRequest\x12&\n\x05state\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\tannounced\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct2\x9e\x01\n\x15ProtocolPluginService\x12\x43\n\x08\x44\x65scribe\x12\x1a.mabeam.v1.DescribeRequest\x1a\x1b.mabeam.v1.DescribeResponse\x12@\n\x07\x41\x64vance\x12\x19.mabeam.v1.AdvanceRequest\x1a\x1a.mabeam.v1.AdvanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmabeam/v1/protocol_plugin.proto\x12\tmabeam.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15mabeam/v1/agent.proto\x1a\x1cmabeam/v1/coordination.proto\"\x11\n\x0f\x44\x65scribeRequest\"l\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x30\n\nparameters\x18\x02 \x03(\x0b\x32\x1c.mabeam.v1.ProtocolParameter\x12\x11\n\titerative\x18\x03 \x01(\x08\"{\n\x0bPluginReply\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1f.mabeam.v1.CoordinationResponse\x12\'\n\texclusion\x18\x03 \x01(\x0b\x32\x14.mabeam.v1.Exclusion\"\xf1\x01\n\x0e\x41\x64vanceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cparticipants\x18\x03 \x03(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\'\n\x07replies\x18\x05 \x03(\x0b\x32\x16.mabeam.v1.PluginReply\x12&\n\x05state\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07\x63ontext\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"i\n\x0f\x41\x64vanceResponse\x12\'\n\x05round\x18\x01 \x01(\x0b\x32\x16.mabeam.v1.PluginRoundH\x00\x12%\n\x07outcome\x18\x02 \x01(\x0b\x32\x12.mabeam.v1.OutcomeH\x00\x42\x06\n\x04next\"\x93\x01\n\x0bPluginRound\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.mabeam.v1.CoordinationRequest\x12&\n\x05state\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\tannounced\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct2\x9e\x01\n\x15ProtocolPluginService\x12\x43\n\x08\x44\x65scribe\x12\x1a.mabeam.v1.DescribeRequest\x1a\x1b.mabeam.v1.DescribeResponse\x12@\n\x07\x41\x64vance\x12\x19.mabeam.v1.AdvanceRequest\x1a\x1a.mabeam.v1.AdvanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,11 +41,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLUGINREPLY']._serialized_start=258
   _globals['_PLUGINREPLY']._serialized_end=381
   _globals['_ADVANCEREQUEST']._serialized_start=384
-  _globals['_ADVANCEREQUEST']._serialized_end=583
-  _globals['_ADVANCERESPONSE']._serialized_start=585
-  _globals['_ADVANCERESPONSE']._serialized_end=690
-  _globals['_PLUGINROUND']._serialized_start=693
-  _globals['_PLUGINROUND']._serialized_end=840
-  _globals['_PROTOCOLPLUGINSERVICE']._serialized_start=843
-  _globals['_PROTOCOLPLUGINSERVICE']._serialized_end=1001
+  _globals['_ADVANCEREQUEST']._serialized_end=625
+  _globals['_ADVANCERESPONSE']._serialized_start=627
+  _globals['_ADVANCERESPONSE']._serialized_end=732
+  _globals['_PLUGINROUND']._serialized_start=735
+  _globals['_PLUGINROUND']._serialized_end=882
+  _globals['_PROTOCOLPLUGINSERVICE']._serialized_start=885
+  _globals['_PROTOCOLPLUGINSERVICE']._serialized_end=1043
 # @@protoc_insertion_point(module_scope)

@@ -116,6 +116,7 @@ class AdvanceRequest(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     REPLIES_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session."""
     round: _builtins.int
@@ -136,6 +137,12 @@ class AdvanceRequest(_message.Message):
     def state(self) -> _struct_pb2.Struct:
         """The state the plugin returned last time (empty for round 0)."""
 
+    @_builtins.property
+    def context(self) -> _struct_pb2.Struct:
+        """What caused the run (RunRequest.context; empty when the caller said
+        nothing), e.g. the metric, value and threshold of an adaptation rule.
+        """
+
     def __init__(
         self,
         *,
@@ -145,10 +152,11 @@ class AdvanceRequest(_message.Message):
         round: _builtins.int = ...,
         replies: _abc.Iterable[Global___PluginReply] | None = ...,
         state: _struct_pb2.Struct | None = ...,
+        context: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "state", b"state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "parameters", b"parameters", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "participants", b"participants", "replies", b"replies", "round", b"round", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "parameters", b"parameters", "participants", b"participants", "replies", b"replies", "round", b"round", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,6 +31,8 @@ async def run_plugin(
         )
         if state is not None:
             request.state.CopyFrom(state)
+        if session.proto.HasField("context"):
+            request.context.CopyFrom(session.proto.context)
         try:
             step = await stub.Advance(request, timeout=max(session.remaining(), 0.01))
         except grpc.RpcError as exc:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from mabeam import errors
 from mabeam.client import ChannelPool, MeshClient
@@ -47,6 +47,7 @@ from mabeam.v1 import (
 
 SERVICE_NAME = "mabeam.v1.CoordinationService"
 PROTOCOL_NAME_RE = re.compile(r"^[a-z0-9_]{1,64}\Z")
+MAX_CONTEXT_BYTES = 64 * 1024  # RunRequest.context, serialized
 ONE_SHOT = {"first_price", "vickrey", "contract_net", "call_market", "consensus"}
 # How often the elected replica enforces MABEAM_SESSION_RETENTION_COUNT (when set).
 PRUNE_INTERVAL_S = 30.0
@@ -109,13 +110,14 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         protocol: str,
         params: dict[str, Any],
         out: coordination_pb2.Session,
+        context: struct_pb2.Struct | None = None,
     ) -> None:
         """Run a session and fill ``out`` (a response's session) as ``settings.view`` asks."""
         if settings.view not in coordination_pb2.SessionView.values():
             raise errors.InvalidArgument("settings.view", f"unknown view {settings.view}")
         call = current_call()
         try:
-            session = await self._session(settings, protocol, params)
+            session = await self._session(settings, protocol, params, context)
         except errors.DeadlineExceeded as exc:
             if call is not None:
                 call.error = exc
@@ -125,7 +127,11 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             call.session = out
 
     async def _session(
-        self, settings: coordination_pb2.SessionSettings, protocol: str, params: dict[str, Any]
+        self,
+        settings: coordination_pb2.SessionSettings,
+        protocol: str,
+        params: dict[str, Any],
+        context: struct_pb2.Struct | None = None,
     ) -> Session:
         """Run a session within its deadline: lookups, claim, rounds and the outcome's write."""
         call = current_call()
@@ -181,6 +187,8 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
             notify=settings.notify_outcome,
             started=started,
         )
+        if context is not None:
+            session.proto.context.CopyFrom(context)
         session.proto.participants.extend(e.agent_id for e in missing)
         for exclusion in missing:
             session.exclude(exclusion)
@@ -336,8 +344,13 @@ class CoordinationServicer(coordination_pb2_grpc.CoordinationServiceServicer):
         if not request.protocol:
             raise errors.InvalidArgument("protocol", "is required")
         params = json_format.MessageToDict(request.parameters) if request.HasField("parameters") else {}
+        if request.HasField("context") and request.context.ByteSize() > MAX_CONTEXT_BYTES:
+            raise errors.InvalidArgument(
+                "context", f"is {request.context.ByteSize()} bytes, over the limit of {MAX_CONTEXT_BYTES}"
+            )
         reply = coordination_pb2.RunResponse()
-        await self._run(request.settings, request.protocol, params, reply.session)
+        context = request.context if request.HasField("context") else None
+        await self._run(request.settings, request.protocol, params, reply.session, context)
         return reply
 
     @idempotent(coordination_pb2.RegisterProtocolResponse)

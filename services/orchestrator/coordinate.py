@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from mabeam import errors, telemetry
 from mabeam.client import MeshClient, list_all
@@ -30,6 +30,9 @@ from mabeam.services.orchestrator.store import VariableStore
 from mabeam.v1 import common_pb2, coordination_pb2, orchestrator_pb2, registry_pb2
 
 log = logging.getLogger("mabeam.orchestrator")
+# The participants' loads an adaptation's context carries at most (~40 bytes each: well
+# within the 64 KiB a run's context may take).
+MAX_CONTEXT_LOADS = 1000
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -63,20 +66,24 @@ class Coordinator:
         return self._mesh()
 
     async def coordinate(
-        self, binding: orchestrator_pb2.OrchestrationBinding, trigger: str = "call"
+        self,
+        binding: orchestrator_pb2.OrchestrationBinding,
+        trigger: str = "call",
+        context: struct_pb2.Struct | None = None,
     ) -> orchestrator_pb2.VariableCoordination:
         """Run a binding's protocol and write its outcome with compare-and-set.
 
         Raises NotFound when the variable is not bound, or was unbound before
         the outcome could be written (then nothing is written). ``trigger``
-        (``call``, ``system``, ``adaptation``) labels the metrics.
+        (``call``, ``system``, ``adaptation``) labels the metrics; an adaptation
+        gives its ``context`` to the run and runs its rule's protocol, if it names one.
         """
         lock = self._coordinating.setdefault(binding.variable, asyncio.Lock())
         started = time.monotonic()
         result = "failed"
         try:
             async with lock:
-                done = await self._coordinate(binding)
+                done = await self._coordinate(binding, context, adapting=trigger == "adaptation")
             result = "written" if done.applied else "not_written"
             return done
         finally:
@@ -85,7 +92,10 @@ class Coordinator:
             meters.variable_coordination_duration.record(time.monotonic() - started, {"trigger": trigger})
 
     async def _coordinate(
-        self, binding: orchestrator_pb2.OrchestrationBinding
+        self,
+        binding: orchestrator_pb2.OrchestrationBinding,
+        context: struct_pb2.Struct | None = None,
+        adapting: bool = False,
     ) -> orchestrator_pb2.VariableCoordination:
         result = orchestrator_pb2.VariableCoordination(variable=binding.variable)
         # Read here, with its revision: the outcome is written only while the binding stays as read.
@@ -101,11 +111,16 @@ class Coordinator:
             not selector.max_agents or selector.max_agents > binding.constraints.max_agents
         ):
             selector.max_agents = binding.constraints.max_agents
+        protocol = binding.protocol
+        if adapting and binding.adaptation.protocol:
+            protocol = binding.adaptation.protocol
         run = coordination_pb2.RunRequest(
             settings=coordination_pb2.SessionSettings(participants=selector),
-            protocol=binding.protocol,
+            protocol=protocol,
             parameters=binding.parameters,
         )
+        if context is not None:
+            run.context.CopyFrom(context)
         try:
             session = (await self.mesh.coordination.Run(run)).session
         except errors.MabeamError as exc:
@@ -212,13 +227,25 @@ class Coordinator:
             cooldown = validate.seconds(rule.cooldown, "cooldown", default=10.0)
             if self._cooling(binding, cooldown):
                 continue
-            value = await self._metric(binding)
+            value, loads = await self._metric(binding)
             if value is not None and variables.metric_crosses(value, rule):
                 log.info(
                     "adapting %s: %s = %g crossed %g", binding.variable, rule.metric, value, rule.threshold
                 )
+                context = struct_pb2.Struct()
+                context.update(
+                    {
+                        "trigger": "adaptation",
+                        "metric": rule.metric,
+                        "value": value,
+                        "threshold": rule.threshold,
+                        "comparison": orchestrator_pb2.Comparison.Name(rule.comparison),
+                    }
+                )
+                if loads is not None:
+                    context.update({"loads": loads})
                 try:
-                    await self.coordinate(binding, "adaptation")
+                    await self.coordinate(binding, "adaptation", context)
                 except errors.NotFound:
                     log.info("%s was unbound while adapting; nothing written", binding.variable)
 
@@ -240,17 +267,21 @@ class Coordinator:
             seen = self._last_seen[binding.variable] = (stamp, now)
         return now - seen[1] < cooldown
 
-    async def _metric(self, binding: orchestrator_pb2.OrchestrationBinding) -> float | None:
+    async def _metric(
+        self, binding: orchestrator_pb2.OrchestrationBinding
+    ) -> tuple[float | None, dict[str, float] | None]:
+        """The rule's metric now (None: nothing to measure), and for an ``agents.`` metric the
+        participants' loads by id (at most MAX_CONTEXT_LOADS of them, for the run's context)."""
         kind, subject, statistic = variables.parse_metric(binding.adaptation.metric)
         if kind == "var":
             var = await self.store.get(subject)
-            return variables.as_number(var.value) if var is not None else None
+            return (variables.as_number(var.value) if var is not None else None), None
         if kind == "sessions":
             page = await self.mesh.coordination.ListSessions(
                 coordination_pb2.ListSessionsRequest(protocol=subject, page_size=variables.SESSIONS_LOOKED_AT)
             )
             finished = [s for s in page.sessions if s.state != coordination_pb2.SESSION_STATE_RUNNING]
-            return variables.session_statistic(finished, statistic)
+            return variables.session_statistic(finished, statistic), None
         selector = binding.participants
         listed = await list_all(  # every page: a metric over all the agents, not the first 1,000
             self.mesh.registry.ListAgents,
@@ -258,4 +289,5 @@ class Coordinator:
             "agents",
         )
         agents = [a for a in listed if not selector.agent_ids or a.agent_id in selector.agent_ids]
-        return variables.aggregate([float(getattr(a.load, subject)) for a in agents], statistic)
+        loads = {a.agent_id: a.load.load for a in agents[:MAX_CONTEXT_LOADS]}
+        return variables.aggregate([float(getattr(a.load, subject)) for a in agents], statistic), loads

@@ -228,6 +228,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if binding.HasField("adaptation"):
             rule = binding.adaptation
             variables.parse_metric(rule.metric, "binding.adaptation.metric")
+            if rule.protocol and not variables.PROTOCOL_RE.match(rule.protocol):
+                raise errors.InvalidArgument(
+                    "binding.adaptation.protocol", f"{rule.protocol[:100]!r} is not a protocol name"
+                )
             if rule.comparison == orchestrator_pb2.COMPARISON_UNSPECIFIED:
                 raise errors.InvalidArgument("binding.adaptation.comparison", "choose ABOVE or BELOW")
             validate.finite(rule.threshold, "binding.adaptation.threshold")
