@@ -23,7 +23,7 @@ from mabeam.runtime.service import start_service
 from mabeam.server import MeshServer
 from mabeam.services.registry.nodes import NodeSpec
 from mabeam.services.registry.server import builder
-from mabeam.v1 import agent_pb2, agent_pb2_grpc, registry_pb2
+from mabeam.v1 import agent_pb2, agent_pb2_grpc, common_pb2, registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "examples" / "worker.py")
@@ -271,3 +271,46 @@ def _number(n: float) -> struct_pb2.Value:
     value = struct_pb2.Value()
     value.number_value = n
     return value
+
+
+async def test_placement_reserves_declared_resources_against_each_nodes_capacity(
+    replicas: dict[str, MeshServer],
+) -> None:
+    """An agent that needs every core of a node takes that node's room: the next one goes to the
+    other node, and a third finds no room anywhere (FAILED_PRECONDITION naming the need)."""
+    client = await MeshClient.connect(registry=replicas["node-a"].address)
+    started: list[str] = []
+    try:
+
+        async def both_listed() -> list[registry_pb2.Node] | None:
+            nodes = list((await client.registry.ListNodes(registry_pb2.ListNodesRequest())).nodes)
+            return nodes if len(nodes) == 2 else None
+
+        nodes = await eventually(both_listed, timeout=10, what="both nodes listed")
+        cores = min(n.capacity.cpu for n in nodes)
+        need = registry_pb2.Placement(resources=common_pb2.Resources(cpu=cores))
+        first = await start(client, "big-1", resources=need.resources)
+        started.append("big-1")
+        second = await start(client, "big-2", resources=need.resources)
+        started.append("big-2")
+        assert {first.node, second.node} == {"node-a", "node-b"}  # each took a node's every core
+
+        async def reserved() -> bool:
+            listed = (await client.registry.ListNodes(registry_pb2.ListNodesRequest())).nodes
+            return all(n.reserved.cpu == cores for n in listed)
+
+        await eventually(reserved, timeout=10, what="each node shows its reservation")
+        with pytest.raises(errors.FailedPrecondition) as info:
+            await start(client, "big-3", resources=need.resources)
+        assert f"room for {cores:g} cpu" in info.value.message
+        with pytest.raises(errors.InvalidArgument) as bad:
+            await start(client, "bad-1", resources=common_pb2.Resources(cpu=-1))
+        assert bad.value.field == "placement.resources.cpu"
+        # One that declares nothing goes anywhere.
+        small = await start(client, "small-1")
+        started.append("small-1")
+        assert small.node in {"node-a", "node-b"}
+    finally:
+        for agent_id in started:
+            await client.registry.StopAgent(registry_pb2.StopAgentRequest(agent_id=agent_id))
+        await client.close()

@@ -1075,6 +1075,7 @@ class Placement(_message.Message):
 
     NODE_FIELD_NUMBER: _builtins.int
     NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """Only the node of this name: 1-128 characters of [A-Za-z0-9._:-], else
     INVALID_ARGUMENT. Empty = any node the selector allows.
@@ -1085,15 +1086,26 @@ class Placement(_message.Message):
         At most 16 entries, keys and values at most 128 characters.
         """
 
+    @_builtins.property
+    def resources(self) -> _common_pb2.Resources:
+        """What the agent needs, reserved on the node it is placed on: cpu (cores)
+        and memory_bytes (custom is not placed on). Only nodes whose capacity,
+        less what the active agents placed there reserved (Node.reserved), still
+        holds it are eligible; none: FAILED_PRECONDITION naming the need. Finite
+        and not negative, else INVALID_ARGUMENT. Best effort across replicas: two
+        StartAgent calls at once on different replicas may both take the last room.
+        """
+
     def __init__(
         self,
         *,
         node: _builtins.str = ...,
         node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        resources: _common_pb2.Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "node_selector", b"node_selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "node_selector", b"node_selector", "resources", b"resources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1133,6 +1145,7 @@ class Node(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     SUPERVISED_AGENTS_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The node's name (unique in the mesh; replicas of one name are one node)."""
     supervised_agents: _builtins.int
@@ -1151,6 +1164,10 @@ class Node(_message.Message):
     def capacity(self) -> _common_pb2.Resources:
         """What the node has: cpu = logical cores, memory_bytes = physical memory."""
 
+    @_builtins.property
+    def reserved(self) -> _common_pb2.Resources:
+        """Sum of what those agents reserved (Placement.resources: cpu, memory_bytes)."""
+
     def __init__(
         self,
         *,
@@ -1160,10 +1177,11 @@ class Node(_message.Message):
         capacity: _common_pb2.Resources | None = ...,
         supervised_agents: _builtins.int = ...,
         memory_bytes: _builtins.int = ...,
+        reserved: _common_pb2.Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "reserved", b"reserved"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "labels", b"labels", "memory_bytes", b"memory_bytes", "name", b"name", "replica_ids", b"replica_ids", "supervised_agents", b"supervised_agents"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "labels", b"labels", "memory_bytes", b"memory_bytes", "name", b"name", "replica_ids", b"replica_ids", "reserved", b"reserved", "supervised_agents", b"supervised_agents"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

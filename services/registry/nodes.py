@@ -18,6 +18,7 @@ the process. Nothing here touches etcd; the supervisor feeds it its caches.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
@@ -101,6 +102,9 @@ def published(spec: NodeSpec, replica_id: str) -> registry_pb2.Node:
 
 def check_placement(placement: registry_pb2.Placement, field_name: str = "placement") -> None:
     """INVALID_ARGUMENT naming the field of a malformed placement."""
+    need = placement.resources
+    if not (math.isfinite(need.cpu) and need.cpu >= 0):
+        raise errors.InvalidArgument(f"{field_name}.resources.cpu", f"{need.cpu}: a finite number >= 0")
     if placement.node:
         validate.identifier(placement.node, f"{field_name}.node")
     if len(placement.node_selector) > MAX_SELECTOR:
@@ -114,9 +118,14 @@ def check_placement(placement: registry_pb2.Placement, field_name: str = "placem
 
 
 def describe(placement: registry_pb2.Placement) -> str:
-    """The placement for people: 'node "a", zone=b' or 'any node'."""
+    """The placement for people: 'node "a", zone=b, room for 2 cpu' or 'any node'."""
     parts = [f"node {placement.node!r}"] if placement.node else []
     parts += [f"{k}={v}" for k, v in sorted(placement.node_selector.items())]
+    need = placement.resources
+    room = [f"{need.cpu:g} cpu"] if need.cpu else []
+    room += [f"{need.memory_bytes} bytes of memory"] if need.memory_bytes else []
+    if room:
+        parts.append("room for " + " and ".join(room))
     return ", ".join(parts) or "any node"
 
 
@@ -147,18 +156,34 @@ def aggregate(
         if node is not None:
             node.supervised_agents += 1
             node.memory_bytes += memory_of.get(record.agent_id, 0)
+            node.reserved.cpu += record.placement.resources.cpu
+            node.reserved.memory_bytes += record.placement.resources.memory_bytes
     return [nodes[name] for name in sorted(nodes)]
 
 
 def load_of(node: registry_pb2.Node) -> tuple[float, int, str]:
-    """How loaded a node is, smallest first: memory in use against capacity, agents, name."""
-    memory = node.memory_bytes / node.capacity.memory_bytes if node.capacity.memory_bytes else 0.0
+    """How loaded a node is, smallest first: memory (measured, or reserved if more) against
+    capacity, agents, name."""
+    used = max(node.memory_bytes, node.reserved.memory_bytes)
+    memory = used / node.capacity.memory_bytes if node.capacity.memory_bytes else 0.0
     return (memory, node.supervised_agents, node.name)
 
 
+def has_room(node: registry_pb2.Node, need: common_pb2.Resources) -> bool:
+    """Whether the node's capacity less what is reserved there holds ``need`` (cpu, memory);
+    a capacity the node did not declare (0) holds anything."""
+    cap, taken = node.capacity, node.reserved
+    if need.cpu and cap.cpu and taken.cpu + need.cpu > cap.cpu + 1e-9:
+        return False
+    return not (
+        need.memory_bytes and cap.memory_bytes and taken.memory_bytes + need.memory_bytes > cap.memory_bytes
+    )
+
+
 def choose(nodes: Iterable[registry_pb2.Node], placement: registry_pb2.Placement) -> registry_pb2.Node | None:
-    """The least-loaded live node the placement allows (None: none does)."""
-    fitting = [n for n in nodes if eligible(placement, n.name, n.labels)]
+    """The least-loaded live node the placement allows and that has room for what it reserves
+    (None: none does)."""
+    fitting = [n for n in nodes if eligible(placement, n.name, n.labels) and has_room(n, placement.resources)]
     return min(fitting, key=load_of) if fitting else None
 
 
