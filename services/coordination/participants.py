@@ -40,8 +40,9 @@ async def resolve(
                         reply if isinstance(reply, BaseException) else errors.Internal("bad registry reply")
                     )
         else:
+            asked = set(wanted)  # up to 10,000 ids against every agent: a set, not the list
             for agent in await _list(registry, registry_pb2.ListAgentsRequest()):
-                if agent.agent_id in wanted:
+                if agent.agent_id in asked:
                     found[agent.agent_id] = agent
         agents = [found[a] for a in wanted if a in found]
         missing = [

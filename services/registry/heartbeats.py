@@ -154,7 +154,7 @@ class HeartbeatStream:
         changed = stored is None or (
             abs(stored.load - load.load) > 0.05
             or stored.queue_length != load.queue_length
-            or abs(int(stored.memory_bytes) - int(load.memory_bytes)) > 1 << 20
+            or _memory_moved(stored, load)
         )
         if changed or now - self._last_put.get(agent_id, 0.0) > ttl / 2:
             self._last_put[agent_id] = now
@@ -162,3 +162,14 @@ class HeartbeatStream:
         return registry_pb2.HeartbeatResponse(
             agent_id=agent_id, lease_id=lease_id, ttl=duration_pb2.Duration(seconds=remaining)
         )
+
+
+def _memory_moved(stored: common_pb2.AgentLoad, load: common_pb2.AgentLoad) -> bool:
+    """Whether an agent's own memory moved enough to store its load before TTL/2: by more than
+    1 MiB and 10 %. A process shared by many agents (an AgentHost's) never counts: its RSS moving
+    would rewrite every one of its agents' loads at once (1,000 writes in a burst); it is
+    stored with the TTL/2 refresh."""
+    if load.shared_process:
+        return False
+    before, now = int(stored.memory_bytes), int(load.memory_bytes)
+    return abs(now - before) > max(1 << 20, before // 10)
