@@ -128,6 +128,33 @@ async def test_a_capability_reaches_the_least_loaded_agent(
         assert busy.got == []
 
 
+async def test_a_resent_capability_send_goes_to_the_agent_it_went_to_first(
+    coordination_mesh: tuple[MeshClient, MeshServer],
+) -> None:
+    """A resend (same sender and message id) reaches the agent the first attempt picked, even when
+    another is less loaded by then: that agent's dedupe drops it; no second agent handles it."""
+    client, registry = coordination_mesh
+    first, second = Listener("p-a", load=0.1), Listener("p-b", load=0.9)
+    async with AgentHost([first, second], registry=registry.address, lease_ttl=1.5):
+
+        async def loads(expected: dict[str, float]) -> bool:
+            agents = (
+                await client.registry.ListAgents(registry_pb2.ListAgentsRequest(capability="listen"))
+            ).agents
+            return {a.agent_id: round(a.load.load, 1) for a in agents} == expected
+
+        await eventually(lambda: loads({"p-a": 0.1, "p-b": 0.9}), timeout=10, what="the first loads")
+        reply = await client.send({"n": 1}, capability="listen", message_id="once-1", sender="s1")
+        assert reply.agent_id == "p-a" and not reply.duplicate
+        first.reported, second.reported = 0.9, 0.1
+        await eventually(lambda: loads({"p-a": 0.9, "p-b": 0.1}), timeout=10, what="the loads swapped")
+        again = await client.send({"n": 1}, capability="listen", message_id="once-1", sender="s1")
+        assert again.agent_id == "p-a" and again.duplicate
+        fresh = await client.send({"n": 2}, capability="listen", message_id="once-2", sender="s1")
+        assert fresh.agent_id == "p-b"  # a new message goes to the least loaded
+        await eventually(lambda: len(first.got) == 1 and len(second.got) == 1)
+
+
 async def test_send_refuses_what_it_cannot_deliver(coordination_mesh: tuple[MeshClient, MeshServer]) -> None:
     client, registry = coordination_mesh
     async with AgentHost([Listener("m1"), Deaf("deaf-1")], registry=registry.address):

@@ -33,7 +33,11 @@ class SendRequest(_message.Message):
     agent_id: _builtins.str
     """The recipient. Exactly one of agent_id and capability."""
     capability: _builtins.str
-    """Any live agent offering this capability: the one reporting the least load."""
+    """Any live agent offering this capability: the one reporting the least load.
+    A resend of the same message (sender_id and message_id) within 120 s goes
+    to the agent the first attempt picked while it still offers it, so its
+    dedupe drops a copy it has: a message is never handled by two agents.
+    """
     @_builtins.property
     def message(self) -> _agent_pb2.AgentMessage:
         """The message: message_id, sender_id and one payload are required; topic

@@ -218,8 +218,11 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
     def _timeout(request: Any) -> float:
         return validate.seconds(request.timeout, "timeout", default=5.0, minimum=0.001, maximum=60)
 
-    async def _pick(self, capability: str) -> Recipient:
-        """The live agent offering ``capability`` that reports the least load (ties: at random)."""
+    async def _pick(self, capability: str, message: agent_pb2.AgentMessage) -> Recipient:
+        """The live agent offering ``capability`` that reports the least load (ties: at random) —
+        or, for a message sent before (the same sender and message id, within PICK_MEMORY_S),
+        the agent it went to then, while that one still offers it: a resend is deduplicated by
+        the agent that may have it, never handled by a second one."""
         agents = await list_all(
             self.registry.ListAgents, registry_pb2.ListAgentsRequest(capability=capability), "agents"
         )
@@ -229,6 +232,12 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
                 reason=common_pb2.ERROR_REASON_NO_CAPABLE_AGENT,
             )
         best = min(agents, key=lambda a: (a.load.load, a.load.queue_length, random.random()))
+        chosen = await self.store.pick_once(message.sender_id, message.message_id, best.agent_id)
+        if chosen != best.agent_id:
+            earlier = next((a for a in agents if a.agent_id == chosen), None)
+            if earlier is not None:
+                return Recipient(earlier.agent_id, earlier.endpoint)
+            await self.store.repick(message.sender_id, message.message_id, best.agent_id)  # gone: anew
         return Recipient(best.agent_id, best.endpoint)
 
     async def Send(self, request: messaging_pb2.SendRequest, context: Any) -> messaging_pb2.SendResponse:
@@ -253,7 +262,7 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
                 raise errors.InvalidArgument(
                     "capability", f"must be 1-128 characters (got {len(request.capability)})"
                 )
-            recipient = await self._pick(request.capability)
+            recipient = await self._pick(request.capability, request.message)
         message = agent_pb2.AgentMessage()
         message.CopyFrom(request.message)
         message.sent_at.CopyFrom(now_ts())

@@ -7,6 +7,8 @@ P/subscriptions/<topic>/<id>    empty: agent <id> is subscribed to the topic    
                                                                                 registration lease
 P/subscribed/<id>/<topic>       empty: the same subscription, indexed by agent  the agent's
                                                                                 registration lease
+P/send-picks/<sender>/<msg>     the agent a capability Send of that message     an expiry lease of
+                                went to (a resend goes there again)             PICK_MEMORY_S (120 s)
 ==============================  ==============================================  =====================
 
 The lease is read from the registry's ``P/agents/<id>`` key
@@ -29,7 +31,11 @@ import aetcd.utils
 
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient
+from mabeam.runtime.etcd.leases import LeaseNotFound, raise_if_lease_unknown
 from mabeam.runtime.paging import range_reply, scan
+from mabeam.runtime.retention import ExpiryLeases, Retention
+
+PICK_MEMORY_S = 120  # how long the agent a capability Send picked is remembered
 
 
 class SubscriptionStore:
@@ -46,6 +52,9 @@ class SubscriptionStore:
         self.agents = config.key("agents") + b"/"
         self.by_topic = config.key("subscriptions") + b"/"
         self.by_agent = config.key("subscribed") + b"/"
+        self.picks = config.key("send-picks") + b"/"
+        # Kept PICK_MEMORY_S (and at most a bucket more): longer than the SDK resends a message.
+        self.pick_leases = ExpiryLeases(client, Retention("send-pick", PICK_MEMORY_S, PICK_MEMORY_S // 10))
 
     def topic_key(self, topic: str, agent_id: str) -> bytes:
         return self.by_topic + f"{topic}/{agent_id}".encode()
@@ -96,6 +105,42 @@ class SubscriptionStore:
             if ok:
                 return "ok"
         return "not registered"
+
+    async def pick_once(self, sender_id: str, message_id: str, agent_id: str) -> str:
+        """The agent a capability Send of ``(sender_id, message_id)`` goes to: ``agent_id``, recorded
+        now (create-only, for PICK_MEMORY_S), unless an earlier attempt of the same message recorded
+        another — a resend then reaches the agent that may have it already, whose dedupe drops it."""
+        c = self.client
+        key = self.picks + f"{sender_id}/{message_id}".encode()
+        for attempt in range(2):
+            lease = await self.pick_leases.lease()
+            try:
+                ok, replies = await c.transaction(
+                    compare=[c.transactions.create(key) == 0],
+                    success=[c.transactions.put(key, agent_id.encode(), lease=lease)],
+                    failure=[c.transactions.get(key)],
+                )
+            except aetcd.exceptions.ClientError as exc:
+                try:
+                    raise_if_lease_unknown(exc, lease)
+                except LeaseNotFound:
+                    if attempt:
+                        raise
+                    self.pick_leases.forget()
+                    continue
+                raise
+            if ok:
+                return agent_id
+            got = replies[0] if replies else []
+            return bytes(got[0][0]).decode() if got else agent_id
+        return agent_id
+
+    async def repick(self, sender_id: str, message_id: str, agent_id: str) -> None:
+        """Record ``agent_id`` for the message in place of an agent that is gone."""
+        lease = await self.pick_leases.lease()
+        await self.client.put(
+            self.picks + f"{sender_id}/{message_id}".encode(), agent_id.encode(), lease=lease
+        )
 
     async def unsubscribe(self, agent_id: str, topic: str) -> bool:
         """Delete both keys of a subscription (one transaction); False when there was none."""
