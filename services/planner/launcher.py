@@ -68,6 +68,17 @@ def idle_seconds(environ: dict[str, str] | os._Environ[str], given: str | None =
     return value
 
 
+# StartAgent refusals after which the registry runs nothing: the record is dropped at once.
+REFUSED = (
+    errors.InvalidArgument,
+    errors.NotFound,
+    errors.PermissionDenied,
+    errors.FailedPrecondition,
+    errors.ResourceExhausted,
+    errors.AlreadyExists,
+)
+
+
 @dataclass
 class Started:
     """An agent this replica started: how many steps use it, since when it is idle."""
@@ -139,22 +150,38 @@ class Launcher:
         agent_id = f"{capability[:80]}-{uuid.uuid4().hex[:10]}"
         # Recorded first: a replica that dies right after StartAgent leaves an agent another adopts.
         await self.store.record_started(agent_id, capability, self.instance_id, self._lease())
+        # Kept in use until it is listed (and the caller's step takes it): never stopped as idle first.
+        entry = self.started[agent_id] = Started(agent_id, capability, in_use=1, idle_since=time.monotonic())
         try:
             await self.mesh.registry.StartAgent(self._request(capability, agent_id))
-        except BaseException:
+        except REFUSED:  # the registry started nothing: forget it
+            self.started.pop(agent_id, None)
             with contextlib.suppress(Exception):
                 await self.store.drop_started(agent_id)
             raise
-        self.started[agent_id] = Started(agent_id, capability, idle_since=time.monotonic())
+        except BaseException:
+            # Unknown (cut off, timed out, cancelled): the agent may run, or start later. It stays
+            # recorded and idle, so the idle pass stops it (a NotFound from StopAgent also ends it).
+            self._release_start(entry)
+            raise
         deadline = time.monotonic() + LISTED_WITHIN_S
-        while time.monotonic() < deadline:
-            with contextlib.suppress(errors.NotFound):
-                got = await self.mesh.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent_id))
-                if got.agent.agent_id == agent_id:
-                    log.info("started agent %s for capability %r", agent_id, capability)
-                    return agent_id
-            await asyncio.sleep(0.05)
+        try:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(errors.NotFound):
+                    got = await self.mesh.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent_id))
+                    if got.agent.agent_id == agent_id:
+                        log.info("started agent %s for capability %r", agent_id, capability)
+                        return agent_id
+                await asyncio.sleep(0.05)
+        finally:
+            self._release_start(entry)
         raise errors.DeadlineExceeded(f"agent {agent_id!r} started but not listed within {LISTED_WITHIN_S} s")
+
+    @staticmethod
+    def _release_start(entry: Started) -> None:
+        """The start is over (the agent is listed, or it is not known): idle from now."""
+        entry.in_use = max(0, entry.in_use - 1)
+        entry.idle_since = time.monotonic()
 
     def use(self, agent_id: str) -> None:
         """A step starts on ``agent_id`` (no-op for agents this replica did not start)."""

@@ -164,12 +164,15 @@ class Planning:
                     request.dependency_outputs[d].CopyFrom(self.outputs[d])
             request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
             stub = self.planner.pool.stub(assignment.endpoint, agent_pb2_grpc.AgentServiceStub)
+            self.planner.launcher.use(assignment.agent_id)  # an agent this replica started is busy planning
             try:
                 reply = await stub.Plan(request, timeout=timeout)
             except grpc.RpcError as exc:
                 why = f"agent {assignment.agent_id!r} gave no plan: {exc.code().name}: {exc.details()}"
                 excluded.add(assignment.agent_id)
                 continue
+            finally:
+                self.planner.launcher.release(assignment.agent_id)
             return assignment.agent_id, list(reply.steps)
         raise PlanInvalid(why)
 
