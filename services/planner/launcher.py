@@ -107,6 +107,7 @@ class Launcher:
         self.idle_s = idle_s
         self.started: dict[str, Started] = {}
         self._starting: dict[str, asyncio.Future[str]] = {}
+        self._adopt_after: str | None = None  # where the next adoption pass reads from
 
     @property
     def mesh(self) -> MeshClient:
@@ -225,7 +226,10 @@ class Launcher:
         room = MAX_STARTED - len(self.started)
         if room <= 0:
             return adopted
-        for agent_id, capability in await self.store.unclaimed_started(room):
+        # A window of the records a pass, from where the last one stopped: every record is seen
+        # in turn, however many the live replicas hold before it.
+        found, self._adopt_after = await self.store.unclaimed_started(max(room, 100), self._adopt_after)
+        for agent_id, capability in found[:room]:
             if agent_id in self.started:
                 continue
             if await self.store.claim_started(agent_id, self.instance_id, self._lease()):
@@ -241,12 +245,27 @@ class Launcher:
         while True:
             await asyncio.sleep(max(0.05, min(self.idle_s / 4, 5.0)))
             try:
+                await self.keep_claims()
                 await self.adopt()
                 await self.stop_idle()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.info("idle agents pass failed: %s", exc)
+
+    async def keep_claims(self) -> list[str]:
+        """Hold every agent this replica started on its current lease: one whose claim went with a
+        lapsed lease is claimed again, unless another replica adopted it meanwhile — then it is
+        that replica's to stop, and forgotten here. The ids forgotten."""
+        lost: list[str] = []
+        for agent_id in list(self.started):
+            if not await self.store.claim_started(agent_id, self.instance_id, self._lease()):
+                self.started.pop(agent_id, None)
+                lost.append(agent_id)
+                log.info(
+                    "agent %s was adopted by another planner replica (this one's lease lapsed)", agent_id
+                )
+        return lost
 
     async def stop_all(self) -> None:
         """The replica stops: stop every agent it started."""

@@ -383,20 +383,29 @@ class GoalStore:
             failure=[],
         )
 
-    async def unclaimed_started(self, most: int) -> list[tuple[str, str]]:
-        """(agent id, capability) of started agents nobody claims (their replica's lease went); two bounded reads."""
-        started = await self._range(
-            self.started_agents, aetcd.utils.prefix_range_end(self.started_agents), most
-        )
+    async def unclaimed_started(
+        self, most: int, after: str | None = None
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        """(agent id, capability) of started agents nobody claims (their replica's lease went), among
+        the next ``most`` records after ``after`` (None: from the first); and where the next call
+        goes on from (None: the end was reached). Two bounded reads: the records, and the claims
+        of just their key range."""
+        end = aetcd.utils.prefix_range_end(self.started_agents)
+        start = self.started_agents + (after.encode() + b"\0" if after else b"")
+        started = await self._range(start, end, most)
+        ids = [bytes(kv.key)[len(self.started_agents) :] for kv in started.kvs]
+        if not ids:
+            return [], None
         claims = await self._range(
-            self.agent_claims, aetcd.utils.prefix_range_end(self.agent_claims), most, keys_only=True
+            self.agent_claims + ids[0], self.agent_claims + ids[-1] + b"\0", len(ids), keys_only=True
         )
         claimed = {bytes(kv.key)[len(self.agent_claims) :] for kv in claims.kvs}
-        return [
-            (bytes(kv.key)[len(self.started_agents) :].decode(), bytes(kv.value).decode())
-            for kv in started.kvs
-            if bytes(kv.key)[len(self.started_agents) :] not in claimed
+        unclaimed = [
+            (agent_id.decode(), bytes(kv.value).decode())
+            for agent_id, kv in zip(ids, started.kvs, strict=True)
+            if agent_id not in claimed
         ]
+        return unclaimed, (ids[-1].decode() if started.more else None)
 
     async def request_cancel(self, goal_id: str, reason: str) -> bool:
         """Ask the goal's runner (whichever replica it is on) to cancel it; False when it is not
