@@ -369,7 +369,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         migration = _Migration()
         self.migrations[agent.agent_id] = migration
         try:
-            while agent.in_flight:  # noqa: ASYNC110 (a short drain; the state must include every accepted call)
+            # A short drain: the state must include every accepted call, and every message the
+            # inbox took (one accepted but not yet picked up by its consumer is waiting there).
+            while agent.in_flight or agent.inbox_waiting():  # noqa: ASYNC110
                 await asyncio.sleep(0.002)
             state = await agent.export_state()
         except BaseException:

@@ -195,12 +195,16 @@ class Agent:
         self.topics.pop(topic, None)
         return bool(reply.removed)
 
+    def inbox_waiting(self) -> int:
+        """Messages the inbox took that ``on_message`` has not started on yet."""
+        return len(self._inbox) if self._inbox is not None else 0
+
     def load(self) -> common_pb2.AgentLoad:
         """What the next heartbeat reports; by default the calls in flight and the messages waiting
         in the inbox (a capability Send picks the least loaded). Leave ``memory_bytes`` and
         ``cpu_fraction`` at 0 and the AgentHost fills in its process's RSS and CPU, flagged
         ``shared_process`` when it serves several agents (:mod:`mabeam._usage`)."""
-        waiting = self.in_flight + (len(self._inbox) if self._inbox is not None else 0)
+        waiting = self.in_flight + self.inbox_waiting()
         return common_pb2.AgentLoad(load=min(1.0, waiting / 16.0), queue_length=waiting)
 
     async def serve(
