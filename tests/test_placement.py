@@ -226,7 +226,8 @@ async def test_supervised_agent_migrates_to_another_node_with_its_state(
                 and record.supervisor_id == replicas["node-b"].instance_id
                 and record.state == registry_pb2.SUPERVISION_STATE_RUNNING
                 and record.pid not in (0, old_pid)
-                and record.placement.node == "node-b"
+                # the caller's placement as given: any node of zone b (not pinned to node-b)
+                and record.placement == registry_pb2.Placement(node_selector={"zone": "b"})
             )
 
         await eventually(on_b, timeout=15, what="node-b's replica supervises the moved agent")

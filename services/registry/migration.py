@@ -33,11 +33,11 @@ import contextlib
 import logging
 import subprocess
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from mabeam import errors
+from mabeam import auth, errors
 from mabeam.runtime import process, validate
 from mabeam.services.registry import nodes
 from mabeam.services.registry.launch import check_launch, start_timeout
@@ -59,10 +59,26 @@ HAND_OVER_TIMEOUT_S = 90.0
 RETIRE_AFTER_S = 1.0
 
 
+PLACED_NODE_HEADER = "mabeam-placed-node"
+
+
+def placed_node(context: Any) -> str | None:
+    """The node a peer registry replica already chose for a move it hands over (the
+    ``mabeam-placed-node`` header), heeded only from the mesh's own services."""
+    identity = auth.current()
+    if identity is None or identity.role != auth.SERVICE:
+        return None
+    for key, value in context.invocation_metadata() or ():
+        if key == PLACED_NODE_HEADER and isinstance(value, str):
+            return value
+    return None
+
+
 async def migrate_agent(
-    sup: Supervisor, request: registry_pb2.MigrateAgentRequest
+    sup: Supervisor, request: registry_pb2.MigrateAgentRequest, placed: str | None = None
 ) -> registry_pb2.MigrateAgentResponse:
-    """The RPC: run :func:`migrate` here, or on the replica that runs the agent's process."""
+    """The RPC: run :func:`migrate` here, or on the replica that runs the agent's process.
+    ``placed``: the node a peer replica chose when it handed the move over (not chosen again)."""
     agent_id = validate.identifier(request.agent_id, "agent_id")
     adopt_from: str | None = None
     if request.HasField("placement"):
@@ -82,7 +98,12 @@ async def migrate_agent(
             raise errors.PermissionDenied(f"wrong or missing token for agent {agent_id!r}")
         owner = sup.owner(agent_id)
         owner_node = sup.node_of_replica(owner) if owner is not None else None
-        target_node = sup.place(request.placement) if request.HasField("placement") else owner_node
+        if placed is not None:
+            target_node: str | None = placed
+        elif request.HasField("placement"):
+            target_node = sup.place(request.placement)
+        else:
+            target_node = owner_node
         if target_node is not None and target_node != owner_node:
             if target_node != sup.node.name:
                 # Another node: a replica of it starts the new instance and takes the agent over.
@@ -337,13 +358,13 @@ async def _hand_over(
     forwarded = registry_pb2.MigrateAgentRequest()
     forwarded.CopyFrom(request)
     forwarded.ClearField("request_id")
-    if node is not None:
-        # The node chosen here, named: the replica there does not choose again.
-        forwarded.placement.node = node
+    # The node chosen here, in a header: the replica there does not choose again, and records
+    # the caller's placement as it was (naming the node in it would pin the agent there).
+    metadata = ((PLACED_NODE_HEADER, node),) if node is not None else None
     # The pool's channels carry the service's TLS (client certificate included) when it is on.
     try:
         return await registry_pb2_grpc.RegistryServiceStub(sup.peer_pool.get(address)).MigrateAgent(  # type: ignore[no-any-return]
-            forwarded, timeout=HAND_OVER_TIMEOUT_S
+            forwarded, timeout=HAND_OVER_TIMEOUT_S, metadata=metadata
         )
     except grpc.RpcError as exc:
         # A peer of this service: its status is answered as is (an unreachable one names the registry).

@@ -25,7 +25,7 @@ from mabeam.runtime.idempotency import idempotent
 from mabeam.runtime.retention import Retention
 from mabeam.runtime.watchqueue import BoundedQueue
 from mabeam.server import MeshServer
-from mabeam.services.registry import auth_service, catalog, heartbeats, nodes, prober
+from mabeam.services.registry import auth_service, catalog, heartbeats, migration, nodes, prober
 from mabeam.services.registry import supervisor as supervision
 from mabeam.services.registry.directory import DEFAULT_TTL, AgentDirectory, matches
 from mabeam.services.registry.store import RegistryStore, decode_agent, new_token
@@ -439,7 +439,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def MigrateAgent(
         self, request: registry_pb2.MigrateAgentRequest, context: Any
     ) -> registry_pb2.MigrateAgentResponse:
-        return await self.supervisor.migrate_agent(request)
+        return await self.supervisor.migrate_agent(request, migration.placed_node(context))
 
 
 def builder(

@@ -253,9 +253,9 @@ class Supervisor:
         return await requests.restart_agent(self, request)
 
     async def migrate_agent(
-        self, request: registry_pb2.MigrateAgentRequest
+        self, request: registry_pb2.MigrateAgentRequest, placed_node: str | None = None
     ) -> registry_pb2.MigrateAgentResponse:
-        return await migration.migrate_agent(self, request)
+        return await migration.migrate_agent(self, request, placed_node)
 
     # -- reconciliation -----------------------------------------------------
 
