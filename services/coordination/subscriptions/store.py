@@ -87,13 +87,11 @@ class SubscriptionStore:
             lease = int(got.lease)
             if not lease:
                 return "no lease"
-            if await c.get(self.topic_key(topic, agent_id)) is None:
-                mine = await self._range(self.by_agent + f"{agent_id}/".encode(), count_only=True)
-                if int(mine.count) >= max_per_agent:
-                    return "agent full"
-                theirs = await self._range(self.by_topic + f"{topic}/".encode(), count_only=True)
-                if int(theirs.count) >= max_per_topic:
-                    return "topic full"
+            new = await c.get(self.topic_key(topic, agent_id)) is None
+            if new:
+                full = await self._full(agent_id, topic, max_per_agent, max_per_topic, 0)
+                if full:
+                    return full
             ok, _ = await c.transaction(
                 compare=[c.transactions.mod(self.agents + agent_id.encode()) == int(got.mod_revision)],
                 success=[
@@ -103,8 +101,25 @@ class SubscriptionStore:
                 failure=[],
             )
             if ok:
+                # Counted again once written: Subscribes at once may all have passed the first
+                # count. Over a cap, this one is undone (and said so): the caps never overflow.
+                full = await self._full(agent_id, topic, max_per_agent, max_per_topic, 1) if new else ""
+                if full:
+                    await self.unsubscribe(agent_id, topic)
+                    return full
                 return "ok"
         return "not registered"
+
+    async def _full(self, agent_id: str, topic: str, per_agent: int, per_topic: int, mine: int) -> str:
+        """ "agent full" or "topic full" when the counts (``mine``: this subscription among them)
+        leave no room for it; else ""."""
+        have = await self._range(self.by_agent + f"{agent_id}/".encode(), count_only=True)
+        if int(have.count) - mine >= per_agent:
+            return "agent full"
+        theirs = await self._range(self.by_topic + f"{topic}/".encode(), count_only=True)
+        if int(theirs.count) - mine >= per_topic:
+            return "topic full"
+        return ""
 
     async def pick_once(self, sender_id: str, message_id: str, agent_id: str) -> str:
         """The agent a capability Send of ``(sender_id, message_id)`` goes to: ``agent_id``, recorded
