@@ -25,7 +25,9 @@ from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient, agent_message
 from mabeam.config import MeshConfig
 from mabeam.runtime import etcd as mabeam_etcd
+from mabeam.runtime.etcd import EtcdClient
 from mabeam.server import MeshServer
+from mabeam.services.coordination.subscriptions.store import SubscriptionStore
 from mabeam.v1 import agent_pb2, agent_pb2_grpc, auth_pb2, common_pb2, messaging_pb2, registry_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -433,3 +435,24 @@ async def test_a_subscription_goes_with_the_lease_and_comes_back_with_the_regist
     finally:
         await host.stop()
         await etcd.close()
+
+
+async def test_concurrent_subscribes_never_pass_the_topic_cap(
+    etcd_client: EtcdClient, key_prefix: bytes
+) -> None:
+    """Ten agents subscribe at once to a topic of at most three: never more than three stay, and
+    every one told "ok" is among them (the others: "topic full")."""
+    config = MeshConfig(prefix=key_prefix.decode().rstrip("/"))
+    store = SubscriptionStore(etcd_client, config)
+    lease = await etcd_client.lease(30)
+    try:
+        for i in range(10):  # what a registration leaves: the agent's key on its lease
+            await etcd_client.put(config.key("agents") + f"/c{i}".encode(), b"", lease=lease.id)
+        answers = await asyncio.gather(
+            *(store.subscribe(f"c{i}", "capped", max_per_agent=10, max_per_topic=3) for i in range(10))
+        )
+        listed = await store.subscribers("capped", 100)
+        assert len(listed) <= 3 and answers.count("ok") == len(listed), (answers, listed)
+        assert set(answers) <= {"ok", "topic full"}
+    finally:
+        await lease.revoke()
