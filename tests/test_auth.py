@@ -154,12 +154,30 @@ async def state(etcd_client: EtcdClient, config: MeshConfig) -> State:
     }
 
 
+# What the services write by themselves, whatever any caller does: their elections' candidate
+# keys, discovery endpoints and node records (a loaded machine may delay a campaign into a test).
+BACKGROUND = (
+    "registry-prober/",
+    "registry-retention/",
+    "orchestrator-leader/",
+    "session-retention/",
+    "goal-retention-leader/",
+    "registry-nodes/",
+    "services/",
+)
+
+
 def changes(before: State, after: State) -> list[str]:
     return [
         key.decode(errors="replace")
         for key in sorted(set(before) | set(after))
-        if before.get(key) != after.get(key)
+        if before.get(key) != after.get(key) and not _background(key)
     ]
+
+
+def _background(key: bytes) -> bool:
+    text = key.decode(errors="replace")
+    return any(f"/{kind}" in text for kind in BACKGROUND)
 
 
 @dataclass
