@@ -724,6 +724,9 @@ async def test_list_sessions_filters_and_pages(
     assert info.value.field == "participant"
 
 
+SLACK_S = 2.0  # past a session's deadline, for a loaded 2-core machine (the client waits 6 s)
+
+
 async def test_a_session_whose_outcome_cannot_be_stored_ends_at_its_deadline(
     private_etcd: Any, mesh_config: Any, service: Callable[..., Awaitable[MeshServer]]
 ) -> None:
@@ -747,7 +750,8 @@ async def test_a_session_whose_outcome_cannot_be_stored_ends_at_its_deadline(
         with pytest.raises(errors.DeadlineExceeded) as caught:
             await client.coordination.RunAuction(request, timeout=6)
         elapsed = loop.time() - started
-        assert elapsed < 0.5 + 0.5, f"answered after {elapsed:.2f} s"
+        # At the deadline, not at the client's 6 s: the slack is for a loaded machine's event loops.
+        assert elapsed < 0.5 + SLACK_S, f"answered after {elapsed:.2f} s"
         # The first wait that etcd leaves unanswered may be the request_id's record or the session's.
         assert "deadline (0.5 s)" in caught.value.message
         # Without a request_id (a raw stub), the session's own write is what waits.
@@ -760,7 +764,7 @@ async def test_a_session_whose_outcome_cannot_be_stored_ends_at_its_deadline(
             with pytest.raises(aio.AioRpcError) as failed:
                 await raw.RunAuction(request, timeout=6)
             elapsed = loop.time() - started
-        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed < 0.5 + 0.5, elapsed
+        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed < 0.5 + SLACK_S, elapsed
         err = errors.from_rpc_error(failed.value)
         assert "before its outcome could be stored" in err.message and err.metadata["session_id"]
     finally:
