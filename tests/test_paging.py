@@ -302,7 +302,8 @@ async def test_internal_callers_page_past_a_thousand_agents(
         binding.adaptation.metric = "agents.load.max"
 
         async def metric_is_one() -> bool:
-            return await coordinator._metric(binding) == 1.0
+            value, _ = await coordinator._metric(binding)
+            return value == 1.0
 
         await eventually(metric_is_one, timeout=30, what="z-last's load seen by the metric")
     finally:
