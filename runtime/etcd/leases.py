@@ -40,12 +40,21 @@ class LeaseNotFound(Exception):
         self.lease = lease
 
 
+def lease_unknown(exc: BaseException) -> bool:
+    """Whether ``exc`` (an aetcd error of a write bound to a lease) is etcd's NOT_FOUND: what it
+    answers to a put bound to a lease it does not know (lapsed, revoked, never granted)."""
+    cause = exc.__cause__
+    return (
+        isinstance(cause, grpc.RpcError)
+        and hasattr(cause, "code")
+        and cause.code() == grpc.StatusCode.NOT_FOUND
+    )
+
+
 def raise_if_lease_unknown(exc: BaseException, lease: int | None) -> None:
     """Raise :class:`LeaseNotFound` from ``exc`` (an aetcd error of a write bound to ``lease``) when
-    etcd answered NOT_FOUND: what it answers to a put bound to a lease it does not know."""
-    cause = exc.__cause__
-    code = cause.code() if isinstance(cause, grpc.RpcError) and hasattr(cause, "code") else None
-    if lease and code == grpc.StatusCode.NOT_FOUND:
+    etcd does not know the lease (:func:`lease_unknown`)."""
+    if lease and lease_unknown(exc):
         raise LeaseNotFound(lease) from exc
 
 

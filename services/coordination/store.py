@@ -84,9 +84,10 @@ import aetcd.utils
 from mabeam import errors
 from mabeam.config import MeshConfig
 from mabeam.runtime.etcd import EtcdClient, ResumingWatch
+from mabeam.runtime.etcd.leases import lease_unknown
 from mabeam.runtime.idempotency import RequestLog
 from mabeam.runtime.retention import ExpiryLeases, Retention
-from mabeam.services.coordination.store_base import CHUNK_COUNT, END_MARKER, SessionKeys, lease_gone
+from mabeam.services.coordination.store_base import CHUNK_COUNT, END_MARKER, SessionKeys
 from mabeam.services.coordination.store_chunks import CHUNK_BYTES, SessionChunks, split_round
 from mabeam.services.coordination.store_in_flight import SessionsInFlight
 from mabeam.services.coordination.store_pruning import PRUNE_EXAMINED, SessionPruning
@@ -201,7 +202,7 @@ class SessionStore(SessionChunks, SessionPruning, SessionsInFlight):
                     failure=[],
                 )
             except aetcd.exceptions.ClientError as exc:
-                if attempt or lease is None or not lease_gone(exc):
+                if attempt or lease is None or not lease_unknown(exc):
                     raise
                 self.running.forget()  # etcd lost the lease (e.g. restored from a backup): a new one
                 continue

@@ -12,21 +12,11 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import grpc
-
 from mabeam.runtime.etcd import EtcdClient
 from mabeam.runtime.paging import range_reply
 
 END_MARKER = b"~end"  # P/session-rounds/<id>/~end: the session is finished
 CHUNK_COUNT = struct.Struct(">I")  # a round manifest's first bytes: how many chunks it has
-
-
-def lease_gone(exc: BaseException) -> bool:
-    """Whether etcd refused a write because a lease it was bound to is gone (it answers NOT_FOUND)."""
-    cause = exc.__cause__
-    if isinstance(cause, grpc.RpcError) and hasattr(cause, "code"):
-        return bool(cause.code() == grpc.StatusCode.NOT_FOUND)
-    return "lease not found" in str(exc)
 
 
 class SessionKeys:

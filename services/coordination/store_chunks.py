@@ -20,8 +20,9 @@ import aetcd.exceptions
 import aetcd.utils
 
 from mabeam import errors
+from mabeam.runtime.etcd.leases import lease_unknown
 from mabeam.runtime.retention import ExpiryLeases
-from mabeam.services.coordination.store_base import CHUNK_COUNT, SessionKeys, lease_gone
+from mabeam.services.coordination.store_base import CHUNK_COUNT, SessionKeys
 from mabeam.v1 import coordination_pb2
 
 CHUNK_BYTES = 384 * 1024  # two chunks per transaction
@@ -96,7 +97,7 @@ class SessionChunks(SessionKeys):
                 await self._write_chunked_on(session_id, numbers, chunks, final, lease, guard)
                 return
             except aetcd.exceptions.ClientError as exc:
-                if attempt or lease is None or not lease_gone(exc):
+                if attempt or lease is None or not lease_unknown(exc):
                     raise
                 leases.forget()
 
@@ -126,7 +127,7 @@ class SessionChunks(SessionKeys):
             if not await self._txn_puts(last[0], lease, guard):
                 raise _taken_over(session_id)
         except BaseException as exc:
-            if isinstance(exc, aetcd.exceptions.ClientError) and lease is not None and lease_gone(exc):
+            if isinstance(exc, aetcd.exceptions.ClientError) and lease is not None and lease_unknown(exc):
                 raise  # written again whole on a new lease: no cleanup racing that write
             # Unreferenced chunks are deleted, unless their manifest was written after all.
             cleanup = asyncio.ensure_future(self._drop_orphans(session_id, numbers))

@@ -19,6 +19,7 @@ import grpc
 from aetcd import utils as aetcd_utils
 
 from mabeam.runtime.etcd import EtcdClient, while_leading
+from mabeam.runtime.etcd.leases import lease_unknown
 from mabeam.runtime.paging import ScanStats, last_keys, scan
 from mabeam.runtime.retention import ExpiryLeases
 from mabeam.v1 import registry_pb2
@@ -38,14 +39,6 @@ SUPERVISION_ACTIVE = (
 STOP_ORDER = 2**63
 # The count cap: index keys examined per pass, oldest first (one small transaction per record).
 PRUNE_EXAMINED = 100
-
-
-def _lease_gone(exc: BaseException) -> bool:
-    """Whether etcd refused a write because a lease it was bound to is gone (it answers NOT_FOUND)."""
-    cause = exc.__cause__
-    if isinstance(cause, grpc.RpcError) and hasattr(cause, "code"):
-        return bool(cause.code() == grpc.StatusCode.NOT_FOUND)
-    return "lease not found" in str(exc)
 
 
 def token_hash(token: str) -> bytes:
@@ -195,9 +188,9 @@ class SupervisedRecords:
                 ok, _ = await c.transaction(compare=compare, success=ops, failure=[])
                 return bool(ok)
             except Exception as exc:
-                if keeps and _lease_gone(exc):
+                if keeps and lease_unknown(exc):
                     return False  # the record expired meanwhile: the caller reads again
-                if attempt or not _lease_gone(exc):
+                if attempt or not lease_unknown(exc):
                     raise
                 self.expiry.forget()  # the bucket's lease is gone (e.g. etcd restored): take another
         return False
