@@ -411,6 +411,23 @@ class EmbeddedEtcd:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(sig)
 
+    async def freeze(self, timeout: float = 5.0) -> None:
+        """SIGSTOP etcd and return once every thread of it has stopped (Linux ``/proc``).
+
+        ``kill`` returns when the signal is sent; a thread busy in the kernel
+        stops when it comes back from there. After this, etcd answers nothing
+        until :meth:`kill` with SIGCONT.
+        """
+        pid = self.pid
+        if pid is None:
+            raise RuntimeError("etcd is not running: nothing to freeze")
+        self.kill(signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not process.all_threads_stopped(pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"etcd (pid {pid}) did not stop within {timeout:g} s of SIGSTOP")
+            await asyncio.sleep(0.005)
+
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop etcd: SIGTERM, up to ``timeout`` seconds, then SIGKILL; safe to call twice.
 

@@ -30,6 +30,7 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from mabeam.server import READY_FILE_ENV
@@ -232,3 +233,19 @@ class ReadyFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def all_threads_stopped(pid: int) -> bool:
+    """True when every thread of ``pid`` is stopped (state T or t in ``/proc``); True where there is no ``/proc``."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.parent.exists():
+        return not Path("/proc/self").exists()  # no such process (on Linux), or no /proc at all
+    for stat in tasks.glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        # pid (comm) STATE ...: comm may hold spaces or parentheses, the state follows the last ')'.
+        if text[text.rindex(")") + 2] not in "Tt":
+            return False
+    return True

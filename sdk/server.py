@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import json
 import logging
 import os
@@ -45,6 +46,10 @@ from mabeam.client import MeshClient
 from mabeam.config import MeshConfig
 
 log = logging.getLogger("mabeam.server")
+
+# Each step of MeshServer.stop (a withdrawal, the drain beyond its grace, the tasks, a stop callback)
+# gets this long before it is logged and given up on.
+STOP_STEP_LIMIT_S = 10.0
 
 # The shortest interval between keep-alive pings a server accepts, calls or
 # not. grpc's default (5 minutes, and no pings at all on an idle connection)
@@ -434,7 +439,13 @@ class MeshServer:
         await self._health.set(name, status)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop gracefully; safe to call twice."""
+        """Stop gracefully; safe to call twice.
+
+        Every step is bounded (STOP_STEP_LIMIT_S beyond the grace period): a
+        step that overruns (an etcd call nobody answers, a task that ignores
+        its cancellation) is logged with its stack and left cancelled, so a
+        stopping service always ends.
+        """
         if self._stopped:
             return
         self._stopped = True
@@ -444,25 +455,58 @@ class MeshServer:
         # Withdraw first, then drain: a client that resolves this replica during
         # the grace period would otherwise send it calls it is about to refuse.
         for callback in self._on_withdraw:
-            try:
-                await callback()
-            except Exception:
-                log.exception("withdrawal callback failed")
+            await self._stop_step(_callback_name(callback), callback())
         if self._started:
-            await self._server.stop(grace)
+            await self._stop_step("the gRPC server's stop", self._server.stop(grace), grace)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._stop_step(
+                "the background tasks", asyncio.gather(*self._tasks, return_exceptions=True)
+            )
         for callback in reversed(self._on_stop):
-            try:
-                await callback()
-            except Exception:
-                log.exception("stop callback failed")
+            await self._stop_step(_callback_name(callback), callback())
+
+    async def _stop_step(self, what: str, step: Awaitable[Any], extra: float = 0.0) -> None:
+        """Await one step of :meth:`stop` for at most STOP_STEP_LIMIT_S (+ ``extra``); log, never raise."""
+        task = asyncio.ensure_future(step)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=STOP_STEP_LIMIT_S + extra)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("%s: stopping: %s failed", self.kind, what, exc_info=task.exception())
+            return
+        stuck = [task, *(t for t in self._tasks if not t.done())]
+        log.error(
+            "%s: stopping: %s did not end within %g s; given up on (cancelled). Still running:\n%s",
+            self.kind,
+            what,
+            STOP_STEP_LIMIT_S + extra,
+            "\n".join(_task_stack(t) for t in stuck),
+        )
+        task.cancel()
 
     async def wait_for_termination(self) -> None:
         """Wait until the server stops."""
         await self._server.wait_for_termination()
+
+
+def _callback_name(callback: Callable[..., Any]) -> str:
+    return getattr(callback, "__qualname__", None) or repr(callback)
+
+
+def _task_stack(task: asyncio.Future[Any]) -> str:
+    """A task's name and where it waits, for the log of a stop step that overran."""
+    out = io.StringIO()
+    if isinstance(task, asyncio.Task):
+        out.write(f"task {task.get_name()}:\n")
+        task.print_stack(limit=12, file=out)
+    else:
+        out.write(f"future {task!r}\n")
+    return out.getvalue()
 
 
 async def serve_until_signalled(

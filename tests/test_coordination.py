@@ -24,6 +24,7 @@ from harness.wait import eventually
 from mabeam import errors
 from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
+from mabeam.runtime import process
 from mabeam.server import MeshServer
 from mabeam.v1 import (
     agent_pb2,
@@ -745,7 +746,7 @@ async def test_a_session_whose_outcome_cannot_be_stored_ends_at_its_deadline(
         # Well under the ~1 s in which etcd's client may find the frozen connection dead (and fail UNAVAILABLE).
         request.settings.deadline.FromMilliseconds(500)
         assert (await client.coordination.RunAuction(request)).session.outcome.winners == ["f2"]
-        private_etcd.kill(signal.SIGSTOP)
+        await private_etcd.freeze()
         started = loop.time()
         with pytest.raises(errors.DeadlineExceeded) as caught:
             await client.coordination.RunAuction(request, timeout=6)
@@ -757,12 +758,17 @@ async def test_a_session_whose_outcome_cannot_be_stored_ends_at_its_deadline(
         # Without a request_id (a raw stub), the session's own write is what waits.
         private_etcd.kill(signal.SIGCONT)
         assert (await client.coordination.RunAuction(request)).session.outcome.winners == ["f2"]
-        private_etcd.kill(signal.SIGSTOP)
+        await private_etcd.freeze()
         async with mesh_channel(coordination.address) as channel:
             raw = coordination_pb2_grpc.CoordinationServiceStub(channel)
             started = loop.time()
             with pytest.raises(aio.AioRpcError) as failed:
-                await raw.RunAuction(request, timeout=6)
+                answered = await raw.RunAuction(request, timeout=6)
+                # Not expected: say what came back, and whether etcd was still frozen.
+                pytest.fail(
+                    f"answered with etcd frozen: {answered.session}; "
+                    f"etcd threads all stopped: {process.all_threads_stopped(private_etcd.pid or 0)}"
+                )
             elapsed = loop.time() - started
         assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed < 0.5 + SLACK_S, elapsed
         err = errors.from_rpc_error(failed.value)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 
 from harness.channels import mesh_channel
 from harness.wait import eventually
+from mabeam import server as server_module
 from mabeam.config import MeshConfig
 from mabeam.discovery import EndpointResolver
 from mabeam.runtime.service import start_service
@@ -58,3 +61,42 @@ async def test_stop_withdraws_the_endpoint_before_the_grace_period(mesh_config: 
         await resolver.stop()
         if stopping is None:
             await server.stop(0)
+
+
+async def test_a_stop_step_that_hangs_is_logged_and_given_up_on(
+    mesh_config: MeshConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop callback nobody answers and a task that ignores its cancellation do not keep a
+    stopping service alive: each step is given up on after its bound, named with its stack."""
+    monkeypatch.setattr(server_module, "STOP_STEP_LIMIT_S", 0.3)
+    release = asyncio.Event()  # set at the end: nothing is left running after the test
+
+    async def never_answers() -> None:
+        await release.wait()
+
+    async def ignores_cancellation() -> None:
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+
+    server = await start_service("registry", registry_server.build, mesh_config, port=0)
+    server.on_stop(never_answers)
+    stubborn = server.spawn(ignores_cancellation(), "stubborn")
+    try:
+        stopping = asyncio.create_task(server.stop(0))
+        done, _ = await asyncio.wait({stopping}, timeout=15)
+        assert done, "stop() waited on a step past its bound"
+        logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+        assert "the background tasks did not end within 0.3 s" in logged
+        assert "registry:stubborn" in logged and "ignores_cancellation" in logged
+        assert "never_answers did not end within 0.3 s" in logged
+        # The stop callbacks after the stuck ones still ran: discovery withdrawn, etcd client closed.
+        resolver = EndpointResolver(mesh_config.etcd_endpoints, mesh_config.prefix, "registry")
+        await resolver.start()
+        try:
+            assert server.address not in resolver.addresses()
+        finally:
+            await resolver.stop()
+    finally:
+        release.set()
+        await asyncio.wait({stubborn}, timeout=5)
