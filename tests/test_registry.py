@@ -67,6 +67,33 @@ async def test_live_id_needs_its_token(client: MeshClient) -> None:
     assert again.agent.generation == 2 and again.token == first.token
 
 
+async def test_one_id_registered_at_once_on_two_replicas_has_one_owner(
+    registry: MeshServer, service: StartService
+) -> None:
+    """A replica whose directory has not seen a registration yet (the other replica's, a moment
+    ago) still refuses the id without its token, and a take-over with the token still works."""
+    other = await service("registry")
+    a = await MeshClient.connect(registry=registry.address)
+    b = await MeshClient.connect(registry=other.address)
+    try:
+        for i in range(10):
+            agent_id = f"race-{i}"
+            attempts = [
+                (a if n % 2 else b).registry.RegisterAgent(register_request(agent_id)) for n in range(6)
+            ]
+            outcomes = await asyncio.gather(*attempts, return_exceptions=True)
+            won = [o for o in outcomes if isinstance(o, registry_pb2.RegisterAgentResponse)]
+            assert len(won) == 1, outcomes
+            assert all(isinstance(o, errors.AlreadyExists) for o in outcomes if o is not won[0]), outcomes
+            # Registered on one replica, taken over on the other right after with its token.
+            first = await a.registry.RegisterAgent(register_request(f"moved-{i}"))
+            again = await b.registry.RegisterAgent(register_request(f"moved-{i}", token=first.token))
+            assert again.agent.generation == 2 and again.token == first.token
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_wrong_token_changes_nothing(
     registry: MeshServer, client: MeshClient, etcd_client: EtcdClient
 ) -> None:
