@@ -23,6 +23,8 @@ Environment variables (each has the flag in parentheses):
 ``MABEAM_DATA_DIR``             embedded etcd data, default ``~/.mabeam/etcd`` (``--data-dir``)
 ``MABEAM_TLS_CERT/KEY``         server certificate and key: TLS on (``--tls-cert/--tls-key``)
 ``MABEAM_TLS_CA``               CA that client certificates must chain to: mutual TLS (``--tls-ca``)
+``MABEAM_TLS_SERVER_NAME``      name checked in the peer's certificate instead of the address
+                                dialled (pod IPs in Kubernetes), default the address
 ``MABEAM_ETCD_CA/CERT/KEY``     TLS to etcd (``--etcd-ca/--etcd-cert/--etcd-key``)
 ``MABEAM_GRACE``                seconds for in-flight calls on shutdown, default 5 (``--grace``)
 ``MABEAM_SERVICE_TTL``          lease TTL of service endpoint keys, default 5 s
@@ -242,7 +244,9 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
         for path, flag in ((cert, "--tls-cert"), (key, "--tls-key"), (ca, "--tls-ca")):
             if path and not Path(path).is_file():
                 raise ConfigError(f"{flag} {path}: no such file")
-        tls = TLS(cert_file=cert, key_file=key, ca_file=ca)
+        tls = TLS(
+            cert_file=cert, key_file=key, ca_file=ca, server_name=env.get("MABEAM_TLS_SERVER_NAME") or None
+        )
     elif ca:
         raise ConfigError("--tls-ca (MABEAM_TLS_CA) needs --tls-cert and --tls-key")
 
