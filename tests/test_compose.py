@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from harness.local_commands import local_command
 from harness.wait import eventually
 from mabeam.auth import read_token_file
 from mabeam.client import MeshClient
@@ -83,28 +84,11 @@ def test_compose_file_is_valid_and_waits_on_health() -> None:
 def _local(
     command: list[str], env: dict[str, str], args: dict[str, str], values: dict[str, str] | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """The command and environment with ``args`` replaced in the command, ``values`` in the environment.
-
-    ``python`` is this interpreter and ``mabeam`` its module; ``/credentials`` (the
-    volume) becomes ``values["/credentials"]`` wherever a path starts with it.
-    """
+    """:func:`local_command` with the ``credentials`` volume at ``values["/credentials"]``."""
     values = values or {}
-    volume = values.get("/credentials", "/credentials")
-
-    def path(text: str) -> str:
-        return volume + text.removeprefix("/credentials") if text.startswith("/credentials") else text
-
-    argv: list[str] = []
-    for part in command:
-        if part == "python":
-            argv.append(sys.executable)
-        elif part == "mabeam":
-            argv += [sys.executable, "-m", "mabeam.cli"]
-        else:
-            argv.append(path(args.get(part, part)))
-    # A token in the test's own environment must not stand in for the file the command names.
-    base = {k: v for k, v in os.environ.items() if k not in ("MABEAM_TOKEN", "MABEAM_TOKEN_FILE")}
-    return argv, {**base, **{k: path(values.get(v, v)) for k, v in env.items()}}
+    return local_command(
+        command, env, args, values, {"/credentials": values.get("/credentials", "/credentials")}
+    )
 
 
 async def test_every_command_in_the_file_runs_against_a_real_etcd(etcd: EmbeddedEtcd, tmp_path: Path) -> None:
