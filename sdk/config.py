@@ -34,6 +34,10 @@ Environment variables (each has the flag in parentheses):
 ``MABEAM_TOKEN``                the token itself (instead of a file)
 ``MABEAM_INSECURE``             ``1`` lets a service listen beyond loopback without
                                 TLS or auth (``--insecure``); loudly
+``MABEAM_HEALTH_PORT``          a second, plaintext listener serving only
+                                ``grpc.health.v1.Health`` (Kubernetes' gRPC probes),
+                                on the service's host; unset or 0 = none
+                                (``--health-port``, on a service's entry point only)
 ==============================  ==================================================
 
 Authentication is on unless switched off: a process listening beyond
@@ -90,6 +94,10 @@ class MeshConfig:
     token: str | None = field(default=None, repr=False)
     # Listen beyond loopback without TLS or auth (refused otherwise).
     insecure: bool = False
+    # A second listener serving only grpc.health.v1.Health, plaintext, no auth,
+    # on ``host`` (Kubernetes' gRPC probes speak no TLS); 0 = none. It reveals
+    # only SERVING/NOT_SERVING per name, so it is allowed beyond loopback.
+    health_port: int = 0
 
     def client_tls(self) -> TLS | None:
         """TLS for the calls a service makes (to other services and agents) when TLS is on.
@@ -172,7 +180,11 @@ def _check_port(port: int, flag: str) -> int:
 
 
 def add_mesh_arguments(parser: argparse.ArgumentParser, *, services: tuple[str, ...] = SERVICES) -> None:
-    """Add the shared flags; every default is None so the environment can fill it."""
+    """Add the shared flags; every default is None so the environment can fill it.
+
+    A parser for one service (its entry point) also gets ``--health-port``: one
+    process, one health listener (``mabeam up`` runs several services).
+    """
     g = parser.add_argument_group("mesh")
     g.add_argument("--etcd", help="etcd endpoints, comma-separated URLs (env MABEAM_ETCD)")
     g.add_argument("--prefix", help="etcd key prefix of this mesh (env MABEAM_PREFIX, default /mabeam)")
@@ -207,6 +219,15 @@ def add_mesh_arguments(parser: argparse.ArgumentParser, *, services: tuple[str, 
         default=None,
         help="allow listening beyond loopback without TLS or auth (env MABEAM_INSECURE=1)",
     )
+    if len(services) == 1:
+        g.add_argument(
+            "--health-port",
+            type=int,
+            metavar="PORT",
+            help="also serve grpc.health.v1.Health alone, in plaintext (even with TLS on) and without "
+            "auth, on this port of --host: for Kubernetes' gRPC probes (env MABEAM_HEALTH_PORT; "
+            "default 0 = none)",
+        )
 
 
 def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> MeshConfig:
@@ -263,6 +284,10 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
     except ValueError:
         raise ConfigError(f"--grace / MABEAM_GRACE {grace_raw!r} is not a number") from None
     ttl = _env_int(env, "MABEAM_SERVICE_TTL", "MABEAM_SERVICE_TTL") or 5
+    health_port = getattr(args, "health_port", None) if args is not None else None
+    if health_port is None:
+        health_port = _env_int(env, "MABEAM_HEALTH_PORT", "--health-port")
+    health_port = _check_port(int(health_port or 0), "--health-port (MABEAM_HEALTH_PORT)")
 
     auth_off = bool(getattr(args, "no_auth", None)) or env.get("MABEAM_AUTH", "").lower() in _OFF
     insecure = bool(getattr(args, "insecure", None)) or env.get("MABEAM_INSECURE", "").lower() in _ON
@@ -292,6 +317,7 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
         auth=not auth_off,
         token=token,
         insecure=insecure,
+        health_port=health_port,
     )
 
 

@@ -13,7 +13,13 @@ A :class:`MeshServer` is a ``grpc.aio`` server with, always:
   and awaited on :meth:`MeshServer.stop`, so nothing outlives the server;
 * graceful stop: health goes NOT_SERVING, the withdrawal callbacks run (a
   service deletes its discovery endpoint there, so clients stop picking it),
-  then in-flight calls get ``grace`` seconds, then the stop callbacks run.
+  then in-flight calls get ``grace`` seconds, then the stop callbacks run;
+* with ``MeshConfig.health_port`` (``--health-port``, ``MABEAM_HEALTH_PORT``),
+  a second listener on the same host serving ``grpc.health.v1.Health`` alone
+  (the same servicer, so the same statuses), in plaintext even with TLS on and
+  without auth, for Kubernetes' gRPC probes, which speak no TLS. No reflection
+  and no mesh service there (UNIMPLEMENTED). It stops with the server, after
+  the grace period, during which it answers NOT_SERVING.
 
 It knows nothing of etcd: what the four services add (the etcd connection,
 publication of the address for discovery, etcd's errors, the entry point)
@@ -330,6 +336,9 @@ class MeshServer:
         self._server = aio.server(interceptors=self._interceptors, options=SERVER_OPTIONS)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        # The plaintext health-only listener (config.health_port), made in start().
+        self._health_server: aio.Server | None = None
+        self.health_port = 0
         self.authorizer = authorizer
         self._service_names: list[str] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -403,7 +412,18 @@ class MeshServer:
         reflection.enable_server_reflection(
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
         )
-        bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        health_port = self.config.health_port
+        if health_port and health_port == port:
+            raise mesh_config.ConfigError(
+                f"--health-port (MABEAM_HEALTH_PORT) {health_port} is the {self.kind} port itself: "
+                "the health listener needs a port of its own"
+            )
+        if health_port and not port_is_free(host, health_port):
+            raise PortInUse(
+                f"port {health_port} is already in use: choose another with --health-port "
+                "or MABEAM_HEALTH_PORT"
+            )
+        bind = _bind_address(host, port)
         try:
             if self.config.tls is not None:
                 bound = self._server.add_secure_port(bind, self.config.tls.server_credentials())
@@ -413,8 +433,19 @@ class MeshServer:
             raise PortInUse(
                 f"cannot listen on {bind} ({exc}): choose another port with --{self.kind}-port"
             ) from None
+        health_server = self._health_listener(host, health_port, bound) if health_port else None
         await self._server.start()
         self._started = True
+        if health_server is not None:
+            await health_server.start()
+            self._health_server = health_server
+            self.health_port = health_port
+            log.info(
+                "%s: plaintext health port %s: grpc.health.v1.Health only, no TLS and no auth even "
+                "beyond loopback (it reveals only SERVING/NOT_SERVING per service name)",
+                self.kind,
+                _bind_address(host, health_port),
+            )
         self.port = bound
         self.address = f"{self.config.published_host}:{bound}"
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -422,6 +453,20 @@ class MeshServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s serving on %s", self.kind, self.address)
         return bound
+
+    def _health_listener(self, host: str, port: int, main_port: int) -> aio.Server:
+        """A server with this server's health servicer alone, bound in plaintext to ``host:port``."""
+        server = aio.server(options=SERVER_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        bind = _bind_address(host, port)
+        try:
+            server.add_insecure_port(bind)
+        except RuntimeError as exc:
+            raise PortInUse(
+                f"cannot listen on {bind} ({exc}): choose another port with --health-port "
+                f"(MABEAM_HEALTH_PORT); the {self.kind} port is {main_port}"
+            ) from None
+        return server
 
     async def set_serving(self, serving: bool) -> None:
         """Report the server as (not) serving on every health check name."""
@@ -458,6 +503,9 @@ class MeshServer:
             await self._stop_step(_callback_name(callback), callback())
         if self._started:
             await self._stop_step("the gRPC server's stop", self._server.stop(grace), grace)
+        if self._health_server is not None:
+            # After the drain: probes read NOT_SERVING here throughout the grace period.
+            await self._stop_step("the health port's stop", self._health_server.stop(0))
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -492,6 +540,10 @@ class MeshServer:
     async def wait_for_termination(self) -> None:
         """Wait until the server stops."""
         await self._server.wait_for_termination()
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _callback_name(callback: Callable[..., Any]) -> str:
