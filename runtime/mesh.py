@@ -286,6 +286,9 @@ class LocalMesh:
             str(port),
             "--grace",
             str(self.config.grace),
+            # No health-only port: a MABEAM_HEALTH_PORT in the environment would be one port for all.
+            "--health-port",
+            "0",
         )
         if self.config.tls is not None:
             argv += ["--tls-cert", self.config.tls.cert_file, "--tls-key", self.config.tls.key_file]
