@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 
-def make_certs(directory: Path) -> dict[str, str]:
+def make_certs(directory: Path, addresses: Sequence[str] = ()) -> dict[str, str]:
     """A CA, a server certificate for 127.0.0.1 / localhost and a client certificate, as PEM files.
 
     The server certificate is good for client authentication too: a service
     presents it when it calls another service (mutual TLS inside the mesh).
+    ``addresses``: more IP addresses the certificates name (the hosts of a
+    multi-host mesh, ``harness.netns``).
     """
     x509 = pytest.importorskip("cryptography.x509")
     from cryptography.hazmat.primitives import hashes, serialization
@@ -41,7 +44,10 @@ def make_certs(directory: Path) -> dict[str, str]:
             usages = usage if isinstance(usage, list) else [usage]
             builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False).add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                    [
+                        x509.DNSName("localhost"),
+                        *(x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", *addresses)),
+                    ]
                 ),
                 critical=False,
             )
