@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -146,6 +147,22 @@ class LocalMesh:
     def replicas_of(self, kind: str) -> list[ServiceProcess]:
         """The running replicas of ``kind``."""
         return [p for p in self.processes if p.kind == kind and p.proc.poll() is None]
+
+    async def dump_tasks(self, timeout: float = 3.0) -> None:
+        """Have every live replica log its asyncio tasks and their stacks (SIGUSR1), for a mesh
+        that hangs; returns once each log has them, or after ``timeout``."""
+        marker = b"asyncio tasks (SIGUSR1)"
+        waiting = []
+        for replica in self.processes:
+            if replica.proc.poll() is None:
+                before = replica.log_file.read_bytes().count(marker) if replica.log_file.exists() else 0
+                replica.proc.send_signal(signal.SIGUSR1)
+                waiting.append((replica, before))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while waiting and loop.time() < end:
+            waiting = [(r, n) for r, n in waiting if r.log_file.read_bytes().count(marker) <= n]
+            await asyncio.sleep(0.05)
 
     def addresses(self, kind: str) -> list[str]:
         """host:port of every live replica of ``kind``."""

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from mabeam.config import MeshConfig
 from mabeam.runtime import cache, endpoints, etcd, exporters, process
 from mabeam.runtime.auth import PrincipalBook
 from mabeam.runtime.etcd.maintenance import STORE_HEALTH
-from mabeam.server import MeshServer, announce_ready, serve_until_signalled
+from mabeam.server import MeshServer, announce_ready, describe_task, serve_until_signalled
 
 BuildFn = Callable[[MeshServer, Any], Awaitable[None]]
 
@@ -251,7 +252,15 @@ def run_service(
         if not _stdout_is_the_log():
             # The line for people (and compose logs) where stdout is not the JSON log.
             print(f"mabeam {kind} serving on {server.address}", flush=True)
+        # `kill -USR1 PID`: every task of this process and where it waits, in the log.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, log_tasks)
         await serve_until_signalled([server])
         return 0
 
     return asyncio.run(main())
+
+
+def log_tasks() -> None:
+    """Log every asyncio task of this process with the stack it waits on (for a service that hangs)."""
+    tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
+    log.warning("%d asyncio tasks (SIGUSR1):\n%s", len(tasks), "".join(describe_task(t) for t in tasks))

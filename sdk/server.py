@@ -29,7 +29,6 @@ is :mod:`mabeam.runtime.service`.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import os
@@ -348,7 +347,7 @@ class MeshServer:
             self.kind,
             what,
             STOP_STEP_LIMIT_S + extra,
-            "\n".join(_task_stack(t) for t in stuck),
+            "".join(describe_task(t) for t in stuck),
         )
         task.cancel()
 
@@ -365,15 +364,27 @@ def _callback_name(callback: Callable[..., Any]) -> str:
     return getattr(callback, "__qualname__", None) or repr(callback)
 
 
-def _task_stack(task: asyncio.Future[Any]) -> str:
-    """A task's name and where it waits, for the log of a stop step that overran."""
-    out = io.StringIO()
-    if isinstance(task, asyncio.Task):
-        out.write(f"task {task.get_name()}:\n")
-        task.print_stack(limit=12, file=out)
-    else:
-        out.write(f"future {task!r}\n")
-    return out.getvalue()
+def describe_task(task: asyncio.Future[Any], limit: int = 24) -> str:
+    """A task's name and the chain of awaits it is suspended in, outermost first (for the log of
+    a stop step that overran, or of a service asked with SIGUSR1); ``Task.print_stack`` shows
+    one frame of a suspended task, and fails on grpc's compiled coroutines."""
+    if not isinstance(task, asyncio.Task):
+        return f"future {task!r}\n"
+    lines = [f"task {task.get_name()}:"]
+    awaited: Any = task.get_coro()
+    while awaited is not None and len(lines) <= limit:
+        frame = next(
+            (f for f in (getattr(awaited, a, None) for a in ("cr_frame", "gi_frame", "ag_frame")) if f), None
+        )
+        if frame is None:
+            lines.append(f"  awaiting {awaited!r:.200}")
+            break
+        lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno or '?'} in {frame.f_code.co_name}")
+        awaited = next(
+            (n for n in (getattr(awaited, a, None) for a in ("cr_await", "gi_yieldfrom", "ag_await")) if n),
+            None,
+        )
+    return "\n".join(lines) + "\n"
 
 
 async def serve_until_signalled(

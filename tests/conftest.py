@@ -66,3 +66,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("reports")
         for text in texts:
             terminalreporter.write_line(text)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    """Keep each phase's report on the item (``item.failed_call``): fixtures read it in teardown."""
+    report = yield
+    if report.when == "call" and report.failed:
+        item.failed_call = True  # type: ignore[attr-defined]
+    return report

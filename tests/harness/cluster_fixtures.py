@@ -24,7 +24,7 @@ SERVICE_TTL = 2
 
 @pytest.fixture
 async def mesh_cluster(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> AsyncIterator[Callable[..., Awaitable[LocalMesh]]]:
     meshes: list[LocalMesh] = []
 
@@ -57,5 +57,8 @@ async def mesh_cluster(
         return mesh
 
     yield start
+    if getattr(request.node, "failed_call", False):  # what each replica waits on, in its log
+        for mesh in meshes:
+            await mesh.dump_tasks()
     for mesh in reversed(meshes):
         await mesh.stop()

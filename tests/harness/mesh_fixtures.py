@@ -132,7 +132,9 @@ async def planner_mesh(
 
 
 @pytest.fixture
-async def local_mesh(mesh_config: MeshConfig) -> AsyncIterator[Callable[..., Awaitable[LocalMesh]]]:
+async def local_mesh(
+    mesh_config: MeshConfig, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[..., Awaitable[LocalMesh]]]:
     meshes: list[LocalMesh] = []
 
     async def start(**kwargs: object) -> LocalMesh:
@@ -142,5 +144,8 @@ async def local_mesh(mesh_config: MeshConfig) -> AsyncIterator[Callable[..., Awa
         return mesh
 
     yield start
+    if getattr(request.node, "failed_call", False):  # what each replica waits on, in its log
+        for mesh in meshes:
+            await mesh.dump_tasks()
     for mesh in reversed(meshes):
         await mesh.stop()
