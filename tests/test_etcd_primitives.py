@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from pathlib import Path
 
@@ -499,3 +500,46 @@ async def test_cancelled_read_only_transactions_leave_etcd_running(private_etcd:
             await client.transaction([t.version(b"/ro/000001") > 0], [t.get(b"/ro/000001")], [])
     finally:
         await client.close()
+
+
+async def test_a_watch_opened_on_a_member_that_never_answers_resumes_on_another(
+    etcd: EmbeddedEtcd, key_prefix: bytes
+) -> None:
+    """The first member accepts connections and says nothing (an etcd restarting: its port open,
+    not serving yet). The watch's first write waits there; when the client gives that member up,
+    the watch must resume on the next member and see the puts (grpc.aio's write of a call cancelled
+    before it sent its metadata waits for good: a cache that never followed etcd again)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # the kernel completes the connections; nobody reads them
+    client = await connect([f"http://127.0.0.1:{silent.getsockname()[1]}", etcd.endpoint])
+    watch = ResumingWatch(client, key_prefix, start_revision=None)
+    try:
+        seen: list[bytes] = []
+
+        async def follow() -> None:
+            async for event in watch:
+                seen.append(event.key)
+
+        follower = asyncio.create_task(follow())
+        await eventually(
+            lambda: client.member() is not None and client.member().endpoint == etcd.endpoint,
+            timeout=10,
+            what="the silent member given up",
+        )
+        # Puts until the watch sees one: it was opened again on the live member.
+        n = 0
+
+        async def one_more() -> bool:
+            nonlocal n
+            n += 1
+            await client.put(key_prefix + f"k{n}".encode(), b"v")
+            return bool(seen)
+
+        await eventually(one_more, timeout=10, interval=0.2, what="the watch resumed on the live member")
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+    finally:
+        watch.close()
+        await client.close()
+        silent.close()

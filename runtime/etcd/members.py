@@ -184,6 +184,44 @@ class Members:
         return True
 
 
+async def write_request(call: Any, request: Any) -> None:
+    """``call.write(request)`` on a grpc.aio stream, failing (AioRpcError) when the call ends first.
+
+    grpc.aio's write waits for the call's initial metadata to be sent, and a
+    call that ends before that (cancelled, or failed while connecting, as
+    when every etcd member restarts) never sends it: the write would wait for
+    good. Seen as a watch that never resumed after a full etcd restart.
+    """
+    write = asyncio.ensure_future(call.write(request))
+    ended = asyncio.get_running_loop().create_future()
+
+    def on_end(_: Any) -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    call.add_done_callback(on_end)
+    try:
+        await asyncio.wait({write, ended}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        write.cancel()
+        raise
+    finally:
+        if not ended.done():
+            ended.cancel()
+    if write.done():
+        write.result()  # raises what the write raised
+        return
+    write.cancel()
+    await asyncio.gather(write, return_exceptions=True)
+    raise aio.AioRpcError(  # CANCELLED too: a call cancelled under the write is a stream that broke
+        await call.code(),
+        aio.Metadata(),
+        aio.Metadata(),
+        details=(await call.details()) or "the call ended before the request was sent",
+        debug_error_string="",
+    )
+
+
 def _reads_only(method: str, request: Any) -> bool:
     """A transaction of reads only (no put, no delete): safe to send again."""
     if method != "Txn":
@@ -299,10 +337,16 @@ class _StreamCall:
 
     async def write(self, request: Any) -> None:
         try:
-            await self._call.write(request)
+            await write_request(self._call, request)
         except asyncio.CancelledError:
             if _given_up(self._member):
                 raise GaveUp(f"etcd member {self._member.endpoint} stopped answering") from None
+            raise
+        except aio.AioRpcError as exc:
+            if _given_up(self._member):
+                raise GaveUp(f"etcd member {self._member.endpoint} stopped answering") from None
+            self._member.heard_error(exc)
+            self._members.failed(self._member, exc)
             raise
 
     def __aiter__(self) -> Any:

@@ -26,6 +26,7 @@ from aetcd import utils as aetcd_utils
 from grpc import aio
 
 from mabeam.runtime.etcd.client import ClientClosedError, EtcdClient, _cancelled_by_caller, log
+from mabeam.runtime.etcd.members import write_request
 
 # Ask etcd to end a watch stream when its member loses the leader (clientv3's
 # WithRequireLeader): otherwise a watch on a partitioned member goes silent.
@@ -209,7 +210,7 @@ class ResumingWatch:
         request = aetcd.rpc.WatchCreateRequest(
             key=self.prefix, range_end=self._range_end, start_revision=self.next_revision or 0
         )
-        await call.write(aetcd.rpc.WatchRequest(create_request=request))
+        await write_request(call, aetcd.rpc.WatchRequest(create_request=request))
 
     async def _receive(self) -> None:
         """Read one response; queue its events or raise why the stream ended."""
