@@ -89,13 +89,15 @@ def _cancelled_by_caller() -> bool:
 def to_mabeam_error(exc: BaseException) -> errors.MabeamError | None:
     """etcd's exceptions in the mesh's error table (None for any other exception).
 
-    Unreachable or unable to commit is ``UNAVAILABLE`` (retryable); a write
+    Unreachable or unable to commit (etcd's ``DEADLINE_EXCEEDED`` too, and its
+    ``UNKNOWN`` "context deadline exceeded": no quorum on this side of a
+    partition) is ``UNAVAILABLE`` (retryable); a write
     refused for lack of resources (etcd answers ``RESOURCE_EXHAUSTED``: its
     database reached the space quota, the NOSPACE alarm) is
     ``RESOURCE_EXHAUSTED`` with etcd's words; any other request etcd refused
     is a bug on our side, ``INTERNAL``, logged. Mapped by cause: the aetcd
     exception's type, else the status code of the grpc error it wraps
-    (``__cause__``), never by the text.
+    (``__cause__``), by the text only for etcd's "context deadline exceeded".
     """
     if isinstance(exc, UNREACHABLE):
         return errors.Unavailable(f"etcd is unreachable: {exc}")
@@ -108,6 +110,21 @@ def to_mabeam_error(exc: BaseException) -> errors.MabeamError | None:
         return errors.ResourceExhausted(
             f"etcd refused the write for lack of resources ({cause.details()}): its database is full "
             "or it is overloaded; an operator must compact, defragment and disarm the NOSPACE alarm"
+        )
+    if (
+        isinstance(exc, aetcd.exceptions.ClientError)
+        and isinstance(cause, aio.AioRpcError)
+        and (
+            cause.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # etcd's server answers its own proposal timeout as UNKNOWN with Go's fixed
+            # context.DeadlineExceeded text: the one case mapped by text.
+            or (cause.code() == grpc.StatusCode.UNKNOWN and cause.details() == "context deadline exceeded")
+        )
+    ):
+        # etcd could not commit in time: e.g. a member on the minority side of a partition
+        # (tests/test_multihost.py); not a request etcd refused.
+        return errors.Unavailable(
+            f"etcd could not commit the request in time (no quorum?): {cause.details()}"
         )
     if isinstance(exc, aetcd.exceptions.ClientError):
         log.exception("etcd refused a request", exc_info=exc)
