@@ -175,10 +175,11 @@ async def test_one_host_cut_off_and_healed(mesh: MultiHostMesh, tmp_path: Path, 
     # A goal in flight on every host's agents when the cut comes (through a planner of the majority).
     goal_file = tmp_path / "during-cut.yaml"
     goal_file.write_text(
-        "name: during-cut\nstrategy: least_loaded\nmax_parallelism: 12\nmax_attempts: 3\nsteps:\n"
+        "name: during-cut\nstrategy: auction\nmax_parallelism: 6\nmax_attempts: 3\nsteps:\n"
         + "".join(
-            f"  - {{id: s{n}, capability: compute, input: {{values: [{n}], sleep: 3}}, timeout: {STEP_TIMEOUT}}}\n"
-            for n in range(12)
+            f"  - {{id: s{n}, capability: prefer-{victim}, input: {{values: [{n}], sleep: 3}},"
+            f" timeout: {STEP_TIMEOUT}}}\n"
+            for n in range(6)
         )
     )
     victim_log = mesh.log_of(f"{victim}/agents")

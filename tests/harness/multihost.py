@@ -175,7 +175,7 @@ class MultiHostMesh:
     async def start_agents(self, host: str) -> None:
         argv = [sys.executable, str(AGENT_SCRIPT), "--host", host, "--bind", self.lab.address(host)]
         argv += ["--registry", self.address(host, "registry"), "--count", str(self.agents)]
-        argv += ["--lease-ttl", str(AGENT_TTL)]
+        argv += ["--lease-ttl", str(AGENT_TTL), "--hosts", ",".join(self.hosts)]
         self.processes[f"{host}/agents"] = await self.lab.run(
             host, argv, env=self.agent_env(), log=self.logs / host / "agents.log"
         )

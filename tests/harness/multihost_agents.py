@@ -7,9 +7,11 @@ as the services have it, from ``MABEAM_TLS_*`` (mutual: it serves with the
 mesh's certificate and requires the mesh's CA of callers); the token from
 ``MABEAM_TOKEN_FILE`` (an agent-role token).
 
-Every agent offers ``bid``, ``compute`` and ``on-<host>`` (so a goal can pin a
-step to a host). It bids a value derived from its id in sealed-bid auctions,
-proposes it as its cost in Contract Net, acknowledges awards and rejections,
+Every agent offers ``bid``, ``compute``, ``on-<host>`` (so a goal can pin a
+step to a host) and ``prefer-<h>`` for every host ``h`` of ``--hosts`` (a
+step any host may run, its own host's agents cheapest in Contract Net). It
+bids a value derived from its id in sealed-bid auctions, proposes it as its
+cost in Contract Net (plus 1,000 for a ``prefer-`` step of another host), acknowledges awards and rejections,
 and executes a step by returning the sum of the numbers in its input and its
 dependencies' sums, with its own id and host; an input ``{"sleep": s}`` first
 prints ``step <id> started on <agent>`` and waits ``s`` seconds. Prints ``agents ready on
@@ -47,8 +49,10 @@ def _numbers(data: Any) -> list[float]:
 class HostAgent(Agent):
     """Bids, proposes and computes; see the module docstring."""
 
-    def __init__(self, agent_id: str, host: str) -> None:
-        super().__init__(agent_id, capabilities=["bid", "compute", f"on-{host}"])
+    def __init__(self, agent_id: str, host: str, hosts: list[str]) -> None:
+        super().__init__(
+            agent_id, capabilities=["bid", "compute", f"on-{host}", *(f"prefer-{h}" for h in hosts)]
+        )
         self.home = host
         self.value = float(zlib.crc32(agent_id.encode()) % 1000) / 10
 
@@ -57,7 +61,9 @@ class HostAgent(Agent):
         if request.HasField("bid_request"):
             reply.bid.amount = self.value
         elif request.HasField("task_announcement"):
-            reply.proposal.cost = self.value
+            # Contract Net for a `prefer-<host>` step: that host's agents are the cheapest.
+            preferred = request.task_announcement.task == f"prefer-{self.home}"
+            reply.proposal.cost = self.value if preferred else 1000 + self.value
             reply.proposal.quality = 0.5
         elif request.HasField("award") or request.HasField("reject"):
             reply.ack.SetInParent()
@@ -80,7 +86,8 @@ class HostAgent(Agent):
 
 async def main(args: argparse.Namespace) -> None:
     tls = config.load().tls
-    agents = [HostAgent(f"{args.host}-a{n}", args.host) for n in range(args.count)]
+    hosts = [h for h in args.hosts.split(",") if h]
+    agents = [HostAgent(f"{args.host}-a{n}", args.host, hosts) for n in range(args.count)]
     host = AgentHost(
         agents,
         registry=args.registry,
@@ -104,5 +111,6 @@ if __name__ == "__main__":
     parser.add_argument("--bind", required=True, help="the host's address: bound and advertised")
     parser.add_argument("--registry", required=True, help="the host's registry, ADDRESS:PORT")
     parser.add_argument("--count", type=int, default=3)
+    parser.add_argument("--hosts", default="", help="every host of the lab, comma-separated")
     parser.add_argument("--lease-ttl", type=float, default=5.0)
     asyncio.run(main(parser.parse_args()))
