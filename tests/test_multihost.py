@@ -20,8 +20,11 @@ with the reason.
   relaxed reads answer (stale, and saying so); the cut host's agents are gone
   from the majority's listings within TTL + 1 s; after healing, every replica
   is in discovery again, every registry lists every agent and the cut host's
-  writes are acknowledged again, within CONVERGE_WITHIN_S. The figures are
-  printed in pytest's summary ("reports").
+  writes are acknowledged again, within CONVERGE_WITHIN_S; a goal in flight
+  on the cut host's agents succeeds on the majority's. The figures are
+  printed in pytest's summary ("reports"). ``[leader]`` cuts etcd's leader's
+  host instead: an expected failure for now (the cut host's agents stayed
+  listed about 30 s; docs/multihost.md).
 """
 
 from __future__ import annotations
@@ -127,10 +130,26 @@ async def test_a_mesh_across_three_hosts(mesh: MultiHostMesh, tmp_path: Path) ->
     assert steps["total"]["output"]["sum"] == 136, steps
 
 
-async def test_one_host_cut_off_and_healed(mesh: MultiHostMesh, tmp_path: Path, record_property: Any) -> None:
+@pytest.mark.parametrize(
+    "which",
+    [
+        "follower",
+        pytest.param(
+            "leader",
+            marks=pytest.mark.xfail(
+                reason="with etcd's leader's host cut, that host's agents stayed listed by the majority "
+                "about 30 s (TTL 5 s): leases outlive a change of leader (docs/multihost.md)",
+                strict=False,
+            ),
+        ),
+    ],
+)
+async def test_one_host_cut_off_and_healed(
+    mesh: MultiHostMesh, tmp_path: Path, record_property: Any, which: str
+) -> None:
     every_agent = {a for h in mesh.hosts for a in mesh.agent_ids(h)}
     leader = await mesh.leader()
-    victim = [h for h in mesh.hosts if h != leader][-1]
+    victim = leader if which == "leader" else [h for h in mesh.hosts if h != leader][-1]
     majority = [h for h in mesh.hosts if h != victim]
     stop = tmp_path / "stop"
     out = tmp_path / "observations"
@@ -186,7 +205,7 @@ async def test_one_host_cut_off_and_healed(mesh: MultiHostMesh, tmp_path: Path, 
     started_before = victim_log.read_text().count("started on")
     planner = mesh.address(majority[0], "planner")
     goal_args = ["goal", "--planner", planner, "--file", str(goal_file), "--id", "during-cut"]
-    goal_task = asyncio.create_task(mesh.client(*goal_args, timeout=120))
+    goal_task = asyncio.create_task(mesh.client(*goal_args, timeout=180))
     try:
         await eventually(
             lambda: victim_log.read_text().count("started on") > started_before,
@@ -249,7 +268,7 @@ async def test_one_host_cut_off_and_healed(mesh: MultiHostMesh, tmp_path: Path, 
     )  # fmt: skip
     victim_listing_during_cut = listings(victim, cut_at + GONE_WITHIN_S)
     # The goal: the steps cut off on the victim ran again elsewhere, and it succeeded.
-    goal = await asyncio.wait_for(goal_task, 150)
+    goal = await asyncio.wait_for(goal_task, 200)
 
     # -- the heal -------------------------------------------------------------------------
     healed_at = time.time()
@@ -317,7 +336,8 @@ async def test_one_host_cut_off_and_healed(mesh: MultiHostMesh, tmp_path: Path, 
         ),
     }
     record_property(
-        "report", f"multihost partition (one host cut, healed): {json.dumps(report, sort_keys=True)}"
+        "report",
+        f"multihost partition (the {which}'s host cut, healed): {json.dumps(report, sort_keys=True)}",
     )
 
     assert not duplicates, duplicates[:3]

@@ -127,7 +127,7 @@ async def goal(args: argparse.Namespace) -> dict[str, Any]:
     async with await MeshClient.connect(**where, tls=client_tls()) as mesh:
         submitted = await mesh.planner.SubmitGoal(planner_pb2.SubmitGoalRequest(goal=spec, goal_id=args.id))
         goal_id = submitted.goal.goal_id
-        async for _ in mesh.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal_id=goal_id), timeout=60):
+        async for _ in mesh.planner.ExecuteGoal(planner_pb2.ExecuteGoalRequest(goal_id=goal_id), timeout=150):
             pass
         final = (await mesh.planner.GetGoal(planner_pb2.GetGoalRequest(goal_id=goal_id))).goal
     return {
