@@ -25,13 +25,13 @@ import asyncio
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.certs import make_certs
 from harness.netns import CLIENT, NetworkLab
+from harness.wait import eventually
 from mabeam.config import DEFAULT_PORTS, SERVICES
 from mabeam.runtime.embedded_etcd import etcd_binary, upkeep_args
 
@@ -187,16 +187,14 @@ class MultiHostMesh:
     async def _wait_log(self, name: str, text: str, timeout: float = START_TIMEOUT) -> None:
         proc = self.processes[name]
         path = self.log_of(name)
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def logged() -> bool:
             content = path.read_text(errors="replace") if path.exists() else ""
-            if text in content:
-                return
-            if proc.returncode is not None:
+            if text not in content and proc.returncode is not None:
                 raise AssertionError(f"{name} ended ({proc.returncode}) before {text!r}:\n{content[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name}: no {text!r} within {timeout} s:\n{content[-3000:]}")
-            await asyncio.sleep(0.2)
+            return text in content
+
+        await eventually(logged, timeout=timeout, interval=0.2, what=f"{name}: {text!r} in {path}")
 
     # -- looking -----------------------------------------------------------------------------
 
@@ -215,16 +213,14 @@ class MultiHostMesh:
 
     async def wait_etcd_healthy(self, timeout: float) -> None:
         etcdctl = str(Path(etcd_binary()).with_name("etcdctl"))
-        deadline = time.monotonic() + timeout
-        while True:
-            code, out, err = await self.lab.output(
+
+        async def healthy() -> bool:
+            code, _, _ = await self.lab.output(
                 CLIENT, [etcdctl, "--endpoints", self.etcd_urls, "endpoint", "health"], env=self._env()
             )
-            if code == 0:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"etcd not healthy within {timeout} s: {out}{err}")
-            await asyncio.sleep(0.5)
+            return code == 0
+
+        await eventually(healthy, timeout=timeout, interval=0.5, what=f"etcd healthy ({self.etcd_urls})")
 
     async def leader(self) -> str:
         """The host whose etcd member leads, as ``mabeam status`` shows it."""

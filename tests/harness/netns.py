@@ -50,6 +50,8 @@ from typing import IO, Any
 
 import pytest
 
+from mabeam.runtime import process
+
 PREFIX = "mbl"
 _NAME = re.compile(rf"^{PREFIX}-(\d+)-(\d+)-(\S+)")
 CLIENT = "client"
@@ -78,16 +80,6 @@ def require_netns() -> None:
     _ip("netns", "del", probe, check=False)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _kill_namespace_processes(namespace: str) -> None:
     pids = _ip("netns", "pids", namespace, check=False).stdout.split()
     for pid in pids:
@@ -100,7 +92,7 @@ def remove_stale_labs() -> list[str]:
     removed = []
     for namespace in _namespaces():
         m = _NAME.match(namespace)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not process.pid_alive(int(m.group(1))):
             _kill_namespace_processes(namespace)
             _ip("netns", "del", namespace, check=False)
             removed.append(namespace)
