@@ -115,7 +115,7 @@ PARTICIPANT_MAX_EXAMINED = 200
 # GetSession / ListSessions FULL: the most transcript bytes one answer carries (gRPC's limit
 # in the mesh is 64 MiB); a larger transcript is read round by round with WatchSession.
 MAX_TRANSCRIPT_BYTES = 48 * 1024 * 1024
-_CHUNK_READ = 8  # chunks per range read (at most 3 MiB)
+_CHUNK_READ = 64  # chunks per range read (at most 2 MiB)
 _INVERT = 1 << 63
 # The running lease outlives the expiry lease by this much: a session's deadline is at most
 # 600 s (server.py) plus the least time its finish gets; a minute of slack beyond.

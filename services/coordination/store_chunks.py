@@ -25,7 +25,11 @@ from mabeam.runtime.retention import ExpiryLeases
 from mabeam.services.coordination.store_base import CHUNK_COUNT, SessionKeys
 from mabeam.v1 import coordination_pb2
 
-CHUNK_BYTES = 384 * 1024  # two chunks per transaction
+# A few of etcd's 4 KiB pages: bbolt stores a value as one run of contiguous pages, and
+# runs of many sizes (transcripts of 10 to 10,000 agents) fragment its free pages so that
+# the database file creeps; small chunks of one size reuse freed runs (bench/README.md,
+# the soak; docs/decisions.md).
+CHUNK_BYTES = 32 * 1024
 OP_OVERHEAD = 32  # bytes a put costs beyond its key and value (framing), counted in the budget
 
 
