@@ -20,7 +20,8 @@ from typing import Any
 from google.protobuf import json_format
 
 from mabeam import auth, errors
-from mabeam.cli.flags import connection_flags, one_line, token
+from mabeam.cli import flags
+from mabeam.cli.flags import connection_flags, one_line
 from mabeam.client import MeshClient, list_all
 from mabeam.v1 import auth_pb2
 
@@ -81,10 +82,9 @@ def add_auth_parser(sub: Any) -> None:
 
 
 async def _client(args: argparse.Namespace) -> MeshClient:
-    presented = token(args) or ""
     if args.etcd and not args.registry:
-        return await MeshClient.connect(etcd=args.etcd.split(","), prefix=args.prefix, token=presented)
-    return await MeshClient.connect(registry=args.registry or "127.0.0.1:50051", token=presented)
+        return await flags.connect(args)  # discovery, with the command's TLS for etcd and the services
+    return await flags.connect(args, registry=args.registry or "127.0.0.1:50051")
 
 
 def _describe(p: auth_pb2.Principal) -> str:
@@ -214,7 +214,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"mabeam auth: {exc}", file=sys.stderr)
         return 2
     except errors.MabeamError as exc:
-        print(f"mabeam: {one_line(exc)}", file=sys.stderr)
+        print(f"mabeam: {one_line(exc, args)}", file=sys.stderr)
         return 1
     except OSError as exc:  # the token directory
         print(f"mabeam auth: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)

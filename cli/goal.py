@@ -33,7 +33,8 @@ import yaml
 from google.protobuf import json_format
 
 from mabeam import errors
-from mabeam.cli.flags import connection_flags, one_line, token
+from mabeam.cli import flags
+from mabeam.cli.flags import connection_flags, one_line
 from mabeam.client import MeshClient
 from mabeam.v1 import planner_pb2
 
@@ -91,10 +92,8 @@ def add_goal_parser(sub: Any) -> None:
 async def _client(args: argparse.Namespace) -> MeshClient:
     planner = args.planner or os.environ.get("MABEAM_PLANNER", "")
     if args.etcd and not planner:
-        return await MeshClient.connect(
-            etcd=args.etcd.split(","), prefix=args.prefix, token=token(args) or ""
-        )
-    return await MeshClient.connect(planner=planner or "127.0.0.1:50054", token=token(args) or "")
+        return await flags.connect(args)  # discovery, with the command's TLS for etcd and the services
+    return await flags.connect(args, planner=planner or "127.0.0.1:50054")
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
@@ -177,5 +176,5 @@ def main(args: argparse.Namespace) -> int:
         print(f"mabeam goal: {exc}", file=sys.stderr)
         return 2
     except errors.MabeamError as exc:
-        print(f"mabeam goal: {one_line(exc)}", file=sys.stderr)
+        print(f"mabeam goal: {one_line(exc, args)}", file=sys.stderr)
         return 1

@@ -239,10 +239,8 @@ def add_maintenance_parser(sub: Any) -> None:
     )
     msub = p.add_subparsers(dest="maintenance_command", required=True)
     for name, (_, help_text) in COMMANDS.items():
+        # --etcd-ca/--etcd-cert/--etcd-key come with the connection flags (mabeam.cli.flags).
         c = msub.add_parser(name, help=help_text, parents=nested)
-        c.add_argument("--etcd-ca", help="CA of etcd's certificate (env MABEAM_ETCD_CA)")
-        c.add_argument("--etcd-cert", help="client certificate for etcd (env MABEAM_ETCD_CERT)")
-        c.add_argument("--etcd-key", help="client key for etcd (env MABEAM_ETCD_KEY)")
         if name == "status":
             c.add_argument("--json", action="store_true", help="JSON for scripts")
     p.set_defaults(func=main)

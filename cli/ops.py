@@ -3,7 +3,21 @@
 Tables for people, ``--json`` for scripts. Where the services are comes from
 ``--registry`` / ``--orchestrator`` / ``--coordination`` / ``--planner`` (or
 ``MABEAM_<SERVICE>``; defaults are ``mabeam up``'s ports), or from ``--etcd``
-for discovery.
+for discovery. ``--tls-ca`` (and ``--tls-cert/--tls-key`` for mutual TLS,
+``--etcd-ca/...`` for etcd) for a mesh on TLS (:mod:`mabeam.cli.flags`).
+
+``status`` lists every replica that discovery knows of when it has etcd
+(``--etcd``, ``MABEAM_ETCD``, or ``mabeam up``'s etcd answering when no
+address is given), else the one address of each service. Its exit status:
+
+====  =================================================================
+0     every replica listed is SERVING and etcd takes writes
+1     a service has no SERVING replica, or etcd refuses writes (NOSPACE)
+3     degraded: every service has a SERVING replica, but one listed is DOWN
+====  =================================================================
+
+A replica that crashed stays listed (DOWN) until its lease runs out
+(``MABEAM_SERVICE_TTL``, default 5 s); one stopped cleanly leaves discovery at once.
 """
 
 from __future__ import annotations
@@ -19,10 +33,11 @@ from typing import Any
 from google.protobuf import json_format
 
 from mabeam import errors
-from mabeam.cli.flags import connection_flags, one_line, token
+from mabeam.cli import flags
+from mabeam.cli.flags import connection_flags, one_line
 from mabeam.client import MeshClient, list_all
 from mabeam.config import DEFAULT_PORTS, SERVICE_NAMES
-from mabeam.health_check import check
+from mabeam.health_check import probe
 from mabeam.v1 import common_pb2, coordination_pb2, orchestrator_pb2, planner_pb2, registry_pb2
 
 AUCTIONS = {
@@ -39,10 +54,13 @@ def _address(args: argparse.Namespace, service: str) -> str:
 
 
 async def _connect(args: argparse.Namespace) -> MeshClient:
-    presented = token(args) or ""  # "": none found; the mesh then says UNAUTHENTICATED
     if args.etcd:
-        return await MeshClient.connect(etcd=args.etcd.split(","), prefix=args.prefix, token=presented)
-    return await MeshClient.connect(**{s: _address(args, s) for s in DEFAULT_PORTS}, token=presented)
+        return await flags.connect(args)
+    return await flags.connect(args, **{s: _address(args, s) for s in DEFAULT_PORTS})
+
+
+# Exit statuses of `mabeam status` (the module doc).
+HEALTHY, UNHEALTHY, DEGRADED = 0, 1, 3
 
 
 def _print(args: argparse.Namespace, doc: Any, table: Callable[[], None]) -> None:
@@ -60,18 +78,86 @@ async def _count(list_call: Any, request: Any, field: str) -> int:
     return len(await list_all(list_call, request, field))
 
 
-async def _status(args: argparse.Namespace) -> int:
-    from mabeam.cli.maintenance import etcd_report, etcd_settings, print_report
+async def _discover(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """Every replica of every service that etcd discovery lists, or None when there is no etcd to ask.
+
+    ``--etcd`` (or ``MABEAM_ETCD``) must answer; without it, and without any
+    address given, ``mabeam up``'s etcd is asked if it answers (then
+    ``args.etcd`` is set to it, for the counts).
+    """
+    from mabeam.cli.maintenance import DEFAULT_ETCD
+    from mabeam.discovery import EndpointResolver
+
+    given = bool(args.etcd)
+    if not given and any(getattr(args, s, "") for s in DEFAULT_PORTS):
+        return None
+    endpoints = [e.strip() for e in (args.etcd or DEFAULT_ETCD).split(",") if e.strip()]
+    etcd_tls = flags.etcd_tls(args)
+    found: dict[str, list[str]] = {}
+    for service in SERVICE_NAMES:
+        resolver = EndpointResolver(endpoints, args.prefix, service, tls=etcd_tls)
+        try:
+            await resolver.start()
+        except Exception as exc:
+            if not given:
+                return None  # no `mabeam up` etcd here: the default addresses
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise errors.Unavailable(
+                f"etcd at {','.join(endpoints)} did not list the services: {first}; check --etcd "
+                "(and --etcd-ca/--etcd-cert/--etcd-key for TLS to etcd)"
+            ) from None
+        try:
+            found[service] = resolver.addresses()
+        finally:
+            await resolver.stop()
+    args.etcd = ",".join(endpoints)
+    return found
+
+
+def _short(error: str) -> str:
+    """The end of a failed health check's error: ``Connection refused``, ``NOT_SERVING``."""
+    parts = [p.strip() for p in error.split(": ") if p.strip() and p.strip() != "OK"]
+    return parts[-1] if parts else error
+
+
+async def _replica_health(address: str, name: str, tls: Any) -> dict[str, Any]:
     from mabeam.runtime.etcd.maintenance import STORE_HEALTH
 
-    health = {}
+    serving, why = await probe(address, name, tls=tls)
+    # Whether etcd accepts this replica's writes (NOT_SERVING: etcd's NOSPACE alarm is active).
+    writable = (await probe(address, STORE_HEALTH, tls=tls))[0] if serving else None
+    row: dict[str, Any] = {"address": address, "serving": serving, "store_writable": writable}
+    if why:
+        row["error"] = why
+    return row
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from mabeam.cli.maintenance import etcd_report, etcd_settings, print_report
+
+    tls = flags.client_tls(args)
+    named = {s: getattr(args, s, "") for s in SERVICE_NAMES}  # addresses given (flags or MABEAM_<SERVICE>)
+    discovered = await _discover(args)
+    if discovered is None:
+        listed = {s: [_address(args, s)] for s in SERVICE_NAMES}
+    else:  # every replica discovery lists, and an address given that it does not
+        listed = {
+            s: discovered[s] + [a for a in [named[s]] if a and a not in discovered[s]] for s in SERVICE_NAMES
+        }
+    health: dict[str, dict[str, Any]] = {}
+    replicas: dict[str, list[dict[str, Any]]] = {}
     for service, name in SERVICE_NAMES.items():
-        address = _address(args, service)
-        serving = await check(address, name)
-        # Whether etcd accepts this replica's writes (NOT_SERVING: etcd's NOSPACE alarm is active).
-        writable = await check(address, STORE_HEALTH) if serving else None
-        health[service] = {"address": address, "serving": serving, "store_writable": writable}
+        rows = list(await asyncio.gather(*(_replica_health(a, name, tls) for a in listed[service])))
+        up = [r for r in rows if r["serving"]]
+        replicas[service] = rows
+        health[service] = {
+            # The first serving replica's address (the one given, without discovery).
+            "address": (up or rows or [{"address": ""}])[0]["address"],
+            "serving": bool(up),
+            "store_writable": None if not up else all(r["store_writable"] for r in up),
+        }
     counts: dict[str, int | None] = {}
+    count_errors: dict[str, str] = {}
     async with await _connect(args) as mesh:
         calls = {
             "agents": (mesh.registry.ListAgents, registry_pb2.ListAgentsRequest(), "agents", "registry"),
@@ -90,23 +176,49 @@ async def _status(args: argparse.Namespace) -> int:
             "goals": (mesh.planner.ListGoals, planner_pb2.ListGoalsRequest(), "goals", "planner"),
         }
         for what, (call, request, field, service) in calls.items():
-            counts[what] = await _count(call, request, field) if health[service]["serving"] else None
+            counts[what] = None
+            if health[service]["serving"]:
+                try:
+                    counts[what] = await _count(call, request, field)
+                except (errors.Unavailable, errors.DeadlineExceeded) as exc:  # a replica gone meanwhile
+                    count_errors[what] = one_line(exc, args)
     # etcd itself: --etcd, else MABEAM_ETCD, else `mabeam up`'s; best effort, it never blocks the rest.
     etcd = await etcd_report(*etcd_settings(args))
-    doc = {"services": health, "counts": counts, "etcd": etcd}
+    doc = {
+        "discovery": "etcd" if discovered is not None else "addresses",
+        "services": health,
+        "replicas": replicas,
+        "counts": counts,
+        "etcd": etcd,
+    }
+    if count_errors:
+        doc["count_errors"] = count_errors
 
     def table() -> None:
         print(f"{'SERVICE':<14} {'ADDRESS':<22} {'STATE':<8} STORE")
-        for service, h in health.items():
-            store = {True: "writable", False: "NOSPACE: writes refused", None: "?"}[h["store_writable"]]
-            print(f"{service:<14} {h['address']:<22} {'SERVING' if h['serving'] else 'DOWN':<8} {store}")
+        for service, rows in replicas.items():
+            if not rows:
+                print(f"{service:<14} {'-':<22} {'DOWN':<8} no replica in discovery under {args.prefix}")
+            for r in rows:
+                store = {True: "writable", False: "NOSPACE: writes refused", None: "?"}[r["store_writable"]]
+                why = ""
+                if not r["serving"]:
+                    why = f"  ({flags.tls_hint(r.get('error', ''), args) or _short(r.get('error', ''))})"
+                state = "SERVING" if r["serving"] else "DOWN"
+                print(f"{service:<14} {r['address']:<22} {state:<8} {store}{why}")
         print(" ".join(f"{k}={'?' if v is None else v}" for k, v in counts.items()))
+        for what, message in count_errors.items():
+            print(f"{what}: {message}")
         print()
         print_report(etcd)
 
     _print(args, doc, table)
-    degraded = etcd["nospace"] or any(h["store_writable"] is False for h in health.values())
-    return 0 if all(h["serving"] for h in health.values()) and not degraded else 1
+    refused = etcd["nospace"] or any(h["store_writable"] is False for h in health.values())
+    if refused or not all(h["serving"] for h in health.values()):
+        return UNHEALTHY
+    if any(not r["serving"] for rows in replicas.values() for r in rows):
+        return DEGRADED
+    return HEALTHY
 
 
 async def _agents(args: argparse.Namespace) -> int:
@@ -259,7 +371,19 @@ def add_ops_parsers(sub: Any) -> None:
         parser: argparse.ArgumentParser = sub.add_parser(name, help=help, parents=[connection_flags()])
         return parser
 
-    p = add("status", "each service's health and the mesh's counts")
+    p = add(
+        "status",
+        "each service's health (every replica discovery knows of) and the mesh's counts; "
+        "exit 0 healthy, 1 a service without a serving replica or etcd refusing writes, "
+        "3 degraded (a replica DOWN, every service still served)",
+    )
+    p.description = (
+        "Each service's health and the mesh's counts. With etcd (--etcd, MABEAM_ETCD, or `mabeam up`'s "
+        "etcd answering when no address is given) a row per replica that discovery lists, else one per "
+        "address. Exit status: 0 every replica SERVING and etcd taking writes; 1 a service without a "
+        "SERVING replica, or etcd refusing writes (NOSPACE); 3 degraded: every service served, but a "
+        "replica listed is DOWN (a crashed replica stays listed until its lease runs out)."
+    )
     common(p)
     p.set_defaults(func=lambda a: _run(_status, a))
     p = add("agents", "list the registered agents")
@@ -308,7 +432,7 @@ def _run(command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]], args
     try:
         return asyncio.run(command(args))
     except errors.MabeamError as exc:
-        print(f"mabeam: {one_line(exc)}", file=sys.stderr)
+        print(f"mabeam: {one_line(exc, args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
