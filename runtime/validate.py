@@ -7,6 +7,7 @@ they were issued for.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import json
 import math
@@ -116,7 +117,7 @@ def page(items: Sequence[Any], key: Any, size: int, token: str, filters: Any) ->
     after = decode_page_token(token, filters)
     start = 0
     if after is not None:
-        start = next((i for i, item in enumerate(items) if str(key(item)) > after), len(items))
+        start = bisect.bisect_right(items, after, key=lambda item: str(key(item)))  # items are sorted
     chunk = list(items[start : start + size])
     more = start + size < len(items)
     return chunk, encode_page_token(str(key(chunk[-1])), filters) if more and chunk else ""

@@ -27,6 +27,11 @@ DEFAULT_TTL = 5.0
 UNKNOWN_AFTER_TTLS = 5 / 6
 
 
+def _ttl(agent: registry_pb2.Agent) -> float:
+    """The agent's lease TTL in seconds (:data:`DEFAULT_TTL` when it asked for none)."""
+    return agent.lease_ttl.seconds + agent.lease_ttl.nanos / 1e9 or DEFAULT_TTL
+
+
 def matches(agent: registry_pb2.Agent, capability: str, labels: Any) -> bool:
     """True when the agent offers ``capability`` ("" = any) and carries every label."""
     if capability and capability not in agent.capabilities:
@@ -46,11 +51,12 @@ class AgentDirectory:
         # listener, and the sorted lists derived from it (dropped on change).
         self._index: dict[str, dict[str, registry_pb2.Agent]] = {"": {}}
         self._sorted: dict[str, list[registry_pb2.Agent]] = {}
-        self._views: dict[str, tuple[Any, Any, Any, registry_pb2.Agent]] = {}
+        self._views: dict[str, tuple[Any, Any, Any, registry_pb2.Agent, float]] = {}
         # agent_id -> time.monotonic() when this replica last saw a beat stored: the
         # stored reported_at is another replica's clock, never compared with ours.
         self._beat_seen: dict[str, float] = {}
         self._loads_prefix = store.keys.loads
+        self._measured_prefix = store.keys.measured
         self.agents.add_listener(self._reindex)
         self.loads.add_listener(self._on_load)
 
@@ -99,14 +105,17 @@ class AgentDirectory:
     def view(self, agent: registry_pb2.Agent) -> registry_pb2.Agent:
         """The agent as callers see it: with its latest load and a status.
 
-        Views are cached per (record, load) pair, both immutable cache entries;
-        only the time-dependent status is set again.
+        Views are cached per (record, load, measure) triple, all immutable cache
+        entries; only the time-dependent status is set again. A ListAgents page
+        of 1,000 agents is 1,000 views: this is the registry's hottest path.
         """
-        load = self.loads.get(self._store.keys.load(agent.agent_id))
-        measured = self.measured_of(agent.agent_id)
-        cached = self._views.get(agent.agent_id)
+        agent_id = agent.agent_id
+        name = agent_id.encode()
+        load = self.loads.get(self._loads_prefix + name)
+        measured = self.measured.get(self._measured_prefix + name)
+        cached = self._views.get(agent_id)
         if cached is not None and cached[0] is agent and cached[1] is load and cached[2] is measured:
-            out = cached[3]
+            out, quiet_after = cached[3], cached[4]
         else:
             out = registry_pb2.Agent()
             out.CopyFrom(agent)
@@ -115,10 +124,13 @@ class AgentDirectory:
                 out.last_heartbeat_at.CopyFrom(load.reported_at)
             if measured is not None:
                 out.measured.CopyFrom(measured)
+            quiet_after = UNKNOWN_AFTER_TTLS * _ttl(agent)
             if len(self._views) > 4 * len(self.agents) + 1024:
                 self._views.clear()
-            self._views[agent.agent_id] = (agent, load, measured, out)
-        out.status = self.status(out)  # type: ignore[assignment]
+            self._views[agent_id] = (agent, load, measured, out, quiet_after)
+        status = self._status(agent.status, agent_id, quiet_after)
+        if out.status != status:
+            out.status = status  # type: ignore[assignment]
         return out
 
     def status(self, agent: registry_pb2.Agent) -> int:
@@ -127,11 +139,13 @@ class AgentDirectory:
         "Recent" is measured on this replica's monotonic clock from when it saw
         the agent's last stored beat (see :data:`UNKNOWN_AFTER_TTLS`).
         """
-        if agent.status in (registry_pb2.AGENT_STATUS_NOT_SERVING, registry_pb2.AGENT_STATUS_UNKNOWN):
-            return agent.status
-        ttl = agent.lease_ttl.seconds + agent.lease_ttl.nanos / 1e9 or DEFAULT_TTL
-        seen = self._beat_seen.get(agent.agent_id)
-        if seen is not None and time.monotonic() - seen > UNKNOWN_AFTER_TTLS * ttl:
+        return self._status(agent.status, agent.agent_id, UNKNOWN_AFTER_TTLS * _ttl(agent))
+
+    def _status(self, stored: int, agent_id: str, quiet_after: float) -> int:
+        if stored in (registry_pb2.AGENT_STATUS_NOT_SERVING, registry_pb2.AGENT_STATUS_UNKNOWN):
+            return stored
+        seen = self._beat_seen.get(agent_id)
+        if seen is not None and time.monotonic() - seen > quiet_after:
             return registry_pb2.AGENT_STATUS_UNKNOWN
         return registry_pb2.AGENT_STATUS_SERVING
 

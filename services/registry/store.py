@@ -71,6 +71,7 @@ keys, loads, nodes and the elections are here.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -127,19 +128,19 @@ class Keys:
 
     config: MeshConfig
 
-    @property
+    @functools.cached_property  # the prefix never changes: built once
     def agents(self) -> bytes:
         return self.config.key("agents") + b"/"
 
-    @property
+    @functools.cached_property
     def loads(self) -> bytes:
         return self.config.key("agent-load") + b"/"
 
-    @property
+    @functools.cached_property
     def supervised(self) -> bytes:
         return self.config.key("supervised") + b"/"
 
-    @property
+    @functools.cached_property
     def owners(self) -> bytes:
         return self.config.key("supervisor-owner") + b"/"
 
@@ -180,7 +181,7 @@ class Keys:
     def owner(self, agent_id: str) -> bytes:
         return self.owners + agent_id.encode()
 
-    @property
+    @functools.cached_property
     def stopped(self) -> bytes:
         """The newest-first index of stopped and failed records."""
         return self.config.key("supervised-stopped") + b"/"
@@ -192,15 +193,15 @@ class Keys:
         """The order (t) of the record's current index key."""
         return self.config.key("supervised-stopped-at", agent_id)
 
-    @property
+    @functools.cached_property
     def prober_election(self) -> bytes:
         return self.config.key("registry-prober")
 
-    @property
+    @functools.cached_property
     def retention_election(self) -> bytes:
         return self.config.key("registry-retention")
 
-    @property
+    @functools.cached_property
     def nodes(self) -> bytes:
         """The node each live registry replica runs on (:mod:`.nodes`), one key per replica."""
         return self.config.key("registry-nodes") + b"/"
@@ -208,7 +209,7 @@ class Keys:
     def node(self, replica_id: str) -> bytes:
         return self.nodes + replica_id.encode()
 
-    @property
+    @functools.cached_property
     def measured(self) -> bytes:
         """What the supervisor measured of each supervised agent's process."""
         return self.config.key("agent-measured") + b"/"
