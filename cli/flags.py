@@ -207,9 +207,24 @@ async def connect(args: argparse.Namespace, **addresses: str) -> MeshClient:
     tls = client_tls(args)
     if addresses:
         return await MeshClient.connect(**addresses, tls=tls, token=presented)  # type: ignore[arg-type]
-    return await MeshClient.connect(
-        etcd=args.etcd.split(","), prefix=args.prefix, tls=tls, etcd_tls=etcd_tls(args), token=presented
-    )
+    try:
+        return await MeshClient.connect(
+            etcd=args.etcd.split(","), prefix=args.prefix, tls=tls, etcd_tls=etcd_tls(args), token=presented
+        )
+    except errors.MabeamError:
+        raise
+    except Exception as exc:  # etcd's own errors (grpc's, not the mesh's): one line, not a traceback
+        raise errors.Unavailable(
+            f"etcd at {args.etcd} did not list the services ({first_line(exc)}): check --etcd "
+            "(and --etcd-ca/--etcd-cert/--etcd-key for TLS to etcd)"
+        ) from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error that is not the mesh's (grpc's own: its details)."""
+    details = getattr(exc, "details", None)
+    text = details() if callable(details) else str(exc)
+    return (str(text or "").strip().splitlines() or [type(exc).__name__])[0]
 
 
 def one_line(exc: errors.MabeamError, args: argparse.Namespace | None = None) -> str:

@@ -12,7 +12,8 @@ address is given), else the one address of each service. Its exit status:
 
 ====  =================================================================
 0     every replica listed is SERVING and etcd takes writes
-1     a service has no SERVING replica, or etcd refuses writes (NOSPACE)
+1     a service has no SERVING replica, etcd refuses writes (NOSPACE), or
+      ``--etcd`` did not answer (status still reports what it can)
 3     degraded: every service has a SERVING replica, but one listed is DOWN
 ====  =================================================================
 
@@ -78,10 +79,11 @@ async def _count(list_call: Any, request: Any, field: str) -> int:
     return len(await list_all(list_call, request, field))
 
 
-async def _discover(args: argparse.Namespace) -> dict[str, list[str]] | None:
-    """Every replica of every service that etcd discovery lists, or None when there is no etcd to ask.
+async def _discover(args: argparse.Namespace) -> tuple[dict[str, list[str]] | None, str]:
+    """Every replica of every service that etcd discovery lists (None when there is no etcd to ask),
+    and why etcd did not answer ("" when it did).
 
-    ``--etcd`` (or ``MABEAM_ETCD``) must answer; without it, and without any
+    ``--etcd`` (or ``MABEAM_ETCD``) is asked; without it, and without any
     address given, ``mabeam up``'s etcd is asked if it answers (then
     ``args.etcd`` is set to it, for the counts).
     """
@@ -90,28 +92,29 @@ async def _discover(args: argparse.Namespace) -> dict[str, list[str]] | None:
 
     given = bool(args.etcd)
     if not given and any(getattr(args, s, "") for s in DEFAULT_PORTS):
-        return None
+        return None, ""
     endpoints = [e.strip() for e in (args.etcd or DEFAULT_ETCD).split(",") if e.strip()]
     etcd_tls = flags.etcd_tls(args)
-    found: dict[str, list[str]] = {}
-    for service in SERVICE_NAMES:
+
+    async def replicas(service: str) -> list[str]:
         resolver = EndpointResolver(endpoints, args.prefix, service, tls=etcd_tls)
+        await resolver.start()  # lists once (etcd must answer); stopped at once
         try:
-            await resolver.start()
-        except Exception as exc:
-            if not given:
-                return None  # no `mabeam up` etcd here: the default addresses
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise errors.Unavailable(
-                f"etcd at {','.join(endpoints)} did not list the services: {first}; check --etcd "
-                "(and --etcd-ca/--etcd-cert/--etcd-key for TLS to etcd)"
-            ) from None
-        try:
-            found[service] = resolver.addresses()
+            return resolver.addresses()
         finally:
             await resolver.stop()
+
+    try:
+        found = await asyncio.gather(*(replicas(s) for s in SERVICE_NAMES))
+    except Exception as exc:
+        if not given:
+            return None, ""  # no `mabeam up` etcd here: the default addresses
+        return None, (
+            f"etcd at {','.join(endpoints)} did not list the services ({flags.first_line(exc)}): check --etcd "
+            "(and --etcd-ca/--etcd-cert/--etcd-key for TLS to etcd)"
+        )
     args.etcd = ",".join(endpoints)
-    return found
+    return dict(zip(SERVICE_NAMES, found, strict=True)), ""
 
 
 def _short(error: str) -> str:
@@ -137,8 +140,10 @@ async def _status(args: argparse.Namespace) -> int:
 
     tls = flags.client_tls(args)
     named = {s: getattr(args, s, "") for s in SERVICE_NAMES}  # addresses given (flags or MABEAM_<SERVICE>)
-    discovered = await _discover(args)
-    if discovered is None:
+    discovered, discovery_error = await _discover(args)
+    if discovery_error:  # --etcd did not answer: only the addresses given, if any
+        listed = {s: [a for a in [named[s]] if a] for s in SERVICE_NAMES}
+    elif discovered is None:
         listed = {s: [_address(args, s)] for s in SERVICE_NAMES}
     else:  # every replica discovery lists, and an address given that it does not
         listed = {
@@ -156,9 +161,67 @@ async def _status(args: argparse.Namespace) -> int:
             "serving": bool(up),
             "store_writable": None if not up else all(r["store_writable"] for r in up),
         }
-    counts: dict[str, int | None] = {}
+    counts: dict[str, int | None] = {s: None for s in ("agents", "variables", "sessions", "goals")}
     count_errors: dict[str, str] = {}
-    async with await _connect(args) as mesh:
+    if any(h["serving"] for h in health.values()):
+        await _counts(args, discovered is not None, health, counts, count_errors)
+    # etcd itself: --etcd, else MABEAM_ETCD, else `mabeam up`'s; best effort, it never blocks the rest.
+    etcd = await etcd_report(*etcd_settings(args))
+    doc = {
+        "discovery": "etcd" if discovered is not None else "addresses",
+        "services": health,
+        "replicas": replicas,
+        "counts": counts,
+        "etcd": etcd,
+    }
+    if discovery_error:
+        doc["discovery_error"] = discovery_error
+    if count_errors:
+        doc["count_errors"] = count_errors
+
+    def table() -> None:
+        if discovery_error:
+            print(f"discovery: {discovery_error}")
+        print(f"{'SERVICE':<14} {'ADDRESS':<22} {'STATE':<8} STORE")
+        for service, rows in replicas.items():
+            if not rows:
+                where = (
+                    "no replica listed" if discovery_error else f"no replica in discovery under {args.prefix}"
+                )
+                print(f"{service:<14} {'-':<22} {'DOWN':<8} {where}")
+            for r in rows:
+                store = {True: "writable", False: "NOSPACE: writes refused", None: "?"}[r["store_writable"]]
+                why = ""
+                if not r["serving"]:
+                    why = f"  ({flags.tls_hint(r.get('error', ''), args) or _short(r.get('error', ''))})"
+                state = "SERVING" if r["serving"] else "DOWN"
+                print(f"{service:<14} {r['address']:<22} {state:<8} {store}{why}")
+        print(" ".join(f"{k}={'?' if v is None else v}" for k, v in counts.items()))
+        for what, message in count_errors.items():
+            print(f"{what}: {message}")
+        print()
+        print_report(etcd)
+
+    _print(args, doc, table)
+    refused = etcd["nospace"] or any(h["store_writable"] is False for h in health.values())
+    if discovery_error or refused or not all(h["serving"] for h in health.values()):
+        return UNHEALTHY
+    if any(not r["serving"] for rows in replicas.values() for r in rows):
+        return DEGRADED
+    return HEALTHY
+
+
+async def _counts(
+    args: argparse.Namespace,
+    discovered: bool,
+    health: dict[str, dict[str, Any]],
+    counts: dict[str, int | None],
+    count_errors: dict[str, str],
+) -> None:
+    """The mesh's counts, from the services that have a serving replica."""
+    # Through discovery when it listed the replicas, else straight to each service's address.
+    addresses = {s: h["address"] or _address(args, s) for s, h in health.items()}
+    async with await (flags.connect(args) if discovered else flags.connect(args, **addresses)) as mesh:
         calls = {
             "agents": (mesh.registry.ListAgents, registry_pb2.ListAgentsRequest(), "agents", "registry"),
             "variables": (
@@ -182,43 +245,6 @@ async def _status(args: argparse.Namespace) -> int:
                     counts[what] = await _count(call, request, field)
                 except (errors.Unavailable, errors.DeadlineExceeded) as exc:  # a replica gone meanwhile
                     count_errors[what] = one_line(exc, args)
-    # etcd itself: --etcd, else MABEAM_ETCD, else `mabeam up`'s; best effort, it never blocks the rest.
-    etcd = await etcd_report(*etcd_settings(args))
-    doc = {
-        "discovery": "etcd" if discovered is not None else "addresses",
-        "services": health,
-        "replicas": replicas,
-        "counts": counts,
-        "etcd": etcd,
-    }
-    if count_errors:
-        doc["count_errors"] = count_errors
-
-    def table() -> None:
-        print(f"{'SERVICE':<14} {'ADDRESS':<22} {'STATE':<8} STORE")
-        for service, rows in replicas.items():
-            if not rows:
-                print(f"{service:<14} {'-':<22} {'DOWN':<8} no replica in discovery under {args.prefix}")
-            for r in rows:
-                store = {True: "writable", False: "NOSPACE: writes refused", None: "?"}[r["store_writable"]]
-                why = ""
-                if not r["serving"]:
-                    why = f"  ({flags.tls_hint(r.get('error', ''), args) or _short(r.get('error', ''))})"
-                state = "SERVING" if r["serving"] else "DOWN"
-                print(f"{service:<14} {r['address']:<22} {state:<8} {store}{why}")
-        print(" ".join(f"{k}={'?' if v is None else v}" for k, v in counts.items()))
-        for what, message in count_errors.items():
-            print(f"{what}: {message}")
-        print()
-        print_report(etcd)
-
-    _print(args, doc, table)
-    refused = etcd["nospace"] or any(h["store_writable"] is False for h in health.values())
-    if refused or not all(h["serving"] for h in health.values()):
-        return UNHEALTHY
-    if any(not r["serving"] for rows in replicas.values() for r in rows):
-        return DEGRADED
-    return HEALTHY
 
 
 async def _agents(args: argparse.Namespace) -> int:
@@ -381,7 +407,7 @@ def add_ops_parsers(sub: Any) -> None:
         "Each service's health and the mesh's counts. With etcd (--etcd, MABEAM_ETCD, or `mabeam up`'s "
         "etcd answering when no address is given) a row per replica that discovery lists, else one per "
         "address. Exit status: 0 every replica SERVING and etcd taking writes; 1 a service without a "
-        "SERVING replica, or etcd refusing writes (NOSPACE); 3 degraded: every service served, but a "
+        "SERVING replica, etcd refusing writes (NOSPACE) or --etcd not answering; 3 degraded: every service served, but a "
         "replica listed is DOWN (a crashed replica stays listed until its lease runs out)."
     )
     common(p)

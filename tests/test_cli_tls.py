@@ -83,6 +83,13 @@ async def test_every_command_speaks_tls_with_tls_ca(
     assert code == 0 and doc["discovery"] == "etcd" and doc["counts"]["agents"] == 2, out + err
     assert all(len(rows) == 1 and rows[0]["serving"] for rows in doc["replicas"].values()), doc
 
+    # An etcd that does not answer: status still reports (exit 1, saying why), the others fail in one line.
+    code, out, err = await mabeam("status", "--etcd", "http://127.0.0.1:9", *tls, "--json")
+    doc = json.loads(out)
+    assert code == 1 and "did not list the services" in doc["discovery_error"], out + err
+    code, _, err = await mabeam("agents", "--etcd", "http://127.0.0.1:9", *tls)
+    assert code == 1 and "check --etcd" in the_error(err), err
+
     code, out, err = await mabeam("agents", *where, *tls, "--capability", "secure")
     assert code == 0 and "s1" in out and "s2" in out, out + err
     code, out, err = await mabeam("vars", *where, *tls, "set", "room/temp", "21.5")
