@@ -75,3 +75,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     if report.when == "call" and report.failed:
         item.failed_call = True  # type: ignore[attr-defined]
     return report
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``containers`` tests last: their images are prepared in the background meanwhile."""
+    items.sort(key=lambda item: item.get_closest_marker("containers") is not None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A runnable ``containers`` test selected: start preparing its images now (tests/harness/containers.py)."""
+    from harness import containers
+
+    if session.config.option.collectonly or containers.unavailable():
+        return
+    if any(item.get_closest_marker("containers") for item in session.items):
+        containers.start()
