@@ -104,7 +104,7 @@ def prepared() -> Any:
     containers.start()
     box: dict[str, Any] = {}
     yield box
-    pid = ((box.get("result") or {}).get("build") or {}).get("dockerd_pid")
+    pid = ((box.get("result") or containers.result() or {}).get("build") or {}).get("dockerd_pid")
     if pid:
         subprocess.run(
             [sys.executable, str(containers.BUILD), "--stop-dockerd", str(pid)], check=True, timeout=120

@@ -6,8 +6,8 @@ service: ``registry`` first, the others then from its cached layers) take minute
 collected and can run, tests/conftest.py calls :func:`start` at the end of
 collection; the test, ordered last, waits for :func:`result`.
 
-The job runs *detached* (``python3 tests/harness/containers.py prepare DIR
-PROJECT``, double-forked, so not a child of pytest: the leak detector of every
+The job runs *detached* and niced (``nice -n 10 python3 tests/harness/containers.py
+prepare DIR PROJECT``, double-forked, so not a child of pytest: the leak detector of every
 other test would see it, and the dockerd it may start, as theirs). It writes
 ``DIR/result.json``: ``rc``, ``build`` (build.py's JSON: which dockerd it
 started, seconds per step), ``compose_build_s``, ``error``.
@@ -62,6 +62,9 @@ def start() -> Path:
             "-c",
             '"$@" >/dev/null 2>&1 </dev/null &',
             "sh",
+            "nice",  # behind the tests running meanwhile (dockerd, which it may start, inherits it)
+            "-n",
+            "10",
             sys.executable,
             __file__,
             "prepare",
