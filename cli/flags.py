@@ -188,10 +188,23 @@ def client_tls(args: argparse.Namespace) -> TLS | None:
     return TLS(ca_file=expand(ca), cert_file=expand(cert), key_file=expand(key), server_name=name or None)
 
 
+DEFAULT_ETCD = "http://127.0.0.1:2379"
+
+
+def etcd_settings(args: argparse.Namespace) -> tuple[list[str], TLS | None]:
+    """The etcd endpoints and TLS of a command: its flags, else ``MABEAM_ETCD*``, else ``mabeam up``'s etcd."""
+    raw = getattr(args, "etcd", "") or os.environ.get("MABEAM_ETCD") or DEFAULT_ETCD
+    endpoints = [e.strip() for e in raw.split(",") if e.strip()]
+    ca, cert, key = (
+        getattr(args, f"etcd_{part}", None) or os.environ.get(f"MABEAM_ETCD_{part.upper()}") or None
+        for part in ("ca", "cert", "key")
+    )
+    tls = TLS(ca_file=ca, cert_file=cert, key_file=key) if (ca or cert or key) else None
+    return endpoints, tls
+
+
 def etcd_tls(args: argparse.Namespace) -> TLS | None:
     """The TLS of a command's calls to etcd (``--etcd-ca/--etcd-cert/--etcd-key``), None for plaintext."""
-    from mabeam.cli.maintenance import etcd_settings  # the one reader of the etcd flags
-
     return etcd_settings(args)[1]
 
 

@@ -23,28 +23,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 from mabeam import errors
-from mabeam.cli.flags import connection_flags
+from mabeam.cli.flags import connection_flags, etcd_settings
 from mabeam.tls import TLS
-
-DEFAULT_ETCD = "http://127.0.0.1:2379"
-
-
-def etcd_settings(args: argparse.Namespace) -> tuple[list[str], TLS | None]:
-    """The etcd endpoints and TLS of a command: its flags, else ``MABEAM_ETCD*``, else ``mabeam up``'s etcd."""
-    raw = getattr(args, "etcd", "") or os.environ.get("MABEAM_ETCD") or DEFAULT_ETCD
-    endpoints = [e.strip() for e in raw.split(",") if e.strip()]
-    ca, cert, key = (
-        getattr(args, f"etcd_{part}", None) or os.environ.get(f"MABEAM_ETCD_{part.upper()}") or None
-        for part in ("ca", "cert", "key")
-    )
-    tls = TLS(ca_file=ca, cert_file=cert, key_file=key) if (ca or cert or key) else None
-    return endpoints, tls
 
 
 def size(n: int | None) -> str:

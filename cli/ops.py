@@ -87,7 +87,7 @@ async def _discover(args: argparse.Namespace) -> tuple[dict[str, list[str]] | No
     address given, ``mabeam up``'s etcd is asked if it answers (then
     ``args.etcd`` is set to it, for the counts).
     """
-    from mabeam.cli.maintenance import DEFAULT_ETCD
+    from mabeam.cli.flags import DEFAULT_ETCD
     from mabeam.discovery import EndpointResolver
 
     given = bool(args.etcd)
@@ -136,7 +136,8 @@ async def _replica_health(address: str, name: str, tls: Any) -> dict[str, Any]:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from mabeam.cli.maintenance import etcd_report, etcd_settings, print_report
+    from mabeam.cli.flags import etcd_settings
+    from mabeam.cli.maintenance import etcd_report, print_report
 
     tls = flags.client_tls(args)
     named = {s: getattr(args, s, "") for s in SERVICE_NAMES}  # addresses given (flags or MABEAM_<SERVICE>)
