@@ -155,6 +155,8 @@ class MeshServer:
         self.health_port = 0
         self.authorizer = authorizer
         self._service_names: list[str] = []
+        # full service name -> the servicer serving it (for tests and task dumps)
+        self.servicers: dict[str, Any] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._on_withdraw: list[Callable[[], Awaitable[None]]] = []
@@ -184,6 +186,7 @@ class MeshServer:
         """Serve ``servicer`` (added with the generated ``add_..._to_server``) as ``full_name``."""
         add_fn(servicer, self._server)
         self._service_names.append(full_name)
+        self.servicers[full_name] = servicer
 
     def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` on stop, once calls have ended (the last added runs first)."""

@@ -333,3 +333,46 @@ async def test_a_heartbeating_agent_is_never_unknown(registry: MeshServer, clien
         assert set(statuses) == {registry_pb2.AGENT_STATUS_SERVING}
     finally:
         await host.stop()
+
+
+async def test_a_new_heartbeat_stream_reuses_the_replicas_token_checks(
+    registry: MeshServer, client: MeshClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream opened again (an AgentHost's broke) beats without etcd reads for agents this replica
+    already checked, and a wrong or superseded token is still refused."""
+    first = await client.registry.RegisterAgent(register_request("v1"))
+
+    async def beat(token: str) -> registry_pb2.HeartbeatResponse:
+        async def beats() -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+            yield registry_pb2.HeartbeatRequest(agent_id="v1", token=token)
+
+        answers = [answer async for answer in client.registry.Heartbeat(beats())]
+        return answers[0]
+
+    assert (await beat(first.token)).lease_id == first.agent.lease_id  # checked against etcd once
+    store = registry.servicers[registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name].store
+    reads = 0
+    get_agent = store.get_agent
+
+    async def counted(agent_id: str) -> object:
+        nonlocal reads
+        reads += 1
+        return await get_agent(agent_id)
+
+    monkeypatch.setattr(store, "get_agent", counted)
+    assert (await beat(first.token)).lease_id == first.agent.lease_id
+    assert reads == 0, "a second stream read the agent again"
+    with pytest.raises(errors.PermissionDenied):
+        await beat("nope")
+    # Registered again (a new generation and token): the old token no longer beats.
+    await client.registry.DeregisterAgent(
+        registry_pb2.DeregisterAgentRequest(agent_id="v1", token=first.token)
+    )
+    second = await client.registry.RegisterAgent(register_request("v1"))
+    await eventually(
+        lambda: client.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id="v1")),
+        what="v1 registered again",
+    )
+    with pytest.raises((errors.PermissionDenied, errors.NotFound)):
+        await beat(first.token)
+    assert (await beat(second.token)).lease_id == second.agent.lease_id

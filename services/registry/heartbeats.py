@@ -7,12 +7,16 @@ HEARTBEAT_CONCURRENCY at once, and answered in the order they finish: handled
 one after another, a host of 1,000 agents would queue 1,000 etcd round trips,
 and under load the last beat of a burst would be answered after the lease it
 refreshes had lapsed. The first error (unknown agent, wrong token, etcd
-unreachable) ends the stream.
+unreachable) ends the stream. A token is checked against etcd once per
+replica and registration (:class:`VerifiedTokens`, shared by the replica's
+streams), so a stream opened again costs no reads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -98,29 +102,71 @@ async def answer_concurrently(
         await asyncio.gather(reader, *running, return_exceptions=True)
 
 
-class HeartbeatStream:
-    """The beats of one Heartbeat stream: tokens checked once per stream, loads written when they moved."""
+class VerifiedTokens:
+    """The agents whose token this replica checked, shared by its Heartbeat streams.
 
-    def __init__(self, store: RegistryStore, directory: AgentDirectory, keepalives: KeepAliveStream) -> None:
+    agent_id -> (the token's digest, lease, ttl, generation of the registration
+    it was checked against). A stream that breaks and is opened again (an
+    AgentHost's 1,000 agents) costs no etcd reads for agents already checked:
+    re-checking them all at once, on a loaded registry, delayed their beats past
+    their leases. A moved generation (a migration switched the token, a
+    take-over registered anew) or a lapsed lease checks again. Digests only
+    (SHA-256), compared in constant time; bounded by the directory's size.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[bytes, tuple[int, float, int]]] = {}
+
+    def get(self, agent_id: str, token: str) -> tuple[int, float, int] | None:
+        """(lease, ttl, generation) when ``token`` was checked for the agent, else None."""
+        entry = self._known.get(agent_id)
+        if entry is None or not hmac.compare_digest(entry[0], _digest(token)):
+            return None
+        return entry[1]
+
+    def put(self, agent_id: str, token: str, known: tuple[int, float, int], agents: int) -> None:
+        if len(self._known) > 2 * agents + 1024:  # ids of agents long gone
+            self._known.clear()
+        self._known[agent_id] = (_digest(token), known)
+
+    def forget(self, agent_id: str) -> None:
+        self._known.pop(agent_id, None)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class HeartbeatStream:
+    """The beats of one Heartbeat stream: tokens checked once per replica, loads written when they moved."""
+
+    def __init__(
+        self,
+        store: RegistryStore,
+        directory: AgentDirectory,
+        keepalives: KeepAliveStream,
+        verified: VerifiedTokens | None = None,
+    ) -> None:
         self._store = store
         self._directory = directory
         self._keepalives = keepalives
-        # agent_id -> (token, lease, ttl, generation of the registration it was checked against)
-        self._verified: dict[str, tuple[str, int, float, int]] = {}
+        self._verified = VerifiedTokens() if verified is None else verified
         self._last_put: dict[str, float] = {}
 
     async def beat(
         self, agent_id: str, token: str, reported: common_pb2.AgentLoad
     ) -> registry_pb2.HeartbeatResponse:
-        """One beat: check the token (once per stream), refresh the lease, store the load if due.
+        """One beat: check the token (once per registration), refresh the lease, store the load if due.
 
-        Checked again when the registration's generation moved (a migration
+        Checked again when the registration moved (a lease or generation: a migration
         switched its token, a take-over registered anew): an old token does not
         keep working on a stream opened before.
         """
-        known = self._verified.get(agent_id)
+        known = self._verified.get(agent_id, token)
         seen = self._directory.agents.get(self._store.keys.agent(agent_id))
-        if known is None or known[0] != token or (seen is not None and seen.generation != known[3]):
+        # Checked again unless this replica's directory shows the very registration that was
+        # checked (absent from it: lapsed, or registered again and not seen yet).
+        if known is None or seen is None or (seen.lease_id, seen.generation) != (known[0], known[2]):
             agent, _ = await self._store.get_agent(agent_id)
             if agent is None:
                 raise errors.NotFound(
@@ -133,12 +179,12 @@ class HeartbeatStream:
                     f"wrong or missing token for agent {agent_id!r}", metadata={"agent_id": agent_id}
                 )
             ttl = agent.lease_ttl.seconds or DEFAULT_TTL
-            known = (token, agent.lease_id, float(ttl), agent.generation)
-            self._verified[agent_id] = known
-        _, lease_id, ttl, _ = known
+            known = (agent.lease_id, float(ttl), agent.generation)
+            self._verified.put(agent_id, token, known, len(self._directory.agents))
+        lease_id, ttl, _ = known
         remaining = await self._keepalives.refresh(lease_id)
         if remaining <= 0:
-            self._verified.pop(agent_id, None)
+            self._verified.forget(agent_id)
             raise errors.NotFound(
                 f"lease of agent {agent_id!r} lapsed: register again with its token",
                 reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND,

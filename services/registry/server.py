@@ -68,6 +68,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self.supervisor = supervision.Supervisor(server, etcd, self.store, self.directory, policy, node)
         # Heartbeats refresh agents' leases over shared streams, not a stream per beat.
         self.keepalives = self.store.keepalive_stream()
+        self._verified = heartbeats.VerifiedTokens()  # shared by every Heartbeat stream
 
     # -- registration -------------------------------------------------------
 
@@ -215,7 +216,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         error (bad beat, unknown agent, wrong token, etcd unreachable) ends the
         stream.
         """
-        stream = heartbeats.HeartbeatStream(self.store, self.directory, self.keepalives)
+        stream = heartbeats.HeartbeatStream(self.store, self.directory, self.keepalives, self._verified)
         told: list[str] = []  # the service token digests this stream was last given
 
         async def handle(beat: registry_pb2.HeartbeatRequest) -> registry_pb2.HeartbeatResponse:
