@@ -102,6 +102,11 @@ async def test_a_mesh_across_three_hosts(mesh: MultiHostMesh, tmp_path: Path) ->
     assert sorted(m["endpoint"] for m in members) == sorted(mesh.etcd_url(h) for h in mesh.hosts), members
     assert all("error" not in m for m in members), members
     assert sum(bool(m["leader"]) for m in members) == 1 and status["etcd"]["alarms"] == [], status["etcd"]
+    # ... and every replica of every service, each at its own host's address, SERVING (over TLS).
+    for kind in SERVICES:
+        rows = status["replicas"][kind]
+        assert sorted(r["address"] for r in rows) == sorted(mesh.address(h, kind) for h in mesh.hosts), rows
+        assert all(r["serving"] for r in rows), rows
 
     # An auction among every host's agents decides, none left out.
     auction = await mesh.client("auction", "--etcd", mesh.etcd_urls, "--capability", "bid")

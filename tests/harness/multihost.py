@@ -115,6 +115,10 @@ class MultiHostMesh:
             MABEAM_TLS_CERT=self.certs["client"],
             MABEAM_TLS_KEY=self.certs["client-key"],
             MABEAM_TLS_CA=self.certs["ca"],
+            # The `mabeam` CLI's names for the same (docs/decisions.md: client TLS settings).
+            MABEAM_CLIENT_TLS_CERT=self.certs["client"],
+            MABEAM_CLIENT_TLS_KEY=self.certs["client-key"],
+            MABEAM_CLIENT_TLS_CA=self.certs["ca"],
             MABEAM_TOKEN_FILE=str(self.credentials / "admin.token"),
         )
 
