@@ -13,27 +13,16 @@ import pytest
 
 from harness.certs import make_certs
 from harness.cli import mabeam
+from harness.sample_agents import SecureBidder
 from harness.wait import eventually
-from mabeam.agent import Agent, AgentHost
+from mabeam.agent import AgentHost
 from mabeam.config import SERVICES, MeshConfig
 from mabeam.runtime.embedded_etcd import EmbeddedEtcd
 from mabeam.runtime.mesh import LocalMesh
 from mabeam.server import MeshServer
 from mabeam.tls import TLS
-from mabeam.v1 import agent_pb2
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Bidder(Agent):
-    capabilities = ("secure",)
-
-    def __init__(self, agent_id: str, value: float) -> None:
-        super().__init__(agent_id)
-        self.value = value
-
-    async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
-        return agent_pb2.CoordinationResponse(bid=agent_pb2.Bid(amount=self.value))
 
 
 def the_error(err: str) -> str:
@@ -55,7 +44,7 @@ async def tls_mesh(
     config = replace(mesh_config, tls=tls)
     servers = {kind: await service(kind, config) for kind in SERVICES}
     host = AgentHost(
-        [Bidder("s1", 3), Bidder("s2", 8)],
+        [SecureBidder("s1", 3), SecureBidder("s2", 8)],
         registry=servers["registry"].address,
         tls=tls,
         client_tls=config.client_tls(),

@@ -13,9 +13,10 @@ from google.protobuf import duration_pb2
 from grpc import aio
 
 from harness.certs import make_certs
+from harness.sample_agents import SecureBidder
 from harness.wait import eventually
 from mabeam import errors
-from mabeam.agent import Agent, AgentHost
+from mabeam.agent import AgentHost
 from mabeam.cli.goal import load_goal
 from mabeam.client import MeshClient
 from mabeam.config import SERVICES, MeshConfig
@@ -25,7 +26,6 @@ from mabeam.runtime.mesh import LocalMesh
 from mabeam.server import MeshServer
 from mabeam.tls import TLS
 from mabeam.v1 import (
-    agent_pb2,
     auth_pb2,
     common_pb2,
     coordination_pb2,
@@ -43,17 +43,6 @@ async def not_(probe: Awaitable[bool]) -> bool:
     return not await probe
 
 
-class Bidder(Agent):
-    capabilities = ("secure",)
-
-    def __init__(self, agent_id: str, value: float) -> None:
-        super().__init__(agent_id)
-        self.value = value
-
-    async def coordinate(self, request: agent_pb2.CoordinationRequest) -> agent_pb2.CoordinationResponse:
-        return agent_pb2.CoordinationResponse(bid=agent_pb2.Bid(amount=self.value))
-
-
 async def test_mesh_with_mutual_tls(
     tmp_path: Path, mesh_config: MeshConfig, service: Callable[..., Awaitable[MeshServer]]
 ) -> None:
@@ -65,7 +54,10 @@ async def test_mesh_with_mutual_tls(
     client_tls = TLS(ca_file=pem["ca"], cert_file=pem["client"], key_file=pem["client-key"])
     # Agents serve with the mesh's certificate and call the registry with it.
     host = AgentHost(
-        [Bidder("s1", 3), Bidder("s2", 8)], registry=registry.address, tls=tls, client_tls=config.client_tls()
+        [SecureBidder("s1", 3), SecureBidder("s2", 8)],
+        registry=registry.address,
+        tls=tls,
+        client_tls=config.client_tls(),
     )
     await host.start()
     client = await MeshClient.connect(
@@ -231,7 +223,10 @@ async def test_whole_mesh_on_mutual_tls_etcd_and_mutual_tls_services(
 
             # An auction among agents registered with the second replica.
             host = AgentHost(
-                [Bidder("s1", 3), Bidder("s2", 8)], registry=second, tls=tls, client_tls=client_tls
+                [SecureBidder("s1", 3), SecureBidder("s2", 8)],
+                registry=second,
+                tls=tls,
+                client_tls=client_tls,
             )
             await host.start()
             session = (
