@@ -376,3 +376,33 @@ async def test_a_new_heartbeat_stream_reuses_the_replicas_token_checks(
     with pytest.raises((errors.PermissionDenied, errors.NotFound)):
         await beat(first.token)
     assert (await beat(second.token)).lease_id == second.agent.lease_id
+
+
+async def test_a_beat_follows_the_registration_in_etcd_when_the_directory_lags(
+    registry: MeshServer, client: MeshClient, etcd_client: EtcdClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's lease was revoked and it registered again with its token (an AgentHost's take-over)
+    before this replica's watch said so: its next beat refreshes the new lease, not NOT_FOUND."""
+    first = await client.registry.RegisterAgent(register_request("v2"))
+
+    async def beat() -> registry_pb2.HeartbeatResponse:
+        async def beats() -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+            yield registry_pb2.HeartbeatRequest(agent_id="v2", token=first.token)
+
+        answers = [answer async for answer in client.registry.Heartbeat(beats())]
+        return answers[0]
+
+    assert (await beat()).lease_id == first.agent.lease_id
+    directory = registry.servicers[
+        registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+    ].directory
+    key = registry.config.key("agents", "v2")
+    stale = directory.agents.get(key)
+    assert stale is not None and stale.lease_id == first.agent.lease_id
+    await etcd_client.revoke_lease(first.agent.lease_id)
+    again = await client.registry.RegisterAgent(register_request("v2", token=first.token))
+    assert again.agent.lease_id != first.agent.lease_id
+    # This replica's directory has not seen the revocation nor the new registration yet.
+    cached = directory.agents.get
+    monkeypatch.setattr(directory.agents, "get", lambda k: stale if k == key else cached(k))
+    assert (await beat()).lease_id == again.agent.lease_id

@@ -166,23 +166,18 @@ class HeartbeatStream:
         seen = self._directory.agents.get(self._store.keys.agent(agent_id))
         # Checked again unless this replica's directory shows the very registration that was
         # checked (absent from it: lapsed, or registered again and not seen yet).
-        if known is None or seen is None or (seen.lease_id, seen.generation) != (known[0], known[2]):
-            agent, _ = await self._store.get_agent(agent_id)
-            if agent is None:
-                raise errors.NotFound(
-                    f"agent {agent_id!r} is not registered (its lease lapsed?): register again",
-                    reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND,
-                    metadata={"agent_id": agent_id},
-                )
-            if not await self._store.token_matches(agent_id, token):
-                raise errors.PermissionDenied(
-                    f"wrong or missing token for agent {agent_id!r}", metadata={"agent_id": agent_id}
-                )
-            ttl = agent.lease_ttl.seconds or DEFAULT_TTL
-            known = (agent.lease_id, float(ttl), agent.generation)
-            self._verified.put(agent_id, token, known, len(self._directory.agents))
-        lease_id, ttl, _ = known
-        remaining = await self._keepalives.refresh(lease_id)
+        fresh = known is None or seen is None or (seen.lease_id, seen.generation) != (known[0], known[2])
+        if fresh:
+            known = await self._check(agent_id, token)
+        assert known is not None
+        remaining = await self._keepalives.refresh(known[0])
+        if remaining <= 0 and not fresh:
+            # The directory lagged behind etcd: the lease checked was revoked and the agent
+            # registered again (a take-over keeps its token) before the watch told this
+            # replica. The registration in etcd decides, not the cached one.
+            self._verified.forget(agent_id)
+            known = await self._check(agent_id, token)
+            remaining = await self._keepalives.refresh(known[0])
         if remaining <= 0:
             self._verified.forget(agent_id)
             raise errors.NotFound(
@@ -190,6 +185,7 @@ class HeartbeatStream:
                 reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND,
                 metadata={"agent_id": agent_id},
             )
+        lease_id, ttl, _ = known
         # The load key is rewritten at most every TTL/2 unless the load moved:
         # a beat must not cost an etcd write (and a watch event) every time.
         load = common_pb2.AgentLoad()
@@ -208,6 +204,23 @@ class HeartbeatStream:
         return registry_pb2.HeartbeatResponse(
             agent_id=agent_id, lease_id=lease_id, ttl=duration_pb2.Duration(seconds=remaining)
         )
+
+    async def _check(self, agent_id: str, token: str) -> tuple[int, float, int]:
+        """The agent's registration read from etcd, and its token checked: (lease, ttl, generation)."""
+        agent, _ = await self._store.get_agent(agent_id)
+        if agent is None:
+            raise errors.NotFound(
+                f"agent {agent_id!r} is not registered (its lease lapsed?): register again",
+                reason=common_pb2.ERROR_REASON_AGENT_NOT_FOUND,
+                metadata={"agent_id": agent_id},
+            )
+        if not await self._store.token_matches(agent_id, token):
+            raise errors.PermissionDenied(
+                f"wrong or missing token for agent {agent_id!r}", metadata={"agent_id": agent_id}
+            )
+        known = (agent.lease_id, float(agent.lease_ttl.seconds or DEFAULT_TTL), agent.generation)
+        self._verified.put(agent_id, token, known, len(self._directory.agents))
+        return known
 
 
 def _memory_moved(stored: common_pb2.AgentLoad, load: common_pb2.AgentLoad) -> bool:
