@@ -15,6 +15,7 @@ from mabeam.agent import Agent, AgentHost
 from mabeam.client import MeshClient
 from mabeam.runtime.etcd import EtcdClient, snapshot
 from mabeam.server import MeshServer
+from mabeam.services.registry.store import token_hash
 from mabeam.v1 import registry_pb2
 
 StartService = Callable[..., Awaitable[MeshServer]]
@@ -406,3 +407,32 @@ async def test_a_beat_follows_the_registration_in_etcd_when_the_directory_lags(
     cached = directory.agents.get
     monkeypatch.setattr(directory.agents, "get", lambda k: stale if k == key else cached(k))
     assert (await beat()).lease_id == again.agent.lease_id
+
+
+async def test_a_token_replaced_in_etcd_stops_beating_on_a_replica_that_checked_it(
+    registry: MeshServer, client: MeshClient, etcd_client: EtcdClient
+) -> None:
+    """The token checks a replica keeps follow the token keys' watch: when another replica rotates the
+    agent's token (same lease, same generation), the old one is refused from then on."""
+    first = await client.registry.RegisterAgent(register_request("v3"))
+
+    async def beat(token: str) -> registry_pb2.HeartbeatResponse:
+        async def beats() -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+            yield registry_pb2.HeartbeatRequest(agent_id="v3", token=token)
+
+        answers = [answer async for answer in client.registry.Heartbeat(beats())]
+        return answers[0]
+
+    assert (await beat(first.token)).lease_id == first.agent.lease_id  # checked, and kept
+    # Another replica rotates it (what a replayed RegisterAgent does): the key, not the lease, changes.
+    await etcd_client.put(registry.config.key("agent-tokens", "v3"), token_hash("another-token"))
+
+    async def refused() -> bool:
+        try:
+            await beat(first.token)
+        except errors.PermissionDenied:
+            return True
+        return False
+
+    await eventually(refused, timeout=10, what="the replaced token refused")
+    assert (await beat("another-token")).lease_id == first.agent.lease_id

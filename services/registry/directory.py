@@ -10,6 +10,7 @@ their agents' processes) (:mod:`.store`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mabeam.runtime.cache import PrefixCache
@@ -46,6 +47,10 @@ class AgentDirectory:
         self.agents: PrefixCache[registry_pb2.Agent] = PrefixCache(etcd, store.keys.agents, decode_agent)
         self.loads: PrefixCache[common_pb2.AgentLoad] = PrefixCache(etcd, store.keys.loads, decode_load)
         self.measured: PrefixCache[common_pb2.AgentLoad] = PrefixCache(etcd, store.keys.measured, decode_load)
+        # The keys whose hashes let a token act for an agent: watched only to say that one changed.
+        self.tokens: list[PrefixCache[bytes]] = [
+            PrefixCache(etcd, prefix, lambda key, value: b"") for prefix in store.keys.token_prefixes
+        ]
         self._store = store
         # capability ("" = every agent) -> agent_id -> agent, kept by the cache
         # listener, and the sorted lists derived from it (dropped on change).
@@ -92,11 +97,27 @@ class AgentDirectory:
         await self.agents.start()
         await self.loads.start()
         await self.measured.start()
+        for cache in self.tokens:
+            await cache.start()
 
     async def stop(self) -> None:
         await self.agents.stop()
         await self.loads.stop()
         await self.measured.stop()
+        for cache in self.tokens:
+            await cache.stop()
+
+    def on_token_change(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(agent_id)`` whenever a key holding a hash of one of the agent's tokens
+        is written or deleted (a rotation, a migration's switch or end, a stop), on any replica."""
+        for cache in self.tokens:
+
+            def changed(
+                kind: str, key: bytes, old: Any, new: Any, rev: int, prefix: bytes = cache.prefix
+            ) -> None:
+                callback(key[len(prefix) :].decode(errors="replace"))
+
+            cache.add_listener(changed)
 
     def measured_of(self, agent_id: str) -> common_pb2.AgentLoad | None:
         """What the supervisor last measured of the agent's process (None: not supervised, or not yet)."""

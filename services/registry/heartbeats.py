@@ -106,7 +106,10 @@ class VerifiedTokens:
     """The agents whose token this replica checked, shared by its Heartbeat streams.
 
     agent_id -> (the token's digest, lease, ttl, generation of the registration
-    it was checked against). A stream that breaks and is opened again (an
+    it was checked against). An entry is dropped as soon as this replica's
+    watch sees any of the agent's token keys written or deleted (a rotated
+    token, a migration's switch or end, a stop: on any replica), so a
+    superseded token is refused from the next beat on. A stream that breaks and is opened again (an
     AgentHost's 1,000 agents) costs no etcd reads for agents already checked:
     re-checking them all at once, on a loaded registry, delayed their beats past
     their leases. A moved generation (a migration switched the token, a
@@ -116,6 +119,8 @@ class VerifiedTokens:
 
     def __init__(self) -> None:
         self._known: dict[str, tuple[bytes, tuple[int, float, int]]] = {}
+        # Counts forgets: a check that read etcd before a token changed must not be kept.
+        self.epoch = 0
 
     def get(self, agent_id: str, token: str) -> tuple[int, float, int] | None:
         """(lease, ttl, generation) when ``token`` was checked for the agent, else None."""
@@ -124,12 +129,17 @@ class VerifiedTokens:
             return None
         return entry[1]
 
-    def put(self, agent_id: str, token: str, known: tuple[int, float, int], agents: int) -> None:
+    def put(self, agent_id: str, token: str, known: tuple[int, float, int], agents: int, epoch: int) -> None:
+        """Keep a check made from etcd reads that began at ``epoch`` (dropped if a token changed since)."""
+        if epoch != self.epoch:
+            return
         if len(self._known) > 2 * agents + 1024:  # ids of agents long gone
             self._known.clear()
         self._known[agent_id] = (_digest(token), known)
 
     def forget(self, agent_id: str) -> None:
+        """Check the agent's token again on its next beat (one of its token keys changed, or its lease)."""
+        self.epoch += 1
         self._known.pop(agent_id, None)
 
 
@@ -207,6 +217,7 @@ class HeartbeatStream:
 
     async def _check(self, agent_id: str, token: str) -> tuple[int, float, int]:
         """The agent's registration read from etcd, and its token checked: (lease, ttl, generation)."""
+        epoch = self._verified.epoch
         agent, _ = await self._store.get_agent(agent_id)
         if agent is None:
             raise errors.NotFound(
@@ -219,7 +230,7 @@ class HeartbeatStream:
                 f"wrong or missing token for agent {agent_id!r}", metadata={"agent_id": agent_id}
             )
         known = (agent.lease_id, float(agent.lease_ttl.seconds or DEFAULT_TTL), agent.generation)
-        self._verified.put(agent_id, token, known, len(self._directory.agents))
+        self._verified.put(agent_id, token, known, len(self._directory.agents), epoch)
         return known
 
 

@@ -69,6 +69,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         # Heartbeats refresh agents' leases over shared streams, not a stream per beat.
         self.keepalives = self.store.keepalive_stream()
         self._verified = heartbeats.VerifiedTokens()  # shared by every Heartbeat stream
+        self.directory.on_token_change(self._verified.forget)  # a changed token is checked again
 
     # -- registration -------------------------------------------------------
 

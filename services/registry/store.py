@@ -169,6 +169,11 @@ class Keys:
         """The hash of the token the supervised agent's current process was given."""
         return self.config.key("process-tokens", agent_id)
 
+    @functools.cached_property
+    def token_prefixes(self) -> tuple[bytes, ...]:
+        """The prefixes of :meth:`token_keys` (each followed by the agent id)."""
+        return tuple(k[: -len(b"x")] for k in self.token_keys("x"))
+
     def token_keys(self, agent_id: str) -> tuple[bytes, ...]:
         """Every key whose hash lets a token act for the agent."""
         return (
