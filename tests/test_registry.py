@@ -33,6 +33,16 @@ async def client(registry: MeshServer) -> AsyncIterator[MeshClient]:
     await mesh.close()
 
 
+async def one_beat(client: MeshClient, agent_id: str, token: str) -> registry_pb2.HeartbeatResponse:
+    """One beat on a stream of its own: its answer (or the status that ended the stream)."""
+
+    async def beats() -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+        yield registry_pb2.HeartbeatRequest(agent_id=agent_id, token=token)
+
+    answers = [answer async for answer in client.registry.Heartbeat(beats())]
+    return answers[0]
+
+
 def register_request(agent_id: str = "a1", **kw: object) -> registry_pb2.RegisterAgentRequest:
     fields: dict[str, object] = {"endpoint": "127.0.0.1:1", "capabilities": ["bid"], **kw}
     return registry_pb2.RegisterAgentRequest(agent_id=agent_id, **fields)  # type: ignore[arg-type]
@@ -343,12 +353,8 @@ async def test_a_new_heartbeat_stream_reuses_the_replicas_token_checks(
     already checked, and a wrong or superseded token is still refused."""
     first = await client.registry.RegisterAgent(register_request("v1"))
 
-    async def beat(token: str) -> registry_pb2.HeartbeatResponse:
-        async def beats() -> AsyncIterator[registry_pb2.HeartbeatRequest]:
-            yield registry_pb2.HeartbeatRequest(agent_id="v1", token=token)
-
-        answers = [answer async for answer in client.registry.Heartbeat(beats())]
-        return answers[0]
+    def beat(token: str) -> Awaitable[registry_pb2.HeartbeatResponse]:
+        return one_beat(client, "v1", token)
 
     assert (await beat(first.token)).lease_id == first.agent.lease_id  # checked against etcd once
     store = registry.servicers[registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name].store
@@ -386,12 +392,8 @@ async def test_a_beat_follows_the_registration_in_etcd_when_the_directory_lags(
     before this replica's watch said so: its next beat refreshes the new lease, not NOT_FOUND."""
     first = await client.registry.RegisterAgent(register_request("v2"))
 
-    async def beat() -> registry_pb2.HeartbeatResponse:
-        async def beats() -> AsyncIterator[registry_pb2.HeartbeatRequest]:
-            yield registry_pb2.HeartbeatRequest(agent_id="v2", token=first.token)
-
-        answers = [answer async for answer in client.registry.Heartbeat(beats())]
-        return answers[0]
+    def beat() -> Awaitable[registry_pb2.HeartbeatResponse]:
+        return one_beat(client, "v2", first.token)
 
     assert (await beat()).lease_id == first.agent.lease_id
     directory = registry.servicers[
@@ -416,12 +418,8 @@ async def test_a_token_replaced_in_etcd_stops_beating_on_a_replica_that_checked_
     agent's token (same lease, same generation), the old one is refused from then on."""
     first = await client.registry.RegisterAgent(register_request("v3"))
 
-    async def beat(token: str) -> registry_pb2.HeartbeatResponse:
-        async def beats() -> AsyncIterator[registry_pb2.HeartbeatRequest]:
-            yield registry_pb2.HeartbeatRequest(agent_id="v3", token=token)
-
-        answers = [answer async for answer in client.registry.Heartbeat(beats())]
-        return answers[0]
+    def beat(token: str) -> Awaitable[registry_pb2.HeartbeatResponse]:
+        return one_beat(client, "v3", token)
 
     assert (await beat(first.token)).lease_id == first.agent.lease_id  # checked, and kept
     # Another replica rotates it (what a replayed RegisterAgent does): the key, not the lease, changes.
