@@ -83,6 +83,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("containers") is not None)
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Nothing left running: a dockerd the containers' preparation started is stopped even when
+    the session ended before the containers test ran (interrupted, -x)."""
+    from harness import containers
+
+    containers.stop_dockerd()
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """A runnable ``containers`` test selected: start preparing its images now (tests/harness/containers.py)."""
     from harness import containers

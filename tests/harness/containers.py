@@ -17,6 +17,7 @@ started, seconds per step), ``compose_build_s``, ``error``.
 :func:`unavailable`    why the containers test cannot run here, or None
 :func:`start`          start the detached job (once per process)
 :func:`result`         the job's result.json, or None while it runs
+:func:`stop_dockerd`   stop a dockerd the job started (the session's end)
 =====================  ========================================================
 """
 
@@ -89,6 +90,18 @@ def result() -> dict[str, Any] | None:
     doc = dict(json.loads(path.read_text()))
     doc.setdefault("waited_s", round(time.monotonic() - _job["started"], 1))
     return doc
+
+
+def stop_dockerd() -> None:
+    """Stop a dockerd the preparation started if it still runs: at the session's end, for a
+    session that ended before the containers test's own teardown did it (interrupted, failed early)."""
+    if "dir" not in _job:
+        return
+    from mabeam.runtime.process import pid_alive
+
+    pid = ((result() or {}).get("build") or {}).get("dockerd_pid")
+    if pid and pid_alive(pid):
+        subprocess.run([sys.executable, str(BUILD), "--stop-dockerd", str(pid)], timeout=120, check=False)
 
 
 def _prepare(work: Path, project: str) -> None:
