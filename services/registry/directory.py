@@ -154,15 +154,12 @@ class AgentDirectory:
             out.status = status  # type: ignore[assignment]
         return out
 
-    def status(self, agent: registry_pb2.Agent) -> int:
+    def _status(self, stored: int, agent_id: str, quiet_after: float) -> int:
         """The probe's verdict; else SERVING while beats are recent, UNKNOWN after 5/6 TTL without.
 
         "Recent" is measured on this replica's monotonic clock from when it saw
         the agent's last stored beat (see :data:`UNKNOWN_AFTER_TTLS`).
         """
-        return self._status(agent.status, agent.agent_id, UNKNOWN_AFTER_TTLS * _ttl(agent))
-
-    def _status(self, stored: int, agent_id: str, quiet_after: float) -> int:
         if stored in (registry_pb2.AGENT_STATUS_NOT_SERVING, registry_pb2.AGENT_STATUS_UNKNOWN):
             return stored
         seen = self._beat_seen.get(agent_id)

@@ -155,12 +155,12 @@ class HeartbeatStream:
         store: RegistryStore,
         directory: AgentDirectory,
         keepalives: KeepAliveStream,
-        verified: VerifiedTokens | None = None,
+        verified: VerifiedTokens,
     ) -> None:
         self._store = store
         self._directory = directory
         self._keepalives = keepalives
-        self._verified = VerifiedTokens() if verified is None else verified
+        self._verified = verified
         self._last_put: dict[str, float] = {}
 
     async def beat(

@@ -280,9 +280,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if request.labels:
             matching = [a for a in matching if matches(a, "", request.labels)]
         if request.status != registry_pb2.AGENT_STATUS_UNSPECIFIED:
-            matching = [
-                a for a in matching if self.directory.status(self.directory.view(a)) == request.status
-            ]
+            matching = [a for a in matching if self.directory.view(a).status == request.status]
         chunk, token = validate.page(matching, lambda a: a.agent_id, size, request.page_token, filters)
         return registry_pb2.ListAgentsResponse(
             agents=[self.directory.view(a) for a in chunk], next_page_token=token
