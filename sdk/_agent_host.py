@@ -131,7 +131,6 @@ class AgentHost:
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: MeshClient | None = None
         self._beats: asyncio.Task[None] | None = None
-        self._registered = asyncio.Event()
         # Agents being registered again (their lease lapsed): no beats for them meanwhile.
         self._missing: set[str] = set()
         self._register_slots = asyncio.Semaphore(REGISTER_CONCURRENCY)
@@ -183,12 +182,31 @@ class AgentHost:
             etcd_tls=self._etcd_tls,
         )
 
-        async def register(agent: Agent) -> None:
-            async with self._register_slots:
-                await self._register(agent)
+        # Beating starts before the registrations end: each agent's first beat goes with the
+        # first round after its registration. A host of many agents on a loaded machine takes
+        # longer than a lease TTL to register them all, and the first ones' leases would
+        # lapse waiting for the last. Until registered an agent is "missing": no beats, and
+        # no second registration when a break makes the host look for agents not listed.
+        first = [a for a in self.agents.values() if a.agent_id not in self._standby]
+        self._missing.update(a.agent_id for a in first)
 
-        await asyncio.gather(*(register(a) for a in self.agents.values() if a.agent_id not in self._standby))
+        async def register(agent: Agent) -> None:
+            try:
+                async with self._register_slots:
+                    await self._register(agent)
+            finally:
+                self._missing.discard(agent.agent_id)
+
         self._beats = asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeats")
+        try:
+            async with asyncio.TaskGroup() as group:
+                for agent in first:
+                    group.create_task(register(agent))
+        except BaseException as exc:
+            await self.stop()  # a start that fails leaves nothing behind: no task, no registration
+            if isinstance(exc, BaseExceptionGroup):
+                raise exc.exceptions[0] from None  # the first refusal, as one registration raises it
+            raise
 
     async def _register(self, agent: Agent) -> registry_pb2.Agent:
         assert self._client is not None

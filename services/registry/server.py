@@ -232,9 +232,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 answer.service_token_digests.extend(digests)
             return answer
 
-        async with contextlib.aclosing(heartbeats.answer_concurrently(request_iterator, handle)) as answers:
-            async for answer in answers:
-                yield answer
+        try:
+            async with contextlib.aclosing(
+                heartbeats.answer_concurrently(request_iterator, handle)
+            ) as answers:
+                async for answer in answers:
+                    yield answer
+        finally:
+            await stream.close()
 
     @idempotent(registry_pb2.DeregisterAgentResponse)
     async def DeregisterAgent(

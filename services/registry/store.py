@@ -71,6 +71,7 @@ keys, loads, nodes and the elections are here.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import secrets
 from collections.abc import Awaitable, Callable
@@ -88,6 +89,7 @@ from mabeam.runtime.etcd import (
     try_acquire,
     while_leading,
 )
+from mabeam.runtime.etcd.leases import lease_unknown
 from mabeam.runtime.idempotency import RequestLog, TxnOps
 from mabeam.runtime.paging import ScanStats
 from mabeam.runtime.retention import ExpiryLeases, Retention
@@ -102,7 +104,11 @@ from mabeam.services.registry.store_supervised import (
 )
 from mabeam.v1 import common_pb2, registry_pb2
 
+# Loads one transaction of put_loads writes (etcd takes at most 128 operations per branch).
+MAX_LOADS_PER_TXN = 100
+
 __all__ = [
+    "MAX_LOADS_PER_TXN",
     "PRUNE_EXAMINED",
     "STOP_ORDER",
     "SUPERVISION_ACTIVE",
@@ -417,6 +423,46 @@ class RegistryStore(SupervisedRecords):
             failure=[],
         )
         return bool(ok)
+
+    async def put_loads(self, loads: dict[str, tuple[common_pb2.AgentLoad, int]]) -> dict[str, bool]:
+        """Store many agents' latest loads (agent id -> (load, lease)) in one transaction; per agent,
+        whether it was stored (only while the agent is registered, as :meth:`put_load`).
+
+        One etcd request for all (at most :data:`MAX_LOADS_PER_TXN`): a registry beating for 1,000
+        agents writes about 300 loads a second, one raft entry each when written alone. When one
+        of them is gone (deregistered, or its lease revoked since its beat) the transaction does
+        not apply, and each is written on its own (False for one whose lease etcd no longer knows).
+        """
+        if len(loads) > MAX_LOADS_PER_TXN:
+            raise ValueError(f"{len(loads)} loads in one transaction: at most {MAX_LOADS_PER_TXN}")
+        c = self.client
+        if len(loads) > 1:
+            try:
+                ok, _ = await c.transaction(
+                    compare=[c.transactions.create(self.keys.agent(a)) > 0 for a in loads],
+                    success=[
+                        c.transactions.put(self.keys.load(a), load.SerializeToString(), lease=lease)
+                        for a, (load, lease) in loads.items()
+                    ],
+                    failure=[],
+                )
+            except Exception as exc:
+                if not lease_unknown(exc):
+                    raise
+                ok = False
+            if ok:
+                return dict.fromkeys(loads, True)
+
+        async def one(agent_id: str, load: common_pb2.AgentLoad, lease: int) -> bool:
+            try:
+                return await self.put_load(agent_id, load, lease)
+            except Exception as exc:
+                if lease_unknown(exc):  # its lease was revoked since its beat: nothing to store
+                    return False
+                raise
+
+        stored = await asyncio.gather(*(one(a, load, lease) for a, (load, lease) in loads.items()))
+        return dict(zip(loads, stored, strict=True))
 
     async def put_measured(self, agent_id: str, measured: common_pb2.AgentLoad, lease_id: int) -> bool:
         """Store what the supervisor measured of the agent's process, only while it is registered on that lease."""
