@@ -3,12 +3,15 @@
 For container health checks (compose.yaml), where grpcurl is not installed.
 :func:`check` takes a :class:`mabeam.tls.TLS` for a service that serves TLS
 (``mabeam status --tls-ca``): the CA its certificate chains to, and a client
-certificate when it requires one.
+certificate when it requires one. The command reads them from the variables
+the ``mabeam`` command reads (``MABEAM_CLIENT_TLS_CA``, ``_CERT``, ``_KEY``,
+``_SERVER_NAME``): with none set it talks plaintext.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import grpc
@@ -55,7 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         print("usage: python -m mabeam.health_check HOST:PORT [SERVICE]", file=sys.stderr)
         return 2
-    return 0 if asyncio.run(check(args[0], args[1] if len(args) > 1 else "")) else 1
+    try:
+        tls = tls_from_env()
+    except ValueError as exc:
+        print(f"mabeam.health_check: {exc} (MABEAM_CLIENT_TLS_CERT and _KEY)", file=sys.stderr)
+        return 2
+    return 0 if asyncio.run(check(args[0], args[1] if len(args) > 1 else "", tls=tls)) else 1
+
+
+def tls_from_env() -> TLS | None:
+    """The client TLS the ``MABEAM_CLIENT_TLS_*`` variables name; None (plaintext) when none is set."""
+    ca, cert, key, name = (
+        os.environ.get(f"MABEAM_CLIENT_TLS_{v}") or None for v in ("CA", "CERT", "KEY", "SERVER_NAME")
+    )
+    if not (ca or cert or key or name):
+        return None
+    return TLS(ca_file=ca, cert_file=cert, key_file=key, server_name=name)
 
 
 if __name__ == "__main__":

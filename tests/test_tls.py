@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -41,6 +43,13 @@ pytestmark = pytest.mark.timeout(60)
 
 async def not_(probe: Awaitable[bool]) -> bool:
     return not await probe
+
+
+async def exit_code(argv: list[str], env: dict[str, str]) -> int:
+    """The exit code of ``argv`` run with ``env`` added to this environment (no MABEAM_CLIENT_TLS_* of its own)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MABEAM_CLIENT_TLS_")}
+    proc = await asyncio.create_subprocess_exec(*argv, env={**base, **env})
+    return await asyncio.wait_for(proc.wait(), 30)
 
 
 async def test_mesh_with_mutual_tls(
@@ -113,6 +122,16 @@ async def test_mesh_with_mutual_tls(
             await eventually(lambda: not_(reads()), timeout=2, what="the certificate's role revoked")
         finally:
             await by_cert.close()
+
+        # The containers' health check talks TLS with the variables the mabeam command reads.
+        check = [sys.executable, "-m", "mabeam.health_check", registry.address, "mabeam.v1.RegistryService"]
+        tls_env = {
+            "MABEAM_CLIENT_TLS_CA": pem["ca"],
+            "MABEAM_CLIENT_TLS_CERT": pem["client"],
+            "MABEAM_CLIENT_TLS_KEY": pem["client-key"],
+        }
+        assert await exit_code(check, tls_env) == 0
+        assert await exit_code(check, {}) == 1  # plaintext to a TLS service: not SERVING
 
         # A client without a certificate is refused, and so is a plaintext one.
         no_cert = await MeshClient.connect(registry=registry.address, tls=TLS(ca_file=pem["ca"]))
