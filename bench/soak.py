@@ -1,8 +1,7 @@
 """``mabeam bench soak``: a mesh kept busy for a while, to show that what it holds stays flat.
 
 The soak starts a mesh of its own — an embedded etcd whose auto-compaction
-keeps one to two 24ths of the retention period in history (in a full run:
-:attr:`SoakSettings.compaction_retention_s`), the four services with every
+keeps half a retention period of history, the four services with every
 retention (``MABEAM_SESSION_RETENTION``, ``MABEAM_GOAL_RETENTION``,
 ``MABEAM_SUPERVISED_RETENTION``) set to ``--retention``, auth on — and an
 AgentHost process with ``--agents`` agents (1,000 by default), then for
@@ -142,16 +141,9 @@ class SoakSettings:
 
     @property
     def compaction_retention_s(self) -> int:
-        """etcd's periodic auto-compaction period: a 24th of the retention, at least 5 s or a quarter of
-        the retention when that is shorter (etcd then keeps one to two periods of history: at most
-        a 12th of what the retention keeps in a full run, up to half in a short one).
-
-        The mesh's defaults keep an hour of etcd history against a 7-day retention, a 168th. The
-        soak shrinks the retention 840 times (12 minutes); shrinking the history only 20 times
-        (a quarter of the retention, the earlier runs) made history 20-40 % of etcd's database,
-        and the file followed the peaks of history's volume instead of what the mesh keeps
-        (bench/README.md, the fifth run)."""
-        return max(min(5, max(1, self.retention_s // 4)), self.retention_s // 24)
+        """etcd's periodic auto-compaction period: a quarter of the retention (it keeps one to two
+        periods of history, at most half a retention)."""
+        return max(1, self.retention_s // 4)
 
     @staticmethod
     def parse(
