@@ -4,8 +4,10 @@ An :class:`AgentHost` serves the agents it hosts on one gRPC endpoint (their
 calls go to :class:`~mabeam._agent_service.AgentServicer`, routed by
 ``agent_id``), registers each with the registry and keeps every lease alive
 on one heartbeat stream, however many agents: a thousand light agents need
-one port and one stream. When the stream breaks it reconnects (to another
-registry replica) and registers again the agents the registry lost.
+one port and one stream. A beat the registry refuses (the agent's lease
+lapsed) is answered on the stream, which goes on for the others, and that
+agent alone is registered again; when the stream breaks it reconnects (to
+another registry replica) and registers again the agents the registry lost.
 :mod:`mabeam.agent` re-exports it; ``Agent.serve`` is an AgentHost of one.
 """
 
@@ -19,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import stamina
 from google.protobuf import duration_pb2
 
@@ -133,6 +136,9 @@ class AgentHost:
         self._beats: asyncio.Task[None] | None = None
         # Agents being registered again (their lease lapsed): no beats for them meanwhile.
         self._missing: set[str] = set()
+        # When each agent's latest registration ended (time.monotonic()): a refusal of a beat
+        # sent before it, or a listing begun before it, says nothing about that registration.
+        self._registered_at: dict[str, float] = {}
         self._register_slots = asyncio.Semaphore(REGISTER_CONCURRENCY)
         self._stopped = False
         self.heartbeat_stats = HeartbeatStats()
@@ -203,7 +209,7 @@ class AgentHost:
                 for agent in first:
                     group.create_task(register(agent))
         except BaseException as exc:
-            await self.stop()  # a start that fails leaves nothing behind: no task, no registration
+            await self.stop()  # a failed registration stops the host: beats, server, the others registered
             if isinstance(exc, BaseExceptionGroup):
                 raise exc.exceptions[0] from None  # the first refusal, as one registration raises it
             raise
@@ -249,6 +255,7 @@ class AgentHost:
                     raise
         self.verifier.update(reply.service_token_digests)
         agent.token = reply.token
+        self._registered_at[agent.agent_id] = time.monotonic()
         if agent.topics:  # registered anew: its subscriptions went with the old lease
             self.spawn(agent.resubscribe(), name=f"resubscribe:{agent.agent_id}")
         return reply.agent
@@ -262,8 +269,9 @@ class AgentHost:
             for i, agent in enumerate(agents, 1):
                 if agent.token and agent.agent_id not in self._missing:
                     load = _usage.fill(agent.load(), rss, cpu, shared=len(agents) > 1)
+                    # A refused beat is answered on the stream, which goes on for the others.
                     beat = registry_pb2.HeartbeatRequest(
-                        agent_id=agent.agent_id, token=agent.token, load=load
+                        agent_id=agent.agent_id, token=agent.token, load=load, answer_refusals=True
                     )
                     self.heartbeat_stats.beat_sent(agent.agent_id)
                     yield beat
@@ -339,10 +347,13 @@ class AgentHost:
         answered = False
         try:
             async for reply in self._client.registry.Heartbeat(self._beats_stream()):
-                stats.beat_acked(reply.agent_id)
+                answered = True
                 if reply.service_token_digests:
                     self.verifier.update(reply.service_token_digests)
-                answered = True
+                if reply.HasField("refusal"):
+                    self._refused(reply.agent_id, reply.refusal)
+                else:
+                    stats.beat_acked(reply.agent_id)
         except (errors.NotFound, errors.PermissionDenied, errors.Internal):
             raise  # the registry's refusals: the caller registers again
         except Exception as exc:
@@ -353,9 +364,20 @@ class AgentHost:
             raise _StreamBroke(str(exc)) from exc
         return False
 
+    def _refused(self, agent_id: str, refusal: registry_pb2.HeartbeatRefusal) -> None:
+        """The registry refused one beat (its lease lapsed, or its token was replaced): register
+        that agent again, unless the beat was sent before its latest registration."""
+        sent_at = self.heartbeat_stats.beat_refused(agent_id)
+        if sent_at is not None and sent_at < self._registered_at.get(agent_id, 0.0):
+            return  # the refusal of a beat from before: it beats under its new registration
+        log.info("heartbeat of %s refused (%s); registering it again", agent_id, refusal.message)
+        self._reregister([agent_id], forget_token=refusal.code == grpc.StatusCode.PERMISSION_DENIED.value[0])
+
     async def _register_missing(self) -> None:
-        """Register again every agent of this host that the registry no longer lists."""
+        """Register again every agent of this host that the registry no longer lists (and that
+        was not registered since the listing began: its registration may be after it)."""
         assert self._client is not None
+        before = dict(self._registered_at)
         try:
             agents = await list_all(
                 self._client.registry.ListAgents, registry_pb2.ListAgentsRequest(), "agents"
@@ -364,7 +386,9 @@ class AgentHost:
             log.info("cannot list the registered agents (%s); the next stream break tries again", exc)
             return
         listed = {a.agent_id for a in agents}
-        self._reregister([a for a in self.agents if a not in listed])
+        self._reregister(
+            [a for a in self.agents if a not in listed and self._registered_at.get(a) == before.get(a)]
+        )
 
     def _reregister(self, agent_ids: Iterable[str], forget_token: bool = False) -> None:
         """Register ``agent_ids`` again in the background, at most REGISTER_CONCURRENCY at a time.

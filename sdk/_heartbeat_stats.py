@@ -33,7 +33,9 @@ class HeartbeatStats:
     beat since the host started (or :meth:`reset`); ``latencies`` keeps the
     last ``keep`` round trips (seconds), for percentiles. ``stream_breaks``
     counts heartbeat streams that ended in an error (each one reconnects);
-    ``unanswered`` the beats such a break left without an answer.
+    ``unanswered`` the beats such a break left without an answer; ``refused``
+    the beats the registry answered with a refusal (the agent's lease had
+    lapsed, or its token was replaced: the host registers it again).
 
     Example::
 
@@ -48,12 +50,13 @@ class HeartbeatStats:
         self.max_s = 0.0
         self.stream_breaks = 0
         self.unanswered = 0
+        self.refused = 0
         self._pending: dict[str, collections.deque[float]] = {}
 
     def reset(self) -> None:
         """Forget the figures so far (beats in flight are still timed)."""
         self.latencies.clear()
-        self.sent = self.acked = self.stream_breaks = self.unanswered = 0
+        self.sent = self.acked = self.stream_breaks = self.unanswered = self.refused = 0
         self.max_s = 0.0
 
     def percentile(self, q: float) -> float:
@@ -70,6 +73,7 @@ class HeartbeatStats:
             "max_s": self.max_s,
             "stream_breaks": self.stream_breaks,
             "unanswered": self.unanswered,
+            "refused": self.refused,
         }
 
     def beat_sent(self, agent_id: str) -> None:
@@ -78,15 +82,30 @@ class HeartbeatStats:
         self._pending.setdefault(agent_id, collections.deque(maxlen=64)).append(time.monotonic())
 
     def beat_acked(self, agent_id: str) -> None:
-        pending = self._pending.get(agent_id)
-        if not pending:
+        sent_at = self._answered(agent_id)
+        if sent_at is None:
             return
-        latency = time.monotonic() - pending.popleft()
-        if not pending:
-            del self._pending[agent_id]
+        latency = time.monotonic() - sent_at
         self.acked += 1
         self.latencies.append(latency)
         self.max_s = max(self.max_s, latency)
+
+    def beat_refused(self, agent_id: str) -> float | None:
+        """The registry refused the agent's oldest beat in flight: when that beat was sent
+        (``time.monotonic()``), None when none was in flight."""
+        sent_at = self._answered(agent_id)
+        if sent_at is not None:
+            self.refused += 1
+        return sent_at
+
+    def _answered(self, agent_id: str) -> float | None:
+        pending = self._pending.get(agent_id)
+        if not pending:
+            return None
+        sent_at = pending.popleft()
+        if not pending:
+            del self._pending[agent_id]
+        return sent_at
 
     def stream_broke(self) -> None:
         self.stream_breaks += 1

@@ -413,6 +413,7 @@ async def test_thousand_agents_keep_their_leases_under_auctions_and_goals(
         acked = sum(int(b.get("acked", 0)) for b in beats)
         breaks = sum(int(b.get("stream_breaks", 0)) for b in beats)
         unanswered = sum(int(b.get("unanswered", 0)) for b in beats)
+        refused = sum(int(b.get("refused", 0)) for b in beats)
         max_beat = max((float(b.get("max_s", 0.0)) for b in beats), default=0.0)
 
         def ms(seconds: float) -> str:
@@ -423,7 +424,7 @@ async def test_thousand_agents_keep_their_leases_under_auctions_and_goals(
             f"(warm-up {WARMUP_SECONDS:.0f} s), whole test {time.monotonic() - started:.1f} s",
             f"  heartbeats: {acked} acked, {acked / beat_seconds:.0f} beats/s; round trip "
             f"p50 {ms(percentile(latencies, 50))}, p99 {ms(percentile(latencies, 99))}, max {ms(max_beat)}; "
-            f"stream breaks {breaks}, unanswered {unanswered}",
+            f"stream breaks {breaks}, unanswered {unanswered}, refused {refused}",
             f"  auctions: {auctions.completed} completed ({auctions.completed / load_seconds:.1f}/s, "
             f"p50 {ms(percentile(auctions.latencies, 50))}, p99 {ms(percentile(auctions.latencies, 99))}), "
             f"{len(auctions.retryable)} retryable, {len(auctions.failures)} failed; "

@@ -433,10 +433,22 @@ class HeartbeatRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
+    ANSWER_REFUSALS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent this beat is for."""
     token: _builtins.str
     """The agent's token."""
+    answer_refusals: _builtins.bool
+    """Optional. When true, a beat the registry refuses (the agent is not
+    registered or its lease lapsed: NOT_FOUND; a wrong token:
+    PERMISSION_DENIED) is answered with HeartbeatResponse.refusal set, and the
+    stream goes on; when false, the refusal ends the stream with that status.
+    A client beating for many agents on one stream sets it on every beat: one
+    lapsed lease then costs that agent a registration, not every agent of the
+    stream a broken stream and their beats in flight. Other errors (a bad
+    agent_id, a token that may not act for this agent, etcd unreachable)
+    still end the stream.
+    """
     @_builtins.property
     def load(self) -> _common_pb2.AgentLoad:
         """The agent's current load."""
@@ -447,18 +459,54 @@ class HeartbeatRequest(_message.Message):
         agent_id: _builtins.str = ...,
         token: _builtins.str = ...,
         load: _common_pb2.AgentLoad | None = ...,
+        answer_refusals: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "load", b"load", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "answer_refusals", b"answer_refusals", "load", b"load", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
 
 @_typing.final
+class HeartbeatRefusal(_message.Message):
+    """HeartbeatRefusal says why the registry refused one beat
+    (HeartbeatRequest.answer_refusals).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code that would have ended the stream: 5 (NOT_FOUND:
+    register again, with the token) or 7 (PERMISSION_DENIED: the token is
+    wrong or was replaced).
+    """
+    message: _builtins.str
+    """What was wrong, as the status message would have said."""
+    reason: _common_pb2.ErrorReason.ValueType
+    """The ErrorInfo reason, e.g. ERROR_REASON_AGENT_NOT_FOUND."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        reason: _common_pb2.ErrorReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatRefusal: _TypeAlias = HeartbeatRefusal  # noqa: Y015
+
+@_typing.final
 class HeartbeatResponse(_message.Message):
-    """HeartbeatResponse acknowledges a beat."""
+    """HeartbeatResponse acknowledges a beat, or says why it was refused."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -466,6 +514,7 @@ class HeartbeatResponse(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     SERVICE_TOKEN_DIGESTS_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent whose beat this answers."""
     lease_id: _builtins.int
@@ -480,6 +529,12 @@ class HeartbeatResponse(_message.Message):
         the first answer of a stream and whenever they change; empty otherwise.
         """
 
+    @_builtins.property
+    def refusal(self) -> Global___HeartbeatRefusal:
+        """Set when this beat was refused (only for a beat with answer_refusals);
+        lease_id and ttl are then unset and nothing was refreshed.
+        """
+
     def __init__(
         self,
         *,
@@ -487,10 +542,11 @@ class HeartbeatResponse(_message.Message):
         lease_id: _builtins.int = ...,
         ttl: _duration_pb2.Duration | None = ...,
         service_token_digests: _abc.Iterable[_builtins.str] | None = ...,
+        refusal: Global___HeartbeatRefusal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "lease_id", b"lease_id", "service_token_digests", b"service_token_digests", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "lease_id", b"lease_id", "refusal", b"refusal", "service_token_digests", b"service_token_digests", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

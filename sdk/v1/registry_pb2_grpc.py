@@ -122,7 +122,9 @@ class RegistryServiceServicer:
         one. One stream may carry the beats of many agents (an AgentHost sends all
         of its agents' beats over one stream). Any registry replica can serve it.
         A wrong token ends the stream with PERMISSION_DENIED; a lapsed lease ends
-        it with NOT_FOUND (register again, with the token, to come back).
+        it with NOT_FOUND (register again, with the token, to come back) — unless
+        the beat set answer_refusals: then that beat alone is answered with a
+        refusal and the stream goes on with the other agents' beats.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,7 +48,9 @@ class RegistryServiceStub:
     one. One stream may carry the beats of many agents (an AgentHost sends all
     of its agents' beats over one stream). Any registry replica can serve it.
     A wrong token ends the stream with PERMISSION_DENIED; a lapsed lease ends
-    it with NOT_FOUND (register again, with the token, to come back).
+    it with NOT_FOUND (register again, with the token, to come back) — unless
+    the beat set answer_refusals: then that beat alone is answered with a
+    refusal and the stream goes on with the other agents' beats.
     """
     DeregisterAgent: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeregisterAgentRequest, _registry_pb2.DeregisterAgentResponse]
     """DeregisterAgent removes an agent at once (its lease is revoked)."""
@@ -112,7 +114,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     one. One stream may carry the beats of many agents (an AgentHost sends all
     of its agents' beats over one stream). Any registry replica can serve it.
     A wrong token ends the stream with PERMISSION_DENIED; a lapsed lease ends
-    it with NOT_FOUND (register again, with the token, to come back).
+    it with NOT_FOUND (register again, with the token, to come back) — unless
+    the beat set answer_refusals: then that beat alone is answered with a
+    refusal and the stream goes on with the other agents' beats.
     """
     DeregisterAgent: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeregisterAgentRequest, _registry_pb2.DeregisterAgentResponse]  # type: ignore[assignment]
     """DeregisterAgent removes an agent at once (its lease is revoked)."""
@@ -185,7 +189,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         one. One stream may carry the beats of many agents (an AgentHost sends all
         of its agents' beats over one stream). Any registry replica can serve it.
         A wrong token ends the stream with PERMISSION_DENIED; a lapsed lease ends
-        it with NOT_FOUND (register again, with the token, to come back).
+        it with NOT_FOUND (register again, with the token, to come back) — unless
+        the beat set answer_refusals: then that beat alone is answered with a
+        refusal and the stream goes on with the other agents' beats.
         """
 
     @_abc_1.abstractmethod

@@ -8,7 +8,9 @@ HEARTBEAT_CONCURRENCY at once, and answered in the order they finish: handled
 one after another, a host of 1,000 agents would queue 1,000 etcd round trips,
 and under load the last beat of a burst would be answered after the lease it
 refreshes had lapsed. The first error (unknown agent, wrong token, etcd
-unreachable) ends the stream. A token is checked against etcd once per
+unreachable) ends the stream, except that a beat with ``answer_refusals``
+gets an unknown agent or a wrong token answered (:func:`refusal`): an
+AgentHost's other agents go on beating. A token is checked against etcd once per
 replica and registration (:class:`VerifiedTokens`, shared by the replica's
 streams), so a stream opened again costs no reads.
 """
@@ -29,6 +31,8 @@ from mabeam.services.registry.directory import DEFAULT_TTL, AgentDirectory
 from mabeam.services.registry.store import MAX_LOADS_PER_TXN, RegistryStore
 from mabeam.v1 import common_pb2, registry_pb2
 
+# Token checks kept per agent (VerifiedTokens): a migrating agent's two instances beat with two.
+TOKENS_PER_AGENT = 2
 # Beats of one Heartbeat stream handled at once (each is an etcd lease refresh).
 HEARTBEAT_CONCURRENCY = 64
 # After a bad beat, the beats the client is still sending are read (not handled) until it
@@ -106,8 +110,9 @@ async def answer_concurrently(
 class VerifiedTokens:
     """The agents whose token this replica checked, shared by its Heartbeat streams.
 
-    agent_id -> (the token's digest, lease, ttl, generation of the registration
-    it was checked against). An entry is dropped as soon as this replica's
+    agent_id -> up to two (the token's digest, lease, ttl, generation of the
+    registration it was checked against): a migrating agent beats with two
+    tokens. An agent's entries are dropped as soon as this replica's
     watch sees any of the agent's token keys written or deleted (a rotated
     token, a migration's switch or end, a stop: on any replica), so a
     superseded token is refused from the next beat on. A stream that breaks and is opened again (an
@@ -115,31 +120,38 @@ class VerifiedTokens:
     re-checking them all at once, on a loaded registry, delayed their beats past
     their leases. A moved generation (a migration switched the token, a
     take-over registered anew) or a lapsed lease checks again. Digests only
-    (SHA-256), compared in constant time; bounded by the directory's size.
+    (SHA-256), compared in constant time; bounded by the directory's size
+    (beyond it the agents checked longest ago go first).
     """
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[bytes, tuple[int, float, int]]] = {}
+        # Per agent, up to TOKENS_PER_AGENT checks, newest last: a migrating agent's two
+        # instances beat with two tokens, and one kept check would make them re-check in turn.
+        self._known: dict[str, list[tuple[bytes, tuple[int, float, int]]]] = {}
         # Counts forgets: a check that read etcd before a token changed must not be kept.
         self.epoch = 0
 
     def get(self, agent_id: str, token: str) -> tuple[int, float, int] | None:
         """(lease, ttl, generation) when ``token`` was checked for the agent, else None."""
-        entry = self._known.get(agent_id)
-        if entry is None or not hmac.compare_digest(entry[0], _digest(token)):
-            return None
-        return entry[1]
+        digest = _digest(token)
+        for kept, known in self._known.get(agent_id, ()):
+            if hmac.compare_digest(kept, digest):
+                return known
+        return None
 
     def put(self, agent_id: str, token: str, known: tuple[int, float, int], agents: int, epoch: int) -> None:
         """Keep a check made from etcd reads that began at ``epoch`` (dropped if a token changed since)."""
         if epoch != self.epoch:
             return
-        if len(self._known) > 2 * agents + 1024:  # ids of agents long gone
-            self._known.clear()
-        self._known[agent_id] = (_digest(token), known)
+        digest = _digest(token)
+        # The agent moves to the end (the newest); beyond the cap the oldest agents go, not all.
+        checks = [c for c in self._known.pop(agent_id, ()) if not hmac.compare_digest(c[0], digest)]
+        self._known[agent_id] = [*checks[-(TOKENS_PER_AGENT - 1) :], (digest, known)]
+        while len(self._known) > 2 * agents + 1024:  # ids of agents long gone
+            del self._known[next(iter(self._known))]
 
     def forget(self, agent_id: str) -> None:
-        """Check the agent's token again on its next beat (one of its token keys changed, or its lease)."""
+        """Check the agent's tokens again on its next beat (one of its token keys changed, or its lease)."""
         self.epoch += 1
         self._known.pop(agent_id, None)
 
@@ -310,6 +322,17 @@ class HeartbeatStream:
         known = (agent.lease_id, float(agent.lease_ttl.seconds or DEFAULT_TTL), agent.generation)
         self._verified.put(agent_id, token, known, len(self._directory.agents), epoch)
         return known
+
+
+def refusal(agent_id: str, exc: errors.MabeamError) -> registry_pb2.HeartbeatResponse:
+    """The answer to a beat refused with ``exc`` (NOT_FOUND, PERMISSION_DENIED) that asked for
+    ``answer_refusals``: the status it would have ended the stream with, in the answer."""
+    return registry_pb2.HeartbeatResponse(
+        agent_id=agent_id,
+        refusal=registry_pb2.HeartbeatRefusal(
+            code=exc.code.value[0], message=exc.message, reason=exc.reason_value
+        ),
+    )
 
 
 def _memory_moved(stored: common_pb2.AgentLoad, load: common_pb2.AgentLoad) -> bool:

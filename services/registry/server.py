@@ -215,7 +215,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         The beats of one stream are handled concurrently and answered in the
         order they finish (:func:`.heartbeats.answer_concurrently`); the first
         error (bad beat, unknown agent, wrong token, etcd unreachable) ends the
-        stream.
+        stream, except an unknown agent's or a wrong token's when the beat set
+        ``answer_refusals``: that beat is answered with a refusal.
         """
         stream = heartbeats.HeartbeatStream(self.store, self.directory, self.keepalives, self._verified)
         told: list[str] = []  # the service token digests this stream was last given
@@ -225,7 +226,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             auth.require_agent(agent_id)  # an agent token beats only for the ids it may act for
             # A NaN or negative load would be stored and then mislead least-loaded assignment.
             validate.finite(beat.load.load, "load.load", minimum=0)
-            answer = await stream.beat(agent_id, beat.token, beat.load)
+            try:
+                answer = await stream.beat(agent_id, beat.token, beat.load)
+            except (errors.NotFound, errors.PermissionDenied) as exc:
+                if not beat.answer_refusals:
+                    raise  # ends the stream with that status
+                answer = heartbeats.refusal(agent_id, exc)
             digests = self._service_digests()
             if digests != told:
                 told[:] = digests
