@@ -260,20 +260,31 @@ class AgentHost:
             self.spawn(agent.resubscribe(), name=f"resubscribe:{agent.agent_id}")
         return reply.agent
 
-    async def _beats_stream(self) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+    async def _beats_stream(self, unanswered: set[str]) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+        """The beats of one stream: each agent's every TTL/3, except while its last one is unanswered.
+
+        A beat still waiting to be handled refreshes the lease when it is, as a
+        new one would: sending more only queues them. A registry slower than the
+        beats (a loaded machine) then sees each agent's beats slow down to its
+        pace, instead of a queue that grows until every beat it handles is
+        seconds old and the leases lapse behind it.
+        """
         interval = max(self._lease_ttl / 3.0, 0.1)
         while True:
             started = time.monotonic()
             agents = list(self.agents.values())
             rss, cpu = self._usage.sample()  # the process's, once a round
             for i, agent in enumerate(agents, 1):
-                if agent.token and agent.agent_id not in self._missing:
+                if agent.agent_id in unanswered:
+                    self.heartbeat_stats.held += 1
+                elif agent.token and agent.agent_id not in self._missing:
                     load = _usage.fill(agent.load(), rss, cpu, shared=len(agents) > 1)
                     # A refused beat is answered on the stream, which goes on for the others.
                     beat = registry_pb2.HeartbeatRequest(
                         agent_id=agent.agent_id, token=agent.token, load=load, answer_refusals=True
                     )
                     self.heartbeat_stats.beat_sent(agent.agent_id)
+                    unanswered.add(agent.agent_id)
                     yield beat
                 if i % HEARTBEAT_CHUNK == 0 and i < len(agents):
                     # Many agents: spread the beats over the first half of the
@@ -345,9 +356,11 @@ class AgentHost:
         assert self._client is not None
         stats = self.heartbeat_stats
         answered = False
+        unanswered: set[str] = set()  # agents with a beat in flight on this stream
         try:
-            async for reply in self._client.registry.Heartbeat(self._beats_stream()):
+            async for reply in self._client.registry.Heartbeat(self._beats_stream(unanswered)):
                 answered = True
+                unanswered.discard(reply.agent_id)
                 if reply.service_token_digests:
                     self.verifier.update(reply.service_token_digests)
                 if reply.HasField("refusal"):

@@ -35,7 +35,9 @@ class HeartbeatStats:
     counts heartbeat streams that ended in an error (each one reconnects);
     ``unanswered`` the beats such a break left without an answer; ``refused``
     the beats the registry answered with a refusal (the agent's lease had
-    lapsed, or its token was replaced: the host registers it again).
+    lapsed, or its token was replaced: the host registers it again); ``held``
+    the beats not sent because the agent's previous one was still unanswered
+    (the registry was slower than the beats).
 
     Example::
 
@@ -51,12 +53,13 @@ class HeartbeatStats:
         self.stream_breaks = 0
         self.unanswered = 0
         self.refused = 0
+        self.held = 0
         self._pending: dict[str, collections.deque[float]] = {}
 
     def reset(self) -> None:
         """Forget the figures so far (beats in flight are still timed)."""
         self.latencies.clear()
-        self.sent = self.acked = self.stream_breaks = self.unanswered = self.refused = 0
+        self.sent = self.acked = self.stream_breaks = self.unanswered = self.refused = self.held = 0
         self.max_s = 0.0
 
     def percentile(self, q: float) -> float:
@@ -74,6 +77,7 @@ class HeartbeatStats:
             "stream_breaks": self.stream_breaks,
             "unanswered": self.unanswered,
             "refused": self.refused,
+            "held": self.held,
         }
 
     def beat_sent(self, agent_id: str) -> None:

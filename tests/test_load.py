@@ -414,6 +414,7 @@ async def test_thousand_agents_keep_their_leases_under_auctions_and_goals(
         breaks = sum(int(b.get("stream_breaks", 0)) for b in beats)
         unanswered = sum(int(b.get("unanswered", 0)) for b in beats)
         refused = sum(int(b.get("refused", 0)) for b in beats)
+        held = sum(int(b.get("held", 0)) for b in beats)
         max_beat = max((float(b.get("max_s", 0.0)) for b in beats), default=0.0)
 
         def ms(seconds: float) -> str:
@@ -424,7 +425,7 @@ async def test_thousand_agents_keep_their_leases_under_auctions_and_goals(
             f"(warm-up {WARMUP_SECONDS:.0f} s), whole test {time.monotonic() - started:.1f} s",
             f"  heartbeats: {acked} acked, {acked / beat_seconds:.0f} beats/s; round trip "
             f"p50 {ms(percentile(latencies, 50))}, p99 {ms(percentile(latencies, 99))}, max {ms(max_beat)}; "
-            f"stream breaks {breaks}, unanswered {unanswered}, refused {refused}",
+            f"stream breaks {breaks}, unanswered {unanswered}, refused {refused}, held back {held}",
             f"  auctions: {auctions.completed} completed ({auctions.completed / load_seconds:.1f}/s, "
             f"p50 {ms(percentile(auctions.latencies, 50))}, p99 {ms(percentile(auctions.latencies, 99))}), "
             f"{len(auctions.retryable)} retryable, {len(auctions.failures)} failed; "
