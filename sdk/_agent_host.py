@@ -3,8 +3,8 @@
 An :class:`AgentHost` serves the agents it hosts on one gRPC endpoint (their
 calls go to :class:`~mabeam._agent_service.AgentServicer`, routed by
 ``agent_id``), registers each with the registry and keeps every lease alive
-on one heartbeat stream, however many agents: a thousand light agents need
-one port and one stream. A beat the registry refuses (the agent's lease
+on a heartbeat stream per AGENTS_PER_STREAM (64) agents: a thousand light
+agents need one port and 16 streams. A beat the registry refuses (the agent's lease
 lapsed) is answered on the stream, which goes on for the others, and that
 agent alone is registered again; when the stream breaks it reconnects (to
 another registry replica) and registers again the agents the registry lost.
@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import time
+import zlib
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,9 @@ REGISTER_PATIENCE_S = 30.0
 
 # Beats an AgentHost sends together before it paces the rest of the interval's beats.
 HEARTBEAT_CHUNK = 50
+
+# Agents per Heartbeat stream: a host of more opens several, each agent always on the same one.
+AGENTS_PER_STREAM = 64
 
 # Registrations an AgentHost has in flight at once, at start and when it registers lost agents again.
 REGISTER_CONCURRENCY = 64
@@ -133,7 +137,7 @@ class AgentHost:
         self.channels = ChannelPool(client_tls)
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: MeshClient | None = None
-        self._beats: asyncio.Task[None] | None = None
+        self._beats: list[asyncio.Task[None]] = []
         # Agents being registered again (their lease lapsed): no beats for them meanwhile.
         self._missing: set[str] = set()
         # When each agent's latest registration ended (time.monotonic()): a refusal of a beat
@@ -203,7 +207,14 @@ class AgentHost:
             finally:
                 self._missing.discard(agent.agent_id)
 
-        self._beats = asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeats")
+        # A stream per AGENTS_PER_STREAM agents: gRPC reads and writes one message of a
+        # stream at a time, and one stream of 250 agents' beats queued behind its own
+        # messages on a loaded host while the registry handled each beat in tens of ms.
+        parts = max(1, -(-len(self.agents) // AGENTS_PER_STREAM))
+        self._beats = [
+            asyncio.create_task(self._heartbeat_loop(part, parts), name=f"agent-heartbeats-{part}")
+            for part in range(parts)
+        ]
         try:
             async with asyncio.TaskGroup() as group:
                 for agent in first:
@@ -260,8 +271,11 @@ class AgentHost:
             self.spawn(agent.resubscribe(), name=f"resubscribe:{agent.agent_id}")
         return reply.agent
 
-    async def _beats_stream(self, unanswered: set[str]) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
-        """The beats of one stream: each agent's every TTL/3, except while its last one is unanswered.
+    async def _beats_stream(
+        self, unanswered: set[str], part: int, parts: int, ended: asyncio.Event
+    ) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+        """The beats of stream ``part`` of ``parts`` (its agents: :func:`_stream_of`): each agent's
+        every TTL/3, except while its last one is unanswered.
 
         A beat still waiting to be handled refreshes the lease when it is, as a
         new one would: sending more only queues them. A registry slower than the
@@ -272,13 +286,14 @@ class AgentHost:
         interval = max(self._lease_ttl / 3.0, 0.1)
         while True:
             started = time.monotonic()
-            agents = list(self.agents.values())
+            shared = len(self.agents) > 1
+            agents = [a for a in self.agents.values() if _stream_of(a.agent_id, parts) == part]
             rss, cpu = self._usage.sample()  # the process's, once a round
             for i, agent in enumerate(agents, 1):
                 if agent.agent_id in unanswered:
                     self.heartbeat_stats.held += 1
                 elif agent.token and agent.agent_id not in self._missing:
-                    load = _usage.fill(agent.load(), rss, cpu, shared=len(agents) > 1)
+                    load = _usage.fill(agent.load(), rss, cpu, shared=shared)
                     # A refused beat is answered on the stream, which goes on for the others.
                     beat = registry_pb2.HeartbeatRequest(
                         agent_id=agent.agent_id, token=agent.token, load=load, answer_refusals=True
@@ -292,17 +307,20 @@ class AgentHost:
                     # registry must get through before the last lease lapses.
                     # Each agent keeps its place, so its beats stay an interval apart.
                     target = started + interval / 2 * i / len(agents)
-                    await asyncio.sleep(max(0.0, target - time.monotonic()))
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+                    if await _pause(ended, target - time.monotonic()):
+                        return
+            # Ends with its stream: gRPC's task that sends these waits for the next one,
+            # which never comes while every agent's last beat is unanswered.
+            if await _pause(ended, interval - (time.monotonic() - started)):
+                return
 
-    async def _heartbeat_loop(self) -> None:
-        """One stream for every agent; on any break, reconnect (another replica) and re-register."""
-        stats = self.heartbeat_stats
+    async def _heartbeat_loop(self, part: int, parts: int) -> None:
+        """Stream ``part`` of ``parts``; on any break, reconnect (another replica) and re-register."""
         broke = False  # the last stream broke after the registry had answered on it
         while not self._stopped:
             wait_first, broke = broke, False  # after a refusal, the next stream opens at once
             try:
-                broke = await self._beat(wait_first)
+                broke = await self._beat(wait_first, part, parts)
             except asyncio.CancelledError:
                 raise
             except errors.NotFound as exc:
@@ -310,23 +328,20 @@ class AgentHost:
                 # was away): one listing finds them all, so the next stream
                 # beats only for agents still registered, while the lost ones
                 # are registered again in the background, many at a time.
-                stats.stream_broke()
                 log.info("heartbeat: %s; registering again every agent no longer listed", exc.message)
                 self._reregister([exc.metadata.get("agent_id", "")])
                 await self._register_missing()
             except errors.PermissionDenied as exc:
-                stats.stream_broke()
                 log.warning("heartbeat refused (%s); registering again", exc.message)
                 self._reregister([exc.metadata.get("agent_id", "")], forget_token=True)
             except errors.Internal as exc:
                 # grpc.aio reports INTERNAL in place of the registry's status when the
                 # stream ends while beats are still being written (grpc/grpc#36066):
                 # the status named an agent to register again, but which is lost.
-                stats.stream_broke()
                 log.info("heartbeat stream broke (%s); registering any agent no longer listed", exc)
                 await self._register_missing()
 
-    async def _beat(self, wait_first: bool) -> bool:
+    async def _beat(self, wait_first: bool, part: int, parts: int) -> bool:
         """Beat on one stream after another while they break before the registry answers on them.
 
         Each break is followed by a wait: 0.1 s, doubling up to 2 s, from the
@@ -344,10 +359,10 @@ class AgentHost:
                 if first_failure:
                     first_failure = False
                     raise _StreamBroke("the previous stream broke")
-                return await self._beat_once()
+                return await self._beat_once(part, parts)
         raise AssertionError("unreachable: the retries are unbounded")
 
-    async def _beat_once(self) -> bool:
+    async def _beat_once(self, part: int, parts: int) -> bool:
         """One heartbeat stream, to its end: True if it broke after the registry answered.
 
         A stream that breaks before any answer raises :class:`_StreamBroke`;
@@ -357,8 +372,10 @@ class AgentHost:
         stats = self.heartbeat_stats
         answered = False
         unanswered: set[str] = set()  # agents with a beat in flight on this stream
+        ended = asyncio.Event()
         try:
-            async for reply in self._client.registry.Heartbeat(self._beats_stream(unanswered)):
+            beats = self._beats_stream(unanswered, part, parts, ended)
+            async for reply in self._client.registry.Heartbeat(beats):
                 answered = True
                 unanswered.discard(reply.agent_id)
                 if reply.service_token_digests:
@@ -368,13 +385,16 @@ class AgentHost:
                 else:
                     stats.beat_acked(reply.agent_id)
         except (errors.NotFound, errors.PermissionDenied, errors.Internal):
+            stats.stream_broke(unanswered)
             raise  # the registry's refusals: the caller registers again
         except Exception as exc:
-            stats.stream_broke()
+            stats.stream_broke(unanswered)
             log.info("heartbeat stream broke (%s); reconnecting", exc)
             if answered:
                 return True
             raise _StreamBroke(str(exc)) from exc
+        finally:
+            ended.set()
         return False
 
     def _refused(self, agent_id: str, refusal: registry_pb2.HeartbeatRefusal) -> None:
@@ -447,9 +467,9 @@ class AgentHost:
         if self._stopped:
             return
         self._stopped = True
-        for task in [*self._tasks, *([self._beats] if self._beats else [])]:
+        for task in [*self._tasks, *self._beats]:
             task.cancel()
-        await asyncio.gather(*self._tasks, *([self._beats] if self._beats else []), return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._beats, return_exceptions=True)
         if deregister and self._client is not None:
             client = self._client
 
@@ -491,6 +511,19 @@ class AgentHost:
 
 class _StreamBroke(Exception):
     """A heartbeat stream broke before the registry answered on it: open another after a wait."""
+
+
+async def _pause(ended: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` (none when <= 0), less if ``ended`` is set meanwhile; whether it is."""
+    if seconds > 0 and not ended.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), seconds)
+    return ended.is_set()
+
+
+def _stream_of(agent_id: str, parts: int) -> int:
+    """The heartbeat stream (0 .. parts - 1) an agent always beats on."""
+    return zlib.crc32(agent_id.encode()) % parts
 
 
 def _worth_registering_again(exc: Exception) -> bool:

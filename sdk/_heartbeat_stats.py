@@ -111,7 +111,9 @@ class HeartbeatStats:
             del self._pending[agent_id]
         return sent_at
 
-    def stream_broke(self) -> None:
+    def stream_broke(self, agent_ids: Iterable[str] | None = None) -> None:
+        """A stream ended in an error: the beats in flight of ``agent_ids`` (every agent's when
+        None) will not be answered."""
         self.stream_breaks += 1
-        self.unanswered += sum(len(p) for p in self._pending.values())
-        self._pending.clear()
+        for agent_id in list(self._pending) if agent_ids is None else agent_ids:
+            self.unanswered += len(self._pending.pop(agent_id, ()))
