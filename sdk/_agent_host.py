@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import time
-import zlib
+from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from google.protobuf import duration_pb2
 from mabeam import _usage, auth, errors
 from mabeam._agent_service import AgentServicer
 from mabeam._heartbeat_stats import HeartbeatStats
+from mabeam._heartbeat_streams import AGENTS_PER_STREAM, HEARTBEAT_CHUNK, IN_FLIGHT, oldest, pause, stream_of
 from mabeam.client import ChannelPool, MeshClient, list_all
 from mabeam.config import MeshConfig
 from mabeam.server import MeshServer, announce_ready, serve_until_signalled
@@ -44,11 +45,6 @@ log = logging.getLogger("mabeam.agent")
 AGENT_SERVICE = "mabeam.v1.AgentService"
 REGISTER_PATIENCE_S = 30.0
 
-# Beats an AgentHost sends together before it paces the rest of the interval's beats.
-HEARTBEAT_CHUNK = 50
-
-# Agents per Heartbeat stream: a host of more opens several, each agent always on the same one.
-AGENTS_PER_STREAM = 64
 
 # Registrations an AgentHost has in flight at once, at start and when it registers lost agents again.
 REGISTER_CONCURRENCY = 64
@@ -143,6 +139,7 @@ class AgentHost:
         # When each agent's latest registration ended (time.monotonic()): a refusal of a beat
         # sent before it, or a listing begun before it, says nothing about that registration.
         self._registered_at: dict[str, float] = {}
+        self._listing: asyncio.Task[None] | None = None  # the listing of _register_missing in flight
         self._register_slots = asyncio.Semaphore(REGISTER_CONCURRENCY)
         self._stopped = False
         self.heartbeat_stats = HeartbeatStats()
@@ -272,25 +269,32 @@ class AgentHost:
         return reply.agent
 
     async def _beats_stream(
-        self, unanswered: set[str], part: int, parts: int, ended: asyncio.Event
+        self, unanswered: dict[str, deque[float]], part: int, parts: int, ended: asyncio.Event
     ) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
-        """The beats of stream ``part`` of ``parts`` (its agents: :func:`_stream_of`): each agent's
-        every TTL/3, except while its last one is unanswered.
+        """The beats of stream ``part`` of ``parts`` (its agents: :func:`~mabeam._heartbeat_streams.stream_of`): each agent's
+        every TTL/3, except while IN_FLIGHT of its beats are unanswered (``unanswered``: agent ->
+        when its beats in flight were sent, oldest first).
 
         A beat still waiting to be handled refreshes the lease when it is, as a
         new one would: sending more only queues them. A registry slower than the
         beats (a loaded machine) then sees each agent's beats slow down to its
         pace, instead of a queue that grows until every beat it handles is
-        seconds old and the leases lapse behind it.
+        seconds old and the leases lapse behind it. Two in flight, not one: an
+        answer late on its way back (the lease refreshed long before) must not
+        delay the next refresh past the lease. A beat unanswered for a whole TTL
+        is given up for lost.
         """
         interval = max(self._lease_ttl / 3.0, 0.1)
+        # The host's beats go out about HEARTBEAT_CHUNK at a time, whatever its number of streams.
+        chunk = max(1, HEARTBEAT_CHUNK // parts)
         while True:
             started = time.monotonic()
             shared = len(self.agents) > 1
-            agents = [a for a in self.agents.values() if _stream_of(a.agent_id, parts) == part]
-            rss, cpu = self._usage.sample()  # the process's, once a round
+            agents = [a for a in self.agents.values() if stream_of(a.agent_id, parts) == part]
+            rss, cpu = self._usage.sample(at_most_every=interval / 2)  # the process's, once a round
             for i, agent in enumerate(agents, 1):
-                if agent.agent_id in unanswered:
+                sent = unanswered.get(agent.agent_id, ())
+                if len(sent) >= IN_FLIGHT and started - sent[-IN_FLIGHT] < self._lease_ttl:
                     self.heartbeat_stats.held += 1
                 elif agent.token and agent.agent_id not in self._missing:
                     load = _usage.fill(agent.load(), rss, cpu, shared=shared)
@@ -299,19 +303,19 @@ class AgentHost:
                         agent_id=agent.agent_id, token=agent.token, load=load, answer_refusals=True
                     )
                     self.heartbeat_stats.beat_sent(agent.agent_id)
-                    unanswered.add(agent.agent_id)
+                    unanswered.setdefault(agent.agent_id, deque(maxlen=IN_FLIGHT)).append(time.monotonic())
                     yield beat
-                if i % HEARTBEAT_CHUNK == 0 and i < len(agents):
+                if i % chunk == 0 and i < len(agents):
                     # Many agents: spread the beats over the first half of the
                     # interval, a chunk at a time, instead of one burst that the
                     # registry must get through before the last lease lapses.
                     # Each agent keeps its place, so its beats stay an interval apart.
                     target = started + interval / 2 * i / len(agents)
-                    if await _pause(ended, target - time.monotonic()):
+                    if await pause(ended, target - time.monotonic()):
                         return
             # Ends with its stream: gRPC's task that sends these waits for the next one,
             # which never comes while every agent's last beat is unanswered.
-            if await _pause(ended, interval - (time.monotonic() - started)):
+            if await pause(ended, interval - (time.monotonic() - started)):
                 return
 
     async def _heartbeat_loop(self, part: int, parts: int) -> None:
@@ -371,17 +375,17 @@ class AgentHost:
         assert self._client is not None
         stats = self.heartbeat_stats
         answered = False
-        unanswered: set[str] = set()  # agents with a beat in flight on this stream
+        unanswered: dict[str, deque[float]] = {}  # agents' beats in flight on this stream: sent at
         ended = asyncio.Event()
         try:
             beats = self._beats_stream(unanswered, part, parts, ended)
             async for reply in self._client.registry.Heartbeat(beats):
                 answered = True
-                unanswered.discard(reply.agent_id)
+                sent_at = oldest(unanswered, reply.agent_id)
                 if reply.service_token_digests:
                     self.verifier.update(reply.service_token_digests)
                 if reply.HasField("refusal"):
-                    self._refused(reply.agent_id, reply.refusal)
+                    self._refused(reply.agent_id, reply.refusal, sent_at)
                 else:
                     stats.beat_acked(reply.agent_id)
         except (errors.NotFound, errors.PermissionDenied, errors.Internal):
@@ -397,18 +401,27 @@ class AgentHost:
             ended.set()
         return False
 
-    def _refused(self, agent_id: str, refusal: registry_pb2.HeartbeatRefusal) -> None:
-        """The registry refused one beat (its lease lapsed, or its token was replaced): register
-        that agent again, unless the beat was sent before its latest registration."""
-        sent_at = self.heartbeat_stats.beat_refused(agent_id)
+    def _refused(self, agent_id: str, refusal: registry_pb2.HeartbeatRefusal, sent_at: float | None) -> None:
+        """The registry refused one beat, sent at ``sent_at`` (its lease lapsed, or its token was
+        replaced): register that agent again, unless the beat was sent before its latest registration."""
+        self.heartbeat_stats.beat_refused(agent_id)
         if sent_at is not None and sent_at < self._registered_at.get(agent_id, 0.0):
             return  # the refusal of a beat from before: it beats under its new registration
         log.info("heartbeat of %s refused (%s); registering it again", agent_id, refusal.message)
         self._reregister([agent_id], forget_token=refusal.code == grpc.StatusCode.PERMISSION_DENIED.value[0])
 
     async def _register_missing(self) -> None:
-        """Register again every agent of this host that the registry no longer lists (and that
-        was not registered since the listing began: its registration may be after it)."""
+        """Register again every agent of this host that the registry no longer lists; the streams
+        that broke at once share one listing."""
+        if self._listing is None or self._listing.done():
+            self._listing = asyncio.create_task(self._list_and_register(), name="agent-listing")
+            self._tasks.add(self._listing)
+            self._listing.add_done_callback(self._tasks.discard)
+        await asyncio.shield(self._listing)
+
+    async def _list_and_register(self) -> None:
+        """Register again every agent the registry does not list (and that was not registered since
+        the listing began: its registration may be after it)."""
         assert self._client is not None
         before = dict(self._registered_at)
         try:
@@ -511,19 +524,6 @@ class AgentHost:
 
 class _StreamBroke(Exception):
     """A heartbeat stream broke before the registry answered on it: open another after a wait."""
-
-
-async def _pause(ended: asyncio.Event, seconds: float) -> bool:
-    """Wait ``seconds`` (none when <= 0), less if ``ended`` is set meanwhile; whether it is."""
-    if seconds > 0 and not ended.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ended.wait(), seconds)
-    return ended.is_set()
-
-
-def _stream_of(agent_id: str, parts: int) -> int:
-    """The heartbeat stream (0 .. parts - 1) an agent always beats on."""
-    return zlib.crc32(agent_id.encode()) % parts
 
 
 def _worth_registering_again(exc: Exception) -> bool:

@@ -4,7 +4,8 @@ An :class:`~mabeam.agent.AgentHost` times every beat it sends until the
 registry answers for that agent (``host.heartbeat_stats``); the load test and
 the heartbeat tests read these figures. Apart from the host because measuring
 is not hosting: the host only calls :meth:`HeartbeatStats.beat_sent`,
-:meth:`~HeartbeatStats.beat_acked` and :meth:`~HeartbeatStats.stream_broke`.
+:meth:`~HeartbeatStats.beat_acked`, :meth:`~HeartbeatStats.beat_refused` and
+:meth:`~HeartbeatStats.stream_broke`, and counts ``held``.
 :mod:`mabeam.agent` re-exports both names.
 """
 
@@ -36,7 +37,7 @@ class HeartbeatStats:
     ``unanswered`` the beats such a break left without an answer; ``refused``
     the beats the registry answered with a refusal (the agent's lease had
     lapsed, or its token was replaced: the host registers it again); ``held``
-    the beats not sent because the agent's previous one was still unanswered
+    the beats not sent because two of the agent's beats were still unanswered
     (the registry was slower than the beats).
 
     Example::

@@ -54,19 +54,25 @@ class ProcessUsage:
 
     def __init__(self) -> None:
         self._last = (time.monotonic(), self._cpu())
+        self._result: tuple[int, float] = (0, 0.0)
 
     @staticmethod
     def _cpu() -> float:
         t = os.times()
         return t.user + t.system
 
-    def sample(self) -> tuple[int, float]:
-        """(RSS bytes, CPU fraction since the previous sample)."""
+    def sample(self, at_most_every: float = 0.0) -> tuple[int, float]:
+        """(RSS bytes, CPU fraction since the previous sample); within ``at_most_every`` seconds of
+        the previous sample, that one again (several callers a round: a CPU fraction over a few
+        milliseconds is 0 or a spike of tens of cores, os.times() counting in 10 ms steps)."""
         now, cpu = time.monotonic(), self._cpu()
         then, cpu_then = self._last
+        if now - then < at_most_every:
+            return self._result
         self._last = (now, cpu)
         fraction = max(0.0, (cpu - cpu_then) / (now - then)) if now > then else 0.0
-        return _rss(), round(fraction, 4)
+        self._result = (_rss(), round(fraction, 4))
+        return self._result
 
 
 def fill(load: common_pb2.AgentLoad, rss: int, cpu: float, shared: bool) -> common_pb2.AgentLoad:

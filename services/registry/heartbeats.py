@@ -3,7 +3,7 @@
 A beat refreshes its agent's lease (over the shared keep-alive streams) and
 stores the agent's load when it moved, or every TTL/2, in one transaction
 with the other loads of its stream waiting then (:class:`LoadWriter`). The beats of one stream
-(an AgentHost's, one per agent every TTL/3) are handled concurrently, up to
+(an AgentHost's, one per agent every TTL/3 while answered) are handled concurrently, up to
 HEARTBEAT_CONCURRENCY at once, and answered in the order they finish: handled
 one after another, a host of 1,000 agents would queue 1,000 etcd round trips,
 and under load the last beat of a burst would be answered after the lease it
