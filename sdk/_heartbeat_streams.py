@@ -17,8 +17,10 @@ from collections import deque
 # Beats an AgentHost sends together before it paces the rest of the interval's beats.
 HEARTBEAT_CHUNK = 50
 
-# Beats of one agent an AgentHost has unanswered at most before it holds the next back.
-IN_FLIGHT = 2
+# Beats of one agent an AgentHost has unanswered at most before it holds the next back: a
+# TTL's worth (beats go every TTL/3). One held refreshes back behind answers slow on their way
+# back, and leases lapsed (docs/decisions.md, "Registry").
+IN_FLIGHT = 3
 
 # Agents per Heartbeat stream: a host of more opens several, each agent always on the same one.
 AGENTS_PER_STREAM = 64
