@@ -3,7 +3,7 @@
 An :class:`AgentHost` serves the agents it hosts on one gRPC endpoint (their
 calls go to :class:`~mabeam._agent_service.AgentServicer`, routed by
 ``agent_id``), registers each with the registry and keeps every lease alive
-on a heartbeat stream per AGENTS_PER_STREAM (64) agents: a thousand light
+on a heartbeat stream per 64 agents (at most 16 streams): a thousand light
 agents need one port and 16 streams. A beat the registry refuses (the agent's lease
 lapsed) is answered on the stream, which goes on for the others, and that
 agent alone is registered again; when the stream breaks it reconnects (to
@@ -29,7 +29,7 @@ from google.protobuf import duration_pb2
 from mabeam import _usage, auth, errors
 from mabeam._agent_service import AgentServicer
 from mabeam._heartbeat_stats import HeartbeatStats
-from mabeam._heartbeat_streams import AGENTS_PER_STREAM, HEARTBEAT_CHUNK, IN_FLIGHT, oldest, pause, stream_of
+from mabeam._heartbeat_streams import HEARTBEAT_CHUNK, IN_FLIGHT, oldest, pause, stream_of, streams_for
 from mabeam.client import ChannelPool, MeshClient, list_all
 from mabeam.config import MeshConfig
 from mabeam.server import MeshServer, announce_ready, serve_until_signalled
@@ -207,7 +207,7 @@ class AgentHost:
         # A stream per AGENTS_PER_STREAM agents: gRPC reads and writes one message of a
         # stream at a time, and one stream of 250 agents' beats queued behind its own
         # messages on a loaded host while the registry handled each beat in tens of ms.
-        parts = max(1, -(-len(self.agents) // AGENTS_PER_STREAM))
+        parts = streams_for(len(self.agents))
         self._beats = [
             asyncio.create_task(self._heartbeat_loop(part, parts), name=f"agent-heartbeats-{part}")
             for part in range(parts)
@@ -311,7 +311,8 @@ class AgentHost:
                     # registry must get through before the last lease lapses.
                     # Each agent keeps its place, so its beats stay an interval apart.
                     target = started + interval / 2 * i / len(agents)
-                    if await pause(ended, target - time.monotonic()):
+                    await asyncio.sleep(max(0.0, target - time.monotonic()))  # short: no wake-up needed
+                    if ended.is_set():
                         return
             # Ends with its stream: gRPC's task that sends these waits for the next one,
             # which never comes while every agent's last beat is unanswered.

@@ -245,6 +245,9 @@ async def test_one_host_cut_off_and_healed(
         what=f"{victim}'s agents gone from the majority's listings",
     )
     gone_after = {h: gone_from(h) for h in majority}
+    # Asserted where it is measured: the leader's case fails here (xfail) instead of after the
+    # goal and the heal (two more minutes), which the follower's case runs through.
+    assert all(v is not None and v <= GONE_WITHIN_S for v in gone_after.values()), gone_after
     # The majority keeps acknowledging writes meanwhile.
     await eventually(
         lambda: all(acks(h, cut_at + GONE_WITHIN_S) for h in majority),
@@ -350,7 +353,6 @@ async def test_one_host_cut_off_and_healed(
     assert sum(report["indeterminate"].values()) == 0, report
     assert final.get("value") == len(acked_values), (final, len(acked_values))
     assert acked_values == list(range(1, len(acked_values) + 1)), "an increment acknowledged twice or lost"
-    assert all(v is not None and v <= GONE_WITHIN_S for v in gone_after.values()), report
     assert not acked_on_victim_during_cut, f"{victim} acknowledged writes while cut off"
     assert refusals and all(" UNAVAILABLE" in k or " DEADLINE_EXCEEDED" in k for k in refusals), refusals
     assert "error" not in relaxed and relaxed["possibly_stale"] and relaxed["value"] > 0, relaxed
