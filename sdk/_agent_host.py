@@ -279,9 +279,7 @@ class AgentHost:
         new one would: sending more only queues them. A registry slower than the
         beats (a loaded machine) then sees each agent's beats slow down to its
         pace, instead of a queue that grows until every beat it handles is
-        seconds old and the leases lapse behind it. A TTL's worth in flight, not
-        one: an answer late on its way back (the lease refreshed long before)
-        must not delay the next refresh past the lease. A beat unanswered for a
+        seconds old and the leases lapse behind it. A beat unanswered for a
         whole TTL is given up for lost.
         """
         interval = max(self._lease_ttl / 3.0, 0.1)

@@ -37,7 +37,7 @@ class HeartbeatStats:
     ``unanswered`` the beats such a break left without an answer; ``refused``
     the beats the registry answered with a refusal (the agent's lease had
     lapsed, or its token was replaced: the host registers it again); ``held``
-    the beats not sent because three of the agent's beats were still unanswered
+    the beats not sent because the agent's last one was still unanswered
     (the registry was slower than the beats).
 
     Example::

@@ -17,10 +17,9 @@ from collections import deque
 # Beats an AgentHost sends together before it paces the rest of the interval's beats.
 HEARTBEAT_CHUNK = 50
 
-# Beats of one agent an AgentHost has unanswered at most before it holds the next back: a
-# TTL's worth (beats go every TTL/3). One held refreshes back behind answers slow on their way
-# back, and leases lapsed (docs/decisions.md, "Registry").
-IN_FLIGHT = 3
+# Beats of one agent an AgentHost has unanswered at most before it holds the next back: one
+# (measured against two and three under load: docs/decisions.md, "Registry").
+IN_FLIGHT = 1
 
 # Agents per Heartbeat stream: a host of more opens several (at most MAX_STREAMS), each agent
 # always on the same one. A host of 10,000 agents on 157 streams spent its time pacing them.

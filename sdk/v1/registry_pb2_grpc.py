@@ -119,7 +119,7 @@ class RegistryServiceServicer:
     def Heartbeat(self, request_iterator, context):
         """Heartbeat keeps agents' leases alive and reports their load. The client
         sends a message per agent every TTL/3 (the SDK holds an agent's next beat
-        back while three of its beats are unanswered); the server answers each
+        back while its last one is unanswered); the server answers each
         one. One stream may carry the beats of many agents (an AgentHost opens a
         stream per 64 of its agents, at most 16). Any registry replica can serve
         it.

@@ -45,7 +45,7 @@ class RegistryServiceStub:
     Heartbeat: _grpc.StreamStreamMultiCallable[_registry_pb2.HeartbeatRequest, _registry_pb2.HeartbeatResponse]
     """Heartbeat keeps agents' leases alive and reports their load. The client
     sends a message per agent every TTL/3 (the SDK holds an agent's next beat
-    back while three of its beats are unanswered); the server answers each
+    back while its last one is unanswered); the server answers each
     one. One stream may carry the beats of many agents (an AgentHost opens a
     stream per 64 of its agents, at most 16). Any registry replica can serve
     it.
@@ -113,7 +113,7 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     Heartbeat: _aio.StreamStreamMultiCallable[_registry_pb2.HeartbeatRequest, _registry_pb2.HeartbeatResponse]  # type: ignore[assignment]
     """Heartbeat keeps agents' leases alive and reports their load. The client
     sends a message per agent every TTL/3 (the SDK holds an agent's next beat
-    back while three of its beats are unanswered); the server answers each
+    back while its last one is unanswered); the server answers each
     one. One stream may carry the beats of many agents (an AgentHost opens a
     stream per 64 of its agents, at most 16). Any registry replica can serve
     it.
@@ -190,7 +190,7 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.HeartbeatResponse], _abc.AsyncIterator[_registry_pb2.HeartbeatResponse]]:
         """Heartbeat keeps agents' leases alive and reports their load. The client
         sends a message per agent every TTL/3 (the SDK holds an agent's next beat
-        back while three of its beats are unanswered); the server answers each
+        back while its last one is unanswered); the server answers each
         one. One stream may carry the beats of many agents (an AgentHost opens a
         stream per 64 of its agents, at most 16). Any registry replica can serve
         it.
