@@ -95,13 +95,10 @@ class HeartbeatStats:
         self.latencies.append(latency)
         self.max_s = max(self.max_s, latency)
 
-    def beat_refused(self, agent_id: str) -> float | None:
-        """The registry refused the agent's oldest beat in flight: when that beat was sent
-        (``time.monotonic()``), None when none was in flight."""
-        sent_at = self._answered(agent_id)
-        if sent_at is not None:
+    def beat_refused(self, agent_id: str) -> None:
+        """The registry refused the agent's oldest beat in flight (counted, not timed)."""
+        if self._answered(agent_id) is not None:
             self.refused += 1
-        return sent_at
 
     def _answered(self, agent_id: str) -> float | None:
         pending = self._pending.get(agent_id)
