@@ -78,8 +78,10 @@ class KeepAliveStream:
     etcd no longer knows the lease).
 
     A refresh not answered within ``timeout`` (default: the client's, else
-    5 s) raises ``ConnectionTimeoutError`` and drops its stream, since a
-    stream that stops answering is as good as dead; a stream that fails fails
+    5 s) raises ``ConnectionTimeoutError``; its stream is dropped too when it
+    answered nothing for that long, since a stream that stops answering is as
+    good as dead (one that answers slowly, a busy etcd, is kept: dropping it
+    failed every refresh behind the late one); a stream that fails fails
     every refresh waiting on it (``ConnectionFailedError`` or what etcd said).
     Either way the next refresh opens a new stream, on a live member. So, as
     with ``keepalive_once``, a dead connection fails the call instead of
@@ -122,7 +124,10 @@ class KeepAliveStream:
                 f"etcd did not answer a lease keep-alive within {self._timeout:g} s"
             )
             stream = self._stream_holding(answer) or stream
-            stream.fail(error)
+            if stream.silent_for() >= self._timeout:
+                stream.fail(error)  # it answers nothing: as good as dead
+            # Else it answers, slowly (etcd renews a lease once its apply loop caught up): the
+            # refreshes behind this one keep their places; this one's late answer is dropped.
             raise error from None
 
     def _stream_for(self, lease_id: int) -> _KeepAliveCall:
@@ -222,6 +227,10 @@ class _KeepAliveCall:
             self._waiting.setdefault(lease_id, deque()).append(answer)
             self._queue.put_nowait(lease_id)
 
+    def silent_for(self) -> float:
+        """Seconds since this stream last answered while refreshes waited (or since the first of them)."""
+        return asyncio.get_running_loop().time() - self._progress_at
+
     def holds(self, answer: asyncio.Future[int]) -> bool:
         return any(answer in answers for answers in self._waiting.values())
 
@@ -267,9 +276,9 @@ class _KeepAliveCall:
         error: Exception = aetcd.exceptions.ConnectionFailedError("etcd ended the lease keep-alive stream")
         try:
             async for reply in self._call:
+                self._progress_at = asyncio.get_running_loop().time()
                 if self.member is not None:
                     self.member.heard()
-                    self._progress_at = self.member.heard_at
                 waiting = self._waiting.get(reply.ID)
                 if not waiting:
                     continue
