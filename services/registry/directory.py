@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mabeam.runtime import validate
 from mabeam.runtime.cache import PrefixCache
 from mabeam.runtime.etcd import EtcdClient
 from mabeam.services.registry.store import RegistryStore, decode_agent, decode_load
@@ -20,6 +21,7 @@ from mabeam.v1 import common_pb2, registry_pb2
 
 # The lease TTL of an agent that did not ask for one (seconds).
 DEFAULT_TTL = 5.0
+MIN_TTL, MAX_TTL = 1.0, 300.0
 # UNKNOWN after this many TTLs without a stored beat: about two missed beats
 # (beats come every TTL/3, and a beat is stored at most every TTL/2 unless the
 # load moved, so a live agent's stored beat is up to 2/3 TTL old), and still
@@ -170,3 +172,22 @@ class AgentDirectory:
     def get(self, agent_id: str) -> registry_pb2.Agent | None:
         agent = self.agents.get(self._store.keys.agent(agent_id))
         return self.view(agent) if agent is not None else None
+
+
+def checked_registration(request: registry_pb2.RegisterAgentRequest) -> tuple[str, str, list[str], float]:
+    """A RegisterAgent request's fields checked (INVALID_ARGUMENT naming the bad one):
+    (agent_id, endpoint, capabilities, lease TTL in seconds)."""
+    agent_id = validate.identifier(request.agent_id, "agent_id")
+    endpoint = validate.endpoint(request.endpoint, "endpoint")
+    capabilities = validate.strings(request.capabilities, "capabilities")
+    for k in request.labels:
+        validate.strings([k], "labels")
+    ttl = validate.seconds(
+        request.lease_ttl, "lease_ttl", default=DEFAULT_TTL, minimum=MIN_TTL, maximum=MAX_TTL
+    )
+    for name, value in request.resources.custom.items():
+        validate.finite(value, f"resources.custom[{name}]", minimum=0)
+    validate.finite(request.resources.cpu, "resources.cpu", minimum=0)
+    if request.node:
+        validate.identifier(request.node, "node")
+    return agent_id, endpoint, capabilities, ttl

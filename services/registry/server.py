@@ -27,13 +27,12 @@ from mabeam.runtime.watchqueue import BoundedQueue
 from mabeam.server import MeshServer
 from mabeam.services.registry import auth_service, catalog, heartbeats, migration, nodes, prober
 from mabeam.services.registry import supervisor as supervision
-from mabeam.services.registry.directory import DEFAULT_TTL, AgentDirectory, matches
+from mabeam.services.registry.directory import DEFAULT_TTL, AgentDirectory, checked_registration, matches
 from mabeam.services.registry.store import RegistryStore, decode_agent, new_token
 from mabeam.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 SERVICE_NAME = "mabeam.v1.RegistryService"
 log = logging.getLogger("mabeam.registry")
-MIN_TTL, MAX_TTL = 1.0, 300.0
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -124,19 +123,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         catches a directory that lags, and the call then runs again with a
         strong read (``strong``).
         """
-        agent_id = validate.identifier(request.agent_id, "agent_id")
-        endpoint = validate.endpoint(request.endpoint, "endpoint")
-        capabilities = validate.strings(request.capabilities, "capabilities")
-        for k in request.labels:
-            validate.strings([k], "labels")
-        ttl = validate.seconds(
-            request.lease_ttl, "lease_ttl", default=DEFAULT_TTL, minimum=MIN_TTL, maximum=MAX_TTL
-        )
-        for name, value in request.resources.custom.items():
-            validate.finite(value, f"resources.custom[{name}]", minimum=0)
-        validate.finite(request.resources.cpu, "resources.cpu", minimum=0)
-        if request.node:
-            validate.identifier(request.node, "node")
+        agent_id, endpoint, capabilities, ttl = checked_registration(request)
 
         assumed_absent = not strong and self.directory.agents.get(self.store.keys.agent(agent_id)) is None
         if assumed_absent:
