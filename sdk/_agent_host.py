@@ -29,9 +29,9 @@ from google.protobuf import duration_pb2
 from mabeam import _usage, auth, errors
 from mabeam._agent_service import AgentServicer
 from mabeam._heartbeat_stats import HeartbeatStats
-from mabeam._heartbeat_streams import HEARTBEAT_CHUNK, IN_FLIGHT, oldest, pause, stream_of, streams_for
+from mabeam._heartbeat_streams import HEARTBEAT_CHUNK, IN_FLIGHT, DueBeats, oldest, stream_of, streams_for
 from mabeam.client import ChannelPool, MeshClient, list_all
-from mabeam.config import MeshConfig
+from mabeam.config import MeshConfig, where_from_env
 from mabeam.server import MeshServer, announce_ready, serve_until_signalled
 from mabeam.tls import TLS
 from mabeam.v1 import agent_pb2_grpc, registry_pb2
@@ -92,24 +92,11 @@ class AgentHost:
         standby = os.environ.get("MABEAM_STANDBY") == "1"
         for agent in agents:
             self.add(agent, register=not standby)
-        env_registry = os.environ.get("MABEAM_REGISTRY", "")
-        if registry is None and env_registry:
-            registry = [r for r in env_registry.split(",") if r]
-        env_etcd = os.environ.get("MABEAM_ETCD", "")
-        if etcd is None and env_etcd:
-            etcd = [e for e in env_etcd.split(",") if e]
+        registry, etcd, etcd_tls = where_from_env(registry, etcd, etcd_tls)
         if not registry and not etcd:
             raise ValueError("where is the mesh? give registry= or etcd= (or MABEAM_REGISTRY / MABEAM_ETCD)")
         self._registry = registry
         self._etcd = etcd
-        # TLS to etcd for discovery; a supervised agent gets the registry's in
-        # MABEAM_ETCD_CA/CERT/KEY (the variables the services read too).
-        if etcd_tls is None and any(os.environ.get(f"MABEAM_ETCD_{v}") for v in ("CA", "CERT", "KEY")):
-            etcd_tls = TLS(
-                ca_file=os.environ.get("MABEAM_ETCD_CA") or None,
-                cert_file=os.environ.get("MABEAM_ETCD_CERT") or None,
-                key_file=os.environ.get("MABEAM_ETCD_KEY") or None,
-            )
         self._etcd_tls = etcd_tls
         self._prefix = prefix or os.environ.get("MABEAM_PREFIX", "/mabeam")
         self._lease_ttl = lease_ttl
@@ -134,6 +121,7 @@ class AgentHost:
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: MeshClient | None = None
         self._beats: list[asyncio.Task[None]] = []
+        self._due_beats = DueBeats()  # beats that go out before their agent's next turn
         # Agents being registered again (their lease lapsed): no beats for them meanwhile.
         self._missing: set[str] = set()
         # When each agent's latest registration ended (time.monotonic()): a refusal of a beat
@@ -189,8 +177,8 @@ class AgentHost:
             etcd_tls=self._etcd_tls,
         )
 
-        # Beating starts before the registrations end: each agent's first beat goes with the
-        # first round after its registration. A host of many agents on a loaded machine takes
+        # Beating starts before the registrations end: each agent's first beat goes out once it
+        # is registered (DueBeats). A host of many agents on a loaded machine takes
         # longer than a lease TTL to register them all, and the first ones' leases would
         # lapse waiting for the last. Until registered an agent is "missing": no beats, and
         # no second registration when a break makes the host look for agents not listed.
@@ -207,7 +195,7 @@ class AgentHost:
         # A stream per AGENTS_PER_STREAM agents: gRPC reads and writes one message of a
         # stream at a time, and one stream of 250 agents' beats queued behind its own
         # messages on a loaded host while the registry handled each beat in tens of ms.
-        parts = streams_for(len(self.agents))
+        parts = self._due_beats.parts = streams_for(len(self.agents))
         self._beats = [
             asyncio.create_task(self._heartbeat_loop(part, parts), name=f"agent-heartbeats-{part}")
             for part in range(parts)
@@ -255,6 +243,7 @@ class AgentHost:
         ):
             with attempt:
                 try:
+                    asked = time.monotonic()  # about when the registry granted the lease
                     reply = await self._client.registry.RegisterAgent(request)
                 except errors.Unavailable:
                     # Maybe registered: a registry replica that dies mid-call may
@@ -264,6 +253,9 @@ class AgentHost:
         self.verifier.update(reply.service_token_digests)
         agent.token = reply.token
         self._registered_at[agent.agent_id] = time.monotonic()
+        if self._registered_at[agent.agent_id] - asked > self._lease_ttl / 3:
+            # Answered late (a loaded registry): less of its TTL is left than a round's wait.
+            self._due_beats.registered(agent.agent_id)
         if agent.topics:  # registered anew: its subscriptions went with the old lease
             self.spawn(agent.resubscribe(), name=f"resubscribe:{agent.agent_id}")
         return reply.agent
@@ -285,23 +277,38 @@ class AgentHost:
         interval = max(self._lease_ttl / 3.0, 0.1)
         # The host's beats go out about HEARTBEAT_CHUNK at a time, whatever its number of streams.
         chunk = max(1, HEARTBEAT_CHUNK // parts)
+        due = self._due_beats
+
+        def beat_of(
+            agent: Agent, now: float, usage: tuple[int, float], shared: bool
+        ) -> registry_pb2.HeartbeatRequest | None:
+            sent = unanswered.get(agent.agent_id, ())
+            if len(sent) >= IN_FLIGHT and now - sent[-IN_FLIGHT] < self._lease_ttl:
+                self.heartbeat_stats.held += 1
+                due.held(agent.agent_id, part)  # beats once answered, not a round later
+                return None
+            if not agent.token or agent.agent_id in self._missing:
+                return None
+            due.sent(agent.agent_id, part)
+            self.heartbeat_stats.beat_sent(agent.agent_id)
+            unanswered.setdefault(agent.agent_id, deque(maxlen=IN_FLIGHT)).append(time.monotonic())
+            # A refused beat is answered on the stream, which goes on for the others.
+            load = _usage.fill(agent.load(), *usage, shared=shared)
+            return registry_pb2.HeartbeatRequest(
+                agent_id=agent.agent_id, token=agent.token, load=load, answer_refusals=True
+            )
+
+        def due_now(usage: tuple[int, float], shared: bool) -> list[registry_pb2.HeartbeatRequest]:
+            agents = (self.agents.get(agent_id) for agent_id in due.take(part))
+            return [b for a in agents if a is not None and (b := beat_of(a, time.monotonic(), usage, shared))]
+
         while True:
             started = time.monotonic()
             shared = len(self.agents) > 1
             agents = [a for a in self.agents.values() if stream_of(a.agent_id, parts) == part]
-            rss, cpu = self._usage.sample(at_most_every=interval / 2)  # the process's, once a round
+            usage = self._usage.sample(at_most_every=interval / 2)  # the process's, once a round
             for i, agent in enumerate(agents, 1):
-                sent = unanswered.get(agent.agent_id, ())
-                if len(sent) >= IN_FLIGHT and started - sent[-IN_FLIGHT] < self._lease_ttl:
-                    self.heartbeat_stats.held += 1
-                elif agent.token and agent.agent_id not in self._missing:
-                    load = _usage.fill(agent.load(), rss, cpu, shared=shared)
-                    # A refused beat is answered on the stream, which goes on for the others.
-                    beat = registry_pb2.HeartbeatRequest(
-                        agent_id=agent.agent_id, token=agent.token, load=load, answer_refusals=True
-                    )
-                    self.heartbeat_stats.beat_sent(agent.agent_id)
-                    unanswered.setdefault(agent.agent_id, deque(maxlen=IN_FLIGHT)).append(time.monotonic())
+                if (beat := beat_of(agent, started, usage, shared)) is not None:
                     yield beat
                 if i % chunk == 0 and i < len(agents):
                     # Many agents: spread the beats over the first half of the
@@ -312,10 +319,19 @@ class AgentHost:
                     await asyncio.sleep(max(0.0, target - time.monotonic()))  # short: no wake-up needed
                     if ended.is_set():
                         return
-            # Ends with its stream: gRPC's task that sends these waits for the next one,
-            # which never comes while every agent's last beat is unanswered.
-            if await pause(ended, interval - (time.monotonic() - started)):
-                return
+                    for beat in due_now(usage, shared):
+                        yield beat
+            # Until the next round, the beats due go out at once. Ends with its stream:
+            # gRPC's task that sends these waits for the next one, which never comes
+            # while every agent's last beat is unanswered.
+            deadline = started + interval
+            while True:
+                for beat in due_now(usage, shared):
+                    yield beat
+                if await due.wait(part, ended, deadline - time.monotonic()):
+                    return
+                if time.monotonic() >= deadline:
+                    break
 
     async def _heartbeat_loop(self, part: int, parts: int) -> None:
         """Stream ``part`` of ``parts``; on any break, reconnect (another replica) and re-register."""
@@ -387,6 +403,7 @@ class AgentHost:
                     self._refused(reply.agent_id, reply.refusal, sent_at)
                 else:
                     stats.beat_acked(reply.agent_id)
+                self._due_beats.answered(reply.agent_id, part)
         except (errors.NotFound, errors.PermissionDenied, errors.Internal):
             stats.stream_broke(unanswered)
             raise  # the registry's refusals: the caller registers again

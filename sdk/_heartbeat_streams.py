@@ -4,13 +4,13 @@ on, how many beats it may have in flight, how a stream paces and waits.
 :mod:`mabeam._agent_host` opens a Heartbeat stream per :data:`AGENTS_PER_STREAM` agents
 (gRPC reads and writes one message of a stream at a time), sends each agent's beat every
 TTL/3, about :data:`HEARTBEAT_CHUNK` at a time host-wide, and holds an agent's next beat back
-while :data:`IN_FLIGHT` of its beats are unanswered.
+while :data:`IN_FLIGHT` of its beats are unanswered. :class:`DueBeats` are the beats sent
+before their agent's turn: after a late registration, and after a held beat's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import zlib
 from collections import deque
 
@@ -43,14 +43,72 @@ def streams_for(agents: int) -> int:
     return max(1, min(MAX_STREAMS, -(-agents // AGENTS_PER_STREAM)))
 
 
-async def pause(ended: asyncio.Event, seconds: float) -> bool:
-    """Wait ``seconds`` (none when <= 0), less if ``ended`` is set meanwhile; whether it is."""
-    if seconds > 0 and not ended.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ended.wait(), seconds)
-    return ended.is_set()
-
-
 def stream_of(agent_id: str, parts: int) -> int:
     """The heartbeat stream (0 .. parts - 1) an agent always beats on."""
     return zlib.crc32(agent_id.encode()) % parts
+
+
+class DueBeats:
+    """Beats that go out before their agent's turn in its stream's next round.
+
+    * An agent whose registration was answered late (:meth:`registered`; later than a round,
+      a loaded registry): less of its lease, whose TTL runs from the grant, is left than a
+      round's wait; the last agents a loaded host registered lapsed before their first beat.
+      (Not every registration: beats at once competed with the registrations of 1,000 lapsed
+      agents and made their return slower, 11-17 s instead of 7.)
+    * An agent whose turn passed while its last beat was unanswered (:meth:`held`), once that
+      beat is answered (:meth:`answered`): waiting for its next turn added up to a round to a
+      slow answer, and the gap between two refreshes outgrew the TTL.
+
+    A stream sends them between its chunks and after its round (:meth:`take`, :meth:`wait`).
+    Bounded by the host's agents: an agent is due or held at most once.
+    """
+
+    def __init__(self) -> None:
+        self.parts = 0  # the host's number of streams, once it started them
+        self._due: dict[int, set[str]] = {}
+        self._held: dict[int, set[str]] = {}
+        self._wake: dict[int, asyncio.Event] = {}
+
+    def registered(self, agent_id: str) -> None:
+        """The agent was (re)registered late: its stream beats it at once."""
+        if self.parts:
+            self._make_due(agent_id, stream_of(agent_id, self.parts))
+
+    def held(self, agent_id: str, part: int) -> None:
+        """The agent's turn came while its last beat was unanswered: beat it once answered."""
+        self._held.setdefault(part, set()).add(agent_id)
+
+    def answered(self, agent_id: str, part: int) -> None:
+        """The agent's beat was answered: due now if its turn passed meanwhile."""
+        held = self._held.get(part)
+        if held and agent_id in held:
+            held.discard(agent_id)
+            self._make_due(agent_id, part)
+
+    def sent(self, agent_id: str, part: int) -> None:
+        """The agent's beat went out."""
+        for kept in (self._due.get(part), self._held.get(part)):
+            if kept:
+                kept.discard(agent_id)
+
+    def _make_due(self, agent_id: str, part: int) -> None:
+        self._due.setdefault(part, set()).add(agent_id)
+        self._wake.setdefault(part, asyncio.Event()).set()
+
+    def take(self, part: int) -> list[str]:
+        """The agents of stream ``part`` due now (no longer due after)."""
+        self._wake.setdefault(part, asyncio.Event()).clear()
+        return sorted(self._due.pop(part, set()))
+
+    async def wait(self, part: int, ended: asyncio.Event, seconds: float) -> bool:
+        """Wait ``seconds``, less if ``ended`` is set or an agent of the stream is due; whether ``ended`` is."""
+        wake = self._wake.setdefault(part, asyncio.Event())
+        if seconds > 0 and not ended.is_set() and not wake.is_set():
+            waits = {asyncio.ensure_future(ended.wait()), asyncio.ensure_future(wake.wait())}
+            try:
+                await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+        return ended.is_set()

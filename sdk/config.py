@@ -49,7 +49,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -330,3 +330,22 @@ def _normalise_endpoint(raw: str) -> str:
     if "://" not in raw:
         raw = "http://" + raw
     return raw.rstrip("/")
+
+
+def where_from_env(
+    registry: str | Sequence[str] | None, etcd: Sequence[str] | None, etcd_tls: TLS | None
+) -> tuple[str | Sequence[str] | None, Sequence[str] | None, TLS | None]:
+    """The mesh a host registers with: what it was given, else ``MABEAM_REGISTRY`` / ``MABEAM_ETCD``
+    (comma-separated), and TLS to etcd for discovery from ``MABEAM_ETCD_CA/CERT/KEY`` (a
+    supervised agent gets the registry's there: the variables the services read too)."""
+    if registry is None and os.environ.get("MABEAM_REGISTRY"):
+        registry = [r for r in os.environ["MABEAM_REGISTRY"].split(",") if r]
+    if etcd is None and os.environ.get("MABEAM_ETCD"):
+        etcd = [e for e in os.environ["MABEAM_ETCD"].split(",") if e]
+    if etcd_tls is None and any(os.environ.get(f"MABEAM_ETCD_{v}") for v in ("CA", "CERT", "KEY")):
+        etcd_tls = TLS(
+            ca_file=os.environ.get("MABEAM_ETCD_CA") or None,
+            cert_file=os.environ.get("MABEAM_ETCD_CERT") or None,
+            key_file=os.environ.get("MABEAM_ETCD_KEY") or None,
+        )
+    return registry, etcd, etcd_tls
