@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -93,8 +93,6 @@ class AgentHost:
         for agent in agents:
             self.add(agent, register=not standby)
         registry, etcd, etcd_tls = where_from_env(registry, etcd, etcd_tls)
-        if not registry and not etcd:
-            raise ValueError("where is the mesh? give registry= or etcd= (or MABEAM_REGISTRY / MABEAM_ETCD)")
         self._registry = registry
         self._etcd = etcd
         self._etcd_tls = etcd_tls
@@ -177,8 +175,8 @@ class AgentHost:
             etcd_tls=self._etcd_tls,
         )
 
-        # Beating starts before the registrations end: each agent's first beat goes out once it
-        # is registered (DueBeats). A host of many agents on a loaded machine takes
+        # Beating starts before the registrations end: each agent's first beat goes with its turn
+        # after its registration (at once when answered late: DueBeats). A host of many agents on a loaded machine takes
         # longer than a lease TTL to register them all, and the first ones' leases would
         # lapse waiting for the last. Until registered an agent is "missing": no beats, and
         # no second registration when a break makes the host look for agents not listed.
@@ -298,9 +296,10 @@ class AgentHost:
                 agent_id=agent.agent_id, token=agent.token, load=load, answer_refusals=True
             )
 
-        def due_now(usage: tuple[int, float], shared: bool) -> list[registry_pb2.HeartbeatRequest]:
-            agents = (self.agents.get(agent_id) for agent_id in due.take(part))
-            return [b for a in agents if a is not None and (b := beat_of(a, time.monotonic(), usage, shared))]
+        def due_now(usage: tuple[int, float], shared: bool) -> Iterator[registry_pb2.HeartbeatRequest]:
+            for agent in (self.agents.get(agent_id) for agent_id in due.take(part)):
+                if agent is not None and (beat := beat_of(agent, time.monotonic(), usage, shared)):
+                    yield beat  # one at a time: made as it is written
 
         while True:
             started = time.monotonic()
@@ -415,6 +414,7 @@ class AgentHost:
             raise _StreamBroke(str(exc)) from exc
         finally:
             ended.set()
+            self._due_beats.stream_ended(part)
         return False
 
     def _refused(self, agent_id: str, refusal: registry_pb2.HeartbeatRefusal, sent_at: float | None) -> None:

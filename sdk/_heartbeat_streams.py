@@ -92,18 +92,27 @@ class DueBeats:
             if kept:
                 kept.discard(agent_id)
 
+    def stream_ended(self, part: int) -> None:
+        """Stream ``part`` ended: its beats in flight will not be answered, so none is held."""
+        self._held.pop(part, None)
+
     def _make_due(self, agent_id: str, part: int) -> None:
         self._due.setdefault(part, set()).add(agent_id)
-        self._wake.setdefault(part, asyncio.Event()).set()
+        self._event(part).set()
+
+    def _event(self, part: int) -> asyncio.Event:
+        if part not in self._wake:
+            self._wake[part] = asyncio.Event()
+        return self._wake[part]
 
     def take(self, part: int) -> list[str]:
         """The agents of stream ``part`` due now (no longer due after)."""
-        self._wake.setdefault(part, asyncio.Event()).clear()
+        self._event(part).clear()
         return sorted(self._due.pop(part, set()))
 
     async def wait(self, part: int, ended: asyncio.Event, seconds: float) -> bool:
         """Wait ``seconds``, less if ``ended`` is set or an agent of the stream is due; whether ``ended`` is."""
-        wake = self._wake.setdefault(part, asyncio.Event())
+        wake = self._event(part)
         if seconds > 0 and not ended.is_set() and not wake.is_set():
             waits = {asyncio.ensure_future(ended.wait()), asyncio.ensure_future(wake.wait())}
             try:

@@ -337,11 +337,14 @@ def where_from_env(
 ) -> tuple[str | Sequence[str] | None, Sequence[str] | None, TLS | None]:
     """The mesh a host registers with: what it was given, else ``MABEAM_REGISTRY`` / ``MABEAM_ETCD``
     (comma-separated), and TLS to etcd for discovery from ``MABEAM_ETCD_CA/CERT/KEY`` (a
-    supervised agent gets the registry's there: the variables the services read too)."""
+    supervised agent gets the registry's there: the variables the services read too). ValueError
+    when neither a registry nor etcd is known."""
     if registry is None and os.environ.get("MABEAM_REGISTRY"):
         registry = [r for r in os.environ["MABEAM_REGISTRY"].split(",") if r]
     if etcd is None and os.environ.get("MABEAM_ETCD"):
         etcd = [e for e in os.environ["MABEAM_ETCD"].split(",") if e]
+    if not registry and not etcd:
+        raise ValueError("where is the mesh? give registry= or etcd= (or MABEAM_REGISTRY / MABEAM_ETCD)")
     if etcd_tls is None and any(os.environ.get(f"MABEAM_ETCD_{v}") for v in ("CA", "CERT", "KEY")):
         etcd_tls = TLS(
             ca_file=os.environ.get("MABEAM_ETCD_CA") or None,

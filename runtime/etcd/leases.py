@@ -124,8 +124,10 @@ class KeepAliveStream:
                 f"etcd did not answer a lease keep-alive within {self._timeout:g} s"
             )
             stream = self._stream_holding(answer) or stream
-            if stream.silent_for() >= self._timeout:
-                stream.fail(error)  # it answers nothing: as good as dead
+            if stream.silent_for() >= self._timeout or stream.oldest_waiting() >= 2 * self._timeout:
+                # It answers nothing (as good as dead), or so late that what is queued on it
+                # was given up long ago: new refreshes start on a new stream.
+                stream.fail(error)
             # Else it answers, slowly (etcd renews a lease once its apply loop caught up): the
             # refreshes behind this one keep their places; this one's late answer is dropped.
             raise error from None
@@ -196,6 +198,7 @@ class _KeepAliveCall:
         # Per lease, the refreshes sent and not yet answered, oldest first:
         # etcd answers a stream's requests in order.
         self._waiting: dict[int, deque[asyncio.Future[int]]] = {}
+        self._sent_at: deque[float] = deque()  # when each refresh not yet answered was sent, in order
         self._call = stub.LeaseKeepAlive(self._requests(), metadata=metadata)
         self.reader = asyncio.create_task(self._read(), name="etcd-lease-keepalive")
         self._progress_at = asyncio.get_running_loop().time()  # last reply, or first request since
@@ -225,7 +228,12 @@ class _KeepAliveCall:
             if not self._waiting:
                 self._progress_at = asyncio.get_running_loop().time()
             self._waiting.setdefault(lease_id, deque()).append(answer)
+            self._sent_at.append(asyncio.get_running_loop().time())
             self._queue.put_nowait(lease_id)
+
+    def oldest_waiting(self) -> float:
+        """Seconds the oldest refresh not yet answered has waited (0 with none)."""
+        return asyncio.get_running_loop().time() - self._sent_at[0] if self._sent_at else 0.0
 
     def silent_for(self) -> float:
         """Seconds since this stream last answered while refreshes waited (or since the first of them)."""
@@ -277,6 +285,8 @@ class _KeepAliveCall:
         try:
             async for reply in self._call:
                 self._progress_at = asyncio.get_running_loop().time()
+                if self._sent_at:
+                    self._sent_at.popleft()  # etcd answers a stream's requests in order
                 if self.member is not None:
                     self.member.heard()
                 waiting = self._waiting.get(reply.ID)
