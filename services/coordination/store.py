@@ -57,7 +57,7 @@ write that fails after its chunks deletes them unless their manifest exists
 (one transaction); a replica that dies in between leaves them under
 ``session-chunks/<id>/``, deleted with the session (see docs/decisions.md,
 "Paging that pages"). When everything fits one transaction (a round of up to
-a few thousand entries) it is one transaction, as before.
+~800 entries: 64 chunks) it is one transaction, as before.
 
 A one-shot session is written once, at its end (the outcome is durable when
 the RPC answers). Iterative sessions write each round as it finishes, so
@@ -115,7 +115,7 @@ PARTICIPANT_MAX_EXAMINED = 200
 # GetSession / ListSessions FULL: the most transcript bytes one answer carries (gRPC's limit
 # in the mesh is 64 MiB); a larger transcript is read round by round with WatchSession.
 MAX_TRANSCRIPT_BYTES = 48 * 1024 * 1024
-_CHUNK_READ = 64  # chunks per range read (at most 2 MiB)
+_CHUNK_READ = 512  # chunks per range read (at most 768 KiB)
 _INVERT = 1 << 63
 # The running lease outlives the expiry lease by this much: a session's deadline is at most
 # 600 s (server.py) plus the least time its finish gets; a minute of slack beyond.

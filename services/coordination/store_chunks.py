@@ -25,11 +25,12 @@ from mabeam.runtime.retention import ExpiryLeases
 from mabeam.services.coordination.store_base import CHUNK_COUNT, SessionKeys
 from mabeam.v1 import coordination_pb2
 
-# A few of etcd's 4 KiB pages: bbolt stores a value as one run of contiguous pages, and
-# runs of many sizes (transcripts of 10 to 10,000 agents) fragment its free pages so that
-# the database file creeps; small chunks of one size reuse freed runs (bench/README.md,
-# the soak; docs/decisions.md).
-CHUNK_BYTES = 32 * 1024
+# Two fit one of etcd's 4 KiB pages. bbolt never splits a node of fewer than four items, so
+# a node holds at least two, and a node larger than a page takes a run of contiguous pages;
+# freed runs of many sizes no longer fit new ones and the database file creeps while the data
+# in use is flat (the soak: 1.091 with 384 KiB chunks, 1.071 with 32 KiB; bench/README.md).
+# Values this small always take one page, which any freed page can hold.
+CHUNK_BYTES = 1536
 OP_OVERHEAD = 32  # bytes a put costs beyond its key and value (framing), counted in the budget
 
 
