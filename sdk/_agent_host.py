@@ -176,7 +176,7 @@ class AgentHost:
         )
 
         # Beating starts before the registrations end: each agent's first beat goes with its turn
-        # after its registration (at once when answered late: DueBeats). A host of many agents on a loaded machine takes
+        # after its registration. A host of many agents on a loaded machine takes
         # longer than a lease TTL to register them all, and the first ones' leases would
         # lapse waiting for the last. Until registered an agent is "missing": no beats, and
         # no second registration when a break makes the host look for agents not listed.
@@ -193,7 +193,7 @@ class AgentHost:
         # A stream per AGENTS_PER_STREAM agents: gRPC reads and writes one message of a
         # stream at a time, and one stream of 250 agents' beats queued behind its own
         # messages on a loaded host while the registry handled each beat in tens of ms.
-        parts = self._due_beats.parts = streams_for(len(self.agents))
+        parts = streams_for(len(self.agents))
         self._beats = [
             asyncio.create_task(self._heartbeat_loop(part, parts), name=f"agent-heartbeats-{part}")
             for part in range(parts)
@@ -241,7 +241,6 @@ class AgentHost:
         ):
             with attempt:
                 try:
-                    asked = time.monotonic()  # about when the registry granted the lease
                     reply = await self._client.registry.RegisterAgent(request)
                 except errors.Unavailable:
                     # Maybe registered: a registry replica that dies mid-call may
@@ -251,9 +250,6 @@ class AgentHost:
         self.verifier.update(reply.service_token_digests)
         agent.token = reply.token
         self._registered_at[agent.agent_id] = time.monotonic()
-        if self._registered_at[agent.agent_id] - asked > self._lease_ttl / 3:
-            # Answered late (a loaded registry): less of its TTL is left than a round's wait.
-            self._due_beats.registered(agent.agent_id)
         if agent.topics:  # registered anew: its subscriptions went with the old lease
             self.spawn(agent.resubscribe(), name=f"resubscribe:{agent.agent_id}")
         return reply.agent

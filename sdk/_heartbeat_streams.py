@@ -5,7 +5,7 @@ on, how many beats it may have in flight, how a stream paces and waits.
 (gRPC reads and writes one message of a stream at a time), sends each agent's beat every
 TTL/3, about :data:`HEARTBEAT_CHUNK` at a time host-wide, and holds an agent's next beat back
 while :data:`IN_FLIGHT` of its beats are unanswered. :class:`DueBeats` are the beats sent
-before their agent's turn: after a late registration, and after a held beat's answer.
+before their agent's turn: after a held beat's answer.
 """
 
 from __future__ import annotations
@@ -51,29 +51,21 @@ def stream_of(agent_id: str, parts: int) -> int:
 class DueBeats:
     """Beats that go out before their agent's turn in its stream's next round.
 
-    * An agent whose registration was answered late (:meth:`registered`; later than a round,
-      a loaded registry): less of its lease, whose TTL runs from the grant, is left than a
-      round's wait; the last agents a loaded host registered lapsed before their first beat.
-      (Not every registration: beats at once competed with the registrations of 1,000 lapsed
-      agents and made their return slower, 11-17 s instead of 7.)
     * An agent whose turn passed while its last beat was unanswered (:meth:`held`), once that
       beat is answered (:meth:`answered`): waiting for its next turn added up to a round to a
       slow answer, and the gap between two refreshes outgrew the TTL.
 
     A stream sends them between its chunks and after its round (:meth:`take`, :meth:`wait`).
-    Bounded by the host's agents: an agent is due or held at most once.
+    Bounded by the host's agents: an agent is due or held at most once. (A first beat at once
+    after a registration answered later than a round was tried and dropped: with 10,000 agents
+    registering, the early beats competed with the registrations, which took 50-135 s instead
+    of 23 s; see docs/decisions.md.)
     """
 
     def __init__(self) -> None:
-        self.parts = 0  # the host's number of streams, once it started them
         self._due: dict[int, set[str]] = {}
         self._held: dict[int, set[str]] = {}
         self._wake: dict[int, asyncio.Event] = {}
-
-    def registered(self, agent_id: str) -> None:
-        """The agent was (re)registered late: its stream beats it at once."""
-        if self.parts:
-            self._make_due(agent_id, stream_of(agent_id, self.parts))
 
     def held(self, agent_id: str, part: int) -> None:
         """The agent's turn came while its last beat was unanswered: beat it once answered."""

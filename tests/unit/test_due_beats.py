@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from mabeam._heartbeat_streams import DueBeats, stream_of
-
-
-async def test_an_agent_registered_late_is_due_on_its_own_stream_and_wakes_it() -> None:
-    due = DueBeats()
-    due.registered("a")  # before the host started its streams: nothing to wake
-    due.parts = 4
-    part = stream_of("a", 4)
-    assert due.take(part) == []
-    ended = asyncio.Event()
-    waiting = asyncio.create_task(due.wait(part, ended, 30.0))
-    await asyncio.sleep(0)
-    due.registered("a")
-    assert await asyncio.wait_for(waiting, 5) is False  # woken, long before the 30 s round
-    assert due.take(part) == ["a"] and due.take(part) == []  # taken once
+from mabeam._heartbeat_streams import DueBeats
 
 
 async def test_a_held_agent_is_due_once_its_beat_is_answered_unless_it_beat_meanwhile() -> None:
     due = DueBeats()
-    due.parts = 1
     due.answered("x", 0)  # never held: its turn did not pass
     assert due.take(0) == []
     due.held("x", 0)
@@ -38,7 +23,6 @@ async def test_a_held_agent_is_due_once_its_beat_is_answered_unless_it_beat_mean
 
 async def test_waiting_ends_with_the_stream_or_the_round() -> None:
     due = DueBeats()
-    due.parts = 1
     ended = asyncio.Event()
     assert await due.wait(0, ended, 0.0) is False  # the round is over: no wait
     waiting = asyncio.create_task(due.wait(0, ended, 30.0))
@@ -46,3 +30,13 @@ async def test_waiting_ends_with_the_stream_or_the_round() -> None:
     ended.set()
     assert await asyncio.wait_for(waiting, 5) is True
     assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+
+
+async def test_a_held_agent_is_due_at_once_and_wakes_its_stream() -> None:
+    due = DueBeats()
+    due.held("a", 2)
+    waiting = asyncio.create_task(due.wait(2, asyncio.Event(), 30.0))
+    await asyncio.sleep(0)
+    due.answered("a", 2)
+    assert await asyncio.wait_for(waiting, 5) is False  # woken, long before the 30 s round
+    assert due.take(2) == ["a"] and due.take(2) == []
