@@ -119,7 +119,6 @@ class AgentHost:
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: MeshClient | None = None
         self._beats: list[asyncio.Task[None]] = []
-        self._due_beats = DueBeats()  # beats that go out before their agent's next turn
         # Agents being registered again (their lease lapsed): no beats for them meanwhile.
         self._missing: set[str] = set()
         # When each agent's latest registration ended (time.monotonic()): a refusal of a beat
@@ -255,7 +254,7 @@ class AgentHost:
         return reply.agent
 
     async def _beats_stream(
-        self, unanswered: dict[str, deque[float]], part: int, parts: int, ended: asyncio.Event
+        self, unanswered: dict[str, deque[float]], due: DueBeats, part: int, parts: int, ended: asyncio.Event
     ) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
         """The beats of stream ``part`` of ``parts`` (its agents: :func:`~mabeam._heartbeat_streams.stream_of`): each agent's
         every TTL/3, except while IN_FLIGHT of its beats are unanswered (``unanswered``: agent ->
@@ -271,7 +270,6 @@ class AgentHost:
         interval = max(self._lease_ttl / 3.0, 0.1)
         # The host's beats go out about HEARTBEAT_CHUNK at a time, whatever its number of streams.
         chunk = max(1, HEARTBEAT_CHUNK // parts)
-        due = self._due_beats
 
         def beat_of(
             agent: Agent, now: float, usage: tuple[int, float], shared: bool
@@ -279,11 +277,11 @@ class AgentHost:
             sent = unanswered.get(agent.agent_id, ())
             if len(sent) >= IN_FLIGHT and now - sent[-IN_FLIGHT] < self._lease_ttl:
                 self.heartbeat_stats.held += 1
-                due.held(agent.agent_id, part)  # beats once answered, not a round later
+                due.held(agent.agent_id)  # beats once answered, not a round later
                 return None
             if not agent.token or agent.agent_id in self._missing:
                 return None
-            due.sent(agent.agent_id, part)
+            due.sent(agent.agent_id)
             self.heartbeat_stats.beat_sent(agent.agent_id)
             unanswered.setdefault(agent.agent_id, deque(maxlen=IN_FLIGHT)).append(time.monotonic())
             # A refused beat is answered on the stream, which goes on for the others.
@@ -293,7 +291,7 @@ class AgentHost:
             )
 
         def due_now(usage: tuple[int, float], shared: bool) -> Iterator[registry_pb2.HeartbeatRequest]:
-            for agent in (self.agents.get(agent_id) for agent_id in due.take(part)):
+            for agent in (self.agents.get(agent_id) for agent_id in due.take()):
                 if agent is not None and (beat := beat_of(agent, time.monotonic(), usage, shared)):
                     yield beat  # one at a time: made as it is written
 
@@ -323,7 +321,7 @@ class AgentHost:
             while True:
                 for beat in due_now(usage, shared):
                     yield beat
-                if await due.wait(part, ended, deadline - time.monotonic()):
+                if await due.wait(ended, deadline - time.monotonic()):
                     return
                 if time.monotonic() >= deadline:
                     break
@@ -386,9 +384,10 @@ class AgentHost:
         stats = self.heartbeat_stats
         answered = False
         unanswered: dict[str, deque[float]] = {}  # agents' beats in flight on this stream: sent at
+        due = DueBeats()  # this stream's beats that go out before their agent's turn
         ended = asyncio.Event()
         try:
-            beats = self._beats_stream(unanswered, part, parts, ended)
+            beats = self._beats_stream(unanswered, due, part, parts, ended)
             async for reply in self._client.registry.Heartbeat(beats):
                 answered = True
                 sent_at = oldest(unanswered, reply.agent_id)
@@ -398,7 +397,7 @@ class AgentHost:
                     self._refused(reply.agent_id, reply.refusal, sent_at)
                 else:
                     stats.beat_acked(reply.agent_id)
-                self._due_beats.answered(reply.agent_id, part)
+                due.answered(reply.agent_id)
         except (errors.NotFound, errors.PermissionDenied, errors.Internal):
             stats.stream_broke(unanswered)
             raise  # the registry's refusals: the caller registers again
@@ -410,7 +409,6 @@ class AgentHost:
             raise _StreamBroke(str(exc)) from exc
         finally:
             ended.set()
-            self._due_beats.stream_ended(part)
         return False
 
     def _refused(self, agent_id: str, refusal: registry_pb2.HeartbeatRefusal, sent_at: float | None) -> None:

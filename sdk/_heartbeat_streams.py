@@ -49,64 +49,49 @@ def stream_of(agent_id: str, parts: int) -> int:
 
 
 class DueBeats:
-    """Beats that go out before their agent's turn in its stream's next round.
+    """The beats of one heartbeat stream that go out before their agent's turn in the next round.
 
-    * An agent whose turn passed while its last beat was unanswered (:meth:`held`), once that
-      beat is answered (:meth:`answered`): waiting for its next turn added up to a round to a
-      slow answer, and the gap between two refreshes outgrew the TTL.
-
-    A stream sends them between its chunks and after its round (:meth:`take`, :meth:`wait`).
-    Bounded by the host's agents: an agent is due or held at most once. (A first beat at once
-    after a registration answered later than a round was tried and dropped: with 10,000 agents
+    An agent whose turn passed while its last beat was unanswered (:meth:`held`) is due once
+    that beat is answered (:meth:`answered`): waiting for its next turn added up to a round to
+    a slow answer, and the gap between two refreshes outgrew the TTL. The stream sends them
+    between its chunks and after its round (:meth:`take`, :meth:`wait`). One per stream, as the
+    beats in flight are; bounded by the stream's agents. (A first beat at once after a
+    registration answered later than a round was tried and dropped: with 10,000 agents
     registering, the early beats competed with the registrations, which took 50-135 s instead
     of 23 s; see docs/decisions.md.)
     """
 
     def __init__(self) -> None:
-        self._due: dict[int, set[str]] = {}
-        self._held: dict[int, set[str]] = {}
-        self._wake: dict[int, asyncio.Event] = {}
+        self._due: set[str] = set()
+        self._held: set[str] = set()
+        self._wake = asyncio.Event()
 
-    def held(self, agent_id: str, part: int) -> None:
+    def held(self, agent_id: str) -> None:
         """The agent's turn came while its last beat was unanswered: beat it once answered."""
-        self._held.setdefault(part, set()).add(agent_id)
+        self._held.add(agent_id)
 
-    def answered(self, agent_id: str, part: int) -> None:
+    def answered(self, agent_id: str) -> None:
         """The agent's beat was answered: due now if its turn passed meanwhile."""
-        held = self._held.get(part)
-        if held and agent_id in held:
-            held.discard(agent_id)
-            self._make_due(agent_id, part)
+        if agent_id in self._held:
+            self._held.discard(agent_id)
+            self._due.add(agent_id)
+            self._wake.set()
 
-    def sent(self, agent_id: str, part: int) -> None:
+    def sent(self, agent_id: str) -> None:
         """The agent's beat went out."""
-        for kept in (self._due.get(part), self._held.get(part)):
-            if kept:
-                kept.discard(agent_id)
+        self._due.discard(agent_id)
+        self._held.discard(agent_id)
 
-    def stream_ended(self, part: int) -> None:
-        """Stream ``part`` ended: its beats in flight will not be answered, so none is held."""
-        self._held.pop(part, None)
+    def take(self) -> list[str]:
+        """The agents due now (no longer due after)."""
+        self._wake.clear()
+        due, self._due = sorted(self._due), set()
+        return due
 
-    def _make_due(self, agent_id: str, part: int) -> None:
-        self._due.setdefault(part, set()).add(agent_id)
-        self._event(part).set()
-
-    def _event(self, part: int) -> asyncio.Event:
-        if part not in self._wake:
-            self._wake[part] = asyncio.Event()
-        return self._wake[part]
-
-    def take(self, part: int) -> list[str]:
-        """The agents of stream ``part`` due now (no longer due after)."""
-        self._event(part).clear()
-        return sorted(self._due.pop(part, set()))
-
-    async def wait(self, part: int, ended: asyncio.Event, seconds: float) -> bool:
-        """Wait ``seconds``, less if ``ended`` is set or an agent of the stream is due; whether ``ended`` is."""
-        wake = self._event(part)
-        if seconds > 0 and not ended.is_set() and not wake.is_set():
-            waits = {asyncio.ensure_future(ended.wait()), asyncio.ensure_future(wake.wait())}
+    async def wait(self, ended: asyncio.Event, seconds: float) -> bool:
+        """Wait ``seconds``, less if ``ended`` is set or an agent is due; whether ``ended`` is."""
+        if seconds > 0 and not ended.is_set() and not self._wake.is_set():
+            waits = {asyncio.ensure_future(ended.wait()), asyncio.ensure_future(self._wake.wait())}
             try:
                 await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
             finally:
